@@ -1,0 +1,1 @@
+"""The application layer: the event-sourced ledger, its commands and its queries."""

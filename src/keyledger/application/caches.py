@@ -1,0 +1,71 @@
+"""In-process caches: aggregates (validated against the stream at write time) and data keys."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRUCache(Generic[K, V]):
+    """A thread-safe bounded mapping that forgets the least recently used entries."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: K, item: V) -> None:
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self._maxsize:
+                self._items.popitem(last=False)
+
+    def evict(self, key: K) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class ExpiringCache(Generic[K, V]):
+    """A thread-safe mapping whose entries expire ``ttl`` seconds after they were put."""
+
+    def __init__(
+        self, ttl: float, maxsize: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._items: LRUCache[K, tuple[float, V]] = LRUCache(maxsize)
+
+    def get(self, key: K) -> V | None:
+        entry = self._items.get(key)
+        if entry is None:
+            return None
+        deadline, item = entry
+        if self._clock() >= deadline:
+            self._items.evict(key)
+            return None
+        return item
+
+    def put(self, key: K, item: V) -> None:
+        if self._ttl > 0:
+            self._items.put(key, (self._clock() + self._ttl, item))
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -1,0 +1,131 @@
+"""Commands on a tenant's keys: rotation and re-encryption under the active version."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from keyledger.application.ledger import Conflict, Ledger
+from keyledger.application.queries import Queries
+from keyledger.application.secrets import actor_dict
+from keyledger.context import Actor
+from keyledger.domain.access import AuditRecord
+from keyledger.domain.ids import ActorDict
+from keyledger.domain.keyring import TenantKeyring
+from keyledger.domain.secret import Secret
+from keyledger.errors import DecryptionFailed, KeyledgerError, MasterKeyUnavailable
+from keyledger.infrastructure.crypto import DataKey
+from keyledger.infrastructure.write_unit import WriteUnit
+from keyledger.models import ReencryptResult, TenantKeyInfo
+
+REENCRYPT_BATCH = 200
+
+Progress = Callable[[int], None]
+
+
+class KeyCommands:
+    """Rotation and re-encryption; both are safe to interrupt and rerun."""
+
+    def __init__(self, ledger: Ledger, queries: Queries) -> None:
+        self.ledger = ledger
+        self.queries = queries
+
+    def rotate(self, tenant_id: str, actor: Actor) -> TenantKeyInfo:
+        """Create version N+1 as active and retire N, in one event; never two active."""
+        who = actor_dict(actor)
+
+        def attempt(n: int) -> int:
+            keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
+            if keyring is None:
+                data_key, row = self.ledger.new_data_key(tenant_id, 1)
+                rotated = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
+            else:
+                rotated = self.ledger.for_update(keyring)
+                data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
+                rotated.rotate(data_key.fingerprint, row.amk_id, who)
+            self.ledger.commit(rotated, unit=WriteUnit(key_material=[row]))
+            self.ledger.remember_data_key(data_key)
+            return data_key.version
+
+        version = self.ledger.retrying(attempt)
+        return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
+
+    def reencrypt_all(
+        self, tenant_id: str, actor: Actor, progress: Progress | None = None
+    ) -> ReencryptResult:
+        """Move every live secret onto the active key version, in batched appends."""
+        who = actor_dict(actor)
+        keyring = self.ledger.keyring(tenant_id, fresh=True)
+        live = self.queries.live_secret_versions(tenant_id)
+        if keyring is None or not live:
+            return ReencryptResult(success=0, failed=0)
+        active = keyring.active
+        todo = [name for name, version in live if active is None or version != active.version]
+        success, failed = len(live) - len(todo), 0
+        if progress and success:
+            progress(success)
+        for start in range(0, len(todo), REENCRYPT_BATCH):
+            batch = todo[start : start + REENCRYPT_BATCH]
+            try:
+                ok, bad = self._batch(tenant_id, batch, who, fresh=False)
+            except Conflict:
+                ok, bad = self._one_by_one(tenant_id, batch, who)
+            success, failed = success + ok, failed + bad
+            if progress:
+                progress(len(batch))
+        return ReencryptResult(success=success, failed=failed)
+
+    def _one_by_one(self, tenant_id: str, names: list[str], who: ActorDict) -> tuple[int, int]:
+        ok = bad = 0
+        for name in names:
+
+            def attempt(n: int, name: str = name) -> tuple[int, int]:
+                return self._batch(tenant_id, [name], who, fresh=n > 0)
+
+            a, b = self.ledger.retrying(attempt)
+            ok, bad = ok + a, bad + b
+        return ok, bad
+
+    def _batch(
+        self, tenant_id: str, names: list[str], who: ActorDict, *, fresh: bool
+    ) -> tuple[int, int]:
+        keyring = self.ledger.keyring(tenant_id, fresh=fresh)
+        assert keyring is not None
+        active = keyring.active
+        target: DataKey | None = None
+        written: list[Secret | AuditRecord] = []
+        ok = bad = 0
+        for name in names:
+            secret = self.ledger.secret(tenant_id, name, fresh=fresh)
+            if secret is None or secret.deleted:
+                continue
+            if active is not None and secret.key_version == active.version:
+                ok += 1
+                continue
+            try:
+                if active is None:
+                    raise DecryptionFailed(f"tenant {tenant_id!r} has no active key version")
+                target = target or self.ledger.data_key(tenant_id, active)
+                old = keyring.keys.get(secret.key_version)
+                if old is None:
+                    raise DecryptionFailed(
+                        f"secret {name!r} names missing key version {secret.key_version}"
+                    )
+                value = self.ledger.data_key(tenant_id, old).decrypt(name, secret.envelope)
+            except (DecryptionFailed, MasterKeyUnavailable) as error:
+                written.append(_failure(tenant_id, name, secret.key_version, error, who))
+                bad += 1
+                continue
+            moved = self.ledger.for_update(secret)
+            moved.reencrypt(target.encrypt(name, value), target.version, who)
+            written.append(moved)
+            ok += 1
+        if written:
+            unit = WriteUnit(expected={keyring.id: keyring.version})
+            self.ledger.commit(*written, unit=unit)
+        return ok, bad
+
+
+def _failure(
+    tenant_id: str, name: str, key_version: int, error: KeyledgerError, who: ActorDict
+) -> AuditRecord:
+    return AuditRecord.failed(tenant_id, name, "update", type(error).__name__, key_version, who)

@@ -1,0 +1,241 @@
+"""The event-sourced application: persistence wiring, aggregate loading, atomic writes.
+
+Aggregates are cached in process and used for decisions; every write names the versions
+its decision was based on (``WriteUnit.expected``) and the written aggregates' next
+versions, and the recorder checks both under the write lock. A stale cache therefore
+costs a retry, never a wrong answer. Refusals are always decided again on fresh state.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, JSONTranscoder
+from eventsourcing.utils import get_topic
+
+from keyledger.application.caches import ExpiringCache, LRUCache
+from keyledger.domain.ids import keyring_id, secret_id
+from keyledger.domain.keyring import KeyVersion, TenantKeyring
+from keyledger.domain.secret import Secret
+from keyledger.errors import DecryptionFailed, MasterKeyUnavailable, StorageError
+from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
+from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteFactory
+from keyledger.infrastructure.transcodings import BytesAsBase64
+from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
+from keyledger.projections.timeutil import to_micros
+
+MAX_ATTEMPTS = 50
+AGGREGATE_CACHE_SIZE = 20_000
+
+T = TypeVar("T")
+
+
+class Conflict(Exception):
+    """A write lost a race (stale cache or concurrent writer): reload and decide again."""
+
+
+class Ledger(Application[UUID]):
+    """One application, one totally ordered stream: the audit log."""
+
+    name = "keyledger"
+    snapshotting_intervals = {Secret: 100}  # noqa: RUF012 (the library reads a class dict)
+
+    def __init__(
+        self,
+        *,
+        db_name: str,
+        master_keys: MasterKeyring,
+        key_cache_seconds: float = 300.0,
+        lock_timeout_seconds: int = 30,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__(
+            env={
+                "PERSISTENCE_MODULE": get_topic(KeyledgerSQLiteFactory),
+                "SQLITE_DBNAME": db_name,
+                "SQLITE_LOCK_TIMEOUT": str(lock_timeout_seconds),
+            }
+        )
+        self.master_keys = master_keys
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)
+        self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
+        self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
+            key_cache_seconds
+        )
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(BytesAsBase64())
+
+    def _record(self, processing_event: Any) -> Any:
+        # Hand the domain events to the recorder, so it can project them in the same
+        # transaction as the append (the library passes only the stored form).
+        unit = processing_event.saved_kwargs.setdefault("unit", WriteUnit())
+        unit.domain_events = list(processing_event.events)
+        return super()._record(processing_event)
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load(self, cache: LRUCache[UUID, T], aggregate_id: UUID, fresh: bool) -> T | None:
+        if not fresh:
+            cached = cache.get(aggregate_id)
+            if cached is not None:
+                return cached
+        try:
+            aggregate: T = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            cache.evict(aggregate_id)
+            return None
+        cache.put(aggregate_id, aggregate)
+        return aggregate
+
+    def secret(self, tenant_id: str, name: str, *, fresh: bool = False) -> Secret | None:
+        """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
+        return self._load(self._secrets, secret_id(tenant_id, name), fresh)
+
+    def keyring(self, tenant_id: str, *, fresh: bool = False) -> TenantKeyring | None:
+        """The tenant's keyring (read-only; see ``for_update``)."""
+        return self._load(self._keyrings, keyring_id(tenant_id), fresh)
+
+    @staticmethod
+    def for_update(aggregate: T) -> T:
+        """A private copy to run commands on: cached aggregates are shared by threads."""
+        return copy.deepcopy(aggregate)
+
+    def forget(self, tenant_id: str, name: str | None = None) -> None:
+        """Drop cached state of a tenant's keyring (and of one secret)."""
+        self._keyrings.evict(keyring_id(tenant_id))
+        if name is not None:
+            self._secrets.evict(secret_id(tenant_id, name))
+
+    # -- writing ------------------------------------------------------------------------
+
+    def commit(self, *aggregates: Aggregate, unit: WriteUnit | None = None) -> WriteUnit:
+        """Append pending events atomically with ``unit``; ``Conflict`` when it lost a race."""
+        unit = unit or WriteUnit()
+        try:
+            self.save(*aggregates, unit=unit)
+        except (IntegrityError, StaleStateError):
+            for aggregate in aggregates:
+                self._secrets.evict(aggregate.id)
+                self._keyrings.evict(aggregate.id)
+            for aggregate_id in unit.expected:
+                self._secrets.evict(aggregate_id)
+                self._keyrings.evict(aggregate_id)
+            raise Conflict from None
+        for aggregate in aggregates:
+            if isinstance(aggregate, Secret):
+                self._secrets.put(aggregate.id, aggregate)
+            elif isinstance(aggregate, TenantKeyring):
+                self._keyrings.put(aggregate.id, aggregate)
+        return unit
+
+    def retrying(self, attempt: Callable[[int], T]) -> T:
+        """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter)."""
+        for n in range(MAX_ATTEMPTS):
+            try:
+                return attempt(n)
+            except Conflict:
+                if n:
+                    time.sleep(random.uniform(0, 0.002 * min(n, 10)))
+        raise StorageError(f"gave up after {MAX_ATTEMPTS} conflicting attempts")
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def current_master_key(self) -> MasterKey:
+        """The AMK used for wrapping; ``MasterKeyUnavailable`` when none is configured."""
+        if self.master_keys.current is None:
+            raise MasterKeyUnavailable(
+                "no master key configured: set KEYLEDGER_MASTER_KEY or KEYLEDGER_MASTER_KEY_FILE"
+            )
+        return self.master_keys.current
+
+    def new_data_key(self, tenant_id: str, version: int) -> tuple[DataKey, KeyMaterialRow]:
+        """A fresh TDEK for ``version`` and its wrapped form, ready to insert."""
+        amk = self.current_master_key()
+        raw = generate_data_key()
+        data_key = DataKey(tenant_id, version, raw)
+        row = KeyMaterialRow(
+            tenant_id=tenant_id,
+            version=version,
+            key_id=data_key.fingerprint,
+            amk_id=amk.amk_id,
+            wrapped=amk.wrap(tenant_id, version, raw),
+            created_at=to_micros(self.clock()),
+        )
+        return data_key, row
+
+    def remember_data_key(self, data_key: DataKey) -> None:
+        self._data_keys.put((data_key.tenant_id, data_key.version, data_key.fingerprint), data_key)
+
+    def data_key(self, tenant_id: str, key: KeyVersion) -> DataKey:
+        """The unwrapped TDEK of a usable (active or retired) key version."""
+        if key.status not in ("active", "retired"):
+            raise DecryptionFailed(
+                f"key version {key.version} of tenant {tenant_id!r} is {key.status}"
+            )
+        cache_key = (tenant_id, key.version, key.key_id)
+        cached = self._data_keys.get(cache_key)
+        if cached is not None:
+            return cached
+        if self.master_keys.current is None:
+            self.current_master_key()
+        material = self.key_material(tenant_id, key.version, key.key_id)
+        if material is None:
+            raise DecryptionFailed(
+                f"key material of version {key.version} of tenant {tenant_id!r} is missing"
+            )
+        amk_id, wrapped = material
+        amk = self.master_keys.get(amk_id)
+        if amk is None:
+            raise DecryptionFailed(
+                f"key version {key.version} of tenant {tenant_id!r} is wrapped by master key "
+                f"{amk_id}, which is not configured; add it to KEYLEDGER_PREVIOUS_MASTER_KEYS"
+            )
+        data_key = DataKey(tenant_id, key.version, amk.unwrap(tenant_id, key.version, wrapped))
+        if data_key.fingerprint != key.key_id:
+            raise DecryptionFailed(
+                f"key material of version {key.version} of tenant {tenant_id!r} does not "
+                "match its fingerprint"
+            )
+        self._data_keys.put(cache_key, data_key)
+        return data_key
+
+    def key_material(self, tenant_id: str, version: int, key_id: str) -> tuple[str, bytes] | None:
+        with self.reading() as cur:
+            cur.execute(
+                "SELECT amk_id, wrapped FROM kl_key_material "
+                "WHERE tenant_id=? AND version=? AND key_id=?",
+                (tenant_id, version, key_id),
+            )
+            row = cur.fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    # -- reading the read models ----------------------------------------------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A read transaction on the store (a consistent snapshot of the read models)."""
+        datastore = self.recorder.datastore  # type: ignore[attr-defined]
+        try:
+            with datastore.transaction(commit=False) as cur:
+                yield cur
+        except StorageError:
+            raise
+        except Exception as error:
+            if type(error).__module__.startswith(("eventsourcing", "sqlite3")):
+                raise StorageError(f"read failed: {error}") from None
+            raise
+
+    def close(self) -> None:
+        self.factory.close()

@@ -1,0 +1,205 @@
+"""Queries on the read models: listing, existence, categories, expiry, audit, key inventory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from keyledger.application.ledger import Ledger
+from keyledger.domain.secret import effective_status
+from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
+from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
+
+_CATALOG_COLUMNS = (
+    "name, category, description, metadata, status, version, key_version, expires_at, "
+    "created_at, updated_at, access_count, last_accessed_at"
+)
+_EXPIRED = "(status='expired' OR (expires_at IS NOT NULL AND expires_at <= :now))"
+_STATUS_CONDITIONS = {
+    "active": f"(status='active' AND NOT {_EXPIRED})",
+    "disabled": f"(status='disabled' AND NOT {_EXPIRED})",
+    "expired": _EXPIRED,
+}
+
+
+def _secret_info(row: Any, now: datetime) -> SecretInfo:
+    expires_at = optional_datetime(row[7])
+    return SecretInfo(
+        name=row[0],
+        category=row[1],
+        description=row[2],
+        metadata=json.loads(row[3]),
+        status=effective_status(row[4], expires_at, now),
+        version=row[5],
+        key_version=row[6],
+        expires_at=expires_at,
+        created_at=from_micros(row[8]),
+        updated_at=from_micros(row[9]),
+        access_count=row[10],
+        last_accessed_at=optional_datetime(row[11]),
+    )
+
+
+class Queries:
+    """Read-side calls; every one reads the read models in one snapshot transaction."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def list_secrets(
+        self,
+        tenant_id: str,
+        *,
+        category: str | None,
+        statuses: Sequence[str],
+        limit: int | None,
+        offset: int,
+    ) -> list[SecretInfo]:
+        now = self.ledger.clock()
+        where = ["tenant_id=:tenant", "deleted=0"]
+        if category is not None:
+            where.append("category=:category")
+        where.append("(" + " OR ".join(_STATUS_CONDITIONS[s] for s in statuses) + ")")
+        sql = (
+            f"SELECT {_CATALOG_COLUMNS} FROM kl_catalog WHERE {' AND '.join(where)} "
+            "ORDER BY name LIMIT :limit OFFSET :offset"
+        )
+        params = {
+            "tenant": tenant_id,
+            "category": category,
+            "now": to_micros(now),
+            "limit": -1 if limit is None else limit,
+            "offset": offset,
+        }
+        with self.ledger.reading() as cur:
+            cur.execute(sql, params)
+            rows = cur.fetchall()
+        return [_secret_info(row, now) for row in rows]
+
+    def exists(self, tenant_id: str, name: str) -> bool:
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT 1 FROM kl_catalog WHERE tenant_id=? AND name=? AND deleted=0",
+                (tenant_id, name),
+            )
+            return cur.fetchone() is not None
+
+    def categories(self, tenant_id: str) -> list[str]:
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT DISTINCT category FROM kl_catalog WHERE tenant_id=? AND deleted=0 "
+                "AND category IS NOT NULL AND category != '' ORDER BY category",
+                (tenant_id,),
+            )
+            return [row[0] for row in cur.fetchall()]
+
+    def list_expiring(self, tenant_id: str, days: int) -> list[SecretInfo]:
+        now = self.ledger.clock()
+        with self.ledger.reading() as cur:
+            cur.execute(
+                f"SELECT {_CATALOG_COLUMNS} FROM kl_catalog WHERE tenant_id=? AND deleted=0 "
+                "AND status='active' AND expires_at > ? AND expires_at <= ? "
+                "ORDER BY expires_at, name",
+                (tenant_id, to_micros(now), to_micros(now + timedelta(days=days))),
+            )
+            rows = cur.fetchall()
+        return [_secret_info(row, now) for row in rows]
+
+    def live_secret_versions(self, tenant_id: str) -> list[tuple[str, int]]:
+        """(name, key_version) of every live secret of the tenant, by name."""
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT name, key_version FROM kl_catalog WHERE tenant_id=? AND deleted=0 "
+                "ORDER BY name",
+                (tenant_id,),
+            )
+            return [(row[0], row[1]) for row in cur.fetchall()]
+
+    def audit_logs(
+        self,
+        *,
+        tenant_id: str | None,
+        secret_name: str | None,
+        action: str | None,
+        result: str | None,
+        user_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        offset: int,
+    ) -> list[AuditEntry]:
+        filters = {
+            "tenant_id=:tenant": tenant_id,
+            "secret_name=:secret": secret_name,
+            "action=:action": action,
+            "result=:result": result,
+            "user_id=:user": user_id,
+            "timestamp>=:since": since,
+            "timestamp<:until": until,
+        }
+        where = [clause for clause, value in filters.items() if value is not None]
+        sql = (
+            "SELECT position, timestamp, tenant_id, secret_name, action, result, user_id, "
+            "ip_address, user_agent, key_version, details FROM kl_audit"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY position DESC LIMIT :limit OFFSET :offset"
+        )
+        params = {
+            "tenant": tenant_id,
+            "secret": secret_name,
+            "action": action,
+            "result": result,
+            "user": user_id,
+            "since": None if since is None else to_micros(since),
+            "until": None if until is None else to_micros(until),
+            "limit": limit,
+            "offset": offset,
+        }
+        with self.ledger.reading() as cur:
+            cur.execute(sql, params)
+            rows = cur.fetchall()
+        return [
+            AuditEntry(
+                position=row[0],
+                timestamp=from_micros(row[1]),
+                tenant_id=row[2],
+                secret_name=row[3],
+                action=row[4],
+                result=row[5],
+                user_id=row[6],
+                ip_address=row[7],
+                user_agent=row[8],
+                key_version=row[9],
+                details=json.loads(row[10]),
+            )
+            for row in rows
+        ]
+
+    def key_infos(self, tenant_id: str | None) -> list[TenantKeyInfo]:
+        """Key versions of one tenant (or all, ordered by tenant), with live secret counts."""
+        sql = (
+            "SELECT k.tenant_id, k.version, k.status, k.amk_id, k.created_at, k.retired_at, "
+            "(SELECT COUNT(*) FROM kl_catalog c WHERE c.tenant_id=k.tenant_id "
+            " AND c.key_version=k.version AND c.deleted=0) FROM kl_keys k"
+        )
+        params: tuple[str, ...] = ()
+        if tenant_id is not None:
+            sql += " WHERE k.tenant_id=?"
+            params = (tenant_id,)
+        with self.ledger.reading() as cur:
+            cur.execute(sql + " ORDER BY k.tenant_id, k.version", params)
+            rows = cur.fetchall()
+        return [
+            TenantKeyInfo(
+                tenant_id=row[0],
+                version=row[1],
+                status=row[2],
+                amk_id=row[3],
+                created_at=from_micros(row[4]),
+                retired_at=optional_datetime(row[5]),
+                secret_count=row[6],
+            )
+            for row in rows
+        ]

@@ -1,0 +1,290 @@
+"""Commands on secrets: store, retrieve, disable, enable, delete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from keyledger.application.ledger import Conflict, Ledger
+from keyledger.context import Actor
+from keyledger.domain.access import AuditRecord
+from keyledger.domain.ids import ActorDict, secret_id
+from keyledger.domain.keyring import TenantKeyring
+from keyledger.domain.secret import Secret
+from keyledger.errors import (
+    DecryptionFailed,
+    KeyledgerError,
+    MasterKeyUnavailable,
+    SecretDisabled,
+    SecretExpired,
+    SecretNotFound,
+)
+from keyledger.infrastructure.crypto import DataKey
+from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
+from keyledger.models import Secret as SecretModel
+from keyledger.models import SecretInfo
+from keyledger.projections.timeutil import optional_datetime
+
+
+def actor_dict(actor: Actor) -> ActorDict:
+    return {
+        "user_id": actor.user_id,
+        "ip_address": actor.ip_address,
+        "user_agent": actor.user_agent,
+    }
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Store options; None means "left out: keep the old value" (see README)."""
+
+    category: str | None = None
+    description: str | None = None
+    expires_at: datetime | None = None
+    clear_expiry: bool = False
+    metadata: dict[str, str] | None = None
+
+
+def secret_info(
+    secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
+) -> SecretInfo:
+    return SecretInfo(
+        name=secret.name,
+        category=secret.category,
+        description=secret.description,
+        metadata=dict(secret.metadata),
+        status=secret.status_at(now),
+        version=secret.value_version,
+        key_version=secret.key_version,
+        expires_at=secret.expires_at,
+        created_at=secret.created_at,
+        updated_at=secret.updated_at,
+        access_count=access_count,
+        last_accessed_at=optional_datetime(last_accessed_at),
+    )
+
+
+class SecretCommands:
+    """The write side for secrets; every outcome, refused or failed, is an event."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    # -- store --------------------------------------------------------------------------
+
+    def store(
+        self, tenant_id: str, name: str, value: str | bytes, options: StoreOptions, actor: Actor
+    ) -> SecretInfo:
+        who = actor_dict(actor)
+        try:
+            return self.ledger.retrying(
+                lambda n: self._store_once(tenant_id, name, value, options, who, fresh=n > 0)
+            )
+        except (MasterKeyUnavailable, DecryptionFailed) as error:
+            existing = self.ledger.secret(tenant_id, name, fresh=True)
+            action = "create" if existing is None or existing.deleted else "update"
+            self._record_failure(tenant_id, name, action, error, None, who)
+            raise
+
+    def _active_data_key(
+        self, tenant_id: str, who: ActorDict, fresh: bool
+    ) -> tuple[TenantKeyring | None, TenantKeyring | None, DataKey, list[KeyMaterialRow]]:
+        """(keyring read, keyring written, active data key, material to insert)."""
+        keyring = self.ledger.keyring(tenant_id, fresh=fresh)
+        if keyring is None:
+            data_key, row = self.ledger.new_data_key(tenant_id, 1)
+            created = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
+            return None, created, data_key, [row]
+        active = keyring.active
+        if active is None:
+            rotated = self.ledger.for_update(keyring)
+            data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
+            rotated.rotate(data_key.fingerprint, row.amk_id, who)
+            return keyring, rotated, data_key, [row]
+        return keyring, None, self.ledger.data_key(tenant_id, active), []
+
+    def _store_once(
+        self,
+        tenant_id: str,
+        name: str,
+        value: str | bytes,
+        options: StoreOptions,
+        who: ActorDict,
+        *,
+        fresh: bool,
+    ) -> SecretInfo:
+        keyring, written_keyring, data_key, material = self._active_data_key(tenant_id, who, fresh)
+        envelope = data_key.encrypt(name, value)
+        cached = self.ledger.secret(tenant_id, name, fresh=fresh)
+        if cached is None:
+            secret = Secret.create(
+                tenant_id=tenant_id,
+                name=name,
+                envelope=envelope,
+                key_version=data_key.version,
+                category=options.category or None,
+                description=options.description or None,
+                metadata=options.metadata or {},
+                expires_at=None if options.clear_expiry else options.expires_at,
+                actor=who,
+            )
+        else:
+            secret = self.ledger.for_update(cached)
+            keep = not secret.deleted
+            expires_at = options.expires_at
+            if expires_at is None and keep and not options.clear_expiry:
+                expires_at = secret.expires_at
+            secret.store(
+                envelope=envelope,
+                key_version=data_key.version,
+                category=_choose(options.category, secret.category, keep),
+                description=_choose(options.description, secret.description, keep),
+                metadata=(
+                    options.metadata
+                    if options.metadata is not None
+                    else (dict(secret.metadata) if keep else {})
+                ),
+                expires_at=expires_at,
+                now=self.ledger.clock(),
+                actor=who,
+            )
+        unit = WriteUnit(key_material=material)
+        if keyring is not None and written_keyring is None:
+            unit.expected[keyring.id] = keyring.version
+        written = [written_keyring] if written_keyring is not None else []
+        self.ledger.commit(*written, secret, unit=unit)
+        if material:
+            self.ledger.remember_data_key(data_key)
+        outcome = unit.outcome
+        return secret_info(
+            secret, self.ledger.clock(), outcome.access_count or 0, outcome.last_accessed_at
+        )
+
+    # -- retrieve -----------------------------------------------------------------------
+
+    def retrieve(self, tenant_id: str, name: str, actor: Actor) -> SecretModel:
+        who = actor_dict(actor)
+        return self.ledger.retrying(lambda n: self._retrieve_once(tenant_id, name, who, n > 0))
+
+    def _retrieve_once(self, tenant_id: str, name: str, who: ActorDict, fresh: bool) -> SecretModel:
+        now = self.ledger.clock()
+        secret = self.ledger.secret(tenant_id, name, fresh=fresh)
+        keyring = self.ledger.keyring(tenant_id, fresh=fresh)
+        if secret is None or secret.deleted:
+            if not fresh:
+                raise Conflict  # refusals are decided on fresh state only
+            self._refuse_missing(tenant_id, name, secret, who)
+        assert secret is not None
+        status = secret.status_at(now)
+        if status != "active":
+            if not fresh:
+                raise Conflict
+            self._refuse(secret, keyring, status, who)
+        try:
+            value = self._decrypt(secret, keyring)
+        except (DecryptionFailed, MasterKeyUnavailable) as error:
+            if not fresh:
+                raise Conflict from None
+            self._record_failure(
+                tenant_id,
+                name,
+                "read",
+                error,
+                secret.key_version,
+                who,
+                expected=_versions(secret, keyring),
+            )
+            raise
+        record = AuditRecord.read(tenant_id, name, secret.value_version, secret.key_version, who)
+        unit = self.ledger.commit(record, unit=WriteUnit(expected=_versions(secret, keyring)))
+        outcome = unit.outcome
+        info = secret_info(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
+        return SecretModel(**info.model_dump(), value=value)
+
+    def _decrypt(self, secret: Secret, keyring: TenantKeyring | None) -> str | bytes:
+        key = keyring.keys.get(secret.key_version) if keyring is not None else None
+        if key is None:
+            raise DecryptionFailed(
+                f"secret {secret.name!r} of tenant {secret.tenant_id!r} names key version "
+                f"{secret.key_version}, which does not exist"
+            )
+        data_key = self.ledger.data_key(secret.tenant_id, key)
+        return data_key.decrypt(secret.name, secret.envelope)
+
+    def _refuse_missing(
+        self, tenant_id: str, name: str, secret: Secret | None, who: ActorDict
+    ) -> None:
+        expected = {secret_id(tenant_id, name): secret.version if secret is not None else 0}
+        error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
+        self._record_failure(tenant_id, name, "read", error, None, who, expected=expected)
+        raise error
+
+    def _refuse(
+        self, secret: Secret, keyring: TenantKeyring | None, status: str, who: ActorDict
+    ) -> None:
+        where = f"secret {secret.name!r} of tenant {secret.tenant_id!r}"
+        error: KeyledgerError
+        written: list[Secret] = []
+        if status == "expired":
+            error = SecretExpired(f"{where} has expired")
+            if secret.status != "expired":
+                expiring = self.ledger.for_update(secret)
+                expiring.expire(who)
+                written.append(expiring)
+        else:
+            error = SecretDisabled(f"{where} is disabled")
+        record = AuditRecord.denied(secret.tenant_id, secret.name, status, secret.key_version, who)
+        unit = WriteUnit(expected=_versions(secret, keyring))
+        if written:
+            del unit.expected[secret.id]
+        self.ledger.commit(*written, record, unit=unit)
+        raise error
+
+    def _record_failure(
+        self,
+        tenant_id: str,
+        name: str | None,
+        action: str,
+        error: Exception,
+        key_version: int | None,
+        who: ActorDict,
+        expected: dict[UUID, int] | None = None,
+    ) -> None:
+        record = AuditRecord.failed(tenant_id, name, action, type(error).__name__, key_version, who)
+        self.ledger.commit(record, unit=WriteUnit(expected=dict(expected or {})))
+
+    # -- status changes -----------------------------------------------------------------
+
+    def change(self, tenant_id: str, name: str, action: str, actor: Actor) -> bool:
+        """Run ``disable``, ``enable`` or ``delete``; False when no such live secret."""
+        who = actor_dict(actor)
+
+        def attempt(n: int) -> bool:
+            secret = self.ledger.secret(tenant_id, name, fresh=n > 0)
+            if secret is None or secret.deleted:
+                if n == 0:
+                    raise Conflict
+                expected = {secret_id(tenant_id, name): secret.version if secret else 0}
+                error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
+                self._record_failure(tenant_id, name, action, error, None, who, expected)
+                return False
+            changed = self.ledger.for_update(secret)
+            getattr(changed, action)(who)
+            self.ledger.commit(changed)
+            return True
+
+        return self.ledger.retrying(attempt)
+
+
+def _choose(given: str | None, old: str | None, keep: bool) -> str | None:
+    if given is not None:
+        return given or None
+    return old if keep else None
+
+
+def _versions(secret: Secret, keyring: TenantKeyring | None) -> dict[UUID, int]:
+    versions = {secret.id: secret.version}
+    if keyring is not None:
+        versions[keyring.id] = keyring.version
+    return versions

@@ -1,0 +1,1 @@
+"""The domain: aggregates and their events. Pure: stdlib and eventsourcing.domain only."""

@@ -1,0 +1,84 @@
+"""The keyledger error hierarchy.
+
+Messages name the tenant, the secret or the key version; never a value, a key or an AMK.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keyledger.models import DriftReport
+
+
+class KeyledgerError(Exception):
+    """Base class of every error keyledger raises on purpose."""
+
+
+class InvalidInput(KeyledgerError, ValueError):
+    """A caller gave a value keyledger refuses; nothing was written."""
+
+
+class TenantRequired(KeyledgerError):
+    """A tenant-scoped call was made outside any ``tenant(...)`` block."""
+
+
+class SecretNotFound(KeyledgerError, LookupError):
+    """No live secret of that name exists in the tenant."""
+
+
+class SecretDisabled(KeyledgerError):
+    """The secret exists but is disabled."""
+
+
+class SecretExpired(KeyledgerError):
+    """The secret exists but its expiry has passed."""
+
+
+class MasterKeyUnavailable(KeyledgerError):
+    """No application master key is configured, and the operation needs one."""
+
+
+class InvalidMasterKey(KeyledgerError):
+    """A configured master key is malformed (length, hex, all zeros)."""
+
+
+class DecryptionFailed(KeyledgerError):
+    """A ciphertext could not be decrypted (tampered, wrong key, unusable key)."""
+
+
+class SecretKeyDriftError(DecryptionFailed):
+    """Decryption failed and a drift diagnosis found errors; ``report`` says which."""
+
+    def __init__(self, message: str, report: DriftReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class ConfirmationRequired(KeyledgerError):
+    """A destructive operation was asked for without its explicit confirmation."""
+
+
+class KeyInUse(KeyledgerError):
+    """A key version cannot be destroyed: live secrets are still encrypted under it."""
+
+
+class StorageError(KeyledgerError):
+    """The store failed (locked too long, disk, connection); nothing was half written."""
+
+
+__all__ = [
+    "ConfirmationRequired",
+    "DecryptionFailed",
+    "InvalidInput",
+    "InvalidMasterKey",
+    "KeyInUse",
+    "KeyledgerError",
+    "MasterKeyUnavailable",
+    "SecretDisabled",
+    "SecretExpired",
+    "SecretKeyDriftError",
+    "SecretNotFound",
+    "StorageError",
+    "TenantRequired",
+]

@@ -1,0 +1,44 @@
+"""Builds the AMK keyring from explicit arguments or settings; validates every key up front."""
+
+from __future__ import annotations
+
+from keyledger.errors import InvalidMasterKey
+from keyledger.infrastructure.crypto import MasterKey, MasterKeyring, parse_master_key
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+
+def _current_key_text(
+    master_key: str | None, settings: KeyledgerSettings
+) -> tuple[str | None, str]:
+    if master_key is not None:
+        return master_key, "master_key argument"
+    if settings.master_key is not None:
+        return settings.master_key.get_secret_value(), "KEYLEDGER_MASTER_KEY"
+    if settings.master_key_file is not None:
+        try:
+            text = settings.master_key_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            raise InvalidMasterKey(
+                f"KEYLEDGER_MASTER_KEY_FILE: cannot read {settings.master_key_file}"
+            ) from None
+        return text, "KEYLEDGER_MASTER_KEY_FILE"
+    return None, ""
+
+
+def load_master_keyring(
+    settings: KeyledgerSettings,
+    master_key: str | None = None,
+    previous_master_keys: list[str] | None = None,
+) -> MasterKeyring:
+    """The current AMK (None when unconfigured) and the previous AMKs, all validated."""
+    text, source = _current_key_text(master_key, settings)
+    current = MasterKey(parse_master_key(text, source)) if text is not None else None
+    if previous_master_keys is None:
+        raw = settings.previous_master_keys
+        joined = raw.get_secret_value() if raw is not None else ""
+        previous_master_keys = [part for part in joined.split(",") if part.strip()]
+    previous = [
+        MasterKey(parse_master_key(text, f"KEYLEDGER_PREVIOUS_MASTER_KEYS[{index}]"))
+        for index, text in enumerate(previous_master_keys)
+    ]
+    return MasterKeyring(current, previous)

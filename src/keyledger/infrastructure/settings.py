@@ -1,0 +1,27 @@
+"""Configuration: one frozen settings object, read once at the composition root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///keyledger.db"
+
+
+class KeyledgerSettings(BaseSettings):
+    """Everything keyledger reads from the environment (prefix ``KEYLEDGER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="KEYLEDGER_", frozen=True, extra="ignore")
+
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
+    master_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KEYLEDGER_MASTER_KEY", "SMRT_SECRET_MASTER_KEY"),
+    )
+    master_key_file: Path | None = None
+    previous_master_keys: SecretStr | None = None
+    max_value_bytes: int = Field(default=65536, gt=0)
+    key_cache_seconds: float = Field(default=300.0, ge=0)
+    lock_timeout_seconds: int = Field(default=30, gt=0)

@@ -1,0 +1,146 @@
+"""SQLite persistence: the library's recorder extended with one-transaction writes.
+
+Every write is one ``BEGIN IMMEDIATE`` transaction holding SQLite's write lock: it checks the
+versions the decision was based on, appends the events to the library's ``stored_events``
+table, inserts any key material, and applies the projections to the read models. So the
+read models are always exactly as current as the stream, across processes, and a write
+costs one commit. Connections keep a real statement cache and ``synchronous=FULL``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from eventsourcing.persistence import IntegrityError, InterfaceError, StoredEvent
+from eventsourcing.sqlite import (
+    SQLiteApplicationRecorder,
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteCursor,
+    SQLiteDatastore,
+    SQLiteFactory,
+)
+from eventsourcing.utils import Environment
+
+from keyledger.errors import StorageError
+from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
+from keyledger.projections.projector import Projector
+from keyledger.projections.schema import READ_MODEL_DDL, SEED_TRACKING, SUPPORT_DDL
+
+STATEMENT_CACHE_SIZE = 256
+
+
+class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
+    """Opens connections with a statement cache, FULL durability and a busy timeout."""
+
+    def _create_connection(self) -> SQLiteConnection:
+        try:
+            conn = sqlite3.connect(
+                database=self.db_name,
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+                cached_statements=STATEMENT_CACHE_SIZE,
+                timeout=self.lock_timeout or 30,
+            )
+        except (sqlite3.Error, TypeError) as e:
+            raise InterfaceError(e) from e
+        if not self.is_sqlite_memory_mode:
+            conn.execute("PRAGMA journal_mode=WAL")
+            self.is_journal_mode_wal = True
+        # A completed store or read must survive a power cut: fsync the WAL on commit.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.row_factory = sqlite3.Row
+        return SQLiteConnection(sqlite_conn=conn, max_age=self.max_age)
+
+
+class KeyledgerSQLiteDatastore(SQLiteDatastore):
+    """The library's datastore with keyledger's connection pool."""
+
+    def __init__(self, db_name: str, *, lock_timeout: int | None = None) -> None:
+        self.pool = KeyledgerSQLiteConnectionPool(
+            db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
+        )
+        self.single_row_tracking = True
+        self.originator_id_type: Literal["uuid", "text"] = "uuid"
+
+
+class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
+    """Application recorder whose ``insert_events`` is the whole write unit."""
+
+    projector = Projector()
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            *READ_MODEL_DDL,
+            *SUPPORT_DDL,
+            *SEED_TRACKING,
+        ]
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        unit: WriteUnit = kwargs.get("unit") or WriteUnit()
+        with self.datastore.get_connection(commit=True) as conn:
+            curs = conn.cursor()
+            try:
+                curs.execute("BEGIN IMMEDIATE")
+                self._check_expected(curs, unit)
+                ids = self._insert_events(curs, stored_events)
+                assert ids is not None
+                self._insert_key_material(curs, unit)
+                self.projector.apply(curs, zip(ids, unit.domain_events, strict=True), unit.outcome)
+                conn.commit()
+            except BaseException as error:
+                conn.rollback()
+                raise _translate(error) from None
+        return ids
+
+    def _check_expected(self, curs: SQLiteCursor, unit: WriteUnit) -> None:
+        for aggregate_id, version in unit.expected.items():
+            curs.execute(
+                f"SELECT MAX(originator_version) FROM {self.events_table_name} "
+                "WHERE originator_id=?",
+                (aggregate_id.hex,),
+            )
+            current = curs.fetchone()[0] or 0
+            if current != version:
+                raise StaleStateError(aggregate_id)
+
+    @staticmethod
+    def _insert_key_material(curs: SQLiteCursor, unit: WriteUnit) -> None:
+        for row in unit.key_material:
+            curs.execute(
+                "INSERT INTO kl_key_material (tenant_id, version, key_id, amk_id, wrapped, "
+                "created_at) VALUES (?,?,?,?,?,?)",
+                (row.tenant_id, row.version, row.key_id, row.amk_id, row.wrapped, row.created_at),
+            )
+
+
+def _translate(error: BaseException) -> BaseException:
+    if isinstance(error, sqlite3.IntegrityError):
+        return IntegrityError(error)
+    if isinstance(error, sqlite3.OperationalError):
+        return StorageError(f"SQLite store unavailable: {error}")
+    if isinstance(error, sqlite3.Error):
+        return StorageError(f"SQLite error: {error}")
+    return error
+
+
+class KeyledgerSQLiteFactory(SQLiteFactory):
+    """Infrastructure factory selected with PERSISTENCE_MODULE (see ledger.py)."""
+
+    application_recorder_class = KeyledgerSQLiteRecorder
+
+    def __init__(self, env: Environment | dict[str, str] | None) -> None:
+        super(SQLiteFactory, self).__init__(env)
+        db_name = self.env.get(self.SQLITE_DBNAME)
+        if not db_name:
+            raise OSError("SQLITE_DBNAME is required")
+        timeout = self.env.get(self.SQLITE_LOCK_TIMEOUT)
+        self.datastore = KeyledgerSQLiteDatastore(
+            db_name, lock_timeout=int(timeout) if timeout else None
+        )

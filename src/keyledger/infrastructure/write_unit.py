@@ -1,0 +1,40 @@
+"""What one write transaction carries besides the events: checks, key material, outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from keyledger.projections.projector import Outcome
+
+
+@dataclass(frozen=True)
+class KeyMaterialRow:
+    """A wrapped TDEK to insert in the same transaction as the event that announces it."""
+
+    tenant_id: str
+    version: int
+    key_id: str
+    amk_id: str
+    wrapped: bytes
+    created_at: int
+
+
+@dataclass
+class WriteUnit:
+    """One atomic write: events, stream-version checks, key material, projection outcome.
+
+    ``expected`` names aggregates that a decision was based on without being written: the
+    write commits only if each is still at that version (0: no events), checked under the
+    write lock, so a decision made on cached state is never committed when stale.
+    """
+
+    expected: dict[UUID, int] = field(default_factory=dict)
+    key_material: list[KeyMaterialRow] = field(default_factory=list)
+    domain_events: list[Any] = field(default_factory=list)
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+class StaleStateError(Exception):
+    """An aggregate a decision was based on changed before the write: reload and retry."""

@@ -1,0 +1,128 @@
+"""The frozen result models of the public API. None of them carries key material."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SecretStatus = Literal["active", "disabled", "expired"]
+KeyStatus = Literal["active", "retired", "compromised", "destroyed"]
+AuditResult = Literal["success", "failure", "denied"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretInfo(_Frozen):
+    """What listing shows of a secret: never its value or ciphertext."""
+
+    name: str
+    category: str | None
+    description: str | None
+    metadata: dict[str, str]
+    status: SecretStatus
+    version: int
+    key_version: int
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    access_count: int
+    last_accessed_at: datetime | None
+
+
+class Secret(SecretInfo):
+    """A retrieved secret. ``value`` is masked in repr and str."""
+
+    value: str | bytes = Field(repr=False)
+
+
+class TenantKeyInfo(_Frozen):
+    """One version of a tenant's data key (never the key itself)."""
+
+    tenant_id: str
+    version: int
+    status: KeyStatus
+    amk_id: str
+    created_at: datetime
+    retired_at: datetime | None
+    secret_count: int
+
+
+class ReencryptResult(_Frozen):
+    """How many live secrets are now on the active key version, and how many failed."""
+
+    success: int
+    failed: int
+
+
+class AuditEntry(_Frozen):
+    """One audited event of the stream."""
+
+    position: int
+    timestamp: datetime
+    tenant_id: str
+    secret_name: str | None
+    action: str
+    result: AuditResult
+    user_id: str
+    ip_address: str | None
+    user_agent: str | None
+    key_version: int | None
+    details: dict[str, Any]
+
+
+class DriftIssue(_Frozen):
+    """One finding of a drift diagnosis."""
+
+    code: str
+    severity: Literal["error", "warning", "info"]
+    message: str
+    repair_action: str
+    secret_name: str | None = None
+    key_version: int | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DriftReport(_Frozen):
+    """The result of diagnosing one tenant's secrets against its keys."""
+
+    tenant_id: str
+    checked_at: datetime
+    ok: bool
+    issues: list[DriftIssue]
+    summary: dict[str, int]
+
+
+class RepairResult(_Frozen):
+    """What a drift repair did (or, in a dry run, would do)."""
+
+    tenant_id: str
+    dry_run: bool
+    issues_before: list[DriftIssue]
+    remaining_issues: list[DriftIssue]
+    would_delete_secrets: int
+    would_delete_tenant_encryption_keys: int
+    deleted_secrets: int
+    deleted_tenant_encryption_keys: int
+    secret_names: list[str]
+    key_versions: list[int]
+
+
+class CleanupKeyOutcome(_Frozen):
+    """What cleanup did with one retired key version."""
+
+    tenant_id: str
+    version: int
+    outcome: Literal["destroyed", "skipped"]
+    reason: str | None
+
+
+class CleanupResult(_Frozen):
+    """The result of ``cleanup_retired_keys``."""
+
+    destroyed: int
+    skipped: int
+    keys: list[CleanupKeyOutcome]

@@ -1,0 +1,354 @@
+"""SecretService: the public facade. Thin: validates, resolves the tenant, delegates."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from datetime import datetime
+from types import TracebackType
+from typing import Literal
+
+from keyledger.application.keys import KeyCommands
+from keyledger.application.ledger import Ledger
+from keyledger.application.queries import Queries
+from keyledger.application.secrets import SecretCommands, StoreOptions
+from keyledger.composition import build_ledger
+from keyledger.context import Actor, current_scope, is_super_admin, make_actor
+from keyledger.errors import InvalidInput
+from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.models import AuditEntry, ReencryptResult, SecretInfo, TenantKeyInfo
+from keyledger.models import Secret as SecretModel
+from keyledger.validation import (
+    check_aware,
+    check_count,
+    check_identifier,
+    check_metadata,
+    check_optional_text,
+    check_value,
+)
+
+StatusFilter = Literal["active", "disabled", "expired"] | None
+_STATUSES = ("active", "disabled", "expired")
+_ACTIONS = frozenset(
+    (
+        *("create", "read", "update", "delete", "rotate_key", "disable", "enable", "expire"),
+        *("create_key", "compromise_key", "destroy_key", "rewrap_key", "repair", "erase_tenant"),
+    )
+)
+_RESULTS = frozenset(("success", "failure", "denied"))
+
+
+class SecretService:
+    """Per-tenant secrets with envelope encryption and an event-sourced audit stream."""
+
+    def __init__(self, ledger: Ledger, settings: KeyledgerSettings) -> None:
+        self._ledger = ledger
+        self._settings = settings
+        self._queries = Queries(ledger)
+        self._secrets = SecretCommands(ledger)
+        self._keys = KeyCommands(ledger, self._queries)
+
+    @classmethod
+    def create(
+        cls,
+        database_url: str | None = None,
+        *,
+        master_key: str | None = None,
+        previous_master_keys: list[str] | None = None,
+        settings: KeyledgerSettings | None = None,
+    ) -> SecretService:
+        """Open a store. Malformed master keys raise ``InvalidMasterKey`` here, never later."""
+        settings = settings or KeyledgerSettings()
+        ledger = build_ledger(
+            settings,
+            database_url=database_url,
+            master_key=master_key,
+            previous_master_keys=previous_master_keys,
+        )
+        return cls(ledger, settings)
+
+    def __repr__(self) -> str:
+        return f"SecretService(amk_ids={self._ledger.master_keys.known_ids!r})"
+
+    def __enter__(self) -> SecretService:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        self._ledger.close()
+
+    # -- scope --------------------------------------------------------------------------
+
+    @staticmethod
+    def _scope() -> tuple[str, Actor]:
+        scope = current_scope()
+        return scope.tenant_id, scope.actor
+
+    @staticmethod
+    def _explicit(
+        tenant_id: str, user_id: str | None, ip_address: str | None, user_agent: str | None
+    ) -> tuple[str, Actor]:
+        return check_identifier("tenant_id", tenant_id), make_actor(user_id, ip_address, user_agent)
+
+    # -- secrets ------------------------------------------------------------------------
+
+    def store(
+        self,
+        name: str,
+        value: str | bytes,
+        *,
+        category: str | None = None,
+        description: str | None = None,
+        expires_at: datetime | None = None,
+        clear_expiry: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> SecretInfo:
+        """Create or update ``name`` with ``value``; options left out keep their old values."""
+        tenant_id, actor = self._scope()
+        return self._store(
+            tenant_id, actor, name, value, category, description, expires_at, clear_expiry, metadata
+        )
+
+    def store_for_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        value: str | bytes,
+        *,
+        category: str | None = None,
+        description: str | None = None,
+        expires_at: datetime | None = None,
+        clear_expiry: bool = False,
+        metadata: dict[str, str] | None = None,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> SecretInfo:
+        """``store`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self._store(
+            tenant_id, actor, name, value, category, description, expires_at, clear_expiry, metadata
+        )
+
+    def _store(
+        self,
+        tenant_id: str,
+        actor: Actor,
+        name: str,
+        value: str | bytes,
+        category: str | None,
+        description: str | None,
+        expires_at: datetime | None,
+        clear_expiry: bool,
+        metadata: dict[str, str] | None,
+    ) -> SecretInfo:
+        name = check_identifier("name", name)
+        check_value(value, self._settings.max_value_bytes)
+        if not isinstance(clear_expiry, bool):
+            raise InvalidInput("clear_expiry must be a bool")
+        options = StoreOptions(
+            category=check_optional_text("category", category, 200),
+            description=check_optional_text("description", description),
+            expires_at=check_aware("expires_at", expires_at),
+            clear_expiry=clear_expiry,
+            metadata=check_metadata(metadata),
+        )
+        if options.clear_expiry and options.expires_at is not None:
+            raise InvalidInput("give expires_at or clear_expiry, not both")
+        plain: str | bytes = value if isinstance(value, str) else bytes(value)
+        return self._secrets.store(tenant_id, name, plain, options, actor)
+
+    def retrieve(self, name: str) -> SecretModel:
+        """The secret with its value; the read is recorded before the value is returned."""
+        tenant_id, actor = self._scope()
+        return self._secrets.retrieve(tenant_id, check_identifier("name", name), actor)
+
+    def retrieve_for_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> SecretModel:
+        """``retrieve`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self._secrets.retrieve(tenant_id, check_identifier("name", name), actor)
+
+    def list(
+        self,
+        *,
+        category: str | None = None,
+        status: StatusFilter = "active",
+        include_expired: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> builtins.list[SecretInfo]:
+        """Secrets of the tenant by name, never values; expired ones filtered before paging."""
+        tenant_id, _ = self._scope()
+        return self.list_for_tenant(
+            tenant_id,
+            category=category,
+            status=status,
+            include_expired=include_expired,
+            limit=limit,
+            offset=offset,
+        )
+
+    def list_for_tenant(
+        self,
+        tenant_id: str,
+        *,
+        category: str | None = None,
+        status: StatusFilter = "active",
+        include_expired: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> builtins.list[SecretInfo]:
+        """``list`` for an explicit tenant."""
+        tenant_id = check_identifier("tenant_id", tenant_id)
+        if status is not None and status not in _STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(_STATUSES)} or None")
+        statuses = {status} if status else {"active", "disabled"}
+        if include_expired:
+            statuses.add("expired")
+        return self._queries.list_secrets(
+            tenant_id,
+            category=check_optional_text("category", category, 200),
+            statuses=sorted(statuses),
+            limit=check_count("limit", limit, allow_none=True),
+            offset=check_count("offset", offset) or 0,
+        )
+
+    def exists(self, name: str) -> bool:
+        """True when a live secret of that name exists (any status)."""
+        tenant_id, _ = self._scope()
+        return self._queries.exists(tenant_id, check_identifier("name", name))
+
+    def categories(self) -> builtins.list[str]:
+        """Sorted unique non-empty categories of the tenant's live secrets."""
+        tenant_id, _ = self._scope()
+        return self._queries.categories(tenant_id)
+
+    def list_expiring(self, days: int = 30) -> builtins.list[SecretInfo]:
+        """Active secrets expiring within ``days`` days, soonest first."""
+        tenant_id, _ = self._scope()
+        return self._queries.list_expiring(tenant_id, check_count("days", days) or 0)
+
+    def disable(self, name: str) -> bool:
+        """Disable a secret; False when it does not exist."""
+        return self._change(name, "disable")
+
+    def enable(self, name: str) -> bool:
+        """Enable a secret (an expired one stays expired); False when it does not exist."""
+        return self._change(name, "enable")
+
+    def delete(self, name: str) -> bool:
+        """Delete a secret from every listing and read; False when it does not exist."""
+        return self._change(name, "delete")
+
+    def _change(self, name: str, action: str) -> bool:
+        tenant_id, actor = self._scope()
+        return self.change_for_tenant(tenant_id, name, action, actor)
+
+    def change_for_tenant(self, tenant_id: str, name: str, action: str, actor: Actor) -> bool:
+        """disable/enable/delete for an explicit tenant and actor (the CLI's entry)."""
+        if action not in ("disable", "enable", "delete"):
+            raise InvalidInput(f"unknown action {action!r}")
+        tenant_id = check_identifier("tenant_id", tenant_id)
+        return self._secrets.change(tenant_id, check_identifier("name", name), action, actor)
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def rotate_key(self) -> TenantKeyInfo:
+        """Make a new key version active and retire the previous one (no re-encryption)."""
+        tenant_id, actor = self._scope()
+        return self._keys.rotate(tenant_id, actor)
+
+    def rotate_key_for_tenant(self, tenant_id: str, *, user_id: str | None = None) -> TenantKeyInfo:
+        """``rotate_key`` for an explicit tenant."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, None, None)
+        return self._keys.rotate(tenant_id, actor)
+
+    def reencrypt_all(self, *, progress: Callable[[int], None] | None = None) -> ReencryptResult:
+        """Re-encrypt every live secret still under an older key version."""
+        tenant_id, actor = self._scope()
+        return self._keys.reencrypt_all(tenant_id, actor, progress)
+
+    def reencrypt_all_for_tenant(
+        self,
+        tenant_id: str,
+        *,
+        user_id: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReencryptResult:
+        """``reencrypt_all`` for an explicit tenant."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, None, None)
+        return self._keys.reencrypt_all(tenant_id, actor, progress)
+
+    def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
+        """Key versions of the current (or given) tenant; all tenants inside super_admin()."""
+        if tenant_id is None and is_super_admin():
+            return self._queries.key_infos(None)
+        if tenant_id is None:
+            tenant_id, _ = self._scope()
+        return self._queries.key_infos(check_identifier("tenant_id", tenant_id))
+
+    def count_live_secrets(self, tenant_id: str) -> int:
+        """How many live secrets the tenant has (for progress bars)."""
+        return len(self._queries.live_secret_versions(check_identifier("tenant_id", tenant_id)))
+
+    # -- audit --------------------------------------------------------------------------
+
+    def get_audit_logs(
+        self,
+        *,
+        secret_name: str | None = None,
+        action: str | None = None,
+        result: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        tenant_id: str | None = None,
+    ) -> builtins.list[AuditEntry]:
+        """Audit entries, newest first; ``tenant_id`` (or all tenants) only in super_admin()."""
+        if is_super_admin():
+            scope_tenant = None if tenant_id is None else check_identifier("tenant_id", tenant_id)
+        else:
+            if tenant_id is not None:
+                raise InvalidInput("tenant_id is only accepted inside super_admin()")
+            scope_tenant, _ = self._scope()
+        if action is not None and action not in _ACTIONS:
+            raise InvalidInput(f"unknown audit action {action!r}")
+        if result is not None and result not in _RESULTS:
+            raise InvalidInput(f"unknown audit result {result!r}")
+        return self._queries.audit_logs(
+            tenant_id=scope_tenant,
+            secret_name=None if secret_name is None else check_identifier("name", secret_name),
+            action=action,
+            result=result,
+            user_id=check_optional_text("user_id", user_id),
+            since=check_aware("since", since),
+            until=check_aware("until", until),
+            limit=check_count("limit", limit) or 0,
+            offset=check_count("offset", offset) or 0,
+        )
+
+    # -- operator tools -------------------------------------------------------------------
+
+    def rebuild_read_models(self) -> int:
+        """Drop and rebuild every read model from the stream; returns events replayed."""
+        from keyledger.application.rebuild import rebuild_read_models
+
+        return rebuild_read_models(self._ledger)

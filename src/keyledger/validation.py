@@ -1,0 +1,97 @@
+"""Input checks shared by the API and the CLI: each failure is ``InvalidInput``."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from keyledger.errors import InvalidInput
+
+MAX_IDENTIFIER_LENGTH = 200
+MAX_TEXT_LENGTH = 4096
+MAX_METADATA_ENTRIES = 64
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def check_identifier(field: str, value: object) -> str:
+    """A tenant id or secret name: non-empty, <= 200 chars, no control chars, no edge spaces."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{field} must not be empty")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise InvalidInput(f"{field} is longer than {MAX_IDENTIFIER_LENGTH} characters")
+    if _has_control_chars(value):
+        raise InvalidInput(f"{field} must not contain control characters")
+    if value != value.strip():
+        raise InvalidInput(f"{field} must not have leading or trailing whitespace")
+    return value
+
+
+def check_optional_text(field: str, value: object, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """Free text (category, description, user agent...): None or a bounded string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
+    if len(value) > max_length:
+        raise InvalidInput(f"{field} is longer than {max_length} characters")
+    if _has_control_chars(value):
+        raise InvalidInput(f"{field} must not contain control characters")
+    return value
+
+
+def check_aware(field: str, value: object) -> datetime | None:
+    """None or a timezone-aware datetime, returned in UTC; naive datetimes are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{field} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{field} must be timezone-aware (naive datetimes are ambiguous)")
+    return value.astimezone(UTC)
+
+
+def check_metadata(value: object) -> dict[str, str] | None:
+    """None or a flat dict of str to str."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"metadata must be a dict of str to str, not {type(value).__name__}")
+    if len(value) > MAX_METADATA_ENTRIES:
+        raise InvalidInput(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise InvalidInput("metadata must be a flat dict of str to str")
+        check_optional_text("metadata key", key, MAX_IDENTIFIER_LENGTH)
+        check_optional_text("metadata value", item)
+        out[key] = item
+    return out
+
+
+def check_value(value: object, max_bytes: int) -> bytes:
+    """A secret value (str or bytes) as bytes, at most ``max_bytes`` long."""
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+    elif isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+    else:
+        raise InvalidInput(f"value must be str or bytes, not {type(value).__name__}")
+    if len(raw) > max_bytes:
+        raise InvalidInput(f"value is {len(raw)} bytes; the limit is {max_bytes}")
+    return raw
+
+
+def check_count(field: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """A non-negative int (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{field} must be a non-negative integer")
+    return value
