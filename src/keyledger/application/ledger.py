@@ -35,6 +35,7 @@ from keyledger.projections.timeutil import to_micros
 
 MAX_ATTEMPTS = 50
 AGGREGATE_CACHE_SIZE = 20_000
+SNAPSHOT_INTERVAL = 100
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ class Ledger(Application[UUID]):
     """One application, one totally ordered stream: the audit log."""
 
     name = "keyledger"
-    snapshotting_intervals = {Secret: 100}  # noqa: RUF012 (the library reads a class dict)
+    is_snapshotting_enabled = True
 
     def __init__(
         self,
@@ -77,13 +78,6 @@ class Ledger(Application[UUID]):
         super().register_transcodings(transcoder)
         transcoder.register(BytesAsBase64())
 
-    def _record(self, processing_event: Any) -> Any:
-        # Hand the domain events to the recorder, so it can project them in the same
-        # transaction as the append (the library passes only the stored form).
-        unit = processing_event.saved_kwargs.setdefault("unit", WriteUnit())
-        unit.domain_events = list(processing_event.events)
-        return super()._record(processing_event)
-
     # -- loading ------------------------------------------------------------------------
 
     def _load(self, cache: LRUCache[UUID, T], aggregate_id: UUID, fresh: bool) -> T | None:
@@ -103,6 +97,10 @@ class Ledger(Application[UUID]):
         """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
         return self._load(self._secrets, secret_id(tenant_id, name), fresh)
 
+    def cached_secret(self, tenant_id: str, name: str) -> Secret | None:
+        """The cached secret, without asking the store (None: not cached)."""
+        return self._secrets.get(secret_id(tenant_id, name))
+
     def keyring(self, tenant_id: str, *, fresh: bool = False) -> TenantKeyring | None:
         """The tenant's keyring (read-only; see ``for_update``)."""
         return self._load(self._keyrings, keyring_id(tenant_id), fresh)
@@ -121,21 +119,28 @@ class Ledger(Application[UUID]):
     # -- writing ------------------------------------------------------------------------
 
     def commit(self, *aggregates: Aggregate, unit: WriteUnit | None = None) -> WriteUnit:
-        """Append pending events atomically with ``unit``; ``Conflict`` when it lost a race."""
+        """Append pending events atomically with ``unit``; ``Conflict`` when it lost a race.
+
+        This is ``Application.save`` without its generic dispatch: the same mapper and the
+        same recorder, with the domain events handed to the recorder for projection.
+        """
         unit = unit or WriteUnit()
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        unit.domain_events = events
         try:
-            self.save(*aggregates, unit=unit)
+            self.recorder.insert_events(
+                [self.mapper.to_stored_event(event) for event in events], unit=unit
+            )
         except (IntegrityError, StaleStateError):
-            for aggregate in aggregates:
-                self._secrets.evict(aggregate.id)
-                self._keyrings.evict(aggregate.id)
-            for aggregate_id in unit.expected:
+            for aggregate_id in (*(a.id for a in aggregates), *unit.expected):
                 self._secrets.evict(aggregate_id)
                 self._keyrings.evict(aggregate_id)
             raise Conflict from None
         for aggregate in aggregates:
             if isinstance(aggregate, Secret):
                 self._secrets.put(aggregate.id, aggregate)
+                if aggregate.version % SNAPSHOT_INTERVAL == 0:
+                    self.take_snapshot(aggregate.id, version=aggregate.version)
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit

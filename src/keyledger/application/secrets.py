@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from keyledger.application.ledger import Conflict, Ledger
@@ -46,10 +47,11 @@ class StoreOptions:
     metadata: dict[str, str] | None = None
 
 
-def secret_info(
+def secret_fields(
     secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
-) -> SecretInfo:
-    return SecretInfo(
+) -> dict[str, Any]:
+    """The SecretInfo fields of an aggregate (already validated, typed state)."""
+    return dict(
         name=secret.name,
         category=secret.category,
         description=secret.description,
@@ -63,6 +65,13 @@ def secret_info(
         access_count=access_count,
         last_accessed_at=optional_datetime(last_accessed_at),
     )
+
+
+def secret_info(
+    secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
+) -> SecretInfo:
+    # Built without re-validation: every field comes from validated aggregate state.
+    return SecretInfo.model_construct(**secret_fields(secret, now, access_count, last_accessed_at))
 
 
 class SecretCommands:
@@ -116,7 +125,12 @@ class SecretCommands:
     ) -> SecretInfo:
         keyring, written_keyring, data_key, material = self._active_data_key(tenant_id, who, fresh)
         envelope = data_key.encrypt(name, value)
-        cached = self.ledger.secret(tenant_id, name, fresh=fresh)
+        # A name not in the cache is presumed new: if it exists after all, appending its
+        # version 1 conflicts, and the retry loads it. New names thus cost one transaction.
+        if fresh:
+            cached = self.ledger.secret(tenant_id, name, fresh=True)
+        else:
+            cached = self.ledger.cached_secret(tenant_id, name)
         if cached is None:
             secret = Secret.create(
                 tenant_id=tenant_id,
@@ -199,8 +213,8 @@ class SecretCommands:
         record = AuditRecord.read(tenant_id, name, secret.value_version, secret.key_version, who)
         unit = self.ledger.commit(record, unit=WriteUnit(expected=_versions(secret, keyring)))
         outcome = unit.outcome
-        info = secret_info(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
-        return SecretModel(**info.model_dump(), value=value)
+        fields = secret_fields(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
+        return SecretModel.model_construct(**fields, value=value)
 
     def _decrypt(self, secret: Secret, keyring: TenantKeyring | None) -> str | bytes:
         key = keyring.keys.get(secret.key_version) if keyring is not None else None

@@ -7,11 +7,9 @@ one event), so readers never conflict, and counts are derived in the catalog rea
 
 from __future__ import annotations
 
-from uuid import uuid4
-
 from eventsourcing.domain import Aggregate
 
-from keyledger.domain.ids import ActorDict
+from keyledger.domain.ids import ActorDict, time_ordered_id
 
 
 class AuditRecord(Aggregate):
@@ -59,7 +57,7 @@ class AuditRecord(Aggregate):
     ) -> AuditRecord:
         return cls._create(
             cls.SecretRead,
-            id=uuid4(),
+            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             value_version=value_version,
@@ -78,7 +76,7 @@ class AuditRecord(Aggregate):
     ) -> AuditRecord:
         return cls._create(
             cls.SecretAccessDenied,
-            id=uuid4(),
+            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             reason=reason,
@@ -98,7 +96,7 @@ class AuditRecord(Aggregate):
     ) -> AuditRecord:
         return cls._create(
             cls.OperationFailed,
-            id=uuid4(),
+            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             action=action,

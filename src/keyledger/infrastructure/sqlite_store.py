@@ -10,7 +10,9 @@ costs one commit. Connections keep a real statement cache and ``synchronous=FULL
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from eventsourcing.persistence import IntegrityError, InterfaceError, StoredEvent
@@ -57,7 +59,7 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
 
 
 class KeyledgerSQLiteDatastore(SQLiteDatastore):
-    """The library's datastore with keyledger's connection pool."""
+    """The library's datastore with keyledger's connection pool and per-thread writers."""
 
     def __init__(self, db_name: str, *, lock_timeout: int | None = None) -> None:
         self.pool = KeyledgerSQLiteConnectionPool(
@@ -65,6 +67,37 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         )
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
+        self._writers = threading.local()
+        self._all_writers: list[SQLiteConnection] = []
+        self._writers_lock = threading.Lock()
+
+    @contextmanager
+    def writer(self) -> Iterator[SQLiteConnection]:
+        """A connection for one write transaction.
+
+        On a file, each thread keeps its own writer connection: SQLite's ``BEGIN IMMEDIATE``
+        already serialises writers (across processes too), so the pool's locks would only
+        add cost. A shared-cache memory database goes through the pool, whose reader/writer
+        interlock it needs.
+        """
+        if self.pool.is_sqlite_memory_mode:
+            with self.get_connection(commit=True) as conn:
+                yield conn
+            return
+        writer: SQLiteConnection | None = getattr(self._writers, "conn", None)
+        if writer is None:
+            writer = self.pool._create_connection()
+            self._writers.conn = writer
+            with self._writers_lock:
+                self._all_writers.append(writer)
+        yield writer
+
+    def close(self) -> None:
+        with self._writers_lock:
+            for conn in self._all_writers:
+                conn.close()
+            self._all_writers.clear()
+        super().close()
 
 
 class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
@@ -84,7 +117,9 @@ class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        with self.datastore.get_connection(commit=True) as conn:
+        datastore = self.datastore
+        assert isinstance(datastore, KeyledgerSQLiteDatastore)
+        with datastore.writer() as conn:
             curs = conn.cursor()
             try:
                 curs.execute("BEGIN IMMEDIATE")
@@ -100,14 +135,17 @@ class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
         return ids
 
     def _check_expected(self, curs: SQLiteCursor, unit: WriteUnit) -> None:
+        if not unit.expected:
+            return
+        ids = [aggregate_id.hex for aggregate_id in unit.expected]
+        curs.execute(
+            f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
+            f"WHERE originator_id IN ({','.join('?' * len(ids))}) GROUP BY originator_id",
+            ids,
+        )
+        current = {row[0]: row[1] for row in curs.fetchall()}
         for aggregate_id, version in unit.expected.items():
-            curs.execute(
-                f"SELECT MAX(originator_version) FROM {self.events_table_name} "
-                "WHERE originator_id=?",
-                (aggregate_id.hex,),
-            )
-            current = curs.fetchone()[0] or 0
-            if current != version:
+            if current.get(aggregate_id.hex, 0) != version:
                 raise StaleStateError(aggregate_id)
 
     @staticmethod

@@ -122,17 +122,17 @@ class Projector:
         if e.revived:
             params += (ts,)
         cur.execute(
-            f"UPDATE kl_catalog SET {_CATALOG_UPSERT_FIELDS}{fresh} WHERE secret_id=? "
+            f"UPDATE kl_catalog SET {_CATALOG_UPSERT_FIELDS}{fresh} WHERE tenant_id=? AND name=? "
             "RETURNING access_count, last_accessed_at",
-            (*params, e.originator_id.hex),
+            (*params, e.tenant_id, e.name),
         )
         self._remember_access(cur, outcome)
 
     def _set_status(self, cur: Cursor, e: Secret.Event, status: str) -> None:
         cur.execute(
             "UPDATE kl_catalog SET status=CASE WHEN status='expired' THEN status ELSE ? END, "
-            "updated_at=? WHERE secret_id=?",
-            (status, to_micros(e.timestamp), e.originator_id.hex),
+            "updated_at=? WHERE tenant_id=? AND name=?",
+            (status, to_micros(e.timestamp), e.tenant_id, e.name),
         )
 
     def _on_SecretDisabled(self, cur: Cursor, e: Secret.SecretDisabled, _: Outcome) -> None:  # noqa: N802
@@ -143,21 +143,22 @@ class Projector:
 
     def _on_SecretExpired(self, cur: Cursor, e: Secret.SecretExpired, _: Outcome) -> None:  # noqa: N802
         cur.execute(
-            "UPDATE kl_catalog SET status='expired' WHERE secret_id=?", (e.originator_id.hex,)
+            "UPDATE kl_catalog SET status='expired' WHERE tenant_id=? AND name=?",
+            (e.tenant_id, e.name),
         )
 
     def _on_SecretReencrypted(  # noqa: N802
         self, cur: Cursor, e: Secret.SecretReencrypted, _: Outcome
     ) -> None:
         cur.execute(
-            "UPDATE kl_catalog SET key_version=? WHERE secret_id=?",
-            (e.key_version, e.originator_id.hex),
+            "UPDATE kl_catalog SET key_version=? WHERE tenant_id=? AND name=?",
+            (e.key_version, e.tenant_id, e.name),
         )
 
     def _on_SecretDeleted(self, cur: Cursor, e: Secret.SecretDeleted, _: Outcome) -> None:  # noqa: N802
         cur.execute(
-            "UPDATE kl_catalog SET deleted=1, updated_at=? WHERE secret_id=?",
-            (to_micros(e.timestamp), e.originator_id.hex),
+            "UPDATE kl_catalog SET deleted=1, updated_at=? WHERE tenant_id=? AND name=?",
+            (to_micros(e.timestamp), e.tenant_id, e.name),
         )
 
     def _on_SecretRead(self, cur: Cursor, e: AuditRecord.SecretRead, outcome: Outcome) -> None:  # noqa: N802

@@ -7,7 +7,7 @@ READ_MODEL_NAMES = ("catalog", "audit", "keys")
 
 READ_MODEL_DDL = (
     """CREATE TABLE IF NOT EXISTS kl_catalog (
-        secret_id TEXT PRIMARY KEY,
+        secret_id TEXT NOT NULL,
         tenant_id TEXT NOT NULL,
         name TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -22,7 +22,7 @@ READ_MODEL_DDL = (
         updated_at INTEGER NOT NULL,
         access_count INTEGER NOT NULL,
         last_accessed_at INTEGER,
-        UNIQUE (tenant_id, name))""",
+        PRIMARY KEY (tenant_id, name)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS kl_catalog_by_key ON kl_catalog (tenant_id, key_version)",
     "CREATE INDEX IF NOT EXISTS kl_catalog_by_expiry ON kl_catalog (tenant_id, expires_at)",
     """CREATE TABLE IF NOT EXISTS kl_audit (
