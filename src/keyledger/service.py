@@ -11,6 +11,7 @@ from typing import Literal
 from keyledger.application.keys import KeyCommands
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
+from keyledger.application.read_models import audit_position, catch_up_audit, rebuild_read_models
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
@@ -274,9 +275,16 @@ class SecretService:
         tenant_id, actor = self._scope()
         return self._keys.rotate(tenant_id, actor)
 
-    def rotate_key_for_tenant(self, tenant_id: str, *, user_id: str | None = None) -> TenantKeyInfo:
-        """``rotate_key`` for an explicit tenant."""
-        tenant_id, actor = self._explicit(tenant_id, user_id, None, None)
+    def rotate_key_for_tenant(
+        self,
+        tenant_id: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> TenantKeyInfo:
+        """``rotate_key`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
         return self._keys.rotate(tenant_id, actor)
 
     def reencrypt_all(self, *, progress: Callable[[int], None] | None = None) -> ReencryptResult:
@@ -289,10 +297,12 @@ class SecretService:
         tenant_id: str,
         *,
         user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> ReencryptResult:
-        """``reencrypt_all`` for an explicit tenant."""
-        tenant_id, actor = self._explicit(tenant_id, user_id, None, None)
+        """``reencrypt_all`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
         return self._keys.reencrypt_all(tenant_id, actor, progress)
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
@@ -347,8 +357,15 @@ class SecretService:
 
     # -- operator tools -------------------------------------------------------------------
 
-    def rebuild_read_models(self) -> int:
+    def rebuild_read_models(self, *, progress: Callable[[int], None] | None = None) -> int:
         """Drop and rebuild every read model from the stream; returns events replayed."""
-        from keyledger.application.rebuild import rebuild_read_models
+        return rebuild_read_models(self._ledger, progress)
 
-        return rebuild_read_models(self._ledger)
+    def catch_up_read_models(self) -> int:
+        """Bring the lazily projected audit model up to the stream head; returns events."""
+        return catch_up_audit(self._ledger)
+
+    def read_model_status(self) -> dict[str, tuple[int, int]]:
+        """Per read model: (position reached, stream head). Inline models are always current."""
+        reached, head = audit_position(self._ledger)
+        return {"catalog": (head, head), "keys": (head, head), "audit": (reached, head)}

@@ -9,7 +9,9 @@ costs a retry, never a wrong answer. Refusals are always decided again on fresh 
 from __future__ import annotations
 
 import copy
+import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder
 from eventsourcing.utils import get_topic
 
 from keyledger.application.caches import ExpiringCache, LRUCache
+from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
@@ -36,6 +39,9 @@ from keyledger.projections.timeutil import to_micros
 MAX_ATTEMPTS = 50
 AGGREGATE_CACHE_SIZE = 20_000
 SNAPSHOT_INTERVAL = 100
+AUDIT_CATCH_UP_EVERY = 2000
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -70,6 +76,7 @@ class Ledger(Application[UUID]):
         self.clock = clock or (lambda: datetime.now(UTC))
         self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
+        self._appended_since_catch_up = 0
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )
@@ -136,6 +143,7 @@ class Ledger(Application[UUID]):
                 self._secrets.evict(aggregate_id)
                 self._keyrings.evict(aggregate_id)
             raise Conflict from None
+        self._note_appended(len(events))
         for aggregate in aggregates:
             if isinstance(aggregate, Secret):
                 self._secrets.put(aggregate.id, aggregate)
@@ -144,6 +152,18 @@ class Ledger(Application[UUID]):
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
+
+    def _note_appended(self, count: int) -> None:
+        # The audit model catches up before every audit query; catching up in bulk every
+        # few thousand appends as well keeps that first query short.
+        self._appended_since_catch_up += count
+        if self._appended_since_catch_up < AUDIT_CATCH_UP_EVERY:
+            return
+        self._appended_since_catch_up = 0
+        try:
+            catch_up_audit(self)
+        except StorageError as error:  # the write itself succeeded; the next query retries
+            logger.warning("audit read model catch-up deferred: %s", error)
 
     def retrying(self, attempt: Callable[[int], T]) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter)."""
@@ -241,6 +261,22 @@ class Ledger(Application[UUID]):
             if type(error).__module__.startswith(("eventsourcing", "sqlite3")):
                 raise StorageError(f"read failed: {error}") from None
             raise
+
+    @contextmanager
+    def writing(self) -> Iterator[Any]:
+        """A write transaction (``BEGIN IMMEDIATE``) for read-model maintenance."""
+        datastore = self.recorder.datastore  # type: ignore[attr-defined]
+        with datastore.writer() as conn:
+            cur = conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                conn.commit()
+            except BaseException as error:
+                conn.rollback()
+                if isinstance(error, sqlite3.Error):
+                    raise StorageError(f"write failed: {error}") from None
+                raise
 
     def close(self) -> None:
         self.factory.close()

@@ -8,37 +8,38 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyledger.application.ledger import Ledger
+from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.secret import effective_status
 from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
 from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
 
 _CATALOG_COLUMNS = (
-    "name, category, description, metadata, status, version, key_version, expires_at, "
-    "created_at, updated_at, access_count, last_accessed_at"
+    "name, category, description, metadata, version, key_version, expires_at, "
+    "created_at, updated_at, access_count, last_accessed_at, disabled, expired"
 )
-_EXPIRED = "(status='expired' OR (expires_at IS NOT NULL AND expires_at <= :now))"
+_EXPIRED = "(expired=1 OR (expires_at IS NOT NULL AND expires_at <= :now))"
 _STATUS_CONDITIONS = {
-    "active": f"(status='active' AND NOT {_EXPIRED})",
-    "disabled": f"(status='disabled' AND NOT {_EXPIRED})",
+    "active": f"(disabled=0 AND NOT {_EXPIRED})",
+    "disabled": f"(disabled=1 AND NOT {_EXPIRED})",
     "expired": _EXPIRED,
 }
 
 
 def _secret_info(row: Any, now: datetime) -> SecretInfo:
-    expires_at = optional_datetime(row[7])
+    expires_at = optional_datetime(row[6])
     return SecretInfo(
         name=row[0],
         category=row[1],
         description=row[2],
         metadata=json.loads(row[3]),
-        status=effective_status(row[4], expires_at, now),
-        version=row[5],
-        key_version=row[6],
+        status=effective_status(bool(row[11]), bool(row[12]), expires_at, now),
+        version=row[4],
+        key_version=row[5],
         expires_at=expires_at,
-        created_at=from_micros(row[8]),
-        updated_at=from_micros(row[9]),
-        access_count=row[10],
-        last_accessed_at=optional_datetime(row[11]),
+        created_at=from_micros(row[7]),
+        updated_at=from_micros(row[8]),
+        access_count=row[9],
+        last_accessed_at=optional_datetime(row[10]),
     )
 
 
@@ -100,7 +101,7 @@ class Queries:
         with self.ledger.reading() as cur:
             cur.execute(
                 f"SELECT {_CATALOG_COLUMNS} FROM kl_catalog WHERE tenant_id=? AND deleted=0 "
-                "AND status='active' AND expires_at > ? AND expires_at <= ? "
+                "AND disabled=0 AND expired=0 AND expires_at > ? AND expires_at <= ? "
                 "ORDER BY expires_at, name",
                 (tenant_id, to_micros(now), to_micros(now + timedelta(days=days))),
             )
@@ -139,6 +140,7 @@ class Queries:
             "timestamp>=:since": since,
             "timestamp<:until": until,
         }
+        catch_up_audit(self.ledger)
         where = [clause for clause, value in filters.items() if value is not None]
         sql = (
             "SELECT position, timestamp, tenant_id, secret_name, action, result, user_id, "

@@ -242,7 +242,7 @@ class SecretCommands:
         written: list[Secret] = []
         if status == "expired":
             error = SecretExpired(f"{where} has expired")
-            if secret.status != "expired":
+            if not secret.expired:
                 expiring = self.ledger.for_update(secret)
                 expiring.expire(who)
                 written.append(expiring)

@@ -11,11 +11,17 @@ from eventsourcing.domain import Aggregate
 from keyledger.domain.ids import ActorDict, secret_id
 
 
-def effective_status(status: str, expires_at: datetime | None, now: datetime) -> str:
-    """The status a reader sees: anything past its expiry is ``expired``."""
-    if status == "expired" or (expires_at is not None and expires_at <= now):
+def effective_status(
+    disabled: bool, expired: bool, expires_at: datetime | None, now: datetime
+) -> str:
+    """The status a reader sees: expiry (recorded or due) wins over disabled.
+
+    Disabled and expired are independent facts: renewing an expired secret never undoes
+    an operator's disable, and enabling an expired secret does not make it readable.
+    """
+    if expired or (expires_at is not None and expires_at <= now):
         return "expired"
-    return status
+    return "disabled" if disabled else "active"
 
 
 class Secret(Aggregate):
@@ -52,7 +58,8 @@ class Secret(Aggregate):
         description: str | None
         metadata: dict[str, str]
         expires_at: datetime | None
-        status: str
+        disabled: bool
+        expired: bool
         revived: bool
 
         def apply(self, aggregate: Any) -> None:
@@ -61,21 +68,19 @@ class Secret(Aggregate):
 
     class SecretDisabled(Event):
         def apply(self, aggregate: Any) -> None:
-            if aggregate.status != "expired":
-                aggregate.status = "disabled"
+            aggregate.disabled = True
             aggregate.updated_at = self.timestamp
 
     class SecretEnabled(Event):
         def apply(self, aggregate: Any) -> None:
-            if aggregate.status != "expired":
-                aggregate.status = "active"
+            aggregate.disabled = False
             aggregate.updated_at = self.timestamp
 
     class SecretExpired(Event):
         """A read found the secret past its expiry: the transition is recorded once."""
 
         def apply(self, aggregate: Any) -> None:
-            aggregate.status = "expired"
+            aggregate.expired = True
 
     class SecretReencrypted(Event):
         """The value was re-encrypted under a newer key version; the value is unchanged."""
@@ -117,7 +122,8 @@ class Secret(Aggregate):
         self.description = description
         self.metadata = metadata
         self.expires_at = expires_at
-        self.status = "active"
+        self.disabled = False
+        self.expired = False
         self.deleted = False
         self.created_at: datetime = self.created_on
         self.updated_at: datetime = self.created_on
@@ -141,13 +147,7 @@ class Secret(Aggregate):
     ) -> None:
         """Store a new value version; a deleted name is revived as a fresh secret."""
         revived = self.deleted
-        if revived:
-            status = "active"
-        elif self.status == "expired":
-            future = expires_at is None or expires_at > now
-            status = "active" if future else "expired"
-        else:
-            status = self.status
+        renewed = expires_at is None or expires_at > now
         self.trigger_event(
             self.SecretStored,
             tenant_id=self.tenant_id,
@@ -159,7 +159,8 @@ class Secret(Aggregate):
             description=description,
             metadata=metadata,
             expires_at=expires_at,
-            status=status,
+            disabled=self.disabled and not revived,
+            expired=self.expired and not revived and not renewed,
             revived=revived,
             actor=actor,
         )
@@ -175,7 +176,8 @@ class Secret(Aggregate):
         self.description = event.description
         self.metadata = event.metadata
         self.expires_at = event.expires_at
-        self.status = event.status
+        self.disabled = event.disabled
+        self.expired = event.expired
         self.updated_at = event.timestamp
 
     def disable(self, actor: ActorDict) -> None:
@@ -211,4 +213,4 @@ class Secret(Aggregate):
 
     def status_at(self, now: datetime) -> str:
         """The status a reader sees at ``now``."""
-        return effective_status(self.status, self.expires_at, now)
+        return effective_status(self.disabled, self.expired, self.expires_at, now)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import string
 import struct
 from dataclasses import dataclass
 
@@ -48,14 +49,13 @@ class EnvelopeInvalid(DecryptionFailed):
 def parse_master_key(text: str, source: str) -> bytes:
     """Decode a 64-hex-character AMK; ``source`` names where it came from (never the key)."""
     candidate = text.strip()
+    if not all(ch in string.hexdigits for ch in candidate):
+        raise InvalidMasterKey(f"{source}: not hexadecimal")
     if len(candidate) % 2:
         raise InvalidMasterKey(f"{source}: odd number of hex characters")
     if len(candidate) != 2 * KEY_BYTES:
         raise InvalidMasterKey(f"{source}: expected 64 hex characters, got {len(candidate)}")
-    try:
-        raw = bytes.fromhex(candidate)
-    except ValueError:
-        raise InvalidMasterKey(f"{source}: not hexadecimal") from None
+    raw = bytes.fromhex(candidate)
     if raw == bytes(KEY_BYTES):
         raise InvalidMasterKey(f"{source}: an all-zero key is not a key")
     return raw

@@ -28,7 +28,7 @@ from eventsourcing.utils import Environment
 
 from keyledger.errors import StorageError
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
-from keyledger.projections.projector import Projector
+from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import READ_MODEL_DDL, SEED_TRACKING, SUPPORT_DDL
 
 STATEMENT_CACHE_SIZE = 256
@@ -103,7 +103,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
 class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
-    projector = Projector()
+    projector = CatalogProjector()
+
+    @property
+    def _select_version_statement(self) -> str:
+        return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
 
     def construct_create_table_statements(self) -> list[str]:
         return [
@@ -135,17 +139,9 @@ class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
         return ids
 
     def _check_expected(self, curs: SQLiteCursor, unit: WriteUnit) -> None:
-        if not unit.expected:
-            return
-        ids = [aggregate_id.hex for aggregate_id in unit.expected]
-        curs.execute(
-            f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
-            f"WHERE originator_id IN ({','.join('?' * len(ids))}) GROUP BY originator_id",
-            ids,
-        )
-        current = {row[0]: row[1] for row in curs.fetchall()}
         for aggregate_id, version in unit.expected.items():
-            if current.get(aggregate_id.hex, 0) != version:
+            curs.execute(self._select_version_statement, (aggregate_id.hex,))
+            if (curs.fetchone()[0] or 0) != version:
                 raise StaleStateError(aggregate_id)
 
     @staticmethod

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 READ_MODEL_TABLES = ("kl_catalog", "kl_audit", "kl_keys")
-READ_MODEL_NAMES = ("catalog", "audit", "keys")
+TRACKED_READ_MODELS = ("audit",)
 
 READ_MODEL_DDL = (
     """CREATE TABLE IF NOT EXISTS kl_catalog (
         secret_id TEXT NOT NULL,
         tenant_id TEXT NOT NULL,
         name TEXT NOT NULL,
-        status TEXT NOT NULL,
+        disabled INTEGER NOT NULL,
+        expired INTEGER NOT NULL,
         deleted INTEGER NOT NULL,
         category TEXT,
         description TEXT,
@@ -68,5 +69,5 @@ SUPPORT_DDL = (
 
 SEED_TRACKING = tuple(
     f"INSERT OR IGNORE INTO kl_tracking (name, position) VALUES ('{name}', 0)"
-    for name in READ_MODEL_NAMES
+    for name in TRACKED_READ_MODELS
 )

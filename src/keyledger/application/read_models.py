@@ -1,0 +1,98 @@
+"""Keeping the read models current: audit catch-up and full rebuilds from the stream.
+
+Both replay stored events through the same projection code that runs inline, under the
+write lock (``BEGIN IMMEDIATE``) so no append interleaves, and both advance kl_tracking in
+the transaction that writes the rows: a crash leaves the old state, never a half-applied
+one, and no event is applied twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
+from keyledger.projections.catalog import CatalogProjector
+from keyledger.projections.schema import READ_MODEL_TABLES
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
+
+PAGE_SIZE = 1000
+Progress = Callable[[int], None]
+
+
+def _replay(
+    ledger: Ledger,
+    cur: Any,
+    after: int,
+    apply: Callable[[list[tuple[int, object]]], None],
+    progress: Progress | None = None,
+) -> int:
+    table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
+    replayed = 0
+    while True:
+        cur.execute(
+            "SELECT rowid, originator_id, originator_version, topic, state "
+            f"FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, PAGE_SIZE),
+        )
+        rows = cur.fetchall()
+        if not rows:
+            return replayed
+        apply(
+            [
+                (
+                    row[0],
+                    ledger.mapper.to_domain_event(
+                        StoredEvent(UUID(row[1]), row[2], row[3], row[4])
+                    ),
+                )
+                for row in rows
+            ]
+        )
+        after = rows[-1][0]
+        replayed += len(rows)
+        if progress:
+            progress(len(rows))
+
+
+def audit_position(ledger: Ledger) -> tuple[int, int]:
+    """(position the audit model reached, position of the stream head)."""
+    table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
+    with ledger.reading() as cur:
+        cur.execute("SELECT position FROM kl_tracking WHERE name=?", (AUDIT_TRACKING_NAME,))
+        row = cur.fetchone()
+        cur.execute(f"SELECT MAX(rowid) FROM {table}")
+        head = cur.fetchone()[0] or 0
+    return (row[0] if row else 0), head
+
+
+def catch_up_audit(ledger: Ledger) -> int:
+    """Project every event after the audit model's position; returns events applied."""
+    reached, head = audit_position(ledger)
+    if reached >= head:
+        return 0
+    projector = AuditProjector()
+    with ledger.writing() as cur:
+        cur.execute("SELECT position FROM kl_tracking WHERE name=?", (AUDIT_TRACKING_NAME,))
+        after = cur.fetchone()[0]
+        return _replay(ledger, cur, after, lambda items: projector.apply(cur, items))
+
+
+def rebuild_read_models(ledger: Ledger, progress: Progress | None = None) -> int:
+    """Delete every read model's rows and replay the whole stream; returns events replayed."""
+    catalog, audit = CatalogProjector(), AuditProjector()
+
+    def apply(items: list[tuple[int, object]]) -> None:
+        catalog.apply(cur, items)
+        audit.apply(cur, items)
+
+    with ledger.writing() as cur:
+        for table in READ_MODEL_TABLES:
+            cur.execute(f"DELETE FROM {table}")
+        cur.execute("UPDATE kl_tracking SET position=0")
+        return _replay(ledger, cur, 0, apply, progress)

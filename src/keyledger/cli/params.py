@@ -1,0 +1,62 @@
+"""Parameter types and option checks shared by the command groups."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import click
+
+
+class AwareDateTime(click.ParamType[datetime]):
+    """An ISO 8601 timestamp that names its offset (``Z`` or ``+02:00``); naive ones are refused."""
+
+    name = "timestamp"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        """Parse ``value``; a missing offset is a usage error (it would be ambiguous)."""
+        if isinstance(value, datetime):
+            parsed = value
+        else:
+            try:
+                parsed = datetime.fromisoformat(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not an ISO 8601 timestamp", param, ctx)
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            self.fail(
+                f"{value!r} has no timezone: add 'Z' or an offset such as '+00:00'", param, ctx
+            )
+        return parsed.astimezone(UTC)
+
+
+class KeyValue(click.ParamType[tuple[str, str]]):
+    """A ``KEY=VALUE`` pair; the value may itself contain ``=``."""
+
+    name = "key=value"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, str]:
+        """Split at the first ``=``; a missing ``=`` or an empty key is a usage error."""
+        if isinstance(value, tuple):
+            return (str(value[0]), str(value[1]))
+        key, sep, item = str(value).partition("=")
+        if not sep or not key:
+            self.fail(f"{value!r} is not KEY=VALUE", param, ctx)
+        return key, item
+
+
+def metadata_from_pairs(pairs: tuple[tuple[str, str], ...]) -> dict[str, str] | None:
+    """``--metadata`` pairs as a dict; None (keep the old metadata) when none were given."""
+    if not pairs:
+        return None
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise click.UsageError(f"--metadata key given twice: {', '.join(duplicates)}")
+    return dict(pairs)
+
+
+AWARE_DATETIME = AwareDateTime()
+KEY_VALUE = KeyValue()

@@ -1,0 +1,84 @@
+"""Output: human tables by default, JSON with ``--json``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import click
+from pydantic import BaseModel
+
+from keyledger.cli.root import CliContext
+from keyledger.models import Secret
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _enable_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    obj = ctx.find_object(CliContext)
+    if value and obj is not None:
+        obj.json_output = True
+
+
+def json_option(command: F) -> F:
+    """``--json`` on a command, the same as ``keyledger --json``."""
+    return click.option(
+        "--json",
+        "json_output",
+        is_flag=True,
+        expose_value=False,
+        callback=_enable_json,
+        help="Machine-readable JSON output.",
+    )(command)
+
+
+def to_data(model: BaseModel) -> dict[str, Any]:
+    """A result model as JSON-ready data."""
+    return model.model_dump(mode="json")
+
+
+def secret_data(secret: Secret) -> dict[str, Any]:
+    """A retrieved secret as JSON data; bytes values are base64 with ``value_encoding``."""
+    data = secret.model_dump(mode="json", exclude={"value"})
+    if isinstance(secret.value, bytes):
+        data["value"] = base64.b64encode(secret.value).decode("ascii")
+        data["value_encoding"] = "base64"
+    else:
+        data["value"] = secret.value
+        data["value_encoding"] = "utf-8"
+    return data
+
+
+def emit_json(data: object) -> None:
+    """Write ``data`` as indented JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def timestamp(value: datetime | None) -> str:
+    """A UTC timestamp to the second, or ``-``."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def text(value: object) -> str:
+    """A table cell: ``-`` for nothing."""
+    return "-" if value is None or value == "" else str(value)
+
+
+def emit_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns separated by two spaces, headers first."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in (headers, *rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def is_terminal(stream: Literal["stdin", "stdout", "stderr"]) -> bool:
+    """True when a person, not a pipe or file, is on ``stream``."""
+    return bool(getattr(sys, stream).isatty())

@@ -1,0 +1,113 @@
+"""The root group: global options, the shared context object and the lazily opened service."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TypedDict
+
+import click
+from pydantic import ValidationError
+
+from keyledger._version import __version__
+from keyledger.cli.errors import KeyledgerGroup, configuration_error
+from keyledger.context import TenantScope, tenant
+from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.service import SecretService
+
+USER_AGENT = f"keyledger-cli/{__version__}"
+
+
+class ActorFields(TypedDict):
+    """The actor keywords of the ``*_for_tenant`` calls."""
+
+    user_id: str | None
+    ip_address: str | None
+    user_agent: str | None
+
+
+class CliContext:
+    """Global options, built once per run; the service opens on first use, closes at exit."""
+
+    def __init__(
+        self, database_url: str | None, json_output: bool, user: str | None, ip: str | None
+    ) -> None:
+        self.database_url = database_url
+        self.json_output = json_output
+        self.user = user
+        self.ip = ip
+        self._service: SecretService | None = None
+
+    def __repr__(self) -> str:
+        return f"CliContext(json_output={self.json_output!r}, user={self.user!r})"
+
+    @property
+    def service(self) -> SecretService:
+        """The service, opened now if this is its first use."""
+        if self._service is None:
+            try:
+                settings = KeyledgerSettings()
+            except ValidationError as error:
+                raise configuration_error(error) from None
+            self._service = SecretService.create(self.database_url, settings=settings)
+        return self._service
+
+    @property
+    def actor(self) -> ActorFields:
+        """Who the audit stream records for this run."""
+        return ActorFields(user_id=self.user, ip_address=self.ip, user_agent=USER_AGENT)
+
+    def scope(self, tenant_id: str) -> AbstractContextManager[TenantScope]:
+        """A ``tenant(...)`` block for ``tenant_id`` with this run's actor."""
+        return tenant(tenant_id, **self.actor)
+
+    def close(self) -> None:
+        """Close the service if it was opened."""
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+@click.group(
+    "keyledger", cls=KeyledgerGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--database",
+    "database_url",
+    envvar="KEYLEDGER_DATABASE_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="memory:, sqlite:///relative.db or sqlite:////absolute.db [default: sqlite:///keyledger.db]",
+)
+@click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")
+@click.option(
+    "--user",
+    envvar="KEYLEDGER_CLI_USER",
+    show_envvar=True,
+    help="User id recorded as the actor in the audit stream [default: system].",
+)
+@click.option(
+    "--ip",
+    envvar="KEYLEDGER_CLI_IP",
+    show_envvar=True,
+    help="IP address recorded with the actor in the audit stream.",
+)
+@click.version_option(__version__, prog_name="keyledger")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    database_url: str | None,
+    json_output: bool,
+    user: str | None,
+    ip: str | None,
+) -> None:
+    """keyledger: per-tenant secrets with envelope encryption and an audit stream.
+
+    The master key comes from KEYLEDGER_MASTER_KEY (or KEYLEDGER_MASTER_KEY_FILE), never from
+    the command line. Secret values are read from stdin or a hidden prompt.
+    """
+    obj = CliContext(database_url, json_output, user, ip)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)

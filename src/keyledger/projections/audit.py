@@ -1,0 +1,57 @@
+"""The audit read model: one row per audited event, keyed by stream position.
+
+It is not written inline: it catches up from the stream before every audit query (and in
+bulk after many writes), so the hot read path appends one event and touches two tables
+instead of five. Catching up runs under the write lock and advances kl_tracking in the
+same transaction, so no event is applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from keyledger.projections.audit_mapping import audit_facts
+from keyledger.projections.projector import Cursor
+from keyledger.projections.timeutil import to_micros
+
+AUDIT_TRACKING_NAME = "audit"
+
+
+class AuditProjector:
+    """Projects events into kl_audit and records the position reached in kl_tracking."""
+
+    def apply(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
+        last = None
+        for position, event in items:
+            self.apply_one(cur, position, event)
+            last = position
+        if last is not None:
+            cur.execute(
+                "UPDATE kl_tracking SET position=? WHERE name=?", (last, AUDIT_TRACKING_NAME)
+            )
+
+    @staticmethod
+    def apply_one(cur: Cursor, position: int, event: object) -> None:
+        facts = audit_facts(event)
+        if facts is None:
+            return
+        actor = facts.actor
+        cur.execute(
+            "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, "
+            "result, user_id, ip_address, user_agent, key_version, details) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                position,
+                to_micros(event.timestamp),  # type: ignore[attr-defined]
+                facts.tenant_id,
+                facts.secret_name,
+                facts.action,
+                facts.result,
+                actor.get("user_id") or "system",
+                actor.get("ip_address"),
+                actor.get("user_agent"),
+                facts.key_version,
+                json.dumps(facts.details, sort_keys=True, separators=(",", ":")),
+            ),
+        )

@@ -1,0 +1,156 @@
+"""The inline read models: the catalog of secrets and the key inventory.
+
+They are applied in the transaction that appends the events, so every caller reads its own
+writes and access counts are exact across processes; a rebuild replays the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from keyledger.domain.access import AuditRecord
+from keyledger.domain.keyring import TenantKeyring
+from keyledger.domain.secret import Secret
+from keyledger.projections.projector import Cursor, Outcome
+from keyledger.projections.timeutil import optional_micros, to_micros
+
+_CATALOG_UPSERT_FIELDS = (
+    "disabled=?, expired=?, deleted=0, category=?, description=?, metadata=?, version=?, "
+    "key_version=?, expires_at=?, updated_at=?"
+)
+
+
+def _metadata(value: dict[str, str]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class CatalogProjector:
+    """Projects events into kl_catalog and kl_keys."""
+
+    def apply(
+        self, cur: Cursor, items: Iterable[tuple[int, object]], outcome: Outcome | None = None
+    ) -> None:
+        outcome = outcome or Outcome()
+        for _, event in items:
+            handler = getattr(self, "_on_" + type(event).__name__, None)
+            if handler is not None:
+                handler(cur, event, outcome)
+
+    # -- catalog ------------------------------------------------------------------------
+
+    def _on_SecretCreated(self, cur: Cursor, e: Secret.SecretCreated, outcome: Outcome) -> None:  # noqa: N802
+        ts = to_micros(e.timestamp)
+        outcome.access_count, outcome.last_accessed_at = 0, None
+        cur.execute(
+            "INSERT INTO kl_catalog (secret_id, tenant_id, name, disabled, expired, deleted, "
+            "category, description, metadata, version, key_version, expires_at, created_at, "
+            "updated_at, access_count, last_accessed_at) "
+            "VALUES (?,?,?,0,0,0,?,?,?,1,?,?,?,?,0,NULL)",
+            (
+                e.originator_id.hex,
+                e.tenant_id,
+                e.name,
+                e.category,
+                e.description,
+                _metadata(e.metadata),
+                e.key_version,
+                optional_micros(e.expires_at),
+                ts,
+                ts,
+            ),
+        )
+
+    def _on_SecretStored(self, cur: Cursor, e: Secret.SecretStored, outcome: Outcome) -> None:  # noqa: N802
+        ts = to_micros(e.timestamp)
+        fresh = ", created_at=?, access_count=0, last_accessed_at=NULL" if e.revived else ""
+        params: tuple[Any, ...] = (
+            e.disabled,
+            e.expired,
+            e.category,
+            e.description,
+            _metadata(e.metadata),
+            e.value_version,
+            e.key_version,
+            optional_micros(e.expires_at),
+            ts,
+        )
+        if e.revived:
+            params += (ts,)
+        cur.execute(
+            f"UPDATE kl_catalog SET {_CATALOG_UPSERT_FIELDS}{fresh} WHERE tenant_id=? AND name=? "
+            "RETURNING access_count, last_accessed_at",
+            (*params, e.tenant_id, e.name),
+        )
+        self._remember_access(cur, outcome)
+
+    def _set_disabled(self, cur: Cursor, e: Secret.Event, disabled: bool) -> None:
+        cur.execute(
+            "UPDATE kl_catalog SET disabled=?, updated_at=? WHERE tenant_id=? AND name=?",
+            (disabled, to_micros(e.timestamp), e.tenant_id, e.name),
+        )
+
+    def _on_SecretDisabled(self, cur: Cursor, e: Secret.SecretDisabled, _: Outcome) -> None:  # noqa: N802
+        self._set_disabled(cur, e, True)
+
+    def _on_SecretEnabled(self, cur: Cursor, e: Secret.SecretEnabled, _: Outcome) -> None:  # noqa: N802
+        self._set_disabled(cur, e, False)
+
+    def _on_SecretExpired(self, cur: Cursor, e: Secret.SecretExpired, _: Outcome) -> None:  # noqa: N802
+        cur.execute(
+            "UPDATE kl_catalog SET expired=1 WHERE tenant_id=? AND name=?",
+            (e.tenant_id, e.name),
+        )
+
+    def _on_SecretReencrypted(  # noqa: N802
+        self, cur: Cursor, e: Secret.SecretReencrypted, _: Outcome
+    ) -> None:
+        cur.execute(
+            "UPDATE kl_catalog SET key_version=? WHERE tenant_id=? AND name=?",
+            (e.key_version, e.tenant_id, e.name),
+        )
+
+    def _on_SecretDeleted(self, cur: Cursor, e: Secret.SecretDeleted, _: Outcome) -> None:  # noqa: N802
+        cur.execute(
+            "UPDATE kl_catalog SET deleted=1, updated_at=? WHERE tenant_id=? AND name=?",
+            (to_micros(e.timestamp), e.tenant_id, e.name),
+        )
+
+    def _on_SecretRead(self, cur: Cursor, e: AuditRecord.SecretRead, outcome: Outcome) -> None:  # noqa: N802
+        cur.execute(
+            "UPDATE kl_catalog SET access_count=access_count+1, last_accessed_at=? "
+            "WHERE tenant_id=? AND name=? RETURNING access_count, last_accessed_at",
+            (to_micros(e.timestamp), e.tenant_id, e.secret_name),
+        )
+        self._remember_access(cur, outcome)
+
+    @staticmethod
+    def _remember_access(cur: Cursor, outcome: Outcome) -> None:
+        row = cur.fetchone()
+        if row is not None:
+            outcome.access_count, outcome.last_accessed_at = int(row[0]), row[1]
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def _on_TenantKeyCreated(  # noqa: N802
+        self, cur: Cursor, e: TenantKeyring.TenantKeyCreated, _: Outcome
+    ) -> None:
+        cur.execute(
+            "INSERT INTO kl_keys (tenant_id, version, key_id, amk_id, status, created_at, "
+            "retired_at) VALUES (?,1,?,?,'active',?,NULL)",
+            (e.tenant_id, e.key_id, e.amk_id, to_micros(e.timestamp)),
+        )
+
+    def _on_KeyRotated(self, cur: Cursor, e: TenantKeyring.KeyRotated, _: Outcome) -> None:  # noqa: N802
+        ts = to_micros(e.timestamp)
+        if e.retired_version is not None:
+            cur.execute(
+                "UPDATE kl_keys SET status='retired', retired_at=? WHERE tenant_id=? AND version=?",
+                (ts, e.tenant_id, e.retired_version),
+            )
+        cur.execute(
+            "INSERT INTO kl_keys (tenant_id, version, key_id, amk_id, status, created_at, "
+            "retired_at) VALUES (?,?,?,?,'active',?,NULL)",
+            (e.tenant_id, e.version, e.key_id, e.amk_id, ts),
+        )

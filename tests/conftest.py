@@ -1,0 +1,114 @@
+"""Shared fixtures: a fresh master key and a service on every storage backend.
+
+Adding a backend is one entry in ``_STORES``: a function from the test's tmp_path and a
+store name to a database URL, whether two services opened on that URL share one store, and
+the marks its tests carry (e.g. ``pytest.mark.postgres`` for a backend that needs a server).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keyledger import SecretService
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+
+@dataclass(frozen=True)
+class Store:
+    """How a test reaches one storage backend."""
+
+    url: Callable[[Path, str], str]  # (tmp_path, store name) -> database URL
+    shared: bool  # True when a second service on the same URL sees the same data
+    marks: tuple[pytest.MarkDecorator, ...] = ()
+
+
+_STORES: dict[str, Store] = {
+    "memory": Store(url=lambda tmp, name: "memory:", shared=False),
+    "sqlite": Store(url=lambda tmp, name: f"sqlite:///{tmp}/{name}.db", shared=True),
+}
+
+BACKENDS = [pytest.param(name, id=name, marks=store.marks) for name, store in _STORES.items()]
+
+_ENVIRONMENT = (
+    "KEYLEDGER_MASTER_KEY",
+    "SMRT_SECRET_MASTER_KEY",
+    "KEYLEDGER_MASTER_KEY_FILE",
+    "KEYLEDGER_PREVIOUS_MASTER_KEYS",
+    "KEYLEDGER_DATABASE_URL",
+    "KEYLEDGER_MAX_VALUE_BYTES",
+)
+
+_TEST_KEY = object()  # sentinel: "the test's master_key"
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test picks up a master key or database from the developer's shell."""
+    for name in _ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def master_key() -> str:
+    """A random 256-bit application master key, as 64 hex characters."""
+    return secrets.token_hex(32)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The name of the storage backend under test."""
+    return str(request.param)
+
+
+MakeService = Callable[..., SecretService]
+
+
+@pytest.fixture
+def make_service(backend: str, tmp_path: Path, master_key: str) -> Iterator[MakeService]:
+    """Open services on the test's store; every one is closed after the test.
+
+    ``make_service()`` opens (another) service on the test's store with the test's master
+    key. ``master_key=None`` opens one without any master key; ``settings=`` passes
+    KeyledgerSettings; ``fresh_store=True`` opens a separate, empty store. Asking for a
+    second service on the same store skips the test on backends whose stores are private
+    to one service (memory).
+    """
+    store = _STORES[backend]
+    test_master_key = master_key
+    opened: list[SecretService] = []
+    state = {"main_store_open": False, "fresh": 0}
+
+    def make(
+        *,
+        master_key: object = _TEST_KEY,
+        settings: KeyledgerSettings | None = None,
+        fresh_store: bool = False,
+    ) -> SecretService:
+        key = test_master_key if master_key is _TEST_KEY else master_key
+        assert key is None or isinstance(key, str)
+        if fresh_store:
+            state["fresh"] += 1
+            url = store.url(tmp_path, f"fresh-{state['fresh']}")
+        else:
+            if state["main_store_open"] and not store.shared:
+                pytest.skip(f"{backend}: a store is private to the service that opened it")
+            state["main_store_open"] = True
+            url = store.url(tmp_path, "k")
+        service = SecretService.create(url, master_key=key, settings=settings)
+        opened.append(service)
+        return service
+
+    yield make
+    for service in reversed(opened):
+        service.close()
+
+
+@pytest.fixture
+def service(make_service: MakeService) -> SecretService:
+    """A service with the test's master key on a fresh store of each backend."""
+    return make_service()

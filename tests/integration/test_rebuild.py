@@ -1,0 +1,163 @@
+"""Read models rebuilt from the stream answer exactly as before (SPEC section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from keyledger import (
+    SecretDisabled,
+    SecretExpired,
+    SecretNotFound,
+    SecretService,
+    super_admin,
+    tenant,
+)
+
+MakeService = Callable[..., SecretService]
+NOW = datetime.now(UTC)
+TENANTS = ("acme", "globex")
+
+
+def varied_scenario(service: SecretService) -> None:
+    """Every kind of event issue 2 produces, over two tenants sharing secret names."""
+    with tenant("acme", user_id="alice", ip_address="203.0.113.7", user_agent="cli/1"):
+        service.store("db", "p1", category="db", description="d", metadata={"env": "prod"})
+        service.store("db", b"p2")
+        service.store("api", "k", category="api", expires_at=NOW + timedelta(days=10))
+        service.store("old", "o", expires_at=NOW - timedelta(days=1))
+        service.store("off", "x", category="api")
+        for _ in range(3):
+            service.retrieve("db")
+        service.retrieve("api")
+        service.disable("off")
+        with pytest.raises(SecretDisabled):
+            service.retrieve("off")
+        for _ in range(2):
+            with pytest.raises(SecretExpired):
+                service.retrieve("old")
+        with pytest.raises(SecretNotFound):
+            service.retrieve("missing")
+        service.enable("missing")
+        service.store("gone", "g")
+        service.retrieve("gone")
+        service.delete("gone")
+        service.rotate_key()
+        service.reencrypt_all()
+        service.store("gone", "g2", category="", metadata={})
+        service.rotate_key()
+        service.store("db", "p3", clear_expiry=True)
+    with tenant("globex", user_id="bob"):
+        service.rotate_key()
+        service.store("db", "other-tenant")
+        service.retrieve("db")
+        service.disable("db")
+        service.enable("db")
+
+
+def answers(service: SecretService) -> dict[str, Any]:
+    """Every read-model answer the public API gives, for every tenant."""
+    out: dict[str, Any] = {}
+    with super_admin():
+        out["audit"] = service.get_audit_logs(limit=1000)
+        out["keys"] = service.list_keys()
+        for tenant_id in TENANTS:
+            out[f"audit:{tenant_id}"] = service.get_audit_logs(tenant_id=tenant_id, limit=1000)
+    for tenant_id in TENANTS:
+        with tenant(tenant_id):
+            out[f"{tenant_id}:all"] = service.list(status=None, include_expired=True)
+            out[f"{tenant_id}:active"] = service.list()
+            out[f"{tenant_id}:disabled"] = service.list(status="disabled")
+            out[f"{tenant_id}:expired"] = service.list(status="expired")
+            out[f"{tenant_id}:keys"] = service.list_keys()
+            out[f"{tenant_id}:categories"] = service.categories()
+            out[f"{tenant_id}:expiring"] = service.list_expiring(days=30)
+            names = ("db", "api", "old", "off", "gone", "missing")
+            out[f"{tenant_id}:exists"] = {name: service.exists(name) for name in names}
+    return out
+
+
+def access_counts(service: SecretService, tenant_id: str) -> dict[str, int]:
+    infos = service.list_for_tenant(tenant_id, status=None, include_expired=True)
+    return {info.name: info.access_count for info in infos}
+
+
+def test_the_scenario_itself_leaves_the_expected_state(service: SecretService) -> None:
+    varied_scenario(service)
+
+    assert access_counts(service, "acme") == {"api": 1, "db": 3, "off": 0, "old": 0, "gone": 0}
+    assert access_counts(service, "globex") == {"db": 1}
+
+
+def test_rebuilding_the_read_models_gives_identical_answers(service: SecretService) -> None:
+    varied_scenario(service)
+    before = answers(service)
+
+    replayed = service.rebuild_read_models()
+
+    assert replayed >= len(before["audit"])
+    assert answers(service) == before
+
+
+def test_rebuilding_twice_gives_identical_answers(service: SecretService) -> None:
+    varied_scenario(service)
+    service.rebuild_read_models()
+    once = answers(service)
+
+    service.rebuild_read_models()
+
+    assert answers(service) == once
+
+
+def test_rebuilding_an_empty_store_gives_empty_answers(service: SecretService) -> None:
+    before = answers(service)
+
+    service.rebuild_read_models()
+
+    assert answers(service) == before
+    assert before["audit"] == []
+
+
+def test_work_after_a_rebuild_continues_from_the_rebuilt_state(service: SecretService) -> None:
+    varied_scenario(service)
+    last_position = answers(service)["audit"][0].position
+    service.rebuild_read_models()
+
+    with tenant("acme"):
+        secret = service.retrieve("db")
+        service.store("new", "n")
+        new_key = service.rotate_key()
+        audit = service.get_audit_logs(limit=3)
+
+    assert secret.access_count == 4
+    assert secret.value == "p3"
+    assert new_key.version == 4
+    assert all(entry.position > last_position for entry in audit)
+    assert access_counts(service, "acme")["db"] == 4
+
+
+def test_values_stay_readable_after_a_rebuild(service: SecretService) -> None:
+    varied_scenario(service)
+
+    service.rebuild_read_models()
+
+    assert service.retrieve_for_tenant("acme", "db").value == "p3"
+    assert service.retrieve_for_tenant("acme", "gone").value == "g2"
+    assert service.retrieve_for_tenant("globex", "db").value == "other-tenant"
+
+
+def test_a_service_reopened_on_the_store_gives_identical_answers(
+    make_service: MakeService,
+) -> None:
+    first = make_service()
+    varied_scenario(first)
+    before = answers(first)
+
+    reopened = make_service()
+
+    assert answers(reopened) == before
+    reopened.rebuild_read_models()
+    assert answers(first) == before

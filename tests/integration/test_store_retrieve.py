@@ -1,0 +1,288 @@
+"""store and retrieve: values, options, versions, access counts (SPEC section 3)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+
+import pydantic
+import pytest
+
+from keyledger import Secret, SecretInfo, SecretNotFound, SecretService, tenant
+
+NEXT_YEAR = datetime.now(UTC) + timedelta(days=365)
+LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
+
+
+@pytest.fixture
+def acme(service: SecretService):
+    with tenant("acme", user_id="alice"):
+        yield service
+
+
+def test_stored_secret_is_retrieved_with_its_value_and_options(acme: SecretService) -> None:
+    acme.store(
+        "stripe-api-key",
+        "sk_live_xxx",
+        category="api-keys",
+        description="Stripe production key",
+        expires_at=NEXT_YEAR,
+        metadata={"owner": "billing"},
+    )
+
+    secret = acme.retrieve("stripe-api-key")
+
+    assert isinstance(secret, Secret)
+    assert secret.name == "stripe-api-key"
+    assert secret.value == "sk_live_xxx"
+    assert secret.category == "api-keys"
+    assert secret.description == "Stripe production key"
+    assert secret.metadata == {"owner": "billing"}
+    assert secret.expires_at == NEXT_YEAR
+    assert secret.status == "active"
+    assert secret.version == 1
+    assert secret.key_version == 1
+
+
+def test_store_returns_info_about_the_secret_but_never_its_value(acme: SecretService) -> None:
+    info = acme.store("db-password", "hunter2", category="db", metadata={"env": "prod"})
+
+    assert isinstance(info, SecretInfo)
+    assert not isinstance(info, Secret)
+    assert "hunter2" not in repr(info)
+    assert not hasattr(info, "value")
+    assert (info.name, info.category, info.metadata) == ("db-password", "db", {"env": "prod"})
+    assert (info.status, info.version, info.key_version) == ("active", 1, 1)
+    assert info.access_count == 0
+    assert info.last_accessed_at is None
+    assert info.created_at == info.updated_at
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "plain ascii", "ünïcödé ✓ 秘密", "x" * 65536],
+    ids=["empty", "ascii", "unicode", "at-size-limit"],
+)
+def test_a_str_value_comes_back_as_the_same_str(acme: SecretService, value: str) -> None:
+    acme.store("token", value)
+
+    returned = acme.retrieve("token").value
+
+    assert isinstance(returned, str)
+    assert returned == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"\x00\xff\x00binary", bytes(range(256)), b"x" * 65536],
+    ids=["empty", "nul-bytes", "all-bytes", "at-size-limit"],
+)
+def test_a_bytes_value_comes_back_as_the_same_bytes(acme: SecretService, value: bytes) -> None:
+    acme.store("blob", value)
+
+    returned = acme.retrieve("blob").value
+
+    assert isinstance(returned, bytes)
+    assert returned == value
+
+
+def test_storing_an_existing_name_creates_a_new_version_with_the_new_value(
+    acme: SecretService,
+) -> None:
+    first = acme.store("token", "one")
+    second = acme.store("token", b"two")
+
+    secret = acme.retrieve("token")
+
+    assert (first.version, second.version, secret.version) == (1, 2, 2)
+    assert secret.value == b"two"
+    assert secret.created_at == first.created_at
+    assert secret.updated_at > first.updated_at
+
+
+def test_options_left_out_on_update_keep_their_old_values(acme: SecretService) -> None:
+    acme.store(
+        "token",
+        "one",
+        category="api-keys",
+        description="the token",
+        expires_at=NEXT_YEAR,
+        metadata={"owner": "billing"},
+    )
+
+    info = acme.store("token", "two")
+
+    assert info.category == "api-keys"
+    assert info.description == "the token"
+    assert info.expires_at == NEXT_YEAR
+    assert info.metadata == {"owner": "billing"}
+
+
+def test_options_given_on_update_replace_the_old_ones(acme: SecretService) -> None:
+    acme.store("token", "one", category="a", description="d1", metadata={"k": "1", "old": "x"})
+    later = NEXT_YEAR + timedelta(days=1)
+
+    acme.store(
+        "token", "two", category="b", description="d2", expires_at=later, metadata={"k": "2"}
+    )
+
+    secret = acme.retrieve("token")
+    assert (secret.category, secret.description) == ("b", "d2")
+    assert secret.metadata == {"k": "2"}
+    assert secret.expires_at == later
+
+
+def test_an_empty_string_clears_category_and_description(acme: SecretService) -> None:
+    acme.store("token", "one", category="api-keys", description="the token")
+
+    info = acme.store("token", "two", category="", description="")
+
+    assert info.category is None
+    assert info.description is None
+    assert acme.retrieve("token").category is None
+    assert acme.categories() == []
+
+
+def test_empty_metadata_clears_the_metadata(acme: SecretService) -> None:
+    acme.store("token", "one", metadata={"owner": "billing"})
+
+    acme.store("token", "two", metadata={})
+
+    assert acme.retrieve("token").metadata == {}
+
+
+def test_clear_expiry_removes_the_expiry(acme: SecretService) -> None:
+    acme.store("token", "one", expires_at=NEXT_YEAR)
+
+    info = acme.store("token", "two", clear_expiry=True)
+
+    assert info.expires_at is None
+    assert acme.retrieve("token").expires_at is None
+
+
+def test_an_expiry_in_another_timezone_is_returned_as_the_same_instant_in_utc(
+    acme: SecretService,
+) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    expires = datetime(2099, 1, 1, 12, 0, tzinfo=plus_two)
+
+    acme.store("token", "v", expires_at=expires)
+
+    returned = acme.retrieve("token").expires_at
+    assert returned == expires
+    assert returned is not None
+    assert returned.utcoffset() == timedelta(0)
+
+
+def test_all_returned_datetimes_are_timezone_aware_utc(acme: SecretService) -> None:
+    acme.store("token", "v", expires_at=NEXT_YEAR)
+
+    secret = acme.retrieve("token")
+
+    for moment in (secret.created_at, secret.updated_at, secret.expires_at):
+        assert moment is not None
+        assert moment.utcoffset() == timedelta(0)
+    assert secret.last_accessed_at is not None
+    assert secret.last_accessed_at.utcoffset() == timedelta(0)
+
+
+def test_retrieving_an_unknown_name_raises_secret_not_found(acme: SecretService) -> None:
+    with pytest.raises(SecretNotFound, match="nope"):
+        acme.retrieve("nope")
+
+
+def test_secret_not_found_is_also_a_lookup_error(acme: SecretService) -> None:
+    with pytest.raises(LookupError):
+        acme.retrieve("nope")
+
+
+def test_access_count_includes_this_read_and_every_earlier_one(acme: SecretService) -> None:
+    acme.store("token", "v")
+
+    counts = [acme.retrieve("token").access_count for _ in range(3)]
+
+    assert counts == [1, 2, 3]
+    assert acme.list()[0].access_count == 3
+
+
+def test_last_accessed_at_is_the_time_of_the_latest_read(acme: SecretService) -> None:
+    acme.store("token", "v")
+    before = datetime.now(UTC)
+
+    first = acme.retrieve("token")
+    second = acme.retrieve("token")
+
+    assert first.last_accessed_at is not None
+    assert second.last_accessed_at is not None
+    assert before <= first.last_accessed_at <= second.last_accessed_at <= datetime.now(UTC)
+    assert acme.list()[0].last_accessed_at == second.last_accessed_at
+
+
+def test_an_update_keeps_the_access_count(acme: SecretService) -> None:
+    acme.store("token", "one")
+    acme.retrieve("token")
+    acme.retrieve("token")
+
+    info = acme.store("token", "two")
+
+    assert info.access_count == 2
+    assert acme.retrieve("token").access_count == 3
+
+
+def test_the_value_is_masked_in_repr_and_str(acme: SecretService) -> None:
+    acme.store("token", "sk_live_very_secret")
+
+    secret = acme.retrieve("token")
+
+    assert "sk_live_very_secret" not in repr(secret)
+    assert "sk_live_very_secret" not in str(secret)
+
+
+def test_returned_models_are_frozen(acme: SecretService) -> None:
+    info = acme.store("token", "v")
+    secret = acme.retrieve("token")
+
+    with pytest.raises(pydantic.ValidationError):
+        info.name = "other"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        secret.value = "changed"  # type: ignore[misc]
+
+
+def test_an_expiry_in_the_past_is_accepted_and_the_secret_reads_as_expired(
+    acme: SecretService,
+) -> None:
+    info = acme.store("token", "v", expires_at=LAST_YEAR)
+
+    assert info.status == "expired"
+    assert info.expires_at == LAST_YEAR
+    assert acme.exists("token")
+
+
+def test_secrets_with_equal_values_stay_independent(
+    acme: SecretService,
+) -> None:
+    acme.store("a", "same")
+    acme.store("b", "same")
+    acme.store("a", "same")
+
+    assert acme.retrieve("a").value == "same"
+    assert acme.retrieve("b").value == "same"
+    assert acme.retrieve("a").version == 2
+
+
+def test_concurrent_reads_from_threads_lose_no_count_and_no_audit_entry(
+    service: SecretService,
+) -> None:
+    service.store_for_tenant("acme", "token", "v")
+
+    def read_many(_: int) -> list[int]:
+        with tenant("acme"):
+            return [service.retrieve("token").access_count for _ in range(25)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        counts = [count for batch in pool.map(read_many, range(4)) for count in batch]
+
+    assert max(counts) == 100
+    assert service.list_for_tenant("acme")[0].access_count == 100
+    with tenant("acme"):
+        assert len(service.get_audit_logs(action="read", result="success", limit=1000)) == 100

@@ -1,0 +1,400 @@
+"""Where the master key comes from: environment, file, previous keys, missing or wrong keys."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from keyledger import (
+    DecryptionFailed,
+    InvalidMasterKey,
+    MasterKeyUnavailable,
+    SecretNotFound,
+    SecretService,
+    tenant,
+)
+from keyledger.infrastructure.crypto import MasterKey
+
+TENANT = "tenant-config"
+NAME = "db-password"
+VALUE = "config-test-value-71c2e8d4"
+
+KEY_A = secrets.token_hex(32)
+KEY_B = secrets.token_hex(32)
+KEY_C = secrets.token_hex(32)
+
+
+def amk_id(hex_text: str) -> str:
+    return MasterKey(bytes.fromhex(hex_text)).amk_id
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KEYLEDGER_* or SMRT_* variable of the outer environment can leak into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith(("KEYLEDGER_", "SMRT_")):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'keyledger.db'}"
+
+
+def store_with_key(db_url: str, hex_key: str, name: str = NAME, value: str = VALUE) -> None:
+    with SecretService.create(db_url, master_key=hex_key) as service, tenant(TENANT):
+        service.store(name, value)
+
+
+def roundtrip(service: SecretService, value: str = VALUE) -> str | bytes:
+    with tenant(TENANT):
+        service.store(NAME, value)
+        return service.retrieve(NAME).value
+
+
+def active_amk_ids(service: SecretService) -> list[str]:
+    with tenant(TENANT):
+        return [key.amk_id for key in service.list_keys()]
+
+
+# -- where the current key comes from ------------------------------------------------------
+
+
+def test_the_master_key_is_read_from_keyledger_master_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    with SecretService.create("memory:") as service:
+        assert roundtrip(service) == VALUE
+        assert active_amk_ids(service) == [amk_id(KEY_A)]
+
+
+def test_an_uppercase_master_key_in_the_environment_is_the_same_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A.upper())
+    with SecretService.create("memory:") as service:
+        assert roundtrip(service) == VALUE
+        assert active_amk_ids(service) == [amk_id(KEY_A)]
+
+
+def test_smrt_secret_master_key_is_accepted_as_a_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMRT_SECRET_MASTER_KEY", KEY_B)
+    with SecretService.create("memory:") as service:
+        assert roundtrip(service) == VALUE
+        assert active_amk_ids(service) == [amk_id(KEY_B)]
+
+
+def test_keyledger_master_key_wins_over_the_smrt_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv("SMRT_SECRET_MASTER_KEY", KEY_B)
+    with SecretService.create("memory:") as service:
+        roundtrip(service)
+        assert active_amk_ids(service) == [amk_id(KEY_A)]
+
+
+def test_the_master_key_is_read_from_keyledger_master_key_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "amk.hex"
+    key_file.write_text(KEY_C + "\n", encoding="ascii")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(key_file))
+    with SecretService.create("memory:") as service:
+        assert roundtrip(service) == VALUE
+        assert active_amk_ids(service) == [amk_id(KEY_C)]
+
+
+def test_an_explicit_master_key_argument_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    with SecretService.create("memory:", master_key=KEY_B) as service:
+        roundtrip(service)
+        assert active_amk_ids(service) == [amk_id(KEY_B)]
+
+
+def test_the_database_url_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, db_url: str, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", db_url)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    with SecretService.create() as service:
+        roundtrip(service)
+    assert (tmp_path / "keyledger.db").exists()
+
+
+# -- previous keys -------------------------------------------------------------------------
+
+
+def test_a_secret_stored_under_an_old_key_is_readable_with_the_old_key_in_previous_keys(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    store_with_key(db_url, KEY_A)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_B)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        assert service.retrieve(NAME).value == VALUE
+        # The key version stays wrapped by A: previous keys unwrap, nothing is rewrapped.
+        assert [key.amk_id for key in service.list_keys()] == [amk_id(KEY_A)]
+
+
+def test_previous_keys_accept_a_comma_separated_list_with_spaces(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    store_with_key(db_url, KEY_A)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_B)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f" {KEY_C} , {KEY_A.upper()} ,")
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        assert service.retrieve(NAME).value == VALUE
+
+
+def test_previous_keys_given_as_an_argument_unwrap_old_key_versions(db_url: str) -> None:
+    store_with_key(db_url, KEY_A)
+    with (
+        SecretService.create(db_url, master_key=KEY_B, previous_master_keys=[KEY_A]) as service,
+        tenant(TENANT),
+    ):
+        assert service.retrieve(NAME).value == VALUE
+
+
+def test_after_a_master_key_change_stores_and_rotation_keep_working(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    store_with_key(db_url, KEY_A)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_B)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        service.store("second", "second-value")
+        assert service.retrieve("second").value == "second-value"
+        rotated = service.rotate_key()
+        assert rotated.amk_id == amk_id(KEY_B)
+        service.store("third", "third-value")
+        assert service.retrieve("third").value == "third-value"
+        assert service.retrieve(NAME).value == VALUE
+    # Without A, only what is under B's version stays readable.
+    monkeypatch.delenv("KEYLEDGER_PREVIOUS_MASTER_KEYS")
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        assert service.retrieve("third").value == "third-value"
+        with pytest.raises(DecryptionFailed):
+            service.retrieve(NAME)
+
+
+def test_an_old_key_without_previous_keys_cannot_read_after_a_master_key_change(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    store_with_key(db_url, KEY_A)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_B)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        with pytest.raises(DecryptionFailed) as caught:
+            service.retrieve(NAME)
+        assert amk_id(KEY_A) in str(caught.value)
+        assert VALUE not in str(caught.value)
+
+
+# -- malformed keys fail at creation -------------------------------------------------------
+
+MALFORMED = {
+    "short": KEY_A[:62],
+    "long": KEY_A + "ab",
+    "odd": KEY_A[:63],
+    "non-hex": KEY_A[:62] + "zz",
+    "all-zero": "0" * 64,
+}
+
+
+@pytest.mark.parametrize("variable", ["KEYLEDGER_MASTER_KEY", "SMRT_SECRET_MASTER_KEY"])
+@pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_master_key_in_the_environment_fails_at_creation(
+    monkeypatch: pytest.MonkeyPatch, variable: str, bad: str
+) -> None:
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(InvalidMasterKey) as caught:
+        SecretService.create("memory:")
+    assert bad not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_master_key_file_fails_at_creation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bad: str
+) -> None:
+    key_file = tmp_path / "amk.hex"
+    key_file.write_text(bad, encoding="ascii")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(key_file))
+    with pytest.raises(InvalidMasterKey) as caught:
+        SecretService.create("memory:")
+    assert bad not in str(caught.value)
+
+
+def test_a_missing_master_key_file_fails_at_creation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(tmp_path / "does-not-exist.hex"))
+    with pytest.raises(InvalidMasterKey):
+        SecretService.create("memory:")
+
+
+def test_a_binary_master_key_file_fails_at_creation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "amk.bin"
+    raw = secrets.token_bytes(32) + b"\xff"
+    key_file.write_bytes(raw)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(key_file))
+    with pytest.raises(InvalidMasterKey) as caught:
+        SecretService.create("memory:")
+    assert raw.hex() not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_previous_master_key_fails_at_creation(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f"{KEY_B},{bad}")
+    with pytest.raises(InvalidMasterKey) as caught:
+        SecretService.create("memory:")
+    assert bad not in str(caught.value)
+    assert KEY_B not in str(caught.value)
+
+
+def test_a_malformed_previous_master_key_fails_at_creation_even_without_a_current_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MALFORMED["non-hex"])
+    with pytest.raises(InvalidMasterKey):
+        SecretService.create("memory:")
+
+
+def test_a_malformed_master_key_fails_before_the_database_is_created(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MALFORMED["short"])
+    with pytest.raises(InvalidMasterKey):
+        SecretService.create(f"sqlite:///{tmp_path / 'never.db'}")
+    assert not (tmp_path / "never.db").exists()
+
+
+# -- missing key ---------------------------------------------------------------------------
+
+
+def test_a_service_without_a_master_key_opens_and_serves_read_only_queries(db_url: str) -> None:
+    store_with_key(db_url, KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        assert [info.name for info in service.list()] == [NAME]
+        assert service.exists(NAME)
+        assert not service.exists("unknown")
+        logs = service.get_audit_logs()
+        assert {(entry.action, entry.result) for entry in logs} >= {("create", "success")}
+
+
+def test_a_fresh_service_without_a_master_key_lists_nothing() -> None:
+    with SecretService.create("memory:") as service, tenant(TENANT):
+        assert service.list() == []
+        assert service.get_audit_logs() == []
+        assert not service.exists(NAME)
+
+
+def test_store_without_a_master_key_raises_master_key_unavailable_and_writes_no_secret() -> None:
+    with SecretService.create("memory:") as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable):
+            service.store(NAME, VALUE)
+        assert service.list() == []
+        assert not service.exists(NAME)
+        assert service.list_keys() == []
+
+
+def test_retrieve_without_a_master_key_raises_master_key_unavailable(db_url: str) -> None:
+    store_with_key(db_url, KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable) as caught:
+            service.retrieve(NAME)
+        assert VALUE not in str(caught.value)
+        # The failed read is audited, and no read is counted.
+        failures = service.get_audit_logs(secret_name=NAME, action="read", result="failure")
+        assert len(failures) == 1
+        assert service.list()[0].access_count == 0
+
+
+def test_updating_an_existing_secret_without_a_master_key_raises_master_key_unavailable(
+    db_url: str,
+) -> None:
+    store_with_key(db_url, KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable):
+            service.store(NAME, "new-value-never-stored")
+        assert service.list()[0].version == 1
+    with SecretService.create(db_url, master_key=KEY_A) as service, tenant(TENANT):
+        assert service.retrieve(NAME).value == VALUE
+
+
+def test_rotate_key_without_a_master_key_raises_master_key_unavailable(db_url: str) -> None:
+    store_with_key(db_url, KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable):
+            service.rotate_key()
+        keys = service.list_keys()
+        assert [(key.version, key.status) for key in keys] == [(1, "active")]
+
+
+def test_rotate_key_on_a_fresh_tenant_without_a_master_key_raises_master_key_unavailable() -> None:
+    with SecretService.create("memory:") as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable):
+            service.rotate_key()
+        assert service.list_keys() == []
+
+
+def test_only_previous_keys_without_a_current_key_still_make_store_unavailable(
+    monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    store_with_key(db_url, KEY_A)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", KEY_A)
+    with SecretService.create(db_url) as service, tenant(TENANT):
+        with pytest.raises(MasterKeyUnavailable):
+            service.store("new", "value")
+        with pytest.raises(MasterKeyUnavailable):
+            service.rotate_key()
+
+
+def test_retrieving_an_unknown_secret_without_a_master_key_is_secret_not_found() -> None:
+    with (
+        SecretService.create("memory:") as service,
+        tenant(TENANT),
+        pytest.raises(SecretNotFound),
+    ):
+        service.retrieve("unknown")
+
+
+# -- wrong key -----------------------------------------------------------------------------
+
+
+def test_a_wrong_master_key_makes_retrieve_fail_with_decryption_failed_and_an_audit_entry(
+    db_url: str,
+) -> None:
+    store_with_key(db_url, KEY_A)
+    with SecretService.create(db_url, master_key=KEY_B) as service, tenant(TENANT):
+        with pytest.raises(DecryptionFailed) as caught:
+            service.retrieve(NAME)
+        for secret_text in (VALUE, KEY_A, KEY_B, KEY_A.upper(), KEY_B.upper()):
+            assert secret_text not in str(caught.value)
+        failures = service.get_audit_logs(secret_name=NAME, action="read", result="failure")
+        assert len(failures) == 1
+        assert failures[0].tenant_id == TENANT
+        assert service.get_audit_logs(secret_name=NAME, action="read", result="success") == []
+        assert service.list()[0].access_count == 0
+
+
+def test_a_wrong_master_key_does_not_damage_the_data_for_the_right_key(db_url: str) -> None:
+    store_with_key(db_url, KEY_A)
+    with (
+        SecretService.create(db_url, master_key=KEY_B) as service,
+        tenant(TENANT),
+        pytest.raises(DecryptionFailed),
+    ):
+        service.retrieve(NAME)
+    with SecretService.create(db_url, master_key=KEY_A) as service, tenant(TENANT):
+        assert service.retrieve(NAME).value == VALUE
