@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -14,8 +14,12 @@ MAX_TEXT_LENGTH = 4096
 MAX_METADATA_ENTRIES = 64
 
 
+# Unicode category Cc is exactly these two ranges (C0 and DEL plus C1).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control_chars(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
+    return _CONTROL_CHARS.search(text) is not None
 
 
 def check_identifier(field: str, value: object) -> str:

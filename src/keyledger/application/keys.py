@@ -92,7 +92,7 @@ class KeyCommands:
         assert keyring is not None
         active = keyring.active
         target: DataKey | None = None
-        written: list[Secret | AuditRecord] = []
+        written: list[Secret | AuditRecord.OperationFailed] = []
         ok = bad = 0
         for name in names:
             secret = self.ledger.secret(tenant_id, name, fresh=fresh)
@@ -127,5 +127,5 @@ class KeyCommands:
 
 def _failure(
     tenant_id: str, name: str, key_version: int, error: KeyledgerError, who: ActorDict
-) -> AuditRecord:
+) -> AuditRecord.OperationFailed:
     return AuditRecord.failed(tenant_id, name, "update", type(error).__name__, key_version, who)

@@ -125,14 +125,24 @@ class Ledger(Application[UUID]):
 
     # -- writing ------------------------------------------------------------------------
 
-    def commit(self, *aggregates: Aggregate, unit: WriteUnit | None = None) -> WriteUnit:
+    def commit(
+        self, *items: Aggregate | Aggregate.Event, unit: WriteUnit | None = None
+    ) -> WriteUnit:
         """Append pending events atomically with ``unit``; ``Conflict`` when it lost a race.
 
-        This is ``Application.save`` without its generic dispatch: the same mapper and the
-        same recorder, with the domain events handed to the recorder for projection.
+        ``items`` are aggregates (their pending events are appended) or ready-made events
+        of one-event aggregates. This is ``Application.save`` without its generic dispatch:
+        the same mapper and the same recorder, with the domain events handed to the
+        recorder for projection.
         """
         unit = unit or WriteUnit()
-        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        aggregates = [item for item in items if isinstance(item, Aggregate)]
+        events: list[Any] = []
+        for item in items:
+            if isinstance(item, Aggregate):
+                events.extend(item.collect_events())
+            else:
+                events.append(item)
         unit.domain_events = events
         try:
             self.recorder.insert_events(

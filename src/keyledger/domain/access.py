@@ -1,15 +1,22 @@
 """AuditRecord: one-event aggregates for reads, denials and failed operations.
 
 Reads do not go on the Secret stream: a hot secret would make readers conflict and its
-stream grow without bound. Each read, denial or failure is its own aggregate (random id,
+stream grow without bound. Each read, denial or failure is its own aggregate (UUIDv7 id,
 one event), so readers never conflict, and counts are derived in the catalog read model.
+Nothing ever loads these aggregates, so the factories below build their only event
+directly (the same event the library's ``_create`` would build, without the aggregate).
 """
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from eventsourcing.domain import Aggregate
+from eventsourcing.utils import get_topic
 
 from keyledger.domain.ids import ActorDict, time_ordered_id
+
+E = TypeVar("E", bound=Aggregate.Created)
 
 
 class AuditRecord(Aggregate):
@@ -47,6 +54,16 @@ class AuditRecord(Aggregate):
         self.fields = fields
 
     @classmethod
+    def _event(cls, event_class: type[E], **fields: Any) -> E:
+        return event_class(
+            originator_id=time_ordered_id(),
+            originator_version=1,
+            timestamp=event_class.create_timestamp(),
+            originator_topic=_TOPIC,
+            **fields,
+        )
+
+    @classmethod
     def read(
         cls,
         tenant_id: str,
@@ -54,10 +71,9 @@ class AuditRecord(Aggregate):
         value_version: int,
         key_version: int,
         actor: ActorDict,
-    ) -> AuditRecord:
-        return cls._create(
+    ) -> AuditRecord.SecretRead:
+        return cls._event(
             cls.SecretRead,
-            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             value_version=value_version,
@@ -73,10 +89,9 @@ class AuditRecord(Aggregate):
         reason: str,
         key_version: int | None,
         actor: ActorDict,
-    ) -> AuditRecord:
-        return cls._create(
+    ) -> AuditRecord.SecretAccessDenied:
+        return cls._event(
             cls.SecretAccessDenied,
-            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             reason=reason,
@@ -93,10 +108,9 @@ class AuditRecord(Aggregate):
         error: str,
         key_version: int | None,
         actor: ActorDict,
-    ) -> AuditRecord:
-        return cls._create(
+    ) -> AuditRecord.OperationFailed:
+        return cls._event(
             cls.OperationFailed,
-            id=time_ordered_id(),
             tenant_id=tenant_id,
             secret_name=secret_name,
             action=action,
@@ -104,3 +118,6 @@ class AuditRecord(Aggregate):
             key_version=key_version,
             actor=actor,
         )
+
+
+_TOPIC = get_topic(AuditRecord)
