@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from eventsourcing.persistence import IntegrityError, InterfaceError, StoredEvent
 from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
     SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
@@ -100,7 +101,38 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         super().close()
 
 
-class KeyledgerSQLiteRecorder(SQLiteApplicationRecorder):
+class _CreatesTablesUnderWriteLock:
+    """Create tables in a ``BEGIN IMMEDIATE`` transaction.
+
+    The library creates them in a deferred transaction, which fails at once with "database
+    is locked" when several processes open a new file together (a deferred transaction
+    that read first cannot wait for the write lock). Taking the write lock first makes the
+    others wait their turn, and ``IF NOT EXISTS`` makes their turn a no-op.
+    """
+
+    datastore: SQLiteDatastore
+    create_table_statements: list[str]
+
+    def create_table(self) -> None:
+        datastore = self.datastore
+        assert isinstance(datastore, KeyledgerSQLiteDatastore)
+        with datastore.writer() as conn:
+            curs = conn.cursor()
+            try:
+                curs.execute("BEGIN IMMEDIATE")
+                for statement in self.create_table_statements:
+                    curs.execute(statement)
+                conn.commit()
+            except BaseException as error:
+                conn.rollback()
+                raise _translate(error) from None
+
+
+class KeyledgerSQLiteSnapshotRecorder(_CreatesTablesUnderWriteLock, SQLiteAggregateRecorder):
+    """The library's snapshot recorder, creating its table under the write lock."""
+
+
+class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRecorder):
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
     projector = CatalogProjector()
@@ -168,6 +200,7 @@ class KeyledgerSQLiteFactory(SQLiteFactory):
     """Infrastructure factory selected with PERSISTENCE_MODULE (see ledger.py)."""
 
     application_recorder_class = KeyledgerSQLiteRecorder
+    aggregate_recorder_class = KeyledgerSQLiteSnapshotRecorder
 
     def __init__(self, env: Environment | dict[str, str] | None) -> None:
         super(SQLiteFactory, self).__init__(env)

@@ -24,8 +24,8 @@ READ_MODEL_DDL = (
         access_count INTEGER NOT NULL,
         last_accessed_at INTEGER,
         PRIMARY KEY (tenant_id, name)) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS kl_catalog_by_key ON kl_catalog (tenant_id, key_version)",
-    "CREATE INDEX IF NOT EXISTS kl_catalog_by_expiry ON kl_catalog (tenant_id, expires_at)",
+    # No secondary indexes on the catalog: key counts and expiry scans read one tenant's
+    # primary-key range, while every store would pay for each index in its commit.
     """CREATE TABLE IF NOT EXISTS kl_audit (
         position INTEGER PRIMARY KEY,
         timestamp INTEGER NOT NULL,
