@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -33,6 +32,7 @@ from keyledger.errors import DecryptionFailed, MasterKeyUnavailable, StorageErro
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteFactory
 from keyledger.infrastructure.transcodings import BytesAsBase64
+from keyledger.infrastructure.unit_writer import KeyledgerRecorder
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
 from keyledger.projections.timeutil import to_micros
 
@@ -258,35 +258,18 @@ class Ledger(Application[UUID]):
 
     # -- reading the read models ----------------------------------------------------------
 
-    @contextmanager
-    def reading(self) -> Iterator[Any]:
-        """A read transaction on the store (a consistent snapshot of the read models)."""
-        datastore = self.recorder.datastore  # type: ignore[attr-defined]
-        try:
-            with datastore.transaction(commit=False) as cur:
-                yield cur
-        except StorageError:
-            raise
-        except Exception as error:
-            if type(error).__module__.startswith(("eventsourcing", "sqlite3")):
-                raise StorageError(f"read failed: {error}") from None
-            raise
+    @property
+    def store(self) -> KeyledgerRecorder:
+        """The recorder, with keyledger's read and write transactions."""
+        return cast(KeyledgerRecorder, self.recorder)
 
-    @contextmanager
-    def writing(self) -> Iterator[Any]:
-        """A write transaction (``BEGIN IMMEDIATE``) for read-model maintenance."""
-        datastore = self.recorder.datastore  # type: ignore[attr-defined]
-        with datastore.writer() as conn:
-            cur = conn.cursor()
-            try:
-                cur.execute("BEGIN IMMEDIATE")
-                yield cur
-                conn.commit()
-            except BaseException as error:
-                conn.rollback()
-                if isinstance(error, sqlite3.Error):
-                    raise StorageError(f"write failed: {error}") from None
-                raise
+    def reading(self) -> AbstractContextManager[Any]:
+        """A read transaction on the store (a consistent snapshot of the read models)."""
+        return self.store.reading()
+
+    def writing(self) -> AbstractContextManager[Any]:
+        """A transaction holding the write lock, for read-model maintenance."""
+        return self.store.writing()
 
     def close(self) -> None:
         self.factory.close()

@@ -13,6 +13,8 @@ from keyledger.domain.secret import effective_status
 from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
 from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
 
+NO_LIMIT = 2**62
+
 _CATALOG_COLUMNS = (
     "name, category, description, metadata, version, key_version, expires_at, "
     "created_at, updated_at, access_count, last_accessed_at, disabled, expired"
@@ -71,7 +73,7 @@ class Queries:
             "tenant": tenant_id,
             "category": category,
             "now": to_micros(now),
-            "limit": -1 if limit is None else limit,
+            "limit": NO_LIMIT if limit is None else limit,
             "offset": offset,
         }
         with self.ledger.reading() as cur:

@@ -32,12 +32,12 @@ def _replay(
     apply: Callable[[list[tuple[int, object]]], None],
     progress: Progress | None = None,
 ) -> int:
-    table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
+    table, position = ledger.store.events_table_name, ledger.store.position_column
     replayed = 0
     while True:
         cur.execute(
-            "SELECT rowid, originator_id, originator_version, topic, state "
-            f"FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            f"SELECT {position}, originator_id, originator_version, topic, state "
+            f"FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
             (after, PAGE_SIZE),
         )
         rows = cur.fetchall()
@@ -48,7 +48,7 @@ def _replay(
                 (
                     row[0],
                     ledger.mapper.to_domain_event(
-                        StoredEvent(UUID(row[1]), row[2], row[3], row[4])
+                        StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))
                     ),
                 )
                 for row in rows
@@ -60,13 +60,17 @@ def _replay(
             progress(len(rows))
 
 
+def _uuid(value: object) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
 def audit_position(ledger: Ledger) -> tuple[int, int]:
     """(position the audit model reached, position of the stream head)."""
-    table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
+    table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
         cur.execute("SELECT position FROM kl_tracking WHERE name=?", (AUDIT_TRACKING_NAME,))
         row = cur.fetchone()
-        cur.execute(f"SELECT MAX(rowid) FROM {table}")
+        cur.execute(f"SELECT MAX({position}) FROM {table}")
         head = cur.fetchone()[0] or 0
     return (row[0] if row else 0), head
 

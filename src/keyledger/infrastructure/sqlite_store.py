@@ -14,8 +14,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
+from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError, InterfaceError, StoredEvent
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    PersistenceError,
+    StoredEvent,
+)
 from eventsourcing.sqlite import (
     SQLiteAggregateRecorder,
     SQLiteApplicationRecorder,
@@ -28,9 +34,9 @@ from eventsourcing.sqlite import (
 from eventsourcing.utils import Environment
 
 from keyledger.errors import StorageError
-from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
-from keyledger.projections.catalog import CatalogProjector
-from keyledger.projections.schema import READ_MODEL_DDL, SEED_TRACKING, SUPPORT_DDL
+from keyledger.infrastructure.unit_writer import check_expected, write_unit_rest
+from keyledger.infrastructure.write_unit import WriteUnit
+from keyledger.projections.schema import schema_statements
 
 STATEMENT_CACHE_SIZE = 256
 
@@ -135,55 +141,63 @@ class KeyledgerSQLiteSnapshotRecorder(_CreatesTablesUnderWriteLock, SQLiteAggreg
 class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRecorder):
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
-    projector = CatalogProjector()
-
-    @property
-    def _select_version_statement(self) -> str:
-        return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
+    position_column = "rowid"
 
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
-            *READ_MODEL_DDL,
-            *SUPPORT_DDL,
-            *SEED_TRACKING,
+            *schema_statements("sqlite"),
         ]
+
+    @staticmethod
+    def id_param(aggregate_id: UUID) -> str:
+        return aggregate_id.hex
+
+    @property
+    def _datastore(self) -> KeyledgerSQLiteDatastore:
+        datastore = self.datastore
+        assert isinstance(datastore, KeyledgerSQLiteDatastore)
+        return datastore
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        datastore = self.datastore
-        assert isinstance(datastore, KeyledgerSQLiteDatastore)
-        with datastore.writer() as conn:
+        with self.writing() as curs:
+
+            def version_of(aggregate_id: UUID) -> int:
+                curs.execute(self._select_version_statement, (aggregate_id.hex,))
+                return int(curs.fetchone()[0] or 0)
+
+            check_expected(unit, version_of)
+            ids = self._insert_events(curs, stored_events)
+            assert ids is not None
+            write_unit_rest(curs, unit, ids)
+        return ids
+
+    @property
+    def _select_version_statement(self) -> str:
+        return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
+
+    @contextmanager
+    def reading(self) -> Iterator[SQLiteCursor]:
+        try:
+            with self.datastore.transaction(commit=False) as curs:
+                yield curs
+        except (sqlite3.Error, PersistenceError) as error:
+            raise StorageError(f"SQLite read failed: {error}") from None
+
+    @contextmanager
+    def writing(self) -> Iterator[SQLiteCursor]:
+        with self._datastore.writer() as conn:
             curs = conn.cursor()
             try:
                 curs.execute("BEGIN IMMEDIATE")
-                self._check_expected(curs, unit)
-                ids = self._insert_events(curs, stored_events)
-                assert ids is not None
-                self._insert_key_material(curs, unit)
-                self.projector.apply(curs, zip(ids, unit.domain_events, strict=True), unit.outcome)
+                yield curs
                 conn.commit()
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
-        return ids
-
-    def _check_expected(self, curs: SQLiteCursor, unit: WriteUnit) -> None:
-        for aggregate_id, version in unit.expected.items():
-            curs.execute(self._select_version_statement, (aggregate_id.hex,))
-            if (curs.fetchone()[0] or 0) != version:
-                raise StaleStateError(aggregate_id)
-
-    @staticmethod
-    def _insert_key_material(curs: SQLiteCursor, unit: WriteUnit) -> None:
-        for row in unit.key_material:
-            curs.execute(
-                "INSERT INTO kl_key_material (tenant_id, version, key_id, amk_id, wrapped, "
-                "created_at) VALUES (?,?,?,?,?,?)",
-                (row.tenant_id, row.version, row.key_id, row.amk_id, row.wrapped, row.created_at),
-            )
 
 
 def _translate(error: BaseException) -> BaseException:

@@ -66,8 +66,8 @@ class CatalogProjector:
         ts = to_micros(e.timestamp)
         fresh = ", created_at=?, access_count=0, last_accessed_at=NULL" if e.revived else ""
         params: tuple[Any, ...] = (
-            e.disabled,
-            e.expired,
+            int(e.disabled),
+            int(e.expired),
             e.category,
             e.description,
             _metadata(e.metadata),
@@ -88,7 +88,7 @@ class CatalogProjector:
     def _set_disabled(self, cur: Cursor, e: Secret.Event, disabled: bool) -> None:
         cur.execute(
             "UPDATE kl_catalog SET disabled=?, updated_at=? WHERE tenant_id=? AND name=?",
-            (disabled, to_micros(e.timestamp), e.tenant_id, e.name),
+            (int(disabled), to_micros(e.timestamp), e.tenant_id, e.name),
         )
 
     def _on_SecretDisabled(self, cur: Cursor, e: Secret.SecretDisabled, _: Outcome) -> None:  # noqa: N802

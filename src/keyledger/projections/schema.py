@@ -1,11 +1,25 @@
-"""DDL of the read models, their tracking table and the key-material table."""
+"""DDL of the read models, their tracking table and the key-material table.
+
+One definition for both stores; only column types and table options differ.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
+
+Dialect = Literal["sqlite", "postgres"]
 
 READ_MODEL_TABLES = ("kl_catalog", "kl_audit", "kl_keys")
 TRACKED_READ_MODELS = ("audit",)
 
-READ_MODEL_DDL = (
+_TYPES: dict[Dialect, dict[str, str]] = {
+    "sqlite": {"blob": "BLOB", "bigint": "INTEGER", "without_rowid": " WITHOUT ROWID"},
+    "postgres": {"blob": "BYTEA", "bigint": "BIGINT", "without_rowid": ""},
+}
+
+_STATEMENTS = (
+    # No secondary indexes on the catalog: key counts and expiry scans read one tenant's
+    # primary-key range, while every store would pay for each index in its commit.
     """CREATE TABLE IF NOT EXISTS kl_catalog (
         secret_id TEXT NOT NULL,
         tenant_id TEXT NOT NULL,
@@ -18,17 +32,15 @@ READ_MODEL_DDL = (
         metadata TEXT NOT NULL,
         version INTEGER NOT NULL,
         key_version INTEGER NOT NULL,
-        expires_at INTEGER,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        access_count INTEGER NOT NULL,
-        last_accessed_at INTEGER,
-        PRIMARY KEY (tenant_id, name)) WITHOUT ROWID""",
-    # No secondary indexes on the catalog: key counts and expiry scans read one tenant's
-    # primary-key range, while every store would pay for each index in its commit.
+        expires_at {bigint},
+        created_at {bigint} NOT NULL,
+        updated_at {bigint} NOT NULL,
+        access_count {bigint} NOT NULL,
+        last_accessed_at {bigint},
+        PRIMARY KEY (tenant_id, name)){without_rowid}""",
     """CREATE TABLE IF NOT EXISTS kl_audit (
-        position INTEGER PRIMARY KEY,
-        timestamp INTEGER NOT NULL,
+        position {bigint} PRIMARY KEY,
+        timestamp {bigint} NOT NULL,
         tenant_id TEXT NOT NULL,
         secret_name TEXT,
         action TEXT NOT NULL,
@@ -46,15 +58,12 @@ READ_MODEL_DDL = (
         key_id TEXT NOT NULL,
         amk_id TEXT NOT NULL,
         status TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        retired_at INTEGER,
+        created_at {bigint} NOT NULL,
+        retired_at {bigint},
         PRIMARY KEY (tenant_id, version))""",
-)
-
-SUPPORT_DDL = (
     """CREATE TABLE IF NOT EXISTS kl_tracking (
         name TEXT PRIMARY KEY,
-        position INTEGER NOT NULL)""",
+        position {bigint} NOT NULL)""",
     # Wrapped TDEKs live here, apart from the immutable stream, so destroying one is real.
     # Keyed by key_id too: a rotation that loses a race never overwrites the winner's row.
     """CREATE TABLE IF NOT EXISTS kl_key_material (
@@ -62,12 +71,17 @@ SUPPORT_DDL = (
         version INTEGER NOT NULL,
         key_id TEXT NOT NULL,
         amk_id TEXT NOT NULL,
-        wrapped BLOB NOT NULL,
-        created_at INTEGER NOT NULL,
+        wrapped {blob} NOT NULL,
+        created_at {bigint} NOT NULL,
         PRIMARY KEY (tenant_id, version, key_id))""",
+    *(
+        f"INSERT INTO kl_tracking (name, position) VALUES ('{name}', 0) "
+        "ON CONFLICT (name) DO NOTHING"
+        for name in TRACKED_READ_MODELS
+    ),
 )
 
-SEED_TRACKING = tuple(
-    f"INSERT OR IGNORE INTO kl_tracking (name, position) VALUES ('{name}', 0)"
-    for name in TRACKED_READ_MODELS
-)
+
+def schema_statements(dialect: Dialect) -> list[str]:
+    """The statements that create every keyledger table (idempotent)."""
+    return [statement.format(**_TYPES[dialect]) for statement in _STATEMENTS]
