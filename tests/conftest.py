@@ -7,11 +7,14 @@ the marks its tests carry (e.g. ``pytest.mark.postgres`` for a backend that need
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from keyledger import SecretService
@@ -27,9 +30,46 @@ class Store:
     marks: tuple[pytest.MarkDecorator, ...] = ()
 
 
+POSTGRES_URL = os.environ.get(
+    "KEYLEDGER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+# Every test run gets its own schemas (kl_<run>_<n>), so runs on one server never collide.
+RUN_ID = secrets.token_hex(3)
+_schema_numbers = itertools.count(1)
+_created_schemas: dict[tuple[Path, str], str] = {}
+
+
+def _postgres_url(tmp: Path, name: str) -> str:
+    """One schema per (test, store name): a second service on the same store shares it."""
+    schema = _created_schemas.get((tmp, name))
+    if schema is None:
+        schema = _created_schemas[(tmp, name)] = f"kl_{RUN_ID}_{next(_schema_numbers)}"
+    return f"{POSTGRES_URL}?schema={schema}"
+
+
+def postgres_available() -> str | None:
+    """None when the test server answers, else why not."""
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as error:
+        return str(error).strip().splitlines()[0]
+
+
+def drop_created_schemas() -> None:
+    """Drop the schemas this run created (called after each test that made some)."""
+    if not _created_schemas:
+        return
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        while _created_schemas:
+            _, schema = _created_schemas.popitem()
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 _STORES: dict[str, Store] = {
     "memory": Store(url=lambda tmp, name: "memory:", shared=False),
     "sqlite": Store(url=lambda tmp, name: f"sqlite:///{tmp}/{name}.db", shared=True),
+    "postgres": Store(url=_postgres_url, shared=True, marks=(pytest.mark.postgres,)),
 }
 
 BACKENDS = [pytest.param(name, id=name, marks=store.marks) for name, store in _STORES.items()]
@@ -59,10 +99,26 @@ def master_key() -> str:
     return secrets.token_hex(32)
 
 
+@pytest.fixture(scope="session")
+def _postgres_server() -> None:
+    """Check the PostgreSQL test server once: CI must have it, elsewhere tests skip."""
+    problem = postgres_available()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but PostgreSQL is unreachable at {POSTGRES_URL}: {problem}")
+    pytest.skip(f"PostgreSQL unreachable ({problem}); start it or set KEYLEDGER_TEST_POSTGRES_URL")
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """The name of the storage backend under test."""
-    return str(request.param)
+    name = str(request.param)
+    if name == "postgres":
+        request.getfixturevalue("_postgres_server")
+    yield name
+    if name == "postgres":
+        drop_created_schemas()
 
 
 MakeService = Callable[..., SecretService]
@@ -106,6 +162,7 @@ def make_service(backend: str, tmp_path: Path, master_key: str) -> Iterator[Make
     yield make
     for service in reversed(opened):
         service.close()
+    drop_created_schemas()
 
 
 @pytest.fixture

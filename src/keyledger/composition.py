@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
-from uuid import uuid4
-
 from keyledger.application.ledger import Ledger
-from keyledger.errors import InvalidInput
+from keyledger.infrastructure.database_url import persistence_env
 from keyledger.infrastructure.master_keys import load_master_keyring
 from keyledger.infrastructure.settings import KeyledgerSettings
-
-
-def sqlite_db_name(database_url: str) -> str:
-    """The SQLite database name for a ``memory:`` or ``sqlite:///path`` URL."""
-    if database_url in ("memory:", "memory://", "sqlite:///:memory:"):
-        # A private shared-cache in-memory database: one per service, visible to its pool.
-        return f"file:keyledger-{uuid4().hex}?mode=memory&cache=shared"
-    parts = urlsplit(database_url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path:
-        raise InvalidInput(
-            "unsupported database URL: use memory:, sqlite:///relative/path.db or "
-            "sqlite:////absolute/path.db"
-        )
-    path = Path(unquote(parts.path[1:]))
-    if path.parent and not path.parent.exists():
-        raise InvalidInput(f"directory of the SQLite database does not exist: {path.parent}")
-    return str(path)
 
 
 def build_ledger(
@@ -38,12 +17,13 @@ def build_ledger(
 ) -> Ledger:
     """Validate the master keys first (InvalidMasterKey), then open the store."""
     master_keys = load_master_keyring(settings, master_key, previous_master_keys)
-    url = database_url or settings.database_url
-    if url.startswith(("postgresql:", "postgres:")):
-        raise InvalidInput("PostgreSQL is not supported by this version of keyledger yet")
+    env = persistence_env(
+        database_url or settings.database_url,
+        lock_timeout_seconds=settings.lock_timeout_seconds,
+        create_tables=settings.create_tables,
+    )
     return Ledger(
-        db_name=sqlite_db_name(url),
+        env=env,
         master_keys=master_keys,
         key_cache_seconds=settings.key_cache_seconds,
-        lock_timeout_seconds=settings.lock_timeout_seconds,
     )

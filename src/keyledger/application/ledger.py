@@ -20,8 +20,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, JSONTranscoder
-from eventsourcing.utils import get_topic
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, PersistenceError
 
 from keyledger.application.caches import ExpiringCache, LRUCache
 from keyledger.application.read_models import catch_up_audit
@@ -30,7 +29,6 @@ from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import DecryptionFailed, MasterKeyUnavailable, StorageError
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
-from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteFactory
 from keyledger.infrastructure.transcodings import BytesAsBase64
 from keyledger.infrastructure.unit_writer import KeyledgerRecorder
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
@@ -59,19 +57,15 @@ class Ledger(Application[UUID]):
     def __init__(
         self,
         *,
-        db_name: str,
+        env: dict[str, str],
         master_keys: MasterKeyring,
         key_cache_seconds: float = 300.0,
-        lock_timeout_seconds: int = 30,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        super().__init__(
-            env={
-                "PERSISTENCE_MODULE": get_topic(KeyledgerSQLiteFactory),
-                "SQLITE_DBNAME": db_name,
-                "SQLITE_LOCK_TIMEOUT": str(lock_timeout_seconds),
-            }
-        )
+        try:
+            super().__init__(env=env)
+        except PersistenceError as error:
+            raise StorageError(f"cannot open the store: {error}") from None
         self.master_keys = master_keys
         self.clock = clock or (lambda: datetime.now(UTC))
         self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)

@@ -25,3 +25,4 @@ class KeyledgerSettings(BaseSettings):
     max_value_bytes: int = Field(default=65536, gt=0)
     key_cache_seconds: float = Field(default=300.0, ge=0)
     lock_timeout_seconds: int = Field(default=30, gt=0)
+    create_tables: bool = True
