@@ -11,7 +11,13 @@ from typing import Literal
 from keyledger.application.keys import KeyCommands
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
-from keyledger.application.read_models import audit_position, catch_up_audit, rebuild_read_models
+from keyledger.application.read_models import (
+    audit_position,
+    catch_up_audit,
+    follow,
+    rebuild_read_models,
+)
+from keyledger.application.schema_check import SchemaStatus, check_schema
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
@@ -360,6 +366,31 @@ class SecretService:
     def rebuild_read_models(self, *, progress: Callable[[int], None] | None = None) -> int:
         """Drop and rebuild every read model from the stream; returns events replayed."""
         return rebuild_read_models(self._ledger, progress)
+
+    def init_schema(self) -> SchemaStatus:
+        """Create every table, index and trigger the store needs (idempotent)."""
+        self._ledger.create_schema()
+        return check_schema(self._ledger)
+
+    def check_schema(self) -> SchemaStatus:
+        """Whether the schema is present and current (tables, columns, append-only trigger)."""
+        return check_schema(self._ledger)
+
+    def follow_read_models(
+        self,
+        *,
+        stop: Callable[[], bool],
+        idle_seconds: float = 1.0,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Keep the lagging read models current until ``stop()`` (the projection worker)."""
+        return follow(
+            self._ledger,
+            stop=stop,
+            wait=self._ledger.wait_for_events,
+            idle_seconds=idle_seconds,
+            on_progress=on_progress,
+        )
 
     def catch_up_read_models(self) -> int:
         """Bring the lazily projected audit model up to the stream head; returns events."""

@@ -265,5 +265,15 @@ class Ledger(Application[UUID]):
         """A transaction holding the write lock, for read-model maintenance."""
         return self.store.writing()
 
+    def create_schema(self) -> None:
+        """Create every table (events, snapshots, read models, key material); idempotent."""
+        self.store.create_table()
+        if self.snapshots is not None:
+            cast(KeyledgerRecorder, self.snapshots.recorder).create_table()
+
+    def wait_for_events(self, seconds: float) -> None:
+        """Block until new events may have been appended, or ``seconds`` passed."""
+        self.store.wait_for_events(seconds)
+
     def close(self) -> None:
         self.factory.close()

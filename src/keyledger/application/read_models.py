@@ -100,3 +100,29 @@ def rebuild_read_models(ledger: Ledger, progress: Progress | None = None) -> int
             cur.execute(f"DELETE FROM {table}")
         cur.execute("UPDATE kl_tracking SET position=0")
         return _replay(ledger, cur, 0, apply, progress)
+
+
+def follow(
+    ledger: Ledger,
+    *,
+    stop: Callable[[], bool],
+    wait: Callable[[float], None],
+    idle_seconds: float = 1.0,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Keep the lagging read models current until ``stop()``; returns events applied.
+
+    ``wait(seconds)`` blocks until new events may exist (a NOTIFY on PostgreSQL, a plain
+    sleep on SQLite) or the time is up. Each catch-up is one transaction that advances the
+    tracking position with the rows, so a worker killed at any point resumes where its last
+    commit left it and never applies an event twice.
+    """
+    applied = 0
+    while not stop():
+        count = catch_up_audit(ledger)
+        applied += count
+        if count and on_progress:
+            on_progress(count)
+        if not count:
+            wait(idle_seconds)
+    return applied

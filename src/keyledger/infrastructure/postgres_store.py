@@ -171,6 +171,16 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             write_unit_rest(cur, unit, ids)
         return ids
 
+    def wait_for_events(self, seconds: float) -> None:
+        """LISTEN on the events channel (the library NOTIFYs it on every append)."""
+        with _translated(), self._connection() as conn:
+            conn.execute(SQL("LISTEN {}").format(Identifier(self.channel_name)))
+            try:
+                for _ in conn.notifies(timeout=seconds, stop_after=1):
+                    break
+            finally:
+                conn.execute(SQL("UNLISTEN {}").format(Identifier(self.channel_name)))
+
     @contextmanager
     def reading(self) -> Iterator[PgCursor]:
         with _translated(), self._connection() as conn, conn.transaction(force_rollback=True):

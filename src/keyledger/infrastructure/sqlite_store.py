@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -178,6 +179,11 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     @property
     def _select_version_statement(self) -> str:
         return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
+
+    @staticmethod
+    def wait_for_events(seconds: float) -> None:
+        # SQLite has no notifications: the projection worker polls.
+        time.sleep(seconds)
 
     @contextmanager
     def reading(self) -> Iterator[SQLiteCursor]:

@@ -23,11 +23,17 @@ class KeyledgerRecorder(Protocol):
     def id_param(self, aggregate_id: UUID) -> Any:
         """An aggregate id as the events table stores it."""
 
+    def create_table(self) -> None:
+        """Create the tables this recorder writes (idempotent)."""
+
     def reading(self) -> AbstractContextManager[Any]:
         """A read-only transaction over a consistent snapshot (``?``/``:name`` params)."""
 
     def writing(self) -> AbstractContextManager[Any]:
         """A transaction holding the events table's write lock."""
+
+    def wait_for_events(self, seconds: float) -> None:
+        """Block until new events may exist (NOTIFY on PostgreSQL) or ``seconds`` passed."""
 
 
 def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> None:

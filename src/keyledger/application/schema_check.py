@@ -1,0 +1,77 @@
+"""Is the store's schema present and current? (``keyledger db check``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from keyledger.application.ledger import Ledger
+
+REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
+REQUIRED_COLUMNS = {"kl_catalog": ("disabled", "expired", "deleted", "access_count")}
+
+
+class SchemaStatus(BaseModel):
+    """What ``db check`` found."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    events_table: str
+    present: bool
+    missing: list[str]
+    append_only_enforced: bool | None  # None: not applicable (SQLite)
+
+    @property
+    def ok(self) -> bool:
+        return self.present and self.append_only_enforced is not False
+
+
+def check_schema(ledger: Ledger) -> SchemaStatus:
+    """Look for every table, the columns this version needs, and the append-only trigger."""
+    store = ledger.store
+    postgres = store.position_column == "notification_id"
+    tables = (store.events_table_name, *REQUIRED_TABLES)
+    with ledger.reading() as cur:
+        missing = [table for table in tables if not _has_table(cur, table, postgres)]
+        for table, columns in REQUIRED_COLUMNS.items():
+            if table not in missing:
+                missing += [
+                    f"{table}.{column}"
+                    for column in columns
+                    if not _has_column(cur, table, column, postgres)
+                ]
+        append_only = _has_trigger(cur, "kl_events_append_only") if postgres else None
+    return SchemaStatus(
+        store="postgresql" if postgres else "sqlite",
+        events_table=store.events_table_name,
+        present=not missing,
+        missing=missing,
+        append_only_enforced=append_only,
+    )
+
+
+def _has_table(cur: Any, table: str, postgres: bool) -> bool:
+    if postgres:
+        cur.execute("SELECT to_regclass(?) IS NOT NULL", (table,))
+        return bool(cur.fetchone()[0])
+    cur.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,))
+    return cur.fetchone() is not None
+
+
+def _has_column(cur: Any, table: str, column: str, postgres: bool) -> bool:
+    if postgres:
+        cur.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name=? AND column_name=?",
+            (table, column),
+        )
+        return cur.fetchone() is not None
+    cur.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name=?", (column,))
+    return cur.fetchone() is not None
+
+
+def _has_trigger(cur: Any, name: str) -> bool:
+    cur.execute("SELECT 1 FROM pg_trigger WHERE tgname=? AND NOT tgisinternal", (name,))
+    return cur.fetchone() is not None
