@@ -12,7 +12,7 @@ import copy
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -20,10 +20,17 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, JSONTranscoder, PersistenceError
+from eventsourcing.persistence import (
+    IntegrityError,
+    JSONTranscoder,
+    PersistenceError,
+    StoredEvent,
+)
 
 from keyledger.application.caches import ExpiringCache, LRUCache
+from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
+from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
@@ -71,6 +78,9 @@ class Ledger(Application[UUID]):
         self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._appended_since_catch_up = 0
+        self._reads: GroupCommitter[tuple[StoredEvent, WriteUnit]] = GroupCommitter(
+            self._write_reads
+        )
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )
@@ -156,6 +166,28 @@ class Ledger(Application[UUID]):
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
+
+    def commit_read(self, event: AuditRecord.SecretRead, unit: WriteUnit) -> WriteUnit:
+        """Append one read event, group-committed with concurrent reads (see group_commit).
+
+        Returns once the transaction holding it has committed; ``Conflict`` when the
+        decision it records was made on state that has moved on.
+        """
+        unit.domain_events = [event]
+        try:
+            self._reads.submit((self.mapper.to_stored_event(event), unit))
+        except (IntegrityError, StaleStateError):
+            for aggregate_id in unit.expected:
+                self._secrets.evict(aggregate_id)
+                self._keyrings.evict(aggregate_id)
+            raise Conflict from None
+        self._note_appended(1)
+        return unit
+
+    def _write_reads(
+        self, batch: list[tuple[StoredEvent, WriteUnit]]
+    ) -> Sequence[BaseException | None]:
+        return self.store.insert_reads(batch)
 
     def _note_appended(self, count: int) -> None:
         # The audit model catches up before every audit query; catching up in bulk every

@@ -211,7 +211,7 @@ class SecretCommands:
             )
             raise
         record = AuditRecord.read(tenant_id, name, secret.value_version, secret.key_version, who)
-        unit = self.ledger.commit(record, unit=WriteUnit(expected=_versions(secret, keyring)))
+        unit = self.ledger.commit_read(record, WriteUnit(expected=_versions(secret, keyring)))
         outcome = unit.outcome
         fields = secret_fields(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
         return SecretModel.model_construct(**fields, value=value)

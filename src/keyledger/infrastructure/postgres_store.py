@@ -38,7 +38,7 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from keyledger.errors import StorageError
-from keyledger.infrastructure.unit_writer import check_expected, write_unit_rest
+from keyledger.infrastructure.unit_writer import check_expected, write_reads, write_unit_rest
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.projections.schema import schema_statements
 
@@ -146,30 +146,46 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        select_version = (
-            f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
-        )
-        insert = (
-            f"INSERT INTO {self.events_table_name} "
-            "(originator_id, originator_version, topic, state) VALUES (?,?,?,?) "
-            "RETURNING notification_id"
-        )
         with self.writing() as cur:
+            check_expected(unit, lambda ids: self._versions(cur, ids))
+            positions = self._append(cur, list(stored_events))
+            write_unit_rest(cur, unit, positions)
+        return positions
 
-            def version_of(aggregate_id: UUID) -> int:
-                cur.execute(select_version, (aggregate_id,))
-                return int(cur.fetchone()[0] or 0)
+    def insert_reads(
+        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
+    ) -> list[BaseException | None]:
+        with self.writing() as cur:
+            return write_reads(
+                cur,
+                batch,
+                versions_of=lambda ids: self._versions(cur, ids),
+                append=lambda events: self._append(cur, events),
+            )
 
-            check_expected(unit, version_of)
-            ids: list[int] = []
-            for event in stored_events:
-                cur.execute(
-                    insert,
-                    (event.originator_id, event.originator_version, event.topic, event.state),
-                )
-                ids.append(int(cur.fetchone()[0]))
-            write_unit_rest(cur, unit, ids)
-        return ids
+    def _versions(self, cur: PgCursor, aggregate_ids: list[UUID]) -> dict[UUID, int]:
+        if not aggregate_ids:
+            return {}
+        cur.execute(
+            f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
+            "WHERE originator_id = ANY(?) GROUP BY originator_id",
+            (aggregate_ids,),
+        )
+        return {row[0]: int(row[1]) for row in cur.fetchall()}
+
+    def _append(self, cur: PgCursor, events: list[StoredEvent]) -> list[int]:
+        """One multi-row INSERT; positions returned in the order of ``events``."""
+        if not events:
+            return []
+        rows = ",".join("(?,?,?,?)" for _ in events)
+        cur.execute(
+            f"INSERT INTO {self.events_table_name} "
+            f"(originator_id, originator_version, topic, state) VALUES {rows} "
+            "RETURNING originator_id, originator_version, notification_id",
+            [v for e in events for v in (e.originator_id, e.originator_version, e.topic, e.state)],
+        )
+        positions = {(row[0], row[1]): int(row[2]) for row in cur.fetchall()}
+        return [positions[(e.originator_id, e.originator_version)] for e in events]
 
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append)."""
@@ -190,12 +206,28 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     @contextmanager
     def writing(self) -> Iterator[PgCursor]:
-        with _translated(), self._connection() as conn, conn.transaction():
+        with _translated(), self._connection() as conn:
             raw = conn.cursor(row_factory=tuple_row)
-            for statement in self.lock_table_statements:
-                raw.execute(statement)
-            raw.execute(SQL("NOTIFY {}").format(Identifier(self.channel_name)))
-            yield PgCursor(raw)
+            # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
+            raw.execute(self._begin_write_statement)
+            try:
+                yield PgCursor(raw)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @property
+    def _begin_write_statement(self) -> bytes:
+        if self._begin_write is None:
+            self._begin_write = (
+                f"BEGIN; SET LOCAL lock_timeout = '{int(self.datastore.lock_timeout)}s'; "
+                f'LOCK TABLE "{self.events_table_name}" IN EXCLUSIVE MODE; '
+                f'NOTIFY "{self.channel_name}"'
+            ).encode()
+        return self._begin_write
+
+    _begin_write: bytes | None = None
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from eventsourcing.sqlite import (
 from eventsourcing.utils import Environment
 
 from keyledger.errors import StorageError
-from keyledger.infrastructure.unit_writer import check_expected, write_unit_rest
+from keyledger.infrastructure.unit_writer import check_expected, write_reads, write_unit_rest
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.projections.schema import schema_statements
 
@@ -165,16 +165,30 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
         with self.writing() as curs:
+            check_expected(unit, lambda ids: self._versions(curs, ids))
+            positions = self._insert_events(curs, stored_events)
+            assert positions is not None
+            write_unit_rest(curs, unit, positions)
+        return positions
 
-            def version_of(aggregate_id: UUID) -> int:
-                curs.execute(self._select_version_statement, (aggregate_id.hex,))
-                return int(curs.fetchone()[0] or 0)
+    def insert_reads(
+        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
+    ) -> list[BaseException | None]:
+        with self.writing() as curs:
+            return write_reads(
+                curs,
+                batch,
+                versions_of=lambda ids: self._versions(curs, ids),
+                append=lambda events: list(self._insert_events(curs, events) or ()),
+            )
 
-            check_expected(unit, version_of)
-            ids = self._insert_events(curs, stored_events)
-            assert ids is not None
-            write_unit_rest(curs, unit, ids)
-        return ids
+    def _versions(self, curs: SQLiteCursor, aggregate_ids: list[UUID]) -> dict[UUID, int]:
+        # Primary-key probes, one per aggregate: cheaper in SQLite than an IN/GROUP BY.
+        versions = {}
+        for aggregate_id in aggregate_ids:
+            curs.execute(self._select_version_statement, (aggregate_id.hex,))
+            versions[aggregate_id] = int(curs.fetchone()[0] or 0)
+        return versions
 
     @property
     def _select_version_statement(self) -> str:

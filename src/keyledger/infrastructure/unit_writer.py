@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
 
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 from keyledger.projections.catalog import CatalogProjector
@@ -32,6 +34,11 @@ class KeyledgerRecorder(Protocol):
     def writing(self) -> AbstractContextManager[Any]:
         """A transaction holding the events table's write lock."""
 
+    def insert_reads(
+        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
+    ) -> list[BaseException | None]:
+        """Append a group-committed batch of read events in one transaction."""
+
     def wait_for_events(self, seconds: float) -> None:
         """Block until new events may exist (NOTIFY on PostgreSQL) or ``seconds`` passed."""
 
@@ -47,8 +54,52 @@ def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> N
     _PROJECTOR.apply(cur, zip(positions, unit.domain_events, strict=True), unit.outcome)
 
 
-def check_expected(unit: WriteUnit, version_of: Callable[[UUID], int]) -> None:
-    """Raise ``StaleStateError`` when an aggregate a decision read has moved on."""
+VersionsOf = Callable[[list[UUID]], dict[UUID, int]]
+
+
+def stale_aggregate(unit: WriteUnit, current: Mapping[UUID, int]) -> UUID | None:
+    """The first aggregate a decision read that has moved on since, if any."""
     for aggregate_id, version in unit.expected.items():
-        if version_of(aggregate_id) != version:
-            raise StaleStateError(aggregate_id)
+        if current.get(aggregate_id, 0) != version:
+            return aggregate_id
+    return None
+
+
+def check_expected(unit: WriteUnit, versions_of: VersionsOf) -> None:
+    """Raise ``StaleStateError`` when an aggregate a decision read has moved on."""
+    if unit.expected:
+        stale = stale_aggregate(unit, versions_of(list(unit.expected)))
+        if stale is not None:
+            raise StaleStateError(stale)
+
+
+def write_reads(
+    cur: Cursor,
+    batch: Sequence[tuple[StoredEvent, WriteUnit]],
+    *,
+    versions_of: VersionsOf,
+    append: Callable[[list[StoredEvent]], list[int]],
+) -> list[BaseException | None]:
+    """Write a group-committed batch of read events; returns each one's error (or None).
+
+    A read whose decision is stale is refused alone (``StaleStateError``), the others are
+    appended together and projected with one catalog statement.
+    """
+    current = versions_of(list({a for _, unit in batch for a in unit.expected}))
+    errors: list[BaseException | None] = []
+    accepted: list[tuple[StoredEvent, WriteUnit]] = []
+    for stored, unit in batch:
+        stale = stale_aggregate(unit, current)
+        errors.append(None if stale is None else StaleStateError(stale))
+        if stale is None:
+            accepted.append((stored, unit))
+    if accepted:
+        positions = append([stored for stored, _ in accepted])
+        _PROJECTOR.apply_reads(
+            cur,
+            [
+                (position, unit.domain_events[0], unit.outcome)
+                for position, (_, unit) in zip(positions, accepted, strict=True)
+            ],
+        )
+    return errors

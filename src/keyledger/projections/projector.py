@@ -12,6 +12,8 @@ class Cursor(Protocol):
 
     def fetchone(self) -> Any: ...
 
+    def fetchall(self) -> Any: ...
+
 
 class Outcome:
     """What the projection learnt while applying a unit (e.g. the new access count)."""
