@@ -10,6 +10,7 @@ from typing import Literal
 
 from keyledger.application.keys import KeyCommands
 from keyledger.application.ledger import Ledger
+from keyledger.application.lifecycle import KeyLifecycle, RewrapResult
 from keyledger.application.queries import Queries
 from keyledger.application.read_models import (
     audit_position,
@@ -23,7 +24,13 @@ from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput
 from keyledger.infrastructure.settings import KeyledgerSettings
-from keyledger.models import AuditEntry, ReencryptResult, SecretInfo, TenantKeyInfo
+from keyledger.models import (
+    AuditEntry,
+    CleanupResult,
+    ReencryptResult,
+    SecretInfo,
+    TenantKeyInfo,
+)
 from keyledger.models import Secret as SecretModel
 from keyledger.validation import (
     check_aware,
@@ -54,6 +61,7 @@ class SecretService:
         self._queries = Queries(ledger)
         self._secrets = SecretCommands(ledger)
         self._keys = KeyCommands(ledger, self._queries)
+        self._lifecycle = KeyLifecycle(ledger, self._queries)
 
     @classmethod
     def create(
@@ -310,6 +318,60 @@ class SecretService:
         """``reencrypt_all`` for an explicit tenant (and actor)."""
         tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
         return self._keys.reencrypt_all(tenant_id, actor, progress)
+
+    def compromise_key(self, version: int, reason: str) -> TenantKeyInfo:
+        """Never use ``version`` again; an active version is replaced in the same step."""
+        tenant_id, actor = self._scope()
+        return self._compromise(tenant_id, version, reason, actor)
+
+    def compromise_key_for_tenant(
+        self,
+        tenant_id: str,
+        version: int,
+        reason: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> TenantKeyInfo:
+        """``compromise_key`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self._compromise(tenant_id, version, reason, actor)
+
+    def _compromise(self, tenant_id: str, version: int, reason: str, actor: Actor) -> TenantKeyInfo:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidInput("version must be a positive integer")
+        reason = check_optional_text("reason", reason) or ""
+        if not reason.strip():
+            raise InvalidInput("a compromise needs a reason")
+        return self._lifecycle.compromise(tenant_id, version, reason, actor)
+
+    def cleanup_retired_keys(
+        self, older_than_days: int = 90, *, user_id: str | None = None
+    ) -> CleanupResult:
+        """Destroy retired versions retired N+ days ago, across tenants, unless still in use."""
+        days = check_count("older_than_days", older_than_days) or 0
+        return self._lifecycle.cleanup_retired(days, make_actor(user_id))
+
+    def erase_tenant(
+        self, tenant_id: str, *, confirm: bool = False, user_id: str | None = None
+    ) -> builtins.list[int]:
+        """Destroy all the tenant's key versions: every value it stored becomes unrecoverable."""
+        tenant_id = check_identifier("tenant_id", tenant_id)
+        return self._lifecycle.erase_tenant(tenant_id, confirm is True, make_actor(user_id))
+
+    def rewrap_master_key(
+        self,
+        *,
+        user_id: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> RewrapResult:
+        """Re-wrap every tenant's usable key versions under the current master key."""
+        return self._lifecycle.rewrap(make_actor(user_id), progress)
+
+    def count_key_material(self) -> int:
+        """How many usable key versions have material (for progress bars)."""
+        return len(self._queries.usable_key_material())
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
         """Key versions of the current (or given) tenant; all tenants inside super_admin()."""

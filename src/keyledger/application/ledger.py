@@ -236,6 +236,14 @@ class Ledger(Application[UUID]):
         )
         return data_key, row
 
+    def forget_data_keys(self) -> None:
+        """Drop every unwrapped data key from memory (after keys were destroyed)."""
+        self._data_keys.clear()
+
+    def shred(self) -> None:
+        """Make the store drop deleted key material from its files (see the recorders)."""
+        self.store.shred()
+
     def remember_data_key(self, data_key: DataKey) -> None:
         self._data_keys.put((data_key.tenant_id, data_key.version, data_key.fingerprint), data_key)
 

@@ -10,6 +10,7 @@ from typing import Any
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.secret import effective_status
+from keyledger.infrastructure.write_unit import KeyMaterialRow
 from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
 from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
 
@@ -207,3 +208,27 @@ class Queries:
             )
             for row in rows
         ]
+
+    def retired_keys(self, retired_before: int) -> list[tuple[str, int]]:
+        """(tenant, version) of every retired version retired at or before the instant."""
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT tenant_id, version FROM kl_keys WHERE status='retired' "
+                "AND retired_at <= ? ORDER BY tenant_id, version",
+                (retired_before,),
+            )
+            return [(row[0], row[1]) for row in cur.fetchall()]
+
+    def usable_key_material(self) -> list[KeyMaterialRow]:
+        """Material of every active or retired version, by tenant and version."""
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT m.tenant_id, m.version, m.key_id, m.amk_id, m.wrapped, m.created_at "
+                "FROM kl_key_material m JOIN kl_keys k ON k.tenant_id=m.tenant_id "
+                "AND k.version=m.version AND k.key_id=m.key_id "
+                "WHERE k.status IN ('active', 'retired') ORDER BY m.tenant_id, m.version"
+            )
+            return [
+                KeyMaterialRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5])
+                for row in cur.fetchall()
+            ]

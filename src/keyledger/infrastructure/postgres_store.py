@@ -187,6 +187,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         positions = {(row[0], row[1]): int(row[2]) for row in cur.fetchall()}
         return [positions[(e.originator_id, e.originator_version)] for e in events]
 
+    def shred(self) -> None:
+        """VACUUM the key-material table so deleted rows leave its pages."""
+        with _translated(), self._connection() as conn:
+            conn.execute("VACUUM kl_key_material")
+
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append)."""
         with _translated(), self._connection() as conn:

@@ -62,6 +62,8 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
             self.is_journal_mode_wal = True
         # A completed store or read must survive a power cut: fsync the WAL on commit.
         conn.execute("PRAGMA synchronous=FULL")
+        # Destroyed key material must not linger in free pages (crypto-shredding).
+        conn.execute("PRAGMA secure_delete=FAST")
         conn.row_factory = sqlite3.Row
         return SQLiteConnection(sqlite_conn=conn, max_age=self.max_age)
 
@@ -193,6 +195,12 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     @property
     def _select_version_statement(self) -> str:
         return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
+
+    def shred(self) -> None:
+        # Deleted rows were overwritten in place (secure_delete); the WAL may still hold
+        # older copies of their pages until a checkpoint truncates it.
+        with self._datastore.writer() as conn:
+            conn.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @staticmethod
     def wait_for_events(seconds: float) -> None:

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from keyledger.errors import KeyInUse
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.projector import Cursor
@@ -39,12 +40,36 @@ class KeyledgerRecorder(Protocol):
     ) -> list[BaseException | None]:
         """Append a group-committed batch of read events in one transaction."""
 
+    def shred(self) -> None:
+        """Purge deleted key material from the database files (WAL, free pages)."""
+
     def wait_for_events(self, seconds: float) -> None:
         """Block until new events may exist (NOTIFY on PostgreSQL) or ``seconds`` passed."""
 
 
 def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> None:
     """Everything of ``unit`` after the event append, in the same transaction."""
+    for tenant_id, version in unit.require_unused:
+        cur.execute(
+            "SELECT COUNT(*) FROM kl_catalog WHERE tenant_id=? AND key_version=? AND deleted=0",
+            (tenant_id, version),
+        )
+        in_use = int(cur.fetchone()[0])
+        if in_use:
+            raise KeyInUse(
+                f"key version {version} of tenant {tenant_id!r} still encrypts "
+                f"{in_use} live secret(s)"
+            )
+    for tenant_id, version in unit.material_deletions:
+        cur.execute(
+            "DELETE FROM kl_key_material WHERE tenant_id=? AND version=?", (tenant_id, version)
+        )
+    for row in unit.material_rewraps:
+        cur.execute(
+            "UPDATE kl_key_material SET amk_id=?, wrapped=? "
+            "WHERE tenant_id=? AND version=? AND key_id=?",
+            (row.amk_id, row.wrapped, row.tenant_id, row.version, row.key_id),
+        )
     for row in unit.key_material:
         cur.execute(
             "INSERT INTO kl_key_material (tenant_id, version, key_id, amk_id, wrapped, "

@@ -23,7 +23,7 @@ class KeyMaterialRow:
 
 @dataclass
 class WriteUnit:
-    """One atomic write: events, stream-version checks, key material, projection outcome.
+    """One atomic write: events, checks, key-material changes, projection outcome.
 
     ``expected`` names aggregates that a decision was based on without being written: the
     write commits only if each is still at that version (0: no events), checked under the
@@ -32,6 +32,12 @@ class WriteUnit:
 
     expected: dict[UUID, int] = field(default_factory=dict)
     key_material: list[KeyMaterialRow] = field(default_factory=list)
+    # (tenant, version): every material row of the version is deleted (crypto-shredding).
+    material_deletions: list[tuple[str, int]] = field(default_factory=list)
+    # Rows whose wrapped key and AMK id are replaced (master-key rewrap).
+    material_rewraps: list[KeyMaterialRow] = field(default_factory=list)
+    # (tenant, version) that must have no live secret, checked under the write lock.
+    require_unused: list[tuple[str, int]] = field(default_factory=list)
     domain_events: list[Any] = field(default_factory=list)
     outcome: Outcome = field(default_factory=Outcome)
 

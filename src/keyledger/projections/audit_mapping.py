@@ -56,6 +56,10 @@ def _key_rotated(e: Any) -> AuditFacts:
     return AuditFacts(e.tenant_id, None, "rotate_key", "success", e.version, details, e.actor)
 
 
+def _key(action: str, e: Any, version: int | None, **details: Any) -> AuditFacts:
+    return AuditFacts(e.tenant_id, None, action, "success", version, details, e.actor)
+
+
 def _read(e: Any) -> AuditFacts:
     details = {"version": e.value_version}
     return AuditFacts(
@@ -85,6 +89,22 @@ _HANDLERS: dict[type, Any] = {
     Secret.SecretDeleted: lambda e: _secret("delete", e),
     TenantKeyring.TenantKeyCreated: _key_created,
     TenantKeyring.KeyRotated: _key_rotated,
+    TenantKeyring.KeyCompromised: lambda e: _key("compromise_key", e, e.version, reason=e.reason),
+    TenantKeyring.KeyDestroyed: lambda e: _key("destroy_key", e, e.version, reason=e.reason),
+    TenantKeyring.KeyRewrapped: lambda e: _key(
+        "rewrap_key", e, e.version, amk_id=e.amk_id, previous_amk_id=e.previous_amk_id
+    ),
+    TenantKeyring.TenantErased: lambda e: _key(
+        "erase_tenant", e, None, versions=e.versions, reason=e.reason
+    ),
+    TenantKeyring.DriftRepaired: lambda e: _key(
+        "repair",
+        e,
+        None,
+        issue_codes=e.issue_codes,
+        deleted_secrets=e.deleted_secrets,
+        destroyed_versions=e.destroyed_versions,
+    ),
     AuditRecord.SecretRead: _read,
     AuditRecord.SecretAccessDenied: _denied,
     AuditRecord.OperationFailed: _failed,

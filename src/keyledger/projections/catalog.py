@@ -185,3 +185,29 @@ class CatalogProjector:
             "retired_at) VALUES (?,?,?,?,'active',?,NULL)",
             (e.tenant_id, e.version, e.key_id, e.amk_id, ts),
         )
+
+    def _key_status(self, cur: Cursor, e: TenantKeyring.Event, version: int, status: str) -> None:
+        ts = to_micros(e.timestamp)
+        cur.execute(
+            "UPDATE kl_keys SET status=?, retired_at=COALESCE(retired_at, "
+            "CASE WHEN status='active' THEN ? END) WHERE tenant_id=? AND version=?",
+            (status, ts, e.tenant_id, version),
+        )
+
+    def _on_KeyCompromised(  # noqa: N802
+        self, cur: Cursor, e: TenantKeyring.KeyCompromised, _: Outcome
+    ) -> None:
+        self._key_status(cur, e, e.version, "compromised")
+
+    def _on_KeyDestroyed(self, cur: Cursor, e: TenantKeyring.KeyDestroyed, _: Outcome) -> None:  # noqa: N802
+        self._key_status(cur, e, e.version, "destroyed")
+
+    def _on_TenantErased(self, cur: Cursor, e: TenantKeyring.TenantErased, _: Outcome) -> None:  # noqa: N802
+        for version in e.versions:
+            self._key_status(cur, e, version, "destroyed")
+
+    def _on_KeyRewrapped(self, cur: Cursor, e: TenantKeyring.KeyRewrapped, _: Outcome) -> None:  # noqa: N802
+        cur.execute(
+            "UPDATE kl_keys SET amk_id=? WHERE tenant_id=? AND version=?",
+            (e.amk_id, e.tenant_id, e.version),
+        )

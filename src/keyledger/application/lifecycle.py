@@ -1,0 +1,217 @@
+"""The key lifecycle: compromise, cleanup of retired versions, master-key rewrap, erasure.
+
+Each step is one atomic write (events and key-material changes in one transaction), so
+an operation killed at any point leaves either the old or the new state of each key
+version, and running it again completes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from keyledger.application.ledger import Ledger
+from keyledger.application.queries import Queries
+from keyledger.application.secrets import actor_dict
+from keyledger.context import Actor
+from keyledger.domain.ids import ActorDict
+from keyledger.domain.keyring import TenantKeyring
+from keyledger.errors import (
+    ConfirmationRequired,
+    DecryptionFailed,
+    InvalidInput,
+    KeyInUse,
+)
+from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
+from keyledger.models import CleanupKeyOutcome, CleanupResult, TenantKeyInfo
+from keyledger.projections.timeutil import to_micros
+
+Progress = Callable[[int], None]
+
+
+class RewrapResult(BaseModel):
+    """What a master-key rewrap did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    amk_id: str
+    rewrapped: int
+    already_current: int
+    failed: int
+    failures: list[str]
+
+
+class KeyLifecycle:
+    """Operator-level key operations (see docs/operations.md for the runbooks)."""
+
+    def __init__(self, ledger: Ledger, queries: Queries) -> None:
+        self.ledger = ledger
+        self.queries = queries
+
+    def _keyring(self, tenant_id: str, fresh: bool) -> TenantKeyring:
+        keyring = self.ledger.keyring(tenant_id, fresh=fresh)
+        if keyring is None:
+            raise InvalidInput(f"tenant {tenant_id!r} has no keys")
+        return keyring
+
+    def _info(self, tenant_id: str, version: int) -> TenantKeyInfo:
+        return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
+
+    # -- compromise ---------------------------------------------------------------------
+
+    def compromise(self, tenant_id: str, version: int, reason: str, actor: Actor) -> TenantKeyInfo:
+        """Never use ``version`` again; a compromised active version is replaced at once."""
+        who = actor_dict(actor)
+
+        def attempt(n: int) -> None:
+            keyring = self._keyring(tenant_id, fresh=n > 0)
+            key = keyring.keys.get(version)
+            if key is None:
+                raise InvalidInput(f"tenant {tenant_id!r} has no key version {version}")
+            if key.status in ("compromised", "destroyed"):
+                return  # already out of use: nothing to record
+            changed = self.ledger.for_update(keyring)
+            changed.compromise(version, reason, who)
+            unit = WriteUnit()
+            if key.status == "active":
+                data_key, row = self.ledger.new_data_key(tenant_id, changed.next_version)
+                changed.rotate(data_key.fingerprint, row.amk_id, who)
+                unit.key_material.append(row)
+            self.ledger.commit(changed, unit=unit)
+
+        self.ledger.retrying(attempt)
+        self.ledger.forget_data_keys()
+        return self._info(tenant_id, version)
+
+    # -- cleanup ------------------------------------------------------------------------
+
+    def cleanup_retired(self, older_than_days: int, actor: Actor) -> CleanupResult:
+        """Destroy retired versions retired at or before now - N days, unless still in use."""
+        who = actor_dict(actor)
+        cutoff = to_micros(self.ledger.clock() - timedelta(days=older_than_days))
+        outcomes: list[CleanupKeyOutcome] = []
+        for tenant_id, version in self.queries.retired_keys(cutoff):
+            outcome, reason = self._destroy_retired(tenant_id, version, who)
+            outcomes.append(
+                CleanupKeyOutcome(
+                    tenant_id=tenant_id, version=version, outcome=outcome, reason=reason
+                )
+            )
+        destroyed = sum(o.outcome == "destroyed" for o in outcomes)
+        if destroyed:
+            self.ledger.forget_data_keys()
+            self.ledger.shred()
+        return CleanupResult(destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes)
+
+    def _destroy_retired(
+        self, tenant_id: str, version: int, who: ActorDict
+    ) -> tuple[Literal["destroyed", "skipped"], str | None]:
+        def attempt(n: int) -> tuple[Literal["destroyed", "skipped"], str | None]:
+            keyring = self._keyring(tenant_id, fresh=n > 0)
+            if keyring.keys[version].status != "retired":
+                return "skipped", f"no longer retired ({keyring.keys[version].status})"
+            changed = self.ledger.for_update(keyring)
+            changed.destroy(version, "cleanup of retired key versions", who)
+            unit = WriteUnit(
+                require_unused=[(tenant_id, version)], material_deletions=[(tenant_id, version)]
+            )
+            try:
+                self.ledger.commit(changed, unit=unit)
+            except KeyInUse as error:
+                return "skipped", str(error)
+            return "destroyed", None
+
+        return self.ledger.retrying(attempt)
+
+    # -- erasure ------------------------------------------------------------------------
+
+    def erase_tenant(self, tenant_id: str, confirm: bool, actor: Actor) -> list[int]:
+        """Destroy every key version of the tenant; its values become unrecoverable."""
+        if not confirm:
+            raise ConfirmationRequired(
+                f"erasing tenant {tenant_id!r} destroys every value it stored: confirm it"
+            )
+        who = actor_dict(actor)
+
+        def attempt(n: int) -> list[int]:
+            keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
+            if keyring is None:
+                return []
+            changed = self.ledger.for_update(keyring)
+            versions = changed.erase("tenant erasure", who)
+            unit = WriteUnit(material_deletions=[(tenant_id, v) for v in sorted(keyring.keys)])
+            self.ledger.commit(changed, unit=unit)
+            return versions
+
+        versions = self.ledger.retrying(attempt)
+        self.ledger.forget_data_keys()
+        self.ledger.shred()
+        return versions
+
+    # -- master-key rewrap --------------------------------------------------------------
+
+    def rewrap(self, actor: Actor, progress: Progress | None = None) -> RewrapResult:
+        """Wrap every usable key version under the current AMK; resumable, values untouched."""
+        who = actor_dict(actor)
+        amk = self.ledger.current_master_key()
+        rows_by_tenant: dict[str, list[KeyMaterialRow]] = {}
+        for row in self.queries.usable_key_material():
+            rows_by_tenant.setdefault(row.tenant_id, []).append(row)
+        rewrapped = current = 0
+        failures: list[str] = []
+        for tenant_id, rows in rows_by_tenant.items():
+            done, fresh_ok, failed = self._rewrap_tenant(tenant_id, rows, amk.amk_id, who)
+            rewrapped, current = rewrapped + done, current + fresh_ok
+            failures += failed
+            if progress:
+                progress(len(rows))
+        return RewrapResult(
+            amk_id=amk.amk_id,
+            rewrapped=rewrapped,
+            already_current=current,
+            failed=len(failures),
+            failures=failures,
+        )
+
+    def _rewrap_tenant(
+        self, tenant_id: str, rows: list[KeyMaterialRow], amk_id: str, who: ActorDict
+    ) -> tuple[int, int, list[str]]:
+        amk = self.ledger.current_master_key()
+
+        def attempt(n: int) -> tuple[int, int, list[str]]:
+            keyring = self._keyring(tenant_id, fresh=n > 0)
+            changed = self.ledger.for_update(keyring)
+            unit = WriteUnit()
+            current, failures = 0, list[str]()
+            for row in rows:
+                key = keyring.keys.get(row.version)
+                if key is None or key.key_id != row.key_id:
+                    continue  # orphaned material: left to the drift repair
+                if row.amk_id == amk_id and key.amk_id == amk_id:
+                    current += 1
+                    continue
+                old = self.ledger.master_keys.get(row.amk_id)
+                where = f"tenant {tenant_id!r} key version {row.version}"
+                if old is None:
+                    failures.append(f"{where}: wrapped by unknown master key {row.amk_id}")
+                    continue
+                try:
+                    raw = old.unwrap(tenant_id, row.version, row.wrapped)
+                except DecryptionFailed:
+                    failures.append(f"{where}: does not unwrap with master key {row.amk_id}")
+                    continue
+                wrapped = amk.wrap(tenant_id, row.version, raw)
+                unit.material_rewraps.append(
+                    KeyMaterialRow(
+                        tenant_id, row.version, row.key_id, amk_id, wrapped, row.created_at
+                    )
+                )
+                changed.rewrap(row.version, amk_id, who)
+            if unit.material_rewraps:
+                self.ledger.commit(changed, unit=unit)
+            return len(unit.material_rewraps), current, failures
+
+        return self.ledger.retrying(attempt)
