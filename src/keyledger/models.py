@@ -126,3 +126,14 @@ class CleanupResult(_Frozen):
     destroyed: int
     skipped: int
     keys: list[CleanupKeyOutcome]
+
+
+class KeyDue(_Frozen):
+    """An active key version that the rotation policy says is due for rotation."""
+
+    tenant_id: str
+    version: int
+    created_at: datetime
+    age_days: float
+    encryptions: int
+    reasons: list[str]

@@ -8,6 +8,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Literal
 
+from keyledger.application.drift import diagnose
 from keyledger.application.keys import KeyCommands
 from keyledger.application.ledger import Ledger
 from keyledger.application.lifecycle import KeyLifecycle, RewrapResult
@@ -18,6 +19,7 @@ from keyledger.application.read_models import (
     follow,
     rebuild_read_models,
 )
+from keyledger.application.repair import repair
 from keyledger.application.schema_check import SchemaStatus, check_schema
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
@@ -27,11 +29,15 @@ from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import (
     AuditEntry,
     CleanupResult,
+    DriftReport,
+    KeyDue,
     ReencryptResult,
+    RepairResult,
     SecretInfo,
     TenantKeyInfo,
 )
 from keyledger.models import Secret as SecretModel
+from keyledger.projections.timeutil import from_micros
 from keyledger.validation import (
     check_aware,
     check_count,
@@ -372,6 +378,77 @@ class SecretService:
     def count_key_material(self) -> int:
         """How many usable key versions have material (for progress bars)."""
         return len(self._queries.usable_key_material())
+
+    # -- drift --------------------------------------------------------------------------
+
+    def diagnose_tenant_secret_key_drift(
+        self, tenant_id: str, secret_names: builtins.list[str] | None = None
+    ) -> DriftReport:
+        """Diagnose how a tenant's secrets and keys drifted apart; never decrypts a value."""
+        tenant_id = check_identifier("tenant_id", tenant_id)
+        names = (
+            None
+            if secret_names is None
+            else [check_identifier("secret name", name) for name in secret_names]
+        )
+        return diagnose(self._ledger, tenant_id, names)
+
+    def diagnose_current_tenant_secret_key_drift(
+        self, secret_names: builtins.list[str] | None = None
+    ) -> DriftReport:
+        """``diagnose_tenant_secret_key_drift`` for the tenant of the current scope."""
+        tenant_id, _ = self._scope()
+        return self.diagnose_tenant_secret_key_drift(tenant_id, secret_names)
+
+    def repair_tenant_secret_key_drift(
+        self,
+        tenant_id: str,
+        *,
+        dry_run: bool = False,
+        confirm_delete_unrecoverable_data: bool = False,
+        user_id: str | None = None,
+    ) -> RepairResult:
+        """Repair drift; deleting anything needs ``confirm_delete_unrecoverable_data``."""
+        tenant_id = check_identifier("tenant_id", tenant_id)
+        return repair(
+            self._ledger,
+            self._lifecycle,
+            tenant_id,
+            dry_run=dry_run is True,
+            confirm=confirm_delete_unrecoverable_data is True,
+            actor=make_actor(user_id),
+        )
+
+    def keys_due(self) -> builtins.list[KeyDue]:
+        """Active key versions past KEYLEDGER_KEY_MAX_AGE_DAYS or the encryption budget."""
+        now = self._ledger.clock()
+        due = []
+        for tenant_id, version, created, encryptions in self._queries.active_key_usage():
+            created_at = from_micros(created)
+            age_days = (now - created_at).total_seconds() / 86400
+            reasons = []
+            if age_days >= self._settings.key_max_age_days:
+                reasons.append(f"older than {self._settings.key_max_age_days:g} days")
+            if encryptions >= self._settings.key_max_encryptions:
+                reasons.append(f"{encryptions} encryptions under it")
+            if reasons:
+                due.append(
+                    KeyDue(
+                        tenant_id=tenant_id,
+                        version=version,
+                        created_at=created_at,
+                        age_days=round(age_days, 3),
+                        encryptions=encryptions,
+                        reasons=reasons,
+                    )
+                )
+        return due
+
+    def rotate_due_keys(self, *, user_id: str | None = None) -> builtins.list[TenantKeyInfo]:
+        """Rotate every tenant whose active key version is due."""
+        return [
+            self.rotate_key_for_tenant(key.tenant_id, user_id=user_id) for key in self.keys_due()
+        ]
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
         """Key versions of the current (or given) tenant; all tenants inside super_admin()."""

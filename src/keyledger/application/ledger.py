@@ -240,6 +240,17 @@ class Ledger(Application[UUID]):
         """Drop every unwrapped data key from memory (after keys were destroyed)."""
         self._data_keys.clear()
 
+    def delete_key_material(self, rows: list[tuple[str, int, str | None]]) -> None:
+        """Delete stray key material (orphaned, or of destroyed versions): no event, since
+        no key fact changes; the drift repair that calls this is itself audited."""
+        with self.writing() as cur:
+            for tenant_id, version, key_id in rows:
+                cur.execute(
+                    "DELETE FROM kl_key_material WHERE tenant_id=? AND version=? "
+                    "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
+                    (tenant_id, version, key_id, key_id),
+                )
+
     def shred(self) -> None:
         """Make the store drop deleted key material from its files (see the recorders)."""
         self.store.shred()

@@ -116,7 +116,8 @@ class KeyLifecycle:
             changed = self.ledger.for_update(keyring)
             changed.destroy(version, "cleanup of retired key versions", who)
             unit = WriteUnit(
-                require_unused=[(tenant_id, version)], material_deletions=[(tenant_id, version)]
+                require_unused=[(tenant_id, version)],
+                material_deletions=[(tenant_id, version, None)],
             )
             try:
                 self.ledger.commit(changed, unit=unit)
@@ -142,7 +143,9 @@ class KeyLifecycle:
                 return []
             changed = self.ledger.for_update(keyring)
             versions = changed.erase("tenant erasure", who)
-            unit = WriteUnit(material_deletions=[(tenant_id, v) for v in sorted(keyring.keys)])
+            unit = WriteUnit(
+                material_deletions=[(tenant_id, v, None) for v in sorted(keyring.keys)]
+            )
             self.ledger.commit(changed, unit=unit)
             return versions
 
@@ -153,12 +156,14 @@ class KeyLifecycle:
 
     # -- master-key rewrap --------------------------------------------------------------
 
-    def rewrap(self, actor: Actor, progress: Progress | None = None) -> RewrapResult:
+    def rewrap(
+        self, actor: Actor, progress: Progress | None = None, tenant_id: str | None = None
+    ) -> RewrapResult:
         """Wrap every usable key version under the current AMK; resumable, values untouched."""
         who = actor_dict(actor)
         amk = self.ledger.current_master_key()
         rows_by_tenant: dict[str, list[KeyMaterialRow]] = {}
-        for row in self.queries.usable_key_material():
+        for row in self.queries.usable_key_material(tenant_id):
             rows_by_tenant.setdefault(row.tenant_id, []).append(row)
         rewrapped = current = 0
         failures: list[str] = []

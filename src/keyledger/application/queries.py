@@ -219,16 +219,34 @@ class Queries:
             )
             return [(row[0], row[1]) for row in cur.fetchall()]
 
-    def usable_key_material(self) -> list[KeyMaterialRow]:
-        """Material of every active or retired version, by tenant and version."""
+    def usable_key_material(self, tenant_id: str | None = None) -> list[KeyMaterialRow]:
+        """Material of every active or retired version (of one tenant), by tenant, version."""
         with self.ledger.reading() as cur:
             cur.execute(
                 "SELECT m.tenant_id, m.version, m.key_id, m.amk_id, m.wrapped, m.created_at "
                 "FROM kl_key_material m JOIN kl_keys k ON k.tenant_id=m.tenant_id "
                 "AND k.version=m.version AND k.key_id=m.key_id "
-                "WHERE k.status IN ('active', 'retired') ORDER BY m.tenant_id, m.version"
+                "WHERE k.status IN ('active', 'retired') "
+                "AND (CAST(? AS TEXT) IS NULL OR m.tenant_id=?) ORDER BY m.tenant_id, m.version",
+                (tenant_id, tenant_id),
             )
             return [
                 KeyMaterialRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5])
                 for row in cur.fetchall()
             ]
+
+    def active_key_usage(self) -> list[tuple[str, int, int, int]]:
+        """(tenant, version, created_at, encryptions) of every active version.
+
+        Encryptions are the successful stores and re-encryptions under the version, counted
+        in the audit model (caught up first).
+        """
+        catch_up_audit(self.ledger)
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT k.tenant_id, k.version, k.created_at, (SELECT COUNT(*) FROM kl_audit a "
+                "WHERE a.tenant_id=k.tenant_id AND a.key_version=k.version "
+                "AND a.action IN ('create', 'update') AND a.result='success') "
+                "FROM kl_keys k WHERE k.status='active' ORDER BY k.tenant_id"
+            )
+            return [(row[0], row[1], row[2], int(row[3])) for row in cur.fetchall()]

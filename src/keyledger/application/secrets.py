@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from keyledger.application.drift import diagnose
 from keyledger.application.ledger import Conflict, Ledger
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
@@ -19,6 +20,7 @@ from keyledger.errors import (
     MasterKeyUnavailable,
     SecretDisabled,
     SecretExpired,
+    SecretKeyDriftError,
     SecretNotFound,
 )
 from keyledger.infrastructure.crypto import DataKey
@@ -200,21 +202,35 @@ class SecretCommands:
         except (DecryptionFailed, MasterKeyUnavailable) as error:
             if not fresh:
                 raise Conflict from None
+            raised = self._explain(error, tenant_id, name)
             self._record_failure(
                 tenant_id,
                 name,
                 "read",
-                error,
+                raised,
                 secret.key_version,
                 who,
                 expected=_versions(secret, keyring),
             )
-            raise
+            raise raised from None
         record = AuditRecord.read(tenant_id, name, secret.value_version, secret.key_version, who)
         unit = self.ledger.commit_read(record, WriteUnit(expected=_versions(secret, keyring)))
         outcome = unit.outcome
         fields = secret_fields(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
         return SecretModel.model_construct(**fields, value=value)
+
+    def _explain(self, error: KeyledgerError, tenant_id: str, name: str) -> KeyledgerError:
+        """A decryption failure that a drift diagnosis explains becomes SecretKeyDriftError."""
+        if not isinstance(error, DecryptionFailed):
+            return error
+        report = diagnose(self.ledger, tenant_id, [name])
+        if report.ok:
+            return error
+        return SecretKeyDriftError(
+            f"secret {name!r} of tenant {tenant_id!r} cannot be decrypted: key drift "
+            f"({', '.join(sorted({i.code for i in report.issues if i.severity == 'error'}))})",
+            report,
+        )
 
     def _decrypt(self, secret: Secret, keyring: TenantKeyring | None) -> str | bytes:
         key = keyring.keys.get(secret.key_version) if keyring is not None else None

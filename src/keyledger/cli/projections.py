@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import click
 
 from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
 from keyledger.cli.root import CliContext, pass_cli
+
+# The read models, in the order the library builds them; a rebuild always does all three.
+READ_MODELS = ("catalog", "audit", "keys")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @click.group("projections")
@@ -16,12 +25,14 @@ def projections_group() -> None:
 
 
 @projections_group.command("rebuild")
+@click.argument("name", required=False, type=click.Choice(READ_MODELS))
 @json_option
 @pass_cli
-def rebuild(cli: CliContext) -> None:
+def rebuild(cli: CliContext, name: str | None) -> None:
     """Drop every read model and rebuild it from the event stream.
 
-    Readers keep seeing the old rows until the rebuild commits.
+    NAME (catalog, audit or keys) is accepted, but the read models are always rebuilt
+    together, in one transaction. Readers keep seeing the old rows until the rebuild commits.
     """
     service = cli.service
     if is_terminal("stderr"):
@@ -32,18 +43,94 @@ def rebuild(cli: CliContext) -> None:
         replayed = service.rebuild_read_models()
     if cli.json_output:
         emit_json({"events_replayed": replayed})
-    else:
+    elif name is None:
         click.echo(f"Rebuilt the read models from {replayed} events.")
+    else:
+        click.echo(
+            f"Rebuilt all the read models ({', '.join(READ_MODELS)}), not only {name!r}: "
+            f"they are rebuilt together. Replayed {replayed} events."
+        )
 
 
 @projections_group.command("status")
 @json_option
 @pass_cli
 def status(cli: CliContext) -> None:
-    """Show how far each read model has projected the stream."""
+    """Show how far each read model has projected the stream (BEHIND is the lag)."""
     positions = cli.service.read_model_status()
     if cli.json_output:
         emit_json({name: {"position": p, "head": h} for name, (p, h) in positions.items()})
     else:
         rows = [(name, str(p), str(h), str(h - p)) for name, (p, h) in positions.items()]
         emit_table(("READ MODEL", "POSITION", "HEAD", "BEHIND"), rows)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """A ``stop()`` that turns true on SIGINT or SIGTERM; a second SIGINT interrupts at once.
+
+    The previous handlers come back when the block ends. Outside the main thread (where no
+    handler can be installed) ``stop()`` stays false.
+    """
+    requested = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
+    try:
+        yield requested.is_set
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@projections_group.command("run")
+@click.option(
+    "--idle-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="How long to wait for new events before looking again; a stop request is "
+    "honoured within this time.",
+)
+@click.option("--once", is_flag=True, help="Catch up once and exit instead of following.")
+@json_option
+@pass_cli
+def run(cli: CliContext, idle_seconds: float, once: bool) -> None:
+    """Keep the lagging read models current for every process: the projection worker.
+
+    Follows the event stream (LISTEN/NOTIFY on PostgreSQL, polling on SQLite) and applies
+    new events until SIGINT or SIGTERM, printing progress on stderr. Each catch-up is one
+    transaction, so a killed worker resumes where it stopped and applies nothing twice.
+    """
+    service = cli.service
+    if once:
+        applied = service.catch_up_read_models()
+    else:
+        behind = {name: h - p for name, (p, h) in service.read_model_status().items()}
+        lag = ", ".join(f"{name} {count}" for name, count in behind.items())
+        click.echo(f"Following the event stream (events behind: {lag}).", err=True)
+        total = 0
+
+        def progress(count: int) -> None:
+            nonlocal total
+            total += count
+            click.echo(f"Applied {count} events ({total} since start).", err=True)
+
+        with stop_on_signals() as stop:
+            applied = service.follow_read_models(
+                stop=stop, idle_seconds=idle_seconds, on_progress=progress
+            )
+        click.echo("Stopped.", err=True)
+    if cli.json_output:
+        emit_json({"events_applied": applied})
+    elif once:
+        click.echo(f"Applied {applied} events; the read models have caught up.")
+    else:
+        click.echo(f"Applied {applied} events.")

@@ -25,19 +25,16 @@ import hashlib
 import hmac
 import os
 import string
-import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keyledger.domain.envelope import ALGORITHM_AES256GCM, ENVELOPE_FORMAT, HEADER, NONCE_BYTES
 from keyledger.errors import DecryptionFailed, InvalidMasterKey
 
 KEY_BYTES = 32
-NONCE_BYTES = 12
-ENVELOPE_FORMAT = 1
-ALGORITHM_AES256GCM = 1
-_HEADER = struct.Struct(">BBI")
+_HEADER = HEADER
 _AMK_ID_LABEL = b"keyledger:amk-id:v1"
 _TDEK_FINGERPRINT_LABEL = b"keyledger:tdek-fingerprint:v1"
 
@@ -131,11 +128,6 @@ class Envelope:
     @property
     def header(self) -> bytes:
         return _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, self.key_version)
-
-
-def envelope_key_version(blob: bytes) -> int:
-    """The key version an envelope names (``EnvelopeInvalid`` when unparsable)."""
-    return Envelope.parse(blob).key_version
 
 
 class DataKey:

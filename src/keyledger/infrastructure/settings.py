@@ -26,3 +26,6 @@ class KeyledgerSettings(BaseSettings):
     key_cache_seconds: float = Field(default=300.0, ge=0)
     lock_timeout_seconds: int = Field(default=30, gt=0)
     create_tables: bool = True
+    key_max_age_days: float = Field(default=90.0, gt=0)
+    # NIST SP 800-38D caps random 96-bit nonces at 2^32 encryptions per key; rotate well before.
+    key_max_encryptions: int = Field(default=2**30, gt=0)

@@ -60,9 +60,11 @@ def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> N
                 f"key version {version} of tenant {tenant_id!r} still encrypts "
                 f"{in_use} live secret(s)"
             )
-    for tenant_id, version in unit.material_deletions:
+    for tenant_id, version, key_id in unit.material_deletions:
         cur.execute(
-            "DELETE FROM kl_key_material WHERE tenant_id=? AND version=?", (tenant_id, version)
+            "DELETE FROM kl_key_material WHERE tenant_id=? AND version=? "
+            "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
+            (tenant_id, version, key_id, key_id),
         )
     for row in unit.material_rewraps:
         cur.execute(

@@ -32,8 +32,9 @@ class WriteUnit:
 
     expected: dict[UUID, int] = field(default_factory=dict)
     key_material: list[KeyMaterialRow] = field(default_factory=list)
-    # (tenant, version): every material row of the version is deleted (crypto-shredding).
-    material_deletions: list[tuple[str, int]] = field(default_factory=list)
+    # (tenant, version, key_id): material rows deleted (crypto-shredding); a key_id of
+    # None deletes every row of the version.
+    material_deletions: list[tuple[str, int, str | None]] = field(default_factory=list)
     # Rows whose wrapped key and AMK id are replaced (master-key rewrap).
     material_rewraps: list[KeyMaterialRow] = field(default_factory=list)
     # (tenant, version) that must have no live secret, checked under the write lock.

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from keyledger.domain.access import AuditRecord
+from keyledger.domain.envelope import envelope_key_version
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.projections.projector import Cursor, Outcome
@@ -18,7 +19,7 @@ from keyledger.projections.timeutil import optional_micros, to_micros
 
 _CATALOG_UPSERT_FIELDS = (
     "disabled=?, expired=?, deleted=0, category=?, description=?, metadata=?, version=?, "
-    "key_version=?, expires_at=?, updated_at=?"
+    "key_version=?, envelope_version=?, expires_at=?, updated_at=?"
 )
 
 
@@ -45,9 +46,9 @@ class CatalogProjector:
         outcome.access_count, outcome.last_accessed_at = 0, None
         cur.execute(
             "INSERT INTO kl_catalog (secret_id, tenant_id, name, disabled, expired, deleted, "
-            "category, description, metadata, version, key_version, expires_at, created_at, "
-            "updated_at, access_count, last_accessed_at) "
-            "VALUES (?,?,?,0,0,0,?,?,?,1,?,?,?,?,0,NULL)",
+            "category, description, metadata, version, key_version, envelope_version, "
+            "expires_at, created_at, updated_at, access_count, last_accessed_at) "
+            "VALUES (?,?,?,0,0,0,?,?,?,1,?,?,?,?,?,0,NULL)",
             (
                 e.originator_id.hex,
                 e.tenant_id,
@@ -56,6 +57,7 @@ class CatalogProjector:
                 e.description,
                 _metadata(e.metadata),
                 e.key_version,
+                envelope_key_version(e.envelope),
                 optional_micros(e.expires_at),
                 ts,
                 ts,
@@ -73,6 +75,7 @@ class CatalogProjector:
             _metadata(e.metadata),
             e.value_version,
             e.key_version,
+            envelope_key_version(e.envelope),
             optional_micros(e.expires_at),
             ts,
         )
@@ -107,8 +110,8 @@ class CatalogProjector:
         self, cur: Cursor, e: Secret.SecretReencrypted, _: Outcome
     ) -> None:
         cur.execute(
-            "UPDATE kl_catalog SET key_version=? WHERE tenant_id=? AND name=?",
-            (e.key_version, e.tenant_id, e.name),
+            "UPDATE kl_catalog SET key_version=?, envelope_version=? WHERE tenant_id=? AND name=?",
+            (e.key_version, envelope_key_version(e.envelope), e.tenant_id, e.name),
         )
 
     def _on_SecretDeleted(self, cur: Cursor, e: Secret.SecretDeleted, _: Outcome) -> None:  # noqa: N802

@@ -32,6 +32,7 @@ _STATEMENTS = (
         metadata TEXT NOT NULL,
         version INTEGER NOT NULL,
         key_version INTEGER NOT NULL,
+        envelope_version INTEGER,
         expires_at {bigint},
         created_at {bigint} NOT NULL,
         updated_at {bigint} NOT NULL,

@@ -1,0 +1,367 @@
+"""Key-drift diagnosis (SPEC section 5): read models and key probes, never a value.
+
+A diagnosis reads one tenant's key inventory, key material and live secrets from the read
+models, unwraps each relevant key version once to test it (the data key is dropped at
+once), and reports every way the secrets and keys have drifted apart. It never decrypts a
+secret value. Without a master key, it marks nothing destructive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from keyledger.application.ledger import Ledger
+from keyledger.application.read_models import audit_position
+from keyledger.errors import DecryptionFailed
+from keyledger.infrastructure.crypto import DataKey
+from keyledger.models import DriftIssue, DriftReport
+
+NONE = "none"
+STORE_FRESH = "store-fresh-secret-value"
+REWRAP = "rewrap-tenant-encryption-key"
+DELETE_KEY = "delete-unusable-tenant-encryption-key"
+DELETE_SECRET = "delete-unrecoverable-secret"  # noqa: S105 (an action name)
+REENCRYPT = "reencrypt"
+DELETE_MATERIAL = "delete-orphaned-key-material"
+REBUILD = "rebuild-read-models"
+CATCH_UP = "catch-up-read-models"
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    version: int
+    key_id: str
+    amk_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class MaterialRow:
+    version: int
+    key_id: str
+    amk_id: str
+    wrapped: bytes
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a key version's material unwraps, and if not, why."""
+
+    usable: bool
+    reason: str | None = None
+    amk_id: str | None = None
+    unknown_amk: bool = False
+
+
+class Diagnosis:
+    """One tenant's diagnosis; ``issues`` fills as the checks run."""
+
+    def __init__(self, ledger: Ledger, tenant_id: str, secret_names: list[str] | None) -> None:
+        self.ledger = ledger
+        self.tenant_id = tenant_id
+        self.names = None if secret_names is None else set(secret_names)
+        self.issues: list[DriftIssue] = []
+        self._probes: dict[int, Probe] = {}
+        self._load()
+
+    def _load(self) -> None:
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT version, key_id, amk_id, status FROM kl_keys WHERE tenant_id=? "
+                "ORDER BY version",
+                (self.tenant_id,),
+            )
+            self.keys = {row[0]: KeyRow(*row) for row in cur.fetchall()}
+            cur.execute(
+                "SELECT version, key_id, amk_id, wrapped FROM kl_key_material "
+                "WHERE tenant_id=? ORDER BY version",
+                (self.tenant_id,),
+            )
+            self.material = [
+                MaterialRow(row[0], row[1], row[2], bytes(row[3])) for row in cur.fetchall()
+            ]
+            cur.execute(
+                "SELECT name, key_version, envelope_version FROM kl_catalog "
+                "WHERE tenant_id=? AND deleted=0 ORDER BY name",
+                (self.tenant_id,),
+            )
+            self.secrets = [
+                (row[0], row[1], row[2])
+                for row in cur.fetchall()
+                if self.names is None or row[0] in self.names
+            ]
+
+    def add(
+        self,
+        code: str,
+        severity: str,
+        repair_action: str,
+        message: str,
+        *,
+        secret_name: str | None = None,
+        key_version: int | None = None,
+        **details: Any,
+    ) -> None:
+        self.issues.append(
+            DriftIssue(
+                code=code,
+                severity=severity,
+                message=message,
+                repair_action=repair_action,
+                secret_name=secret_name,
+                key_version=key_version,
+                details=details,
+            )
+        )
+
+    # -- probing keys -------------------------------------------------------------------
+
+    def probe(self, version: int) -> Probe:
+        if version not in self._probes:
+            self._probes[version] = self._probe(version)
+        return self._probes[version]
+
+    def _probe(self, version: int) -> Probe:
+        key = self.keys[version]
+        rows = [m for m in self.material if m.version == version and m.key_id == key.key_id]
+        if not rows:
+            return Probe(False, "its key material is missing")
+        row = rows[0]
+        amk = self.ledger.master_keys.get(row.amk_id)
+        if amk is None:
+            return Probe(
+                False,
+                f"it is wrapped by master key {row.amk_id}, which is not configured; adding "
+                "that master key to KEYLEDGER_PREVIOUS_MASTER_KEYS recovers every value",
+                row.amk_id,
+                unknown_amk=True,
+            )
+        try:
+            raw = amk.unwrap(self.tenant_id, version, row.wrapped)
+        except DecryptionFailed:
+            return Probe(False, f"it does not unwrap with master key {row.amk_id}", row.amk_id)
+        if DataKey(self.tenant_id, version, raw).fingerprint != key.key_id:
+            return Probe(False, "its material does not match its fingerprint", row.amk_id)
+        return Probe(True, amk_id=row.amk_id)
+
+    # -- the checks ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._check_projection()
+        if self.ledger.master_keys.current is None:
+            self.add(
+                "amk_unavailable",
+                "error",
+                NONE,
+                "no master key is configured (KEYLEDGER_MASTER_KEY): keys cannot be tested; "
+                "nothing is unrecoverable because of it, so nothing is marked for deletion",
+            )
+            self._check_secret_key_statuses()
+            return
+        self._check_active_key()
+        self._check_secrets()
+        self._check_material()
+
+    def _check_projection(self) -> None:
+        reached, head = audit_position(self.ledger)
+        if reached < head:
+            self.add(
+                "projection_behind",
+                "info",
+                CATCH_UP,
+                f"the audit read model is {head - reached} events behind the stream",
+                read_model="audit",
+                position=reached,
+                head=head,
+            )
+
+    def active_key(self) -> KeyRow | None:
+        return next((k for k in self.keys.values() if k.status == "active"), None)
+
+    def _check_active_key(self) -> None:
+        active = self.active_key()
+        live = bool(self.secrets)
+        if active is None:
+            if live:
+                self.add(
+                    "missing_active_tenant_encryption_key",
+                    "error",
+                    STORE_FRESH,
+                    f"tenant {self.tenant_id!r} has live secrets but no active key version",
+                )
+                self._no_usable_active_key()
+            return
+        probe = self.probe(active.version)
+        current = self.ledger.master_keys.current
+        if probe.usable and current is not None and probe.amk_id != current.amk_id:
+            self.add(
+                "active_tenant_encryption_key_amk_mismatch",
+                "warning",
+                REWRAP,
+                f"active key version {active.version} is wrapped by previous master key "
+                f"{probe.amk_id}; run `keyledger master-key rewrap`",
+                key_version=active.version,
+                amk_id=probe.amk_id,
+                current_amk_id=current.amk_id,
+            )
+        if not probe.usable:
+            self.add(
+                "active_tenant_encryption_key_unwrap_failed",
+                "error",
+                DELETE_KEY,
+                f"active key version {active.version} cannot be used: {probe.reason}",
+                key_version=active.version,
+                amk_id=probe.amk_id,
+                unknown_master_key=probe.unknown_amk,
+            )
+            if live:
+                self._no_usable_active_key()
+
+    def _no_usable_active_key(self) -> None:
+        self.add(
+            "active_secrets_without_usable_active_key",
+            "error",
+            STORE_FRESH,
+            f"{len(self.secrets)} live secret(s) but no usable active key: new values cannot "
+            "be stored until a usable version is active (a store rotates to a fresh one)",
+            live_secret_count=len(self.secrets),
+        )
+
+    def _check_secret_key_statuses(self) -> None:
+        for name, key_version, _ in self.secrets:
+            key = self.keys.get(key_version)
+            if key is not None and key.status == "compromised":
+                self._on_compromised(name, key_version)
+            elif key is not None and key.status == "retired":
+                self._on_retired(name, key_version)
+
+    def _on_compromised(self, name: str, version: int) -> None:
+        self.add(
+            "secret_on_compromised_key",
+            "error",
+            STORE_FRESH,
+            f"secret {name!r} is encrypted under compromised key version {version}",
+            secret_name=name,
+            key_version=version,
+        )
+
+    def _on_retired(self, name: str, version: int) -> None:
+        self.add(
+            "secret_on_retired_key",
+            "info",
+            REENCRYPT,
+            f"secret {name!r} is under retired key version {version} (run reencrypt_all)",
+            secret_name=name,
+            key_version=version,
+        )
+
+    def _check_secrets(self) -> None:
+        for name, key_version, envelope_version in self.secrets:
+            key = self.keys.get(key_version)
+            if envelope_version is None or envelope_version != key_version:
+                self.add(
+                    "secret_envelope_invalid",
+                    "error",
+                    DELETE_SECRET,
+                    f"the envelope of secret {name!r} cannot be parsed",
+                    secret_name=name,
+                    key_version=key_version,
+                )
+            elif key is None or key.status == "destroyed":
+                self.add(
+                    "secret_envelope_missing_tenant_encryption_key",
+                    "error",
+                    DELETE_SECRET,
+                    f"secret {name!r} names key version {key_version}, which "
+                    + ("does not exist" if key is None else "was destroyed"),
+                    secret_name=name,
+                    key_version=key_version,
+                )
+            elif key.status == "compromised":
+                self._on_compromised(name, key_version)
+            elif not (probe := self.probe(key_version)).usable:
+                self.add(
+                    "secret_envelope_unwrap_failed",
+                    "error",
+                    DELETE_SECRET,
+                    f"secret {name!r} is under key version {key_version}, which cannot be "
+                    f"unwrapped: {probe.reason}",
+                    secret_name=name,
+                    key_version=key_version,
+                    amk_id=probe.amk_id,
+                    unknown_master_key=probe.unknown_amk,
+                )
+            elif key.status == "retired":
+                self._on_retired(name, key_version)
+
+    def _check_material(self) -> None:
+        for row in self.material:
+            key = self.keys.get(row.version)
+            if key is None or key.key_id != row.key_id:
+                self.add(
+                    "orphaned_key_material",
+                    "warning",
+                    DELETE_MATERIAL,
+                    f"key material for version {row.version} matches no key event "
+                    "(a rotation that lost a race, or a bad restore)",
+                    key_version=row.version,
+                    key_id=row.key_id,
+                )
+            elif key.status == "destroyed":
+                self.add(
+                    "destroyed_key_material_present",
+                    "error",
+                    DELETE_MATERIAL,
+                    f"key version {row.version} was destroyed but its material is still stored",
+                    key_version=row.version,
+                    key_id=row.key_id,
+                )
+        for key in self.keys.values():
+            has_material = any(
+                m.version == key.version and m.key_id == key.key_id for m in self.material
+            )
+            if key.status == "retired" and not has_material:
+                self.add(
+                    "tenant_encryption_key_material_missing",
+                    "error",
+                    DELETE_KEY,
+                    f"retired key version {key.version} has no key material",
+                    key_version=key.version,
+                )
+
+    def report(self) -> DriftReport:
+        keys = list(self.keys.values())
+        active = [k for k in keys if k.status == "active"]
+        usable_active = (
+            [k for k in active if self.probe(k.version).usable]
+            if (self.ledger.master_keys.current is not None)
+            else []
+        )
+        by_severity = {
+            f"{severity}_count": sum(i.severity == severity for i in self.issues)
+            for severity in ("error", "warning", "info")
+        }
+        return DriftReport(
+            tenant_id=self.tenant_id,
+            checked_at=self.ledger.clock(),
+            ok=not any(issue.severity == "error" for issue in self.issues),
+            issues=self.issues,
+            summary={
+                "active_secret_count": len(self.secrets),
+                "tenant_key_count": len(keys),
+                "active_tenant_key_count": len(active),
+                "usable_active_tenant_key_count": len(usable_active),
+                "retired_tenant_key_count": sum(k.status == "retired" for k in keys),
+                "compromised_tenant_key_count": sum(k.status == "compromised" for k in keys),
+                "destroyed_tenant_key_count": sum(k.status == "destroyed" for k in keys),
+                **by_severity,
+            },
+        )
+
+
+def diagnose(ledger: Ledger, tenant_id: str, secret_names: list[str] | None = None) -> DriftReport:
+    """Diagnose one tenant (optionally only some of its secrets)."""
+    diagnosis = Diagnosis(ledger, tenant_id, secret_names)
+    diagnosis.run()
+    return diagnosis.report()

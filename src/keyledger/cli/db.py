@@ -1,0 +1,119 @@
+"""``keyledger db``: create the store's schema explicitly and check that it is current.
+
+Both commands open the store with ``create_tables=False``, so ``db check`` never creates
+anything, and ``db init`` can say what it created: it checks, creates, then checks again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from keyledger.application.schema_check import SchemaStatus
+from keyledger.cli.errors import configuration_error
+from keyledger.cli.render import emit_json, json_option, to_data
+from keyledger.cli.root import CliContext, pass_cli
+from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.service import SecretService
+
+
+@click.group("db")
+def db_group() -> None:
+    """Create and check the store's schema (tables, indexes, the append-only trigger)."""
+
+
+@contextmanager
+def schema_service(cli: CliContext) -> Iterator[SecretService]:
+    """A service on the CLI's store that never creates tables on its own."""
+    try:
+        settings = KeyledgerSettings(create_tables=False)
+    except ValidationError as error:
+        raise configuration_error(error) from None
+    service = SecretService.create(cli.database_url, settings=settings)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def status_data(status: SchemaStatus) -> dict[str, Any]:
+    """What a check found, as JSON data with its verdict."""
+    return {**to_data(status), "ok": status.ok}
+
+
+def _trigger_text(status: SchemaStatus) -> str:
+    if status.append_only_enforced is None:
+        return f"not applicable ({status.store})"
+    return "installed" if status.append_only_enforced else "missing"
+
+
+def emit_status(status: SchemaStatus) -> None:
+    """The check's findings, one ``label: value`` line each."""
+    lines = (
+        ("Store", f"{status.store} (events table {status.events_table})"),
+        ("Missing", ", ".join(status.missing) or "nothing"),
+        ("Append-only trigger", _trigger_text(status)),
+    )
+    width = max(len(label) for label, _ in lines) + 1
+    for label, value in lines:
+        click.echo(f"{label + ':':<{width}} {value}")
+
+
+def _not_ready(status: SchemaStatus) -> str:
+    problems = [f"missing {', '.join(status.missing)}"] if status.missing else []
+    if status.append_only_enforced is False:
+        problems.append("the append-only trigger is not installed")
+    return f"the {status.store} schema is not ready: {'; '.join(problems)}"
+
+
+@db_group.command("init")
+@json_option
+@pass_cli
+def init(cli: CliContext) -> None:
+    """Create every table, index and trigger the store needs; safe to run again.
+
+    Run it once per database (and schema) before the first `keyledger` process starts,
+    with the role that should own the tables; then processes can run with
+    KEYLEDGER_CREATE_TABLES=false.
+    """
+    with schema_service(cli) as service:
+        before = service.check_schema()
+        after = service.init_schema()
+    created = [item for item in before.missing if item not in after.missing]
+    installed_trigger = before.append_only_enforced is False and bool(after.append_only_enforced)
+    if cli.json_output:
+        emit_json(
+            {"created": created, "installed_append_only_trigger": installed_trigger}
+            | status_data(after)
+        )
+    else:
+        click.echo(f"Created: {', '.join(created) or 'nothing, the tables were already there'}")
+        if installed_trigger:
+            click.echo(f"Installed the append-only trigger on {after.events_table}.")
+        emit_status(after)
+    if not after.ok:
+        raise click.ClickException(
+            f"{_not_ready(after)} after init (existing tables are never altered)"
+        )
+
+
+@db_group.command("check")
+@json_option
+@pass_cli
+def check(cli: CliContext) -> None:
+    """Say whether the schema is present and current; creates nothing.
+
+    Exits 0 when it is, 1 when something is missing (run `keyledger db init`).
+    """
+    with schema_service(cli) as service:
+        status = service.check_schema()
+    if cli.json_output:
+        emit_json(status_data(status))
+    else:
+        emit_status(status)
+    if not status.ok:
+        raise click.ClickException(f"{_not_ready(status)}; run `keyledger db init`")
