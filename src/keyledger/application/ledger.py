@@ -101,6 +101,9 @@ class Ledger(Application[UUID]):
         except AggregateNotFoundError:
             cache.evict(aggregate_id)
             return None
+        except PersistenceError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise StorageError(f"cannot load from the store: {reason}") from None
         cache.put(aggregate_id, aggregate)
         return aggregate
 

@@ -42,7 +42,14 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
                     for column in columns
                     if not _has_column(cur, table, column, postgres)
                 ]
-        append_only = _has_trigger(cur, "kl_events_append_only") if postgres else None
+        append_only = (
+            all(
+                _has_trigger(cur, store.events_table_name, name)
+                for name in ("kl_events_append_only", "kl_events_no_truncate")
+            )
+            if postgres and store.events_table_name not in missing
+            else (False if postgres else None)
+        )
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",
         events_table=store.events_table_name,
@@ -72,6 +79,11 @@ def _has_column(cur: Any, table: str, column: str, postgres: bool) -> bool:
     return cur.fetchone() is not None
 
 
-def _has_trigger(cur: Any, name: str) -> bool:
-    cur.execute("SELECT 1 FROM pg_trigger WHERE tgname=? AND NOT tgisinternal", (name,))
+def _has_trigger(cur: Any, table: str, name: str) -> bool:
+    """Whether the trigger exists on this schema's table (not on a namesake elsewhere)."""
+    cur.execute(
+        "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(?) AND tgname=? "
+        "AND NOT tgisinternal AND tgenabled <> 'D'",
+        (table, name),
+    )
     return cur.fetchone() is not None

@@ -226,9 +226,10 @@ class SecretCommands:
         report = diagnose(self.ledger, tenant_id, [name])
         if report.ok:
             return error
+        errors = [issue for issue in report.issues if issue.severity == "error"]
         return SecretKeyDriftError(
-            f"secret {name!r} of tenant {tenant_id!r} cannot be decrypted: key drift "
-            f"({', '.join(sorted({i.code for i in report.issues if i.severity == 'error'}))})",
+            f"secret {name!r} of tenant {tenant_id!r} cannot be decrypted: {errors[0].message}"
+            f" ({', '.join(sorted({issue.code for issue in errors}))})",
             report,
         )
 

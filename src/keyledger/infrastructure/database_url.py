@@ -89,6 +89,9 @@ def _postgres_env(database_url: str, lock_timeout_seconds: int) -> dict[str, str
                 f"unknown PostgreSQL URL option {option!r}; known: {', '.join(_POSTGRES_OPTIONS)}"
             )
         env[_POSTGRES_OPTIONS[option]] = values[-1]
+    schema = env.get("POSTGRES_SCHEMA", "")
+    if schema and not schema.replace("_", "").isalnum():
+        raise InvalidInput("schema must be letters, digits and underscores")
     if env["POSTGRES_LOCK_TIMEOUT"] in ("", "0"):
         raise InvalidInput("lock_timeout must be a positive number of seconds")
     return env

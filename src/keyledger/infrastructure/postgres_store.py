@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
@@ -93,11 +93,49 @@ class _PostgresSchemaMixin:
 
     @contextmanager
     def _connection(self) -> Iterator[Connection[Any]]:
+        # Every pooled connection starts with the schema on its search path and a lock
+        # timeout (see KeyledgerPostgresFactory), so no statement is needed here.
         with self.datastore.get_connection() as conn:
-            if not getattr(conn, "_keyledger_ready", False):
-                conn.execute(SQL("SET search_path TO {}").format(Identifier(self.schema)))
-                conn._keyledger_ready = True
             yield conn
+
+    @contextmanager
+    def _session(self, first: bytes) -> Iterator[Connection[Any]]:
+        """A connection whose ``first`` statement (a BEGIN) succeeded.
+
+        A pooled connection the server has dropped fails on its first statement, before
+        any work was sent: it is discarded, the pool checks its idle connections, and the
+        transaction starts again on a live one.
+        """
+        for attempt in range(3):
+            stack = ExitStack()
+            conn = stack.enter_context(self._connection())
+            try:
+                conn.execute(first)
+            except psycopg.OperationalError:
+                stack.close()  # the pool discards the broken connection
+                if attempt == 2:
+                    raise
+                self.datastore.pool.check()
+                continue
+            with stack:
+                yield conn
+            return
+
+    def select_events(self, originator_id: Any, **kwargs: Any) -> Any:
+        """The library's select, without its ten retries of every OperationalError.
+
+        Those retries turn one lock timeout into ten (minutes, with a production timeout);
+        here a lock timeout is final, and a connection the server dropped is retried once
+        after the pool checked its idle connections.
+        """
+        select = getattr(PostgresAggregateRecorder.select_events, "__wrapped__")  # noqa: B009
+        try:
+            return select(self, originator_id, **kwargs)
+        except (OperationalError, InterfaceError) as error:
+            if isinstance(error.__cause__, psycopg.errors.LockNotAvailable):
+                raise StorageError(f"PostgreSQL lock timeout: {_first_line(error)}") from None
+            self.datastore.pool.check()
+        return select(self, originator_id, **kwargs)
 
     @property
     def schema(self) -> str:
@@ -204,21 +242,22 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     @contextmanager
     def reading(self) -> Iterator[PgCursor]:
-        with _translated(), self._connection() as conn, conn.transaction(force_rollback=True):
-            raw = conn.cursor(row_factory=tuple_row)
-            raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield PgCursor(raw)
+        with _translated(), self._session(_BEGIN_READ) as conn:
+            try:
+                yield PgCursor(conn.cursor(row_factory=tuple_row))
+            finally:
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
 
     @contextmanager
     def writing(self) -> Iterator[PgCursor]:
-        with _translated(), self._connection() as conn:
-            raw = conn.cursor(row_factory=tuple_row)
-            # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
-            raw.execute(self._begin_write_statement)
+        # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
+        with _translated(), self._session(self._begin_write_statement) as conn:
             try:
-                yield PgCursor(raw)
+                yield PgCursor(conn.cursor(row_factory=tuple_row))
             except BaseException:
-                conn.execute("ROLLBACK")
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
@@ -233,6 +272,9 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return self._begin_write
 
     _begin_write: bytes | None = None
+
+
+_BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
 @contextmanager
@@ -257,7 +299,20 @@ def _first_line(error: BaseException) -> str:
 
 
 class KeyledgerPostgresFactory(PostgresFactory):
-    """Infrastructure factory selected with PERSISTENCE_MODULE (see composition.py)."""
+    """Infrastructure factory selected with PERSISTENCE_MODULE (see database_url.py)."""
 
     application_recorder_class = KeyledgerPostgresRecorder
     aggregate_recorder_class = KeyledgerPostgresSnapshotRecorder
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        # Session settings for every connection the pool opens, the library's included:
+        # the schema first on the search path, and a lock timeout for reads too (the
+        # library sets one only inside its writes).
+        datastore = self.datastore
+        options = (
+            f"-c search_path={datastore.schema} -c lock_timeout={int(datastore.lock_timeout)}s"
+        )
+        kwargs = datastore.pool.kwargs
+        assert isinstance(kwargs, dict)
+        datastore.pool.kwargs = {**kwargs, "options": options}
