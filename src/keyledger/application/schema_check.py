@@ -32,7 +32,8 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
     """Look for every table, the columns this version needs, and the append-only trigger."""
     store = ledger.store
     postgres = store.position_column == "notification_id"
-    tables = (store.events_table_name, *REQUIRED_TABLES)
+    snapshots = "keyledger_snapshots" if postgres else "stored_snapshots"
+    tables = (store.events_table_name, snapshots, *REQUIRED_TABLES)
     with ledger.reading() as cur:
         missing = [table for table in tables if not _has_table(cur, table, postgres)]
         for table, columns in REQUIRED_COLUMNS.items():

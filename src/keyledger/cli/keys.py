@@ -1,4 +1,8 @@
-"""``keyledger keys``: rotate, re-encrypt and list a tenant's data key versions."""
+"""``keyledger keys``: the key lifecycle of tenants' data encryption keys.
+
+Rotate (one tenant or every due one), re-encrypt, list, mark compromised, destroy old
+retired versions, and show which versions the rotation policy says are due.
+"""
 
 from __future__ import annotations
 
@@ -16,31 +20,68 @@ from keyledger.cli.render import (
     to_data,
 )
 from keyledger.cli.root import CliContext, pass_cli
-from keyledger.models import ReencryptResult, TenantKeyInfo
+from keyledger.context import super_admin
+from keyledger.models import CleanupKeyOutcome, KeyDue, ReencryptResult, TenantKeyInfo
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
+optional_tenant_argument = click.argument("tenant_id", metavar="[TENANT]", required=False)
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 
 
 @click.group("keys")
 def keys_group() -> None:
-    """Rotate, re-encrypt and list a tenant's data encryption keys."""
+    """Rotate, re-encrypt, list, compromise and clean up tenants' data encryption keys."""
+
+
+def one_target(tenant_id: str | None, flag: bool, flag_name: str) -> None:
+    """Exactly one of TENANT and ``flag_name``, else a usage error."""
+    if tenant_id is not None and flag:
+        raise click.UsageError(f"give TENANT or {flag_name}, not both")
+    if tenant_id is None and not flag:
+        raise click.UsageError(f"give TENANT or {flag_name}")
 
 
 @keys_group.command("rotate")
-@tenant_argument
+@optional_tenant_argument
+@click.option("--due", is_flag=True, help="Rotate every tenant whose active key is due.")
 @json_option
 @pass_cli
-def rotate(cli: CliContext, tenant_id: str) -> None:
+def rotate(cli: CliContext, tenant_id: str | None, due: bool) -> None:
     """Make a new key version of TENANT active and retire the previous one.
 
-    Secrets stay on their key version until `keyledger keys reencrypt TENANT`.
+    With --due instead of TENANT, rotate every tenant whose active key version is due
+    (see `keyledger keys due`). Secrets stay on their key version until
+    `keyledger keys reencrypt TENANT`.
     """
+    one_target(tenant_id, due, "--due")
+    if tenant_id is None:
+        rotate_due(cli)
+        return
     with cli.scope(tenant_id):
         info = cli.service.rotate_key()
     if cli.json_output:
         emit_json(to_data(info))
     else:
         click.echo(f"Key version {info.version} is now active for tenant {tenant_id!r}.")
+
+
+def rotate_due(cli: CliContext) -> None:
+    """Rotate every due tenant, recording this run's actor on each rotation."""
+    service = cli.service
+    rotated = [
+        (due, service.rotate_key_for_tenant(due.tenant_id, **cli.actor))
+        for due in service.keys_due()
+    ]
+    if cli.json_output:
+        emit_json([to_data(info) for _, info in rotated])
+        return
+    if not rotated:
+        click.echo("No key version is due for rotation.")
+    for due, info in rotated:
+        click.echo(
+            f"Key version {info.version} is now active for tenant {info.tenant_id!r} "
+            f"(version {due.version} was {', '.join(due.reasons)})."
+        )
 
 
 def reencrypt_with_progress(cli: CliContext, tenant_id: str) -> ReencryptResult:
@@ -93,13 +134,142 @@ def key_row(info: TenantKeyInfo) -> tuple[str, ...]:
 
 
 @keys_group.command("list")
-@tenant_argument
+@optional_tenant_argument
+@click.option("--all-tenants", is_flag=True, help="Every tenant's key versions.")
 @json_option
 @pass_cli
-def list_keys(cli: CliContext, tenant_id: str) -> None:
-    """List the key versions of TENANT (never key material)."""
-    infos = cli.service.list_keys(tenant_id)
+def list_keys(cli: CliContext, tenant_id: str | None, all_tenants: bool) -> None:
+    """List the key versions of TENANT, or of every tenant (never key material).
+
+    SECRETS is how many live secrets each version still encrypts.
+    """
+    one_target(tenant_id, all_tenants, "--all-tenants")
+    if tenant_id is None:
+        with super_admin():
+            infos = cli.service.list_keys()
+    else:
+        infos = cli.service.list_keys(tenant_id)
     if cli.json_output:
         emit_json([to_data(info) for info in infos])
+    elif tenant_id is None:
+        emit_table(("TENANT", *KEY_HEADERS), [(i.tenant_id, *key_row(i)) for i in infos])
     else:
         emit_table(KEY_HEADERS, [key_row(info) for info in infos])
+
+
+def active_version(cli: CliContext, tenant_id: str) -> int | None:
+    """The tenant's active key version, if it has one."""
+    infos = cli.service.list_keys(tenant_id)
+    return next((info.version for info in infos if info.status == "active"), None)
+
+
+@keys_group.command("compromise")
+@tenant_argument
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--reason", required=True, help="Why the version is compromised (audited).")
+@yes_option
+@json_option
+@pass_cli
+def compromise(cli: CliContext, tenant_id: str, version: int, reason: str, yes: bool) -> None:
+    """Mark key VERSION of TENANT compromised: it is never used again.
+
+    A compromised active version is replaced by a fresh active version in the same step.
+    Secrets still under VERSION cannot be read until their values are stored afresh
+    (`keyledger drift diagnose TENANT` lists them).
+    """
+    if not yes:
+        click.confirm(
+            f"Mark key version {version} of tenant {tenant_id!r} as compromised? "
+            "Secrets under it cannot be read until they are stored afresh.",
+            abort=True,
+            err=True,
+        )
+    info = cli.service.compromise_key_for_tenant(tenant_id, version, reason, **cli.actor)
+    active = active_version(cli, tenant_id)
+    if cli.json_output:
+        emit_json(to_data(info) | {"active_version": active})
+        return
+    click.echo(f"Key version {version} of tenant {tenant_id!r} is {info.status}.")
+    if active is not None:
+        click.echo(f"Key version {active} is active.")
+    if info.secret_count:
+        click.echo(
+            f"{info.secret_count} secret(s) are still under it and cannot be read: store "
+            f"their values afresh (`keyledger drift diagnose {tenant_id}` lists them)."
+        )
+
+
+CLEANUP_HEADERS = ("TENANT", "VERSION", "OUTCOME", "REASON")
+
+
+def cleanup_row(outcome: CleanupKeyOutcome) -> tuple[str, ...]:
+    """One row of the cleanup table."""
+    return (outcome.tenant_id, str(outcome.version), outcome.outcome, text(outcome.reason))
+
+
+@keys_group.command("cleanup-retired")
+@click.option(
+    "--older-than-days",
+    type=click.IntRange(min=0),
+    default=90,
+    show_default=True,
+    help="Only versions retired at least this many days ago.",
+)
+@yes_option
+@json_option
+@pass_cli
+def cleanup_retired(cli: CliContext, older_than_days: int, yes: bool) -> None:
+    """Destroy the key material of old retired versions, across all tenants.
+
+    Versions that live secrets still use are skipped and reported: run
+    `keyledger keys reencrypt TENANT` first. Safe to interrupt and rerun.
+    """
+    if not yes:
+        click.confirm(
+            f"Destroy the key material of every key version retired {older_than_days} or more "
+            "days ago, in every tenant? Versions still in use are skipped.",
+            abort=True,
+            err=True,
+        )
+    result = cli.service.cleanup_retired_keys(older_than_days, user_id=cli.user)
+    if cli.json_output:
+        emit_json(to_data(result))
+        return
+    if result.keys:
+        emit_table(CLEANUP_HEADERS, [cleanup_row(outcome) for outcome in result.keys])
+    click.echo(
+        f"Destroyed {result.destroyed} retired key version(s), "
+        f"skipped {result.skipped} still in use."
+    )
+
+
+DUE_HEADERS = ("TENANT", "VERSION", "CREATED", "AGE DAYS", "ENCRYPTIONS", "REASONS")
+
+
+def due_row(due: KeyDue) -> tuple[str, ...]:
+    """One row of the due table."""
+    return (
+        due.tenant_id,
+        str(due.version),
+        timestamp(due.created_at),
+        f"{due.age_days:.1f}",
+        str(due.encryptions),
+        "; ".join(due.reasons),
+    )
+
+
+@keys_group.command("due")
+@json_option
+@pass_cli
+def due(cli: CliContext) -> None:
+    """List the active key versions due for rotation, in every tenant.
+
+    A version is due after KEYLEDGER_KEY_MAX_AGE_DAYS (default 90) days or
+    KEYLEDGER_KEY_MAX_ENCRYPTIONS (default 2^30) encryptions; `keyledger keys rotate --due`
+    rotates them.
+    """
+    keys = cli.service.keys_due()
+    if cli.json_output:
+        emit_json([to_data(key) for key in keys])
+    else:
+        emit_table(DUE_HEADERS, [due_row(key) for key in keys])

@@ -1,12 +1,14 @@
-"""``keyledger master-key``: application master key helpers."""
+"""``keyledger master-key``: generate an application master key, re-wrap under a new one."""
 
 from __future__ import annotations
 
 import secrets
+import sys
 
 import click
 
-from keyledger.cli.render import emit_json, json_option
+from keyledger.application.lifecycle import RewrapResult
+from keyledger.cli.render import emit_json, is_terminal, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 
 MASTER_KEY_BYTES = 32
@@ -31,3 +33,43 @@ def generate(cli: CliContext) -> None:
         emit_json({"master_key": key})
     else:
         click.echo(key)
+
+
+def rewrap_with_progress(cli: CliContext) -> RewrapResult:
+    """Re-wrap every tenant's key material, with a progress bar on a terminal."""
+    service = cli.service
+    if not is_terminal("stderr"):
+        return service.rewrap_master_key(user_id=cli.user)
+    total = service.count_key_material()
+    with click.progressbar(length=total, label="Re-wrapping", file=sys.stderr) as bar:
+        return service.rewrap_master_key(user_id=cli.user, progress=bar.update)
+
+
+@master_key_group.command("rewrap")
+@json_option
+@pass_cli
+def rewrap(cli: CliContext) -> None:
+    """Re-wrap every tenant's key versions under the current master key.
+
+    Rotating the master key: put the new key in KEYLEDGER_MASTER_KEY and the old one in
+    KEYLEDGER_PREVIOUS_MASTER_KEYS (comma-separated), run this, check with
+    `keyledger drift diagnose --all-tenants`, then drop the old key from the configuration.
+    Secret values are never touched. Safe to interrupt and rerun. Exits 1 when some key
+    versions could not be re-wrapped (their master key is not configured, or wrong).
+    """
+    result = rewrap_with_progress(cli)
+    if cli.json_output:
+        emit_json(to_data(result))
+    else:
+        click.echo(
+            f"Re-wrapped {result.rewrapped} key version(s) under master key {result.amk_id}; "
+            f"{result.already_current} already current, {result.failed} failed."
+        )
+        for failure in result.failures:
+            click.echo(f"  failed: {failure}")
+    if result.failed:
+        raise click.ClickException(
+            f"{result.failed} key version(s) could not be re-wrapped: add the master key that "
+            "wraps them to KEYLEDGER_PREVIOUS_MASTER_KEYS and run `keyledger master-key rewrap` "
+            "again; keep the old master key until it succeeds"
+        )

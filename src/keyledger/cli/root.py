@@ -79,7 +79,10 @@ pass_cli = click.make_pass_decorator(CliContext)
     envvar="KEYLEDGER_DATABASE_URL",
     show_envvar=True,
     metavar="URL",
-    help="memory:, sqlite:///relative.db or sqlite:////absolute.db [default: sqlite:///keyledger.db]",
+    help=(
+        "memory:, sqlite:///relative.db, sqlite:////absolute.db or "
+        "postgresql://user@host/db?schema=name [default: sqlite:///keyledger.db]"
+    ),
 )
 @click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")
 @click.option(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import uuid4
@@ -12,16 +14,22 @@ from keyledger.errors import InvalidInput
 from keyledger.infrastructure.postgres_store import KeyledgerPostgresFactory
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteFactory
 
-_POSTGRES_OPTIONS = {
-    # URL query option -> library setting
-    "schema": "POSTGRES_SCHEMA",
-    "pool_size": "POSTGRES_POOL_SIZE",
-    "max_overflow": "POSTGRES_MAX_OVERFLOW",
-    "connect_timeout": "POSTGRES_CONNECT_TIMEOUT",
-    "lock_timeout": "POSTGRES_LOCK_TIMEOUT",
-    "max_waiting": "POSTGRES_MAX_WAITING",
-    "conn_max_age": "POSTGRES_CONN_MAX_AGE",
+_POSTGRES_OPTIONS: dict[str, tuple[str, type]] = {
+    # URL query option -> (library setting, value type)
+    "schema": ("POSTGRES_SCHEMA", str),
+    "pool_size": ("POSTGRES_POOL_SIZE", int),
+    "max_overflow": ("POSTGRES_MAX_OVERFLOW", int),
+    "connect_timeout": ("POSTGRES_CONNECT_TIMEOUT", float),
+    "lock_timeout": ("POSTGRES_LOCK_TIMEOUT", int),
+    "max_waiting": ("POSTGRES_MAX_WAITING", int),
+    "conn_max_age": ("POSTGRES_CONN_MAX_AGE", float),
 }
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def password_from_environment() -> str:
+    """The password libpq would take from PGPASSWORD (used when the URL has none)."""
+    return os.environ.get("PGPASSWORD", "")
 
 
 def redact(database_url: str) -> str:
@@ -77,21 +85,35 @@ def _postgres_env(database_url: str, lock_timeout_seconds: int) -> dict[str, str
         "POSTGRES_HOST": parts.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(parts.port or 5432),
         "POSTGRES_USER": unquote(parts.username or "postgres"),
-        "POSTGRES_PASSWORD": unquote(parts.password or ""),
         "POSTGRES_LOCK_TIMEOUT": str(lock_timeout_seconds),
         "POSTGRES_POOL_SIZE": "5",
         "POSTGRES_MAX_OVERFLOW": "10",
         "POSTGRES_CONNECT_TIMEOUT": "5",
     }
+    if parts.password is not None:
+        env["POSTGRES_PASSWORD"] = unquote(parts.password)
+    else:
+        env["POSTGRES_GET_PASSWORD_TOPIC"] = get_topic(password_from_environment)
     for option, values in parse_qs(parts.query).items():
         if option not in _POSTGRES_OPTIONS:
             raise InvalidInput(
                 f"unknown PostgreSQL URL option {option!r}; known: {', '.join(_POSTGRES_OPTIONS)}"
             )
-        env[_POSTGRES_OPTIONS[option]] = values[-1]
-    schema = env.get("POSTGRES_SCHEMA", "")
-    if schema and not schema.replace("_", "").isalnum():
-        raise InvalidInput("schema must be letters, digits and underscores")
-    if env["POSTGRES_LOCK_TIMEOUT"] in ("", "0"):
-        raise InvalidInput("lock_timeout must be a positive number of seconds")
+        setting, kind = _POSTGRES_OPTIONS[option]
+        env[setting] = _checked_option(option, values[-1], kind)
+    if not _SCHEMA_NAME.fullmatch(env.get("POSTGRES_SCHEMA", "public")):
+        raise InvalidInput("schema must be lowercase letters, digits and underscores")
     return env
+
+
+def _checked_option(option: str, value: str, kind: type) -> str:
+    if kind is str:
+        return value
+    try:
+        number = kind(value)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise InvalidInput(f"URL option {option} must be {expected}") from None
+    if number < 0 or (option in ("lock_timeout", "pool_size") and number == 0):
+        raise InvalidInput(f"URL option {option} must be positive")
+    return value

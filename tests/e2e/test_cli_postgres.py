@@ -1,0 +1,383 @@
+"""The CLI on PostgreSQL: ``db init``/``db check``, the projection worker, status and rebuild.
+
+Every test gets its own schema (kl_<run>_cli<n>), dropped afterwards. Commands run in-process
+through CliRunner; the worker and the writers it follows are real ``keyledger`` processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from psycopg import sql
+
+from conftest import POSTGRES_URL, RUN_ID
+from keyledger.cli import main
+from keyledger.cli.projections import READ_MODELS, stop_on_signals
+
+MASTER_KEY = "6a0c1e2f3b4d5a69" * 4
+TABLES = [
+    "keyledger_events",
+    "keyledger_snapshots",
+    "kl_catalog",
+    "kl_audit",
+    "kl_keys",
+    "kl_tracking",
+    "kl_key_material",
+]
+SCRIPT = Path(sys.executable).parent / "keyledger"
+WAIT_SECONDS = 15.0
+
+_schema_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def schema(_postgres_server: None) -> Iterator[str]:
+    """A schema of this test alone, dropped afterwards."""
+    name = f"kl_{RUN_ID}_cli{next(_schema_numbers)}"
+    yield name
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def url(schema: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The schema's URL in KEYLEDGER_DATABASE_URL, a master key, nothing else of ours."""
+    for name in list(os.environ):
+        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
+            monkeypatch.delenv(name)
+    database_url = f"{POSTGRES_URL}?schema={schema}"
+    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", database_url)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
+    return database_url
+
+
+def run(*args: str, stdin: str | None = None) -> Result:
+    """Invoke the CLI in-process."""
+    return CliRunner().invoke(main, list(args), input=stdin)
+
+
+def ok(*args: str, stdin: str | None = None) -> Result:
+    """Invoke and insist on success."""
+    result = run(*args, stdin=stdin)
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def as_json(*args: str) -> Any:
+    """Invoke with --json and parse stdout."""
+    return json.loads(ok("--json", *args).stdout)
+
+
+def lag(status: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Events each read model is behind the stream head."""
+    return {name: model["head"] - model["position"] for name, model in status.items()}
+
+
+def tables_in(schema: str) -> list[str]:
+    """The tables that exist in ``schema`` (empty when the schema does not exist)."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (schema,),
+        ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def schema_exists(schema: str) -> bool:
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+    return row is not None
+
+
+def script_env(url: str) -> dict[str, str]:
+    """The environment of a real ``keyledger`` process on the test's schema (small pools)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYLEDGER_", "SMRT_"))}
+    return env | {
+        "KEYLEDGER_DATABASE_URL": f"{url}&pool_size=1&max_overflow=1",
+        "KEYLEDGER_MASTER_KEY": MASTER_KEY,
+        "KEYLEDGER_CREATE_TABLES": "false",
+    }
+
+
+def keyledger(url: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the installed script to completion."""
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        input=stdin,
+        env=script_env(url),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+# -- db check / db init ------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_db_check_on_an_empty_schema_exits_1_lists_the_missing_tables_and_creates_nothing(
+    url: str, schema: str
+) -> None:
+    # KEYLEDGER_CREATE_TABLES is left at its default (true): checking must still create nothing.
+    result = run("db", "check")
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    lines = result.stdout.splitlines()
+    assert lines[0].split(maxsplit=1) == ["Store:", "postgresql (events table keyledger_events)"]
+    assert lines[1].split(maxsplit=1) == ["Missing:", ", ".join(TABLES)]
+    assert result.stderr.startswith(
+        f"Error: the postgresql schema is not ready: missing {', '.join(TABLES)}"
+    )
+    assert result.stderr.endswith("; run `keyledger db init`\n")
+    assert result.stderr.count("\n") == 1
+
+    data = json.loads(run("--json", "db", "check").stdout)
+    assert data["store"] == "postgresql"
+    assert (data["present"], data["missing"], data["ok"]) == (False, TABLES, False)
+    assert not schema_exists(schema)
+
+
+@pytest.mark.postgres
+def test_db_init_creates_everything_is_safe_to_run_twice_and_check_then_passes(
+    url: str, schema: str
+) -> None:
+    first = ok("db", "init")
+    assert first.stdout.splitlines()[:2] == [
+        f"Created: {', '.join(TABLES)}",
+        "Installed the append-only trigger on keyledger_events.",
+    ]
+    assert "Missing:             nothing" in first.stdout
+    assert "Append-only trigger: installed" in first.stdout
+    assert set(TABLES) <= set(tables_in(schema))
+
+    second = as_json("db", "init")
+    assert second["created"] == []
+    assert second["installed_append_only_trigger"] is False
+    assert (second["present"], second["missing"], second["ok"]) == (True, [], True)
+    assert second["append_only_enforced"] is True
+    assert ok("db", "init").stdout.startswith("Created: nothing, the tables were already there\n")
+
+    check = ok("db", "check")
+    assert check.stdout == (
+        "Store:               postgresql (events table keyledger_events)\n"
+        "Missing:             nothing\n"
+        "Append-only trigger: installed\n"
+    )
+    assert check.stderr == ""
+    assert as_json("db", "check") == {
+        "store": "postgresql",
+        "events_table": "keyledger_events",
+        "present": True,
+        "missing": [],
+        "append_only_enforced": True,
+        "ok": True,
+    }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("trigger", ["kl_events_append_only", "kl_events_no_truncate"])
+def test_db_check_fails_when_a_trigger_is_gone_and_db_init_puts_it_back(
+    url: str, schema: str, trigger: str
+) -> None:
+    ok("db", "init")
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("DROP TRIGGER {} ON {}").format(
+                sql.Identifier(trigger), sql.Identifier(schema, "keyledger_events")
+            )
+        )
+    result = run("db", "check")
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    assert "Append-only trigger: missing" in result.stdout
+    assert result.stderr == (
+        "Error: the postgresql schema is not ready: the append-only trigger is not installed; "
+        "run `keyledger db init`\n"
+    )
+    repaired = as_json("db", "init")
+    assert (repaired["created"], repaired["installed_append_only_trigger"]) == ([], True)
+    ok("db", "check")
+
+
+@pytest.mark.postgres
+def test_db_init_installs_a_trigger_that_refuses_changes_to_the_stream(
+    url: str, schema: str
+) -> None:
+    ok("db", "init")
+    ok("secrets", "put", "acme", "s", stdin="v")
+    events = sql.Identifier(schema, "keyledger_events")
+    for statement in ("DELETE FROM {}", "UPDATE {} SET topic = topic", "TRUNCATE {}"):
+        with (
+            psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
+        ):
+            conn.execute(sql.SQL(statement).format(events))
+
+
+def test_db_commands_on_sqlite_report_the_trigger_as_not_applicable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KEYLEDGER_CREATE_TABLES", raising=False)
+    database = f"sqlite:///{tmp_path / 'k.db'}"
+    missing = run("--database", database, "db", "check")
+    assert missing.exit_code == 1
+    assert "Missing:             stored_events, stored_snapshots, kl_catalog" in missing.stdout
+    ok("--database", database, "db", "init")
+    check = ok("--database", database, "db", "check")
+    assert "Append-only trigger: not applicable (sqlite)" in check.stdout
+    assert as_json("--database", database, "db", "check")["append_only_enforced"] is None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("args", "stdin"),
+    [
+        (("secrets", "put", "acme", "s"), "v"),
+        (("secrets", "list", "acme"), None),
+        (("projections", "status"), None),
+    ],
+    ids=["put", "list", "status"],
+)
+def test_a_store_without_its_schema_is_one_error_line(
+    url: str, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], stdin: str | None
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_CREATE_TABLES", "false")
+    result = run(*args, stdin=stdin)
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("Error: ")
+    assert result.stderr.endswith(" does not exist\n")
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+@pytest.mark.postgres
+def test_put_and_get_through_the_cli_on_postgresql(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok("db", "init")
+    monkeypatch.setenv("KEYLEDGER_CREATE_TABLES", "false")
+    put = ok("secrets", "put", "acme", "stripe", "--category", "api", stdin="sk_live\n")
+    assert put.stdout == "Stored secret 'stripe' in tenant 'acme' (version 1, key version 1).\n"
+    assert ok("secrets", "get", "acme", "stripe").stdout == "sk_live"
+    listed = as_json("secrets", "list", "acme")
+    assert [(s["name"], s["category"], s["access_count"]) for s in listed] == [("stripe", "api", 1)]
+    actions = [entry["action"] for entry in as_json("audit", "log", "acme")]
+    assert actions == ["read", "create", "create_key"]
+
+
+# -- projections ---------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_projections_run_once_brings_the_lagging_audit_model_to_the_head(url: str) -> None:
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")
+    ok("secrets", "put", "acme", "b", stdin="v")
+    ok("secrets", "get", "acme", "a")
+    before = as_json("projections", "status")
+    assert set(before) == set(READ_MODELS)
+    assert lag(before) == {"catalog": 0, "keys": 0, "audit": 4}
+
+    once = ok("projections", "run", "--once")
+    assert once.stdout == "Applied 4 events; the read models have caught up.\n"
+    assert lag(as_json("projections", "status")) == dict.fromkeys(READ_MODELS, 0)
+    assert as_json("projections", "run", "--once") == {"events_applied": 0}
+
+    lines = ok("projections", "status").stdout.splitlines()
+    assert lines[0].split() == ["READ", "MODEL", "POSITION", "HEAD", "BEHIND"]
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(READ_MODELS)
+    assert all(line.split()[1:] == ["4", "4", "0"] for line in lines[1:])
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_worker_process_keeps_the_read_models_current_and_stops_on_a_signal(
+    url: str, stop_signal: signal.Signals
+) -> None:
+    ok("db", "init")
+    worker = subprocess.Popen(
+        [str(SCRIPT), "projections", "run", "--idle-seconds", "0.1"],
+        env=script_env(url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for name in ("a", "b", "c"):
+            put = keyledger(url, "secrets", "put", "acme", name, stdin="value")
+            assert put.returncode == 0, (put.stderr, worker.poll())
+        assert keyledger(url, "secrets", "get", "acme", "b").stdout == "value"
+
+        deadline = time.monotonic() + WAIT_SECONDS
+        status = as_json("projections", "status")
+        while any(lag(status).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = as_json("projections", "status")
+        assert worker.poll() is None, ("the worker exited on its own", worker.communicate())
+        assert lag(status) == dict.fromkeys(READ_MODELS, 0), status
+        assert status["audit"]["head"] == 5
+
+        worker.send_signal(stop_signal)
+        stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert (worker.returncode, stdout) == (0, "Applied 5 events.\n"), stderr
+    lines = stderr.splitlines()
+    assert lines[0].startswith("Following the event stream"), stderr
+    assert lines[-1] == "Stopped.", stderr
+    applied = [int(line.split()[1]) for line in lines if line.startswith("Applied ")]
+    assert sum(applied) == 5, stderr
+    assert "Traceback" not in stderr
+
+
+def test_stop_on_signals_sets_the_flag_and_restores_the_handlers() -> None:
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_signals() as stop:
+        assert not stop()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop()
+        # A second Ctrl-C does not wait for the worker to notice the flag.
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+@pytest.mark.postgres
+def test_rebuild_accepts_a_read_model_name_and_rebuilds_them_all(url: str) -> None:
+    ok("db", "init")
+    ok("secrets", "put", "acme", "s", stdin="v")
+    ok("secrets", "get", "acme", "s")
+    listed = as_json("secrets", "list", "acme")
+    result = ok("projections", "rebuild", "audit")
+    assert result.stdout == (
+        "Rebuilt all the read models (catalog, audit, keys), not only 'audit': "
+        "they are rebuilt together. Replayed 3 events.\n"
+    )
+    assert as_json("projections", "rebuild", "keys") == {"events_replayed": 3}
+    assert ok("projections", "rebuild").stdout == "Rebuilt the read models from 3 events.\n"
+    assert as_json("secrets", "list", "acme") == listed
+    assert lag(as_json("projections", "status")) == dict.fromkeys(READ_MODELS, 0)
+
+
+@pytest.mark.postgres
+def test_rebuild_of_an_unknown_read_model_is_a_usage_error(url: str) -> None:
+    ok("db", "init")
+    result = run("projections", "rebuild", "secrets")
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    assert "'secrets' is not one of 'catalog', 'audit', 'keys'" in result.stderr
+    assert result.stdout == ""
