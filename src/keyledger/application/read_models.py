@@ -1,14 +1,21 @@
-"""Keeping the read models current: audit catch-up and full rebuilds from the stream.
+"""Keeping the read models current: audit catch-up, full rebuilds, the projection worker.
 
-Both replay stored events through the same projection code that runs inline, under the
-write lock (``BEGIN IMMEDIATE``) so no append interleaves, and both advance kl_tracking in
-the transaction that writes the rows: a crash leaves the old state, never a half-applied
-one, and no event is applied twice.
+Each replays stored events through the same projection code that runs inline. Catch-up
+and rebuild work in batched transactions (``RecordersProtocol.projecting``): maintainers
+take turns, appends go on between (and, on PostgreSQL, during) batches, and every batch
+advances its tracking position in the transaction that writes its rows, so a crash leaves
+the last committed batch and no event is ever applied twice.
+
+A rebuild builds the read models aside (``kl_*_rebuild`` tables, replayed in batches while
+the live ones keep answering), then switches under the write lock: the last events are
+replayed, the old tables dropped, the new ones renamed and indexed, in one transaction.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -16,90 +23,144 @@ from eventsourcing.persistence import StoredEvent
 
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
-from keyledger.projections.schema import READ_MODEL_TABLES
+from keyledger.projections.schema import (
+    REBUILT_TABLES,
+    index_statements,
+    read_model_table_statements,
+)
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
 
 PAGE_SIZE = 1000
+REBUILD_SUFFIX = "_rebuild"
 Progress = Callable[[int], None]
-
-
-def _replay(
-    ledger: Ledger,
-    cur: Any,
-    after: int,
-    apply: Callable[[list[tuple[int, object]]], None],
-    progress: Progress | None = None,
-) -> int:
-    table, position = ledger.store.events_table_name, ledger.store.position_column
-    replayed = 0
-    while True:
-        cur.execute(
-            f"SELECT {position}, originator_id, originator_version, topic, state "
-            f"FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
-            (after, PAGE_SIZE),
-        )
-        rows = cur.fetchall()
-        if not rows:
-            return replayed
-        apply(
-            [
-                (
-                    row[0],
-                    ledger.mapper.to_domain_event(
-                        StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))
-                    ),
-                )
-                for row in rows
-            ]
-        )
-        after = rows[-1][0]
-        replayed += len(rows)
-        if progress:
-            progress(len(rows))
+Apply = Callable[[Any, list[tuple[int, object]]], None]
 
 
 def _uuid(value: object) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
 
 
+def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
+    """Up to PAGE_SIZE events after ``after``, decoded, with their positions."""
+    table, position = ledger.store.events_table_name, ledger.store.position_column
+    cur.execute(
+        f"SELECT {position}, originator_id, originator_version, topic, state "
+        f"FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
+        (after, PAGE_SIZE),
+    )
+    return [
+        (
+            row[0],
+            ledger.mapper.to_domain_event(
+                StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))
+            ),
+        )
+        for row in cur.fetchall()
+    ]
+
+
+def _tracked_position(cur: Any, table: str = "kl_tracking") -> int:
+    cur.execute(f"SELECT position FROM {table} WHERE name=?", (AUDIT_TRACKING_NAME,))
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 def audit_position(ledger: Ledger) -> tuple[int, int]:
     """(position the audit model reached, position of the stream head)."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
-        cur.execute("SELECT position FROM kl_tracking WHERE name=?", (AUDIT_TRACKING_NAME,))
-        row = cur.fetchone()
+        reached = _tracked_position(cur)
         cur.execute(f"SELECT MAX({position}) FROM {table}")
         head = cur.fetchone()[0] or 0
-    return (row[0] if row else 0), head
+    return reached, int(head)
 
 
-def catch_up_audit(ledger: Ledger) -> int:
+def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
     """Project every event after the audit model's position; returns events applied."""
     reached, head = audit_position(ledger)
     if reached >= head:
         return 0
     projector = AuditProjector()
-    with ledger.writing() as cur:
-        cur.execute("SELECT position FROM kl_tracking WHERE name=?", (AUDIT_TRACKING_NAME,))
-        after = cur.fetchone()[0]
-        return _replay(ledger, cur, after, lambda items: projector.apply(cur, items))
+    applied = 0
+    while True:
+        with ledger.store.projecting() as cur:
+            items = _page(ledger, cur, _tracked_position(cur))
+            projector.apply(cur, items)
+        applied += len(items)
+        if progress and items:
+            progress(len(items))
+        if len(items) < PAGE_SIZE:
+            return applied
+
+
+class _Renaming:
+    """A cursor whose statements address the ``_rebuild`` copies of the read models."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, statement: str, params: Any = ()) -> Any:
+        return self._cur.execute(_renamed(statement), params)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> Any:
+        return self._cur.fetchall()
+
+
+@lru_cache(maxsize=256)
+def _renamed(statement: str) -> str:
+    return re.sub(
+        r"\b(kl_catalog|kl_audit|kl_keys|kl_tracking)\b", r"\1" + REBUILD_SUFFIX, statement
+    )
 
 
 def rebuild_read_models(ledger: Ledger, progress: Progress | None = None) -> int:
-    """Delete every read model's rows and replay the whole stream; returns events replayed."""
+    """Rebuild every read model aside from the whole stream, then switch; returns events."""
+    store = ledger.store
     catalog, audit = CatalogProjector(), AuditProjector()
 
-    def apply(items: list[tuple[int, object]]) -> None:
-        catalog.apply(cur, items)
-        audit.apply(cur, items)
+    def apply(cur: Any, items: list[tuple[int, object]]) -> None:
+        shadow = _Renaming(cur)
+        catalog.apply(shadow, items)
+        audit.apply(shadow, items)
 
-    with ledger.writing() as cur:
-        for table in READ_MODEL_TABLES:
-            cur.execute(f"DELETE FROM {table}")
-        cur.execute("UPDATE kl_tracking SET position=0")
-        return _replay(ledger, cur, 0, apply, progress)
+    with store.projecting() as cur:
+        for table in REBUILT_TABLES:
+            cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")
+        for statement in read_model_table_statements(store.dialect, REBUILD_SUFFIX):
+            cur.execute(statement)
+    replayed = 0
+    while True:  # the bulk, in batches, while the live read models keep answering
+        with store.projecting() as cur:
+            items = _page(ledger, cur, _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX))
+            apply(cur, items)
+        replayed += len(items)
+        if progress and items:
+            progress(len(items))
+        if len(items) < PAGE_SIZE:
+            break
+    with store.writing() as cur:  # the switch: no append can slip in between
+        while items := _page(ledger, cur, _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX)):
+            apply(cur, items)
+            replayed += len(items)
+            if progress:
+                progress(len(items))
+        position = _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX)
+        for table in REBUILT_TABLES:
+            if table != "kl_tracking":
+                cur.execute(f"DROP TABLE {table}")
+                cur.execute(f"ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {table}")
+        cur.execute(f"DROP TABLE kl_tracking{REBUILD_SUFFIX}")
+        cur.execute(
+            "UPDATE kl_tracking SET position=? WHERE name=?", (position, AUDIT_TRACKING_NAME)
+        )
+        for statement in index_statements():
+            cur.execute(statement)
+    return replayed
 
 
 def follow(
@@ -113,16 +174,14 @@ def follow(
     """Keep the lagging read models current until ``stop()``; returns events applied.
 
     ``wait(seconds)`` blocks until new events may exist (a NOTIFY on PostgreSQL, a plain
-    sleep on SQLite) or the time is up. Each catch-up is one transaction that advances the
-    tracking position with the rows, so a worker killed at any point resumes where its last
-    commit left it and never applies an event twice.
+    sleep on SQLite) or the time is up. Each catch-up batch is one transaction that
+    advances the tracking position with the rows, so a worker killed at any point resumes
+    where its last commit left it and never applies an event twice.
     """
     applied = 0
     while not stop():
-        count = catch_up_audit(ledger)
+        count = catch_up_audit(ledger, on_progress)
         applied += count
-        if count and on_progress:
-            on_progress(count)
         if not count:
             wait(idle_seconds)
     return applied

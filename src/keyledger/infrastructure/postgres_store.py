@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
@@ -169,6 +169,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
     position_column = "notification_id"
+    dialect: Literal["sqlite", "postgres"] = "postgres"
 
     def extra_create_statements(self) -> list[str]:
         return [
@@ -261,6 +262,20 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 raise
             conn.execute("COMMIT")
 
+    @contextmanager
+    def projecting(self) -> Iterator[PgCursor]:
+        # Maintainers serialise on an advisory lock, not on the events table: appends go
+        # on meanwhile. Reading events by position stays safe without the table lock,
+        # because writers commit positions in order (they hold it while appending).
+        with _translated(), self._session(_BEGIN_PROJECTING) as conn:
+            try:
+                yield PgCursor(conn.cursor(row_factory=tuple_row))
+            except BaseException:
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
     @property
     def _begin_write_statement(self) -> bytes:
         if self._begin_write is None:
@@ -275,6 +290,8 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
 
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+PROJECTION_LOCK_ID = 0x6B6C_7072_6F6A  # "klproj"
+_BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})".encode()
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 from uuid import UUID
 
@@ -145,6 +145,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
     position_column = "rowid"
+    dialect: Literal["sqlite", "postgres"] = "sqlite"
 
     def construct_create_table_statements(self) -> list[str]:
         return [
@@ -214,6 +215,10 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                 yield curs
         except (sqlite3.Error, PersistenceError) as error:
             raise StorageError(f"SQLite read failed: {error}") from None
+
+    def projecting(self) -> AbstractContextManager[SQLiteCursor]:
+        # SQLite has one writer at a time anyway: maintenance takes the write lock.
+        return self.writing()
 
     @contextmanager
     def writing(self) -> Iterator[SQLiteCursor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
@@ -22,6 +22,7 @@ class KeyledgerRecorder(Protocol):
 
     events_table_name: str
     position_column: str
+    dialect: Literal["sqlite", "postgres"]
 
     def id_param(self, aggregate_id: UUID) -> Any:
         """An aggregate id as the events table stores it."""
@@ -34,6 +35,10 @@ class KeyledgerRecorder(Protocol):
 
     def writing(self) -> AbstractContextManager[Any]:
         """A transaction holding the events table's write lock."""
+
+    def projecting(self) -> AbstractContextManager[Any]:
+        """A transaction for read-model maintenance: maintainers take turns, but writers
+        of events are not blocked where the store allows it (PostgreSQL)."""
 
     def insert_reads(
         self, batch: Sequence[tuple[StoredEvent, WriteUnit]]

@@ -17,10 +17,10 @@ _TYPES: dict[Dialect, dict[str, str]] = {
     "postgres": {"blob": "BYTEA", "bigint": "BIGINT", "without_rowid": ""},
 }
 
-_STATEMENTS = (
+_TABLES = (
     # No secondary indexes on the catalog: key counts and expiry scans read one tenant's
     # primary-key range, while every store would pay for each index in its commit.
-    """CREATE TABLE IF NOT EXISTS kl_catalog (
+    """CREATE TABLE IF NOT EXISTS kl_catalog{suffix} (
         secret_id TEXT NOT NULL,
         tenant_id TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -39,7 +39,7 @@ _STATEMENTS = (
         access_count {bigint} NOT NULL,
         last_accessed_at {bigint},
         PRIMARY KEY (tenant_id, name)){without_rowid}""",
-    """CREATE TABLE IF NOT EXISTS kl_audit (
+    """CREATE TABLE IF NOT EXISTS kl_audit{suffix} (
         position {bigint} PRIMARY KEY,
         timestamp {bigint} NOT NULL,
         tenant_id TEXT NOT NULL,
@@ -51,9 +51,7 @@ _STATEMENTS = (
         user_agent TEXT,
         key_version INTEGER,
         details TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS kl_audit_by_tenant ON kl_audit (tenant_id, position)",
-    "CREATE INDEX IF NOT EXISTS kl_audit_by_secret ON kl_audit (tenant_id, secret_name, position)",
-    """CREATE TABLE IF NOT EXISTS kl_keys (
+    """CREATE TABLE IF NOT EXISTS kl_keys{suffix} (
         tenant_id TEXT NOT NULL,
         version INTEGER NOT NULL,
         key_id TEXT NOT NULL,
@@ -62,9 +60,22 @@ _STATEMENTS = (
         created_at {bigint} NOT NULL,
         retired_at {bigint},
         PRIMARY KEY (tenant_id, version))""",
-    """CREATE TABLE IF NOT EXISTS kl_tracking (
+    """CREATE TABLE IF NOT EXISTS kl_tracking{suffix} (
         name TEXT PRIMARY KEY,
         position {bigint} NOT NULL)""",
+    *(
+        f"INSERT INTO kl_tracking{{suffix}} (name, position) VALUES ('{name}', 0) "
+        "ON CONFLICT (name) DO NOTHING"
+        for name in TRACKED_READ_MODELS
+    ),
+)
+
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS kl_audit_by_tenant ON kl_audit (tenant_id, position)",
+    "CREATE INDEX IF NOT EXISTS kl_audit_by_secret ON kl_audit (tenant_id, secret_name, position)",
+)
+
+_SUPPORT = (
     # Wrapped TDEKs live here, apart from the immutable stream, so destroying one is real.
     # Keyed by key_id too: a rotation that loses a race never overwrites the winner's row.
     """CREATE TABLE IF NOT EXISTS kl_key_material (
@@ -75,14 +86,26 @@ _STATEMENTS = (
         wrapped {blob} NOT NULL,
         created_at {bigint} NOT NULL,
         PRIMARY KEY (tenant_id, version, key_id))""",
-    *(
-        f"INSERT INTO kl_tracking (name, position) VALUES ('{name}', 0) "
-        "ON CONFLICT (name) DO NOTHING"
-        for name in TRACKED_READ_MODELS
-    ),
 )
+
+# The tables a rebuild builds aside (kl_tracking included: the copy tracks the rebuild).
+REBUILT_TABLES = (*READ_MODEL_TABLES, "kl_tracking")
 
 
 def schema_statements(dialect: Dialect) -> list[str]:
     """The statements that create every keyledger table (idempotent)."""
-    return [statement.format(**_TYPES[dialect]) for statement in _STATEMENTS]
+    return [
+        *read_model_table_statements(dialect),
+        *index_statements(),
+        *(statement.format(**_TYPES[dialect]) for statement in _SUPPORT),
+    ]
+
+
+def read_model_table_statements(dialect: Dialect, suffix: str = "") -> list[str]:
+    """The read-model tables (and tracking), named with ``suffix`` for a rebuild."""
+    return [statement.format(suffix=suffix, **_TYPES[dialect]) for statement in _TABLES]
+
+
+def index_statements() -> list[str]:
+    """The read models' secondary indexes (created after a rebuild's switch)."""
+    return list(_INDEXES)
