@@ -72,7 +72,11 @@ class Ledger(Application[UUID]):
         try:
             super().__init__(env=env)
         except PersistenceError as error:
-            raise StorageError(f"cannot open the store: {error}") from None
+            factory = getattr(self, "factory", None)
+            if factory is not None:
+                factory.close()  # stop the pool's reconnecting threads
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise StorageError(f"cannot open the store: {reason}") from None
         self.master_keys = master_keys
         self.clock = clock or (lambda: datetime.now(UTC))
         self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)

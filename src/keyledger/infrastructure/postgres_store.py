@@ -112,9 +112,10 @@ class _PostgresSchemaMixin:
             try:
                 conn.execute(first)
             except psycopg.OperationalError:
-                stack.close()  # the pool discards the broken connection
-                if attempt == 2:
-                    raise
+                broken = conn.closed or conn.broken
+                stack.close()  # a broken connection is discarded by the pool
+                if attempt == 2 or not broken:
+                    raise  # a lock timeout (or any live-connection error) is final
                 self.datastore.pool.check()
                 continue
             with stack:
