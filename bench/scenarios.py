@@ -449,25 +449,50 @@ def _short(filename: str) -> str:
     return filename
 
 
-def run_profile(workdir: Path, amk: bytes, *, n: int, top: int) -> ProfileResult:
-    """cProfile ``n`` stores (fresh names) and ``n`` retrieves (cycling over 100 names)."""
+def run_profile(
+    workdir: Path | None,
+    amk: bytes,
+    *,
+    n: int,
+    top: int,
+    url: str | None = None,
+    tenant: str = "tenant-profile",
+    layer: Callable[[str], str] | None = None,
+    layer_names: tuple[str, ...] | None = None,
+    ops: tuple[str, ...] = ("store", "retrieve"),
+) -> ProfileResult:
+    """cProfile ``n`` stores (fresh names) and ``n`` retrieves (cycling over 100 names).
+
+    On a SQLite file in ``workdir`` unless ``url`` names another store (then ``layer`` and
+    ``layer_names`` name the layers of that store's profile rows). With
+    ``ops=("retrieve",)`` only the retrieves are profiled; the names they read are stored
+    and read once first, untimed.
+    """
     import cProfile
     import pstats
 
-    url = sqlite_url(workdir / "profile.db")
+    if url is None:
+        assert workdir is not None
+        url = sqlite_url(workdir / "profile.db")
+    layer_of = layer or _layer
     svc = SecretService.create(url, master_key=amk.hex())
-    tenant = "tenant-profile"
     svc.store_for_tenant(tenant, "warm-up", VALUE, category=CATEGORY)
     svc.retrieve_for_tenant(tenant, "warm-up")
-    ops: dict[str, Callable[[int], object]] = {
+    if "store" not in ops:
+        for i in range(min(RETRIEVE_NAMES, n)):
+            svc.store_for_tenant(tenant, f"secret-{i}", VALUE, category=CATEGORY)
+        for i in range(min(RETRIEVE_NAMES, n)):  # warm: aggregates and data key cached
+            svc.retrieve_for_tenant(tenant, f"secret-{i}")
+    all_ops: dict[str, Callable[[int], object]] = {
         "store": lambda i: svc.store_for_tenant(tenant, f"secret-{i}", VALUE, category=CATEGORY),
         "retrieve": lambda i: svc.retrieve_for_tenant(tenant, f"secret-{i % RETRIEVE_NAMES}"),
     }
+    chosen = {op: all_ops[op] for op in ops}
     wall: dict[str, float] = {}
     by_self: dict[str, list[ProfileRow]] = {}
     by_cum: dict[str, list[ProfileRow]] = {}
     by_layer: dict[str, list[tuple[str, float]]] = {}
-    for op, fn in ops.items():
+    for op, fn in chosen.items():
         settle()
         profiler = cProfile.Profile()
         t = time.perf_counter()
@@ -489,9 +514,9 @@ def run_profile(workdir: Path, amk: bytes, *, n: int, top: int) -> ProfileResult
             if r.where.startswith(("keyledger/", "eventsourcing/")) and r.calls >= n // 2
         ]
         by_cum[op] = sorted(own, key=lambda r: -r.cumulative_us)[:top]
-        layers = dict.fromkeys(LAYERS, 0.0)
+        layers = dict.fromkeys(layer_names or LAYERS, 0.0)
         for row in rows:
-            layers[_layer(row.where)] += row.self_us
+            layers[layer_of(row.where)] += row.self_us
         by_layer[op] = list(layers.items())
     svc.close()
     settle()

@@ -224,7 +224,8 @@ class Diagnosis:
             "error",
             STORE_FRESH,
             f"{len(self.secrets)} live secret(s) but no usable active key: new values cannot "
-            "be stored until a usable version is active (a store rotates to a fresh one)",
+            "be stored until the active version is usable again (restore its master key) or "
+            "is destroyed by a repair, after which a store creates a fresh version",
             live_secret_count=len(self.secrets),
         )
 
@@ -318,17 +319,23 @@ class Diagnosis:
                     key_id=row.key_id,
                 )
         for key in self.keys.values():
-            has_material = any(
-                m.version == key.version and m.key_id == key.key_id for m in self.material
+            if key.status != "retired":
+                continue
+            probe = self.probe(key.version)
+            if probe.usable:
+                continue
+            missing = probe.reason == "its key material is missing"
+            self.add(
+                "tenant_encryption_key_material_missing"
+                if missing
+                else "retired_tenant_encryption_key_unwrap_failed",
+                "error",
+                DELETE_KEY,
+                f"retired key version {key.version} cannot be used: {probe.reason}",
+                key_version=key.version,
+                amk_id=probe.amk_id,
+                unknown_master_key=probe.unknown_amk,
             )
-            if key.status == "retired" and not has_material:
-                self.add(
-                    "tenant_encryption_key_material_missing",
-                    "error",
-                    DELETE_KEY,
-                    f"retired key version {key.version} has no key material",
-                    key_version=key.version,
-                )
 
     def report(self) -> DriftReport:
         keys = list(self.keys.values())

@@ -104,6 +104,9 @@ class _Renaming:
     def execute(self, statement: str, params: Any = ()) -> Any:
         return self._cur.execute(_renamed(statement), params)
 
+    def executemany(self, statement: str, params: Any) -> Any:
+        return self._cur.executemany(_renamed(statement), params)
+
     def fetchone(self) -> Any:
         return self._cur.fetchone()
 

@@ -64,6 +64,10 @@ class PgCursor:
         named = isinstance(params, Mapping)
         self._cursor.execute(_to_psycopg(statement, named), params)
 
+    def executemany(self, statement: str, params: Any) -> None:
+        named = bool(params) and isinstance(params[0], Mapping)
+        self._cursor.executemany(_to_psycopg(statement, named), params)
+
     def fetchone(self) -> Any:
         return self._cursor.fetchone()
 
@@ -151,13 +155,13 @@ class _PostgresSchemaMixin:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
                 conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
                 for statement in self.sql_create_statements:
-                    text = statement.as_string(conn)
-                    # The library's composite types and insert function serve its optional
-                    # database functions, which keyledger does not use.
-                    if "CREATE TYPE" not in text and "FUNCTION" not in text:
+                    # The library's composite types have no IF NOT EXISTS: a savepoint
+                    # absorbs "already exists" (its snapshot recorder adapts rows to them).
+                    with suppress(psycopg.errors.DuplicateObject), conn.transaction():
                         conn.execute(statement, prepare=False)
                 for text in self.extra_create_statements():
                     conn.execute(text.encode(), prepare=False)
+            self.datastore.register_type_adapters()
         except PersistenceError as error:
             raise StorageError(f"PostgreSQL schema creation failed: {error}") from None
 
@@ -228,9 +232,13 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return [positions[(e.originator_id, e.originator_version)] for e in events]
 
     def shred(self) -> None:
-        """VACUUM the key-material table so deleted rows leave its pages."""
+        """Rewrite the key-material table so deleted rows leave its pages.
+
+        A plain VACUUM frees dead rows but leaves their bytes in the pages; VACUUM FULL
+        writes a new table file (the table is small: one row per key version).
+        """
         with _translated(), self._connection() as conn:
-            conn.execute("VACUUM kl_key_material")
+            conn.execute("VACUUM FULL kl_key_material")
 
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append)."""

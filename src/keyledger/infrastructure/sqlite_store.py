@@ -62,8 +62,9 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
             self.is_journal_mode_wal = True
         # A completed store or read must survive a power cut: fsync the WAL on commit.
         conn.execute("PRAGMA synchronous=FULL")
-        # Destroyed key material must not linger in free pages (crypto-shredding).
-        conn.execute("PRAGMA secure_delete=FAST")
+        # Destroyed key material must not linger in freed cells or free pages
+        # (crypto-shredding): deleted content and freed pages are overwritten with zeros.
+        conn.execute("PRAGMA secure_delete=ON")
         conn.row_factory = sqlite3.Row
         return SQLiteConnection(sqlite_conn=conn, max_age=self.max_age)
 

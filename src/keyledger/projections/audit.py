@@ -9,7 +9,7 @@ same transaction, so no event is applied twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from keyledger.projections.audit_mapping import audit_facts
 from keyledger.projections.projector import Cursor
@@ -21,37 +21,39 @@ AUDIT_TRACKING_NAME = "audit"
 class AuditProjector:
     """Projects events into kl_audit and records the position reached in kl_tracking."""
 
-    def apply(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
-        last = None
-        for position, event in items:
-            self.apply_one(cur, position, event)
-            last = position
+    def apply(self, cur: Cursor, items: Sequence[tuple[int, object]]) -> None:
+        rows = [row for position, event in items if (row := self.row(position, event))]
+        last = items[-1][0] if items else None
+        if rows:
+            cur.executemany(_INSERT, rows)
         if last is not None:
             cur.execute(
                 "UPDATE kl_tracking SET position=? WHERE name=?", (last, AUDIT_TRACKING_NAME)
             )
 
     @staticmethod
-    def apply_one(cur: Cursor, position: int, event: object) -> None:
+    def row(position: int, event: object) -> tuple[object, ...] | None:
+        """The kl_audit row of an event (None for events that are not audited)."""
         facts = audit_facts(event)
         if facts is None:
-            return
+            return None
         actor = facts.actor
-        cur.execute(
-            "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, "
-            "result, user_id, ip_address, user_agent, key_version, details) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                position,
-                to_micros(event.timestamp),  # type: ignore[attr-defined]
-                facts.tenant_id,
-                facts.secret_name,
-                facts.action,
-                facts.result,
-                actor.get("user_id") or "system",
-                actor.get("ip_address"),
-                actor.get("user_agent"),
-                facts.key_version,
-                json.dumps(facts.details, sort_keys=True, separators=(",", ":")),
-            ),
+        return (
+            position,
+            to_micros(event.timestamp),  # type: ignore[attr-defined]
+            facts.tenant_id,
+            facts.secret_name,
+            facts.action,
+            facts.result,
+            actor.get("user_id") or "system",
+            actor.get("ip_address"),
+            actor.get("user_agent"),
+            facts.key_version,
+            json.dumps(facts.details, sort_keys=True, separators=(",", ":")),
         )
+
+
+_INSERT = (
+    "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, result, "
+    "user_id, ip_address, user_agent, key_version, details) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
