@@ -38,8 +38,14 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from keyledger.errors import StorageError
-from keyledger.infrastructure.unit_writer import check_expected, write_reads, write_unit_rest
+from keyledger.infrastructure.unit_writer import (
+    check_expected,
+    stale_aggregate,
+    write_reads,
+    write_unit_rest,
+)
 from keyledger.infrastructure.write_unit import WriteUnit
+from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import schema_statements
 
 # One advisory lock id for schema changes: processes creating tables at once take turns.
@@ -199,6 +205,27 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     def insert_reads(
         self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
     ) -> list[BaseException | None]:
+        """Append a batch of reads in three round trips: lock, pipeline, commit.
+
+        The version check, the append and the access-count update are sent together in a
+        pipeline, optimistically; the transaction commits only if no decision was stale.
+        A stale one (rare: the secret or keyring changed since it was read) rolls the
+        batch back, and the batch is written again item by item.
+        """
+        with _translated(), self._session(self._begin_write_statement) as conn:
+            try:
+                current, returned = self._pipelined_reads(conn, batch)
+            except BaseException:
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            if any(stale_aggregate(unit, current) for _, unit in batch):
+                conn.execute("ROLLBACK")
+            else:
+                conn.execute("COMMIT")
+                reads = [(unit.domain_events[0], unit.outcome) for _, unit in batch]
+                CatalogProjector.assign_read_outcomes(reads, returned)
+                return [None] * len(batch)
         with self.writing() as cur:
             return write_reads(
                 cur,
@@ -206,6 +233,38 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 versions_of=lambda ids: self._versions(cur, ids),
                 append=lambda events: self._append(cur, events),
             )
+
+    def _pipelined_reads(
+        self, conn: Connection[Any], batch: Sequence[tuple[StoredEvent, WriteUnit]]
+    ) -> tuple[dict[UUID, int], list[Any]]:
+        ids = list({a for _, unit in batch for a in unit.expected})
+        events = [stored for stored, _ in batch]
+        update, update_params = CatalogProjector.reads_update(
+            [unit.domain_events[0] for _, unit in batch]
+        )
+        rows = ",".join("(%s,%s,%s,%s)" for _ in events)
+        with conn.pipeline() as pipeline:
+            versions = conn.cursor(row_factory=tuple_row)
+            versions.execute(
+                f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
+                "WHERE originator_id = ANY(%s) GROUP BY originator_id",
+                (ids,),
+            )
+            conn.cursor().execute(
+                f"INSERT INTO {self.events_table_name} "
+                f"(originator_id, originator_version, topic, state) VALUES {rows}",
+                [
+                    v
+                    for e in events
+                    for v in (e.originator_id, e.originator_version, e.topic, e.state)
+                ],
+            )
+            counts = conn.cursor(row_factory=tuple_row)
+            counts.execute(_to_psycopg(update, False), update_params)
+            pipeline.sync()
+            current = {row[0]: int(row[1]) for row in versions.fetchall()}
+            returned = counts.fetchall()
+        return current, returned
 
     def _versions(self, cur: PgCursor, aggregate_ids: list[UUID]) -> dict[UUID, int]:
         if not aggregate_ids:

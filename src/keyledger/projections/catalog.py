@@ -131,28 +131,39 @@ class CatalogProjector:
     def apply_reads(
         self, cur: Cursor, reads: list[tuple[int, AuditRecord.SecretRead, Outcome]]
     ) -> None:
-        """Project many reads with one statement: the same rows as one by one, in order.
+        """Project many reads with one statement: the same rows as one by one, in order."""
+        ordered = [(event, outcome) for _, event, outcome in sorted(reads, key=lambda r: r[0])]
+        statement, params = self.reads_update([event for event, _ in ordered])
+        cur.execute(statement, params)
+        self.assign_read_outcomes(ordered, cur.fetchall())
 
-        Each read's outcome gets the count it would have seen applied alone: the final
-        count less the reads of the same secret that come after it in the batch.
-        """
+    @staticmethod
+    def reads_update(reads: list[AuditRecord.SecretRead]) -> tuple[str, list[Any]]:
+        """One UPDATE for reads in stream order: counts added, the last read's time kept."""
         totals: dict[tuple[str, str], list[int]] = {}
-        for _, event, _ in sorted(reads, key=lambda read: read[0]):
+        for event in reads:
             total = totals.setdefault((event.tenant_id, event.secret_name), [0, 0])
             total[0] += 1
             total[1] = to_micros(event.timestamp)
         rows = ",".join("(?,?,?,?)" for _ in totals)
         params = [v for (tenant, name), (n, at) in totals.items() for v in (tenant, name, n, at)]
-        cur.execute(
+        return (
             "UPDATE kl_catalog SET access_count = kl_catalog.access_count + v.column3, "
             f"last_accessed_at = v.column4 FROM (VALUES {rows}) AS v "
             "WHERE kl_catalog.tenant_id = v.column1 AND kl_catalog.name = v.column2 "
             "RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count",
             params,
         )
-        final = {(row[0], row[1]): int(row[2]) for row in cur.fetchall()}
+
+    @staticmethod
+    def assign_read_outcomes(
+        reads: list[tuple[AuditRecord.SecretRead, Outcome]], returned: list[Any]
+    ) -> None:
+        """Each read (in stream order) gets the count it would have seen applied alone:
+        the final count less the reads of the same secret that come after it."""
+        final = {(row[0], row[1]): int(row[2]) for row in returned}
         later: dict[tuple[str, str], int] = {}
-        for _, event, outcome in sorted(reads, key=lambda read: read[0], reverse=True):
+        for event, outcome in reversed(reads):
             key = (event.tenant_id, event.secret_name)
             if key in final:
                 outcome.access_count = final[key] - later.get(key, 0)
