@@ -958,6 +958,14 @@ class Instruments:
 
         psycopg.Connection.wait = wait  # type: ignore[method-assign,assignment]
         psycopg.Cursor.execute = cur_execute  # type: ignore[method-assign,assignment]
+        orig_insert_reads = self.recorder.insert_reads
+
+        def insert_reads(batch: Any) -> Any:
+            # The pipelined read batch opens its transaction itself (not via writing()).
+            probe().write_tx += 1
+            return orig_insert_reads(batch)
+
+        self.recorder.insert_reads = insert_reads
         self.recorder.writing = writing
         self.recorder.reading = reading
         if orig_projecting is not None:
@@ -970,6 +978,7 @@ class Instruments:
         finally:
             psycopg.Connection.wait = orig_wait  # type: ignore[method-assign]
             psycopg.Cursor.execute = orig_cur_execute  # type: ignore[method-assign]
+            del self.recorder.insert_reads
             del self.recorder.writing
             del self.recorder.reading
             if orig_projecting is not None:
@@ -1110,8 +1119,9 @@ def run_split_and_profile(
             split = measure_split(svc, tenant, clients=clients, n=n, cycle=cycle)
             log(
                 f"split at {clients} client(s): {split.ops_per_s:,.0f}/s, "
-                f"{split.round_trips:.1f} round trips, {1 / split.write_tx:.1f} reads per "
-                f"write transaction, lock held {split.held_us:,.0f} us per retrieve, "
+                f"{split.round_trips:.1f} round trips, "
+                f"{1 / max(split.write_tx, 1e-9):.1f} reads per write transaction, "
+                f"lock held {split.held_us:,.0f} us per retrieve, "
                 f"lock busy {split.lock_busy:.0%}"
             )
             splits.append(split)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from functools import lru_cache
 from typing import Any, Literal
 from uuid import UUID
@@ -318,26 +318,27 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 with suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
 
-    @contextmanager
-    def writing(self) -> Iterator[PgCursor]:
+    def writing(self) -> AbstractContextManager[PgCursor]:
         # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
-        with _translated(), self._session(self._begin_write_statement) as conn:
-            try:
-                yield PgCursor(conn.cursor(row_factory=tuple_row))
-            except BaseException:
-                with suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        return self._transaction(self._begin_write_statement)
 
-    @contextmanager
-    def projecting(self) -> Iterator[PgCursor]:
+    def projecting(self) -> AbstractContextManager[PgCursor]:
         # Maintainers serialise on an advisory lock, not on the events table: appends go
         # on meanwhile. Reading events by position stays safe without the table lock,
         # because writers commit positions in order (they hold it while appending).
-        with _translated(), self._session(_BEGIN_PROJECTING) as conn:
+        # Replays send many statements whose results nobody reads: pipeline them.
+        return self._transaction(_BEGIN_PROJECTING, pipelined=True)
+
+    @contextmanager
+    def _transaction(self, begin: bytes, *, pipelined: bool = False) -> Iterator[PgCursor]:
+        """A transaction opened by ``begin``: committed, or rolled back on any exception."""
+        with _translated(), self._session(begin) as conn:
             try:
-                yield PgCursor(conn.cursor(row_factory=tuple_row))
+                if pipelined:
+                    with conn.pipeline():
+                        yield PgCursor(conn.cursor(row_factory=tuple_row))
+                else:
+                    yield PgCursor(conn.cursor(row_factory=tuple_row))
             except BaseException:
                 with suppress(psycopg.Error):
                     conn.execute("ROLLBACK")

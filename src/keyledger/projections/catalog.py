@@ -33,11 +33,30 @@ class CatalogProjector:
     def apply(
         self, cur: Cursor, items: Iterable[tuple[int, object]], outcome: Outcome | None = None
     ) -> None:
-        outcome = outcome or Outcome()
+        """Apply events in order. Without an ``outcome`` (a replay), each run of
+        consecutive reads is applied with one statement, as group commit does."""
+        if outcome is None:
+            self._replay(cur, items)
+            return
         for _, event in items:
             handler = getattr(self, "_on_" + type(event).__name__, None)
             if handler is not None:
                 handler(cur, event, outcome)
+
+    def _replay(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
+        reads: list[tuple[int, AuditRecord.SecretRead, Outcome]] = []
+        for position, event in items:
+            if isinstance(event, AuditRecord.SecretRead):
+                reads.append((position, event, Outcome()))
+                continue
+            if reads:
+                self.apply_reads(cur, reads)
+                reads = []
+            handler = getattr(self, "_on_" + type(event).__name__, None)
+            if handler is not None:
+                handler(cur, event, Outcome())
+        if reads:
+            self.apply_reads(cur, reads)
 
     # -- catalog ------------------------------------------------------------------------
 
