@@ -27,6 +27,9 @@ def _metadata(value: dict[str, str]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+_UNWANTED = Outcome(wanted=False)
+
+
 class CatalogProjector:
     """Projects events into kl_catalog and kl_keys."""
 
@@ -54,7 +57,7 @@ class CatalogProjector:
                 reads = []
             handler = getattr(self, "_on_" + type(event).__name__, None)
             if handler is not None:
-                handler(cur, event, Outcome())
+                handler(cur, event, _UNWANTED)
         if reads:
             self.apply_reads(cur, reads)
 
@@ -191,6 +194,8 @@ class CatalogProjector:
 
     @staticmethod
     def _remember_access(cur: Cursor, outcome: Outcome) -> None:
+        if not outcome.wanted:
+            return
         row = cur.fetchone()
         if row is not None:
             outcome.access_count, outcome.last_accessed_at = int(row[0]), row[1]

@@ -20,6 +20,7 @@ class Cursor(Protocol):
 class Outcome:
     """What the projection learnt while applying a unit (e.g. the new access count)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, wanted: bool = True) -> None:
+        self.wanted = wanted  # False in a replay: nobody reads it, so nothing is fetched
         self.access_count: int | None = None
         self.last_accessed_at: int | None = None
