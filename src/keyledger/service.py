@@ -413,6 +413,7 @@ class SecretService:
         return repair(
             self._ledger,
             self._lifecycle,
+            self._keys.reencrypt_all,
             tenant_id,
             dry_run=dry_run is True,
             confirm=confirm_delete_unrecoverable_data is True,

@@ -149,6 +149,7 @@ class Diagnosis:
 
     def run(self) -> None:
         self._check_projection()
+        self._check_key_inventory()
         if self.ledger.master_keys.current is None:
             self.add(
                 "amk_unavailable",
@@ -174,6 +175,31 @@ class Diagnosis:
                 read_model="audit",
                 position=reached,
                 head=head,
+            )
+
+    def _check_key_inventory(self) -> None:
+        """The key read model must say what the tenant's keyring aggregate says."""
+        keyring = self.ledger.keyring(self.tenant_id, fresh=True)
+        from_stream = (
+            {}
+            if keyring is None
+            else {v: KeyRow(v, k.key_id, k.amk_id, k.status) for v, k in keyring.keys.items()}
+        )
+        if from_stream != self.keys:
+            differing = sorted(
+                v
+                for v in set(from_stream) | set(self.keys)
+                if from_stream.get(v) != self.keys.get(v)
+            )
+            self.add(
+                "read_model_inconsistent_with_stream",
+                "error",
+                REBUILD,
+                "the key read model disagrees with the event stream for version(s) "
+                f"{', '.join(map(str, differing))}: rebuild the read models before trusting "
+                "this diagnosis",
+                read_model="keys",
+                versions=differing,
             )
 
     def active_key(self) -> KeyRow | None:

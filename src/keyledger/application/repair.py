@@ -2,17 +2,21 @@
 
 Destructive work (deleting unrecoverable secrets, destroying unusable key versions) is one
 transaction with the ``repair`` event, so a repair killed midway has either done all of
-it or none; non-destructive fixes (re-wrap, catch up, delete orphaned material) run after.
+it or none; non-destructive fixes (re-wrap, re-encrypt, catch up, delete orphaned
+material) run after. Read models that disagree with the stream are rebuilt first, so
+deletions are only ever planned on consistent ones.
 A missing master key never leads to anything being deleted: its diagnosis marks nothing
 destructive.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from keyledger.application.drift import DELETE_KEY, DELETE_MATERIAL, DELETE_SECRET, diagnose
 from keyledger.application.ledger import Ledger
 from keyledger.application.lifecycle import KeyLifecycle
-from keyledger.application.read_models import catch_up_audit
+from keyledger.application.read_models import catch_up_audit, rebuild_read_models
 from keyledger.application.secrets import actor_dict
 from keyledger.context import Actor
 from keyledger.domain.secret import Secret
@@ -38,6 +42,7 @@ def _plan(issues: list[DriftIssue]) -> tuple[list[str], list[int]]:
 def repair(
     ledger: Ledger,
     lifecycle: KeyLifecycle,
+    reencrypt: Callable[[str, Actor], object],
     tenant_id: str,
     *,
     dry_run: bool,
@@ -46,6 +51,10 @@ def repair(
 ) -> RepairResult:
     """Repair one tenant's drift; see the module docstring for the rules."""
     before = diagnose(ledger, tenant_id).issues
+    if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in before):
+        # Plan deletions only on read models that agree with the stream.
+        rebuild_read_models(ledger)
+        before = diagnose(ledger, tenant_id).issues
     secrets, versions = _plan(before)
     result = {
         "tenant_id": tenant_id,
@@ -78,7 +87,7 @@ def repair(
             **result,
         )
     _record(ledger, tenant_id, before, secrets, versions, actor)
-    _fix_without_deleting(ledger, lifecycle, tenant_id, before, actor)
+    _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
     return RepairResult(
         dry_run=False,
         remaining_issues=diagnose(ledger, tenant_id).issues,
@@ -128,6 +137,7 @@ def _record(
 def _fix_without_deleting(
     ledger: Ledger,
     lifecycle: KeyLifecycle,
+    reencrypt: Callable[[str, Actor], object],
     tenant_id: str,
     issues: list[DriftIssue],
     actor: Actor,
@@ -143,5 +153,7 @@ def _fix_without_deleting(
     if stray:
         ledger.delete_key_material(stray)
         ledger.shred()
+    if "secret_on_retired_key" in codes:
+        reencrypt(tenant_id, actor)
     if "projection_behind" in codes:
         catch_up_audit(ledger)
