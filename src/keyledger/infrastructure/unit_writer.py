@@ -125,7 +125,11 @@ def write_reads(
         errors.append(None if stale is None else StaleStateError(stale))
         if stale is None:
             accepted.append((stored, unit))
-    if accepted:
+    if len(accepted) == 1:  # a lone read: the plain per-event statement is cheaper
+        stored, unit = accepted[0]
+        positions = append([stored])
+        _PROJECTOR.apply(cur, zip(positions, unit.domain_events, strict=True), unit.outcome)
+    elif accepted:
         positions = append([stored for stored, _ in accepted])
         _PROJECTOR.apply_reads(
             cur,
