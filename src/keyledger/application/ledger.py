@@ -37,7 +37,7 @@ from keyledger.domain.secret import Secret
 from keyledger.errors import DecryptionFailed, MasterKeyUnavailable, StorageError
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
 from keyledger.infrastructure.transcodings import BytesAsBase64
-from keyledger.infrastructure.unit_writer import KeyledgerRecorder
+from keyledger.infrastructure.unit_writer import KeyledgerRecorder, delete_key_material
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
 from keyledger.projections.timeutil import to_micros
 
@@ -128,12 +128,6 @@ class Ledger(Application[UUID]):
         """A private copy to run commands on: cached aggregates are shared by threads."""
         return copy.deepcopy(aggregate)
 
-    def forget(self, tenant_id: str, name: str | None = None) -> None:
-        """Drop cached state of a tenant's keyring (and of one secret)."""
-        self._keyrings.evict(keyring_id(tenant_id))
-        if name is not None:
-            self._secrets.evict(secret_id(tenant_id, name))
-
     # -- writing ------------------------------------------------------------------------
 
     def commit(
@@ -160,9 +154,7 @@ class Ledger(Application[UUID]):
                 [self.mapper.to_stored_event(event) for event in events], unit=unit
             )
         except (IntegrityError, StaleStateError):
-            for aggregate_id in (*(a.id for a in aggregates), *unit.expected):
-                self._secrets.evict(aggregate_id)
-                self._keyrings.evict(aggregate_id)
+            self._evict(*(a.id for a in aggregates), *unit.expected)
             raise Conflict from None
         self._note_appended(len(events))
         for aggregate in aggregates:
@@ -184,12 +176,16 @@ class Ledger(Application[UUID]):
         try:
             self._reads.submit((self.mapper.to_stored_event(event), unit))
         except (IntegrityError, StaleStateError):
-            for aggregate_id in unit.expected:
-                self._secrets.evict(aggregate_id)
-                self._keyrings.evict(aggregate_id)
+            self._evict(*unit.expected)
             raise Conflict from None
         self._note_appended(1)
         return unit
+
+    def _evict(self, *aggregate_ids: UUID) -> None:
+        """Forget cached aggregates a write found stale (the retry reloads them)."""
+        for aggregate_id in aggregate_ids:
+            self._secrets.evict(aggregate_id)
+            self._keyrings.evict(aggregate_id)
 
     def _write_reads(
         self, batch: list[tuple[StoredEvent, WriteUnit]]
@@ -251,12 +247,7 @@ class Ledger(Application[UUID]):
         """Delete stray key material (orphaned, or of destroyed versions): no event, since
         no key fact changes; the drift repair that calls this is itself audited."""
         with self.writing() as cur:
-            for tenant_id, version, key_id in rows:
-                cur.execute(
-                    "DELETE FROM kl_key_material WHERE tenant_id=? AND version=? "
-                    "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
-                    (tenant_id, version, key_id, key_id),
-                )
+            delete_key_material(cur, rows)
 
     def shred(self) -> None:
         """Make the store drop deleted key material from its files (see the recorders)."""

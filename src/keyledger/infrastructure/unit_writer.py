@@ -65,12 +65,7 @@ def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> N
                 f"key version {version} of tenant {tenant_id!r} still encrypts "
                 f"{in_use} live secret(s)"
             )
-    for tenant_id, version, key_id in unit.material_deletions:
-        cur.execute(
-            "DELETE FROM kl_key_material WHERE tenant_id=? AND version=? "
-            "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
-            (tenant_id, version, key_id, key_id),
-        )
+    delete_key_material(cur, unit.material_deletions)
     for row in unit.material_rewraps:
         cur.execute(
             "UPDATE kl_key_material SET amk_id=?, wrapped=? "
@@ -95,6 +90,16 @@ def stale_aggregate(unit: WriteUnit, current: Mapping[UUID, int]) -> UUID | None
         if current.get(aggregate_id, 0) != version:
             return aggregate_id
     return None
+
+
+def delete_key_material(cur: Cursor, rows: Sequence[tuple[str, int, str | None]]) -> None:
+    """Delete material rows: (tenant, version, key_id), a key_id of None for all of them."""
+    for tenant_id, version, key_id in rows:
+        cur.execute(
+            "DELETE FROM kl_key_material WHERE tenant_id=? AND version=? "
+            "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
+            (tenant_id, version, key_id, key_id),
+        )
 
 
 def check_expected(unit: WriteUnit, versions_of: VersionsOf) -> None:
