@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keyledger.application.ledger import Ledger
 from keyledger.infrastructure.database_url import persistence_env
-from keyledger.infrastructure.master_keys import load_master_keyring
+from keyledger.infrastructure.master_keys import load_audit_key, load_master_keyring
 from keyledger.infrastructure.settings import KeyledgerSettings
 
 
@@ -26,4 +26,6 @@ def build_ledger(
         env=env,
         master_keys=master_keys,
         key_cache_seconds=settings.key_cache_seconds,
+        audit_key=load_audit_key(settings),
+        seal_every=settings.audit_seal_every,
     )

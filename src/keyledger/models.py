@@ -137,3 +137,103 @@ class KeyDue(_Frozen):
     age_days: float
     encryptions: int
     reasons: list[str]
+
+
+class SecretAsOf(_Frozen):
+    """A secret as it was at an instant of the stream (never its value)."""
+
+    name: str
+    category: str | None
+    description: str | None
+    metadata: dict[str, str]
+    status: SecretStatus
+    version: int
+    key_version: int
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    access_count: int
+    last_accessed_at: datetime | None
+
+
+class KeyVersionAsOf(_Frozen):
+    """A tenant key version as it was at an instant of the stream."""
+
+    version: int
+    status: KeyStatus
+    key_id: str
+    amk_id: str
+    created_at: datetime
+    retired_at: datetime | None
+
+
+class TenantState(_Frozen):
+    """A tenant's secrets and key versions replayed from the stream alone."""
+
+    tenant_id: str
+    as_of: datetime | None
+    as_of_position: int | None
+    position: int
+    events_applied: int
+    secrets: list[SecretAsOf]
+    keys: list[KeyVersionAsOf]
+
+
+class Checkpoint(_Frozen):
+    """One checkpoint of the audit seal chain."""
+
+    sequence: int
+    position: int | None
+    after_position: int
+    to_position: int
+    event_count: int
+    digest: str
+    key_id: str
+    sealed_at: datetime
+    sealed_by: str
+
+
+class SealResult(_Frozen):
+    """What ``seal_audit`` appended, and where it stopped (an event it will not vouch for)."""
+
+    checkpoints: list[Checkpoint]
+    sealed_events: int
+    stopped_at: int | None
+    stopped_reason: str | None
+
+
+TamperKind = Literal[
+    "modified",
+    "deleted",
+    "inserted",
+    "reordered",
+    "untagged",
+    "checkpoint_invalid",
+    "checkpoint_missing",
+    "unverifiable",
+    "truncated",
+]
+
+
+class TamperFinding(_Frozen):
+    """One departure of the stored stream from what was sealed or tagged."""
+
+    kind: TamperKind
+    position: int
+    detail: str
+    checkpoint: int | None = None
+
+
+class VerifyReport(_Frozen):
+    """The outcome of ``verify_audit``: ``intact`` only when there is no finding."""
+
+    intact: bool
+    from_position: int
+    head_position: int
+    last_sealed_position: int
+    checkpoints: int
+    checked_events: int
+    sealed_events: int
+    unsealed_events: int
+    anchored_checkpoints: int
+    findings: list[TamperFinding]

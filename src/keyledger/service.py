@@ -26,6 +26,7 @@ from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput
 from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.investigation import AuditInvestigation
 from keyledger.models import (
     AuditEntry,
     CleanupResult,
@@ -58,7 +59,7 @@ _ACTIONS = frozenset(
 _RESULTS = frozenset(("success", "failure", "denied"))
 
 
-class SecretService:
+class SecretService(AuditInvestigation):
     """Per-tenant secrets with envelope encryption and an event-sourced audit stream."""
 
     def __init__(self, ledger: Ledger, settings: KeyledgerSettings) -> None:
@@ -522,14 +523,17 @@ class SecretService:
         stop: Callable[[], bool],
         idle_seconds: float = 1.0,
         on_progress: Callable[[int], None] | None = None,
+        seal: bool = True,
     ) -> int:
-        """Keep the lagging read models current until ``stop()`` (the projection worker)."""
+        """Keep the lagging read models current until ``stop()`` (the projection worker);
+        with ``seal``, seal the audit stream whenever idle."""
         return follow(
             self._ledger,
             stop=stop,
             wait=self._ledger.wait_for_events,
             idle_seconds=idle_seconds,
             on_progress=on_progress,
+            seal_when_idle=seal,
         )
 
     def catch_up_read_models(self) -> int:

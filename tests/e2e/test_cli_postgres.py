@@ -309,7 +309,7 @@ def test_a_worker_process_keeps_the_read_models_current_and_stops_on_a_signal(
 ) -> None:
     ok("db", "init")
     worker = subprocess.Popen(
-        [str(SCRIPT), "projections", "run", "--idle-seconds", "0.1"],
+        [str(SCRIPT), "projections", "run", "--idle-seconds", "0.1", "--no-seal"],
         env=script_env(url),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

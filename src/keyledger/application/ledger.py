@@ -23,6 +23,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     IntegrityError,
     JSONTranscoder,
+    Mapper,
     PersistenceError,
     StoredEvent,
 )
@@ -34,8 +35,15 @@ from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
-from keyledger.errors import DecryptionFailed, MasterKeyUnavailable, StorageError
+from keyledger.errors import (
+    DecryptionFailed,
+    KeyledgerError,
+    MasterKeyUnavailable,
+    StorageError,
+)
+from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
+from keyledger.infrastructure.event_tags import TaggingMapper
 from keyledger.infrastructure.transcodings import BytesAsBase64
 from keyledger.infrastructure.unit_writer import KeyledgerRecorder, delete_key_material
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
@@ -68,7 +76,11 @@ class Ledger(Application[UUID]):
         master_keys: MasterKeyring,
         key_cache_seconds: float = 300.0,
         clock: Callable[[], datetime] | None = None,
+        audit_key: AuditKey | None = None,
+        seal_every: int = 0,
     ) -> None:
+        self.audit_keys = master_keys.audit_keyring(audit_key)
+        self.seal_every = seal_every
         try:
             super().__init__(env=env)
         except PersistenceError as error:
@@ -82,11 +94,18 @@ class Ledger(Application[UUID]):
         self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._appended_since_catch_up = 0
+        self._appended_since_seal = 0
         self._reads: GroupCommitter[tuple[StoredEvent, WriteUnit]] = GroupCommitter(
             self._write_reads
         )
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
+        )
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        """The library's mapper, tagging every event with the audit key (event_tags)."""
+        return TaggingMapper(
+            transcoder=self.construct_transcoder(), tag_key=self.audit_keys.current
         )
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
@@ -193,16 +212,33 @@ class Ledger(Application[UUID]):
         return self.store.insert_reads(batch)
 
     def _note_appended(self, count: int) -> None:
+        if self.seal_every:
+            self._appended_since_seal += count
+            if self._appended_since_seal >= self.seal_every:
+                self._appended_since_seal = 0
+                self.seal_automatically()
         # The audit model catches up before every audit query; catching up in bulk every
         # few thousand appends as well keeps that first query short.
         self._appended_since_catch_up += count
         if self._appended_since_catch_up < AUDIT_CATCH_UP_EVERY:
             return
         self._appended_since_catch_up = 0
+        self._appended_since_seal = 0
         try:
             catch_up_audit(self)
         except StorageError as error:  # the write itself succeeded; the next query retries
             logger.warning("audit read model catch-up deferred: %s", error)
+
+    def seal_automatically(self) -> None:
+        """Seal the unsealed events, as the system actor; never fails the caller's write."""
+        if self.audit_keys.current is None:
+            return
+        from keyledger.application.sealing import seal
+
+        try:
+            seal(self, {"user_id": "system", "ip_address": None, "user_agent": None})
+        except KeyledgerError as error:
+            logger.warning("automatic audit seal deferred: %s", error)
 
     def retrying(self, attempt: Callable[[int], T]) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter)."""

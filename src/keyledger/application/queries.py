@@ -133,6 +133,7 @@ class Queries:
         until: datetime | None,
         limit: int,
         offset: int,
+        ascending: bool = False,
     ) -> list[AuditEntry]:
         filters = {
             "tenant_id=:tenant": tenant_id,
@@ -149,7 +150,7 @@ class Queries:
             "SELECT position, timestamp, tenant_id, secret_name, action, result, user_id, "
             "ip_address, user_agent, key_version, details FROM kl_audit"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY position DESC LIMIT :limit OFFSET :offset"
+            + f" ORDER BY position {'ASC' if ascending else 'DESC'} LIMIT :limit OFFSET :offset"
         )
         params = {
             "tenant": tenant_id,

@@ -173,8 +173,12 @@ def follow(
     wait: Callable[[float], None],
     idle_seconds: float = 1.0,
     on_progress: Callable[[int], None] | None = None,
+    seal_when_idle: bool = True,
 ) -> int:
     """Keep the lagging read models current until ``stop()``; returns events applied.
+
+    Whenever it is idle, the worker also seals the audit stream (when it has an audit
+    key), so the unsealed tail stays as short as the idle interval.
 
     ``wait(seconds)`` blocks until new events may exist (a NOTIFY on PostgreSQL, a plain
     sleep on SQLite) or the time is up. Each catch-up batch is one transaction that
@@ -186,5 +190,7 @@ def follow(
         count = catch_up_audit(ledger, on_progress)
         applied += count
         if not count:
+            if seal_when_idle:
+                ledger.seal_automatically()
             wait(idle_seconds)
     return applied

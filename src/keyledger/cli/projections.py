@@ -100,14 +100,21 @@ def stop_on_signals() -> Iterator[Callable[[], bool]]:
     "honoured within this time.",
 )
 @click.option("--once", is_flag=True, help="Catch up once and exit instead of following.")
+@click.option(
+    "--seal/--no-seal",
+    default=True,
+    show_default=True,
+    help="Seal the audit stream whenever the worker is idle (needs an audit key).",
+)
 @json_option
 @pass_cli
-def run(cli: CliContext, idle_seconds: float, once: bool) -> None:
+def run(cli: CliContext, idle_seconds: float, once: bool, seal: bool) -> None:
     """Keep the lagging read models current for every process: the projection worker.
 
     Follows the event stream (LISTEN/NOTIFY on PostgreSQL, polling on SQLite) and applies
     new events until SIGINT or SIGTERM, printing progress on stderr. Each catch-up is one
     transaction, so a killed worker resumes where it stopped and applies nothing twice.
+    When idle, it seals the audit stream (``audit seal``) unless --no-seal.
     """
     service = cli.service
     if once:
@@ -125,7 +132,7 @@ def run(cli: CliContext, idle_seconds: float, once: bool) -> None:
 
         with stop_on_signals() as stop:
             applied = service.follow_read_models(
-                stop=stop, idle_seconds=idle_seconds, on_progress=progress
+                stop=stop, idle_seconds=idle_seconds, on_progress=progress, seal=seal
             )
         click.echo("Stopped.", err=True)
     if cli.json_output:

@@ -1,8 +1,9 @@
 """AuditRecord: one-event aggregates for reads, denials and failed operations.
 
 Reads do not go on the Secret stream: a hot secret would make readers conflict and its
-stream grow without bound. Each read, denial or failure is its own aggregate (UUIDv7 id,
-one event), so readers never conflict, and counts are derived in the catalog read model.
+stream grow without bound. Each read, denial or failure is its own aggregate (one event,
+an id time-ordered within its tenant's id range), so readers never conflict, and counts
+are derived in the catalog read model.
 Nothing ever loads these aggregates, so the factories below build their only event
 directly (the same event the library's ``_create`` would build, without the aggregate).
 """
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
-from keyledger.domain.ids import ActorDict, time_ordered_id
+from keyledger.domain.ids import ActorDict, audit_record_id
 
 E = TypeVar("E", bound=Aggregate.Created)
 
@@ -56,7 +57,7 @@ class AuditRecord(Aggregate):
     @classmethod
     def _event(cls, event_class: type[E], **fields: Any) -> E:
         return event_class(
-            originator_id=time_ordered_id(),
+            originator_id=audit_record_id(fields["tenant_id"]),
             originator_version=1,
             timestamp=event_class.create_timestamp(),
             originator_topic=_TOPIC,

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyledger.domain.envelope import ALGORITHM_AES256GCM, ENVELOPE_FORMAT, HEADER, NONCE_BYTES
 from keyledger.errors import DecryptionFailed, InvalidMasterKey
+from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
 
 KEY_BYTES = 32
 _HEADER = HEADER
@@ -66,11 +67,12 @@ def fingerprint(key: bytes, label: bytes) -> str:
 class MasterKey:
     """One AMK. Holds only an AESGCM handle; cannot be printed or pickled."""
 
-    __slots__ = ("_aead", "amk_id")
+    __slots__ = ("_aead", "amk_id", "audit_key")
 
     def __init__(self, raw: bytes) -> None:
         self.amk_id = fingerprint(raw, _AMK_ID_LABEL)
         self._aead = AESGCM(raw)
+        self.audit_key = AuditKey.derive(raw)
 
     def __repr__(self) -> str:
         return f"MasterKey(amk_id={self.amk_id!r})"
@@ -196,6 +198,13 @@ class MasterKeyring:
 
     def get(self, amk_id: str) -> MasterKey | None:
         return self._by_id.get(amk_id)
+
+    def audit_keyring(self, audit_key: AuditKey | None = None) -> AuditKeyring:
+        """The audit keys: ``audit_key`` (KEYLEDGER_AUDIT_KEY) or the current AMK's derived
+        key seals; every configured key verifies."""
+        derived = [key.audit_key for key in self._by_id.values()]
+        current = audit_key or (self.current.audit_key if self.current else None)
+        return AuditKeyring(current, derived)
 
     @property
     def known_ids(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from keyledger.errors import InvalidMasterKey
+from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.infrastructure.crypto import MasterKey, MasterKeyring, parse_master_key
 from keyledger.infrastructure.settings import KeyledgerSettings
 
@@ -42,3 +43,10 @@ def load_master_keyring(
         for index, text in enumerate(previous_master_keys)
     ]
     return MasterKeyring(current, previous)
+
+
+def load_audit_key(settings: KeyledgerSettings) -> AuditKey | None:
+    """KEYLEDGER_AUDIT_KEY, validated like a master key (None: derive from the AMK)."""
+    if settings.audit_key is None:
+        return None
+    return AuditKey(parse_master_key(settings.audit_key.get_secret_value(), "KEYLEDGER_AUDIT_KEY"))

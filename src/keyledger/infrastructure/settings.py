@@ -29,3 +29,7 @@ class KeyledgerSettings(BaseSettings):
     key_max_age_days: float = Field(default=90.0, gt=0)
     # NIST SP 800-38D caps random 96-bit nonces at 2^32 encryptions per key; rotate well before.
     key_max_encryptions: int = Field(default=2**30, gt=0)
+    # The audit key (64 hex characters); without it, one is derived from the master key.
+    audit_key: SecretStr | None = None
+    # Seal the audit stream automatically after this many appends per process (0: never).
+    audit_seal_every: int = Field(default=10_000, ge=0)

@@ -1,0 +1,240 @@
+"""Sealing the audit stream: checkpoints that chain every event under the audit key.
+
+``seal`` appends checkpoints until the stream is covered, ``SEGMENT_EVENTS`` events each.
+Before it vouches for an event it checks the event's own tag (``event_tags``): an event
+whose tag does not verify stops the seal there, and so, unless the caller accepts them
+after investigating, does an untagged event (written by a process without any audit key,
+or forged). Sealing reads outside any lock; the checkpoint append is an ordinary versioned
+write, so two sealers never fork the chain: the loser reloads and seals what remains.
+
+Byte layouts (integers 8-byte big-endian)::
+
+    sealed tag = HMAC-SHA256(audit key, b"keyledger:sealed-event:v1" 0x00 position
+                 || originator_id (16) || originator_version || topic 0x00 || state)[:8]
+    digest     = HMAC-SHA256(audit key, b"keyledger:checkpoint:v1" 0x00 previous digest (32)
+                 || sequence || after_position || to_position || event_count
+                 || len(positions) || positions || tags)
+
+The first checkpoint's previous digest is 32 zero bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from keyledger.application.ledger import Conflict
+from keyledger.application.stream import Row, rows_after, seal_rows
+from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
+from keyledger.domain.seal import AuditSeal, encode_positions
+from keyledger.errors import MasterKeyUnavailable
+from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
+from keyledger.infrastructure.event_tags import event_tag, split_trailer
+from keyledger.models import Checkpoint, SealResult
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
+
+SEGMENT_EVENTS = 2000
+SEALED_TAG_BYTES = 8
+ZERO_DIGEST = bytes(32)
+_EVENT_LABEL = b"keyledger:sealed-event:v1\x00"
+_CHECKPOINT_LABEL = b"keyledger:checkpoint:v1\x00"
+
+TagStatus = Literal["ok", "untagged", "mismatch", "unknown_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+def sealed_tag(key: AuditKey, row: Row) -> bytes:
+    """The 8-byte tag a checkpoint keeps for ``row``: binds position, identity and bytes."""
+    message = b"".join(
+        (
+            _EVENT_LABEL,
+            _u64(row.position),
+            row.originator_id.bytes,
+            _u64(row.version),
+            row.topic.encode(),
+            b"\x00",
+            row.state,
+        )
+    )
+    return key.mac(message)[:SEALED_TAG_BYTES]
+
+
+def _digest(
+    key: AuditKey,
+    previous: bytes,
+    sequence: int,
+    after: int,
+    to: int,
+    positions: bytes,
+    tags: bytes,
+) -> bytes:
+    count = len(tags) // SEALED_TAG_BYTES
+    parts = (previous, _u64(sequence), _u64(after), _u64(to), _u64(count), _u64(len(positions)))
+    return key.mac(b"".join((_CHECKPOINT_LABEL, *parts, positions, tags)))
+
+
+def checkpoint_digest(key: AuditKey, checkpoint: AuditSeal.Checkpoint) -> bytes:
+    """The digest ``checkpoint`` should carry, recomputed from its fields."""
+    return _digest(
+        key,
+        checkpoint.previous_digest,
+        checkpoint.originator_version,
+        checkpoint.after_position,
+        checkpoint.to_position,
+        checkpoint.positions,
+        checkpoint.tags,
+    )
+
+
+def tag_status(keys: AuditKeyring, row: Row) -> TagStatus:
+    """Whether ``row`` carries a valid event tag (see ``event_tags``)."""
+    body, tag, key_id = split_trailer(row.state)
+    if tag is None or key_id is None:
+        return "untagged"
+    key = keys.get(key_id)
+    if key is None:
+        return "unknown_key"
+    expected = event_tag(key, row.originator_id, row.version, row.topic, body)
+    return "ok" if expected == tag else "mismatch"
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest checkpoint (sequence 0 and position 0 when nothing is sealed yet)."""
+
+    sequence: int
+    to_position: int
+    digest: bytes
+
+
+def chain_head(ledger: Ledger) -> ChainHead:
+    rows = seal_rows(ledger, newest_only=True)
+    if not rows:
+        return ChainHead(0, 0, ZERO_DIGEST)
+    checkpoint = ledger.mapper.to_domain_event(rows[0].stored())
+    assert isinstance(checkpoint, AuditSeal.Checkpoint)
+    return ChainHead(checkpoint.originator_version, checkpoint.to_position, checkpoint.digest)
+
+
+def checkpoint_model(checkpoint: AuditSeal.Checkpoint, position: int | None) -> Checkpoint:
+    """The public view of a checkpoint event (``position``: where it sits in the stream)."""
+    actor = checkpoint.actor
+    return Checkpoint(
+        sequence=checkpoint.originator_version,
+        position=position,
+        after_position=checkpoint.after_position,
+        to_position=checkpoint.to_position,
+        event_count=checkpoint.event_count,
+        digest=checkpoint.digest.hex(),
+        key_id=checkpoint.key_id,
+        sealed_at=checkpoint.timestamp,
+        sealed_by=str(actor.get("user_id", "")),
+    )
+
+
+def _build(
+    ledger: Ledger, key: AuditKey, head: ChainHead, rows: list[Row], actor: ActorDict
+) -> AuditSeal.Checkpoint:
+    sequence, after, to = head.sequence + 1, head.to_position, rows[-1].position
+    positions = encode_positions(after, [row.position for row in rows])
+    tags = b"".join(sealed_tag(key, row) for row in rows)
+    return AuditSeal.checkpoint(
+        sequence,
+        ledger.clock(),
+        after_position=after,
+        to_position=to,
+        event_count=len(rows),
+        positions=positions,
+        tags=tags,
+        previous_digest=head.digest,
+        digest=_digest(key, head.digest, sequence, after, to, positions, tags),
+        key_id=key.key_id.hex(),
+        actor=actor,
+    )
+
+
+def seal(
+    ledger: Ledger,
+    actor: ActorDict,
+    *,
+    accept_untagged: bool = False,
+    max_checkpoints: int | None = None,
+) -> SealResult:
+    """Append checkpoints covering every event not sealed yet (see the module doc)."""
+    key = ledger.audit_keys.current
+    if key is None:
+        raise MasterKeyUnavailable(
+            "no audit key: set KEYLEDGER_AUDIT_KEY, or a master key to derive it from"
+        )
+    made: list[Checkpoint] = []
+    sealed = 0
+    while max_checkpoints is None or len(made) < max_checkpoints:
+        head = chain_head(ledger)
+        page = next(rows_after(ledger, head.to_position, page_size=SEGMENT_EVENTS), [])
+        if all(row.originator_id == SEAL_CHAIN_ID for row in page):
+            break  # only checkpoints since: the next seal covers them (never seal seals)
+        covered, stop = _vouched(ledger.audit_keys, page, accept_untagged)
+        if covered:
+            checkpoint = _build(ledger, key, head, covered, actor)
+            try:
+                ledger.commit(checkpoint)
+            except Conflict:
+                continue  # another sealer extended the chain: seal what is left after it
+            made.append(checkpoint_model(checkpoint, None))
+            sealed += len(covered)
+        if stop is not None:
+            position, reason = stop
+            logger.warning("audit seal stopped at position %d: %s", position, reason)
+            return SealResult(
+                checkpoints=made, sealed_events=sealed, stopped_at=position, stopped_reason=reason
+            )
+        if len(page) < SEGMENT_EVENTS:
+            break
+    return SealResult(checkpoints=made, sealed_events=sealed, stopped_at=None, stopped_reason=None)
+
+
+_STOP_REASONS = {
+    "mismatch": "the event's tag does not verify: it was altered or forged (run audit verify)",
+    "unknown_key": "the event is tagged with an audit key that is not configured",
+    "untagged": "the event carries no tag (written without an audit key, or forged); "
+    "investigate, then seal with accept_untagged",
+}
+
+
+def _vouched(
+    keys: AuditKeyring, page: list[Row], accept_untagged: bool
+) -> tuple[list[Row], tuple[int, str] | None]:
+    """The leading rows of ``page`` a seal may cover, and where and why it must stop."""
+    for index, row in enumerate(page):
+        status = tag_status(keys, row)
+        if status == "ok" or (status == "untagged" and accept_untagged):
+            continue
+        return page[:index], (row.position, _STOP_REASONS[status])
+    return page, None
+
+
+def unsealed_count(ledger: Ledger) -> int:
+    """How many events lie after the newest checkpoint."""
+    head = chain_head(ledger)
+    table, position = ledger.store.events_table_name, ledger.store.position_column
+    with ledger.reading() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM {table} WHERE {position} > ?", (head.to_position,))
+        return int(cur.fetchone()[0])
+
+
+def checkpoints(ledger: Ledger) -> list[Checkpoint]:
+    """Every checkpoint of the chain, in order, with its stream position."""
+    models = []
+    for row in seal_rows(ledger):
+        event = ledger.mapper.to_domain_event(row.stored())
+        assert isinstance(event, AuditSeal.Checkpoint)
+        models.append(checkpoint_model(event, row.position))
+    return models

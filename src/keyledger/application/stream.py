@@ -1,0 +1,130 @@
+"""Reading the raw stream: rows by position, a tenant's rows, the seal chain's rows.
+
+These readers return stored rows (position, originator_id, version, topic, state bytes):
+integrity checks work on the bytes as stored, and only what needs the domain view decodes.
+A tenant's rows are one range scan of the events table's primary key (``ids``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
+
+PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One stored event and its position in the stream."""
+
+    position: int
+    originator_id: UUID
+    version: int
+    topic: str
+    state: bytes
+
+    def stored(self) -> StoredEvent:
+        return StoredEvent(self.originator_id, self.version, self.topic, self.state)
+
+
+def _row(raw: Any) -> Row:
+    originator = raw[1] if isinstance(raw[1], UUID) else UUID(str(raw[1]))
+    return Row(int(raw[0]), originator, int(raw[2]), raw[3], bytes(raw[4]))
+
+
+def _columns(ledger: Ledger) -> tuple[str, str]:
+    return ledger.store.events_table_name, ledger.store.position_column
+
+
+def head_position(ledger: Ledger) -> int:
+    """The position of the newest event (0 for an empty stream)."""
+    table, position = _columns(ledger)
+    with ledger.reading() as cur:
+        cur.execute(f"SELECT MAX({position}) FROM {table}")
+        head = cur.fetchone()[0]
+    return int(head or 0)
+
+
+def rows_after(
+    ledger: Ledger,
+    after: int,
+    *,
+    upto: int | None = None,
+    tenant_id: str | None = None,
+    page_size: int = PAGE_SIZE,
+) -> Iterator[list[Row]]:
+    """Pages of rows with ``after < position <= upto`` in stream order (one short read
+    transaction per page, so memory and snapshots stay small on any stream size).
+
+    With ``tenant_id``, only that tenant's rows: the position index drives the scan and the
+    id range filters, so each row is visited once however the tenant's rows are spread.
+    """
+    table, position = _columns(ledger)
+    where = f"{position} > :after"
+    params: dict[str, Any] = {"limit": page_size}
+    if upto is not None:
+        where += f" AND {position} <= :upto"
+        params["upto"] = upto
+    if tenant_id is not None:
+        low, high = tenant_id_range(tenant_id)
+        where += " AND originator_id BETWEEN :low AND :high"
+        params["low"], params["high"] = ledger.store.id_param(low), ledger.store.id_param(high)
+    statement = (
+        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        f"WHERE {where} ORDER BY {position} LIMIT :limit"
+    )
+    while True:
+        params["after"] = after
+        with ledger.reading() as cur:
+            cur.execute(statement, params)
+            page = [_row(raw) for raw in cur.fetchall()]
+        if page:
+            yield page
+            after = page[-1].position
+        if len(page) < page_size:
+            return
+
+
+def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> list[Row]:
+    """Every row of ``tenant_id`` (position <= ``upto``), in stream order: one range scan
+    of the primary key, sorted by position."""
+    table, position = _columns(ledger)
+    low, high = tenant_id_range(tenant_id)
+    statement = (
+        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        "WHERE originator_id BETWEEN :low AND :high"
+    )
+    params: dict[str, Any] = {
+        "low": ledger.store.id_param(low),
+        "high": ledger.store.id_param(high),
+    }
+    if upto is not None:
+        statement += f" AND {position} <= :upto"
+        params["upto"] = upto
+    with ledger.reading() as cur:
+        cur.execute(statement, params)
+        rows = [_row(raw) for raw in cur.fetchall()]
+    rows.sort(key=lambda row: row.position)
+    return rows
+
+
+def seal_rows(ledger: Ledger, *, newest_only: bool = False) -> list[Row]:
+    """The seal chain's checkpoint rows, in chain order (or only the newest)."""
+    table, position = _columns(ledger)
+    statement = (
+        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        "WHERE originator_id = :chain ORDER BY originator_version"
+        + (" DESC LIMIT 1" if newest_only else "")
+    )
+    with ledger.reading() as cur:
+        cur.execute(statement, {"chain": ledger.store.id_param(SEAL_CHAIN_ID)})
+        return [_row(raw) for raw in cur.fetchall()]

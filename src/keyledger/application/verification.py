@@ -1,0 +1,354 @@
+"""Verifying the audit stream against its checkpoints, its event tags and an anchor.
+
+Three layers, each catching what the one before cannot:
+
+1. The checkpoint chain: every checkpoint's digest is recomputed under its audit key and
+   must chain to the one before; sequences must be contiguous and segments adjacent.
+2. Sealed segments: every stored event inside a segment is tagged again with its position
+   and compared with the tag the checkpoint kept. An event whose tag differs was modified;
+   one the checkpoint does not list was inserted; a listed position with no event was
+   deleted; an event whose bytes match the tag kept for another position was moved there
+   (reordered).
+3. The unsealed tail (after the newest checkpoint): each event's own tag (``event_tags``)
+   shows modified or forged events; untagged events are reported; an aggregate whose
+   versions skip or run backwards shows deleted or reordered events. A deleted newest
+   event of an aggregate, or a deleted one-event audit record, cannot be seen in the tail:
+   that is what sealing often, and anchoring, are for.
+
+An anchor (checkpoints exported and kept elsewhere) proves the chain once reached each
+anchored checkpoint: a missing or different one means the newest rows were cut or the
+chain rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from keyledger.application.sealing import (
+    SEALED_TAG_BYTES,
+    ZERO_DIGEST,
+    checkpoint_digest,
+    sealed_tag,
+    tag_status,
+)
+from keyledger.application.stream import Row, head_position, rows_after, seal_rows
+from keyledger.domain.seal import AuditSeal, decode_positions
+from keyledger.infrastructure.audit_keys import AuditKey
+from keyledger.models import Checkpoint, TamperFinding, TamperKind, VerifyReport
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
+
+REORDER_SEARCH_LIMIT = 10_000
+
+
+@dataclass
+class _Segment:
+    """One checkpoint's segment; ``key`` None when its tags cannot be trusted or checked."""
+
+    sequence: int
+    after: int
+    to: int
+    key: AuditKey | None
+    tags: dict[int, bytes]
+    seen: set[int] = field(default_factory=set)
+    suspects: list[tuple[Row, TamperKind]] = field(default_factory=list)
+
+
+class _Verifier:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.keys = ledger.audit_keys
+        self.findings: list[TamperFinding] = []
+        self.segments: list[_Segment] = []
+        self.stream_checkpoints: dict[int, tuple[int, bytes]] = {}
+
+    def found(
+        self, kind: TamperKind, position: int, detail: str, checkpoint: int | None = None
+    ) -> None:
+        self.findings.append(
+            TamperFinding(kind=kind, position=position, detail=detail, checkpoint=checkpoint)
+        )
+
+    # -- 1. the chain -------------------------------------------------------------------
+
+    def load_chain(self) -> None:
+        previous_digest, previous_to, expected = ZERO_DIGEST, 0, 1
+        for row in seal_rows(self.ledger):
+            try:
+                checkpoint = self.ledger.mapper.to_domain_event(row.stored())
+            except Exception:
+                self.found("checkpoint_invalid", row.position, "the checkpoint does not decode")
+                continue
+            assert isinstance(checkpoint, AuditSeal.Checkpoint)
+            sequence = checkpoint.originator_version
+            self.stream_checkpoints[sequence] = (row.position, checkpoint.digest)
+            if sequence != expected:
+                self.found(
+                    "checkpoint_missing",
+                    row.position,
+                    f"checkpoints {expected}..{sequence - 1} of the chain are missing",
+                    sequence,
+                )
+            key = self._checked_key(row.position, checkpoint, previous_digest, previous_to)
+            positions = decode_positions(checkpoint.after_position, checkpoint.positions)
+            tags = checkpoint.tags
+            if key is not None and len(positions) * SEALED_TAG_BYTES != len(tags):
+                self.found("checkpoint_invalid", row.position, "malformed", sequence)
+                key = None
+            self.segments.append(
+                _Segment(
+                    sequence,
+                    checkpoint.after_position,
+                    checkpoint.to_position,
+                    key,
+                    {
+                        position: tags[i * SEALED_TAG_BYTES : (i + 1) * SEALED_TAG_BYTES]
+                        for i, position in enumerate(positions)
+                    },
+                )
+            )
+            previous_digest, previous_to = checkpoint.digest, checkpoint.to_position
+            expected = sequence + 1
+
+    def _checked_key(
+        self,
+        position: int,
+        checkpoint: AuditSeal.Checkpoint,
+        previous_digest: bytes,
+        previous_to: int,
+    ) -> AuditKey | None:
+        sequence = checkpoint.originator_version
+        key = self.keys.get(bytes.fromhex(checkpoint.key_id))
+        if key is None:
+            self.found(
+                "unverifiable",
+                position,
+                f"checkpoint {sequence} was sealed with audit key {checkpoint.key_id}, "
+                "which is not configured",
+                sequence,
+            )
+            return None
+        if checkpoint_digest(key, checkpoint) != checkpoint.digest:
+            self.found(
+                "checkpoint_invalid", position, "the checkpoint's digest does not verify", sequence
+            )
+            return None
+        if checkpoint.previous_digest != previous_digest:
+            self.found(
+                "checkpoint_invalid",
+                position,
+                "the checkpoint does not chain to the one before it",
+                sequence,
+            )
+        if checkpoint.after_position != previous_to:
+            self.found(
+                "checkpoint_invalid",
+                position,
+                f"the checkpoint starts after position {checkpoint.after_position}, "
+                f"the one before it ended at {previous_to}",
+                sequence,
+            )
+        return key
+
+    # -- 2. sealed segments -------------------------------------------------------------
+
+    def check_sealed(self, segment: _Segment, row: Row) -> None:
+        if segment.key is None:
+            return
+        expected = segment.tags.get(row.position)
+        if expected is None:
+            segment.suspects.append((row, "inserted"))
+        elif sealed_tag(segment.key, row) == expected:
+            segment.seen.add(row.position)
+        else:
+            segment.suspects.append((row, "modified"))
+
+    def close_segment(self, segment: _Segment) -> None:
+        if segment.key is None:
+            return
+        missing = [p for p in segment.tags if p not in segment.seen]
+        moved: dict[int, int] = {}  # stored position -> position it was sealed at
+        open_positions = set(missing)
+        if len(segment.suspects) * len(missing) <= REORDER_SEARCH_LIMIT:
+            for row, _ in segment.suspects:
+                for position in sorted(open_positions):
+                    if _tag_at(segment.key, row, position) == segment.tags[position]:
+                        moved[row.position] = position
+                        open_positions.discard(position)
+                        break
+        stored_positions = {row.position for row, _ in segment.suspects}
+        for row, kind in segment.suspects:
+            if row.position in moved:
+                self.found(
+                    "reordered",
+                    row.position,
+                    f"the event sealed at position {moved[row.position]} is now here",
+                    segment.sequence,
+                )
+            elif kind == "inserted":
+                self.found(
+                    "inserted",
+                    row.position,
+                    "an event the checkpoint never sealed",
+                    segment.sequence,
+                )
+            else:
+                self.found(
+                    "modified",
+                    row.position,
+                    "the event differs from what was sealed",
+                    segment.sequence,
+                )
+        for position in sorted(open_positions):
+            if position not in stored_positions:
+                self.found("deleted", position, "a sealed event is missing", segment.sequence)
+
+    # -- 3. the tail --------------------------------------------------------------------
+
+    def check_tail(self, rows: Iterable[Row], versions: dict[UUID, tuple[int, int]]) -> None:
+        for row in rows:
+            status = tag_status(self.keys, row)
+            if status == "untagged":
+                self.found("untagged", row.position, "an unsealed event without a tag")
+            elif status == "mismatch":
+                self.found(
+                    "modified",
+                    row.position,
+                    "the event's own tag does not verify: altered or forged",
+                )
+            elif status == "unknown_key":
+                self.found("unverifiable", row.position, "tagged with an audit key not configured")
+            self._check_version(row, versions)
+
+    def _check_version(self, row: Row, versions: dict[UUID, tuple[int, int]]) -> None:
+        before = versions.get(row.originator_id)
+        versions[row.originator_id] = (row.version, row.position)
+        if before is None:
+            if row.version > 1:
+                earlier = self._position_of(row.originator_id, row.version - 1)
+                if earlier is None:
+                    self.found(
+                        "deleted",
+                        row.position,
+                        f"version {row.version - 1} of this event's aggregate is missing",
+                    )
+                elif earlier > row.position:
+                    self.found(
+                        "reordered",
+                        row.position,
+                        f"version {row.version - 1} of this aggregate comes later, at {earlier}",
+                    )
+            return
+        version, _ = before
+        if row.version <= version:
+            self.found(
+                "reordered",
+                row.position,
+                f"version {row.version} of this aggregate follows version {version}",
+            )
+        elif row.version > version + 1:
+            self.found(
+                "deleted",
+                row.position,
+                f"versions {version + 1}..{row.version - 1} of this aggregate are missing",
+            )
+
+    def _position_of(self, originator_id: UUID, version: int) -> int | None:
+        store = self.ledger.store
+        with self.ledger.reading() as cur:
+            cur.execute(
+                f"SELECT {store.position_column} FROM {store.events_table_name} "
+                "WHERE originator_id=? AND originator_version=?",
+                (store.id_param(originator_id), version),
+            )
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
+
+    # -- anchors ------------------------------------------------------------------------
+
+    def check_anchor(self, anchor: list[Checkpoint], head: int) -> None:
+        truncated_reported = False
+        for anchored in sorted(anchor, key=lambda c: c.sequence):
+            stored = self.stream_checkpoints.get(anchored.sequence)
+            position = anchored.position if anchored.position is not None else anchored.to_position
+            if stored is None:
+                if position > head and not truncated_reported:
+                    truncated_reported = True
+                    self.found(
+                        "truncated",
+                        head + 1,
+                        f"the stream ends at position {head}, but anchored checkpoint "
+                        f"{anchored.sequence} sealed events up to {anchored.to_position} "
+                        f"and sat at position {position}",
+                        anchored.sequence,
+                    )
+                elif position <= head:
+                    self.found(
+                        "checkpoint_missing",
+                        position,
+                        f"anchored checkpoint {anchored.sequence} is missing from the stream",
+                        anchored.sequence,
+                    )
+            elif stored[1].hex() != anchored.digest:
+                self.found(
+                    "checkpoint_invalid",
+                    stored[0],
+                    f"checkpoint {anchored.sequence} differs from its anchored digest",
+                    anchored.sequence,
+                )
+
+
+def _tag_at(key: AuditKey, row: Row, position: int) -> bytes:
+    return sealed_tag(key, Row(position, row.originator_id, row.version, row.topic, row.state))
+
+
+def verify(
+    ledger: Ledger, *, from_position: int = 0, anchor: list[Checkpoint] | None = None
+) -> VerifyReport:
+    """Check the stream from ``from_position`` on (see the module doc)."""
+    verifier = _Verifier(ledger)
+    verifier.load_chain()
+    head = head_position(ledger)
+    segments = [s for s in verifier.segments if s.to >= from_position]
+    last_sealed = verifier.segments[-1].to if verifier.segments else 0
+    start = segments[0].after if segments else max(from_position - 1, last_sealed)
+    checked = sealed = unsealed = 0
+    versions: dict[UUID, tuple[int, int]] = {}
+    index = 0
+    for page in rows_after(ledger, start):
+        tail: list[Row] = []
+        for row in page:
+            checked += 1
+            while index < len(segments) and row.position > segments[index].to:
+                verifier.close_segment(segments[index])
+                index += 1
+            if index < len(segments) and row.position > segments[index].after:
+                sealed += 1
+                verifier.check_sealed(segments[index], row)
+            elif row.position > last_sealed:
+                unsealed += 1
+                tail.append(row)
+            else:  # between segments: only possible if the chain itself is broken there
+                verifier.found("inserted", row.position, "an event outside every segment")
+        verifier.check_tail(tail, versions)
+    for segment in segments[index:]:
+        verifier.close_segment(segment)
+    if anchor:
+        verifier.check_anchor(anchor, head)
+    findings = sorted(verifier.findings, key=lambda f: (f.position, f.kind))
+    return VerifyReport(
+        intact=not findings,
+        from_position=from_position,
+        head_position=head,
+        last_sealed_position=last_sealed,
+        checkpoints=len(verifier.segments),
+        checked_events=checked,
+        sealed_events=sealed,
+        unsealed_events=unsealed,
+        anchored_checkpoints=len(anchor or []),
+        findings=findings,
+    )

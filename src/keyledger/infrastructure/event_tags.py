@@ -1,0 +1,96 @@
+"""Event tags: every stored event carries an HMAC of its own identity and bytes.
+
+A tagged event's ``state`` column is the library's encoded state followed by a trailer::
+
+    state || tag (16) || audit key_id (8) || magic b"\\xffKLT" (4)
+
+    tag = HMAC-SHA256(audit key, b"keyledger:event:v1" 0x00 originator_id (16 bytes)
+                      || originator_version (8, big-endian) || topic (UTF-8) 0x00 || state)[:16]
+
+JSON never contains a raw 0xff byte, so the magic cannot end an untagged state. The tag
+binds the state to its aggregate, version and type: a changed byte, an event moved to
+another aggregate or version, or an event forged without the key fails it. It cannot bind
+the stream position (the store assigns that during the append), nor show a deleted event:
+both are what the checkpoints of ``application/sealing.py`` cover. Events written by a
+process without an audit key (no master key and no KEYLEDGER_AUDIT_KEY) are untagged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import Mapper, StoredEvent
+
+from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey
+
+TAG_BYTES = 16
+MAGIC = b"\xffKLT"
+TRAILER_BYTES = TAG_BYTES + KEY_ID_BYTES + len(MAGIC)
+_LABEL = b"keyledger:event:v1\x00"
+
+
+def _uuid_bytes(originator_id: object) -> bytes:
+    if isinstance(originator_id, UUID):
+        return originator_id.bytes
+    return UUID(str(originator_id)).bytes
+
+
+def event_tag(key: AuditKey, originator_id: object, version: int, topic: str, body: bytes) -> bytes:
+    """The 16-byte tag of an event's identity and encoded state."""
+    message = b"".join(
+        (
+            _LABEL,
+            _uuid_bytes(originator_id),
+            version.to_bytes(8, "big"),
+            topic.encode(),
+            b"\x00",
+            body,
+        )
+    )
+    return key.mac(message)[:TAG_BYTES]
+
+
+def split_trailer(state: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+    """(encoded state, tag, key_id); tag and key_id are None for an untagged state."""
+    if len(state) > TRAILER_BYTES and state[-len(MAGIC) :] == MAGIC:
+        body = state[:-TRAILER_BYTES]
+        tag = state[-TRAILER_BYTES : -TRAILER_BYTES + TAG_BYTES]
+        key_id = state[-KEY_ID_BYTES - len(MAGIC) : -len(MAGIC)]
+        return body, tag, key_id
+    return state, None, None
+
+
+class TaggingMapper(Mapper[Any]):
+    """The library's mapper, with the tag trailer appended on the way in, stripped on the
+    way out (tags are checked by ``audit verify`` and ``audit seal``, not on every load)."""
+
+    def __init__(self, *args: Any, tag_key: AuditKey | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tag_key = tag_key
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        stored = super().to_stored_event(domain_event)
+        key = self.tag_key
+        if key is None:
+            return stored
+        tag = event_tag(
+            key, stored.originator_id, stored.originator_version, stored.topic, stored.state
+        )
+        return StoredEvent(
+            originator_id=stored.originator_id,
+            originator_version=stored.originator_version,
+            topic=stored.topic,
+            state=stored.state + tag + key.key_id + MAGIC,
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        state = stored_event.state
+        if state[-len(MAGIC) :] == MAGIC:
+            stored_event = StoredEvent(
+                originator_id=stored_event.originator_id,
+                originator_version=stored_event.originator_version,
+                topic=stored_event.topic,
+                state=state[:-TRAILER_BYTES],
+            )
+        return super().to_domain_event(stored_event)

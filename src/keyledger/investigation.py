@@ -1,0 +1,117 @@
+"""The audit investigation part of ``SecretService``: trail, replay, export, seal, verify.
+
+A mixin so that the facade stays one class for users while its modules stay small; it
+validates and delegates like the rest of the facade.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from keyledger.application.export import audit_records
+from keyledger.application.replay import state_as_of
+from keyledger.application.sealing import checkpoints, seal, unsealed_count
+from keyledger.application.secrets import actor_dict
+from keyledger.application.verification import verify
+from keyledger.context import current_scope, is_super_admin, make_actor
+from keyledger.errors import InvalidInput
+from keyledger.models import AuditEntry, Checkpoint, SealResult, TenantState, VerifyReport
+from keyledger.validation import check_aware, check_count, check_identifier
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
+    from keyledger.application.queries import Queries
+
+NO_LIMIT = 2**62
+
+
+class AuditInvestigation:
+    """Questions to the audit stream (mixed into ``SecretService``)."""
+
+    _ledger: Ledger
+    _queries: Queries
+
+    def audit_trail(self, name: str, *, tenant_id: str | None = None) -> builtins.list[AuditEntry]:
+        """Every audit entry of one secret, oldest first: versions stored, reads, denials,
+        failures, status changes, re-encryptions, deletion. Tenant-scoped; ``tenant_id``
+        only inside ``super_admin()``."""
+        if tenant_id is not None:
+            if not is_super_admin():
+                raise InvalidInput("tenant_id is only accepted inside super_admin()")
+            scope_tenant = check_identifier("tenant_id", tenant_id)
+        else:
+            scope_tenant = current_scope().tenant_id
+        return self._queries.audit_logs(
+            tenant_id=scope_tenant,
+            secret_name=check_identifier("name", name),
+            action=None,
+            result=None,
+            user_id=None,
+            since=None,
+            until=None,
+            limit=NO_LIMIT,
+            offset=0,
+            ascending=True,
+        )
+
+    def state_as_of(
+        self, tenant_id: str, *, at: datetime | None = None, position: int | None = None
+    ) -> TenantState:
+        """The tenant's secrets (metadata, status, versions, access counts; never values)
+        and key versions as they were at ``at`` or after stream ``position``, replayed
+        from the stream alone. Exactly one of ``at`` and ``position``."""
+        if (at is None) == (position is None):
+            raise InvalidInput("give exactly one of at= and position=")
+        return state_as_of(
+            self._ledger,
+            check_identifier("tenant_id", tenant_id),
+            at=check_aware("at", at),
+            position=check_count("position", position, allow_none=True),
+        )
+
+    def export_audit(
+        self,
+        *,
+        tenant_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_position: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the audited events after ``after_position`` as export records (see
+        docs/audit.md). One tenant by name (an operator tool), or every tenant."""
+        return audit_records(
+            self._ledger,
+            tenant_id=None if tenant_id is None else check_identifier("tenant_id", tenant_id),
+            since=check_aware("since", since),
+            until=check_aware("until", until),
+            after_position=check_count("after_position", after_position) or 0,
+            progress=progress,
+        )
+
+    def seal_audit(
+        self, *, user_id: str | None = None, accept_untagged: bool = False
+    ) -> SealResult:
+        """Append checkpoints sealing every event not sealed yet (see docs/audit.md)."""
+        return seal(self._ledger, actor_dict(make_actor(user_id)), accept_untagged=accept_untagged)
+
+    def verify_audit(
+        self, *, from_position: int = 0, anchor: builtins.list[Checkpoint] | None = None
+    ) -> VerifyReport:
+        """Check the stream against its checkpoints, event tags and an optional anchor."""
+        return verify(
+            self._ledger,
+            from_position=check_count("from_position", from_position) or 0,
+            anchor=anchor,
+        )
+
+    def audit_checkpoints(self) -> builtins.list[Checkpoint]:
+        """Every checkpoint of the seal chain, oldest first (export them as an anchor)."""
+        return checkpoints(self._ledger)
+
+    def unsealed_events(self) -> int:
+        """How many events lie after the newest checkpoint."""
+        return unsealed_count(self._ledger)
