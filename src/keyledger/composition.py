@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from keyledger.application.ledger import Ledger
+from keyledger.application.schema_check import is_legacy_stream
+from keyledger.errors import StorageError
 from keyledger.infrastructure.database_url import persistence_env
 from keyledger.infrastructure.master_keys import load_audit_key, load_master_keyring
 from keyledger.infrastructure.settings import KeyledgerSettings
@@ -22,10 +24,17 @@ def build_ledger(
         lock_timeout_seconds=settings.lock_timeout_seconds,
         create_tables=settings.create_tables,
     )
-    return Ledger(
+    ledger = Ledger(
         env=env,
         master_keys=master_keys,
         key_cache_seconds=settings.key_cache_seconds,
         audit_key=load_audit_key(settings),
         seal_every=settings.audit_seal_every,
     )
+    if is_legacy_stream(ledger):
+        ledger.close()
+        raise StorageError(
+            "this store was written by keyledger 0.1.0, whose aggregate ids this version "
+            "cannot read (see the 0.2.0 entry of the changelog); keep using 0.1.0 with it"
+        )
+    return ledger

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
@@ -58,6 +59,26 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
         missing=missing,
         append_only_enforced=append_only,
     )
+
+
+def is_legacy_stream(ledger: Ledger) -> bool:
+    """Whether the stream was written by keyledger 0.1.0, whose aggregate ids (UUIDv5 and
+    UUIDv7) carry no tenant prefix: this version would not find its secrets. Every id this
+    version writes is a UUIDv8 (``domain/ids.py``); the first event decides."""
+    store = ledger.store
+    try:
+        with ledger.reading() as cur:
+            cur.execute(
+                f"SELECT originator_id FROM {store.events_table_name} "
+                f"ORDER BY {store.position_column} LIMIT 1"
+            )
+            row = cur.fetchone()
+    except Exception:  # no events table yet (tables not created): nothing legacy in it
+        return False
+    if row is None:
+        return False
+    first = row[0] if isinstance(row[0], UUID) else UUID(str(row[0]))
+    return first.version != 8
 
 
 def _has_table(cur: Any, table: str, postgres: bool) -> bool:
