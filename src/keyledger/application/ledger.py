@@ -53,6 +53,7 @@ MAX_ATTEMPTS = 50
 AGGREGATE_CACHE_SIZE = 20_000
 SNAPSHOT_INTERVAL = 100
 AUDIT_CATCH_UP_EVERY = 2000
+AUTO_SEAL_CHECKPOINTS = 10
 
 logger = logging.getLogger(__name__)
 
@@ -229,14 +230,17 @@ class Ledger(Application[UUID]):
         except StorageError as error:  # the write itself succeeded; the next query retries
             logger.warning("audit read model catch-up deferred: %s", error)
 
-    def seal_automatically(self) -> None:
-        """Seal the unsealed events, as the system actor; never fails the caller's write."""
+    def seal_automatically(self, max_checkpoints: int = AUTO_SEAL_CHECKPOINTS) -> None:
+        """Seal unsealed events as the system actor, at most ``max_checkpoints`` segments
+        at a time (a large backlog is sealed over several turns, never in one long stall
+        of a writer); never fails the caller's write."""
         if self.audit_keys.current is None:
             return
-        from keyledger.application.sealing import seal
+        from keyledger.application.sealing import seal  # sealing imports Ledger
 
+        actor = {"user_id": "system", "ip_address": None, "user_agent": None}
         try:
-            seal(self, {"user_id": "system", "ip_address": None, "user_agent": None})
+            seal(self, actor, max_checkpoints=max_checkpoints)
         except KeyledgerError as error:
             logger.warning("automatic audit seal deferred: %s", error)
 

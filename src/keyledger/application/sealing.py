@@ -179,7 +179,7 @@ def seal(
     while max_checkpoints is None or len(made) < max_checkpoints:
         head = chain_head(ledger)
         page = next(rows_after(ledger, head.to_position, page_size=SEGMENT_EVENTS), [])
-        if all(row.originator_id == SEAL_CHAIN_ID for row in page):
+        if len(page) < SEGMENT_EVENTS and all(r.originator_id == SEAL_CHAIN_ID for r in page):
             break  # only checkpoints since: the next seal covers them (never seal seals)
         covered, stop = _vouched(ledger.audit_keys, page, accept_untagged)
         if covered:

@@ -47,15 +47,26 @@ REORDER_SEARCH_LIMIT = 10_000
 
 @dataclass
 class _Segment:
-    """One checkpoint's segment; ``key`` None when its tags cannot be trusted or checked."""
+    """One checkpoint's segment; ``key`` None when its tags cannot be trusted or checked.
+
+    The per-position tags are unpacked only while the scan is inside the segment (``open``)
+    and dropped when it leaves (``close_segment``), so memory does not grow with the stream.
+    """
 
     sequence: int
     after: int
     to: int
     key: AuditKey | None
-    tags: dict[int, bytes]
+    positions_blob: bytes
+    tags_blob: bytes
+    tags: dict[int, bytes] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)
     suspects: list[tuple[Row, TamperKind]] = field(default_factory=list)
+
+    def open(self) -> None:
+        positions = decode_positions(self.after, self.positions_blob)
+        blob, size = self.tags_blob, SEALED_TAG_BYTES
+        self.tags = {p: blob[i * size : (i + 1) * size] for i, p in enumerate(positions)}
 
 
 class _Verifier:
@@ -94,9 +105,12 @@ class _Verifier:
                     sequence,
                 )
             key = self._checked_key(row.position, checkpoint, previous_digest, previous_to)
-            positions = decode_positions(checkpoint.after_position, checkpoint.positions)
             tags = checkpoint.tags
-            if key is not None and len(positions) * SEALED_TAG_BYTES != len(tags):
+            if key is not None and (
+                len(tags) != checkpoint.event_count * SEALED_TAG_BYTES
+                or len(decode_positions(checkpoint.after_position, checkpoint.positions))
+                != checkpoint.event_count
+            ):
                 self.found("checkpoint_invalid", row.position, "malformed", sequence)
                 key = None
             self.segments.append(
@@ -105,10 +119,8 @@ class _Verifier:
                     checkpoint.after_position,
                     checkpoint.to_position,
                     key,
-                    {
-                        position: tags[i * SEALED_TAG_BYTES : (i + 1) * SEALED_TAG_BYTES]
-                        for i, position in enumerate(positions)
-                    },
+                    checkpoint.positions,
+                    tags,
                 )
             )
             previous_digest, previous_to = checkpoint.digest, checkpoint.to_position
@@ -168,6 +180,12 @@ class _Verifier:
             segment.suspects.append((row, "modified"))
 
     def close_segment(self, segment: _Segment) -> None:
+        try:
+            self._report_segment(segment)
+        finally:
+            segment.tags, segment.seen, segment.suspects = {}, set(), []
+
+    def _report_segment(self, segment: _Segment) -> None:
         if segment.key is None:
             return
         missing = [p for p in segment.tags if p not in segment.seen]
@@ -318,7 +336,10 @@ def verify(
     start = segments[0].after if segments else max(from_position - 1, last_sealed)
     checked = sealed = unsealed = 0
     versions: dict[UUID, tuple[int, int]] = {}
+    uncovered: list[int] = []
     index = 0
+    if segments:
+        segments[0].open()
     for page in rows_after(ledger, start):
         tail: list[Row] = []
         for row in page:
@@ -326,17 +347,28 @@ def verify(
             while index < len(segments) and row.position > segments[index].to:
                 verifier.close_segment(segments[index])
                 index += 1
+                if index < len(segments):
+                    segments[index].open()
             if index < len(segments) and row.position > segments[index].after:
                 sealed += 1
                 verifier.check_sealed(segments[index], row)
             elif row.position > last_sealed:
                 unsealed += 1
                 tail.append(row)
-            else:  # between segments: only possible if the chain itself is broken there
-                verifier.found("inserted", row.position, "an event outside every segment")
+            else:  # between segments: only where the chain itself is broken
+                uncovered.append(row.position)
         verifier.check_tail(tail, versions)
-    for segment in segments[index:]:
-        verifier.close_segment(segment)
+    if uncovered:
+        verifier.found(
+            "unverifiable",
+            uncovered[0],
+            f"{len(uncovered)} event(s) from position {uncovered[0]} to {uncovered[-1]} are "
+            "covered by no checkpoint: the chain is broken there",
+        )
+    for later in segments[index:]:
+        if later is not segments[index]:
+            later.open()
+        verifier.close_segment(later)
     if anchor:
         verifier.check_anchor(anchor, head)
     findings = sorted(verifier.findings, key=lambda f: (f.position, f.kind))

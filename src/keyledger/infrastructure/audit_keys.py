@@ -26,12 +26,16 @@ _KEY_ID_LABEL = b"keyledger:audit-key-id:v1"
 class AuditKey:
     """One HMAC-SHA256 key. Cannot be printed or pickled; only its key_id is public."""
 
-    __slots__ = ("_raw", "key_id")
+    __slots__ = ("_inner", "_outer", "key_id")
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != KEY_BYTES:
             raise ValueError("an audit key is 32 bytes")
-        self._raw = raw
+        # RFC 2104 with the padded keys hashed once: each MAC then copies two SHA-256
+        # states instead of keying HMAC afresh (half the cost of hmac.digest per event).
+        padded = raw.ljust(hashlib.sha256().block_size, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self.key_id = hmac.digest(raw, _KEY_ID_LABEL, "sha256")[:KEY_ID_BYTES]
 
     @classmethod
@@ -42,7 +46,11 @@ class AuditKey:
 
     def mac(self, message: bytes) -> bytes:
         """HMAC-SHA256(key, message)."""
-        return hmac.digest(self._raw, message, "sha256")
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def __repr__(self) -> str:
         return f"AuditKey(key_id={self.key_id.hex()!r})"
