@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from keyledger.application.export import audit_records
+from keyledger.application.export import EXPORT_FIELDS, audit_records, write_csv, write_jsonl
 from keyledger.application.replay import state_as_of
 from keyledger.application.sealing import checkpoints, seal, unsealed_count
 from keyledger.application.secrets import actor_dict
 from keyledger.application.verification import verify
 from keyledger.context import current_scope, is_super_admin, make_actor
-from keyledger.errors import InvalidInput
+from keyledger.errors import InvalidInput, TenantRequired
 from keyledger.models import AuditEntry, Checkpoint, SealResult, TenantState, VerifyReport
 from keyledger.validation import check_aware, check_count, check_identifier
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from keyledger.application.queries import Queries
 
 NO_LIMIT = 2**62
+
+__all__ = ["EXPORT_FIELDS", "AuditInvestigation", "write_csv", "write_jsonl"]
 
 
 class AuditInvestigation:
@@ -82,7 +84,13 @@ class AuditInvestigation:
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Stream the audited events after ``after_position`` as export records (see
-        docs/audit.md). One tenant by name (an operator tool), or every tenant."""
+        docs/audit.md). One tenant by name (an operator tool), or every tenant: a
+        cross-tenant read, so only inside ``super_admin()``. ``progress(position)`` is
+        called after each page with the last stream position it covered."""
+        if tenant_id is None and not is_super_admin():
+            raise TenantRequired(
+                "exporting every tenant's audit log needs super_admin(); or name a tenant"
+            )
         return audit_records(
             self._ledger,
             tenant_id=None if tenant_id is None else check_identifier("tenant_id", tenant_id),

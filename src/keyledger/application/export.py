@@ -55,8 +55,8 @@ def audit_records(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The audited events after ``after_position``, in stream order, as export records
-    (``since`` inclusive, ``until`` exclusive, on event time). ``progress(n)`` is told how
-    many stored events each page covered."""
+    (``since`` inclusive, ``until`` exclusive, on event time). ``progress(position)`` is
+    called after each page with the last stream position the page covered."""
     for page in rows_after(ledger, after_position, tenant_id=tenant_id):
         for row in page:
             event: Any = ledger.mapper.to_domain_event(row.stored())

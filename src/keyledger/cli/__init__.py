@@ -1,6 +1,6 @@
 """The ``keyledger`` command line: a thin click layer over ``SecretService``."""
 
-from keyledger.cli.audit import audit_group
+from keyledger.cli.audit_evidence import audit_group  # the audit group, every command
 from keyledger.cli.db import db_group
 from keyledger.cli.drift import drift_group
 from keyledger.cli.keys import keys_group

@@ -1,16 +1,26 @@
-"""``keyledger audit``: query the audit stream of a tenant."""
+"""``keyledger audit``: query the audit stream of a tenant, or of every tenant.
+
+``log`` and ``trail`` are here; the evidence commands (replay, export, seal, anchor,
+verify) are attached to the same group in ``audit_evidence``.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import get_args
 
 import click
 
+from keyledger.cli.keys import one_target
 from keyledger.cli.params import AWARE_DATETIME
 from keyledger.cli.render import emit_json, emit_table, json_option, text, timestamp, to_data
 from keyledger.cli.root import CliContext, pass_cli
+from keyledger.context import super_admin
+from keyledger.investigation import EXPORT_FIELDS
 from keyledger.models import AuditEntry, AuditResult
 
 AUDIT_ACTIONS = (
@@ -18,16 +28,26 @@ AUDIT_ACTIONS = (
     *("create_key", "compromise_key", "destroy_key", "rewrap_key", "repair", "erase_tenant"),
 )
 AUDIT_HEADERS = ("POSITION", "TIME", "ACTION", "RESULT", "SECRET", "KEY", "USER", "IP", "DETAILS")
+# The export schema's fields that an audit entry has (the rest name the stored event).
+LOG_CSV_FIELDS = EXPORT_FIELDS[: EXPORT_FIELDS.index("details") + 1]
+TRAIL_HEADERS = (
+    *("POSITION", "TIME", "ACTION", "RESULT", "VERSION", "KEY", "USER", "IP", "USER-AGENT"),
+    "DETAILS",
+)
 
 
 @click.group("audit")
 def audit_group() -> None:
-    """Query the audit stream."""
+    """Query the audit stream; replay, export, seal and verify it."""
+
+
+def details_text(entry: AuditEntry) -> str:
+    """An entry's details as compact JSON text, empty when there are none."""
+    return json.dumps(entry.details, sort_keys=True, default=str) if entry.details else ""
 
 
 def audit_row(entry: AuditEntry) -> tuple[str, ...]:
     """One row of the audit table."""
-    details = json.dumps(entry.details, sort_keys=True, default=str) if entry.details else ""
     return (
         str(entry.position),
         timestamp(entry.timestamp),
@@ -37,12 +57,25 @@ def audit_row(entry: AuditEntry) -> tuple[str, ...]:
         text(entry.key_version),
         entry.user_id,
         text(entry.ip_address),
-        text(details),
+        text(details_text(entry)),
     )
 
 
+def emit_csv(entries: list[AuditEntry]) -> None:
+    """The entries as CSV with a header row on stdout; details as JSON text."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(LOG_CSV_FIELDS)
+    for entry in entries:
+        row = entry.model_dump() | {
+            "timestamp": entry.timestamp.isoformat(),
+            "details": json.dumps(entry.details, sort_keys=True, default=str),
+        }
+        writer.writerow(["" if row[field] is None else row[field] for field in LOG_CSV_FIELDS])
+
+
 @audit_group.command("log")
-@click.argument("tenant_id", metavar="TENANT")
+@click.argument("tenant_id", metavar="[TENANT]", required=False)
+@click.option("--all-tenants", is_flag=True, help="Every tenant's entries (instead of TENANT).")
 @click.option("--secret", "secret_name", help="Only entries about this secret.")
 @click.option("--action", type=click.Choice(AUDIT_ACTIONS), help="Only this action.")
 @click.option("--result", type=click.Choice(get_args(AuditResult)), help="Only this result.")
@@ -51,11 +84,13 @@ def audit_row(entry: AuditEntry) -> tuple[str, ...]:
 @click.option("--until", type=AWARE_DATETIME, help="Before this time (exclusive), ISO 8601.")
 @click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--csv", "csv_output", is_flag=True, help="CSV with a header row (not with --json).")
 @json_option
 @pass_cli
 def log(
     cli: CliContext,
-    tenant_id: str,
+    tenant_id: str | None,
+    all_tenants: bool,
     secret_name: str | None,
     action: str | None,
     result: str | None,
@@ -64,9 +99,16 @@ def log(
     until: datetime | None,
     limit: int,
     offset: int,
+    csv_output: bool,
 ) -> None:
-    """Show the audit entries of TENANT, newest first."""
-    with cli.scope(tenant_id):
+    """Show the audit entries of TENANT, or of every tenant, newest first."""
+    one_target(tenant_id, all_tenants, "--all-tenants")
+    if csv_output and cli.json_output:
+        raise click.UsageError("--json and --csv are mutually exclusive")
+    scope: AbstractContextManager[object] = (
+        super_admin() if tenant_id is None else cli.scope(tenant_id)
+    )
+    with scope:
         entries = cli.service.get_audit_logs(
             secret_name=secret_name,
             action=action,
@@ -77,7 +119,52 @@ def log(
             limit=limit,
             offset=offset,
         )
+    if csv_output:
+        emit_csv(entries)
+    elif cli.json_output:
+        emit_json([to_data(entry) for entry in entries])
+    elif tenant_id is None:
+        emit_table(("TENANT", *AUDIT_HEADERS), [(e.tenant_id, *audit_row(e)) for e in entries])
+    else:
+        emit_table(AUDIT_HEADERS, [audit_row(entry) for entry in entries])
+
+
+def trail_row(entry: AuditEntry) -> tuple[str, ...]:
+    """One row of a secret's trail: re-encryptions are marked in ACTION."""
+    action = entry.action
+    if entry.details.get("reencrypted"):
+        action += " (re-encrypt)"
+    return (
+        str(entry.position),
+        timestamp(entry.timestamp),
+        action,
+        entry.result,
+        text(entry.details.get("version")),
+        text(entry.key_version),
+        entry.user_id,
+        text(entry.ip_address),
+        text(entry.user_agent),
+        text(details_text(entry)),
+    )
+
+
+@audit_group.command("trail")
+@click.argument("tenant_id", metavar="TENANT")
+@click.argument("name")
+@json_option
+@pass_cli
+def trail(cli: CliContext, tenant_id: str, name: str) -> None:
+    """Show the whole history of secret NAME of TENANT, oldest first.
+
+    Every version stored, read, denial, failure, status change, re-encryption (marked
+    "(re-encrypt)") and the deletion, with who did it from where. VERSION is the secret's
+    version the entry is about, KEY the key version.
+    """
+    with cli.scope(tenant_id):
+        entries = cli.service.audit_trail(name)
+    if not entries:
+        raise click.ClickException(f"no audit entries for secret {name} of tenant {tenant_id}")
     if cli.json_output:
         emit_json([to_data(entry) for entry in entries])
     else:
-        emit_table(AUDIT_HEADERS, [audit_row(entry) for entry in entries])
+        emit_table(TRAIL_HEADERS, [trail_row(entry) for entry in entries])
