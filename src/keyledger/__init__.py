@@ -3,6 +3,7 @@
 from keyledger._version import __version__
 from keyledger.context import super_admin, tenant
 from keyledger.errors import (
+    AuditTampered,
     ConfirmationRequired,
     DecryptionFailed,
     InvalidInput,
@@ -33,6 +34,7 @@ from keyledger.service import SecretService
 
 __all__ = [
     "AuditEntry",
+    "AuditTampered",
     "CleanupResult",
     "ConfirmationRequired",
     "DecryptionFailed",

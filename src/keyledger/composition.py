@@ -6,7 +6,7 @@ from keyledger.application.ledger import Ledger
 from keyledger.application.schema_check import is_legacy_stream
 from keyledger.errors import StorageError
 from keyledger.infrastructure.database_url import persistence_env
-from keyledger.infrastructure.master_keys import load_audit_key, load_master_keyring
+from keyledger.infrastructure.master_keys import load_audit_keys, load_master_keyring
 from keyledger.infrastructure.settings import KeyledgerSettings
 
 
@@ -19,6 +19,7 @@ def build_ledger(
 ) -> Ledger:
     """Validate the master keys first (InvalidMasterKey), then open the store."""
     master_keys = load_master_keyring(settings, master_key, previous_master_keys)
+    audit_key, previous_audit_keys = load_audit_keys(settings)
     env = persistence_env(
         database_url or settings.database_url,
         lock_timeout_seconds=settings.lock_timeout_seconds,
@@ -28,7 +29,8 @@ def build_ledger(
         env=env,
         master_keys=master_keys,
         key_cache_seconds=settings.key_cache_seconds,
-        audit_key=load_audit_key(settings),
+        audit_key=audit_key,
+        previous_audit_keys=previous_audit_keys,
         seal_every=settings.audit_seal_every,
     )
     if is_legacy_stream(ledger):

@@ -82,3 +82,8 @@ __all__ = [
     "StorageError",
     "TenantRequired",
 ]
+
+
+class AuditTampered(KeyledgerError):
+    """The audit stream is not what was sealed (a malformed checkpoint stops sealing);
+    ``keyledger audit verify`` names every finding."""

@@ -78,9 +78,10 @@ class Ledger(Application[UUID]):
         key_cache_seconds: float = 300.0,
         clock: Callable[[], datetime] | None = None,
         audit_key: AuditKey | None = None,
+        previous_audit_keys: list[AuditKey] | None = None,
         seal_every: int = 0,
     ) -> None:
-        self.audit_keys = master_keys.audit_keyring(audit_key)
+        self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
         self.seal_every = seal_every
         try:
             super().__init__(env=env)
@@ -243,6 +244,8 @@ class Ledger(Application[UUID]):
             seal(self, actor, max_checkpoints=max_checkpoints)
         except KeyledgerError as error:
             logger.warning("automatic audit seal deferred: %s", error)
+        except Exception:  # the write it follows has committed: it must not look failed
+            logger.exception("automatic audit seal failed")
 
     def retrying(self, attempt: Callable[[int], T]) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter)."""

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from keyledger.application.ledger import Conflict
 from keyledger.application.stream import Row, rows_after, seal_rows
 from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
 from keyledger.domain.seal import AuditSeal, encode_positions
-from keyledger.errors import MasterKeyUnavailable
+from keyledger.errors import AuditTampered, MasterKeyUnavailable
 from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
 from keyledger.infrastructure.event_tags import event_tag, split_trailer
 from keyledger.models import Checkpoint, SealResult
@@ -106,6 +107,42 @@ def tag_status(keys: AuditKeyring, row: Row) -> TagStatus:
     return "ok" if expected == tag else "mismatch"
 
 
+_CHECKPOINT_FIELDS: dict[str, type] = {
+    "after_position": int,
+    "to_position": int,
+    "event_count": int,
+    "positions": bytes,
+    "tags": bytes,
+    "previous_digest": bytes,
+    "digest": bytes,
+    "key_id": str,
+    "actor": dict,
+    "timestamp": datetime,
+}
+
+
+def decode_checkpoint(ledger: Ledger, row: Row) -> AuditSeal.Checkpoint | None:
+    """The checkpoint stored in ``row``, or None when its bytes do not hold a well-formed
+    checkpoint (edited, truncated or retyped fields): callers report that as tampering."""
+    try:
+        event = ledger.mapper.to_domain_event(row.stored())
+    except Exception:  # whatever the library raises on bytes it cannot read
+        return None
+    if not isinstance(event, AuditSeal.Checkpoint):
+        return None
+    for name, kind in _CHECKPOINT_FIELDS.items():
+        value = getattr(event, name, None)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return None
+    try:
+        bytes.fromhex(event.key_id)
+    except ValueError:
+        return None
+    if len(event.digest) != len(ZERO_DIGEST) or len(event.previous_digest) != len(ZERO_DIGEST):
+        return None
+    return event
+
+
 @dataclass(frozen=True)
 class ChainHead:
     """The newest checkpoint (sequence 0 and position 0 when nothing is sealed yet)."""
@@ -119,8 +156,12 @@ def chain_head(ledger: Ledger) -> ChainHead:
     rows = seal_rows(ledger, newest_only=True)
     if not rows:
         return ChainHead(0, 0, ZERO_DIGEST)
-    checkpoint = ledger.mapper.to_domain_event(rows[0].stored())
-    assert isinstance(checkpoint, AuditSeal.Checkpoint)
+    checkpoint = decode_checkpoint(ledger, rows[0])
+    if checkpoint is None:
+        raise AuditTampered(
+            f"the newest checkpoint, at position {rows[0].position}, is malformed: "
+            "run `keyledger audit verify`; nothing can be sealed after it"
+        )
     return ChainHead(checkpoint.originator_version, checkpoint.to_position, checkpoint.digest)
 
 
@@ -234,7 +275,11 @@ def checkpoints(ledger: Ledger) -> list[Checkpoint]:
     """Every checkpoint of the chain, in order, with its stream position."""
     models = []
     for row in seal_rows(ledger):
-        event = ledger.mapper.to_domain_event(row.stored())
-        assert isinstance(event, AuditSeal.Checkpoint)
+        event = decode_checkpoint(ledger, row)
+        if event is None:
+            raise AuditTampered(
+                f"the checkpoint at position {row.position} is malformed: "
+                "run `keyledger audit verify`"
+            )
         models.append(checkpoint_model(event, row.position))
     return models

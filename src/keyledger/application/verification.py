@@ -31,6 +31,7 @@ from keyledger.application.sealing import (
     SEALED_TAG_BYTES,
     ZERO_DIGEST,
     checkpoint_digest,
+    decode_checkpoint,
     sealed_tag,
     tag_status,
 )
@@ -89,12 +90,10 @@ class _Verifier:
     def load_chain(self) -> None:
         previous_digest, previous_to, expected = ZERO_DIGEST, 0, 1
         for row in seal_rows(self.ledger):
-            try:
-                checkpoint = self.ledger.mapper.to_domain_event(row.stored())
-            except Exception:
+            checkpoint = decode_checkpoint(self.ledger, row)
+            if checkpoint is None:
                 self.found("checkpoint_invalid", row.position, "the checkpoint does not decode")
                 continue
-            assert isinstance(checkpoint, AuditSeal.Checkpoint)
             sequence = checkpoint.originator_version
             self.stream_checkpoints[sequence] = (row.position, checkpoint.digest)
             if sequence != expected:

@@ -50,6 +50,8 @@ def encode_positions(after: int, positions: list[int]) -> bytes:
     previous = after
     for position in positions:
         delta = position - previous
+        if delta <= 0:
+            raise ValueError("positions must increase strictly")
         previous = position
         while True:
             byte = delta & 0x7F

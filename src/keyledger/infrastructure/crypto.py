@@ -199,12 +199,15 @@ class MasterKeyring:
     def get(self, amk_id: str) -> MasterKey | None:
         return self._by_id.get(amk_id)
 
-    def audit_keyring(self, audit_key: AuditKey | None = None) -> AuditKeyring:
+    def audit_keyring(
+        self, audit_key: AuditKey | None = None, previous: list[AuditKey] | None = None
+    ) -> AuditKeyring:
         """The audit keys: ``audit_key`` (KEYLEDGER_AUDIT_KEY) or the current AMK's derived
-        key seals; every configured key verifies."""
+        key tags and seals; it, every AMK's derived key and the ``previous`` audit keys
+        (KEYLEDGER_PREVIOUS_AUDIT_KEYS) verify."""
         derived = [key.audit_key for key in self._by_id.values()]
         current = audit_key or (self.current.audit_key if self.current else None)
-        return AuditKeyring(current, derived)
+        return AuditKeyring(current, [*derived, *(previous or [])])
 
     @property
     def known_ids(self) -> list[str]:

@@ -45,8 +45,17 @@ def load_master_keyring(
     return MasterKeyring(current, previous)
 
 
-def load_audit_key(settings: KeyledgerSettings) -> AuditKey | None:
-    """KEYLEDGER_AUDIT_KEY, validated like a master key (None: derive from the AMK)."""
-    if settings.audit_key is None:
-        return None
-    return AuditKey(parse_master_key(settings.audit_key.get_secret_value(), "KEYLEDGER_AUDIT_KEY"))
+def load_audit_keys(settings: KeyledgerSettings) -> tuple[AuditKey | None, list[AuditKey]]:
+    """KEYLEDGER_AUDIT_KEY (None: derive it from the AMK) and KEYLEDGER_PREVIOUS_AUDIT_KEYS,
+    validated like master keys."""
+    current = None
+    if settings.audit_key is not None:
+        text = settings.audit_key.get_secret_value()
+        current = AuditKey(parse_master_key(text, "KEYLEDGER_AUDIT_KEY"))
+    joined = settings.previous_audit_keys
+    parts = [p for p in (joined.get_secret_value() if joined else "").split(",") if p.strip()]
+    previous = [
+        AuditKey(parse_master_key(text, f"KEYLEDGER_PREVIOUS_AUDIT_KEYS[{index}]"))
+        for index, text in enumerate(parts)
+    ]
+    return current, previous

@@ -31,5 +31,7 @@ class KeyledgerSettings(BaseSettings):
     key_max_encryptions: int = Field(default=2**30, gt=0)
     # The audit key (64 hex characters); without it, one is derived from the master key.
     audit_key: SecretStr | None = None
+    # Retired audit keys (comma-separated), kept so older tags and checkpoints verify.
+    previous_audit_keys: SecretStr | None = None
     # Seal the audit stream automatically after this many appends per process (0: never).
     audit_seal_every: int = Field(default=10_000, ge=0)
