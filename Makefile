@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 	$(BIN)/python bench/lifecycle.py --out docs/benchmarks-lifecycle.md
+	$(BIN)/python bench/audit.py --out docs/benchmarks-audit.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

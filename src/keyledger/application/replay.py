@@ -13,14 +13,14 @@ of a position" takes the events at or before that position.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from keyledger.application.stream import tenant_rows
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
-from keyledger.models import KeyVersionAsOf, SecretAsOf, TenantState
+from keyledger.models import KeyVersionAsOf, SecretAsOf, SecretStatus, TenantState
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -88,12 +88,12 @@ def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> S
         if instant is not None
         else ("disabled" if secret.disabled else "active")
     )
-    return SecretAsOf(
+    return SecretAsOf.model_construct(  # fields straight from the aggregate: no validation
         name=secret.name,
         category=secret.category,
         description=secret.description,
         metadata=dict(secret.metadata),
-        status=status,
+        status=cast(SecretStatus, status),
         version=secret.value_version,
         key_version=secret.key_version,
         expires_at=secret.expires_at,
@@ -105,7 +105,7 @@ def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> S
 
 
 def _key(key: Any) -> KeyVersionAsOf:
-    return KeyVersionAsOf(
+    return KeyVersionAsOf.model_construct(
         version=key.version,
         status=key.status,
         key_id=key.key_id,

@@ -37,7 +37,9 @@ class Row:
 
 
 def _row(raw: Any) -> Row:
-    originator = raw[1] if isinstance(raw[1], UUID) else UUID(str(raw[1]))
+    originator = raw[1]
+    if not isinstance(originator, UUID):  # SQLite stores ids as 32 hex characters
+        originator = UUID(bytes=bytes.fromhex(originator))
     return Row(int(raw[0]), originator, int(raw[2]), raw[3], bytes(raw[4]))
 
 

@@ -1,0 +1,233 @@
+"""Sealing: automatic seals, the idle worker's seals, and sealers racing in real processes.
+
+The chain must never fork: concurrent sealers (threads or processes, some of them killed
+with SIGKILL mid-seal) leave contiguous checkpoints 1..n whose segments cover the stream
+without gap or overlap, and the stream verifies intact afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_created_schemas
+from keyledger import SecretService, tenant
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+
+def assert_contiguous_chain(service: SecretService) -> None:
+    """Checkpoints 1..n, each starting where the one before ended."""
+    checkpoints = service.audit_checkpoints()
+    assert [c.sequence for c in checkpoints] == list(range(1, len(checkpoints) + 1))
+    ends = [0, *(c.to_position for c in checkpoints)]
+    assert [c.after_position for c in checkpoints] == ends[:-1]
+    assert all(c.event_count > 0 for c in checkpoints)
+
+
+def test_a_process_seals_by_itself_after_every_n_appends(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=10))
+    with tenant("acme", user_id="alice"):
+        for index in range(12):
+            service.store(f"s{index}", "value")
+        assert len(service.audit_checkpoints()) == 1  # at the 10th append
+        for _ in range(10):
+            service.retrieve("s0")
+    checkpoints = service.audit_checkpoints()
+    assert len(checkpoints) == 2
+    assert checkpoints[0].sealed_by == "system"
+    report = service.verify_audit()
+    assert report.intact, report.findings
+    assert report.last_sealed_position == checkpoints[-1].to_position
+    assert report.unsealed_events < 10
+
+
+def test_no_automatic_seal_when_turned_off(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    with tenant("acme"):
+        for index in range(30):
+            service.store(f"s{index}", "value")
+    assert service.audit_checkpoints() == []
+    assert service.unsealed_events() == 31  # the key and 30 secrets
+
+
+def test_the_idle_projection_worker_seals_the_stream(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    with tenant("acme"):
+        for index in range(5):
+            service.store(f"s{index}", "value")
+    rounds = iter(range(3))
+    service.follow_read_models(stop=lambda: next(rounds, None) is None, idle_seconds=0.01)
+    assert service.unsealed_events() <= 1  # at most the worker's own newest checkpoint
+    assert len(service.audit_checkpoints()) == 1  # idle again: never a seal of a seal
+    assert service.verify_audit().intact
+
+
+def test_the_worker_does_not_seal_when_told_not_to(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    with tenant("acme"):
+        service.store("s", "value")
+    rounds = iter(range(3))
+    service.follow_read_models(
+        stop=lambda: next(rounds, None) is None, idle_seconds=0.01, seal=False
+    )
+    assert service.audit_checkpoints() == []
+
+
+def test_a_seal_with_nothing_new_appends_nothing(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    with tenant("acme"):
+        service.store("s", "value")
+    assert service.seal_audit().sealed_events == 2
+    again = service.seal_audit()
+    assert again.checkpoints == []
+    assert again.sealed_events == 0
+    assert len(service.audit_checkpoints()) == 1
+
+
+def test_threads_sealing_while_others_write_never_fork_the_chain(
+    make_service: MakeService,
+) -> None:
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            with tenant(f"t{worker}"):
+                for index in range(40):
+                    service.store(f"s{index % 7}", f"v{index}")
+                    service.retrieve(f"s{index % 7}")
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    def seal() -> None:
+        try:
+            while not stop.is_set():
+                service.seal_audit()
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(3)]
+    sealers = [threading.Thread(target=seal) for _ in range(2)]
+    for thread in (*writers, *sealers):
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    for thread in sealers:
+        thread.join()
+    assert not errors, errors
+    service.seal_audit()
+    assert_contiguous_chain(service)
+    report = service.verify_audit()
+    assert report.intact, report.findings
+    assert report.unsealed_events <= 1
+
+
+# -- real processes ------------------------------------------------------------------------
+
+SEALER = r"""
+import json, sys, time
+from pathlib import Path
+from keyledger import SecretService, tenant
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+args = json.loads(sys.argv[1])
+service = SecretService.create(
+    args["url"], master_key=args["amk"], settings=KeyledgerSettings(audit_seal_every=0)
+)
+Path(args["ready"]).touch()
+if args["mode"] == "seal":
+    while True:
+        service.seal_audit()
+else:
+    with tenant(args["tenant"], user_id=args["tenant"]):
+        for index in range(args["n"]):
+            service.store(f"s{index % 9}", f"v{index}")
+            service.retrieve(f"s{index % 9}")
+    print(json.dumps({"done": True}))
+"""
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sealing.db'}"
+        return
+    request.getfixturevalue("_postgres_server")
+    schema = f"kl_{RUN_ID}_sealing_{os.getpid()}"
+    yield f"{POSTGRES_URL}?schema={schema}"
+    _drop(schema)
+
+
+def _drop(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    drop_created_schemas()
+
+
+@pytest.mark.slow
+def test_sealers_in_processes_killed_with_sigkill_leave_one_intact_chain(
+    shared_url: str, tmp_path: Path, master_key: str
+) -> None:
+    rng = random.Random(RUN_ID)
+    with SecretService.create(shared_url, master_key=master_key) as setup:
+        setup.init_schema()
+
+    def spawn(name: str, mode: str, **extra: object) -> subprocess.Popen[str]:
+        ready = tmp_path / f"ready-{name}"
+        args = {"url": shared_url, "amk": master_key, "mode": mode, "ready": str(ready)}
+        process = subprocess.Popen(
+            [sys.executable, "-c", SEALER, json.dumps({**args, **extra})],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.01)
+        return process
+
+    writers = [spawn(f"w{n}", "write", tenant=f"t{n}", n=120) for n in range(2)]
+    sealers = [spawn(f"s{n}", "seal") for n in range(2)]
+    kills = 0
+    try:
+        while kills == 0 or any(writer.poll() is None for writer in writers):
+            time.sleep(rng.uniform(0.02, 0.2))
+            victim = rng.randrange(len(sealers))
+            sealers[victim].send_signal(signal.SIGKILL)  # wherever it is in its seal
+            sealers[victim].wait()
+            kills += 1
+            sealers[victim] = spawn(f"s{victim}-{kills}", "seal")
+        for writer in writers:
+            out, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+            assert json.loads(out) == {"done": True}
+    finally:
+        for process in (*writers, *sealers):
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+    assert kills >= 1
+    with SecretService.create(shared_url, master_key=master_key) as service:
+        service.seal_audit()
+        assert_contiguous_chain(service)
+        report = service.verify_audit(anchor=service.audit_checkpoints())
+        assert report.intact, report.findings
+        assert report.sealed_events + report.unsealed_events == report.checked_events
+        with tenant("t0"):
+            assert {s.name for s in service.list()} == {f"s{n}" for n in range(9)}
