@@ -139,23 +139,6 @@ class KeyDue(_Frozen):
     reasons: list[str]
 
 
-class SecretAsOf(_Frozen):
-    """A secret as it was at an instant of the stream (never its value)."""
-
-    name: str
-    category: str | None
-    description: str | None
-    metadata: dict[str, str]
-    status: SecretStatus
-    version: int
-    key_version: int
-    expires_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-    access_count: int
-    last_accessed_at: datetime | None
-
-
 class KeyVersionAsOf(_Frozen):
     """A tenant key version as it was at an instant of the stream."""
 
@@ -175,7 +158,7 @@ class TenantState(_Frozen):
     as_of_position: int | None
     position: int
     events_applied: int
-    secrets: list[SecretAsOf]
+    secrets: list[SecretInfo]  # as they were: status and access counts at that instant
     keys: list[KeyVersionAsOf]
 
 

@@ -20,7 +20,7 @@ from keyledger.application.stream import tenant_rows
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
-from keyledger.models import KeyVersionAsOf, SecretAsOf, SecretStatus, TenantState
+from keyledger.models import KeyVersionAsOf, SecretInfo, SecretStatus, TenantState
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -82,13 +82,13 @@ def state_as_of(
     )
 
 
-def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> SecretAsOf:
+def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> SecretInfo:
     status = (
         effective_status(secret.disabled, secret.expired, secret.expires_at, instant)
         if instant is not None
         else ("disabled" if secret.disabled else "active")
     )
-    return SecretAsOf.model_construct(  # fields straight from the aggregate: no validation
+    return SecretInfo.model_construct(  # fields straight from the aggregate: no validation
         name=secret.name,
         category=secret.category,
         description=secret.description,

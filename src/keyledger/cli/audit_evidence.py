@@ -13,7 +13,10 @@ import click
 from pydantic import ValidationError
 
 from keyledger.cli.audit import audit_group
-from keyledger.cli.audit_export import open_output  # also registers replay and export
+from keyledger.cli.audit_export import (
+    open_output,
+    output_option,
+)  # also registers replay and export
 from keyledger.cli.render import (
     emit_json,
     emit_table,
@@ -78,13 +81,7 @@ def seal(cli: CliContext, accept_untagged: bool) -> None:
 
 
 @audit_group.command("anchor")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Write to FILE instead of stdout.",
-)
+@output_option
 @pass_cli
 def anchor(cli: CliContext, output: str | None) -> None:
     """Write every checkpoint of the seal chain as JSON lines: the anchor.

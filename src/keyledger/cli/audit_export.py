@@ -31,7 +31,7 @@ from keyledger.context import super_admin
 from keyledger.investigation import write_csv, write_jsonl
 from keyledger.models import (
     KeyVersionAsOf,
-    SecretAsOf,
+    SecretInfo,
     TenantState,
 )
 
@@ -43,10 +43,19 @@ KEY_HEADERS = ("VERSION", "STATUS", "KEY-ID", "AMK", "CREATED", "RETIRED")
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Write to FILE instead of stdout.",
+)
+
+
 # -- replay -------------------------------------------------------------------------------
 
 
-def secret_row(secret: SecretAsOf) -> tuple[str, ...]:
+def secret_row(secret: SecretInfo) -> tuple[str, ...]:
     """One row of the replayed secrets table (never a value)."""
     return (
         secret.name,
@@ -207,13 +216,7 @@ def write_records(
     help="Resume: only records after this stream position, appended to FILE.",
 )
 @click.option("--format", "fmt", type=click.Choice(("jsonl", "csv")), required=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Write to FILE instead of stdout.",
-)
+@output_option
 @pass_cli
 def export(
     cli: CliContext,
