@@ -100,6 +100,7 @@ class _Renaming:
 
     def __init__(self, cur: Any) -> None:
         self._cur = cur
+        self.dialect = getattr(cur, "dialect", "sqlite")
 
     def execute(self, statement: str, params: Any = ()) -> Any:
         return self._cur.execute(_renamed(statement), params)

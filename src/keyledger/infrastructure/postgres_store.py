@@ -54,14 +54,19 @@ SCHEMA_LOCK_ID = 0x6B6C_6564_6765_72  # "kledger"
 
 @lru_cache(maxsize=512)
 def _to_psycopg(statement: str, named: bool) -> str:
+    """``?`` and ``:name`` placeholders as psycopg's. A ``?`` followed by a cast (``?::``,
+    the arrays of the batch statements) is sent in binary: dumping long arrays as text
+    costs psycopg a regular-expression search per element, binary does not."""
     escaped = statement.replace("%", "%%")
     if named:
         return re.sub(r":(\w+)", r"%(\1)s", escaped)
-    return escaped.replace("?", "%s")
+    return escaped.replace("?::", "%b::").replace("?", "%s")
 
 
 class PgCursor:
     """A psycopg cursor speaking the projections' dialect: ``?``/``:name``, tuple rows."""
+
+    dialect = "postgres"
 
     def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
         self._cursor = cursor
@@ -240,9 +245,8 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         ids = list({a for _, unit in batch for a in unit.expected})
         events = [stored for stored, _ in batch]
         update, update_params = CatalogProjector.reads_update(
-            [unit.domain_events[0] for _, unit in batch]
+            [unit.domain_events[0] for _, unit in batch], "postgres"
         )
-        rows = ",".join("(%s,%s,%s,%s)" for _ in events)
         with conn.pipeline() as pipeline:
             versions = conn.cursor(row_factory=tuple_row)
             versions.execute(
@@ -250,15 +254,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 "WHERE originator_id = ANY(%s) GROUP BY originator_id",
                 (ids,),
             )
-            conn.cursor().execute(
-                f"INSERT INTO {self.events_table_name} "
-                f"(originator_id, originator_version, topic, state) VALUES {rows}",
-                [
-                    v
-                    for e in events
-                    for v in (e.originator_id, e.originator_version, e.topic, e.state)
-                ],
-            )
+            conn.cursor().execute(_to_psycopg(self._append_statement, False), _columns(events))
             counts = conn.cursor(row_factory=tuple_row)
             counts.execute(_to_psycopg(update, False), update_params)
             pipeline.sync()
@@ -280,15 +276,22 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         """One multi-row INSERT; positions returned in the order of ``events``."""
         if not events:
             return []
-        rows = ",".join("(?,?,?,?)" for _ in events)
         cur.execute(
-            f"INSERT INTO {self.events_table_name} "
-            f"(originator_id, originator_version, topic, state) VALUES {rows} "
-            "RETURNING originator_id, originator_version, notification_id",
-            [v for e in events for v in (e.originator_id, e.originator_version, e.topic, e.state)],
+            self._append_statement
+            + " RETURNING originator_id, originator_version, notification_id",
+            _columns(events),
         )
         positions = {(row[0], row[1]): int(row[2]) for row in cur.fetchall()}
         return [positions[(e.originator_id, e.originator_version)] for e in events]
+
+    @property
+    def _append_statement(self) -> str:
+        """Append events given as four arrays: one statement text for any batch size."""
+        return (
+            f"INSERT INTO {self.events_table_name} "
+            "(originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(?::uuid[], ?::bigint[], ?::text[], ?::bytea[])"
+        )
 
     def shred(self) -> None:
         """Rewrite the key-material table so deleted rows leave its pages.
@@ -378,6 +381,16 @@ def _translated() -> Iterator[None]:
         ) from None
     except (PersistenceError, psycopg.Error) as error:
         raise StorageError(f"PostgreSQL error: {_first_line(error)}") from None
+
+
+def _columns(events: Sequence[StoredEvent]) -> list[list[Any]]:
+    """The events as the four arrays of ``_append_statement``, in the same order."""
+    return [
+        [e.originator_id for e in events],
+        [e.originator_version for e in events],
+        [e.topic for e in events],
+        [e.state for e in events],
+    ]
 
 
 def _first_line(error: BaseException) -> str:

@@ -24,7 +24,11 @@ class AuditProjector:
     def apply(self, cur: Cursor, items: Sequence[tuple[int, object]]) -> None:
         rows = [row for position, event in items if (row := self.row(position, event))]
         last = items[-1][0] if items else None
-        if rows:
+        if rows and getattr(cur, "dialect", "sqlite") == "postgres":
+            # One statement for the batch, its rows as eleven arrays: PostgreSQL then plans
+            # once instead of once per row (executemany sends a statement per row).
+            cur.execute(_PG_INSERT, [list(column) for column in zip(*rows, strict=True)])
+        elif rows:
             cur.executemany(_INSERT, rows)
         if last is not None:
             cur.execute(
@@ -56,4 +60,10 @@ class AuditProjector:
 _INSERT = (
     "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, result, "
     "user_id, ip_address, user_agent, key_version, details) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+_PG_INSERT = (
+    "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, result, "
+    "user_id, ip_address, user_agent, key_version, details) SELECT * FROM unnest("
+    "?::bigint[], ?::bigint[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
+    "?::text[], ?::text[], ?::integer[], ?::text[])"
 )

@@ -53,13 +53,13 @@ class CatalogProjector:
                 reads.append((position, event, Outcome()))
                 continue
             if reads:
-                self.apply_reads(cur, reads)
+                self.apply_reads(cur, reads, wanted=False)
                 reads = []
             handler = getattr(self, "_on_" + type(event).__name__, None)
             if handler is not None:
                 handler(cur, event, _UNWANTED)
         if reads:
-            self.apply_reads(cur, reads)
+            self.apply_reads(cur, reads, wanted=False)
 
     # -- catalog ------------------------------------------------------------------------
 
@@ -151,22 +151,45 @@ class CatalogProjector:
         self._remember_access(cur, outcome)
 
     def apply_reads(
-        self, cur: Cursor, reads: list[tuple[int, AuditRecord.SecretRead, Outcome]]
+        self,
+        cur: Cursor,
+        reads: list[tuple[int, AuditRecord.SecretRead, Outcome]],
+        *,
+        wanted: bool = True,
     ) -> None:
-        """Project many reads with one statement: the same rows as one by one, in order."""
+        """Project many reads with one statement: the same rows as one by one, in order.
+        Without ``wanted`` (a replay), the counts are not read back: on PostgreSQL's
+        pipeline, reading them back would wait for the server once per batch."""
         ordered = [(event, outcome) for _, event, outcome in sorted(reads, key=lambda r: r[0])]
-        statement, params = self.reads_update([event for event, _ in ordered])
+        statement, params = self.reads_update(
+            [event for event, _ in ordered], getattr(cur, "dialect", "sqlite")
+        )
+        if not wanted:
+            cur.execute(statement[: statement.index(" RETURNING ")], params)
+            return
         cur.execute(statement, params)
         self.assign_read_outcomes(ordered, cur.fetchall())
 
     @staticmethod
-    def reads_update(reads: list[AuditRecord.SecretRead]) -> tuple[str, list[Any]]:
-        """One UPDATE for reads in stream order: counts added, the last read's time kept."""
+    def reads_update(
+        reads: list[AuditRecord.SecretRead], dialect: str = "sqlite"
+    ) -> tuple[str, list[Any]]:
+        """One UPDATE for reads in stream order: counts added, the last read's time kept.
+
+        On PostgreSQL the rows travel as four arrays, so the statement text is the same
+        for every batch: psycopg parses it once instead of once per batch size (parsing a
+        long VALUES list took a third of a rebuild's client time)."""
         totals: dict[tuple[str, str], list[int]] = {}
         for event in reads:
             total = totals.setdefault((event.tenant_id, event.secret_name), [0, 0])
             total[0] += 1
             total[1] = to_micros(event.timestamp)
+        if dialect == "postgres":
+            columns: list[list[Any]] = [[], [], [], []]
+            for (tenant, name), (n, at) in totals.items():
+                for column, value in zip(columns, (tenant, name, n, at), strict=True):
+                    column.append(value)
+            return _PG_READS_UPDATE, columns
         rows = ",".join("(?,?,?,?)" for _ in totals)
         params = [v for (tenant, name), (n, at) in totals.items() for v in (tenant, name, n, at)]
         return (
@@ -249,3 +272,12 @@ class CatalogProjector:
             "UPDATE kl_keys SET amk_id=? WHERE tenant_id=? AND version=?",
             (e.amk_id, e.tenant_id, e.version),
         )
+
+
+_PG_READS_UPDATE = (
+    "UPDATE kl_catalog SET access_count = kl_catalog.access_count + v.n, "
+    "last_accessed_at = v.at "
+    "FROM unnest(?::text[], ?::text[], ?::bigint[], ?::bigint[]) AS v(tenant_id, name, n, at) "
+    "WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name "
+    "RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count"
+)
