@@ -45,7 +45,7 @@ from keyledger.infrastructure.unit_writer import (
     write_unit_rest,
 )
 from keyledger.infrastructure.write_unit import WriteUnit
-from keyledger.projections.catalog import CatalogProjector
+from keyledger.projections.catalog import ARRAY_BATCH_MIN, CatalogProjector
 from keyledger.projections.schema import schema_statements
 
 # One advisory lock id for schema changes: processes creating tables at once take turns.
@@ -74,6 +74,10 @@ class PgCursor:
     def execute(self, statement: str, params: Any = ()) -> None:
         named = isinstance(params, Mapping)
         self._cursor.execute(_to_psycopg(statement, named), params)
+
+    def execute_native(self, statement: str, params: Any = ()) -> None:
+        """A statement already in psycopg's placeholders."""
+        self._cursor.execute(statement, params)
 
     def executemany(self, statement: str, params: Any) -> None:
         named = bool(params) and isinstance(params[0], Mapping)
@@ -254,7 +258,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 "WHERE originator_id = ANY(%s) GROUP BY originator_id",
                 (ids,),
             )
-            conn.cursor().execute(_to_psycopg(self._append_statement, False), _columns(events))
+            conn.cursor().execute(*self._append_sql(events))
             counts = conn.cursor(row_factory=tuple_row)
             counts.execute(_to_psycopg(update, False), update_params)
             pipeline.sync()
@@ -276,22 +280,34 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         """One multi-row INSERT; positions returned in the order of ``events``."""
         if not events:
             return []
-        cur.execute(
-            self._append_statement
-            + " RETURNING originator_id, originator_version, notification_id",
-            _columns(events),
+        statement, params = self._append_sql(events)
+        cur.execute_native(
+            statement + " RETURNING originator_id, originator_version, notification_id", params
         )
         positions = {(row[0], row[1]): int(row[2]) for row in cur.fetchall()}
         return [positions[(e.originator_id, e.originator_version)] for e in events]
 
-    @property
-    def _append_statement(self) -> str:
-        """Append events given as four arrays: one statement text for any batch size."""
-        return (
+    def _append_sql(self, events: Sequence[StoredEvent]) -> tuple[str, list[Any]]:
+        """The INSERT of ``events`` in psycopg's placeholders: a VALUES list for a small
+        batch, four binary arrays (one statement text for any size) for a large one."""
+        insert = (
             f"INSERT INTO {self.events_table_name} "
             "(originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(?::uuid[], ?::bigint[], ?::text[], ?::bytea[])"
         )
+        if len(events) > ARRAY_BATCH_MIN:
+            arrays = "unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
+            columns: list[Any] = [
+                [e.originator_id for e in events],
+                [e.originator_version for e in events],
+                [e.topic for e in events],
+                [e.state for e in events],
+            ]
+            return insert + "SELECT * FROM " + arrays, columns
+        values = ",".join(["(%s,%s,%s,%s)"] * len(events))
+        params = [
+            v for e in events for v in (e.originator_id, e.originator_version, e.topic, e.state)
+        ]
+        return insert + "VALUES " + values, params
 
     def shred(self) -> None:
         """Rewrite the key-material table so deleted rows leave its pages.
@@ -381,16 +397,6 @@ def _translated() -> Iterator[None]:
         ) from None
     except (PersistenceError, psycopg.Error) as error:
         raise StorageError(f"PostgreSQL error: {_first_line(error)}") from None
-
-
-def _columns(events: Sequence[StoredEvent]) -> list[list[Any]]:
-    """The events as the four arrays of ``_append_statement``, in the same order."""
-    return [
-        [e.originator_id for e in events],
-        [e.originator_version for e in events],
-        [e.topic for e in events],
-        [e.state for e in events],
-    ]
 
 
 def _first_line(error: BaseException) -> str:
