@@ -28,6 +28,7 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 
+from keyledger.application.auto_seal import BackgroundSealer
 from keyledger.application.caches import ExpiringCache, LRUCache
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
@@ -97,6 +98,7 @@ class Ledger(Application[UUID]):
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._appended_since_catch_up = 0
         self._appended_since_seal = 0
+        self.sealer = BackgroundSealer(self.seal_automatically)
         self._reads: GroupCommitter[tuple[StoredEvent, WriteUnit]] = GroupCommitter(
             self._write_reads
         )
@@ -218,14 +220,13 @@ class Ledger(Application[UUID]):
             self._appended_since_seal += count
             if self._appended_since_seal >= self.seal_every:
                 self._appended_since_seal = 0
-                self.seal_automatically()
+                self.sealer.request()  # sealed on the sealer's thread, not in this request
         # The audit model catches up before every audit query; catching up in bulk every
         # few thousand appends as well keeps that first query short.
         self._appended_since_catch_up += count
         if self._appended_since_catch_up < AUDIT_CATCH_UP_EVERY:
             return
         self._appended_since_catch_up = 0
-        self._appended_since_seal = 0
         try:
             catch_up_audit(self)
         except StorageError as error:  # the write itself succeeded; the next query retries
@@ -368,4 +369,5 @@ class Ledger(Application[UUID]):
         self.store.wait_for_events(seconds)
 
     def close(self) -> None:
+        self.sealer.close()
         self.factory.close()

@@ -1,0 +1,68 @@
+"""Automatic sealing in the background: writers ask, one daemon thread per ledger seals.
+
+A writer that crosses its ``seal_every`` threshold only sets an event; the sealer thread
+does the reading, tagging and appending, so no request pays for a seal in its latency.
+A seal interrupted by the process ending (the thread is a daemon) leaves nothing behind:
+each checkpoint is one append, and the next seal starts from the newest committed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundSealer:
+    """Runs ``seal()`` on a daemon thread each time ``request()`` is called (coalesced)."""
+
+    def __init__(self, seal: Callable[[], None]) -> None:
+        self._seal = seal
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        """Ask for a seal soon; returns at once."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="keyledger-auto-seal", daemon=True
+                )
+                self._thread.start()
+            self._idle.clear()
+            self._wake.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no requested seal is pending or running; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the seal it may be running."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                self._idle.set()
+                return
+            try:
+                self._seal()
+            except Exception:  # the thread must survive any one failure
+                logger.exception("automatic audit seal failed")
+            if not self._wake.is_set():
+                self._idle.set()
