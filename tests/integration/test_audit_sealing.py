@@ -22,6 +22,7 @@ import pytest
 
 from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_created_schemas
 from keyledger import SecretService, tenant
+from keyledger.application import sealing, stream
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import Checkpoint
 
@@ -154,6 +155,7 @@ SEALER = r"""
 import json, sys, time
 from pathlib import Path
 from keyledger import SecretService, tenant
+from keyledger.application import sealing, stream
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import Checkpoint
 
@@ -246,3 +248,64 @@ def test_sealers_in_processes_killed_with_sigkill_leave_one_intact_chain(
         assert report.sealed_events + report.unsealed_events == report.checked_events
         with tenant("t0"):
             assert {s.name for s in service.list()} == {f"s{n}" for n in range(9)}
+
+
+# -- what sealing must not let through -------------------------------------------------------
+
+
+def test_deleting_the_newest_checkpoints_and_what_they_sealed_is_caught_on_sqlite(
+    tmp_path: Path, master_key: str
+) -> None:
+    """No checkpoint vouches for the newest one; on SQLite the gap it leaves shows."""
+    import sqlite3
+
+    path = tmp_path / "gap.db"
+    settings = KeyledgerSettings(audit_seal_every=0)
+    with SecretService.create(f"sqlite:///{path}", master_key=master_key, settings=settings) as s:
+        with tenant("acme"):
+            s.store("db", "value")
+            s.retrieve("db")
+        s.seal_audit()
+        with tenant("acme", user_id="mallory"):
+            s.retrieve("db")
+            s.retrieve("db")
+        s.seal_audit()
+        with tenant("acme"):
+            s.store("other", "value")
+    with sqlite3.connect(path) as raw:  # both checkpoints and mallory's reads
+        raw.execute("DELETE FROM stored_events WHERE rowid BETWEEN 3 AND 7")
+    with SecretService.create(f"sqlite:///{path}", master_key=master_key, settings=settings) as s:
+        report = s.verify_audit()
+    assert not report.intact
+    assert [(f.kind, f.position) for f in report.findings] == [("deleted", 3)]
+
+
+def test_a_master_key_holder_cannot_reseal_after_the_chain_moved_to_an_audit_key(
+    make_service: MakeService,
+) -> None:
+    audit_key = "5a" * 32
+    independent = KeyledgerSettings(audit_seal_every=0, audit_key=audit_key)
+    owner = make_service(settings=independent)
+    with tenant("acme"):
+        owner.store("db", "value")
+    assert owner.seal_audit().sealed_events == 2
+    # Someone with the database and the master key, but not the audit key, appends and
+    # seals under the master-key-derived key.
+    forger = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    with tenant("acme", user_id="mallory"):
+        forger.retrieve("db")
+    read_position = forger.verify_audit().head_position
+    # The owner's seal refuses to vouch for what only a derived key tagged.
+    assert owner.seal_audit().stopped_at == read_position
+    # The forger builds the next checkpoint by hand (keyledger's own seal stops at the
+    # owner's checkpoint, whose key it lacks) and appends it.
+    ledger = forger._ledger
+    head = sealing.chain_head(ledger)
+    rows = next(stream.rows_after(ledger, head.to_position))
+    key = ledger.audit_keys.current
+    assert key is not None
+    ledger.commit(sealing._build(ledger, key, head, rows, {"user_id": "mallory"}))
+    report = owner.verify_audit()
+    assert not report.intact
+    assert "checkpoint_invalid" in {f.kind for f in report.findings}
+    assert forger.verify_audit().intact is False  # the forger cannot verify the owner's seal

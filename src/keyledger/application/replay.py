@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from keyledger.application.stream import tenant_rows
+from keyledger.application.stream import row_at_or_before, tenant_rows
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
@@ -60,7 +60,7 @@ def state_as_of(
                 if isinstance(event, Secret.SecretStored) and event.revived:
                     reads.pop(event.name, None)
                 aggregates[row.originator_id] = event.mutate(aggregate)
-    instant = at or last_time
+    instant = at or _time_at(ledger, position) or last_time
     secrets = sorted(
         (
             _secret(a, reads.get(a.name), instant)
@@ -80,6 +80,18 @@ def state_as_of(
         secrets=secrets,
         keys=keys,
     )
+
+
+def _time_at(ledger: Ledger, position: int | None) -> datetime | None:
+    """When the stream stood at ``position``: the time of its event there (or just before),
+    whichever tenant it belongs to, so expiry is judged at that instant."""
+    if position is None:
+        return None
+    row = row_at_or_before(ledger, position)
+    if row is None:
+        return None
+    event: Any = ledger.mapper.to_domain_event(row.stored())
+    return event.timestamp  # type: ignore[no-any-return]
 
 
 def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> SecretInfo:

@@ -95,13 +95,15 @@ def checkpoint_digest(key: AuditKey, checkpoint: AuditSeal.Checkpoint) -> bytes:
     )
 
 
-def tag_status(keys: AuditKeyring, row: Row) -> TagStatus:
-    """Whether ``row`` carries a valid event tag (see ``event_tags``)."""
+def tag_status(keys: AuditKeyring, row: Row, *, independent_only: bool = False) -> TagStatus:
+    """Whether ``row`` carries a valid event tag (see ``event_tags``). With
+    ``independent_only`` (the chain has moved to KEYLEDGER_AUDIT_KEY), a tag made with a
+    master-key-derived key does not count: it is reported as ``unknown_key``."""
     body, tag, key_id = split_trailer(row.state)
     if tag is None or key_id is None:
         return "untagged"
     key = keys.get(key_id)
-    if key is None:
+    if key is None or (independent_only and not keys.is_independent(key_id)):
         return "unknown_key"
     expected = event_tag(key, row.originator_id, row.version, row.topic, body)
     return "ok" if expected == tag else "mismatch"
@@ -150,6 +152,7 @@ class ChainHead:
     sequence: int
     to_position: int
     digest: bytes
+    independent: bool = False  # sealed with KEYLEDGER_AUDIT_KEY (see is_independent)
 
 
 def chain_head(ledger: Ledger) -> ChainHead:
@@ -162,7 +165,10 @@ def chain_head(ledger: Ledger) -> ChainHead:
             f"the newest checkpoint, at position {rows[0].position}, is malformed: "
             "run `keyledger audit verify`; nothing can be sealed after it"
         )
-    return ChainHead(checkpoint.originator_version, checkpoint.to_position, checkpoint.digest)
+    independent = ledger.audit_keys.is_independent(bytes.fromhex(checkpoint.key_id))
+    return ChainHead(
+        checkpoint.originator_version, checkpoint.to_position, checkpoint.digest, independent
+    )
 
 
 def checkpoint_model(checkpoint: AuditSeal.Checkpoint, position: int | None) -> Checkpoint:
@@ -222,7 +228,7 @@ def seal(
         page = next(rows_after(ledger, head.to_position, page_size=SEGMENT_EVENTS), [])
         if len(page) < SEGMENT_EVENTS and all(r.originator_id == SEAL_CHAIN_ID for r in page):
             break  # only checkpoints since: the next seal covers them (never seal seals)
-        covered, stop = _vouched(ledger.audit_keys, page, accept_untagged)
+        covered, stop = _vouched(ledger.audit_keys, page, accept_untagged, head.independent)
         if covered:
             checkpoint = _build(ledger, key, head, covered, actor)
             try:
@@ -244,18 +250,19 @@ def seal(
 
 _STOP_REASONS = {
     "mismatch": "the event's tag does not verify: it was altered or forged (run audit verify)",
-    "unknown_key": "the event is tagged with an audit key that is not configured",
+    "unknown_key": "the event is tagged with an audit key that is not configured, or with "
+    "a master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
     "untagged": "the event carries no tag (written without an audit key, or forged); "
     "investigate, then seal with accept_untagged",
 }
 
 
 def _vouched(
-    keys: AuditKeyring, page: list[Row], accept_untagged: bool
+    keys: AuditKeyring, page: list[Row], accept_untagged: bool, independent_only: bool
 ) -> tuple[list[Row], tuple[int, str] | None]:
     """The leading rows of ``page`` a seal may cover, and where and why it must stop."""
     for index, row in enumerate(page):
-        status = tag_status(keys, row)
+        status = tag_status(keys, row, independent_only=independent_only)
         if status == "ok" or (status == "untagged" and accept_untagged):
             continue
         return page[:index], (row.position, _STOP_REASONS[status])

@@ -130,3 +130,16 @@ def seal_rows(ledger: Ledger, *, newest_only: bool = False) -> list[Row]:
     with ledger.reading() as cur:
         cur.execute(statement, {"chain": ledger.store.id_param(SEAL_CHAIN_ID)})
         return [_row(raw) for raw in cur.fetchall()]
+
+
+def row_at_or_before(ledger: Ledger, position: int) -> Row | None:
+    """The newest row at or before ``position`` (positions may have gaps)."""
+    table, column = _columns(ledger)
+    with ledger.reading() as cur:
+        cur.execute(
+            f"SELECT {column}, originator_id, originator_version, topic, state FROM {table} "
+            f"WHERE {column} <= :position ORDER BY {column} DESC LIMIT 1",
+            {"position": position},
+        )
+        raw = cur.fetchone()
+    return None if raw is None else _row(raw)

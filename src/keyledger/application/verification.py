@@ -77,6 +77,7 @@ class _Verifier:
         self.findings: list[TamperFinding] = []
         self.segments: list[_Segment] = []
         self.stream_checkpoints: dict[int, tuple[int, bytes]] = {}
+        self.independent_seen = False  # a checkpoint sealed with KEYLEDGER_AUDIT_KEY
 
     def found(
         self, kind: TamperKind, position: int, detail: str, checkpoint: int | None = None
@@ -104,6 +105,17 @@ class _Verifier:
                     sequence,
                 )
             key = self._checked_key(row.position, checkpoint, previous_digest, previous_to)
+            if key is not None and self.keys.is_independent(key.key_id):
+                self.independent_seen = True
+            elif key is not None and self.independent_seen:
+                self.found(
+                    "checkpoint_invalid",
+                    row.position,
+                    "sealed with a master-key-derived audit key after the chain moved to "
+                    "KEYLEDGER_AUDIT_KEY: a master-key holder could have forged it",
+                    sequence,
+                )
+                key = None
             tags = checkpoint.tags
             if key is not None and (
                 len(tags) != checkpoint.event_count * SEALED_TAG_BYTES
@@ -224,11 +236,19 @@ class _Verifier:
             if position not in stored_positions:
                 self.found("deleted", position, "a sealed event is missing", segment.sequence)
 
+    def found_gap(self, first: int, last: int) -> None:
+        self.found(
+            "deleted",
+            first,
+            f"positions {first}..{last} are missing: SQLite numbers events without gaps, "
+            "so these events were deleted",
+        )
+
     # -- 3. the tail --------------------------------------------------------------------
 
     def check_tail(self, rows: Iterable[Row], versions: dict[UUID, tuple[int, int]]) -> None:
         for row in rows:
-            status = tag_status(self.keys, row)
+            status = tag_status(self.keys, row, independent_only=self.independent_seen)
             if status == "untagged":
                 self.found("untagged", row.position, "an unsealed event without a tag")
             elif status == "mismatch":
@@ -238,7 +258,12 @@ class _Verifier:
                     "the event's own tag does not verify: altered or forged",
                 )
             elif status == "unknown_key":
-                self.found("unverifiable", row.position, "tagged with an audit key not configured")
+                self.found(
+                    "unverifiable",
+                    row.position,
+                    "tagged with an audit key that is not configured, or with a "
+                    "master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
+                )
             self._check_version(row, versions)
 
     def _check_version(self, row: Row, versions: dict[UUID, tuple[int, int]]) -> None:
@@ -339,10 +364,18 @@ def verify(
     index = 0
     if segments:
         segments[0].open()
+    # SQLite numbers events 1, 2, 3, ... with no gap, even after rolled-back appends, so a
+    # gap is a deletion: this catches deleted newest checkpoints together with what they
+    # sealed. PostgreSQL's sequence leaves gaps on rollback: there, only anchors can.
+    contiguous = ledger.store.dialect == "sqlite"
+    previous = start
     for page in rows_after(ledger, start):
         tail: list[Row] = []
         for row in page:
             checked += 1
+            if contiguous and row.position > previous + 1 and row.position > last_sealed + 1:
+                verifier.found_gap(max(previous, last_sealed) + 1, row.position - 1)
+            previous = row.position
             while index < len(segments) and row.position > segments[index].to:
                 verifier.close_segment(segments[index])
                 index += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -62,14 +63,26 @@ class AuditKey:
 class AuditKeyring:
     """The audit key that tags and seals now, and every key that can still verify."""
 
-    def __init__(self, current: AuditKey | None, known: list[AuditKey]) -> None:
+    def __init__(
+        self,
+        current: AuditKey | None,
+        known: list[AuditKey],
+        independent: Sequence[AuditKey] = (),
+    ) -> None:
         self.current = current
-        self._by_id = {key.key_id: key for key in known}
+        self._by_id = {key.key_id: key for key in (*known, *independent)}
         if current is not None:
             self._by_id[current.key_id] = current
+        self._independent = {key.key_id for key in independent}
 
     def get(self, key_id: bytes) -> AuditKey | None:
         return self._by_id.get(key_id)
+
+    def is_independent(self, key_id: bytes) -> bool:
+        """Whether ``key_id`` names a KEYLEDGER_AUDIT_KEY (current or previous) rather than
+        a key derived from a master key. Once a checkpoint is sealed with one, nothing after
+        it may be vouched for by a derived key: a master-key holder could forge those."""
+        return key_id in self._independent
 
     def __repr__(self) -> str:
         current = self.current.key_id.hex() if self.current else None

@@ -207,7 +207,8 @@ class MasterKeyring:
         (KEYLEDGER_PREVIOUS_AUDIT_KEYS) verify."""
         derived = [key.audit_key for key in self._by_id.values()]
         current = audit_key or (self.current.audit_key if self.current else None)
-        return AuditKeyring(current, [*derived, *(previous or [])])
+        independent = [*([audit_key] if audit_key else []), *(previous or [])]
+        return AuditKeyring(current, derived, independent)
 
     @property
     def known_ids(self) -> list[str]:

@@ -295,14 +295,17 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             "(originator_id, originator_version, topic, state) "
         )
         if len(events) > ARRAY_BATCH_MIN:
-            arrays = "unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
+            arrays = (  # in array order: positions follow the order of ``events``
+                "unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[]) "
+                "WITH ORDINALITY AS u(id, version, topic, state, n) ORDER BY n"
+            )
             columns: list[Any] = [
                 [e.originator_id for e in events],
                 [e.originator_version for e in events],
                 [e.topic for e in events],
                 [e.state for e in events],
             ]
-            return insert + "SELECT * FROM " + arrays, columns
+            return insert + "SELECT id, version, topic, state FROM " + arrays, columns
         values = ",".join(["(%s,%s,%s,%s)"] * len(events))
         params = [
             v for e in events for v in (e.originator_id, e.originator_version, e.topic, e.state)
