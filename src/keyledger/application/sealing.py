@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from keyledger.application.ledger import Conflict
-from keyledger.application.stream import Row, rows_after, seal_rows
+from keyledger.application.stream import Row, iter_seal_rows, rows_after, seal_rows
 from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
 from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
@@ -281,7 +281,7 @@ def unsealed_count(ledger: Ledger) -> int:
 def checkpoints(ledger: Ledger) -> list[Checkpoint]:
     """Every checkpoint of the chain, in order, with its stream position."""
     models = []
-    for row in seal_rows(ledger):
+    for row in iter_seal_rows(ledger):
         event = decode_checkpoint(ledger, row)
         if event is None:
             raise AuditTampered(

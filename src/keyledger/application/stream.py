@@ -132,6 +132,35 @@ def seal_rows(ledger: Ledger, *, newest_only: bool = False) -> list[Row]:
         return [_row(raw) for raw in cur.fetchall()]
 
 
+def iter_seal_rows(ledger: Ledger, *, page_size: int = 50) -> Iterator[Row]:
+    """The seal chain's checkpoint rows in chain order, a page at a time (checkpoints are
+    tens of kilobytes each: memory stays bounded on any chain length)."""
+    table, position = _columns(ledger)
+    statement = (
+        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        "WHERE originator_id = :chain AND originator_version > :after "
+        "ORDER BY originator_version LIMIT :limit"
+    )
+    params: dict[str, Any] = {"chain": ledger.store.id_param(SEAL_CHAIN_ID), "limit": page_size}
+    after = 0
+    while True:
+        params["after"] = after
+        with ledger.reading() as cur:
+            cur.execute(statement, params)
+            page = [_row(raw) for raw in cur.fetchall()]
+        yield from page
+        if len(page) < page_size:
+            return
+        after = page[-1].version
+
+
+def row_at(ledger: Ledger, position: int) -> Row | None:
+    """The row at exactly ``position``, if there is one."""
+    return next(
+        (row for page in rows_after(ledger, position - 1, upto=position) for row in page), None
+    )
+
+
 def row_at_or_before(ledger: Ledger, position: int) -> Row | None:
     """The newest row at or before ``position`` (positions may have gaps)."""
     table, column = _columns(ledger)

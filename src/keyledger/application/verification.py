@@ -35,7 +35,7 @@ from keyledger.application.sealing import (
     sealed_tag,
     tag_status,
 )
-from keyledger.application.stream import Row, head_position, rows_after, seal_rows
+from keyledger.application.stream import Row, head_position, iter_seal_rows, row_at, rows_after
 from keyledger.domain.seal import AuditSeal, decode_positions
 from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.models import Checkpoint, TamperFinding, TamperKind, VerifyReport
@@ -50,23 +50,30 @@ REORDER_SEARCH_LIMIT = 10_000
 class _Segment:
     """One checkpoint's segment; ``key`` None when its tags cannot be trusted or checked.
 
-    The per-position tags are unpacked only while the scan is inside the segment (``open``)
-    and dropped when it leaves (``close_segment``), so memory does not grow with the stream.
+    Only the chain's outline is kept for every segment; its positions and tags are read
+    again from the checkpoint row when the scan enters the segment (``open``) and dropped
+    when it leaves (``close_segment``), so memory does not grow with the stream.
     """
 
     sequence: int
     after: int
     to: int
     key: AuditKey | None
-    positions_blob: bytes
-    tags_blob: bytes
+    row_position: int
+    digest: bytes
     tags: dict[int, bytes] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)
     suspects: list[tuple[Row, TamperKind]] = field(default_factory=list)
 
-    def open(self) -> None:
-        positions = decode_positions(self.after, self.positions_blob)
-        blob, size = self.tags_blob, SEALED_TAG_BYTES
+    def open(self, ledger: Ledger) -> None:
+        if self.key is None:
+            return
+        row = row_at(ledger, self.row_position)
+        checkpoint = None if row is None else decode_checkpoint(ledger, row)
+        if checkpoint is None or checkpoint.digest != self.digest:
+            return  # changed since it was verified: the next verification reports it
+        positions = decode_positions(self.after, checkpoint.positions)
+        blob, size = checkpoint.tags, SEALED_TAG_BYTES
         self.tags = {p: blob[i * size : (i + 1) * size] for i, p in enumerate(positions)}
 
 
@@ -90,7 +97,7 @@ class _Verifier:
 
     def load_chain(self) -> None:
         previous_digest, previous_to, expected = ZERO_DIGEST, 0, 1
-        for row in seal_rows(self.ledger):
+        for row in iter_seal_rows(self.ledger):
             checkpoint = decode_checkpoint(self.ledger, row)
             if checkpoint is None:
                 self.found("checkpoint_invalid", row.position, "the checkpoint does not decode")
@@ -130,8 +137,8 @@ class _Verifier:
                     checkpoint.after_position,
                     checkpoint.to_position,
                     key,
-                    checkpoint.positions,
-                    tags,
+                    row.position,
+                    checkpoint.digest,
                 )
             )
             previous_digest, previous_to = checkpoint.digest, checkpoint.to_position
@@ -363,7 +370,7 @@ def verify(
     uncovered: list[int] = []
     index = 0
     if segments:
-        segments[0].open()
+        segments[0].open(ledger)
     # SQLite numbers events 1, 2, 3, ... with no gap, even after rolled-back appends, so a
     # gap is a deletion: this catches deleted newest checkpoints together with what they
     # sealed. PostgreSQL's sequence leaves gaps on rollback: there, only anchors can.
@@ -380,7 +387,7 @@ def verify(
                 verifier.close_segment(segments[index])
                 index += 1
                 if index < len(segments):
-                    segments[index].open()
+                    segments[index].open(ledger)
             if index < len(segments) and row.position > segments[index].after:
                 sealed += 1
                 verifier.check_sealed(segments[index], row)
@@ -399,7 +406,7 @@ def verify(
         )
     for later in segments[index:]:
         if later is not segments[index]:
-            later.open()
+            later.open(ledger)
         verifier.close_segment(later)
     if anchor:
         verifier.check_anchor(anchor, head)
