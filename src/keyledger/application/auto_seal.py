@@ -10,16 +10,35 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 
-class BackgroundSealer:
-    """Runs ``seal()`` on a daemon thread each time ``request()`` is called (coalesced)."""
+QUIET_SECONDS = 0.2
+MAX_DELAY_SECONDS = 5.0
 
-    def __init__(self, seal: Callable[[], None]) -> None:
+
+class BackgroundSealer:
+    """Runs ``seal()`` on a daemon thread each time ``request()`` is called (coalesced).
+
+    A requested seal waits for a quiet moment (no ``activity()`` for ``QUIET_SECONDS``),
+    at most ``MAX_DELAY_SECONDS``: sealing is never urgent, and sealing while writers are
+    busy would only compete with them for the interpreter and the write lock.
+    """
+
+    def __init__(
+        self,
+        seal: Callable[[], None],
+        *,
+        quiet_seconds: float = QUIET_SECONDS,
+        max_delay_seconds: float = MAX_DELAY_SECONDS,
+    ) -> None:
         self._seal = seal
+        self._quiet = quiet_seconds
+        self._max_delay = max_delay_seconds
+        self._last_activity = 0.0
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -39,6 +58,10 @@ class BackgroundSealer:
                 self._thread.start()
             self._idle.clear()
             self._wake.set()
+
+    def activity(self) -> None:
+        """Note that the process is writing (postpones a requested seal a little)."""
+        self._last_activity = time.monotonic()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no requested seal is pending or running; False on timeout."""
@@ -60,9 +83,22 @@ class BackgroundSealer:
             if self._closed:
                 self._idle.set()
                 return
+            self._wait_for_quiet()
+            if self._closed:
+                self._idle.set()
+                return
             try:
                 self._seal()
             except Exception:  # the thread must survive any one failure
                 logger.exception("automatic audit seal failed")
             if not self._wake.is_set():
                 self._idle.set()
+
+    def _wait_for_quiet(self) -> None:
+        deadline = time.monotonic() + self._max_delay
+        while not self._closed:
+            now = time.monotonic()
+            quiet_at = self._last_activity + self._quiet
+            if now >= quiet_at or now >= deadline:
+                return
+            time.sleep(min(quiet_at, deadline) - now)

@@ -55,6 +55,8 @@ AGGREGATE_CACHE_SIZE = 20_000
 SNAPSHOT_INTERVAL = 100
 AUDIT_CATCH_UP_EVERY = 2000
 AUTO_SEAL_CHECKPOINTS = 10
+# The attributes of Secret and TenantKeyring that hold mutable values (see for_update).
+MUTABLE_ATTRIBUTES = ("_pending_events", "metadata", "keys")
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +150,23 @@ class Ledger(Application[UUID]):
 
     @staticmethod
     def for_update(aggregate: T) -> T:
-        """A private copy to run commands on: cached aggregates are shared by threads."""
-        return copy.deepcopy(aggregate)
+        """A private copy to run commands on: cached aggregates are shared by threads.
+
+        Every attribute of keyledger's aggregates holds an immutable value (str, bytes,
+        int, bool, datetime, UUID, frozen KeyVersion) except the pending-event list and
+        one dict (a secret's metadata, a keyring's versions): a shallow copy with those
+        copied is as private as a deep copy, at a tenth of the cost (the deep copy was a
+        quarter of a re-encryption). ``MUTABLE_ATTRIBUTES`` is checked by a test.
+        """
+        clone = copy.copy(aggregate)
+        state = vars(clone)
+        for name in MUTABLE_ATTRIBUTES:
+            value = state.get(name)
+            if isinstance(value, list):
+                state[name] = list(value)
+            elif isinstance(value, dict):
+                state[name] = dict(value)
+        return clone
 
     # -- writing ------------------------------------------------------------------------
 
@@ -217,6 +234,7 @@ class Ledger(Application[UUID]):
 
     def _note_appended(self, count: int) -> None:
         if self.seal_every:
+            self.sealer.activity()
             self._appended_since_seal += count
             if self._appended_since_seal >= self.seal_every:
                 self._appended_since_seal = 0
