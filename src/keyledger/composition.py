@@ -32,6 +32,7 @@ def build_ledger(
         audit_key=audit_key,
         previous_audit_keys=previous_audit_keys,
         seal_every=settings.audit_seal_every,
+        anchor_file=settings.audit_anchor_file,
     )
     if is_legacy_stream(ledger):
         ledger.close()

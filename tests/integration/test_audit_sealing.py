@@ -309,3 +309,37 @@ def test_a_master_key_holder_cannot_reseal_after_the_chain_moved_to_an_audit_key
     assert not report.intact
     assert "checkpoint_invalid" in {f.kind for f in report.findings}
     assert forger.verify_audit().intact is False  # the forger cannot verify the owner's seal
+
+
+def test_every_seal_appends_its_checkpoints_to_the_anchor_file(
+    make_service: MakeService, tmp_path: Path
+) -> None:
+    anchor = tmp_path / "anchors" / "keyledger.jsonl"
+    anchor.parent.mkdir()
+    settings = KeyledgerSettings(audit_seal_every=0, audit_anchor_file=anchor)
+    service = make_service(settings=settings)
+    with tenant("acme"):
+        service.store("a", "value")
+        service.seal_audit()
+        service.store("b", "value")
+        service.seal_audit()
+    lines = anchor.read_text().splitlines()
+    anchored = [Checkpoint.model_validate_json(line) for line in lines]
+    assert [c.sequence for c in anchored] == [1, 2]
+    assert [(c.sequence, c.position, c.digest) for c in anchored] == [
+        (c.sequence, c.position, c.digest) for c in service.audit_checkpoints()
+    ]
+    assert service.verify_audit(anchor=anchored).intact
+
+
+def test_an_unwritable_anchor_file_never_fails_the_seal(
+    make_service: MakeService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "no-such-directory" / "anchors.jsonl"
+    settings = KeyledgerSettings(audit_seal_every=0, audit_anchor_file=missing)
+    service = make_service(settings=settings)
+    with tenant("acme"):
+        service.store("a", "value")
+    assert len(service.seal_audit().checkpoints) == 1
+    assert "anchor file" in caplog.text
+    assert service.verify_audit().intact

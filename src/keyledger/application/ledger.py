@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
@@ -83,7 +84,9 @@ class Ledger(Application[UUID]):
         audit_key: AuditKey | None = None,
         previous_audit_keys: list[AuditKey] | None = None,
         seal_every: int = 0,
+        anchor_file: Path | None = None,
     ) -> None:
+        self.anchor_file = anchor_file
         self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
         self.seal_every = seal_every
         try:

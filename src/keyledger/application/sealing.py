@@ -21,12 +21,14 @@ The first checkpoint's previous digest is 32 zero bytes.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from keyledger.application.ledger import Conflict
-from keyledger.application.stream import Row, iter_seal_rows, rows_after, seal_rows
+from keyledger.application.stream import Row, iter_seal_rows, position_of, rows_after, seal_rows
 from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
 from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
@@ -235,7 +237,12 @@ def seal(
                 ledger.commit(checkpoint)
             except Conflict:
                 continue  # another sealer extended the chain: seal what is left after it
-            made.append(checkpoint_model(checkpoint, None))
+            if ledger.anchor_file is not None:  # where it landed, for the anchor
+                at = position_of(ledger, SEAL_CHAIN_ID, checkpoint.originator_version)
+                made.append(checkpoint_model(checkpoint, at))
+                append_anchor(ledger.anchor_file, made[-1])
+            else:
+                made.append(checkpoint_model(checkpoint, None))
             sealed += len(covered)
         if stop is not None:
             position, reason = stop
@@ -267,6 +274,25 @@ def _vouched(
             continue
         return page[:index], (row.position, _STOP_REASONS[status])
     return page, None
+
+
+def append_anchor(path: Path | None, checkpoint: Checkpoint) -> None:
+    """Append ``checkpoint`` to the anchor file (KEYLEDGER_AUDIT_ANCHOR_FILE), durably.
+
+    The file is what ``audit verify --anchor`` reads; kept where the database's
+    administrators cannot write, it reveals rows cut from the newest end of the stream.
+    A failure to write it is logged and never undoes the seal.
+    """
+    if path is None:
+        return
+    line = checkpoint.model_dump_json() + "\n"
+    try:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as error:
+        logger.warning("audit anchor file %s not written: %s", path, error.strerror)
 
 
 def unsealed_count(ledger: Ledger) -> int:

@@ -172,3 +172,15 @@ def row_at_or_before(ledger: Ledger, position: int) -> Row | None:
         )
         raw = cur.fetchone()
     return None if raw is None else _row(raw)
+
+
+def position_of(ledger: Ledger, originator_id: UUID, version: int) -> int | None:
+    """Where version ``version`` of aggregate ``originator_id`` sits in the stream."""
+    table, column = _columns(ledger)
+    with ledger.reading() as cur:
+        cur.execute(
+            f"SELECT {column} FROM {table} WHERE originator_id=? AND originator_version=?",
+            (ledger.store.id_param(originator_id), version),
+        )
+        row = cur.fetchone()
+    return None if row is None else int(row[0])

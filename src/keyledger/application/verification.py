@@ -35,7 +35,14 @@ from keyledger.application.sealing import (
     sealed_tag,
     tag_status,
 )
-from keyledger.application.stream import Row, head_position, iter_seal_rows, row_at, rows_after
+from keyledger.application.stream import (
+    Row,
+    head_position,
+    iter_seal_rows,
+    position_of,
+    row_at,
+    rows_after,
+)
 from keyledger.domain.seal import AuditSeal, decode_positions
 from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.models import Checkpoint, TamperFinding, TamperKind, VerifyReport
@@ -278,7 +285,7 @@ class _Verifier:
         versions[row.originator_id] = (row.version, row.position)
         if before is None:
             if row.version > 1:
-                earlier = self._position_of(row.originator_id, row.version - 1)
+                earlier = position_of(self.ledger, row.originator_id, row.version - 1)
                 if earlier is None:
                     self.found(
                         "deleted",
@@ -305,17 +312,6 @@ class _Verifier:
                 row.position,
                 f"versions {version + 1}..{row.version - 1} of this aggregate are missing",
             )
-
-    def _position_of(self, originator_id: UUID, version: int) -> int | None:
-        store = self.ledger.store
-        with self.ledger.reading() as cur:
-            cur.execute(
-                f"SELECT {store.position_column} FROM {store.events_table_name} "
-                "WHERE originator_id=? AND originator_version=?",
-                (store.id_param(originator_id), version),
-            )
-            row = cur.fetchone()
-        return None if row is None else int(row[0])
 
     # -- anchors ------------------------------------------------------------------------
 

@@ -35,3 +35,5 @@ class KeyledgerSettings(BaseSettings):
     previous_audit_keys: SecretStr | None = None
     # Seal the audit stream automatically after this many appends per process (0: never).
     audit_seal_every: int = Field(default=10_000, ge=0)
+    # Append every new checkpoint to this file (the anchor for ``audit verify --anchor``).
+    audit_anchor_file: Path | None = None
