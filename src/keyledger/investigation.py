@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from keyledger.application.export import EXPORT_FIELDS, audit_records, write_csv, write_jsonl
+from keyledger.application.queries import NO_LIMIT
 from keyledger.application.replay import state_as_of
 from keyledger.application.sealing import checkpoints, seal, unsealed_count
 from keyledger.application.secrets import actor_dict
@@ -24,8 +25,6 @@ from keyledger.validation import check_aware, check_count, check_identifier
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
     from keyledger.application.queries import Queries
-
-NO_LIMIT = 2**62
 
 __all__ = ["EXPORT_FIELDS", "AuditInvestigation", "write_csv", "write_jsonl"]
 

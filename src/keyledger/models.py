@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 SecretStatus = Literal["active", "disabled", "expired"]
 KeyStatus = Literal["active", "retired", "compromised", "destroyed"]
 AuditResult = Literal["success", "failure", "denied"]
+AUDIT_ACTIONS = (
+    *("create", "read", "update", "delete", "rotate_key", "disable", "enable", "expire"),
+    *("create_key", "compromise_key", "destroy_key", "rewrap_key", "repair", "erase_tenant"),
+)
+"""Every audit action (SPEC section 3, plus the key lifecycle's)."""
 
 
 class _Frozen(BaseModel):

@@ -28,6 +28,7 @@ from keyledger.errors import InvalidInput
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.investigation import AuditInvestigation
 from keyledger.models import (
+    AUDIT_ACTIONS,
     AuditEntry,
     CleanupResult,
     DriftReport,
@@ -50,12 +51,7 @@ from keyledger.validation import (
 
 StatusFilter = Literal["active", "disabled", "expired"] | None
 _STATUSES = ("active", "disabled", "expired")
-_ACTIONS = frozenset(
-    (
-        *("create", "read", "update", "delete", "rotate_key", "disable", "enable", "expire"),
-        *("create_key", "compromise_key", "destroy_key", "rewrap_key", "repair", "erase_tenant"),
-    )
-)
+_ACTIONS = frozenset(AUDIT_ACTIONS)
 _RESULTS = frozenset(("success", "failure", "denied"))
 
 

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from keyledger.application.ledger import Conflict
-from keyledger.application.stream import Row, iter_seal_rows, position_of, rows_after, seal_rows
+from keyledger.application.stream import (
+    Row,
+    iter_seal_rows,
+    newest_seal_row,
+    position_of,
+    rows_after,
+)
 from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
 from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
@@ -158,13 +164,13 @@ class ChainHead:
 
 
 def chain_head(ledger: Ledger) -> ChainHead:
-    rows = seal_rows(ledger, newest_only=True)
-    if not rows:
+    row = newest_seal_row(ledger)
+    if row is None:
         return ChainHead(0, 0, ZERO_DIGEST)
-    checkpoint = decode_checkpoint(ledger, rows[0])
+    checkpoint = decode_checkpoint(ledger, row)
     if checkpoint is None:
         raise AuditTampered(
-            f"the newest checkpoint, at position {rows[0].position}, is malformed: "
+            f"the newest checkpoint, at position {row.position}, is malformed: "
             "run `keyledger audit verify`; nothing can be sealed after it"
         )
     independent = ledger.audit_keys.is_independent(bytes.fromhex(checkpoint.key_id))

@@ -119,17 +119,17 @@ def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> l
     return rows
 
 
-def seal_rows(ledger: Ledger, *, newest_only: bool = False) -> list[Row]:
-    """The seal chain's checkpoint rows, in chain order (or only the newest)."""
+def newest_seal_row(ledger: Ledger) -> Row | None:
+    """The seal chain's newest checkpoint row, if any."""
     table, position = _columns(ledger)
-    statement = (
-        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
-        "WHERE originator_id = :chain ORDER BY originator_version"
-        + (" DESC LIMIT 1" if newest_only else "")
-    )
     with ledger.reading() as cur:
-        cur.execute(statement, {"chain": ledger.store.id_param(SEAL_CHAIN_ID)})
-        return [_row(raw) for raw in cur.fetchall()]
+        cur.execute(
+            f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+            "WHERE originator_id = :chain ORDER BY originator_version DESC LIMIT 1",
+            {"chain": ledger.store.id_param(SEAL_CHAIN_ID)},
+        )
+        raw = cur.fetchone()
+    return None if raw is None else _row(raw)
 
 
 def iter_seal_rows(ledger: Ledger, *, page_size: int = 50) -> Iterator[Row]:
@@ -156,9 +156,8 @@ def iter_seal_rows(ledger: Ledger, *, page_size: int = 50) -> Iterator[Row]:
 
 def row_at(ledger: Ledger, position: int) -> Row | None:
     """The row at exactly ``position``, if there is one."""
-    return next(
-        (row for page in rows_after(ledger, position - 1, upto=position) for row in page), None
-    )
+    row = row_at_or_before(ledger, position)
+    return row if row is not None and row.position == position else None
 
 
 def row_at_or_before(ledger: Ledger, position: int) -> Row | None:

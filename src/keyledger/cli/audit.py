@@ -21,12 +21,8 @@ from keyledger.cli.render import emit_json, emit_table, json_option, text, times
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
 from keyledger.investigation import EXPORT_FIELDS
-from keyledger.models import AuditEntry, AuditResult
+from keyledger.models import AUDIT_ACTIONS, AuditEntry, AuditResult
 
-AUDIT_ACTIONS = (
-    *("create", "read", "update", "delete", "rotate_key", "disable", "enable", "expire"),
-    *("create_key", "compromise_key", "destroy_key", "rewrap_key", "repair", "erase_tenant"),
-)
 AUDIT_HEADERS = ("POSITION", "TIME", "ACTION", "RESULT", "SECRET", "KEY", "USER", "IP", "DETAILS")
 # The export schema's fields that an audit entry has (the rest name the stored event).
 LOG_CSV_FIELDS = EXPORT_FIELDS[: EXPORT_FIELDS.index("details") + 1]
