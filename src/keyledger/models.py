@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+M = TypeVar("M", bound=BaseModel)
 
 SecretStatus = Literal["active", "disabled", "expired"]
 KeyStatus = Literal["active", "retired", "compromised", "destroyed"]
@@ -19,6 +21,20 @@ AUDIT_ACTIONS = (
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def trusted(model: type[M], fields: dict[str, Any]) -> M:
+    """``model.model_construct(**fields)`` for ``fields`` naming every field of ``model``
+    (a KeyError otherwise), from validated state: what pydantic's own ``model_construct``
+    builds (a test holds them equal), in a quarter of its time, which the hot retrieve
+    path pays on every call."""
+    instance = model.__new__(model)
+    setattr_ = object.__setattr__
+    setattr_(instance, "__dict__", {name: fields[name] for name in model.__pydantic_fields__})
+    setattr_(instance, "__pydantic_fields_set__", set(fields))
+    setattr_(instance, "__pydantic_extra__", None)
+    setattr_(instance, "__pydantic_private__", None)
+    return instance
 
 
 class SecretInfo(_Frozen):

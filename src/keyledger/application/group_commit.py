@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -21,13 +20,19 @@ T = TypeVar("T")
 MAX_BATCH = 256
 
 
-@dataclass(eq=False)
 class _Pending(Generic[T]):
-    item: T
-    wake: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False
-    finished: bool = False
-    error: BaseException | None = None
+    """A queued item. ``wake`` is a lock held from birth: releasing it wakes the waiter
+    (a plain lock costs a tenth of a ``threading.Event``, and each item is woken once)."""
+
+    __slots__ = ("error", "finished", "item", "lead", "wake")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.lead = False
+        self.finished = False
+        self.error: BaseException | None = None
 
 
 class GroupCommitter(Generic[T]):
@@ -52,7 +57,7 @@ class GroupCommitter(Generic[T]):
             if not self._leader_busy:
                 self._leader_busy = pending.lead = True
         if not pending.lead:
-            pending.wake.wait()  # until our write finished, or until it is our turn to lead
+            pending.wake.acquire()  # until our write finished, or until it is our turn to lead
         if not pending.finished:
             self._lead()  # a leader's own item is first in its batch
         if pending.error is not None:
@@ -72,8 +77,9 @@ class GroupCommitter(Generic[T]):
             # Hand over before waking anyone: the next waiter leads the next batch.
             if self._queue:
                 self._queue[0].lead = True
-                self._queue[0].wake.set()
+                self._queue[0].wake.release()
             else:
                 self._leader_busy = False
         for pending in batch:
-            pending.wake.set()
+            if pending.wake.locked():
+                pending.wake.release()

@@ -26,14 +26,12 @@ from eventsourcing.persistence import (
     JSONTranscoder,
     Mapper,
     PersistenceError,
-    StoredEvent,
 )
 
 from keyledger.application.auto_seal import BackgroundSealer
 from keyledger.application.caches import ExpiringCache, LRUCache
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
-from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
@@ -46,6 +44,7 @@ from keyledger.errors import (
 from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
 from keyledger.infrastructure.event_tags import TaggingMapper
+from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64
 from keyledger.infrastructure.unit_writer import KeyledgerRecorder, delete_key_material
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
@@ -104,9 +103,8 @@ class Ledger(Application[UUID]):
         self._appended_since_catch_up = 0
         self._appended_since_seal = 0
         self.sealer = BackgroundSealer(self.seal_automatically)
-        self._reads: GroupCommitter[tuple[StoredEvent, WriteUnit]] = GroupCommitter(
-            self._write_reads
-        )
+        self.reads = ReadEncoder(self.audit_keys.current)
+        self._reads: GroupCommitter[PendingRead] = GroupCommitter(self._write_reads)
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )
@@ -209,20 +207,18 @@ class Ledger(Application[UUID]):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
 
-    def commit_read(self, event: AuditRecord.SecretRead, unit: WriteUnit) -> WriteUnit:
+    def commit_read(self, read: PendingRead) -> None:
         """Append one read event, group-committed with concurrent reads (see group_commit).
 
-        Returns once the transaction holding it has committed; ``Conflict`` when the
-        decision it records was made on state that has moved on.
+        Returns once the transaction holding it has committed, with ``read.access_count``
+        set; ``Conflict`` when the decision it records was made on state that has moved on.
         """
-        unit.domain_events = [event]
         try:
-            self._reads.submit((self.mapper.to_stored_event(event), unit))
+            self._reads.submit(read)
         except (IntegrityError, StaleStateError):
-            self._evict(*unit.expected)
+            self._evict(*read.expected)
             raise Conflict from None
         self._note_appended(1)
-        return unit
 
     def _evict(self, *aggregate_ids: UUID) -> None:
         """Forget cached aggregates a write found stale (the retry reloads them)."""
@@ -230,9 +226,7 @@ class Ledger(Application[UUID]):
             self._secrets.evict(aggregate_id)
             self._keyrings.evict(aggregate_id)
 
-    def _write_reads(
-        self, batch: list[tuple[StoredEvent, WriteUnit]]
-    ) -> Sequence[BaseException | None]:
+    def _write_reads(self, batch: list[PendingRead]) -> Sequence[BaseException | None]:
         return self.store.insert_reads(batch)
 
     def _note_appended(self, count: int) -> None:

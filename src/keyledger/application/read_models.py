@@ -21,6 +21,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import (
@@ -43,19 +44,21 @@ def _uuid(value: object) -> UUID:
 
 
 def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
-    """Up to PAGE_SIZE events after ``after``, decoded, with their positions."""
+    """Up to PAGE_SIZE events after ``after``, decoded, with their positions (reads, most
+    of the stream, as ``ReadView``s: the projections need nothing else of them)."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
     cur.execute(
         f"SELECT {position}, originator_id, originator_version, topic, state "
         f"FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
         (after, PAGE_SIZE),
     )
+    to_domain_event = ledger.mapper.to_domain_event
     return [
         (
             row[0],
-            ledger.mapper.to_domain_event(
-                StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))
-            ),
+            decode_read(bytes(row[4]))
+            if row[3] == READ_TOPIC
+            else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))),
         )
         for row in cur.fetchall()
     ]

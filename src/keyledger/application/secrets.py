@@ -26,7 +26,7 @@ from keyledger.errors import (
 from keyledger.infrastructure.crypto import DataKey
 from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
 from keyledger.models import Secret as SecretModel
-from keyledger.models import SecretInfo
+from keyledger.models import SecretInfo, trusted
 from keyledger.projections.timeutil import optional_datetime
 
 
@@ -73,7 +73,7 @@ def secret_info(
     secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
 ) -> SecretInfo:
     # Built without re-validation: every field comes from validated aggregate state.
-    return SecretInfo.model_construct(**secret_fields(secret, now, access_count, last_accessed_at))
+    return trusted(SecretInfo, secret_fields(secret, now, access_count, last_accessed_at))
 
 
 class SecretCommands:
@@ -213,11 +213,18 @@ class SecretCommands:
                 expected=_versions(secret, keyring),
             )
             raise raised from None
-        record = AuditRecord.read(tenant_id, name, secret.value_version, secret.key_version, who)
-        unit = self.ledger.commit_read(record, WriteUnit(expected=_versions(secret, keyring)))
-        outcome = unit.outcome
-        fields = secret_fields(secret, now, outcome.access_count or 0, outcome.last_accessed_at)
-        return SecretModel.model_construct(**fields, value=value)
+        read = self.ledger.reads.read(
+            tenant_id,
+            name,
+            secret.value_version,
+            secret.key_version,
+            who,
+            expected=_versions(secret, keyring),
+        )
+        self.ledger.commit_read(read)
+        fields = secret_fields(secret, now, read.access_count or 0, read.last_accessed_at)
+        fields["value"] = value
+        return trusted(SecretModel, fields)
 
     def _explain(self, error: KeyledgerError, tenant_id: str, name: str) -> KeyledgerError:
         """A decryption failure that a drift diagnosis explains becomes SecretKeyDriftError."""

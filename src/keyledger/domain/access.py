@@ -10,7 +10,8 @@ directly (the same event the library's ``_create`` would build, without the aggr
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, NamedTuple, TypeVar
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
@@ -122,3 +123,16 @@ class AuditRecord(Aggregate):
 
 
 _TOPIC = get_topic(AuditRecord)
+
+
+class ReadView(NamedTuple):
+    """A ``SecretRead`` as projections see it, decoded straight from its stored bytes
+    (``infrastructure/read_events.decode_read``) rather than rebuilt as the library's event
+    object: reads are most of the stream, and the projections treat the two alike."""
+
+    timestamp: datetime
+    tenant_id: str
+    secret_name: str
+    value_version: int
+    key_version: int
+    actor: ActorDict

@@ -19,7 +19,7 @@ to no tenant, has a fixed id outside every tenant's range only by the odds of SH
 from __future__ import annotations
 
 import hashlib
-import os
+import random
 import time
 from functools import lru_cache
 from typing import Any
@@ -64,10 +64,11 @@ def secret_id(tenant_id: str, name: str) -> UUID:
 def audit_record_id(tenant_id: str) -> UUID:
     """A fresh id for a one-event audit record: tenant prefix, 44-bit milliseconds, 30
     random bits. Two records of one tenant in one millisecond collide with odds of 2^-30;
-    the append then fails on the primary key and the read is retried with a new id."""
+    the append then fails on the primary key and the read is retried with a new id.
+    The bits need to be unpredictable to nobody, only distinct: the process's PRNG (which
+    ``random`` reseeds in a forked child) instead of a getrandom call per record."""
     millis = time.time_ns() // 1_000_000 & (1 << 44) - 1
-    rand = int.from_bytes(os.urandom(4), "big") & (1 << 30) - 1
-    return _v8(tenant_prefix(tenant_id), millis << 30 | rand)
+    return _v8(tenant_prefix(tenant_id), millis << 30 | random.getrandbits(30))
 
 
 def tenant_id_range(tenant_id: str) -> tuple[UUID, UUID]:

@@ -38,9 +38,10 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from keyledger.errors import StorageError
+from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
-    stale_aggregate,
+    stale_version,
     write_reads,
     write_unit_rest,
 )
@@ -211,9 +212,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             write_unit_rest(cur, unit, positions)
         return positions
 
-    def insert_reads(
-        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
-    ) -> list[BaseException | None]:
+    def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
         """Append a batch of reads in three round trips: lock, pipeline, commit.
 
         The version check, the append and the access-count update are sent together in a
@@ -228,12 +227,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 with suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
                 raise
-            if any(stale_aggregate(unit, current) for _, unit in batch):
+            if any(stale_version(read.expected, current) for read in batch):
                 conn.execute("ROLLBACK")
             else:
                 conn.execute("COMMIT")
-                reads = [(unit.domain_events[0], unit.outcome) for _, unit in batch]
-                CatalogProjector.assign_read_outcomes(reads, returned)
+                CatalogProjector.assign_read_outcomes(batch, returned)
                 return [None] * len(batch)
         with self.writing() as cur:
             return write_reads(
@@ -244,13 +242,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             )
 
     def _pipelined_reads(
-        self, conn: Connection[Any], batch: Sequence[tuple[StoredEvent, WriteUnit]]
+        self, conn: Connection[Any], batch: Sequence[PendingRead]
     ) -> tuple[dict[UUID, int], list[Any]]:
-        ids = list({a for _, unit in batch for a in unit.expected})
-        events = [stored for stored, _ in batch]
-        update, update_params = CatalogProjector.reads_update(
-            [unit.domain_events[0] for _, unit in batch], "postgres"
-        )
+        ids = list({a for read in batch for a in read.expected})
+        events = [read.stored for read in batch]
+        update, update_params = CatalogProjector.reads_update(batch, "postgres")
         with conn.pipeline() as pipeline:
             versions = conn.cursor(row_factory=tuple_row)
             versions.execute(

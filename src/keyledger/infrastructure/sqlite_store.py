@@ -9,6 +9,7 @@ costs one commit. Connections keep a real statement cache and ``synchronous=FULL
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
@@ -35,6 +36,7 @@ from eventsourcing.sqlite import (
 from eventsourcing.utils import Environment
 
 from keyledger.errors import StorageError
+from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import check_expected, write_reads, write_unit_rest
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.projections.schema import schema_statements
@@ -66,7 +68,15 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
         # (crypto-shredding): deleted content and freed pages are overwritten with zeros.
         conn.execute("PRAGMA secure_delete=ON")
         conn.row_factory = sqlite3.Row
-        return SQLiteConnection(sqlite_conn=conn, max_age=self.max_age)
+        return KeyledgerSQLiteConnection(conn, max_age=self.max_age)
+
+
+class KeyledgerSQLiteConnection(SQLiteConnection):
+    """The library's connection, with the sqlite3 connection it wraps in reach."""
+
+    def __init__(self, sqlite_conn: sqlite3.Connection, max_age: float | None) -> None:
+        super().__init__(sqlite_conn=sqlite_conn, max_age=max_age)
+        self.raw = sqlite_conn
 
 
 class KeyledgerSQLiteDatastore(SQLiteDatastore):
@@ -95,13 +105,18 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             with self.get_connection(commit=True) as conn:
                 yield conn
             return
-        writer: SQLiteConnection | None = getattr(self._writers, "conn", None)
+        yield self.thread_writer()
+
+    def thread_writer(self) -> KeyledgerSQLiteConnection:
+        """This thread's own writer connection (files only: see ``writer``)."""
+        writer: KeyledgerSQLiteConnection | None = getattr(self._writers, "conn", None)
         if writer is None:
-            writer = self.pool._create_connection()
-            self._writers.conn = writer
+            created = self.pool._create_connection()
+            assert isinstance(created, KeyledgerSQLiteConnection)
+            writer = self._writers.conn = created
             with self._writers_lock:
                 self._all_writers.append(writer)
-        yield writer
+        return writer
 
     def close(self) -> None:
         with self._writers_lock:
@@ -175,16 +190,42 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             write_unit_rest(curs, unit, positions)
         return positions
 
-    def insert_reads(
-        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
-    ) -> list[BaseException | None]:
-        with self.writing() as curs:
-            return write_reads(
-                curs,
+    def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
+        """A batch of reads in one transaction. The hot path of every retrieve, so on a
+        file it goes to the sqlite3 connection directly: no context managers, no cursor
+        wrappers, both version probes in one statement (a tenth of a retrieve's time)."""
+        datastore = self._datastore
+        if datastore.pool.is_sqlite_memory_mode:
+            with self.writing() as curs:
+                return write_reads(
+                    curs,
+                    batch,
+                    versions_of=lambda ids: self._versions(curs, ids),
+                    append=lambda events: list(self._insert_events(curs, events) or ()),
+                )
+        conn = datastore.thread_writer().raw
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            errors = write_reads(
+                cur,
                 batch,
-                versions_of=lambda ids: self._versions(curs, ids),
-                append=lambda events: list(self._insert_events(curs, events) or ()),
+                versions_of=lambda ids: _probe_versions(cur, self._probe_statements, ids),
+                append=lambda events: _append_events(cur, self.insert_events_statement, events),
             )
+            conn.commit()
+            return errors
+        except BaseException as error:
+            conn.rollback()
+            raise _translate(error) from None
+
+    @functools.cached_property
+    def _probe_statements(self) -> dict[int, str]:
+        """``SELECT`` of the newest version of 1 to 4 aggregates at once, by count."""
+        probe = (
+            f"(SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?)"
+        )
+        return {n: "SELECT " + ", ".join([probe] * n) for n in range(1, 5)}
 
     def _versions(self, curs: SQLiteCursor, aggregate_ids: list[UUID]) -> dict[UUID, int]:
         # Primary-key probes, one per aggregate: cheaper in SQLite than an IN/GROUP BY.
@@ -232,6 +273,38 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
+
+
+def _probe_versions(
+    cur: sqlite3.Cursor, statements: dict[int, str], aggregate_ids: list[UUID]
+) -> dict[UUID, int]:
+    """The newest version of each aggregate (0: none), by primary-key probes."""
+    versions: dict[UUID, int] = {}
+    for start in range(0, len(aggregate_ids), 4):
+        chunk = aggregate_ids[start : start + 4]
+        cur.execute(statements[len(chunk)], [aggregate_id.hex for aggregate_id in chunk])
+        row = cur.fetchone()
+        for aggregate_id, version in zip(chunk, row, strict=True):
+            versions[aggregate_id] = int(version or 0)
+    return versions
+
+
+def _append_events(cur: sqlite3.Cursor, statement: str, events: list[StoredEvent]) -> list[int]:
+    """Insert ``events`` (the library's statement); their rowids are their positions."""
+    positions = []
+    for event in events:
+        originator_id = event.originator_id
+        cur.execute(
+            statement,
+            (
+                originator_id.hex if isinstance(originator_id, UUID) else originator_id,
+                event.originator_version,
+                event.topic,
+                event.state,
+            ),
+        )
+        positions.append(int(cur.lastrowid or 0))
+    return positions
 
 
 def _translate(error: BaseException) -> BaseException:

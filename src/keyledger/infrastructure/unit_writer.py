@@ -10,6 +10,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 
 from keyledger.errors import KeyInUse
+from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.projector import Cursor
@@ -40,9 +41,7 @@ class KeyledgerRecorder(Protocol):
         """A transaction for read-model maintenance: maintainers take turns, but writers
         of events are not blocked where the store allows it (PostgreSQL)."""
 
-    def insert_reads(
-        self, batch: Sequence[tuple[StoredEvent, WriteUnit]]
-    ) -> list[BaseException | None]:
+    def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
         """Append a group-committed batch of read events in one transaction."""
 
     def shred(self) -> None:
@@ -84,9 +83,9 @@ def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> N
 VersionsOf = Callable[[list[UUID]], dict[UUID, int]]
 
 
-def stale_aggregate(unit: WriteUnit, current: Mapping[UUID, int]) -> UUID | None:
-    """The first aggregate a decision read that has moved on since, if any."""
-    for aggregate_id, version in unit.expected.items():
+def stale_version(expected: Mapping[UUID, int], current: Mapping[UUID, int]) -> UUID | None:
+    """The first of ``expected``'s aggregates that is no longer at its version, if any."""
+    for aggregate_id, version in expected.items():
         if current.get(aggregate_id, 0) != version:
             return aggregate_id
     return None
@@ -105,42 +104,36 @@ def delete_key_material(cur: Cursor, rows: Sequence[tuple[str, int, str | None]]
 def check_expected(unit: WriteUnit, versions_of: VersionsOf) -> None:
     """Raise ``StaleStateError`` when an aggregate a decision read has moved on."""
     if unit.expected:
-        stale = stale_aggregate(unit, versions_of(list(unit.expected)))
+        stale = stale_version(unit.expected, versions_of(list(unit.expected)))
         if stale is not None:
             raise StaleStateError(stale)
 
 
 def write_reads(
     cur: Cursor,
-    batch: Sequence[tuple[StoredEvent, WriteUnit]],
+    batch: Sequence[PendingRead],
     *,
     versions_of: VersionsOf,
     append: Callable[[list[StoredEvent]], list[int]],
 ) -> list[BaseException | None]:
-    """Write a group-committed batch of read events; returns each one's error (or None).
+    """Write a group-committed batch of reads; returns each one's error (or None).
 
     A read whose decision is stale is refused alone (``StaleStateError``), the others are
     appended together and projected with one catalog statement.
     """
-    current = versions_of(list({a for _, unit in batch for a in unit.expected}))
+    current = versions_of(list({a for read in batch for a in read.expected}))
     errors: list[BaseException | None] = []
-    accepted: list[tuple[StoredEvent, WriteUnit]] = []
-    for stored, unit in batch:
-        stale = stale_aggregate(unit, current)
+    accepted: list[PendingRead] = []
+    for read in batch:
+        stale = stale_version(read.expected, current)
         errors.append(None if stale is None else StaleStateError(stale))
         if stale is None:
-            accepted.append((stored, unit))
-    if len(accepted) == 1:  # a lone read: the plain per-event statement is cheaper
-        stored, unit = accepted[0]
-        positions = append([stored])
-        _PROJECTOR.apply(cur, zip(positions, unit.domain_events, strict=True), unit.outcome)
-    elif accepted:
-        positions = append([stored for stored, _ in accepted])
-        _PROJECTOR.apply_reads(
-            cur,
-            [
-                (position, unit.domain_events[0], unit.outcome)
-                for position, (_, unit) in zip(positions, accepted, strict=True)
-            ],
-        )
+            accepted.append(read)
+    if not accepted:
+        return errors
+    append([read.stored for read in accepted])
+    if len(accepted) == 1:  # a lone read: the plain one-row statement is cheaper
+        CatalogProjector.apply_read(cur, accepted[0])
+    else:
+        _PROJECTOR.apply_reads(cur, accepted)
     return errors

@@ -53,9 +53,11 @@ class AuditProjector:
             actor.get("ip_address"),
             actor.get("user_agent"),
             facts.key_version,
-            json.dumps(facts.details, sort_keys=True, separators=(",", ":")),
+            _details(facts.details),
         )
 
+
+_details = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 _INSERT = (
     "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, result, "

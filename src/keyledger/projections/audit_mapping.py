@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from keyledger.domain.access import AuditRecord
+from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 
@@ -106,6 +106,7 @@ _HANDLERS: dict[type, Any] = {
         destroyed_versions=e.destroyed_versions,
     ),
     AuditRecord.SecretRead: _read,
+    ReadView: _read,
     AuditRecord.SecretAccessDenied: _denied,
     AuditRecord.OperationFailed: _failed,
 }

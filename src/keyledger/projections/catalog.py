@@ -7,10 +7,10 @@ writes and access counts are exact across processes; a rebuild replays the same 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
 
-from keyledger.domain.access import AuditRecord
+from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.envelope import envelope_key_version
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
@@ -30,6 +30,24 @@ def _metadata(value: dict[str, str]) -> str:
 _UNWANTED = Outcome(wanted=False)
 
 
+class ReadFacts(NamedTuple):
+    """What the catalog needs of a read: whose it was and when (microseconds)."""
+
+    tenant_id: str
+    secret_name: str
+    at: int
+
+
+class CountedRead(Protocol):
+    """A read being written: its facts, and the access count it saw once projected."""
+
+    tenant_id: str
+    secret_name: str
+    at: int
+    access_count: int | None
+    last_accessed_at: int | None
+
+
 class CatalogProjector:
     """Projects events into kl_catalog and kl_keys."""
 
@@ -47,10 +65,12 @@ class CatalogProjector:
                 handler(cur, event, outcome)
 
     def _replay(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
-        reads: list[tuple[int, AuditRecord.SecretRead, Outcome]] = []
-        for position, event in items:
-            if isinstance(event, AuditRecord.SecretRead):
-                reads.append((position, event, Outcome()))
+        reads: list[ReadFacts] = []
+        for _, event in items:
+            if isinstance(event, (AuditRecord.SecretRead, ReadView)):
+                reads.append(
+                    ReadFacts(event.tenant_id, event.secret_name, to_micros(event.timestamp))
+                )
                 continue
             if reads:
                 self.apply_reads(cur, reads, wanted=False)
@@ -142,37 +162,34 @@ class CatalogProjector:
             (to_micros(e.timestamp), e.tenant_id, e.name),
         )
 
-    def _on_SecretRead(self, cur: Cursor, e: AuditRecord.SecretRead, outcome: Outcome) -> None:  # noqa: N802
+    @staticmethod
+    def apply_read(cur: Cursor, read: CountedRead) -> None:
+        """Project one read, and give it the count it made."""
         cur.execute(
             "UPDATE kl_catalog SET access_count=access_count+1, last_accessed_at=? "
-            "WHERE tenant_id=? AND name=? RETURNING access_count, last_accessed_at",
-            (to_micros(e.timestamp), e.tenant_id, e.secret_name),
+            "WHERE tenant_id=? AND name=? RETURNING access_count",
+            (read.at, read.tenant_id, read.secret_name),
         )
-        self._remember_access(cur, outcome)
+        row = cur.fetchone()
+        if row is not None:
+            read.access_count, read.last_accessed_at = int(row[0]), read.at
 
     def apply_reads(
-        self,
-        cur: Cursor,
-        reads: list[tuple[int, AuditRecord.SecretRead, Outcome]],
-        *,
-        wanted: bool = True,
+        self, cur: Cursor, reads: Sequence[ReadFacts | CountedRead], *, wanted: bool = True
     ) -> None:
-        """Project many reads with one statement: the same rows as one by one, in order.
-        Without ``wanted`` (a replay), the counts are not read back: on PostgreSQL's
-        pipeline, reading them back would wait for the server once per batch."""
-        ordered = [(event, outcome) for _, event, outcome in sorted(reads, key=lambda r: r[0])]
-        statement, params = self.reads_update(
-            [event for event, _ in ordered], getattr(cur, "dialect", "sqlite")
-        )
+        """Project many reads (in stream order) with one statement: the same rows as one
+        by one. Without ``wanted`` (a replay), the counts are not read back: on
+        PostgreSQL's pipeline, reading them back would wait for the server once per batch."""
+        statement, params = self.reads_update(reads, getattr(cur, "dialect", "sqlite"))
         if not wanted:
             cur.execute(statement[: statement.index(" RETURNING ")], params)
             return
         cur.execute(statement, params)
-        self.assign_read_outcomes(ordered, cur.fetchall())
+        self.assign_read_outcomes(reads, cur.fetchall())  # type: ignore[arg-type]
 
     @staticmethod
     def reads_update(
-        reads: list[AuditRecord.SecretRead], dialect: str = "sqlite"
+        reads: Sequence[ReadFacts | CountedRead], dialect: str = "sqlite"
     ) -> tuple[str, list[Any]]:
         """One UPDATE for reads in stream order: counts added, the last read's time kept.
 
@@ -182,10 +199,10 @@ class CatalogProjector:
         case of group commit, keep the VALUES list: its few texts stay in psycopg's cache
         and the server plans it faster than an unnest."""
         totals: dict[tuple[str, str], list[int]] = {}
-        for event in reads:
-            total = totals.setdefault((event.tenant_id, event.secret_name), [0, 0])
+        for read in reads:
+            total = totals.setdefault((read.tenant_id, read.secret_name), [0, 0])
             total[0] += 1
-            total[1] = to_micros(event.timestamp)
+            total[1] = read.at
         if dialect == "postgres" and len(totals) > ARRAY_BATCH_MIN:
             columns: list[list[Any]] = [[], [], [], []]
             for (tenant, name), (n, at) in totals.items():
@@ -203,18 +220,16 @@ class CatalogProjector:
         )
 
     @staticmethod
-    def assign_read_outcomes(
-        reads: list[tuple[AuditRecord.SecretRead, Outcome]], returned: list[Any]
-    ) -> None:
+    def assign_read_outcomes(reads: Sequence[CountedRead], returned: list[Any]) -> None:
         """Each read (in stream order) gets the count it would have seen applied alone:
         the final count less the reads of the same secret that come after it."""
         final = {(row[0], row[1]): int(row[2]) for row in returned}
         later: dict[tuple[str, str], int] = {}
-        for event, outcome in reversed(reads):
-            key = (event.tenant_id, event.secret_name)
+        for read in reversed(reads):
+            key = (read.tenant_id, read.secret_name)
             if key in final:
-                outcome.access_count = final[key] - later.get(key, 0)
-                outcome.last_accessed_at = to_micros(event.timestamp)
+                read.access_count = final[key] - later.get(key, 0)
+                read.last_accessed_at = read.at
                 later[key] = later.get(key, 0) + 1
 
     @staticmethod
