@@ -161,3 +161,27 @@ def test_a_service_reopened_on_the_store_gives_identical_answers(
     assert answers(reopened) == before
     reopened.rebuild_read_models()
     assert answers(first) == before
+
+
+def test_catching_up_from_two_services_writing_in_turn_matches_a_rebuild(
+    make_service: MakeService,
+) -> None:
+    """Each service catches the audit model up with its own appends as it made them, and
+    reads the other's back from the stream: the rows must be the ones a rebuild makes."""
+    first, second = make_service(), make_service()
+    for round_number in range(3):
+        for writer, user in ((first, "alice"), (second, "bob")):
+            with tenant("acme", user_id=user, ip_address=f"10.0.0.{round_number}"):
+                writer.store(f"s{round_number}", f"v-{user}")
+                writer.retrieve(f"s{round_number}")
+                with pytest.raises(SecretNotFound):
+                    writer.retrieve("missing")
+        if round_number == 1:  # the second one catches up with both: the first's memory is stale
+            answers(second)
+    caught_up = answers(first)
+    assert answers(second) == caught_up
+
+    first.rebuild_read_models()
+
+    assert answers(first) == caught_up
+    assert [entry.user_id for entry in caught_up["audit:acme"]][:3] == ["bob", "bob", "bob"]

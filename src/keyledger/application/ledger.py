@@ -54,6 +54,7 @@ MAX_ATTEMPTS = 50
 AGGREGATE_CACHE_SIZE = 20_000
 SNAPSHOT_INTERVAL = 100
 AUDIT_CATCH_UP_EVERY = 2000
+APPENDED_KEPT = 4 * AUDIT_CATCH_UP_EVERY  # at most this many appended events are kept
 AUTO_SEAL_CHECKPOINTS = 10
 # The attributes of Secret and TenantKeyring that hold mutable values (see for_update).
 MUTABLE_ATTRIBUTES = ("_pending_events", "metadata", "keys")
@@ -102,6 +103,11 @@ class Ledger(Application[UUID]):
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._appended_since_catch_up = 0
         self._appended_since_seal = 0
+        # Events this process appended, by position, until the audit model catches up
+        # with them: the catch-up projects these as they are instead of reading them
+        # back and decoding them (it still reads which positions exist, so events of
+        # other processes in between are read and decoded as usual).
+        self.appended: dict[int, object] = {}
         self.sealer = BackgroundSealer(self.seal_automatically)
         self.reads = ReadEncoder(self.audit_keys.current)
         self._reads: GroupCommitter[PendingRead] = GroupCommitter(self._write_reads)
@@ -191,12 +197,13 @@ class Ledger(Application[UUID]):
                 events.append(item)
         unit.domain_events = events
         try:
-            self.recorder.insert_events(
+            positions = self.recorder.insert_events(
                 [self.mapper.to_stored_event(event) for event in events], unit=unit
             )
         except (IntegrityError, StaleStateError):
             self._evict(*(a.id for a in aggregates), *unit.expected)
             raise Conflict from None
+        self._remember(positions, events)
         self._note_appended(len(events))
         for aggregate in aggregates:
             if isinstance(aggregate, Secret):
@@ -218,7 +225,14 @@ class Ledger(Application[UUID]):
         except (IntegrityError, StaleStateError):
             self._evict(*read.expected)
             raise Conflict from None
+        if read.position is not None and len(self.appended) < APPENDED_KEPT:
+            self.appended[read.position] = read.view
         self._note_appended(1)
+
+    def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:
+        """Keep what this process appended for the audit catch-up (see ``appended``)."""
+        if positions and len(self.appended) < APPENDED_KEPT:
+            self.appended.update(zip(positions, events, strict=True))
 
     def _evict(self, *aggregate_ids: UUID) -> None:
         """Forget cached aggregates a write found stale (the retry reloads them)."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
 
 PAGE_SIZE = 1000
+FOREIGN_CHUNK = 500  # positions per IN (...) list when reading other processes' events
 REBUILD_SUFFIX = "_rebuild"
 Progress = Callable[[int], None]
 Apply = Callable[[Any, list[tuple[int, object]]], None]
@@ -52,6 +53,11 @@ def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
         f"FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
         (after, PAGE_SIZE),
     )
+    return _decoded(ledger, cur.fetchall())
+
+
+def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
+    """(position, event) of rows of (position, originator_id, version, topic, state)."""
     to_domain_event = ledger.mapper.to_domain_event
     return [
         (
@@ -60,8 +66,40 @@ def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
             if row[3] == READ_TOPIC
             else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))),
         )
-        for row in cur.fetchall()
+        for row in rows
     ]
+
+
+def _catch_up_page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
+    """``_page``, taking the events this process appended from ``ledger.appended`` as they
+    are: only the positions are read, and only other processes' events are decoded."""
+    known = ledger.appended
+    if not known:
+        return _page(ledger, cur, after)
+    table, position = ledger.store.events_table_name, ledger.store.position_column
+    cur.execute(
+        f"SELECT {position} FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
+        (after, PAGE_SIZE),
+    )
+    positions = [int(row[0]) for row in cur.fetchall()]
+    foreign = [p for p in positions if p not in known]
+    decoded: dict[int, object] = {}
+    for start in range(0, len(foreign), FOREIGN_CHUNK):
+        chunk = foreign[start : start + FOREIGN_CHUNK]
+        cur.execute(
+            f"SELECT {position}, originator_id, originator_version, topic, state "
+            f"FROM {table} WHERE {position} IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        decoded.update(_decoded(ledger, cur.fetchall()))
+    return [(p, known[p] if p in known else decoded[p]) for p in positions]
+
+
+def _forget_appended(ledger: Ledger, reached: int) -> None:
+    """Drop remembered events the audit model has caught up with (by now or elsewhere)."""
+    known = ledger.appended
+    for p in [p for p in list(known) if p <= reached]:
+        known.pop(p, None)
 
 
 def _tracked_position(cur: Any, table: str = "kl_tracking") -> int:
@@ -84,13 +122,18 @@ def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
     """Project every event after the audit model's position; returns events applied."""
     reached, head = audit_position(ledger)
     if reached >= head:
+        _forget_appended(ledger, reached)
         return 0
     projector = AuditProjector()
     applied = 0
     while True:
         with ledger.store.projecting() as cur:
-            items = _page(ledger, cur, _tracked_position(cur))
+            reached = _tracked_position(cur)
+            items = _catch_up_page(ledger, cur, reached)
             projector.apply(cur, items)
+        if items:
+            reached = items[-1][0]
+        _forget_appended(ledger, reached)
         applied += len(items)
         if progress and items:
             progress(len(items))

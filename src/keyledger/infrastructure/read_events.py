@@ -47,12 +47,20 @@ class PendingRead:
     """One read on its way to the stream, and what the write learnt for it."""
 
     stored: StoredEvent
-    tenant_id: str
-    secret_name: str
+    view: ReadView  # the event as the projections see it
     at: int  # the event's timestamp, microseconds since the epoch
     expected: dict[UUID, int]  # secret and keyring versions the decision was made on
+    position: int | None = None  # in the stream, once written (where the store tells)
     access_count: int | None = None
     last_accessed_at: int | None = None
+
+    @property
+    def tenant_id(self) -> str:
+        return self.view.tenant_id
+
+    @property
+    def secret_name(self) -> str:
+        return self.view.secret_name
 
 
 class ReadEncoder:
@@ -94,8 +102,7 @@ class ReadEncoder:
             state = b"".join((state, tag, key.key_id, MAGIC))
         return PendingRead(
             stored=StoredEvent(aggregate_id, 1, READ_TOPIC, state),
-            tenant_id=tenant_id,
-            secret_name=secret_name,
+            view=ReadView(moment, tenant_id, secret_name, value_version, key_version, actor),
             at=to_micros(moment),
             expected=expected,
         )

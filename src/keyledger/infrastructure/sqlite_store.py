@@ -183,11 +183,26 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        with self.writing() as curs:
-            check_expected(unit, lambda ids: self._versions(curs, ids))
-            positions = self._insert_events(curs, stored_events)
-            assert positions is not None
-            write_unit_rest(curs, unit, positions)
+        datastore = self._datastore
+        if datastore.pool.is_sqlite_memory_mode:
+            with self.writing() as curs:
+                check_expected(unit, lambda ids: self._versions(curs, ids))
+                positions = self._insert_events(curs, stored_events)
+                assert positions is not None
+                write_unit_rest(curs, unit, positions)
+            return positions
+        # On a file, straight to this thread's sqlite3 connection, as insert_reads.
+        conn = datastore.thread_writer().raw
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            check_expected(unit, lambda ids: _probe_versions(cur, self._probe_statements, ids))
+            positions = _append_events(cur, self.insert_events_statement, list(stored_events))
+            write_unit_rest(cur, unit, positions)
+            conn.commit()
+        except BaseException as error:
+            conn.rollback()
+            raise _translate(error) from None
         return positions
 
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:

@@ -131,7 +131,9 @@ def write_reads(
             accepted.append(read)
     if not accepted:
         return errors
-    append([read.stored for read in accepted])
+    positions = append([read.stored for read in accepted])
+    for read, position in zip(accepted, positions, strict=True):
+        read.position = position
     if len(accepted) == 1:  # a lone read: the plain one-row statement is cheaper
         CatalogProjector.apply_read(cur, accepted[0])
     else:

@@ -23,8 +23,7 @@ _CATALOG_UPSERT_FIELDS = (
 )
 
 
-def _metadata(value: dict[str, str]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+_metadata = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 _UNWANTED = Outcome(wanted=False)
@@ -41,9 +40,15 @@ class ReadFacts(NamedTuple):
 class CountedRead(Protocol):
     """A read being written: its facts, and the access count it saw once projected."""
 
-    tenant_id: str
-    secret_name: str
-    at: int
+    @property
+    def tenant_id(self) -> str: ...
+
+    @property
+    def secret_name(self) -> str: ...
+
+    @property
+    def at(self) -> int: ...
+
     access_count: int | None
     last_accessed_at: int | None
 
