@@ -8,6 +8,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
+from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION
 
 REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
 REQUIRED_COLUMNS = {"kl_catalog": ("disabled", "expired", "deleted", "access_count")}
@@ -44,6 +45,8 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
                     for column in columns
                     if not _has_column(cur, table, column, postgres)
                 ]
+        if postgres and not _has_function(cur, APPEND_READS_FUNCTION):
+            missing.append(f"function {APPEND_READS_FUNCTION}()")
         append_only = (
             all(
                 _has_trigger(cur, store.events_table_name, name)
@@ -107,5 +110,15 @@ def _has_trigger(cur: Any, table: str, name: str) -> bool:
         "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(?) AND tgname=? "
         "AND NOT tgisinternal AND tgenabled <> 'D'",
         (table, name),
+    )
+    return cur.fetchone() is not None
+
+
+def _has_function(cur: Any, name: str) -> bool:
+    """Whether this schema (first on the search path) has the function ``name``."""
+    cur.execute(
+        "SELECT 1 FROM pg_proc JOIN pg_namespace ON pg_namespace.oid = pg_proc.pronamespace "
+        "WHERE pg_namespace.nspname = current_schema() AND pg_proc.proname = ?",
+        (name,),
     )
     return cur.fetchone() is not None

@@ -13,7 +13,9 @@ append-only in the database itself, whatever the client.
 
 from __future__ import annotations
 
+import logging
 import re
+import select
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from functools import lru_cache
@@ -48,6 +50,8 @@ from keyledger.infrastructure.unit_writer import (
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.projections.catalog import ARRAY_BATCH_MIN, CatalogProjector
 from keyledger.projections.schema import schema_statements
+
+logger = logging.getLogger(__name__)
 
 # One advisory lock id for schema changes: processes creating tables at once take turns.
 SCHEMA_LOCK_ID = 0x6B6C_6564_6765_72  # "kledger"
@@ -89,6 +93,59 @@ class PgCursor:
 
     def fetchall(self) -> list[Any]:
         return self._cursor.fetchall()
+
+
+APPEND_READS_FUNCTION = "kl_append_reads_v1"
+
+
+def append_reads_statement(table: str, channel: str) -> str:
+    """The server-side function that writes a batch of reads in one round trip.
+
+    Called outside any transaction, it runs and commits as one: it takes the events
+    table's lock (as every writer does), checks the versions the reads were decided on,
+    and only if none moved on, appends the read events, notifies the projection workers
+    and adds the reads to the catalog's access counts. It returns whether a decision was
+    stale (then nothing was written), the positions of the events in the order given, and
+    each secret's new access count.
+    """
+    return f"""CREATE OR REPLACE FUNCTION {APPEND_READS_FUNCTION}(
+    expected_ids uuid[], expected_versions bigint[],
+    ids uuid[], topics text[], states bytea[],
+    tenants text[], names text[], counts bigint[], ats bigint[],
+    OUT stale boolean, OUT positions bigint[],
+    OUT counted_tenants text[], OUT counted_names text[], OUT counted bigint[])
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+BEGIN
+    LOCK TABLE {table} IN EXCLUSIVE MODE;
+    SELECT EXISTS (
+        SELECT 1 FROM unnest(expected_ids, expected_versions) AS e(id, version)
+        WHERE e.version <> COALESCE(
+            (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
+    ) INTO stale;
+    IF stale THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('{channel}', '');
+    WITH inserted AS (
+        INSERT INTO {table} (originator_id, originator_version, topic, state)
+        SELECT u.id, 1, u.topic, u.state
+        FROM unnest(ids, topics, states) WITH ORDINALITY AS u(id, topic, state, n)
+        ORDER BY u.n
+        RETURNING originator_id, notification_id
+    )
+    SELECT array_agg(i.notification_id ORDER BY u.n) INTO positions
+    FROM inserted AS i JOIN unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
+    WITH updated AS (
+        UPDATE kl_catalog
+        SET access_count = kl_catalog.access_count + v.n, last_accessed_at = v.at
+        FROM unnest(tenants, names, counts, ats) AS v(tenant_id, name, n, at)
+        WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name
+        RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count
+    )
+    SELECT array_agg(tenant_id), array_agg(name), array_agg(access_count)
+    INTO counted_tenants, counted_names, counted FROM updated;
+END
+$fn$"""
 
 
 def append_only_statements(table: str) -> list[str]:
@@ -196,6 +253,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return [
             *schema_statements("postgres"),
             *append_only_statements(self.events_table_name),
+            append_reads_statement(self.events_table_name, self.channel_name),
         ]
 
     @staticmethod
@@ -213,6 +271,76 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return positions
 
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
+        """Append a batch of reads: one round trip (``append_reads_statement``) on a
+        connection known to be alive, else three (see ``_insert_reads_in_transaction``)."""
+        outcome = None
+        if self._append_function:
+            with _translated(), self._connection() as conn:
+                if not _has_pending_input(conn):
+                    try:
+                        outcome = self._call_append_reads(conn, batch)
+                    except psycopg.errors.UndefinedFunction:
+                        # A schema made by an older version (`keyledger db init` adds it).
+                        self._append_function = False
+                        logger.warning(
+                            "%s() is missing: reads take three round trips until "
+                            "`keyledger db init` creates it",
+                            APPEND_READS_FUNCTION,
+                        )
+        if outcome is True:
+            return [None] * len(batch)
+        if outcome is False:  # a decision was stale: nothing was written; item by item
+            return self._insert_reads_one_by_one(batch)
+        return self._insert_reads_in_transaction(batch)
+
+    _append_function = True
+
+    def _call_append_reads(self, conn: Connection[Any], batch: Sequence[PendingRead]) -> bool:
+        """One call of the append function, committed by the server; False when a
+        decision was stale (nothing written)."""
+        expected = {a: v for read in batch for a, v in read.expected.items()}
+        columns = CatalogProjector.read_totals(batch)
+        row = (
+            conn.cursor(row_factory=tuple_row)
+            .execute(
+                f"SELECT stale, positions, counted_tenants, counted_names, counted "
+                f"FROM {APPEND_READS_FUNCTION}(%b::uuid[], %b::bigint[], %b::uuid[], %b::text[], "
+                "%b::bytea[], %b::text[], %b::text[], %b::bigint[], %b::bigint[])",
+                (
+                    list(expected),
+                    list(expected.values()),
+                    [read.stored.originator_id for read in batch],
+                    [read.stored.topic for read in batch],
+                    [read.stored.state for read in batch],
+                    *columns,
+                ),
+                prepare=True,
+            )
+            .fetchone()
+        )
+        assert row is not None
+        stale, positions, tenants, names, counts = row
+        if stale:
+            return False
+        for read, position in zip(batch, positions, strict=True):
+            read.position = int(position)
+        CatalogProjector.assign_read_outcomes(
+            batch, list(zip(tenants or (), names or (), counts or (), strict=True))
+        )
+        return True
+
+    def _insert_reads_one_by_one(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
+        with self.writing() as cur:
+            return write_reads(
+                cur,
+                batch,
+                versions_of=lambda ids: self._versions(cur, ids),
+                append=lambda events: self._append(cur, events),
+            )
+
+    def _insert_reads_in_transaction(
+        self, batch: Sequence[PendingRead]
+    ) -> list[BaseException | None]:
         """Append a batch of reads in three round trips: lock, pipeline, commit.
 
         The version check, the append and the access-count update are sent together in a
@@ -233,13 +361,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 conn.execute("COMMIT")
                 CatalogProjector.assign_read_outcomes(batch, returned)
                 return [None] * len(batch)
-        with self.writing() as cur:
-            return write_reads(
-                cur,
-                batch,
-                versions_of=lambda ids: self._versions(cur, ids),
-                append=lambda events: self._append(cur, events),
-            )
+        return self._insert_reads_one_by_one(batch)
 
     def _pipelined_reads(
         self, conn: Connection[Any], batch: Sequence[PendingRead]
@@ -379,6 +501,17 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 PROJECTION_LOCK_ID = 0x6B6C_7072_6F6A  # "klproj"
 _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})".encode()
+
+
+def _has_pending_input(conn: Connection[Any]) -> bool:
+    """Whether an idle connection has something to read: the server closed it (or sent a
+    notice) while it sat in the pool. Work is then only sent after a BEGIN proved the
+    connection alive, so that a dead one is replaced without any doubt about what ran."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 @contextmanager

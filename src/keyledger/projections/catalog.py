@@ -203,17 +203,9 @@ class CatalogProjector:
         VALUES lists took a third of a rebuild's client time). Small batches, the common
         case of group commit, keep the VALUES list: its few texts stay in psycopg's cache
         and the server plans it faster than an unnest."""
-        totals: dict[tuple[str, str], list[int]] = {}
-        for read in reads:
-            total = totals.setdefault((read.tenant_id, read.secret_name), [0, 0])
-            total[0] += 1
-            total[1] = read.at
+        totals = _read_totals(reads)
         if dialect == "postgres" and len(totals) > ARRAY_BATCH_MIN:
-            columns: list[list[Any]] = [[], [], [], []]
-            for (tenant, name), (n, at) in totals.items():
-                for column, value in zip(columns, (tenant, name, n, at), strict=True):
-                    column.append(value)
-            return _PG_READS_UPDATE, columns
+            return _PG_READS_UPDATE, _columns(totals)
         rows = ",".join("(?,?,?,?)" for _ in totals)
         params = [v for (tenant, name), (n, at) in totals.items() for v in (tenant, name, n, at)]
         return (
@@ -223,6 +215,12 @@ class CatalogProjector:
             "RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count",
             params,
         )
+
+    @staticmethod
+    def read_totals(reads: Sequence[ReadFacts | CountedRead]) -> list[list[Any]]:
+        """What reads (in stream order) add to the catalog, as four columns: tenant,
+        name, number of reads, time of the last one."""
+        return _columns(_read_totals(reads))
 
     @staticmethod
     def assign_read_outcomes(reads: Sequence[CountedRead], returned: list[Any]) -> None:
@@ -294,6 +292,23 @@ class CatalogProjector:
             "UPDATE kl_keys SET amk_id=? WHERE tenant_id=? AND version=?",
             (e.amk_id, e.tenant_id, e.version),
         )
+
+
+def _read_totals(reads: Sequence[ReadFacts | CountedRead]) -> dict[tuple[str, str], list[int]]:
+    totals: dict[tuple[str, str], list[int]] = {}
+    for read in reads:
+        total = totals.setdefault((read.tenant_id, read.secret_name), [0, 0])
+        total[0] += 1
+        total[1] = read.at
+    return totals
+
+
+def _columns(totals: dict[tuple[str, str], list[int]]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[], [], [], []]
+    for (tenant, name), (n, at) in totals.items():
+        for column, value in zip(columns, (tenant, name, n, at), strict=True):
+            column.append(value)
+    return columns
 
 
 ARRAY_BATCH_MIN = 16  # larger PostgreSQL batches go as arrays (see reads_update)

@@ -1,0 +1,141 @@
+"""Reads on PostgreSQL go through one server-side function call per batch
+(``kl_append_reads_v1``): it must write exactly what the three-round-trip transaction
+writes, refuse stale decisions without writing anything, and its absence (a schema made by
+an older version) must only slow reads down, be reported by ``db check`` and be repaired
+by ``db init``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from conftest import POSTGRES_URL, RUN_ID
+from keyledger import SecretService, super_admin
+from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION, KeyledgerPostgresRecorder
+
+pytestmark = pytest.mark.postgres
+
+_schema_numbers = itertools.count(1)
+TENANT = "tenant-a"
+ACTOR = {"user_id": "alice", "ip_address": None, "user_agent": None}
+
+
+@pytest.fixture
+def schema(_postgres_server: None) -> Iterator[str]:
+    name = f"kl_{RUN_ID}_rf{next(_schema_numbers)}"
+    yield name
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def service(schema: str) -> Iterator[SecretService]:
+    with SecretService.create(
+        f"{POSTGRES_URL}?schema={schema}", master_key=secrets.token_hex(32)
+    ) as opened:
+        opened.store_for_tenant(TENANT, "api-key", "value-a", user_id="alice")
+        yield opened
+
+
+def _recorder(service: SecretService) -> KeyledgerPostgresRecorder:
+    store = service._ledger.store
+    assert isinstance(store, KeyledgerPostgresRecorder)
+    return store
+
+
+def _events(schema: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        return conn.execute(
+            sql.SQL("SELECT notification_id, originator_id, state FROM {} ORDER BY 1").format(
+                sql.Identifier(schema, "keyledger_events")
+            )
+        ).fetchall()
+
+
+def test_retrieves_are_written_by_the_function_with_counts_and_positions(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _recorder(service)
+    calls: list[int] = []
+    original = recorder._call_append_reads
+
+    def counting(conn: Any, batch: Any) -> bool:
+        calls.append(len(batch))
+        return original(conn, batch)
+
+    monkeypatch.setattr(recorder, "_call_append_reads", counting)
+    before = _events(schema)
+
+    counts = [
+        service.retrieve_for_tenant(TENANT, "api-key", user_id="bob").access_count for _ in range(5)
+    ]
+
+    assert counts == [1, 2, 3, 4, 5]
+    assert calls == [1] * 5
+    after = _events(schema)
+    assert len(after) == len(before) + 5
+    with super_admin():
+        reads = [e for e in service.get_audit_logs(tenant_id=TENANT) if e.action == "read"]
+    assert [entry.position for entry in reads] == [row[0] for row in after[-5:]][::-1]
+    assert {entry.user_id for entry in reads} == {"bob"}
+
+
+def test_a_stale_decision_writes_nothing_and_the_read_is_decided_again(
+    service: SecretService, schema: str
+) -> None:
+    recorder, ledger = _recorder(service), service._ledger
+    secret = ledger.secret(TENANT, "api-key")
+    assert secret is not None
+    stale = ledger.reads.read(
+        TENANT, "api-key", 1, 1, ACTOR, expected={secret.id: secret.version + 1}
+    )
+    before = _events(schema)
+
+    with recorder._connection() as conn:
+        assert recorder._call_append_reads(conn, [stale]) is False
+
+    assert _events(schema) == before
+    assert stale.position is None
+    assert stale.access_count is None
+    # Through the whole path: the batch is refused, written item by item, the stale one fails.
+    fresh = ledger.reads.read(TENANT, "api-key", 1, 1, ACTOR, expected={secret.id: secret.version})
+    stale_again = ledger.reads.read(
+        TENANT, "api-key", 1, 1, ACTOR, expected={secret.id: secret.version + 1}
+    )
+    errors = recorder.insert_reads([fresh, stale_again])
+    assert errors[0] is None
+    assert errors[1] is not None
+    assert fresh.access_count == 1
+    assert len(_events(schema)) == len(before) + 1
+
+
+def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_repair_it(
+    service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, APPEND_READS_FUNCTION))
+        )
+    assert f"function {APPEND_READS_FUNCTION}()" in service.check_schema().missing
+    assert not service.check_schema().ok
+
+    with caplog.at_level(logging.WARNING):
+        values = [service.retrieve_for_tenant(TENANT, "api-key").value for _ in range(3)]
+
+    assert values == ["value-a"] * 3
+    assert service.retrieve_for_tenant(TENANT, "api-key").access_count == 4
+    assert any("db init" in record.getMessage() for record in caplog.records)
+    assert _recorder(service)._append_function is False
+
+    status = service.init_schema()
+    assert status.ok
+    assert status.missing == []
+    with SecretService.create(f"{POSTGRES_URL}?schema={schema}", master_key=None) as reopened:
+        assert reopened.check_schema().ok
