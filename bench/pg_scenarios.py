@@ -44,6 +44,7 @@ from psycopg import sql
 
 import scenarios
 from keyledger.infrastructure.database_url import redact
+from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.service import SecretService
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -617,7 +618,9 @@ def _build_stream(svc: SecretService, target: int, log: Log) -> dict[str, int]:
 
 
 def _read_and_decode(svc: SecretService, url: str, schema: str) -> int:
-    """Select every event in pages of 1000 by notification_id and decode each one."""
+    """Select every event in pages of 1000 by notification_id and decode each one, the
+    fastest way keyledger has: reads by ``decode_read`` (as replays do), others by the
+    service's mapper."""
     ledger = svc._ledger
     mapper = ledger.mapper
     table = sql.Identifier(schema, ledger.store.events_table_name)
@@ -635,7 +638,10 @@ def _read_and_decode(svc: SecretService, url: str, schema: str) -> int:
             if not rows:
                 return count
             for row in rows:
-                mapper.to_domain_event(StoredEvent(row[1], row[2], row[3], bytes(row[4])))
+                if row[3] == READ_TOPIC:
+                    decode_read(bytes(row[4]))
+                else:
+                    mapper.to_domain_event(StoredEvent(row[1], row[2], row[3], bytes(row[4])))
             count += len(rows)
             after = rows[-1][0]
 

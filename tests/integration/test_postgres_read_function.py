@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID
 from keyledger import SecretService, super_admin
+from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION, KeyledgerPostgresRecorder
 
 pytestmark = pytest.mark.postgres
@@ -139,3 +141,26 @@ def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_rep
     assert status.missing == []
     with SecretService.create(f"{POSTGRES_URL}?schema={schema}", master_key=None) as reopened:
         assert reopened.check_schema().ok
+
+
+@pytest.mark.parametrize(
+    ("pack", "values"),
+    [
+        (uuid_array, []),
+        (uuid_array, [uuid.uuid4() for _ in range(3)]),
+        (int8_array, [0, -1, 2**63 - 1, -(2**63), 42]),
+        (text_array, ["", "t-1", "caf\u00e9 \u4e2d\u6587", "x" * 5000]),
+        (bytea_array, [b"", b"\x00\xff\x00", bytes(range(256)) * 20]),
+        (int8_array, []),
+    ],
+    ids=["uuid-empty", "uuid", "int8", "text", "bytea", "int8-empty"],
+)
+@pytest.mark.usefixtures("_postgres_server")
+def test_packed_arrays_reach_the_server_as_the_values_they_were_made_of(
+    pack: Any, values: list[Any]
+) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        row = conn.execute("SELECT %b, cardinality(%b)", (pack(values), pack(values))).fetchone()
+    assert row is not None
+    assert row[0] == values
+    assert row[1] == len(values)

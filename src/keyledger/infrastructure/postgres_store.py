@@ -40,6 +40,7 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from keyledger.errors import StorageError
+from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -299,33 +300,34 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         """One call of the append function, committed by the server; False when a
         decision was stale (nothing written)."""
         expected = {a: v for read in batch for a, v in read.expected.items()}
-        columns = CatalogProjector.read_totals(batch)
-        row = (
-            conn.cursor(row_factory=tuple_row)
-            .execute(
-                f"SELECT stale, positions, counted_tenants, counted_names, counted "
-                f"FROM {APPEND_READS_FUNCTION}(%b::uuid[], %b::bigint[], %b::uuid[], %b::text[], "
-                "%b::bytea[], %b::text[], %b::text[], %b::bigint[], %b::bigint[])",
-                (
-                    list(expected),
-                    list(expected.values()),
-                    [read.stored.originator_id for read in batch],
-                    [read.stored.topic for read in batch],
-                    [read.stored.state for read in batch],
-                    *columns,
-                ),
-                prepare=True,
-            )
-            .fetchone()
+        tenants, names, counts, ats = CatalogProjector.read_totals(batch)
+        cursor = conn.cursor(row_factory=tuple_row)
+        cursor.execute(
+            f"SELECT stale, positions, counted_tenants, counted_names, counted "
+            f"FROM {APPEND_READS_FUNCTION}(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
+            (
+                uuid_array(list(expected)),
+                int8_array(list(expected.values())),
+                uuid_array([_uuid(read.stored.originator_id) for read in batch]),
+                text_array([read.stored.topic for read in batch]),
+                bytea_array([read.stored.state for read in batch]),
+                text_array(tenants),
+                text_array(names),
+                int8_array(counts),
+                int8_array(ats),
+            ),
+            prepare=True,
         )
+        row = cursor.fetchone()
         assert row is not None
-        stale, positions, tenants, names, counts = row
+        stale, positions, counted_tenants, counted_names, counted = row
         if stale:
             return False
         for read, position in zip(batch, positions, strict=True):
             read.position = int(position)
         CatalogProjector.assign_read_outcomes(
-            batch, list(zip(tenants or (), names or (), counts or (), strict=True))
+            batch,
+            list(zip(counted_tenants or (), counted_names or (), counted or (), strict=True)),
         )
         return True
 
@@ -501,6 +503,10 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 PROJECTION_LOCK_ID = 0x6B6C_7072_6F6A  # "klproj"
 _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})".encode()
+
+
+def _uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(value)
 
 
 def _has_pending_input(conn: Connection[Any]) -> bool:
