@@ -110,7 +110,10 @@ class Ledger(Application[UUID]):
         self.appended: dict[int, object] = {}
         self.sealer = BackgroundSealer(self.seal_automatically)
         self.reads = ReadEncoder(self.audit_keys.current)
-        self._reads: GroupCommitter[PendingRead] = GroupCommitter(self._write_reads)
+        # Two batches in flight on PostgreSQL (see group_commit), one on SQLite.
+        self._reads: GroupCommitter[PendingRead] = GroupCommitter(
+            self._write_reads, max_leaders=2 if self.store.dialect == "postgres" else 1
+        )
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )
