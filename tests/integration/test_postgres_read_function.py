@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID
-from keyledger import SecretService, super_admin
+from keyledger import SecretService, StorageError, super_admin
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION, KeyledgerPostgresRecorder
 
@@ -164,3 +165,66 @@ def test_packed_arrays_reach_the_server_as_the_values_they_were_made_of(
     assert row is not None
     assert row[0] == values
     assert row[1] == len(values)
+
+
+def _kill(backend_pid: int) -> None:
+    """Terminate one backend and wait until it is gone."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+        for _ in range(200):
+            if not admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend_pid,)
+            ).fetchone():
+                return
+            time.sleep(0.01)
+
+
+def test_a_connection_that_dies_before_the_call_is_replaced_and_the_read_succeeds(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the liveness check cannot close: the server terminates the connection
+    after the check. No event of the batch exists, so it is written again elsewhere."""
+    recorder = _recorder(service)
+    original = recorder._call_append_reads
+    killed: list[int] = []
+
+    def die_first(conn: Any, batch: Any) -> bool:
+        if not killed:
+            killed.append(conn.info.backend_pid)
+            _kill(conn.info.backend_pid)
+        return original(conn, batch)
+
+    monkeypatch.setattr(recorder, "_call_append_reads", die_first)
+    before = len(_events(schema))
+
+    secret = service.retrieve_for_tenant(TENANT, "api-key", user_id="bob")
+
+    assert killed
+    assert secret.value == "value-a"
+    assert secret.access_count == 1
+    assert len(_events(schema)) == before + 1  # recorded once, not twice
+
+
+def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is lost after the commit: the read is in the log, the value is not
+    returned, and nothing is written twice."""
+    recorder = _recorder(service)
+    original = recorder._call_append_reads
+
+    def lose_the_answer(conn: Any, batch: Any) -> bool:
+        original(conn, batch)
+        _kill(conn.info.backend_pid)
+        conn.execute("SELECT 1")  # the dead connection raises OperationalError
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(recorder, "_call_append_reads", lose_the_answer)
+    before = len(_events(schema))
+
+    with pytest.raises(StorageError, match="recorded"):
+        service.retrieve_for_tenant(TENANT, "api-key", user_id="bob")
+
+    assert len(_events(schema)) == before + 1
+    monkeypatch.setattr(recorder, "_call_append_reads", original)
+    assert service.retrieve_for_tenant(TENANT, "api-key").access_count == 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import select
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from functools import lru_cache
 from typing import Any, Literal
@@ -48,7 +48,7 @@ from keyledger.infrastructure.unit_writer import (
     write_reads,
     write_unit_rest,
 )
-from keyledger.infrastructure.write_unit import WriteUnit
+from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 from keyledger.projections.catalog import ARRAY_BATCH_MIN, CatalogProjector
 from keyledger.projections.schema import schema_statements
 
@@ -147,6 +147,63 @@ BEGIN
     INTO counted_tenants, counted_names, counted FROM updated;
 END
 $fn$"""
+
+
+EXPECT_VERSIONS_FUNCTION = "kl_expect_versions_v1"
+STALE_SQLSTATE = "KL409"  # raised by the function: a decision was made on stale state
+
+
+def expect_versions_statement(table: str) -> str:
+    """The function that fails a write unit's transaction when an aggregate its decision
+    was based on has moved on: sent in the unit's pipeline ahead of its writes and its
+    COMMIT, it turns that COMMIT into a rollback without a round trip to decide."""
+    return f"""CREATE OR REPLACE FUNCTION {EXPECT_VERSIONS_FUNCTION}(ids uuid[], versions bigint[])
+RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    stale uuid;
+BEGIN
+    SELECT e.id INTO stale FROM unnest(ids, versions) AS e(id, version)
+    WHERE e.version <> COALESCE(
+        (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
+    LIMIT 1;
+    IF stale IS NOT NULL THEN
+        RAISE EXCEPTION 'keyledger: aggregate % moved on', stale USING ERRCODE = '{STALE_SQLSTATE}';
+    END IF;
+END
+$fn$"""
+
+
+class _PipelineCursor(PgCursor):
+    """A cursor for statements queued in a pipeline: each statement gets a psycopg cursor
+    of its own, so a result asked for with ``fetch_later`` is read once the pipeline has
+    synced, without a round trip of its own (``fetchone`` still works, at that cost)."""
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self._conn = conn
+        super().__init__(conn.cursor(row_factory=tuple_row))
+        self._deferred: list[tuple[psycopg.Cursor[Any], Callable[[Any], None]]] = []
+
+    def execute(self, statement: str, params: Any = ()) -> None:
+        # Never prepared: psycopg counts a statement as prepared when its PREPARE was
+        # queued, even if an earlier statement of the pipeline failed and the server
+        # skipped it ("prepared statement does not exist" on the next use).
+        self._cursor = self._conn.cursor(row_factory=tuple_row)
+        self._cursor.execute(
+            _to_psycopg(statement, isinstance(params, Mapping)), params, prepare=False
+        )
+
+    def executemany(self, statement: str, params: Any) -> None:
+        named = bool(params) and isinstance(params[0], Mapping)
+        self._cursor = self._conn.cursor(row_factory=tuple_row)
+        self._cursor.executemany(_to_psycopg(statement, named), params)
+
+    def fetch_later(self, use: Callable[[Any], None]) -> None:
+        """Call ``use(row)`` with the last statement's first row once the pipeline synced."""
+        self._deferred.append((self._cursor, use))
+
+    def run_deferred(self) -> None:
+        for cursor, use in self._deferred:
+            use(cursor.fetchone())
 
 
 def append_only_statements(table: str) -> list[str]:
@@ -255,6 +312,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             *schema_statements("postgres"),
             *append_only_statements(self.events_table_name),
             append_reads_statement(self.events_table_name, self.channel_name),
+            expect_versions_statement(self.events_table_name),
         ]
 
     @staticmethod
@@ -265,16 +323,75 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
+        if self._unit_pipeline and not unit.require_unused:
+            with _translated(), self._session(self._begin_write_statement) as conn:
+                try:
+                    return self._pipelined_unit(conn, list(stored_events), unit)
+                except psycopg.errors.UndefinedFunction:
+                    self._unit_pipeline = False  # a schema made by an older version
+                    conn.execute("ROLLBACK")
+                    logger.warning(
+                        "%s() is missing: writes take more round trips until "
+                        "`keyledger db init` creates it",
+                        EXPECT_VERSIONS_FUNCTION,
+                    )
+                except BaseException as error:
+                    with suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                    if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
+                        raise StaleStateError(str(error)) from None
+                    raise
+        # Units that decide on what they read under the lock (require_unused), and
+        # schemas without the function: one statement at a time.
         with self.writing() as cur:
             check_expected(unit, lambda ids: self._versions(cur, ids))
             positions = self._append(cur, list(stored_events))
             write_unit_rest(cur, unit, positions)
         return positions
 
+    _unit_pipeline = True
+
+    def _pipelined_unit(
+        self, conn: Connection[Any], events: list[StoredEvent], unit: WriteUnit
+    ) -> list[int]:
+        """The rest of a write unit after its BEGIN (which proved the connection alive),
+        as one pipeline ending in COMMIT: one round trip. The version check raises on the
+        server, so a stale decision aborts the transaction and the COMMIT with it."""
+        with conn.pipeline() as pipeline:
+            if unit.expected:
+                conn.cursor().execute(
+                    f"SELECT {EXPECT_VERSIONS_FUNCTION}(%b, %b)",
+                    (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values()))),
+                    prepare=False,  # see _PipelineCursor.execute
+                )
+            append = conn.cursor(row_factory=tuple_row)
+            if events:
+                statement, params = self._append_sql(events)
+                append.execute(
+                    statement + " RETURNING originator_id, originator_version, notification_id",
+                    params,
+                    prepare=False,
+                )
+            rest = _PipelineCursor(conn)
+            write_unit_rest(rest, unit, [0] * len(events))  # projections ignore positions
+            conn.cursor().execute("COMMIT", prepare=False)
+            pipeline.sync()
+            found = {(row[0], row[1]): int(row[2]) for row in append.fetchall()} if events else {}
+        rest.run_deferred()
+        return [found[(_uuid(e.originator_id), e.originator_version)] for e in events]
+
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
         """Append a batch of reads: one round trip (``append_reads_statement``) on a
-        connection known to be alive, else three (see ``_insert_reads_in_transaction``)."""
+        connection known to be alive, else three (see ``_insert_reads_in_transaction``).
+
+        A connection can still die between the liveness check and the call (the server
+        terminated it a moment earlier). Whether the batch was then committed is decided
+        by looking for its events, whose ids are new: none found, nothing happened and
+        the batch goes the BEGIN-first way on another connection; found, the reads were
+        recorded but their counts are lost with the answer, and the batch fails closed.
+        """
         outcome = None
+        lost = False
         if self._append_function:
             with _translated(), self._connection() as conn:
                 if not _has_pending_input(conn):
@@ -288,11 +405,30 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                             "`keyledger db init` creates it",
                             APPEND_READS_FUNCTION,
                         )
+                    except psycopg.OperationalError:
+                        if not (conn.broken or conn.closed):
+                            raise  # a lock timeout, say: the server answered, nothing written
+                        lost = True
+        if lost:
+            self.datastore.pool.check()
+            if self._any_written(batch):
+                raise StorageError(
+                    "PostgreSQL connection lost after the reads were recorded; "
+                    "their values are not returned"
+                )
         if outcome is True:
             return [None] * len(batch)
         if outcome is False:  # a decision was stale: nothing was written; item by item
             return self._insert_reads_one_by_one(batch)
         return self._insert_reads_in_transaction(batch)
+
+    def _any_written(self, batch: Sequence[PendingRead]) -> bool:
+        with self.reading() as cur:
+            cur.execute(
+                f"SELECT 1 FROM {self.events_table_name} WHERE originator_id = ANY(?) LIMIT 1",
+                ([_uuid(read.stored.originator_id) for read in batch],),
+            )
+            return cur.fetchone() is not None
 
     _append_function = True
 
@@ -377,10 +513,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
                 "WHERE originator_id = ANY(%s) GROUP BY originator_id",
                 (ids,),
+                prepare=False,  # see _PipelineCursor.execute
             )
-            conn.cursor().execute(*self._append_sql(events))
+            conn.cursor().execute(*self._append_sql(events), prepare=False)
             counts = conn.cursor(row_factory=tuple_row)
-            counts.execute(_to_psycopg(update, False), update_params)
+            counts.execute(_to_psycopg(update, False), update_params, prepare=False)
             pipeline.sync()
             current = {row[0]: int(row[1]) for row in versions.fetchall()}
             returned = counts.fetchall()

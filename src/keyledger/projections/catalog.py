@@ -239,9 +239,16 @@ class CatalogProjector:
     def _remember_access(cur: Cursor, outcome: Outcome) -> None:
         if not outcome.wanted:
             return
-        row = cur.fetchone()
-        if row is not None:
-            outcome.access_count, outcome.last_accessed_at = int(row[0]), row[1]
+
+        def remember(row: Any) -> None:
+            if row is not None:
+                outcome.access_count, outcome.last_accessed_at = int(row[0]), row[1]
+
+        fetch_later = getattr(cur, "fetch_later", None)
+        if fetch_later is not None:  # a pipelined write: read once the pipeline synced
+            fetch_later(remember)
+        else:
+            remember(cur.fetchone())
 
     # -- keys ---------------------------------------------------------------------------
 
