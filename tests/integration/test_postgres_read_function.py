@@ -1,4 +1,4 @@
-"""Reads on PostgreSQL go through one server-side function call per batch
+"""The PostgreSQL server functions. Reads go through one server-side function call per batch
 (``kl_append_reads_v1``): it must write exactly what the three-round-trip transaction
 writes, refuse stale decisions without writing anything, and its absence (a schema made by
 an older version) must only slow reads down, be reported by ``db check`` and be repaired
@@ -21,7 +21,12 @@ from psycopg import sql
 from conftest import POSTGRES_URL, RUN_ID
 from keyledger import SecretService, StorageError, super_admin
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
-from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION, KeyledgerPostgresRecorder
+from keyledger.infrastructure.postgres_store import (
+    APPEND_READS_FUNCTION,
+    EXPECT_VERSIONS_FUNCTION,
+    KeyledgerPostgresRecorder,
+)
+from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 
 pytestmark = pytest.mark.postgres
 
@@ -228,3 +233,42 @@ def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
     assert len(_events(schema)) == before + 1
     monkeypatch.setattr(recorder, "_call_append_reads", original)
     assert service.retrieve_for_tenant(TENANT, "api-key").access_count == 2
+
+
+def test_without_the_version_function_writes_still_work_and_db_init_restores_it(
+    service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, EXPECT_VERSIONS_FUNCTION))
+        )
+    assert f"function {EXPECT_VERSIONS_FUNCTION}()" in service.check_schema().missing
+
+    with caplog.at_level(logging.WARNING):
+        service.store_for_tenant(TENANT, "api-key", "value-b")  # an update: versions checked
+        service.store_for_tenant(TENANT, "other", "value-c")
+
+    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+    assert service.retrieve_for_tenant(TENANT, "other").value == "value-c"
+    assert any("db init" in record.getMessage() for record in caplog.records)
+    assert service.init_schema().ok
+
+
+def test_a_stale_write_unit_aborts_on_the_server_and_writes_nothing(
+    service: SecretService, schema: str
+) -> None:
+    ledger = service._ledger
+    secret = ledger.secret(TENANT, "api-key")
+    assert secret is not None
+    before = _events(schema)
+
+    changed = ledger.for_update(secret)
+    changed.disable({"user_id": "x", "ip_address": None, "user_agent": None})
+    events = changed.collect_events()
+    stored = [ledger.mapper.to_stored_event(e) for e in events]
+    unit = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=list(events))
+    with pytest.raises(StaleStateError):
+        ledger.store.insert_events(stored, unit=unit)
+
+    assert _events(schema) == before
+    assert [info.status for info in service.list_for_tenant(TENANT)] == ["active"]
