@@ -323,24 +323,38 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
+        events = list(stored_events)
         if self._unit_pipeline and not unit.require_unused:
-            with _translated(), self._session(self._begin_write_statement) as conn:
-                try:
-                    return self._pipelined_unit(conn, list(stored_events), unit)
-                except psycopg.errors.UndefinedFunction:
-                    self._unit_pipeline = False  # a schema made by an older version
-                    conn.execute("ROLLBACK")
-                    logger.warning(
-                        "%s() is missing: writes take more round trips until "
-                        "`keyledger db init` creates it",
-                        EXPECT_VERSIONS_FUNCTION,
-                    )
-                except BaseException as error:
-                    with suppress(psycopg.Error):
-                        conn.execute("ROLLBACK")
-                    if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
-                        raise StaleStateError(str(error)) from None
-                    raise
+            # On a pooled connection with nothing pending (alive, as far as can be told),
+            # the whole unit, BEGIN to COMMIT, is one pipeline: one round trip. Else (or
+            # when it died anyway before anything was committed) the BEGIN goes first and
+            # proves the connection alive, then the rest: two round trips.
+            lost = False
+            with _translated(), self._connection() as conn:
+                if not _has_pending_input(conn):
+                    try:
+                        return self._unit_in_pipeline(conn, events, unit, begin=True)
+                    except psycopg.OperationalError:
+                        if not (conn.broken or conn.closed):
+                            self._abandon(conn)
+                            raise  # a lock timeout, say: rolled back
+                        lost = True
+                    except BaseException as error:
+                        self._abandon(conn)
+                        self._after_failed_unit(error)
+                        raise
+            if lost:
+                self.datastore.pool.check()
+                if events and self._committed(events[0]):
+                    raise StorageError("PostgreSQL connection lost after the write was committed")
+            if self._unit_pipeline:
+                with _translated(), self._session(self._begin_write_statement) as conn:
+                    try:
+                        return self._unit_in_pipeline(conn, events, unit, begin=False)
+                    except BaseException as error:
+                        self._abandon(conn)
+                        self._after_failed_unit(error)
+                        raise
         # Units that decide on what they read under the lock (require_unused), and
         # schemas without the function: one statement at a time.
         with self.writing() as cur:
@@ -351,13 +365,47 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     _unit_pipeline = True
 
-    def _pipelined_unit(
-        self, conn: Connection[Any], events: list[StoredEvent], unit: WriteUnit
+    @staticmethod
+    def _abandon(conn: Connection[Any]) -> None:
+        """End a failed pipelined transaction (the server skipped its COMMIT)."""
+        with suppress(psycopg.Error):
+            conn.execute("ROLLBACK")
+
+    def _after_failed_unit(self, error: BaseException) -> None:
+        """A stale decision becomes StaleStateError; a missing function (a schema made by
+        an older version) turns the pipelined units off, with one warning."""
+        if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
+            raise StaleStateError(str(error)) from None
+        if isinstance(error, psycopg.errors.UndefinedFunction) and self._unit_pipeline:
+            self._unit_pipeline = False
+            logger.warning(
+                "%s() is missing: writes take more round trips until "
+                "`keyledger db init` creates it",
+                EXPECT_VERSIONS_FUNCTION,
+            )
+            raise StaleStateError("retry without the pipeline") from None
+
+    def _committed(self, event: StoredEvent) -> bool:
+        """Whether this very event (same bytes) is in the stream."""
+        with self.reading() as cur:
+            cur.execute(
+                f"SELECT state FROM {self.events_table_name} "
+                "WHERE originator_id = ? AND originator_version = ?",
+                (_uuid(event.originator_id), event.originator_version),
+            )
+            row = cur.fetchone()
+        return row is not None and bytes(row[0]) == event.state
+
+    def _unit_in_pipeline(
+        self, conn: Connection[Any], events: list[StoredEvent], unit: WriteUnit, *, begin: bool
     ) -> list[int]:
-        """The rest of a write unit after its BEGIN (which proved the connection alive),
-        as one pipeline ending in COMMIT: one round trip. The version check raises on the
-        server, so a stale decision aborts the transaction and the COMMIT with it."""
+        """A write unit as one pipeline ending in COMMIT (after its BEGIN unless ``begin``
+        says to send that too): one round trip. The version check raises on the server,
+        so a stale decision aborts the transaction and the COMMIT with it."""
         with conn.pipeline() as pipeline:
+            if begin:
+                for begin_statement in self._begin_write_statements:
+                    conn.cursor().execute(begin_statement, prepare=False)
             if unit.expected:
                 conn.cursor().execute(
                     f"SELECT {EXPECT_VERSIONS_FUNCTION}(%b, %b)",
@@ -623,6 +671,16 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @property
+    def _begin_write_statements(self) -> list[bytes]:
+        """``_begin_write_statement`` one statement at a time (a pipeline takes no
+        multi-statement strings); the connection's session already has the lock timeout."""
+        return [
+            b"BEGIN",
+            f'LOCK TABLE "{self.events_table_name}" IN EXCLUSIVE MODE'.encode(),
+            f'NOTIFY "{self.channel_name}"'.encode(),
+        ]
 
     @property
     def _begin_write_statement(self) -> bytes:

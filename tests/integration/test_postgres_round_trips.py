@@ -1,8 +1,12 @@
-"""The PostgreSQL server functions. Reads go through one server-side function call per batch
-(``kl_append_reads_v1``): it must write exactly what the three-round-trip transaction
-writes, refuse stale decisions without writing anything, and its absence (a schema made by
-an older version) must only slow reads down, be reported by ``db check`` and be repaired
-by ``db init``."""
+"""PostgreSQL writes in one round trip, and what makes that safe.
+
+Reads go through one call of ``kl_append_reads_v1`` per batch, and every other write unit
+is one pipeline from BEGIN to COMMIT, its versions checked by ``kl_expect_versions_v1`` on
+the server. They must write exactly what the stepwise transactions write, refuse stale
+decisions without writing anything, survive a connection that dies before they are sent
+(written once, elsewhere), fail closed when the answer is lost after the commit, and
+without the functions (a schema made by an older version) only slow down, be reported by
+``db check`` and be repaired by ``db init``."""
 
 from __future__ import annotations
 
@@ -272,3 +276,50 @@ def test_a_stale_write_unit_aborts_on_the_server_and_writes_nothing(
 
     assert _events(schema) == before
     assert [info.status for info in service.list_for_tenant(TENANT)] == ["active"]
+
+
+def test_a_write_whose_connection_dies_before_it_is_sent_is_written_once_elsewhere(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _recorder(service)
+    original = recorder._unit_in_pipeline
+    killed: list[int] = []
+
+    def die_first(conn: Any, events: Any, unit: Any, *, begin: bool) -> list[int]:
+        if begin and not killed:
+            killed.append(conn.info.backend_pid)
+            _kill(conn.info.backend_pid)
+        return original(conn, events, unit, begin=begin)
+
+    monkeypatch.setattr(recorder, "_unit_in_pipeline", die_first)
+    before = len(_events(schema))
+
+    info = service.store_for_tenant(TENANT, "api-key", "value-b")
+
+    assert killed
+    assert info.version == 2
+    assert len(_events(schema)) == before + 1
+    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+
+
+def test_a_write_whose_answer_is_lost_after_its_commit_fails_and_is_not_written_twice(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _recorder(service)
+    original = recorder._unit_in_pipeline
+
+    def lose_the_answer(conn: Any, events: Any, unit: Any, *, begin: bool) -> list[int]:
+        original(conn, events, unit, begin=begin)
+        _kill(conn.info.backend_pid)
+        conn.execute("SELECT 1")  # the dead connection raises OperationalError
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(recorder, "_unit_in_pipeline", lose_the_answer)
+    before = len(_events(schema))
+
+    with pytest.raises(StorageError, match="committed"):
+        service.store_for_tenant(TENANT, "api-key", "value-b")
+
+    assert len(_events(schema)) == before + 1
+    monkeypatch.setattr(recorder, "_unit_in_pipeline", original)
+    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
