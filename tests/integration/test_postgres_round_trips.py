@@ -323,3 +323,57 @@ def test_a_write_whose_answer_is_lost_after_its_commit_fails_and_is_not_written_
     assert len(_events(schema)) == before + 1
     monkeypatch.setattr(recorder, "_unit_in_pipeline", original)
     assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+
+
+@pytest.mark.parametrize("order", ["stale first", "stale last"])
+def test_reads_of_one_secret_decided_on_different_versions_are_each_checked(
+    service: SecretService, schema: str, order: str
+) -> None:
+    """Two reads in one batch may hold different versions of the same secret (one thread
+    decided before a change, the other after): the server must check both."""
+    recorder, ledger = _recorder(service), service._ledger
+    service.store_for_tenant(TENANT, "api-key", "value-b")  # the secret moves to version 2
+    secret = ledger.secret(TENANT, "api-key")
+    assert secret is not None
+    keyring = ledger.keyring(TENANT)
+    assert keyring is not None
+
+    def read(version: int) -> Any:
+        return ledger.reads.read(
+            TENANT,
+            "api-key",
+            1,
+            1,
+            ACTOR,
+            expected={secret.id: version, keyring.id: keyring.version},
+        )
+
+    stale, fresh = read(secret.version - 1), read(secret.version)
+    batch = [stale, fresh] if order == "stale first" else [fresh, stale]
+    before = len(_events(schema))
+
+    errors = recorder.insert_reads(batch)
+
+    outcome = dict(
+        zip(
+            ("stale", "fresh") if order == "stale first" else ("fresh", "stale"),
+            errors,
+            strict=True,
+        )
+    )
+    assert isinstance(outcome["stale"], StaleStateError)
+    assert outcome["fresh"] is None
+    assert len(_events(schema)) == before + 1
+    assert fresh.access_count == 1
+
+
+def test_the_server_process_of_a_lost_connection_is_ended_before_anything_is_looked_up(
+    service: SecretService,
+) -> None:
+    recorder = _recorder(service)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as other:
+        pid = other.info.backend_pid
+        assert recorder._backend_gone(pid)
+        with pytest.raises(psycopg.OperationalError):
+            other.execute("SELECT 1")
+    assert recorder._backend_gone(2**31 - 7)  # no such process: nothing to wait for

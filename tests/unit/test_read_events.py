@@ -157,3 +157,19 @@ def test_trusted_refuses_a_missing_field() -> None:
     del fields["status"]
     with pytest.raises(KeyError):
         trusted(SecretInfo, fields)
+
+
+def test_actors_with_values_other_than_text_are_encoded_as_the_mapper_would() -> None:
+    """1 == True == 1.0 in a cache key, never in JSON: such actors are not cached."""
+    encoder, mapper = ReadEncoder(None), _mapper(None)
+    at = datetime(2026, 11, 30, tzinfo=UTC)
+    for actor in (
+        {"user_id": "u", "n": 1},
+        {"user_id": "u", "n": True},
+        {"user_id": "u", "n": 1.0},
+    ):
+        event = _library_event("t", "db", 1, 1, actor, at)
+        read = encoder.read(
+            "t", "db", 1, 1, actor, {}, timestamp=at, originator_id=event.originator_id
+        )
+        assert read.stored == mapper.to_stored_event(event)

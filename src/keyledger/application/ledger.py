@@ -110,10 +110,7 @@ class Ledger(Application[UUID]):
         self.appended: dict[int, object] = {}
         self.sealer = BackgroundSealer(self.seal_automatically)
         self.reads = ReadEncoder(self.audit_keys.current)
-        # Two batches in flight on PostgreSQL (see group_commit), one on SQLite.
-        self._reads: GroupCommitter[PendingRead] = GroupCommitter(
-            self._write_reads, max_leaders=2 if self.store.dialect == "postgres" else 1
-        )
+        self._reads: GroupCommitter[PendingRead] = GroupCommitter(self._write_reads)
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import select
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from functools import lru_cache
@@ -332,6 +333,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             lost = False
             with _translated(), self._connection() as conn:
                 if not _has_pending_input(conn):
+                    backend = conn.info.backend_pid
                     try:
                         return self._unit_in_pipeline(conn, events, unit, begin=True)
                     except psycopg.OperationalError:
@@ -345,7 +347,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                         raise
             if lost:
                 self.datastore.pool.check()
-                if events and self._committed(events[0]):
+                if not events or not self._backend_gone(backend):
+                    raise StorageError(
+                        "PostgreSQL connection lost: the write may or may not have been committed"
+                    )
+                if self._committed(events[0]):
                     raise StorageError("PostgreSQL connection lost after the write was committed")
             if self._unit_pipeline:
                 with _translated(), self._session(self._begin_write_statement) as conn:
@@ -376,13 +382,14 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         an older version) turns the pipelined units off, with one warning."""
         if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
             raise StaleStateError(str(error)) from None
-        if isinstance(error, psycopg.errors.UndefinedFunction) and self._unit_pipeline:
-            self._unit_pipeline = False
-            logger.warning(
-                "%s() is missing: writes take more round trips until "
-                "`keyledger db init` creates it",
-                EXPECT_VERSIONS_FUNCTION,
-            )
+        if isinstance(error, psycopg.errors.UndefinedFunction):
+            if self._unit_pipeline:
+                self._unit_pipeline = False
+                logger.warning(
+                    "%s() is missing: writes take more round trips until "
+                    "`keyledger db init` creates it",
+                    EXPECT_VERSIONS_FUNCTION,
+                )
             raise StaleStateError("retry without the pipeline") from None
 
     def _committed(self, event: StoredEvent) -> bool:
@@ -443,6 +450,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if self._append_function:
             with _translated(), self._connection() as conn:
                 if not _has_pending_input(conn):
+                    backend = conn.info.backend_pid
                     try:
                         outcome = self._call_append_reads(conn, batch)
                     except psycopg.errors.UndefinedFunction:
@@ -459,7 +467,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                         lost = True
         if lost:
             self.datastore.pool.check()
-            if self._any_written(batch):
+            if not self._backend_gone(backend) or self._any_written(batch):
                 raise StorageError(
                     "PostgreSQL connection lost after the reads were recorded; "
                     "their values are not returned"
@@ -469,6 +477,26 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if outcome is False:  # a decision was stale: nothing was written; item by item
             return self._insert_reads_one_by_one(batch)
         return self._insert_reads_in_transaction(batch)
+
+    def _backend_gone(self, pid: int, *, wait: float = 5.0) -> bool:
+        """Whether the server process of a lost connection has ended, so that whatever it
+        committed is final and can be looked up. A process still there (the client side
+        died, the server side did not) is terminated; False if it is still there after
+        ``wait`` seconds (or cannot be asked about): then nothing is known."""
+        try:
+            with self._connection() as conn:
+                with suppress(psycopg.Error):  # not ours to end, or already gone
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                deadline = time.monotonic() + wait
+                while conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone():
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.05)
+        except (psycopg.Error, PersistenceError, OperationalError, InterfaceError):
+            return False
+        return True
 
     def _any_written(self, batch: Sequence[PendingRead]) -> bool:
         with self.reading() as cur:
@@ -483,15 +511,17 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     def _call_append_reads(self, conn: Connection[Any], batch: Sequence[PendingRead]) -> bool:
         """One call of the append function, committed by the server; False when a
         decision was stale (nothing written)."""
-        expected = {a: v for read in batch for a, v in read.expected.items()}
+        # Every read's own versions, duplicates included: two reads of one secret may
+        # have been decided on different versions of it, and each must hold.
+        expected = [pair for read in batch for pair in read.expected.items()]
         tenants, names, counts, ats = CatalogProjector.read_totals(batch)
         cursor = conn.cursor(row_factory=tuple_row)
         cursor.execute(
             f"SELECT stale, positions, counted_tenants, counted_names, counted "
             f"FROM {APPEND_READS_FUNCTION}(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
             (
-                uuid_array(list(expected)),
-                int8_array(list(expected.values())),
+                uuid_array([aggregate_id for aggregate_id, _ in expected]),
+                int8_array([version for _, version in expected]),
                 uuid_array([_uuid(read.stored.originator_id) for read in batch]),
                 text_array([read.stored.topic for read in batch]),
                 bytea_array([read.stored.state for read in batch]),
@@ -750,6 +780,7 @@ class KeyledgerPostgresFactory(PostgresFactory):
         datastore = self.datastore
         options = (
             f"-c search_path={datastore.schema} -c lock_timeout={int(datastore.lock_timeout)}s"
+            " -c client_encoding=UTF8"  # the packed text arrays (pg_arrays) are UTF-8
         )
         kwargs = datastore.pool.kwargs
         assert isinstance(kwargs, dict)

@@ -117,14 +117,16 @@ class ReadEncoder:
     ) -> bytes:
         """The encoded state after the timestamp: the same for every read of one secret
         version by one actor."""
-        cache_key = (
+        cache_key: tuple[object, ...] = (
             tenant_id,
             secret_name,
             value_version,
             key_version,
             tuple(actor.items()),
         )
-        tail = self._tails.get(cache_key)
+        if not all(value is None or type(value) is str for value in actor.values()):
+            cache_key = ()  # only str/None actors are cached (1 == True, but not in JSON)
+        tail = self._tails.get(cache_key) if cache_key else None
         if tail is None:
             encoded = _encode(
                 {
@@ -138,9 +140,10 @@ class ReadEncoder:
                 }
             ).encode()
             tail = b'"}' + encoded[len(_NULL_HEAD) :]
-            if len(self._tails) >= self._cache_size:
-                self._tails.clear()
-            self._tails[cache_key] = tail
+            if cache_key:
+                if len(self._tails) >= self._cache_size:
+                    self._tails.clear()
+                self._tails[cache_key] = tail
         return tail
 
 
