@@ -185,3 +185,30 @@ def test_catching_up_from_two_services_writing_in_turn_matches_a_rebuild(
 
     assert answers(first) == caught_up
     assert [entry.user_id for entry in caught_up["audit:acme"]][:3] == ["bob", "bob", "bob"]
+
+
+def test_a_long_run_of_new_secrets_rebuilds_row_for_row(service: SecretService) -> None:
+    """Replays insert a run of created secrets with one statement (arrays on PostgreSQL):
+    every column must come out as one-by-one projection made it, NULLs included."""
+    with tenant("acme", user_id="alice"):
+        for i in range(40):
+            service.store(
+                f"s{i:02}",
+                f"v{i}",
+                category=None if i % 3 == 0 else f"c{i % 4}",
+                description=None if i % 2 else f"d\u00e9{i}",
+                expires_at=NOW + timedelta(days=i + 1) if i % 5 == 0 else None,
+                metadata={"k": str(i)} if i % 4 == 0 else None,
+            )
+        service.retrieve("s07")
+        service.store("s41", "after the reads")
+    before = answers(service)
+    with tenant("acme"):
+        listed = service.list(status=None, include_expired=True, limit=100)
+
+    service.rebuild_read_models()
+
+    assert answers(service) == before
+    with tenant("acme"):
+        assert service.list(status=None, include_expired=True, limit=100) == listed
+    assert len(listed) == 41

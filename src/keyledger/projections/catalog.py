@@ -71,45 +71,50 @@ class CatalogProjector:
 
     def _replay(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
         reads: list[ReadFacts] = []
+        created: list[Secret.SecretCreated] = []
+
+        def flush() -> None:
+            if reads:
+                self.apply_reads(cur, reads, wanted=False)
+                reads.clear()
+            if created:
+                self._insert_created(cur, created)
+                created.clear()
+
         for _, event in items:
             if isinstance(event, (AuditRecord.SecretRead, ReadView)):
+                if created:  # a read may be of a secret created just before it
+                    flush()
                 reads.append(
                     ReadFacts(event.tenant_id, event.secret_name, to_micros(event.timestamp))
                 )
                 continue
-            if reads:
-                self.apply_reads(cur, reads, wanted=False)
-                reads = []
+            if type(event) is Secret.SecretCreated:
+                if reads:
+                    flush()
+                created.append(event)  # each of a run is a different secret
+                continue
+            flush()
             handler = getattr(self, "_on_" + type(event).__name__, None)
             if handler is not None:
                 handler(cur, event, _UNWANTED)
-        if reads:
-            self.apply_reads(cur, reads, wanted=False)
+        flush()
+
+    @staticmethod
+    def _insert_created(cur: Cursor, events: list[Secret.SecretCreated]) -> None:
+        """Rows of a run of created secrets, in one statement on PostgreSQL (as arrays)
+        and one executemany on SQLite: the same rows as ``_on_SecretCreated`` one by one."""
+        rows = [_created_row(e) for e in events]
+        if getattr(cur, "dialect", "sqlite") == "postgres" and len(rows) > ARRAY_BATCH_MIN:
+            cur.execute(_PG_CREATED_INSERT, [list(column) for column in zip(*rows, strict=True)])
+        else:
+            cur.executemany(_CREATED_INSERT, rows)
 
     # -- catalog ------------------------------------------------------------------------
 
     def _on_SecretCreated(self, cur: Cursor, e: Secret.SecretCreated, outcome: Outcome) -> None:  # noqa: N802
-        ts = to_micros(e.timestamp)
         outcome.access_count, outcome.last_accessed_at = 0, None
-        cur.execute(
-            "INSERT INTO kl_catalog (secret_id, tenant_id, name, disabled, expired, deleted, "
-            "category, description, metadata, version, key_version, envelope_version, "
-            "expires_at, created_at, updated_at, access_count, last_accessed_at) "
-            "VALUES (?,?,?,0,0,0,?,?,?,1,?,?,?,?,?,0,NULL)",
-            (
-                e.originator_id.hex,
-                e.tenant_id,
-                e.name,
-                e.category,
-                e.description,
-                _metadata(e.metadata),
-                e.key_version,
-                envelope_key_version(e.envelope),
-                optional_micros(e.expires_at),
-                ts,
-                ts,
-            ),
-        )
+        cur.execute(_CREATED_INSERT, _created_row(e))
 
     def _on_SecretStored(self, cur: Cursor, e: Secret.SecretStored, outcome: Outcome) -> None:  # noqa: N802
         ts = to_micros(e.timestamp)
@@ -299,6 +304,43 @@ class CatalogProjector:
             "UPDATE kl_keys SET amk_id=? WHERE tenant_id=? AND version=?",
             (e.amk_id, e.tenant_id, e.version),
         )
+
+
+_CREATED_COLUMNS = (
+    "secret_id, tenant_id, name, disabled, expired, deleted, category, description, "
+    "metadata, version, key_version, envelope_version, expires_at, created_at, updated_at, "
+    "access_count, last_accessed_at"
+)
+_CREATED_INSERT = (
+    f"INSERT INTO kl_catalog ({_CREATED_COLUMNS}) VALUES (?,?,?,0,0,0,?,?,?,1,?,?,?,?,?,0,NULL)"
+)
+_PG_CREATED_INSERT = (
+    f"INSERT INTO kl_catalog ({_CREATED_COLUMNS}) "
+    "SELECT u.id, u.tenant, u.name, 0, 0, 0, u.category, u.description, u.metadata, 1, "
+    "u.key_version, u.envelope_version, u.expires_at, u.created, u.updated, 0, NULL "
+    "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::text[], ?::text[], "
+    "?::integer[], ?::integer[], ?::bigint[], ?::bigint[], ?::bigint[]) AS u(id, tenant, "
+    "name, category, description, metadata, key_version, envelope_version, expires_at, "
+    "created, updated)"
+)
+
+
+def _created_row(e: Secret.SecretCreated) -> tuple[Any, ...]:
+    """The catalog row of a created secret, as the parameters of ``_CREATED_INSERT``."""
+    ts = to_micros(e.timestamp)
+    return (
+        e.originator_id.hex,
+        e.tenant_id,
+        e.name,
+        e.category,
+        e.description,
+        _metadata(e.metadata),
+        e.key_version,
+        envelope_key_version(e.envelope),
+        optional_micros(e.expires_at),
+        ts,
+        ts,
+    )
 
 
 def _read_totals(reads: Sequence[ReadFacts | CountedRead]) -> dict[tuple[str, str], list[int]]:
