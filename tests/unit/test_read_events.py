@@ -173,3 +173,16 @@ def test_actors_with_values_other_than_text_are_encoded_as_the_mapper_would() ->
             "t", "db", 1, 1, actor, {}, timestamp=at, originator_id=event.originator_id
         )
         assert read.stored == mapper.to_stored_event(event)
+
+
+def test_the_audit_row_of_a_read_view_is_the_row_of_the_library_event() -> None:
+    from keyledger.projections.audit import AuditProjector
+
+    encoder, mapper = ReadEncoder(None), _mapper(None)
+    for name in NAMES:
+        for actor in ACTORS:
+            read = encoder.read("tenant-9", name, 12, 3, actor, {})
+            event = mapper.to_domain_event(read.stored)
+            view = decode_read(read.stored.state)
+            assert AuditProjector.row(77, view) == AuditProjector.row(77, event)
+            assert AuditProjector.row(77, read.view) == AuditProjector.row(77, event)
