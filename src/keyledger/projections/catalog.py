@@ -23,7 +23,11 @@ _CATALOG_UPSERT_FIELDS = (
 )
 
 
-_metadata = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_encode_metadata = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def _metadata(value: dict[str, str]) -> str:
+    return _encode_metadata(value) if value else "{}"  # most secrets have none
 
 
 _UNWANTED = Outcome(wanted=False)
