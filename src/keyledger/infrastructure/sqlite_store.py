@@ -13,9 +13,9 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from eventsourcing.persistence import (
@@ -42,6 +42,7 @@ from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.projections.schema import schema_statements
 
 STATEMENT_CACHE_SIZE = 256
+T = TypeVar("T")
 
 
 class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
@@ -183,56 +184,50 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        datastore = self._datastore
-        if datastore.pool.is_sqlite_memory_mode:
-            with self.writing() as curs:
-                check_expected(unit, lambda ids: self._versions(curs, ids))
-                positions = self._insert_events(curs, stored_events)
-                assert positions is not None
-                write_unit_rest(curs, unit, positions)
-            return positions
-        # On a file, straight to this thread's sqlite3 connection, as insert_reads.
-        conn = datastore.thread_writer().raw
-        cur = conn.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-            check_expected(unit, lambda ids: _probe_versions(cur, self._probe_statements, ids))
-            positions = _append_events(cur, self.insert_events_statement, list(stored_events))
+
+        def write(cur: Any) -> list[int]:
+            check_expected(unit, lambda ids: self._versions(cur, ids))
+            positions = self._appended_positions(cur, stored_events)
             write_unit_rest(cur, unit, positions)
-            conn.commit()
-        except BaseException as error:
-            conn.rollback()
-            raise _translate(error) from None
-        return positions
+            return positions
+
+        return self._in_write_transaction(write)
 
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
-        """A batch of reads in one transaction. The hot path of every retrieve, so on a
-        file it goes to the sqlite3 connection directly: no context managers, no cursor
-        wrappers, both version probes in one statement (a tenth of a retrieve's time)."""
+        """A batch of reads in one transaction (the hot path of every retrieve)."""
+        return self._in_write_transaction(
+            lambda cur: write_reads(
+                cur,
+                batch,
+                versions_of=lambda ids: self._versions(cur, ids),
+                append=lambda events: self._appended_positions(cur, events),
+            )
+        )
+
+    def _in_write_transaction(self, write: Callable[[Any], T]) -> T:
+        """``write(cursor)`` in one ``BEGIN IMMEDIATE`` transaction. On a file it goes to
+        this thread's sqlite3 connection directly, with no context managers or cursor
+        wrappers (a tenth of a retrieve's time); the shared-cache memory database goes
+        through ``writing()`` and the pool's interlock it needs."""
         datastore = self._datastore
         if datastore.pool.is_sqlite_memory_mode:
             with self.writing() as curs:
-                return write_reads(
-                    curs,
-                    batch,
-                    versions_of=lambda ids: self._versions(curs, ids),
-                    append=lambda events: list(self._insert_events(curs, events) or ()),
-                )
+                return write(curs)
         conn = datastore.thread_writer().raw
         cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
-            errors = write_reads(
-                cur,
-                batch,
-                versions_of=lambda ids: _probe_versions(cur, self._probe_statements, ids),
-                append=lambda events: _append_events(cur, self.insert_events_statement, events),
-            )
+            result = write(cur)
             conn.commit()
-            return errors
+            return result
         except BaseException as error:
             conn.rollback()
             raise _translate(error) from None
+
+    def _appended_positions(self, cur: Any, events: Sequence[StoredEvent]) -> list[int]:
+        """The library's append (a sqlite3 cursor serves as well as its wrapper): the
+        rowids of the events are their positions."""
+        return list(self._insert_events(cur, events) or ())
 
     @functools.cached_property
     def _probe_statements(self) -> dict[int, str]:
@@ -242,17 +237,16 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         )
         return {n: "SELECT " + ", ".join([probe] * n) for n in range(1, 5)}
 
-    def _versions(self, curs: SQLiteCursor, aggregate_ids: list[UUID]) -> dict[UUID, int]:
-        # Primary-key probes, one per aggregate: cheaper in SQLite than an IN/GROUP BY.
-        versions = {}
-        for aggregate_id in aggregate_ids:
-            curs.execute(self._select_version_statement, (aggregate_id.hex,))
-            versions[aggregate_id] = int(curs.fetchone()[0] or 0)
+    def _versions(self, cur: Any, aggregate_ids: list[UUID]) -> dict[UUID, int]:
+        """The newest version of each aggregate (0: none): primary-key probes, up to four
+        in one statement (cheaper in SQLite than an IN/GROUP BY)."""
+        versions: dict[UUID, int] = {}
+        for start in range(0, len(aggregate_ids), 4):
+            chunk = aggregate_ids[start : start + 4]
+            cur.execute(self._probe_statements[len(chunk)], [a.hex for a in chunk])
+            for aggregate_id, version in zip(chunk, cur.fetchone(), strict=True):
+                versions[aggregate_id] = int(version or 0)
         return versions
-
-    @property
-    def _select_version_statement(self) -> str:
-        return f"SELECT MAX(originator_version) FROM {self.events_table_name} WHERE originator_id=?"
 
     def shred(self) -> None:
         # Deleted rows were overwritten in place (secure_delete); the WAL may still hold
@@ -288,38 +282,6 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
-
-
-def _probe_versions(
-    cur: sqlite3.Cursor, statements: dict[int, str], aggregate_ids: list[UUID]
-) -> dict[UUID, int]:
-    """The newest version of each aggregate (0: none), by primary-key probes."""
-    versions: dict[UUID, int] = {}
-    for start in range(0, len(aggregate_ids), 4):
-        chunk = aggregate_ids[start : start + 4]
-        cur.execute(statements[len(chunk)], [aggregate_id.hex for aggregate_id in chunk])
-        row = cur.fetchone()
-        for aggregate_id, version in zip(chunk, row, strict=True):
-            versions[aggregate_id] = int(version or 0)
-    return versions
-
-
-def _append_events(cur: sqlite3.Cursor, statement: str, events: list[StoredEvent]) -> list[int]:
-    """Insert ``events`` (the library's statement); their rowids are their positions."""
-    positions = []
-    for event in events:
-        originator_id = event.originator_id
-        cur.execute(
-            statement,
-            (
-                originator_id.hex if isinstance(originator_id, UUID) else originator_id,
-                event.originator_version,
-                event.topic,
-                event.state,
-            ),
-        )
-        positions.append(int(cur.lastrowid or 0))
-    return positions
 
 
 def _translate(error: BaseException) -> BaseException:
