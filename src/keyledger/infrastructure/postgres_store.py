@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -54,6 +54,7 @@ from keyledger.projections.catalog import ARRAY_BATCH_MIN, CatalogProjector
 from keyledger.projections.schema import schema_statements
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # One advisory lock id for schema changes: processes creating tables at once take turns.
 SCHEMA_LOCK_ID = 0x6B6C_6564_6765_72  # "kledger"
@@ -74,13 +75,14 @@ class PgCursor:
     """A psycopg cursor speaking the projections' dialect: ``?``/``:name``, tuple rows."""
 
     dialect = "postgres"
+    prepare: bool | None = None  # psycopg's choice; see _PipelineCursor
 
     def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
         self._cursor = cursor
 
     def execute(self, statement: str, params: Any = ()) -> None:
         named = isinstance(params, Mapping)
-        self._cursor.execute(_to_psycopg(statement, named), params)
+        self._cursor.execute(_to_psycopg(statement, named), params, prepare=self.prepare)
 
     def execute_native(self, statement: str, params: Any = ()) -> None:
         """A statement already in psycopg's placeholders."""
@@ -177,7 +179,13 @@ $fn$"""
 class _PipelineCursor(PgCursor):
     """A cursor for statements queued in a pipeline: each statement gets a psycopg cursor
     of its own, so a result asked for with ``fetch_later`` is read once the pipeline has
-    synced, without a round trip of its own (``fetchone`` still works, at that cost)."""
+    synced, without a round trip of its own (``fetchone`` still works, at that cost).
+
+    Its statements are never prepared: psycopg counts a statement as prepared when its
+    PREPARE was queued, even if an earlier statement of the pipeline failed and the
+    server skipped it ("prepared statement does not exist" on the next use)."""
+
+    prepare = False
 
     def __init__(self, conn: Connection[Any]) -> None:
         self._conn = conn
@@ -185,18 +193,12 @@ class _PipelineCursor(PgCursor):
         self._deferred: list[tuple[psycopg.Cursor[Any], Callable[[Any], None]]] = []
 
     def execute(self, statement: str, params: Any = ()) -> None:
-        # Never prepared: psycopg counts a statement as prepared when its PREPARE was
-        # queued, even if an earlier statement of the pipeline failed and the server
-        # skipped it ("prepared statement does not exist" on the next use).
         self._cursor = self._conn.cursor(row_factory=tuple_row)
-        self._cursor.execute(
-            _to_psycopg(statement, isinstance(params, Mapping)), params, prepare=False
-        )
+        super().execute(statement, params)
 
     def executemany(self, statement: str, params: Any) -> None:
-        named = bool(params) and isinstance(params[0], Mapping)
         self._cursor = self._conn.cursor(row_factory=tuple_row)
-        self._cursor.executemany(_to_psycopg(statement, named), params)
+        super().executemany(statement, params)
 
     def fetch_later(self, use: Callable[[Any], None]) -> None:
         """Call ``use(row)`` with the last statement's first row once the pipeline synced."""
@@ -326,41 +328,28 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
         events = list(stored_events)
         if self._unit_pipeline and not unit.require_unused:
-            # On a pooled connection with nothing pending (alive, as far as can be told),
-            # the whole unit, BEGIN to COMMIT, is one pipeline: one round trip. Else (or
-            # when it died anyway before anything was committed) the BEGIN goes first and
-            # proves the connection alive, then the rest: two round trips.
-            lost = False
-            with _translated(), self._connection() as conn:
-                if not _has_pending_input(conn):
-                    backend = conn.info.backend_pid
-                    try:
-                        return self._unit_in_pipeline(conn, events, unit, begin=True)
-                    except psycopg.OperationalError:
-                        if not (conn.broken or conn.closed):
-                            self._abandon(conn)
-                            raise  # a lock timeout, say: rolled back
-                        lost = True
-                    except BaseException as error:
+
+            def send(conn: Connection[Any], *, begin: bool) -> list[int]:
+                try:
+                    return self._unit_in_pipeline(conn, events, unit, begin=begin)
+                except BaseException as error:
+                    if not (conn.broken or conn.closed):
                         self._abandon(conn)
                         self._after_failed_unit(error)
-                        raise
-            if lost:
-                self.datastore.pool.check()
-                if not events or not self._backend_gone(backend):
-                    raise StorageError(
-                        "PostgreSQL connection lost: the write may or may not have been committed"
-                    )
-                if self._committed(events[0]):
-                    raise StorageError("PostgreSQL connection lost after the write was committed")
+                    raise
+
+            # The whole unit, BEGIN to COMMIT, in one round trip where that is safe;
+            # else the BEGIN first, then the rest: two round trips.
+            positions = self._in_one_round_trip(
+                lambda conn: send(conn, begin=True),
+                committed=lambda: self._committed(events[0]) if events else None,
+                lost_after_commit="PostgreSQL connection lost after the write was committed",
+            )
+            if positions is not None:
+                return positions
             if self._unit_pipeline:
                 with _translated(), self._session(self._begin_write_statement) as conn:
-                    try:
-                        return self._unit_in_pipeline(conn, events, unit, begin=False)
-                    except BaseException as error:
-                        self._abandon(conn)
-                        self._after_failed_unit(error)
-                        raise
+                    return send(conn, begin=False)
         # Units that decide on what they read under the lock (require_unused), and
         # schemas without the function: one statement at a time.
         with self.writing() as cur:
@@ -370,6 +359,42 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return positions
 
     _unit_pipeline = True
+
+    def _in_one_round_trip(
+        self,
+        send: Callable[[Connection[Any]], T | None],
+        *,
+        committed: Callable[[], bool | None],
+        lost_after_commit: str,
+    ) -> T | None:
+        """``send(conn)``, a write that commits in its one round trip, on a pooled
+        connection with nothing waiting to be read (one the server closed while it sat
+        idle has its termination message pending). None when there was no such
+        connection, or when it died before anything was committed: the caller then sends
+        a BEGIN first, which proves a connection alive before any work.
+
+        A single call cannot tell "dead before the send" from "died after the commit", so
+        a lost connection is settled: its server process is ended first (else nothing is
+        known: StorageError), then ``committed()`` says whether the write is in the stream
+        (True: StorageError ``lost_after_commit``; None: unknown, StorageError)."""
+        with _translated(), self._connection() as conn:
+            if _has_pending_input(conn):
+                return None
+            backend = conn.info.backend_pid
+            try:
+                return send(conn)
+            except psycopg.OperationalError:
+                if not (conn.broken or conn.closed):
+                    raise  # the server answered (a lock timeout, say): nothing was written
+        self.datastore.pool.check()
+        written = committed() if self._backend_gone(backend) else None
+        if written is None:
+            raise StorageError(
+                "PostgreSQL connection lost: the write may or may not have been committed"
+            )
+        if written:
+            raise StorageError(lost_after_commit)
+        return None
 
     @staticmethod
     def _abandon(conn: Connection[Any]) -> None:
@@ -417,7 +442,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 conn.cursor().execute(
                     f"SELECT {EXPECT_VERSIONS_FUNCTION}(%b, %b)",
                     (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values()))),
-                    prepare=False,  # see _PipelineCursor.execute
+                    prepare=False,  # see _PipelineCursor
                 )
             append = conn.cursor(row_factory=tuple_row)
             if events:
@@ -446,32 +471,29 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         recorded but their counts are lost with the answer, and the batch fails closed.
         """
         outcome = None
-        lost = False
         if self._append_function:
-            with _translated(), self._connection() as conn:
-                if not _has_pending_input(conn):
-                    backend = conn.info.backend_pid
-                    try:
-                        outcome = self._call_append_reads(conn, batch)
-                    except psycopg.errors.UndefinedFunction:
-                        # A schema made by an older version (`keyledger db init` adds it).
-                        self._append_function = False
-                        logger.warning(
-                            "%s() is missing: reads take three round trips until "
-                            "`keyledger db init` creates it",
-                            APPEND_READS_FUNCTION,
-                        )
-                    except psycopg.OperationalError:
-                        if not (conn.broken or conn.closed):
-                            raise  # a lock timeout, say: the server answered, nothing written
-                        lost = True
-        if lost:
-            self.datastore.pool.check()
-            if not self._backend_gone(backend) or self._any_written(batch):
-                raise StorageError(
+
+            def send(conn: Connection[Any]) -> bool | None:
+                try:
+                    return self._call_append_reads(conn, batch)
+                except psycopg.errors.UndefinedFunction:
+                    # A schema made by an older version (`keyledger db init` adds it).
+                    self._append_function = False
+                    logger.warning(
+                        "%s() is missing: reads take three round trips until "
+                        "`keyledger db init` creates it",
+                        APPEND_READS_FUNCTION,
+                    )
+                    return None
+
+            outcome = self._in_one_round_trip(
+                send,
+                committed=lambda: self._any_written(batch),
+                lost_after_commit=(
                     "PostgreSQL connection lost after the reads were recorded; "
                     "their values are not returned"
-                )
+                ),
+            )
         if outcome is True:
             return [None] * len(batch)
         if outcome is False:  # a decision was stale: nothing was written; item by item
@@ -591,7 +613,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 f"SELECT originator_id, MAX(originator_version) FROM {self.events_table_name} "
                 "WHERE originator_id = ANY(%s) GROUP BY originator_id",
                 (ids,),
-                prepare=False,  # see _PipelineCursor.execute
+                prepare=False,  # see _PipelineCursor
             )
             conn.cursor().execute(*self._append_sql(events), prepare=False)
             counts = conn.cursor(row_factory=tuple_row)
