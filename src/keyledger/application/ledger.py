@@ -225,8 +225,8 @@ class Ledger(Application[UUID]):
         except (IntegrityError, StaleStateError):
             self._evict(*read.expected)
             raise Conflict from None
-        if read.position is not None and len(self.appended) < APPENDED_KEPT:
-            self.appended[read.position] = read.view
+        if read.position is not None:
+            self._remember([read.position], [read.view])
         self._note_appended(1)
 
     def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:

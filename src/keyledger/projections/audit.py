@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from keyledger.domain.access import ReadView
 from keyledger.projections.audit_mapping import audit_facts
 from keyledger.projections.projector import Cursor
 from keyledger.projections.timeutil import to_micros
@@ -39,21 +38,6 @@ class AuditProjector:
     @staticmethod
     def row(position: int, event: object) -> tuple[object, ...] | None:
         """The kl_audit row of an event (None for events that are not audited)."""
-        if type(event) is ReadView:  # most of the stream: the same row, built directly
-            actor = event.actor
-            return (
-                position,
-                to_micros(event.timestamp),
-                event.tenant_id,
-                event.secret_name,
-                "read",
-                "success",
-                actor.get("user_id") or "system",
-                actor.get("ip_address"),
-                actor.get("user_agent"),
-                event.key_version,
-                f'{{"version":{int(event.value_version)}}}',
-            )
         facts = audit_facts(event)
         if facts is None:
             return None
