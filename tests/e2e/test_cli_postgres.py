@@ -36,6 +36,11 @@ TABLES = [
     "kl_tracking",
     "kl_key_material",
 ]
+FUNCTIONS = [
+    "function kl_append_read_v1()",
+    "function kl_append_reads_v1()",
+    "function kl_begin_write_v1()",
+]
 SCRIPT = Path(sys.executable).parent / "keyledger"
 WAIT_SECONDS = 15.0
 
@@ -136,7 +141,7 @@ def test_db_check_on_an_empty_schema_exits_1_lists_the_missing_tables_and_create
     assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
     lines = result.stdout.splitlines()
     assert lines[0].split(maxsplit=1) == ["Store:", "postgresql (events table keyledger_events)"]
-    missing = [*TABLES, "function kl_append_reads_v1()", "function kl_expect_versions_v1()"]
+    missing = [*TABLES, *FUNCTIONS]
     assert lines[1].split(maxsplit=1) == ["Missing:", ", ".join(missing)]
     assert result.stderr.startswith(
         f"Error: the postgresql schema is not ready: missing {', '.join(missing)}"
@@ -156,8 +161,7 @@ def test_db_init_creates_everything_is_safe_to_run_twice_and_check_then_passes(
 ) -> None:
     first = ok("db", "init")
     assert first.stdout.splitlines()[:2] == [
-        f"Created: {', '.join(TABLES)}, function kl_append_reads_v1(), "
-        "function kl_expect_versions_v1()",
+        f"Created: {', '.join([*TABLES, *FUNCTIONS])}",
         "Installed the append-only trigger on keyledger_events.",
     ]
     assert "Missing:             nothing" in first.stdout

@@ -1,10 +1,11 @@
 """PostgreSQL writes in one round trip, and what makes that safe.
 
-Reads go through one call of ``kl_append_reads_v1`` per batch, and every other write unit
-is one pipeline from BEGIN to COMMIT, its versions checked by ``kl_expect_versions_v1`` on
-the server. They must write exactly what the stepwise transactions write, refuse stale
-decisions without writing anything, survive a connection that dies before they are sent
-(written once, elsewhere), fail closed when the answer is lost after the commit, and
+A lone read is one call of ``kl_append_read_v1``, a batch of reads one call of
+``kl_append_reads_v1``, and every other write unit is one pipeline from BEGIN to COMMIT,
+headed by ``kl_begin_write_v1`` (lock, notification, version check on the server).
+They must write exactly what the stepwise transactions write, refuse stale decisions
+without writing anything, survive a connection that dies before they are sent (written
+once, elsewhere), fail closed when the answer is lost after the commit, and
 without the functions (a schema made by an older version) only slow down, be reported by
 ``db check`` and be repaired by ``db init``."""
 
@@ -25,11 +26,12 @@ from psycopg import sql
 from conftest import POSTGRES_URL, RUN_ID
 from keyledger import SecretService, StorageError, super_admin
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
-from keyledger.infrastructure.postgres_store import (
+from keyledger.infrastructure.pg_functions import (
+    APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
-    EXPECT_VERSIONS_FUNCTION,
-    KeyledgerPostgresRecorder,
+    BEGIN_WRITE_FUNCTION,
 )
+from keyledger.infrastructure.postgres_store import KeyledgerPostgresRecorder
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 
 pytestmark = pytest.mark.postgres
@@ -71,18 +73,18 @@ def _events(schema: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-def test_retrieves_are_written_by_the_function_with_counts_and_positions(
+def test_lone_retrieves_are_written_by_the_single_read_function_with_counts_and_positions(
     service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _recorder(service)
     calls: list[int] = []
-    original = recorder._call_append_reads
+    original = recorder._call_append_read
 
-    def counting(conn: Any, batch: Any) -> bool:
-        calls.append(len(batch))
-        return original(conn, batch)
+    def counting(conn: Any, read: Any) -> bool:
+        calls.append(1)
+        return original(conn, read)
 
-    monkeypatch.setattr(recorder, "_call_append_reads", counting)
+    monkeypatch.setattr(recorder, "_call_append_read", counting)
     before = _events(schema)
 
     counts = [
@@ -112,6 +114,7 @@ def test_a_stale_decision_writes_nothing_and_the_read_is_decided_again(
 
     with recorder._connection() as conn:
         assert recorder._call_append_reads(conn, [stale]) is False
+        assert recorder._call_append_read(conn, stale) is False
 
     assert _events(schema) == before
     assert stale.position is None
@@ -132,9 +135,9 @@ def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_rep
     service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, APPEND_READS_FUNCTION))
-        )
+        for name in (APPEND_READ_FUNCTION, APPEND_READS_FUNCTION):
+            conn.execute(sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, name)))
+    assert f"function {APPEND_READ_FUNCTION}()" in service.check_schema().missing
     assert f"function {APPEND_READS_FUNCTION}()" in service.check_schema().missing
     assert not service.check_schema().ok
 
@@ -188,13 +191,27 @@ def _kill(backend_pid: int) -> None:
             time.sleep(0.01)
 
 
+# The two one-call read paths: a lone read (the single-read function) and a batch (the
+# batch function, which lone reads take too when the single-read function is missing).
+READ_CALLS = ["_call_append_read", "_call_append_reads"]
+
+
+def _read_call(
+    recorder: KeyledgerPostgresRecorder, name: str, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    if name == "_call_append_reads":
+        monkeypatch.setattr(recorder, "_single_read_function", False)
+    return getattr(recorder, name)
+
+
+@pytest.mark.parametrize("call", READ_CALLS)
 def test_a_connection_that_dies_before_the_call_is_replaced_and_the_read_succeeds(
-    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
     """The race the liveness check cannot close: the server terminates the connection
     after the check. No event of the batch exists, so it is written again elsewhere."""
     recorder = _recorder(service)
-    original = recorder._call_append_reads
+    original = _read_call(recorder, call, monkeypatch)
     killed: list[int] = []
 
     def die_first(conn: Any, batch: Any) -> bool:
@@ -203,7 +220,7 @@ def test_a_connection_that_dies_before_the_call_is_replaced_and_the_read_succeed
             _kill(conn.info.backend_pid)
         return original(conn, batch)
 
-    monkeypatch.setattr(recorder, "_call_append_reads", die_first)
+    monkeypatch.setattr(recorder, call, die_first)
     before = len(_events(schema))
 
     secret = service.retrieve_for_tenant(TENANT, "api-key", user_id="bob")
@@ -214,13 +231,14 @@ def test_a_connection_that_dies_before_the_call_is_replaced_and_the_read_succeed
     assert len(_events(schema)) == before + 1  # recorded once, not twice
 
 
+@pytest.mark.parametrize("call", READ_CALLS)
 def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
-    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
     """The answer is lost after the commit: the read is in the log, the value is not
     returned, and nothing is written twice."""
     recorder = _recorder(service)
-    original = recorder._call_append_reads
+    original = _read_call(recorder, call, monkeypatch)
 
     def lose_the_answer(conn: Any, batch: Any) -> bool:
         original(conn, batch)
@@ -228,25 +246,46 @@ def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
         conn.execute("SELECT 1")  # the dead connection raises OperationalError
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(recorder, "_call_append_reads", lose_the_answer)
+    monkeypatch.setattr(recorder, call, lose_the_answer)
     before = len(_events(schema))
 
     with pytest.raises(StorageError, match="recorded"):
         service.retrieve_for_tenant(TENANT, "api-key", user_id="bob")
 
     assert len(_events(schema)) == before + 1
-    monkeypatch.setattr(recorder, "_call_append_reads", original)
+    monkeypatch.setattr(recorder, call, original)
     assert service.retrieve_for_tenant(TENANT, "api-key").access_count == 2
 
 
-def test_without_the_version_function_writes_still_work_and_db_init_restores_it(
+def test_without_the_single_read_function_lone_reads_go_through_the_batch_function(
     service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, EXPECT_VERSIONS_FUNCTION))
+            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, APPEND_READ_FUNCTION))
         )
-    assert f"function {EXPECT_VERSIONS_FUNCTION}()" in service.check_schema().missing
+    before = len(_events(schema))
+
+    with caplog.at_level(logging.WARNING):
+        counts = [service.retrieve_for_tenant(TENANT, "api-key").access_count for _ in range(3)]
+
+    assert counts == [1, 2, 3]
+    assert len(_events(schema)) == before + 3
+    recorder = _recorder(service)
+    assert recorder._single_read_function is False
+    assert recorder._append_function is True  # the batch function took over
+    assert sum("db init" in record.getMessage() for record in caplog.records) == 1
+    assert service.init_schema().ok
+
+
+def test_without_the_begin_write_function_writes_still_work_and_db_init_restores_it(
+    service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, BEGIN_WRITE_FUNCTION))
+        )
+    assert f"function {BEGIN_WRITE_FUNCTION}()" in service.check_schema().missing
 
     with caplog.at_level(logging.WARNING):
         service.store_for_tenant(TENANT, "api-key", "value-b")  # an update: versions checked

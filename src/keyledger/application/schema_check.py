@@ -8,7 +8,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
-from keyledger.infrastructure.postgres_store import APPEND_READS_FUNCTION, EXPECT_VERSIONS_FUNCTION
+from keyledger.infrastructure.pg_functions import FUNCTIONS
 
 REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
 REQUIRED_COLUMNS = {"kl_catalog": ("disabled", "expired", "deleted", "access_count")}
@@ -46,11 +46,7 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
                     if not _has_column(cur, table, column, postgres)
                 ]
         if postgres:
-            missing += [
-                f"function {name}()"
-                for name in (APPEND_READS_FUNCTION, EXPECT_VERSIONS_FUNCTION)
-                if not _has_function(cur, name)
-            ]
+            missing += [f"function {name}()" for name in FUNCTIONS if not _has_function(cur, name)]
         append_only = (
             all(
                 _has_trigger(cur, store.events_table_name, name)

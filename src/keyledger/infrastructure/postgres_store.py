@@ -39,9 +39,18 @@ from eventsourcing.postgres import (
 from psycopg import Connection
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
+from psycopg.types.numeric import Int8
 
 from keyledger.errors import StorageError
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
+from keyledger.infrastructure.pg_functions import (
+    APPEND_READ_FUNCTION,
+    APPEND_READS_FUNCTION,
+    BEGIN_WRITE_FUNCTION,
+    STALE_SQLSTATE,
+    append_only_statements,
+    function_statements,
+)
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -99,83 +108,6 @@ class PgCursor:
         return self._cursor.fetchall()
 
 
-APPEND_READS_FUNCTION = "kl_append_reads_v1"
-
-
-def append_reads_statement(table: str, channel: str) -> str:
-    """The server-side function that writes a batch of reads in one round trip.
-
-    Called outside any transaction, it runs and commits as one: it takes the events
-    table's lock (as every writer does), checks the versions the reads were decided on,
-    and only if none moved on, appends the read events, notifies the projection workers
-    and adds the reads to the catalog's access counts. It returns whether a decision was
-    stale (then nothing was written), the positions of the events in the order given, and
-    each secret's new access count.
-    """
-    return f"""CREATE OR REPLACE FUNCTION {APPEND_READS_FUNCTION}(
-    expected_ids uuid[], expected_versions bigint[],
-    ids uuid[], topics text[], states bytea[],
-    tenants text[], names text[], counts bigint[], ats bigint[],
-    OUT stale boolean, OUT positions bigint[],
-    OUT counted_tenants text[], OUT counted_names text[], OUT counted bigint[])
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
-BEGIN
-    LOCK TABLE {table} IN EXCLUSIVE MODE;
-    SELECT EXISTS (
-        SELECT 1 FROM unnest(expected_ids, expected_versions) AS e(id, version)
-        WHERE e.version <> COALESCE(
-            (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
-    ) INTO stale;
-    IF stale THEN
-        RETURN;
-    END IF;
-    PERFORM pg_notify('{channel}', '');
-    WITH inserted AS (
-        INSERT INTO {table} (originator_id, originator_version, topic, state)
-        SELECT u.id, 1, u.topic, u.state
-        FROM unnest(ids, topics, states) WITH ORDINALITY AS u(id, topic, state, n)
-        ORDER BY u.n
-        RETURNING originator_id, notification_id
-    )
-    SELECT array_agg(i.notification_id ORDER BY u.n) INTO positions
-    FROM inserted AS i JOIN unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
-    WITH updated AS (
-        UPDATE kl_catalog
-        SET access_count = kl_catalog.access_count + v.n, last_accessed_at = v.at
-        FROM unnest(tenants, names, counts, ats) AS v(tenant_id, name, n, at)
-        WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name
-        RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count
-    )
-    SELECT array_agg(tenant_id), array_agg(name), array_agg(access_count)
-    INTO counted_tenants, counted_names, counted FROM updated;
-END
-$fn$"""
-
-
-EXPECT_VERSIONS_FUNCTION = "kl_expect_versions_v1"
-STALE_SQLSTATE = "KL409"  # raised by the function: a decision was made on stale state
-
-
-def expect_versions_statement(table: str) -> str:
-    """The function that fails a write unit's transaction when an aggregate its decision
-    was based on has moved on: sent in the unit's pipeline ahead of its writes and its
-    COMMIT, it turns that COMMIT into a rollback without a round trip to decide."""
-    return f"""CREATE OR REPLACE FUNCTION {EXPECT_VERSIONS_FUNCTION}(ids uuid[], versions bigint[])
-RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
-DECLARE
-    stale uuid;
-BEGIN
-    SELECT e.id INTO stale FROM unnest(ids, versions) AS e(id, version)
-    WHERE e.version <> COALESCE(
-        (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
-    LIMIT 1;
-    IF stale IS NOT NULL THEN
-        RAISE EXCEPTION 'keyledger: aggregate % moved on', stale USING ERRCODE = '{STALE_SQLSTATE}';
-    END IF;
-END
-$fn$"""
-
-
 class _PipelineCursor(PgCursor):
     """A cursor for statements queued in a pipeline: each statement gets a psycopg cursor
     of its own, so a result asked for with ``fetch_later`` is read once the pipeline has
@@ -207,20 +139,6 @@ class _PipelineCursor(PgCursor):
     def run_deferred(self) -> None:
         for cursor, use in self._deferred:
             use(cursor.fetchone())
-
-
-def append_only_statements(table: str) -> list[str]:
-    """The trigger that makes the events table refuse UPDATE, DELETE and TRUNCATE."""
-    return [
-        "CREATE OR REPLACE FUNCTION kl_refuse_event_change() RETURNS trigger "
-        "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
-        "'the keyledger event stream is append-only: % refused', TG_OP "
-        "USING ERRCODE = 'insufficient_privilege'; END $$",
-        f"CREATE OR REPLACE TRIGGER kl_events_append_only BEFORE UPDATE OR DELETE ON {table} "
-        "FOR EACH ROW EXECUTE FUNCTION kl_refuse_event_change()",
-        f"CREATE OR REPLACE TRIGGER kl_events_no_truncate BEFORE TRUNCATE ON {table} "
-        "FOR EACH STATEMENT EXECUTE FUNCTION kl_refuse_event_change()",
-    ]
 
 
 class _PostgresSchemaMixin:
@@ -314,8 +232,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return [
             *schema_statements("postgres"),
             *append_only_statements(self.events_table_name),
-            append_reads_statement(self.events_table_name, self.channel_name),
-            expect_versions_statement(self.events_table_name),
+            *function_statements(self.events_table_name, self.channel_name),
         ]
 
     @staticmethod
@@ -413,7 +330,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 logger.warning(
                     "%s() is missing: writes take more round trips until "
                     "`keyledger db init` creates it",
-                    EXPECT_VERSIONS_FUNCTION,
+                    BEGIN_WRITE_FUNCTION,
                 )
             raise StaleStateError("retry without the pipeline") from None
 
@@ -436,14 +353,14 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         so a stale decision aborts the transaction and the COMMIT with it."""
         with conn.pipeline() as pipeline:
             if begin:
-                for begin_statement in self._begin_write_statements:
-                    conn.cursor().execute(begin_statement, prepare=False)
-            if unit.expected:
-                conn.cursor().execute(
-                    f"SELECT {EXPECT_VERSIONS_FUNCTION}(%b, %b)",
-                    (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values()))),
-                    prepare=False,  # see _PipelineCursor
-                )
+                conn.cursor().execute(b"BEGIN", prepare=False)
+            # The lock, the notification and the version check in one statement (a
+            # session opened BEGIN-first holds the lock already: taking it again is free).
+            conn.cursor().execute(
+                f"SELECT {BEGIN_WRITE_FUNCTION}(%b, %b)",
+                (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values()))),
+                prepare=False,  # see _PipelineCursor
+            )
             append = conn.cursor(row_factory=tuple_row)
             if events:
                 statement, params = self._append_sql(events)
@@ -474,6 +391,17 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if self._append_function:
 
             def send(conn: Connection[Any]) -> bool | None:
+                if self._single_read_function and _single(batch):
+                    try:
+                        return self._call_append_read(conn, batch[0])
+                    except psycopg.errors.UndefinedFunction:
+                        # A schema made by an older version: the batch function serves.
+                        self._single_read_function = False
+                        logger.warning(
+                            "%s() is missing: lone reads cost the server more until "
+                            "`keyledger db init` creates it",
+                            APPEND_READ_FUNCTION,
+                        )
                 try:
                     return self._call_append_reads(conn, batch)
                 except psycopg.errors.UndefinedFunction:
@@ -529,6 +457,42 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             return cur.fetchone() is not None
 
     _append_function = True
+
+    _single_read_function = True
+
+    def _call_append_read(self, conn: Connection[Any], read: PendingRead) -> bool:
+        """One call of the single-read function, committed by the server; False when the
+        decision was stale (nothing written)."""
+        (first_id, first_version), *more = read.expected.items()
+        second_id, second_version = more[0] if more else (None, 0)
+        cursor = conn.cursor(row_factory=tuple_row)
+        cursor.execute(
+            f"SELECT stale, read_position, read_count FROM {APPEND_READ_FUNCTION}("
+            "%b::uuid, %b::bigint, %b::uuid, %b::bigint, %b::uuid, %b::text, %b::bytea, "
+            "%b::text, %b::text, %b::bigint)",
+            (
+                first_id,
+                Int8(first_version),
+                second_id,
+                Int8(second_version),
+                _uuid(read.stored.originator_id),
+                read.stored.topic,
+                read.stored.state,
+                read.tenant_id,
+                read.secret_name,
+                Int8(read.at),
+            ),
+            prepare=True,
+        )
+        row = cursor.fetchone()
+        assert row is not None
+        stale, position, count = row
+        if stale:
+            return False
+        read.position = int(position)
+        if count is not None:  # None: the secret has no catalog row to count in
+            read.access_count, read.last_accessed_at = int(count), read.at
+        return True
 
     def _call_append_reads(self, conn: Connection[Any], batch: Sequence[PendingRead]) -> bool:
         """One call of the append function, committed by the server; False when a
@@ -725,16 +689,6 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             conn.execute("COMMIT")
 
     @property
-    def _begin_write_statements(self) -> list[bytes]:
-        """``_begin_write_statement`` one statement at a time (a pipeline takes no
-        multi-statement strings); the connection's session already has the lock timeout."""
-        return [
-            b"BEGIN",
-            f'LOCK TABLE "{self.events_table_name}" IN EXCLUSIVE MODE'.encode(),
-            f'NOTIFY "{self.channel_name}"'.encode(),
-        ]
-
-    @property
     def _begin_write_statement(self) -> bytes:
         if self._begin_write is None:
             self._begin_write = (
@@ -750,6 +704,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 PROJECTION_LOCK_ID = 0x6B6C_7072_6F6A  # "klproj"
 _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})".encode()
+
+
+def _single(batch: Sequence[PendingRead]) -> bool:
+    """A lone read decided on at most two versions (its secret's and keyring's)."""
+    return len(batch) == 1 and 1 <= len(batch[0].expected) <= 2
 
 
 def _uuid(value: UUID | str) -> UUID:

@@ -1,0 +1,155 @@
+"""The server-side functions and the trigger that ``keyledger db init`` installs.
+
+Each function saves round trips on a hot write path; every one of them takes the events
+table's EXCLUSIVE lock first, as every writer does, so positions commit in order. A
+schema made by an older version may lack one: the recorder then falls back to sending the
+same statements one by one (slower, same result) and logs one warning.
+
+- ``kl_append_read_v1``: one read (the common case: a lone retrieve), scalar arguments.
+  Planned once per connection as a handful of primary-key statements, it costs the
+  server about half of what the batch function costs for a batch of one.
+- ``kl_append_reads_v1``: a group-committed batch of reads, as arrays.
+- ``kl_begin_write_v1``: the head of every other write unit's pipeline: the lock, the
+  notification to projection workers, and the check of the versions the decision was
+  made on, raising SQLSTATE ``KL409`` so that the pipeline's COMMIT turns into a
+  rollback without a round trip to decide.
+"""
+
+from __future__ import annotations
+
+APPEND_READ_FUNCTION = "kl_append_read_v1"
+APPEND_READS_FUNCTION = "kl_append_reads_v1"
+BEGIN_WRITE_FUNCTION = "kl_begin_write_v1"
+FUNCTIONS = (APPEND_READ_FUNCTION, APPEND_READS_FUNCTION, BEGIN_WRITE_FUNCTION)
+STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
+
+
+def function_statements(table: str, channel: str) -> list[str]:
+    """``CREATE OR REPLACE`` of every function, for the events ``table`` and the
+    notification ``channel`` of one schema."""
+    return [
+        append_read_statement(table, channel),
+        append_reads_statement(table, channel),
+        begin_write_statement(table, channel),
+    ]
+
+
+def append_read_statement(table: str, channel: str) -> str:
+    """One read, written and committed as one call (made outside any transaction).
+
+    It takes the lock, checks the (at most two) versions the read was decided on (the
+    secret's and the keyring's; a NULL id is skipped) and, only if neither moved on,
+    appends the read event, notifies the projection workers and counts the read in the
+    catalog. Returns whether the decision was stale (then nothing was written), the
+    event's position and the secret's new access count (NULL: no catalog row)."""
+    return f"""CREATE OR REPLACE FUNCTION {APPEND_READ_FUNCTION}(
+    p_expected_id1 uuid, p_expected_version1 bigint,
+    p_expected_id2 uuid, p_expected_version2 bigint,
+    p_id uuid, p_topic text, p_state bytea,
+    p_tenant text, p_name text, p_at bigint,
+    OUT stale boolean, OUT read_position bigint, OUT read_count bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+BEGIN
+    LOCK TABLE {table} IN EXCLUSIVE MODE;
+    stale := COALESCE((SELECT MAX(originator_version) FROM {table}
+                       WHERE originator_id = p_expected_id1), 0) <> p_expected_version1
+        OR (p_expected_id2 IS NOT NULL
+            AND COALESCE((SELECT MAX(originator_version) FROM {table}
+                          WHERE originator_id = p_expected_id2), 0) <> p_expected_version2);
+    IF stale THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('{channel}', '');
+    INSERT INTO {table} (originator_id, originator_version, topic, state)
+    VALUES (p_id, 1, p_topic, p_state) RETURNING notification_id INTO read_position;
+    UPDATE kl_catalog SET access_count = kl_catalog.access_count + 1, last_accessed_at = p_at
+    WHERE kl_catalog.tenant_id = p_tenant AND kl_catalog.name = p_name
+    RETURNING kl_catalog.access_count INTO read_count;
+END
+$fn$"""
+
+
+def append_reads_statement(table: str, channel: str) -> str:
+    """A batch of reads, written and committed as one call (made outside any
+    transaction).
+
+    It takes the lock, checks the versions the reads were decided on, and only if none
+    moved on, appends the read events, notifies the projection workers and adds the
+    reads to the catalog's access counts. It returns whether a decision was stale (then
+    nothing was written), the positions of the events in the order given, and each
+    secret's new access count.
+    """
+    return f"""CREATE OR REPLACE FUNCTION {APPEND_READS_FUNCTION}(
+    expected_ids uuid[], expected_versions bigint[],
+    ids uuid[], topics text[], states bytea[],
+    tenants text[], names text[], counts bigint[], ats bigint[],
+    OUT stale boolean, OUT positions bigint[],
+    OUT counted_tenants text[], OUT counted_names text[], OUT counted bigint[])
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+BEGIN
+    LOCK TABLE {table} IN EXCLUSIVE MODE;
+    SELECT EXISTS (
+        SELECT 1 FROM unnest(expected_ids, expected_versions) AS e(id, version)
+        WHERE e.version <> COALESCE(
+            (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
+    ) INTO stale;
+    IF stale THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('{channel}', '');
+    WITH inserted AS (
+        INSERT INTO {table} (originator_id, originator_version, topic, state)
+        SELECT u.id, 1, u.topic, u.state
+        FROM unnest(ids, topics, states) WITH ORDINALITY AS u(id, topic, state, n)
+        ORDER BY u.n
+        RETURNING originator_id, notification_id
+    )
+    SELECT array_agg(i.notification_id ORDER BY u.n) INTO positions
+    FROM inserted AS i JOIN unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
+    WITH updated AS (
+        UPDATE kl_catalog
+        SET access_count = kl_catalog.access_count + v.n, last_accessed_at = v.at
+        FROM unnest(tenants, names, counts, ats) AS v(tenant_id, name, n, at)
+        WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name
+        RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count
+    )
+    SELECT array_agg(tenant_id), array_agg(name), array_agg(access_count)
+    INTO counted_tenants, counted_names, counted FROM updated;
+END
+$fn$"""
+
+
+def begin_write_statement(table: str, channel: str) -> str:
+    """The head of a write unit's pipeline (inside its transaction): the lock, the
+    notification, and the version check that fails the transaction when an aggregate
+    the decision was based on has moved on. One statement instead of three."""
+    return f"""CREATE OR REPLACE FUNCTION {BEGIN_WRITE_FUNCTION}(ids uuid[], versions bigint[])
+RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    stale uuid;
+BEGIN
+    LOCK TABLE {table} IN EXCLUSIVE MODE;
+    PERFORM pg_notify('{channel}', '');
+    SELECT e.id INTO stale FROM unnest(ids, versions) AS e(id, version)
+    WHERE e.version <> COALESCE(
+        (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
+    LIMIT 1;
+    IF stale IS NOT NULL THEN
+        RAISE EXCEPTION 'keyledger: aggregate % moved on', stale USING ERRCODE = '{STALE_SQLSTATE}';
+    END IF;
+END
+$fn$"""
+
+
+def append_only_statements(table: str) -> list[str]:
+    """The trigger that makes the events table refuse UPDATE, DELETE and TRUNCATE."""
+    return [
+        "CREATE OR REPLACE FUNCTION kl_refuse_event_change() RETURNS trigger "
+        "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+        "'the keyledger event stream is append-only: % refused', TG_OP "
+        "USING ERRCODE = 'insufficient_privilege'; END $$",
+        f"CREATE OR REPLACE TRIGGER kl_events_append_only BEFORE UPDATE OR DELETE ON {table} "
+        "FOR EACH ROW EXECUTE FUNCTION kl_refuse_event_change()",
+        f"CREATE OR REPLACE TRIGGER kl_events_no_truncate BEFORE TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION kl_refuse_event_change()",
+    ]
