@@ -21,10 +21,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID
 from keyledger import SecretService, StorageError, super_admin
+from keyledger.context import make_actor
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
@@ -416,3 +418,40 @@ def test_the_server_process_of_a_lost_connection_is_ended_before_anything_is_loo
         with pytest.raises(psycopg.OperationalError):
             other.execute("SELECT 1")
     assert recorder._backend_gone(2**31 - 7)  # no such process: nothing to wait for
+
+
+def test_prepared_pipeline_statements_survive_pipelines_the_server_aborted(schema: str) -> None:
+    """Write pipelines let psycopg prepare their statements after a few uses. A pipeline
+    the server aborts halfway (a stale decision, an append that collides) skips every
+    statement after the failure, PREPAREs included: later writes on the same connection
+    must still find every statement they use (none "does not exist")."""
+    url = f"{POSTGRES_URL}?schema={schema}&pool_size=1&max_overflow=0"
+    with SecretService.create(url, master_key=secrets.token_hex(32)) as service:
+        ledger = service._ledger
+        service.store_for_tenant(TENANT, "api-key", "v0")
+        for turn in range(3):
+            for i in range(7):  # past psycopg's threshold of five uses: prepared
+                service.store_for_tenant(TENANT, f"s{turn}-{i}", f"v{turn}-{i}")
+                service.store_for_tenant(TENANT, "api-key", f"v{turn}-{i}")
+            secret = ledger.secret(TENANT, "api-key")
+            assert secret is not None
+            changed = ledger.for_update(secret)
+            changed.disable(ACTOR)
+            events = changed.collect_events()
+            stored = [ledger.mapper.to_stored_event(e) for e in events]
+            stale = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=events)
+            with pytest.raises(StaleStateError):  # aborted by kl_begin_write_v1
+                ledger.store.insert_events(stored, unit=stale)
+            collides = WriteUnit(expected={secret.id: secret.version - 1}, domain_events=events)
+            with pytest.raises(StaleStateError):  # aborted by the same check, one step later
+                ledger.store.insert_events(stored, unit=collides)
+            ledger.store.insert_events(stored, unit=WriteUnit(domain_events=events))
+            with pytest.raises(IntegrityError):  # the same append again: aborted by it
+                ledger.store.insert_events(stored, unit=WriteUnit(domain_events=events))
+            assert service.change_for_tenant(TENANT, "api-key", "enable", make_actor("x"))
+        names = [f"s{turn}-{i}" for turn in range(3) for i in range(7)]
+        assert [service.retrieve_for_tenant(TENANT, n).value for n in names] == [
+            f"v{turn}-{i}" for turn in range(3) for i in range(7)
+        ]
+        assert service.retrieve_for_tenant(TENANT, "api-key").value == "v2-6"
+        assert service.list_for_tenant(TENANT, limit=100)[0].status == "active"
