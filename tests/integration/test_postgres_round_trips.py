@@ -75,6 +75,13 @@ def _events(schema: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def _drop_functions(schema: str, *names: str) -> None:
+    """Make the schema look like one made by an older version."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, name)))
+
+
 def test_lone_retrieves_are_written_by_the_single_read_function_with_counts_and_positions(
     service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,9 +143,7 @@ def test_a_stale_decision_writes_nothing_and_the_read_is_decided_again(
 def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_repair_it(
     service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        for name in (APPEND_READ_FUNCTION, APPEND_READS_FUNCTION):
-            conn.execute(sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, name)))
+    _drop_functions(schema, APPEND_READ_FUNCTION, APPEND_READS_FUNCTION)
     assert f"function {APPEND_READ_FUNCTION}()" in service.check_schema().missing
     assert f"function {APPEND_READS_FUNCTION}()" in service.check_schema().missing
     assert not service.check_schema().ok
@@ -262,10 +267,7 @@ def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
 def test_without_the_single_read_function_lone_reads_go_through_the_batch_function(
     service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, APPEND_READ_FUNCTION))
-        )
+    _drop_functions(schema, APPEND_READ_FUNCTION)
     before = len(_events(schema))
 
     with caplog.at_level(logging.WARNING):
@@ -283,10 +285,7 @@ def test_without_the_single_read_function_lone_reads_go_through_the_batch_functi
 def test_without_the_begin_write_function_writes_still_work_and_db_init_restores_it(
     service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP FUNCTION {}").format(sql.Identifier(schema, BEGIN_WRITE_FUNCTION))
-        )
+    _drop_functions(schema, BEGIN_WRITE_FUNCTION)
     assert f"function {BEGIN_WRITE_FUNCTION}()" in service.check_schema().missing
 
     with caplog.at_level(logging.WARNING):
