@@ -11,11 +11,13 @@ import itertools
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from keyledger import SecretService
 from keyledger.infrastructure.settings import KeyledgerSettings
@@ -54,6 +56,20 @@ def postgres_available() -> str | None:
             return None
     except psycopg.Error as error:
         return str(error).strip().splitlines()[0]
+
+
+def drop_schema(schema: str) -> None:
+    """Drop one test schema and everything in it."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@contextmanager
+def own_schema(tag: str) -> Iterator[str]:
+    """The name of a schema for one test alone (``kl_<run>_<tag><n>``), dropped after it."""
+    name = f"kl_{RUN_ID}_{tag}{next(_schema_numbers)}"
+    yield name
+    drop_schema(name)
 
 
 def drop_created_schemas() -> None:
@@ -111,6 +127,13 @@ def _postgres_server() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true but PostgreSQL is unreachable at {POSTGRES_URL}: {problem}")
     pytest.skip(f"PostgreSQL unreachable ({problem}); start it or set KEYLEDGER_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def schema(_postgres_server: None) -> Iterator[str]:
+    """A PostgreSQL schema of this test alone, dropped afterwards."""
+    with own_schema("t") as name:
+        yield name
 
 
 @pytest.fixture(params=BACKENDS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import os
 import re
@@ -23,12 +22,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL, own_schema
 from keyledger import SecretService
 from keyledger._version import __version__
 from keyledger.application.export import EXPORT_FIELDS
@@ -752,18 +749,14 @@ def test_the_installed_script_exports_seals_and_verifies(tmp_path: Path) -> None
 
 # -- PostgreSQL ---------------------------------------------------------------------------
 
-_schema_numbers = itertools.count(1)
-
 
 @pytest.fixture
 def postgres_url(_postgres_server: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A schema of this test alone in KEYLEDGER_DATABASE_URL, dropped afterwards."""
-    schema = f"kl_{RUN_ID}_clia{next(_schema_numbers)}"
-    url = f"{POSTGRES_URL}?schema={schema}"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
-    yield url
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    with own_schema("clia") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
+        yield url
 
 
 @pytest.mark.postgres

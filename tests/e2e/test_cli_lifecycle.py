@@ -7,7 +7,6 @@ exit codes, through CliRunner on SQLite, one scenario on PostgreSQL and the inst
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sqlite3
@@ -22,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL, own_schema
 from keyledger.cli import main
 
 MASTER_KEY = "3c9e1f7a2b5d4e60" * 4
@@ -850,18 +849,14 @@ def test_the_installed_script_exits_0_1_and_2_from_drift_diagnose(database: Path
 
 # -- PostgreSQL --------------------------------------------------------------------------
 
-_schema_numbers = itertools.count(1)
-
 
 @pytest.fixture
 def postgres_url(_postgres_server: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A schema of this test alone in KEYLEDGER_DATABASE_URL, dropped afterwards."""
-    schema = f"kl_{RUN_ID}_life{next(_schema_numbers)}"
-    url = f"{POSTGRES_URL}?schema={schema}"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
-    yield schema
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    with own_schema("life") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
+        yield schema
 
 
 def material_rows(schema: str, tenant_id: str) -> list[int]:

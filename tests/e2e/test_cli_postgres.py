@@ -6,14 +6,12 @@ through CliRunner; the worker and the writers it follows are real ``keyledger`` 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL
 from keyledger.cli import main
 from keyledger.cli.projections import READ_MODELS, stop_on_signals
 
@@ -43,17 +41,6 @@ FUNCTIONS = [
 ]
 SCRIPT = Path(sys.executable).parent / "keyledger"
 WAIT_SECONDS = 15.0
-
-_schema_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def schema(_postgres_server: None) -> Iterator[str]:
-    """A schema of this test alone, dropped afterwards."""
-    name = f"kl_{RUN_ID}_cli{next(_schema_numbers)}"
-    yield name
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_created_schemas
+from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_created_schemas, drop_schema
 from keyledger import SecretService, tenant
 from keyledger.application import sealing, stream
 from keyledger.infrastructure.settings import KeyledgerSettings
@@ -188,10 +188,7 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def _drop(schema: str) -> None:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    drop_schema(schema)
     drop_created_schemas()
 
 

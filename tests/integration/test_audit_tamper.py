@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL, RUN_ID, drop_schema
 from keyledger import MasterKeyUnavailable, SecretDisabled, SecretService, tenant
 from keyledger.context import make_actor
 from keyledger.domain.ids import SEAL_CHAIN_ID
@@ -297,10 +297,7 @@ def scenario(
         service.close()
         raw.close()
         if schema is not None:
-            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
-                )
+            drop_schema(schema)
 
 
 # -- helpers -----------------------------------------------------------------------------

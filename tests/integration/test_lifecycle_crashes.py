@@ -12,7 +12,6 @@ means), every live value must read back, and the read models must equal a rebuil
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -30,9 +29,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL, own_schema
 from keyledger import DecryptionFailed, SecretService, super_admin
 from keyledger.infrastructure.crypto import MasterKey
 
@@ -359,16 +357,12 @@ def test_a_sigkill_anywhere_in_an_operation_on_sqlite_is_completed_by_a_rerun(
 
 # -- PostgreSQL: a seeded schema per trial -------------------------------------------------------
 
-_schema_numbers = itertools.count(1)
-
 
 @pytest.fixture
 def pg_url(_postgres_server: None) -> Iterator[str]:
     """A schema of this test alone, dropped afterwards."""
-    name = f"kl_{RUN_ID}_crash{next(_schema_numbers)}"
-    yield f"{POSTGRES_URL}?schema={name}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    with own_schema("crash") as name:
+        yield f"{POSTGRES_URL}?schema={name}"
 
 
 @pytest.mark.postgres

@@ -6,7 +6,6 @@ must refuse every attempt and leave every row as it was. Each test has its own s
 
 from __future__ import annotations
 
-import itertools
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -15,12 +14,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL, drop_schema
 from keyledger import SecretService, super_admin
 
 pytestmark = pytest.mark.postgres
-
-_schema_numbers = itertools.count(1)
 
 # Statements that would change the stream; {t} is the schema-qualified event table.
 TAMPERING = {
@@ -35,19 +32,6 @@ TAMPERING = {
     "truncate cascade": "TRUNCATE {t} CASCADE",
     "truncate only": "TRUNCATE ONLY {t} RESTART IDENTITY",
 }
-
-
-def _drop(schema: str) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
-@pytest.fixture
-def schema(_postgres_server: None) -> Iterator[str]:
-    """A schema of this test alone, dropped afterwards."""
-    name = f"kl_{RUN_ID}_xa{next(_schema_numbers)}"
-    yield name
-    _drop(name)
 
 
 @pytest.fixture
@@ -174,7 +158,7 @@ def test_schema_check_notices_when_this_schemas_append_only_guard_is_gone(
         assert status.append_only_enforced is False
         assert not status.ok
     finally:
-        _drop(other)
+        drop_schema(other)
 
 
 def test_schema_check_notices_when_only_the_truncate_guard_is_gone(

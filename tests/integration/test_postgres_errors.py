@@ -37,15 +37,6 @@ EVERYTHING = 1_000_000
 _numbers = itertools.count(1)
 
 
-@pytest.fixture
-def schema(_postgres_server: None) -> Iterator[str]:
-    """A schema of this test alone, dropped afterwards."""
-    name = f"kl_{RUN_ID}_xe{next(_numbers)}"
-    yield name
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-
 @pytest.fixture(autouse=True)
 def _collect_half_built_services() -> Iterator[None]:
     """Close the pools that failed creates leave behind (see the xfail below) in this thread."""

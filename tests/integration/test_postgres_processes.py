@@ -7,7 +7,6 @@ with files, wait for a common start signal so they really overlap, and print one
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -36,8 +35,6 @@ SHARED_NAMES = ("shared-0", "shared-1")
 START_TIMEOUT = 30.0
 RUN_TIMEOUT = 45.0
 EVERYTHING = 1_000_000  # an audit limit larger than any test's stream
-
-_schema_numbers = itertools.count(1)
 
 # The common preamble: open a service, say ready, wait for "go".
 PREAMBLE = r"""
@@ -248,15 +245,6 @@ class Children:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=10)
-
-
-@pytest.fixture
-def schema(_postgres_server: None) -> Iterator[str]:
-    """A schema of this test alone, dropped afterwards."""
-    name = f"kl_{RUN_ID}_xp{next(_schema_numbers)}"
-    yield name
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture

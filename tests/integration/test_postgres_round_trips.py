@@ -11,7 +11,6 @@ without the functions (a schema made by an older version) only slow down, be rep
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import time
@@ -24,7 +23,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID
+from conftest import POSTGRES_URL
 from keyledger import SecretService, StorageError, super_admin
 from keyledger.context import make_actor
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
@@ -38,17 +37,8 @@ from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 
 pytestmark = pytest.mark.postgres
 
-_schema_numbers = itertools.count(1)
 TENANT = "tenant-a"
 ACTOR = {"user_id": "alice", "ip_address": None, "user_agent": None}
-
-
-@pytest.fixture
-def schema(_postgres_server: None) -> Iterator[str]:
-    name = f"kl_{RUN_ID}_rf{next(_schema_numbers)}"
-    yield name
-    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture
