@@ -1,8 +1,9 @@
 """PostgreSQL writes in one round trip, and what makes that safe.
 
 A lone read is one call of ``kl_append_read_v1``, a batch of reads one call of
-``kl_append_reads_v1``, and every other write unit is one pipeline from BEGIN to COMMIT,
-headed by ``kl_begin_write_v1`` (lock, notification, version check on the server).
+``kl_append_reads_v1``, and every other write unit is one pipeline (its implicit
+transaction), headed by ``kl_append_unit_v1`` (lock, notification, version check and the
+append, on the server).
 They must write exactly what the stepwise transactions write, refuse stale decisions
 without writing anything, survive a connection that dies before they are sent (written
 once, elsewhere), fail closed when the answer is lost after the commit, and
@@ -30,6 +31,7 @@ from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_arr
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
+    APPEND_UNIT_FUNCTION,
     BEGIN_WRITE_FUNCTION,
 )
 from keyledger.infrastructure.postgres_store import KeyledgerPostgresRecorder
@@ -272,19 +274,40 @@ def test_without_the_single_read_function_lone_reads_go_through_the_batch_functi
     assert service.init_schema().ok
 
 
-def test_without_the_begin_write_function_writes_still_work_and_db_init_restores_it(
-    service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("dropped", "unit_function", "unit_pipeline"),
+    [
+        ((APPEND_UNIT_FUNCTION,), False, True),  # a schema made by 0.4.0
+        ((APPEND_UNIT_FUNCTION, BEGIN_WRITE_FUNCTION), False, False),  # by 0.3.0
+    ],
+    ids=["0.4.0-schema", "0.3.0-schema"],
+)
+def test_without_the_unit_functions_writes_still_work_and_db_init_restores_them(
+    service: SecretService,
+    schema: str,
+    caplog: pytest.LogCaptureFixture,
+    dropped: tuple[str, ...],
+    unit_function: bool,
+    unit_pipeline: bool,
 ) -> None:
-    _drop_functions(schema, BEGIN_WRITE_FUNCTION)
-    assert f"function {BEGIN_WRITE_FUNCTION}()" in service.check_schema().missing
+    _drop_functions(schema, *dropped)
+    missing = service.check_schema().missing
+    assert all(f"function {name}()" in missing for name in dropped)
+    before = len(_events(schema))
 
     with caplog.at_level(logging.WARNING):
         service.store_for_tenant(TENANT, "api-key", "value-b")  # an update: versions checked
-        service.store_for_tenant(TENANT, "other", "value-c")
+        service.store_for_tenant(TENANT, "other", "value-c")  # a new secret
+        service.rotate_key_for_tenant(TENANT)  # two aggregates, key material
+        service.store_for_tenant(TENANT, "third", "value-d")
 
+    recorder = _recorder(service)
+    assert (recorder._unit_function, recorder._unit_pipeline) == (unit_function, unit_pipeline)
+    assert len(_events(schema)) == before + 4  # each write once: the failed tries wrote nothing
     assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
     assert service.retrieve_for_tenant(TENANT, "other").value == "value-c"
-    assert any("db init" in record.getMessage() for record in caplog.records)
+    assert service.retrieve_for_tenant(TENANT, "third").key_version == 2
+    assert sum("db init" in record.getMessage() for record in caplog.records) == len(dropped)
     assert service.init_schema().ok
 
 
@@ -429,7 +452,7 @@ def test_prepared_pipeline_statements_survive_pipelines_the_server_aborted(schem
             events = changed.collect_events()
             stored = [ledger.mapper.to_stored_event(e) for e in events]
             stale = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=events)
-            with pytest.raises(StaleStateError):  # aborted by kl_begin_write_v1
+            with pytest.raises(StaleStateError):  # aborted by kl_append_unit_v1
                 ledger.store.insert_events(stored, unit=stale)
             collides = WriteUnit(expected={secret.id: secret.version - 1}, domain_events=events)
             with pytest.raises(StaleStateError):  # aborted by the same check, one step later

@@ -15,15 +15,24 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from eventsourcing.compressor import ZlibCompressor
 from eventsourcing.persistence import (
     DatetimeAsISO,
     DecimalAsStr,
     JSONTranscoder,
+    Mapper,
     StoredEvent,
     UUIDAsHex,
 )
 
-from keyledger import InvalidMasterKey, MasterKeyUnavailable, SecretService, tenant
+from keyledger import (
+    InvalidMasterKey,
+    MasterKeyUnavailable,
+    SecretDisabled,
+    SecretService,
+    tenant,
+)
+from keyledger.context import make_actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import SEAL_CHAIN_ID
 from keyledger.domain.seal import decode_positions, encode_positions
@@ -243,6 +252,50 @@ def test_the_tagging_mapper_appends_a_trailer_and_strips_it_on_the_way_out() -> 
     assert split_trailer(untagged.state) == (body, None, None)
     assert plain.to_domain_event(stored) == event
     assert mapper.to_domain_event(untagged) == event
+
+
+def test_the_tagging_mapper_writes_the_library_mappers_bytes_for_every_event(
+    tmp_path: Path,
+) -> None:
+    """Its own ``to_stored_event`` (one StoredEvent built, not two) writes exactly what the
+    library's mapper writes, trailer appended, for every kind of event a scenario makes;
+    with a compressor it goes the library's way."""
+    key = AuditKey(RAW)
+    with SecretService.create(
+        f"sqlite:///{tmp_path / 'events.db'}", master_key=secrets.token_hex(32)
+    ) as service:
+        service.store_for_tenant("acme", "db", "v1", category="c", metadata={"k": "v"})
+        service.store_for_tenant("acme", "db", "v2", description="d")
+        service.retrieve_for_tenant("acme", "db")
+        service.change_for_tenant("acme", "db", "disable", make_actor("ops"))
+        with pytest.raises(SecretDisabled):
+            service.retrieve_for_tenant("acme", "db")
+        service.change_for_tenant("acme", "db", "enable", make_actor("ops"))
+        service.rotate_key_for_tenant("acme")
+        service.reencrypt_all_for_tenant("acme")
+        service.change_for_tenant("acme", "db", "delete", make_actor("ops"))
+        ledger = service._ledger
+        events = [
+            ledger.mapper.to_domain_event(stored)
+            for stored in ledger.recorder.select_notifications(start=1, limit=1000)
+        ]
+    assert len({type(event) for event in events}) >= 9
+    library = Mapper(transcoder=_transcoder())
+    ours = TaggingMapper(transcoder=_transcoder(), tag_key=key)
+    for event in events:
+        plain = library.to_stored_event(event)
+        tag = event_tag(
+            key, plain.originator_id, plain.originator_version, plain.topic, plain.state
+        )
+        assert ours.to_stored_event(event) == StoredEvent(
+            plain.originator_id,
+            plain.originator_version,
+            plain.topic,
+            plain.state + tag + key.key_id + MAGIC,
+        )
+    compressed = TaggingMapper(transcoder=_transcoder(), compressor=ZlibCompressor(), tag_key=key)
+    stored = compressed.to_stored_event(events[0])
+    assert compressed.to_domain_event(stored) == events[0]
 
 
 def test_the_tag_binds_identity_version_topic_and_bytes() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.utils import get_topic
 
 from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey
 
@@ -70,7 +71,26 @@ class TaggingMapper(Mapper[Any]):
         self.tag_key = tag_key
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        stored = super().to_stored_event(domain_event)
+        """The library's ``Mapper.to_stored_event`` (keyledger configures no compressor
+        and no cipher), tag appended, building one ``StoredEvent`` instead of two."""
+        if self.compressor is not None or self.cipher is not None:
+            return self._tagged(super().to_stored_event(domain_event))
+        cls = type(domain_event)
+        topic = get_topic(cls)
+        event_state = dict(vars(domain_event))
+        originator_id = event_state.pop("originator_id")
+        originator_version = event_state.pop("originator_version")
+        class_version = getattr(cls, "class_version", 1)
+        if class_version > 1:
+            event_state["class_version"] = class_version
+        state = self.transcoder.encode(event_state)
+        key = self.tag_key
+        if key is not None:
+            tag = event_tag(key, originator_id, originator_version, topic, state)
+            state = b"".join((state, tag, key.key_id, MAGIC))
+        return StoredEvent(originator_id, originator_version, topic, state)
+
+    def _tagged(self, stored: StoredEvent) -> StoredEvent:
         key = self.tag_key
         if key is None:
             return stored

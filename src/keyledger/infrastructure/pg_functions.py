@@ -9,18 +9,26 @@ same statements one by one (slower, same result) and logs one warning.
   Planned once per connection as a handful of primary-key statements, it costs the
   server about half of what the batch function costs for a batch of one.
 - ``kl_append_reads_v1``: a group-committed batch of reads, as arrays.
-- ``kl_begin_write_v1``: the head of every other write unit's pipeline: the lock, the
-  notification to projection workers, and the check of the versions the decision was
-  made on, raising SQLSTATE ``KL409`` so that the pipeline's COMMIT turns into a
-  rollback without a round trip to decide.
+- ``kl_append_unit_v1``: the head of every other write unit's pipeline: the lock, the
+  notification to projection workers, the check of the versions the decision was made
+  on (raising SQLSTATE ``KL409``, which aborts the pipeline's transaction without a round
+  trip to decide) and the append of the unit's events, whose positions it returns.
+- ``kl_begin_write_v1``: the same without the append (0.4.0's pipelines used it with an
+  INSERT of their own); kept for processes of that version sharing the schema.
 """
 
 from __future__ import annotations
 
 APPEND_READ_FUNCTION = "kl_append_read_v1"
 APPEND_READS_FUNCTION = "kl_append_reads_v1"
+APPEND_UNIT_FUNCTION = "kl_append_unit_v1"
 BEGIN_WRITE_FUNCTION = "kl_begin_write_v1"
-FUNCTIONS = (APPEND_READ_FUNCTION, APPEND_READS_FUNCTION, BEGIN_WRITE_FUNCTION)
+FUNCTIONS = (
+    APPEND_READ_FUNCTION,
+    APPEND_READS_FUNCTION,
+    APPEND_UNIT_FUNCTION,
+    BEGIN_WRITE_FUNCTION,
+)
 STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
 
 
@@ -30,6 +38,7 @@ def function_statements(table: str, channel: str) -> list[str]:
     return [
         append_read_statement(table, channel),
         append_reads_statement(table, channel),
+        append_unit_statement(table, channel),
         begin_write_statement(table, channel),
     ]
 
@@ -119,6 +128,35 @@ END
 $fn$"""
 
 
+def append_unit_statement(table: str, channel: str) -> str:
+    """The head of a write unit's pipeline (inside its transaction): the lock, the
+    notification, the version check that fails the transaction when an aggregate the
+    decision was based on has moved on, and the append of the unit's events. Returns
+    their positions in the order given. One statement instead of two."""
+    return f"""CREATE OR REPLACE FUNCTION {APPEND_UNIT_FUNCTION}(
+    expected_ids uuid[], expected_versions bigint[],
+    ids uuid[], versions bigint[], topics text[], states bytea[])
+RETURNS bigint[] LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    stale uuid;
+    positions bigint[];
+BEGIN
+{_lock_notify_check(table, channel, "expected_ids", "expected_versions")}
+    -- Rows go in in the order given, so their positions ascend in that order.
+    WITH inserted AS (
+        INSERT INTO {table} (originator_id, originator_version, topic, state)
+        SELECT u.id, u.version, u.topic, u.state
+        FROM unnest(ids, versions, topics, states)
+            WITH ORDINALITY AS u(id, version, topic, state, n)
+        ORDER BY u.n
+        RETURNING notification_id
+    )
+    SELECT array_agg(notification_id ORDER BY notification_id) INTO positions FROM inserted;
+    RETURN COALESCE(positions, '{{}}');
+END
+$fn$"""
+
+
 def begin_write_statement(table: str, channel: str) -> str:
     """The head of a write unit's pipeline (inside its transaction): the lock, the
     notification, and the version check that fails the transaction when an aggregate
@@ -128,17 +166,24 @@ RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
 DECLARE
     stale uuid;
 BEGIN
-    LOCK TABLE {table} IN EXCLUSIVE MODE;
+{_lock_notify_check(table, channel, "ids", "versions")}
+END
+$fn$"""
+
+
+def _lock_notify_check(table: str, channel: str, ids: str, versions: str) -> str:
+    """The head of the unit functions' bodies: lock, notify, and raise ``KL409`` when an
+    aggregate of the arrays ``ids``/``versions`` is no longer at its version. The variable
+    ``stale uuid`` must be declared."""
+    return f"""    LOCK TABLE {table} IN EXCLUSIVE MODE;
     PERFORM pg_notify('{channel}', '');
-    SELECT e.id INTO stale FROM unnest(ids, versions) AS e(id, version)
+    SELECT e.id INTO stale FROM unnest({ids}, {versions}) AS e(id, version)
     WHERE e.version <> COALESCE(
         (SELECT MAX(originator_version) FROM {table} WHERE originator_id = e.id), 0)
     LIMIT 1;
     IF stale IS NOT NULL THEN
         RAISE EXCEPTION 'keyledger: aggregate % moved on', stale USING ERRCODE = '{STALE_SQLSTATE}';
-    END IF;
-END
-$fn$"""
+    END IF;"""
 
 
 def append_only_statements(table: str) -> list[str]:

@@ -46,6 +46,7 @@ from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_arr
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
+    APPEND_UNIT_FUNCTION,
     BEGIN_WRITE_FUNCTION,
     STALE_SQLSTATE,
     append_only_statements,
@@ -325,18 +326,25 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     def _after_failed_unit(self, error: BaseException) -> None:
         """A stale decision becomes StaleStateError; a missing function (a schema made by
-        an older version) turns the pipelined units off, with one warning."""
+        an older version) turns to the older pipeline or off, with one warning."""
         if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
             raise StaleStateError(str(error)) from None
         if isinstance(error, psycopg.errors.UndefinedFunction):
-            if self._unit_pipeline:
+            if self._unit_function:
+                self._unit_function = False
+                missing = APPEND_UNIT_FUNCTION
+            elif self._unit_pipeline:
                 self._unit_pipeline = False
-                logger.warning(
-                    "%s() is missing: writes take more round trips until "
-                    "`keyledger db init` creates it",
-                    BEGIN_WRITE_FUNCTION,
-                )
-            raise StaleStateError("retry without the pipeline") from None
+                missing = BEGIN_WRITE_FUNCTION
+            else:  # pragma: no cover - nothing calls a function then
+                raise
+            logger.warning(
+                "%s() is missing: writes cost more until `keyledger db init` creates it",
+                missing,
+            )
+            raise StaleStateError("retry without the function") from None
+
+    _unit_function = True
 
     def _committed(self, event: StoredEvent) -> bool:
         """Whether this very event (same bytes) is in the stream."""
@@ -352,32 +360,47 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     def _unit_in_pipeline(
         self, conn: Connection[Any], events: list[StoredEvent], unit: WriteUnit, *, begin: bool
     ) -> list[int]:
-        """A write unit as one pipeline ending in COMMIT (after its BEGIN unless ``begin``
-        says to send that too): one round trip. The version check raises on the server,
-        so a stale decision aborts the transaction and the COMMIT with it."""
+        """A write unit as one pipeline: one round trip. With ``begin``, the unit is the
+        pipeline's implicit transaction (the server commits it at the pipeline's sync, or
+        rolls it back when a statement failed), so it needs no BEGIN and no COMMIT
+        statement; else it ends the transaction the session's BEGIN opened. The version
+        check raises on the server, so a stale decision aborts the transaction."""
+        expected = (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values())))
         with conn.pipeline() as pipeline:
-            if begin:
-                conn.cursor().execute(b"BEGIN", prepare=False)
-            # The lock, the notification and the version check in one statement (a
-            # session opened BEGIN-first holds the lock already: taking it again is free).
-            conn.cursor().execute(
-                f"SELECT {BEGIN_WRITE_FUNCTION}(%b, %b)",
-                (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values()))),
-            )
-            append = conn.cursor(row_factory=tuple_row)
-            if events:
-                statement, params = self._append_sql(events)
-                append.execute(
-                    statement + " RETURNING originator_id, originator_version, notification_id",
-                    params,
+            # The lock, the notification, the version check and the append in one
+            # statement (a session opened BEGIN-first holds the lock already: taking it
+            # again is free).
+            head = conn.cursor(row_factory=tuple_row)
+            if self._unit_function:
+                head.execute(
+                    f"SELECT {APPEND_UNIT_FUNCTION}(%b, %b, %b, %b, %b, %b)",
+                    (
+                        *expected,
+                        uuid_array([_uuid(e.originator_id) for e in events]),
+                        int8_array([e.originator_version for e in events]),
+                        text_array([e.topic for e in events]),
+                        bytea_array([e.state for e in events]),
+                    ),
                 )
+            else:  # a schema made by 0.4.0: the check, then an INSERT of our own
+                head.execute(f"SELECT {BEGIN_WRITE_FUNCTION}(%b, %b)", expected)
+                if events:
+                    statement, params = self._append_sql(events)
+                    head = conn.cursor(row_factory=tuple_row)
+                    head.execute(statement + " RETURNING notification_id", params)
             rest = _PipelineCursor(conn)
             write_unit_rest(rest, unit, [0] * len(events))  # projections ignore positions
-            conn.cursor().execute("COMMIT", prepare=False)
+            if not begin:
+                conn.cursor().execute("COMMIT", prepare=False)
             pipeline.sync()
-            found = {(row[0], row[1]): int(row[2]) for row in append.fetchall()} if events else {}
+            if self._unit_function:
+                row = head.fetchone()
+                assert row is not None
+                positions = [int(p) for p in row[0]]
+            else:  # the VALUES rows are inserted, and numbered, in the order given
+                positions = sorted(int(row[0]) for row in head.fetchall()) if events else []
         rest.run_deferred()
-        return [found[(_uuid(e.originator_id), e.originator_version)] for e in events]
+        return positions
 
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
         """Append a batch of reads: one round trip (``append_reads_statement``) on a
