@@ -74,34 +74,55 @@ class CatalogProjector:
                 handler(cur, event, outcome)
 
     def _replay(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
-        reads: list[ReadFacts] = []
-        created: list[Secret.SecretCreated] = []
+        """Apply events in order, deferring what commutes: reads and creations.
 
-        def flush() -> None:
-            if reads:
-                self.apply_reads(cur, reads, wanted=False)
-                reads.clear()
+        Creations are held back and inserted together (each is a different secret), and
+        reads together after them (one UPDATE adds each secret's count and keeps its last
+        read's time), until an event that does not commute with them: an event of a secret
+        whose creation is still held back (its row must exist first), a store that revives
+        a deleted name (it resets the count its earlier reads made), or an event that is
+        not a secret's own (key events, which may touch any row of a tenant). A secret's
+        other events touch its row's other columns only, and are applied at once. The
+        result is the one-by-one application's, in a handful of statements per page
+        (tests hold the two equal on interleaved streams)."""
+        reads: list[ReadFacts] = []
+        counted: set[tuple[str, str]] = set()
+        created: list[Secret.SecretCreated] = []
+        creating: set[tuple[str, str]] = set()
+
+        def flush(*, only_created: bool = False) -> None:
             if created:
                 self._insert_created(cur, created)
                 created.clear()
+                creating.clear()
+            if reads and not only_created:
+                self.apply_reads(cur, reads, wanted=False)
+                reads.clear()
+                counted.clear()
 
         for _, event in items:
             if isinstance(event, (AuditRecord.SecretRead, ReadView)):
-                if created:  # a read may be of a secret created just before it
-                    flush()
                 reads.append(
                     ReadFacts(event.tenant_id, event.secret_name, to_micros(event.timestamp))
                 )
+                counted.add((event.tenant_id, event.secret_name))
                 continue
             if type(event) is Secret.SecretCreated:
-                if reads:
-                    flush()
-                created.append(event)  # each of a run is a different secret
+                created.append(event)  # a secret is created once: each is a different row
+                creating.add((event.tenant_id, event.name))
                 continue
-            flush()
             handler = getattr(self, "_on_" + type(event).__name__, None)
-            if handler is not None:
-                handler(cur, event, _UNWANTED)
+            if handler is None:
+                continue  # not projected here (denials, failures, checkpoints)
+            if isinstance(event, Secret.Event):
+                key = (event.tenant_id, event.name)
+                if isinstance(event, Secret.SecretStored) and event.revived and key in counted:
+                    flush()
+                elif key in creating:
+                    flush(only_created=True)
+            else:
+                flush()
+            handler(cur, event, _UNWANTED)
         flush()
 
     @staticmethod
