@@ -154,6 +154,24 @@ class _PostgresSchemaMixin:
             yield conn
 
     @contextmanager
+    def _pooled(self) -> Iterator[Connection[Any]]:
+        """A pooled connection straight from the pool (``getconn``/``putconn``), for the
+        one-round-trip writes: the library's ``get_connection`` wraps the pool's own
+        context manager and translates errors, a third of the client time of the lone
+        read's call (13 against 4.7 us here). Its callers translate errors themselves; the
+        pool rolls back or replaces a connection returned mid-transaction or broken."""
+        pool = self.datastore.pool
+        if pool.closed:  # not opened yet: the library opens it
+            with self._connection() as conn:
+                yield conn
+            return
+        conn = pool.getconn()
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    @contextmanager
     def _session(self, first: bytes) -> Iterator[Connection[Any]]:
         """A connection whose ``first`` statement (a BEGIN) succeeded.
 
@@ -293,7 +311,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         a lost connection is settled: its server process is ended first (else nothing is
         known: StorageError), then ``committed()`` says whether the write is in the stream
         (True: StorageError ``lost_after_commit``; None: unknown, StorageError)."""
-        with _translated(), self._connection() as conn:
+        with _translated(), self._pooled() as conn:
             if _has_pending_input(conn):
                 return None
             backend = conn.info.backend_pid
