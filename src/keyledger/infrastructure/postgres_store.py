@@ -348,18 +348,18 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if getattr(error, "sqlstate", None) == STALE_SQLSTATE:
             raise StaleStateError(str(error)) from None
         if isinstance(error, psycopg.errors.UndefinedFunction):
-            if self._unit_function:
-                self._unit_function = False
+            # Named by the error, not by the flags: another thread may have turned one off.
+            if APPEND_UNIT_FUNCTION in str(error):
+                warn, self._unit_function = self._unit_function, False
                 missing = APPEND_UNIT_FUNCTION
-            elif self._unit_pipeline:
-                self._unit_pipeline = False
+            else:
+                warn, self._unit_pipeline = self._unit_pipeline, False
                 missing = BEGIN_WRITE_FUNCTION
-            else:  # pragma: no cover - nothing calls a function then
-                raise
-            logger.warning(
-                "%s() is missing: writes cost more until `keyledger db init` creates it",
-                missing,
-            )
+            if warn:
+                logger.warning(
+                    "%s() is missing: writes cost more until `keyledger db init` creates it",
+                    missing,
+                )
             raise StaleStateError("retry without the function") from None
 
     _unit_function = True
@@ -384,12 +384,13 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         statement; else it ends the transaction the session's BEGIN opened. The version
         check raises on the server, so a stale decision aborts the transaction."""
         expected = (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values())))
+        use_function = self._unit_function  # read once: another thread may turn it off
         with conn.pipeline() as pipeline:
             # The lock, the notification, the version check and the append in one
             # statement (a session opened BEGIN-first holds the lock already: taking it
             # again is free).
             head = conn.cursor(row_factory=tuple_row)
-            if self._unit_function:
+            if use_function:
                 head.execute(
                     f"SELECT {APPEND_UNIT_FUNCTION}(%b, %b, %b, %b, %b, %b)",
                     (
@@ -411,7 +412,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             if not begin:
                 conn.cursor().execute("COMMIT", prepare=False)
             pipeline.sync()
-            if self._unit_function:
+            if use_function:
                 row = head.fetchone()
                 assert row is not None
                 positions = [int(p) for p in row[0]]
