@@ -7,7 +7,8 @@ packed with ``struct`` and handed to psycopg as ready-made bytes of the right ty
 
 The format is PostgreSQL's ``array_send``: dimensions (1, or 0 when empty), a has-nulls
 flag, the element type's oid, the length and lower bound (1) of the dimension, then each
-element as a 4-byte length and its binary form.
+element as a 4-byte length and its binary form (-1: NULL). ``array_elements`` reads an
+array result back in that format.
 """
 
 from __future__ import annotations
@@ -85,6 +86,30 @@ def _varlena(element_oid: int, values: Sequence[bytes]) -> bytes:
         parts.append(_LENGTH.pack(len(value)))
         parts.append(value)
     return b"".join(parts)
+
+
+def array_elements(data: bytes | None) -> list[bytes | None]:
+    """The elements of a one-dimensional array in binary wire format, each in its own
+    binary form (None for a NULL element; an empty list for a NULL array)."""
+    if data is None:
+        return []
+    ndim, _, _ = _EMPTY.unpack_from(data)
+    if ndim == 0:
+        return []
+    if ndim != 1:
+        raise ValueError(f"a {ndim}-dimensional array where one dimension was expected")
+    _, _, _, count, _ = _HEADER.unpack_from(data)
+    elements: list[bytes | None] = []
+    offset = _HEADER.size
+    for _ in range(count):
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += _LENGTH.size
+        if length < 0:
+            elements.append(None)
+            continue
+        elements.append(data[offset : offset + length])
+        offset += length
+    return elements
 
 
 def _dumper(array_oid: int) -> type[Dumper]:

@@ -39,10 +39,15 @@ from eventsourcing.postgres import (
 from psycopg import Connection
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
-from psycopg.types.numeric import Int8
 
 from keyledger.errors import StorageError
-from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
+from keyledger.infrastructure.pg_arrays import (
+    array_elements,
+    bytea_array,
+    int8_array,
+    text_array,
+    uuid_array,
+)
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
@@ -52,6 +57,7 @@ from keyledger.infrastructure.pg_functions import (
     append_only_statements,
     function_statements,
 )
+from keyledger.infrastructure.pg_prepared import PreparedCall, bool_value, int8, int8_value
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -509,33 +515,27 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         decision was stale (nothing written)."""
         (first_id, first_version), *more = read.expected.items()
         second_id, second_version = more[0] if more else (None, 0)
-        cursor = conn.cursor(row_factory=tuple_row)
-        cursor.execute(
-            f"SELECT stale, read_position, read_count FROM {APPEND_READ_FUNCTION}("
-            "%b::uuid, %b::bigint, %b::uuid, %b::bigint, %b::uuid, %b::text, %b::bytea, "
-            "%b::text, %b::text, %b::bigint)",
+        stale, position, count = _APPEND_READ_CALL.run(
+            conn,
             (
-                first_id,
-                Int8(first_version),
-                second_id,
-                Int8(second_version),
-                _uuid(read.stored.originator_id),
-                read.stored.topic,
+                first_id.bytes,
+                int8(first_version),
+                None if second_id is None else second_id.bytes,
+                int8(second_version),
+                _uuid(read.stored.originator_id).bytes,
+                read.stored.topic.encode(),
                 read.stored.state,
-                read.tenant_id,
-                read.secret_name,
-                Int8(read.at),
+                read.tenant_id.encode(),
+                read.secret_name.encode(),
+                int8(read.at),
             ),
-            prepare=True,
         )
-        row = cursor.fetchone()
-        assert row is not None
-        stale, position, count = row
-        if stale:
+        if bool_value(stale):
             return False
-        read.position = int(position)
-        if count is not None:  # None: the secret has no catalog row to count in
-            read.access_count, read.last_accessed_at = int(count), read.at
+        read.position = int8_value(position)
+        counted = int8_value(count)
+        if counted is not None:  # None: the secret has no catalog row to count in
+            read.access_count, read.last_accessed_at = counted, read.at
         return True
 
     def _call_append_reads(self, conn: Connection[Any], batch: Sequence[PendingRead]) -> bool:
@@ -545,33 +545,34 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         # have been decided on different versions of it, and each must hold.
         expected = [pair for read in batch for pair in read.expected.items()]
         tenants, names, counts, ats = CatalogProjector.read_totals(batch)
-        cursor = conn.cursor(row_factory=tuple_row)
-        cursor.execute(
-            f"SELECT stale, positions, counted_tenants, counted_names, counted "
-            f"FROM {APPEND_READS_FUNCTION}(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
-            (
-                uuid_array([aggregate_id for aggregate_id, _ in expected]),
-                int8_array([version for _, version in expected]),
-                uuid_array([_uuid(read.stored.originator_id) for read in batch]),
-                text_array([read.stored.topic for read in batch]),
-                bytea_array([read.stored.state for read in batch]),
-                text_array(tenants),
-                text_array(names),
-                int8_array(counts),
-                int8_array(ats),
-            ),
-            prepare=True,
+        stale, positions, counted_tenants, counted_names, counted = _APPEND_READS_CALL.run(
+            conn,
+            [
+                uuid_array([aggregate_id for aggregate_id, _ in expected]).data,
+                int8_array([version for _, version in expected]).data,
+                uuid_array([_uuid(read.stored.originator_id) for read in batch]).data,
+                text_array([read.stored.topic for read in batch]).data,
+                bytea_array([read.stored.state for read in batch]).data,
+                text_array(tenants).data,
+                text_array(names).data,
+                int8_array(counts).data,
+                int8_array(ats).data,
+            ],
         )
-        row = cursor.fetchone()
-        assert row is not None
-        stale, positions, counted_tenants, counted_names, counted = row
-        if stale:
+        if bool_value(stale):
             return False
-        for read, position in zip(batch, positions, strict=True):
-            read.position = int(position)
+        for read, position in zip(batch, array_elements(positions), strict=True):
+            read.position = int8_value(position)
         CatalogProjector.assign_read_outcomes(
             batch,
-            list(zip(counted_tenants or (), counted_names or (), counted or (), strict=True)),
+            list(
+                zip(
+                    [_text(value) for value in array_elements(counted_tenants)],
+                    [_text(value) for value in array_elements(counted_names)],
+                    [int8_value(value) for value in array_elements(counted)],
+                    strict=True,
+                )
+            ),
         )
         return True
 
@@ -746,6 +747,19 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
 
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# A lone read's call, on libpq's prepared-statement interface (see pg_prepared).
+_APPEND_READS_CALL = PreparedCall(
+    "kl_append_reads_call",
+    "SELECT stale, positions, counted_tenants, counted_names, counted "
+    f"FROM {APPEND_READS_FUNCTION}($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], "
+    "$5::bytea[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])",
+)
+_APPEND_READ_CALL = PreparedCall(
+    "kl_append_read_call",
+    f"SELECT stale, read_position, read_count FROM {APPEND_READ_FUNCTION}("
+    "$1::uuid, $2::bigint, $3::uuid, $4::bigint, $5::uuid, $6::text, $7::bytea, "
+    "$8::text, $9::text, $10::bigint)",
+)
 PROJECTION_LOCK_ID = 0x6B6C_7072_6F6A  # "klproj"
 _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})".encode()
 
@@ -753,6 +767,10 @@ _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})"
 def _single(batch: Sequence[PendingRead]) -> bool:
     """A lone read decided on at most two versions (its secret's and keyring's)."""
     return len(batch) == 1 and 1 <= len(batch[0].expected) <= 2
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode()
 
 
 def _uuid(value: UUID | str) -> UUID:
