@@ -458,7 +458,10 @@ def test_connections_killed_in_the_middle_of_stores_and_reads_leave_nothing_half
         assert not worker.is_alive(), "the worker hung after its connections were killed"
 
         assert report["unexpected"] == []
-        assert report["store_failed"] or report["read_failed"], "no call was ever interrupted"
+        # Some call was interrupted: it failed, or its connection came back to the pool
+        # broken and the write was settled and sent again (most are, since 0.5.0).
+        broken = service._ledger.store.datastore.pool.get_stats().get("returns_bad", 0)
+        assert report["store_failed"] or report["read_failed"] or broken, "nothing was hit"
         assert report["stored"], "no store ever succeeded between the kills"
 
         errors: list[StorageError] = []

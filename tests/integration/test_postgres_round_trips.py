@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -24,15 +25,17 @@ import pytest
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, own_schema
 from keyledger import SecretService, StorageError, super_admin
 from keyledger.context import make_actor
+from keyledger.domain.secret import Secret
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
     APPEND_UNIT_FUNCTION,
     BEGIN_WRITE_FUNCTION,
+    STORE_CREATED_FUNCTION,
 )
 from keyledger.infrastructure.postgres_store import KeyledgerPostgresRecorder
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
@@ -467,3 +470,114 @@ def test_prepared_pipeline_statements_survive_pipelines_the_server_aborted(schem
         ]
         assert service.retrieve_for_tenant(TENANT, "api-key").value == "v2-6"
         assert service.list_for_tenant(TENANT, limit=100)[0].status == "active"
+
+
+def _catalog(schema: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        return conn.execute(
+            sql.SQL("SELECT * FROM {} ORDER BY tenant_id, name").format(
+                sql.Identifier(schema, "kl_catalog")
+            )
+        ).fetchall()
+
+
+def test_a_new_secret_is_one_call_and_writes_what_the_generic_pipeline_writes(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores of new names through ``kl_store_created_v1`` and through the generic unit
+    pipeline (the function turned off) leave the same event bytes and catalog rows."""
+    options: list[dict[str, Any]] = [
+        {},
+        {"category": "db", "description": "d\u00e9", "metadata": {"k": "v", "a": "b"}},
+        {"expires_at": datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)},
+    ]
+    catalogs, states = [], []
+    for use_function in (True, False):
+        with (
+            own_schema("created") as each,
+            SecretService.create(
+                f"{POSTGRES_URL}?schema={each}", master_key=secrets.token_hex(32)
+            ) as service,
+        ):
+            service.store_for_tenant(TENANT, "first", "v")  # the keyring's events
+            recorder = _recorder(service)
+            recorder._created_function = use_function
+            calls: list[int | None] = []
+
+            def counting(
+                *args: Any, _original: Any = recorder._call_store_created, _calls: Any = calls
+            ) -> Any:
+                position = _original(*args)
+                _calls.append(position)
+                return position
+
+            monkeypatch.setattr(recorder, "_call_store_created", counting)
+            infos = [
+                service.store_for_tenant(TENANT, f"s{i}", f"v{i}", **extra)
+                for i, extra in enumerate(options)
+            ]
+            # Each written by the function (a position), not handed on to the pipeline.
+            assert len(calls) == (len(options) if use_function else 0)
+            assert all(isinstance(position, int) for position in calls)
+            assert [info.access_count for info in infos] == [0, 0, 0]
+            values = [service.retrieve_for_tenant(TENANT, f"s{i}").value for i in range(3)]
+            assert values == ["v0", "v1", "v2"]
+            # Every column but the secret's id and its times.
+            catalogs.append([row[1:13] + row[15:16] for row in _catalog(each)])
+            states.append(len(_events(each)))
+    assert catalogs[0] == catalogs[1]
+    assert states[0] == states[1]
+
+
+def test_a_new_secret_decided_on_a_stale_keyring_writes_nothing(
+    service: SecretService, schema: str
+) -> None:
+    ledger, recorder = service._ledger, _recorder(service)
+    keyring = ledger.keyring(TENANT)
+    assert keyring is not None
+    secret = Secret.create(
+        tenant_id=TENANT,
+        name="new-one",
+        envelope=b"\x01" * 40,
+        key_version=1,
+        category=None,
+        description=None,
+        metadata={},
+        expires_at=None,
+        actor=ACTOR,
+    )
+    events = secret.collect_events()
+    stored = [ledger.mapper.to_stored_event(e) for e in events]
+    before, catalog = _events(schema), _catalog(schema)
+
+    stale = WriteUnit(expected={keyring.id: keyring.version + 1}, domain_events=events)
+    with pytest.raises(StaleStateError):
+        recorder.insert_events(stored, unit=stale)
+
+    assert _events(schema) == before
+    assert _catalog(schema) == catalog
+    fresh = WriteUnit(expected={keyring.id: keyring.version}, domain_events=events)
+    assert len(recorder.insert_events(stored, unit=fresh) or []) == 1
+    assert len(_catalog(schema)) == len(catalog) + 1
+    with pytest.raises(IntegrityError):  # the same name again: the events' primary key
+        recorder.insert_events(stored, unit=fresh)
+
+
+def test_without_the_store_created_function_new_secrets_take_the_pipeline(
+    service: SecretService, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _drop_functions(schema, STORE_CREATED_FUNCTION)
+    assert f"function {STORE_CREATED_FUNCTION}()" in service.check_schema().missing
+
+    with caplog.at_level(logging.WARNING):
+        for i in range(3):
+            service.store_for_tenant(TENANT, f"n{i}", f"v{i}")
+
+    assert _recorder(service)._created_function is False
+    assert [service.retrieve_for_tenant(TENANT, f"n{i}").value for i in range(3)] == [
+        "v0",
+        "v1",
+        "v2",
+    ]
+    assert sum("db init" in record.getMessage() for record in caplog.records) == 1
+    assert service.init_schema().ok

@@ -9,6 +9,9 @@ same statements one by one (slower, same result) and logs one warning.
   Planned once per connection as a handful of primary-key statements, it costs the
   server about half of what the batch function costs for a batch of one.
 - ``kl_append_reads_v1``: a group-committed batch of reads, as arrays.
+- ``kl_store_created_v1``: a store of a new secret (one ``SecretCreated``, no key material;
+  the common write), written and committed as one call: the lock, the check of the
+  keyring's version, the event and its catalog row.
 - ``kl_append_unit_v1``: the head of every other write unit's pipeline: the lock, the
   notification to projection workers, the check of the versions the decision was made
   on (raising SQLSTATE ``KL409``, which aborts the pipeline's transaction without a round
@@ -19,14 +22,18 @@ same statements one by one (slower, same result) and logs one warning.
 
 from __future__ import annotations
 
+from keyledger.projections.catalog import CatalogProjector
+
 APPEND_READ_FUNCTION = "kl_append_read_v1"
 APPEND_READS_FUNCTION = "kl_append_reads_v1"
 APPEND_UNIT_FUNCTION = "kl_append_unit_v1"
+STORE_CREATED_FUNCTION = "kl_store_created_v1"
 BEGIN_WRITE_FUNCTION = "kl_begin_write_v1"
 FUNCTIONS = (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
     APPEND_UNIT_FUNCTION,
+    STORE_CREATED_FUNCTION,
     BEGIN_WRITE_FUNCTION,
 )
 STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
@@ -39,6 +46,7 @@ def function_statements(table: str, channel: str) -> list[str]:
         append_read_statement(table, channel),
         append_reads_statement(table, channel),
         append_unit_statement(table, channel),
+        store_created_statement(table, channel),
         begin_write_statement(table, channel),
     ]
 
@@ -59,18 +67,7 @@ def append_read_statement(table: str, channel: str) -> str:
     OUT stale boolean, OUT read_position bigint, OUT read_count bigint)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
 BEGIN
-    LOCK TABLE {table} IN EXCLUSIVE MODE;
-    stale := COALESCE((SELECT MAX(originator_version) FROM {table}
-                       WHERE originator_id = p_expected_id1), 0) <> p_expected_version1
-        OR (p_expected_id2 IS NOT NULL
-            AND COALESCE((SELECT MAX(originator_version) FROM {table}
-                          WHERE originator_id = p_expected_id2), 0) <> p_expected_version2);
-    IF stale THEN
-        RETURN;
-    END IF;
-    PERFORM pg_notify('{channel}', '');
-    INSERT INTO {table} (originator_id, originator_version, topic, state)
-    VALUES (p_id, 1, p_topic, p_state) RETURNING notification_id INTO read_position;
+{_checked_append(table, channel, "read_position")}
     UPDATE kl_catalog SET access_count = kl_catalog.access_count + 1, last_accessed_at = p_at
     WHERE kl_catalog.tenant_id = p_tenant AND kl_catalog.name = p_name
     RETURNING kl_catalog.access_count INTO read_count;
@@ -157,6 +154,47 @@ END
 $fn$"""
 
 
+# The catalog row's parameters of kl_store_created_v1, in CatalogProjector.created's order.
+CREATED_ROW_PARAMETERS = (
+    ("p_secret_id", "text"),
+    ("p_tenant", "text"),
+    ("p_name", "text"),
+    ("p_category", "text"),
+    ("p_description", "text"),
+    ("p_metadata", "text"),
+    ("p_key_version", "integer"),
+    ("p_envelope_version", "integer"),
+    ("p_expires_at", "bigint"),
+    ("p_created_at", "bigint"),
+    ("p_updated_at", "bigint"),
+)
+
+
+def store_created_statement(table: str, channel: str) -> str:
+    """A new secret, written and committed as one call (made outside any transaction).
+
+    It takes the lock, checks the (at most two) versions the store was decided on (a NULL
+    id is skipped) and, only if neither moved on, notifies the projection workers,
+    appends the ``SecretCreated`` (version 1) and inserts its catalog row, with the
+    catalog projection's own statement. Returns whether the decision was stale (then
+    nothing was written) and the event's position. A secret that exists after all fails
+    on the events table's primary key, as any colliding append does."""
+    row = ",\n    ".join(f"{name} {kind}" for name, kind in CREATED_ROW_PARAMETERS)
+    insert = CatalogProjector.created_insert([name for name, _ in CREATED_ROW_PARAMETERS])
+    return f"""CREATE OR REPLACE FUNCTION {STORE_CREATED_FUNCTION}(
+    p_expected_id1 uuid, p_expected_version1 bigint,
+    p_expected_id2 uuid, p_expected_version2 bigint,
+    p_id uuid, p_topic text, p_state bytea,
+    {row},
+    OUT stale boolean, OUT event_position bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+BEGIN
+{_checked_append(table, channel, "event_position")}
+    {insert};
+END
+$fn$"""
+
+
 def begin_write_statement(table: str, channel: str) -> str:
     """The head of a write unit's pipeline (inside its transaction): the lock, the
     notification, and the version check that fails the transaction when an aggregate
@@ -169,6 +207,26 @@ BEGIN
 {_lock_notify_check(table, channel, "ids", "versions")}
 END
 $fn$"""
+
+
+def _checked_append(table: str, channel: str, position: str) -> str:
+    """The head of the one-event functions' bodies: lock; set ``stale`` and return if an
+    aggregate ``p_expected_id1``/``p_expected_id2`` (NULL: none) is no longer at its
+    version ``p_expected_version1``/``p_expected_version2``; else notify and append the
+    event ``p_id`` (version 1), its position into ``position``."""
+    return f"""    LOCK TABLE {table} IN EXCLUSIVE MODE;
+    stale := (p_expected_id1 IS NOT NULL
+              AND COALESCE((SELECT MAX(originator_version) FROM {table}
+                            WHERE originator_id = p_expected_id1), 0) <> p_expected_version1)
+        OR (p_expected_id2 IS NOT NULL
+            AND COALESCE((SELECT MAX(originator_version) FROM {table}
+                          WHERE originator_id = p_expected_id2), 0) <> p_expected_version2);
+    IF stale THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('{channel}', '');
+    INSERT INTO {table} (originator_id, originator_version, topic, state)
+    VALUES (p_id, 1, p_topic, p_state) RETURNING notification_id INTO {position};"""
 
 
 def _lock_notify_check(table: str, channel: str, ids: str, versions: str) -> str:

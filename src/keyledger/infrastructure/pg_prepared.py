@@ -24,6 +24,7 @@ import psycopg
 from psycopg import pq
 from psycopg.errors import error_from_result
 
+_INT4 = struct.Struct("!i")
 _INT8 = struct.Struct("!q")
 _INVALID_STATEMENT_NAME = "26000"  # the server does not know the prepared statement
 
@@ -31,6 +32,19 @@ _INVALID_STATEMENT_NAME = "26000"  # the server does not know the prepared state
 def int8(value: int) -> bytes:
     """A bigint parameter in binary format."""
     return _INT8.pack(value)
+
+
+def binary(value: str | int | None, sql_type: str) -> bytes | None:
+    """``value`` as a binary parameter of ``sql_type`` (text, integer or bigint)."""
+    if value is None:
+        return None
+    if sql_type == "text":
+        return str(value).encode()
+    if sql_type == "integer":
+        return _INT4.pack(value)
+    if sql_type == "bigint":
+        return _INT8.pack(value)
+    raise ValueError(f"no binary form here for {sql_type}")
 
 
 def int8_value(value: bytes | None) -> int | None:

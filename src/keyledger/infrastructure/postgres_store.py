@@ -40,6 +40,7 @@ from psycopg import Connection
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
+from keyledger.domain.secret import Secret
 from keyledger.errors import StorageError
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
@@ -53,11 +54,19 @@ from keyledger.infrastructure.pg_functions import (
     APPEND_READS_FUNCTION,
     APPEND_UNIT_FUNCTION,
     BEGIN_WRITE_FUNCTION,
+    CREATED_ROW_PARAMETERS,
     STALE_SQLSTATE,
+    STORE_CREATED_FUNCTION,
     append_only_statements,
     function_statements,
 )
-from keyledger.infrastructure.pg_prepared import PreparedCall, bool_value, int8, int8_value
+from keyledger.infrastructure.pg_prepared import (
+    PreparedCall,
+    binary,
+    bool_value,
+    int8,
+    int8_value,
+)
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -267,6 +276,14 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
         events = list(stored_events)
+        if self._created_function and _lone_creation(events, unit):
+            position = self._in_one_round_trip(
+                lambda conn: self._call_store_created(conn, events[0], unit),
+                committed=lambda: self._committed(events[0]),
+                lost_after_commit="PostgreSQL connection lost after the write was committed",
+            )
+            if position is not None:
+                return [position]
         if self._unit_pipeline and not unit.require_unused:
 
             def send(conn: Connection[Any], *, begin: bool) -> list[int]:
@@ -299,6 +316,47 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         return positions
 
     _unit_pipeline = True
+
+    _created_function = True
+
+    def _call_store_created(
+        self, conn: Connection[Any], event: StoredEvent, unit: WriteUnit
+    ) -> int | None:
+        """A new secret's unit as one call of ``kl_store_created_v1``, committed by the
+        server: its position; StaleStateError when the decision was stale (nothing
+        written); None when the schema lacks the function (then the unit goes the
+        generic way, and later ones too, with one warning)."""
+        (first_id, first_version), (second_id, second_version) = [
+            *unit.expected.items(),
+            (None, 0),
+            (None, 0),
+        ][:2]
+        row = CatalogProjector.created(unit.domain_events[0], unit.outcome)
+        try:
+            stale, position = _STORE_CREATED_CALL.run(
+                conn,
+                (
+                    None if first_id is None else first_id.bytes,
+                    int8(first_version),
+                    None if second_id is None else second_id.bytes,
+                    int8(second_version),
+                    _uuid(event.originator_id).bytes,
+                    event.topic.encode(),
+                    event.state,
+                    *map(binary, row, _CREATED_ROW_TYPES),
+                ),
+            )
+        except psycopg.errors.UndefinedFunction:
+            self._created_function = False
+            logger.warning(
+                "%s() is missing: stores of new secrets cost more until "
+                "`keyledger db init` creates it",
+                STORE_CREATED_FUNCTION,
+            )
+            return None
+        if bool_value(stale):
+            raise StaleStateError("the store was decided on a keyring that moved on")
+        return int8_value(position)
 
     def _in_one_round_trip(
         self,
@@ -748,6 +806,14 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 # A lone read's call, on libpq's prepared-statement interface (see pg_prepared).
+_CREATED_ROW_TYPES = [kind for _, kind in CREATED_ROW_PARAMETERS]
+_STORE_CREATED_CALL = PreparedCall(
+    "kl_store_created_call",
+    f"SELECT stale, event_position FROM {STORE_CREATED_FUNCTION}("
+    "$1::uuid, $2::bigint, $3::uuid, $4::bigint, $5::uuid, $6::text, $7::bytea, "
+    + ", ".join(f"${n}::{kind}" for n, (_, kind) in enumerate(CREATED_ROW_PARAMETERS, start=8))
+    + ")",
+)
 _APPEND_READS_CALL = PreparedCall(
     "kl_append_reads_call",
     "SELECT stale, positions, counted_tenants, counted_names, counted "
@@ -767,6 +833,20 @@ _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})"
 def _single(batch: Sequence[PendingRead]) -> bool:
     """A lone read decided on at most two versions (its secret's and keyring's)."""
     return len(batch) == 1 and 1 <= len(batch[0].expected) <= 2
+
+
+def _lone_creation(events: Sequence[StoredEvent], unit: WriteUnit) -> bool:
+    """Whether the unit is a store of a new secret and nothing else (``kl_store_created_v1``
+    writes exactly that): one SecretCreated, at most two versions to check, no key
+    material."""
+    return (
+        len(events) == 1
+        and len(unit.domain_events) == 1
+        and type(unit.domain_events[0]) is Secret.SecretCreated
+        and len(unit.expected) <= 2
+        and not (unit.key_material or unit.material_deletions or unit.material_rewraps)
+        and not unit.require_unused
+    )
 
 
 def _text(value: bytes | None) -> str:

@@ -138,8 +138,24 @@ class CatalogProjector:
     # -- catalog ------------------------------------------------------------------------
 
     def _on_SecretCreated(self, cur: Cursor, e: Secret.SecretCreated, outcome: Outcome) -> None:  # noqa: N802
+        cur.execute(_CREATED_INSERT, self.created(e, outcome))
+
+    @staticmethod
+    def created(e: Secret.SecretCreated, outcome: Outcome) -> tuple[Any, ...]:
+        """A created secret's catalog row (the parameters of ``created_insert``), its
+        outcome set: the one definition the inline projection and PostgreSQL's
+        ``kl_store_created_v1`` share."""
         outcome.access_count, outcome.last_accessed_at = 0, None
-        cur.execute(_CREATED_INSERT, _created_row(e))
+        return _created_row(e)
+
+    @staticmethod
+    def created_insert(placeholders: Sequence[str]) -> str:
+        """The INSERT of a created secret's row, its parameters named ``placeholders``
+        (one per value of ``created``, in order), for a server function."""
+        parts = _CREATED_INSERT.split("?")
+        if len(placeholders) != len(parts) - 1:
+            raise ValueError(f"{len(parts) - 1} placeholders needed")
+        return "".join(part + name for part, name in zip(parts, [*placeholders, ""], strict=True))
 
     def _on_SecretStored(self, cur: Cursor, e: Secret.SecretStored, outcome: Outcome) -> None:  # noqa: N802
         ts = to_micros(e.timestamp)
