@@ -44,6 +44,7 @@ from psycopg import sql
 
 import scenarios
 from keyledger.infrastructure.database_url import redact
+from keyledger.infrastructure.pg_prepared import PreparedCall
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.service import SecretService
 
@@ -835,8 +836,11 @@ class Instruments:
 
     One psycopg wait is one exchange with the server: a statement (or several sent as one
     string), a BEGIN or a COMMIT; the pool's no-op commit of an idle connection is not
-    counted. The lock is held from the answer to the statement holding LOCK TABLE until
-    the answer that leaves the transaction (COMMIT or ROLLBACK).
+    counted. The one-call writes bypass psycopg's cursors (``PreparedCall``, libpq's
+    prepared-statement interface): each of its executions, and each PREPARE it sends once
+    per connection, is one exchange and one execute call too. The lock is held from the
+    answer to the statement holding LOCK TABLE until the answer that leaves the
+    transaction (COMMIT or ROLLBACK).
     """
 
     def __init__(self, svc: SecretService) -> None:
@@ -881,6 +885,8 @@ class Instruments:
     def installed(self) -> Iterator[Instruments]:
         orig_wait = psycopg.Connection.wait
         orig_cur_execute = psycopg.Cursor.execute
+        orig_pq_execute = PreparedCall._execute
+        orig_pq_prepare = PreparedCall._prepare
         orig_writing = self.recorder.writing
         orig_reading = self.recorder.reading
         orig_projecting: Any = getattr(self.recorder, "projecting", None)
@@ -929,6 +935,22 @@ class Instruments:
             p.holding = True
             return result
 
+        def exchange(call: Callable[[], Any]) -> Any:
+            p = probe()
+            p.statements += 1
+            t = time.perf_counter()
+            try:
+                return call()
+            finally:
+                p.trips += 1
+                p.wait += time.perf_counter() - t
+
+        def pq_execute(prepared: Any, conn: Any, params: Any) -> Any:
+            return exchange(lambda: orig_pq_execute(prepared, conn, params))
+
+        def pq_prepare(prepared: Any, conn: Any) -> Any:
+            return exchange(lambda: orig_pq_prepare(prepared, conn))
+
         @contextlib.contextmanager
         def writing() -> Iterator[Any]:
             probe().write_tx += 1
@@ -967,6 +989,8 @@ class Instruments:
 
         psycopg.Connection.wait = wait  # type: ignore[method-assign,assignment]
         psycopg.Cursor.execute = cur_execute  # type: ignore[method-assign,assignment]
+        PreparedCall._execute = pq_execute  # type: ignore[method-assign]
+        PreparedCall._prepare = pq_prepare  # type: ignore[method-assign]
         orig_insert_reads = self.recorder.insert_reads
 
         def insert_reads(batch: Any) -> Any:
@@ -987,6 +1011,8 @@ class Instruments:
         finally:
             psycopg.Connection.wait = orig_wait  # type: ignore[method-assign]
             psycopg.Cursor.execute = orig_cur_execute  # type: ignore[method-assign]
+            PreparedCall._execute = orig_pq_execute  # type: ignore[method-assign]
+            PreparedCall._prepare = orig_pq_prepare  # type: ignore[method-assign]
             del self.recorder.insert_reads
             del self.recorder.writing
             del self.recorder.reading

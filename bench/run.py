@@ -1157,15 +1157,18 @@ def render_postgres(run: PgRun) -> str:
         f"{splits[0].n:,} retrieves by 1 thread, then by {pg_scenarios.CLIENTS} threads "
         "sharing the service, after an untimed warm-up per client. Measured by wrapping "
         "psycopg (`Connection.wait`: one wait is one round trip, for a statement string, "
-        "which may hold several statements, or a COMMIT; `Cursor.execute`), the recorder's "
+        "which may hold several statements, or a COMMIT; `Cursor.execute`; and keyledger's "
+        "`PreparedCall`, whose calls on libpq's prepared-statement interface bypass both: "
+        "one call is one round trip and one execute), the recorder's "
         "write and read transactions and the ledger's read commit; no profiler. Per retrieve "
         "unless said otherwise. 'Lock' is the events table's EXCLUSIVE lock that every write "
         "takes, held from the answer to the string holding LOCK TABLE (with BEGIN and "
         "NOTIFY) until the answer to COMMIT. Reads are written by one call of the server "
-        "function `kl_append_reads_v1`, which takes that lock on the server, so the lock "
-        "rows count only transactions that lock from the client (none in a run of reads "
-        "alone); the call is one round trip and one execute. At 8 clients, time inside "
-        "driver waits includes waiting for the GIL after the answer arrived."
+        "function `kl_append_reads_v1` (`kl_append_read_v1` for a lone read), which takes "
+        "that lock on the server, so the lock rows count only transactions that lock from "
+        "the client (none in a run of reads alone); the call is one round trip and one "
+        "execute. At 8 clients, time inside driver waits includes waiting for the GIL "
+        "after the answer arrived."
     )
     lines.append("")
     lines += table(
