@@ -581,3 +581,68 @@ def test_without_the_store_created_function_new_secrets_take_the_pipeline(
     ]
     assert sum("db init" in record.getMessage() for record in caplog.records) == 1
     assert service.init_schema().ok
+
+
+class _Interrupted(BaseException):
+    """Stands for Ctrl-C (KeyboardInterrupt) without pytest taking it for one."""
+
+
+@pytest.mark.parametrize("at", ["after the projection", "before the projection"])
+def test_a_unit_interrupted_while_its_pipeline_is_queued_writes_nothing(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    """The pipeline is its own implicit transaction, and psycopg sends the Sync that would
+    commit it even when the block that queues it raises: the connection must be closed
+    first, so the server rolls the half-queued unit back."""
+    from keyledger.infrastructure import postgres_store
+
+    original = postgres_store.write_unit_rest
+
+    def interrupted(cur: Any, unit: WriteUnit, positions: Any) -> None:
+        if at == "after the projection":
+            original(cur, unit, positions)  # everything but the sync is queued
+        raise _Interrupted
+
+    before, catalog = _events(schema), _catalog(schema)
+    monkeypatch.setattr(postgres_store, "write_unit_rest", interrupted)
+    with pytest.raises(_Interrupted):
+        service.store_for_tenant(TENANT, "api-key", "value-b")  # an update: the pipeline
+    monkeypatch.undo()
+
+    assert _events(schema) == before
+    assert _catalog(schema) == catalog
+    # The service goes on (its cache was never ahead of the store).
+    assert service.store_for_tenant(TENANT, "api-key", "value-b").version == 2
+    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+
+
+def test_a_stale_unit_the_server_refuses_while_the_pipeline_is_queued_is_a_conflict(
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the server's refusal (KL409) arrives while the rest of the unit is still being
+    queued, psycopg raises it from a later statement: it is still a stale decision, not a
+    storage failure, and nothing is written."""
+    from keyledger.infrastructure import postgres_store
+
+    ledger, recorder = service._ledger, _recorder(service)
+    secret = ledger.secret(TENANT, "api-key")
+    assert secret is not None
+    changed = ledger.for_update(secret)
+    changed.disable(ACTOR)
+    events = changed.collect_events()
+    stored = [ledger.mapper.to_stored_event(e) for e in events]
+    original = postgres_store.write_unit_rest
+
+    def slow(cur: Any, unit: WriteUnit, positions: Any) -> None:
+        time.sleep(0.2)  # the server's answer to the head statement arrives meanwhile
+        original(cur, unit, positions)
+
+    monkeypatch.setattr(postgres_store, "write_unit_rest", slow)
+    before = _events(schema)
+    stale = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=events)
+    with pytest.raises(StaleStateError):
+        recorder.insert_events(stored, unit=stale)
+    monkeypatch.undo()
+
+    assert _events(schema) == before
+    assert service.store_for_tenant(TENANT, "api-key", "value-c").version == 2

@@ -157,7 +157,7 @@ class Secret(Aggregate):
             originator_id=aggregate_id,
             originator_version=1,
             timestamp=now,
-            originator_topic=_TOPIC,
+            originator_topic=get_topic(cls),
             tenant_id=tenant_id,
             name=name,
             actor=actor,
@@ -273,6 +273,3 @@ class Secret(Aggregate):
     def status_at(self, now: datetime) -> str:
         """The status a reader sees at ``now``."""
         return effective_status(self.disabled, self.expired, self.expires_at, now)
-
-
-_TOPIC = get_topic(Secret)

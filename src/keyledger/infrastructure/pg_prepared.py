@@ -8,7 +8,9 @@ the way psycopg itself sends a prepared statement: measured here, 28-51 against 
 of client CPU per call. libpq's ``PQexecPrepared`` runs with the GIL released.
 
 The statement is prepared once per connection, under its own name (never one of
-psycopg's ``_pg3_*`` names), and prepared again if the server lost it. Failures are
+psycopg's ``_pg3_*`` names), and prepared again if the server lost it (psycopg sends
+``DEALLOCATE ALL`` when it clears its own cache of prepared statements: then a call costs
+three round trips once). Failures are
 psycopg's own exceptions, built from the result as psycopg builds them, so callers handle
 them exactly as before (a lost connection leaves ``conn.broken`` true).
 """
@@ -27,6 +29,7 @@ from psycopg.errors import error_from_result
 _INT4 = struct.Struct("!i")
 _INT8 = struct.Struct("!q")
 _INVALID_STATEMENT_NAME = "26000"  # the server does not know the prepared statement
+_DUPLICATE_STATEMENT_NAME = "42P05"  # the server knows it already (another of ours)
 
 
 def int8(value: int) -> bytes:
@@ -81,6 +84,11 @@ class PreparedCall:
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         result = conn.pgconn.prepare(self.name, self.statement)
+        if result.status != pq.ExecStatus.COMMAND_OK and (
+            result.error_field(pq.DiagnosticField.SQLSTATE) == _DUPLICATE_STATEMENT_NAME.encode()
+        ):  # prepared on this connection by another copy of this call (a reloaded module)
+            self._prepared_on.add(conn)
+            return
         _check(conn, result, pq.ExecStatus.COMMAND_OK)
         self._prepared_on.add(conn)
 

@@ -347,12 +347,13 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 ),
             )
         except psycopg.errors.UndefinedFunction:
-            self._created_function = False
-            logger.warning(
-                "%s() is missing: stores of new secrets cost more until "
-                "`keyledger db init` creates it",
-                STORE_CREATED_FUNCTION,
-            )
+            warn, self._created_function = self._created_function, False
+            if warn:  # once, however many threads found it missing
+                logger.warning(
+                    "%s() is missing: stores of new secrets cost more until "
+                    "`keyledger db init` creates it",
+                    STORE_CREATED_FUNCTION,
+                )
             return None
         if bool_value(stale):
             raise StaleStateError("the store was decided on a keyring that moved on")
@@ -450,31 +451,32 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         expected = (uuid_array(list(unit.expected)), int8_array(list(unit.expected.values())))
         use_function = self._unit_function  # read once: another thread may turn it off
         with conn.pipeline() as pipeline:
-            # The lock, the notification, the version check and the append in one
-            # statement (a session opened BEGIN-first holds the lock already: taking it
-            # again is free).
-            head = conn.cursor(row_factory=tuple_row)
-            if use_function:
-                head.execute(
-                    f"SELECT {APPEND_UNIT_FUNCTION}(%b, %b, %b, %b, %b, %b)",
-                    (
-                        *expected,
-                        uuid_array([_uuid(e.originator_id) for e in events]),
-                        int8_array([e.originator_version for e in events]),
-                        text_array([e.topic for e in events]),
-                        bytea_array([e.state for e in events]),
-                    ),
-                )
-            else:  # a schema made by 0.4.0: the check, then an INSERT of our own
-                head.execute(f"SELECT {BEGIN_WRITE_FUNCTION}(%b, %b)", expected)
-                if events:
-                    statement, params = self._append_sql(events)
-                    head = conn.cursor(row_factory=tuple_row)
-                    head.execute(statement + " RETURNING notification_id", params)
-            rest = _PipelineCursor(conn)
-            write_unit_rest(rest, unit, [0] * len(events))  # projections ignore positions
-            if not begin:
-                conn.cursor().execute("COMMIT", prepare=False)
+            with _closed_unless_queued(conn):
+                # The lock, the notification, the version check and the append in one
+                # statement (a session opened BEGIN-first holds the lock already: taking
+                # it again is free).
+                head = conn.cursor(row_factory=tuple_row)
+                if use_function:
+                    head.execute(
+                        f"SELECT {APPEND_UNIT_FUNCTION}(%b, %b, %b, %b, %b, %b)",
+                        (
+                            *expected,
+                            uuid_array([_uuid(e.originator_id) for e in events]),
+                            int8_array([e.originator_version for e in events]),
+                            text_array([e.topic for e in events]),
+                            bytea_array([e.state for e in events]),
+                        ),
+                    )
+                else:  # a schema made by 0.4.0: the check, then an INSERT of our own
+                    head.execute(f"SELECT {BEGIN_WRITE_FUNCTION}(%b, %b)", expected)
+                    if events:
+                        statement, params = self._append_sql(events)
+                        head = conn.cursor(row_factory=tuple_row)
+                        head.execute(statement + " RETURNING notification_id", params)
+                rest = _PipelineCursor(conn)
+                write_unit_rest(rest, unit, [0] * len(events))  # projections ignore positions
+                if not begin:
+                    conn.cursor().execute("COMMIT", prepare=False)
             pipeline.sync()
             if use_function:
                 row = head.fetchone()
@@ -833,6 +835,26 @@ _BEGIN_PROJECTING = f"BEGIN; SELECT pg_advisory_xact_lock({PROJECTION_LOCK_ID})"
 def _single(batch: Sequence[PendingRead]) -> bool:
     """A lone read decided on at most two versions (its secret's and keyring's)."""
     return len(batch) == 1 and 1 <= len(batch[0].expected) <= 2
+
+
+@contextmanager
+def _closed_unless_queued(conn: Connection[Any]) -> Iterator[None]:
+    """Close ``conn`` if the block queuing a unit's pipeline raises.
+
+    A unit sent without BEGIN is the pipeline's implicit transaction: the server commits
+    whatever it received at the pipeline's Sync, and psycopg sends that Sync when its
+    pipeline block exits, an exception or not. A unit interrupted half-queued (a failing
+    projection, Ctrl-C) must not be committed half: closing the connection first leaves
+    the server nothing to do but roll it back. (psycopg then logs that terminating the
+    pipeline failed.) An error the server reported while the rest was being queued (a
+    stale decision, say: it carries a SQLSTATE) needs none of that: the server has already
+    aborted the transaction and skips everything up to the Sync; the caller handles it."""
+    try:
+        yield
+    except BaseException as error:
+        if getattr(error, "sqlstate", None) is None:
+            conn.close()
+        raise
 
 
 def _lone_creation(events: Sequence[StoredEvent], unit: WriteUnit) -> bool:
