@@ -70,6 +70,18 @@ def _events(schema: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def _disabling(service: SecretService) -> tuple[Any, list[Any], list[Any]]:
+    """The cached "api-key" secret, and the events (and their stored form) that would
+    disable it: a write unit to send by hand."""
+    ledger = service._ledger
+    secret = ledger.secret(TENANT, "api-key")
+    assert secret is not None
+    changed = ledger.for_update(secret)
+    changed.disable(ACTOR)
+    events = changed.collect_events()
+    return secret, events, [ledger.mapper.to_stored_event(e) for e in events]
+
+
 def _drop_functions(schema: str, *names: str) -> None:
     """Make the schema look like one made by an older version."""
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
@@ -318,14 +330,9 @@ def test_a_stale_write_unit_aborts_on_the_server_and_writes_nothing(
     service: SecretService, schema: str
 ) -> None:
     ledger = service._ledger
-    secret = ledger.secret(TENANT, "api-key")
-    assert secret is not None
     before = _events(schema)
 
-    changed = ledger.for_update(secret)
-    changed.disable({"user_id": "x", "ip_address": None, "user_agent": None})
-    events = changed.collect_events()
-    stored = [ledger.mapper.to_stored_event(e) for e in events]
+    secret, events, stored = _disabling(service)
     unit = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=list(events))
     with pytest.raises(StaleStateError):
         ledger.store.insert_events(stored, unit=unit)
@@ -448,12 +455,7 @@ def test_prepared_pipeline_statements_survive_pipelines_the_server_aborted(schem
             for i in range(7):  # past psycopg's threshold of five uses: prepared
                 service.store_for_tenant(TENANT, f"s{turn}-{i}", f"v{turn}-{i}")
                 service.store_for_tenant(TENANT, "api-key", f"v{turn}-{i}")
-            secret = ledger.secret(TENANT, "api-key")
-            assert secret is not None
-            changed = ledger.for_update(secret)
-            changed.disable(ACTOR)
-            events = changed.collect_events()
-            stored = [ledger.mapper.to_stored_event(e) for e in events]
+            secret, events, stored = _disabling(service)
             stale = WriteUnit(expected={secret.id: secret.version + 5}, domain_events=events)
             with pytest.raises(StaleStateError):  # aborted by kl_append_unit_v1
                 ledger.store.insert_events(stored, unit=stale)
@@ -624,13 +626,8 @@ def test_a_stale_unit_the_server_refuses_while_the_pipeline_is_queued_is_a_confl
     storage failure, and nothing is written."""
     from keyledger.infrastructure import postgres_store
 
-    ledger, recorder = service._ledger, _recorder(service)
-    secret = ledger.secret(TENANT, "api-key")
-    assert secret is not None
-    changed = ledger.for_update(secret)
-    changed.disable(ACTOR)
-    events = changed.collect_events()
-    stored = [ledger.mapper.to_stored_event(e) for e in events]
+    recorder = _recorder(service)
+    secret, events, stored = _disabling(service)
     original = postgres_store.write_unit_rest
 
     def slow(cur: Any, unit: WriteUnit, positions: Any) -> None:
