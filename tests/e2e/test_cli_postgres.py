@@ -39,6 +39,7 @@ FUNCTIONS = [
     "function kl_append_reads_v1()",
     "function kl_append_unit_v1()",
     "function kl_store_created_v1()",
+    "function kl_store_updated_v1()",
     "function kl_begin_write_v1()",
 ]
 SCRIPT = Path(sys.executable).parent / "keyledger"

@@ -341,51 +341,73 @@ def test_a_stale_write_unit_aborts_on_the_server_and_writes_nothing(
     assert [info.status for info in service.list_for_tenant(TENANT)] == ["active"]
 
 
+# The two one-round-trip ways a unit is written: the generic pipeline (a disable goes
+# that way) and a store function (an update of a value). Each: the recorder's method that
+# sends it, the write, and what the write leaves to read back.
+WAYS = {
+    "pipeline": (
+        "_unit_in_pipeline",
+        lambda service: service.change_for_tenant(TENANT, "api-key", "disable", make_actor("x")),
+        lambda service: service.list_for_tenant(TENANT, status="disabled")[0].name,
+        "api-key",
+    ),
+    "store function": (
+        "_call_store",
+        lambda service: service.store_for_tenant(TENANT, "api-key", "value-b"),
+        lambda service: service.retrieve_for_tenant(TENANT, "api-key").value,
+        "value-b",
+    ),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
 def test_a_write_whose_connection_dies_before_it_is_sent_is_written_once_elsewhere(
-    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
+    method, write, read_back, expected = WAYS[way]
     recorder = _recorder(service)
-    original = recorder._unit_in_pipeline
+    original = getattr(recorder, method)
     killed: list[int] = []
 
-    def die_first(conn: Any, events: Any, unit: Any, *, begin: bool) -> list[int]:
-        if begin and not killed:
+    def die_first(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("begin", True) and not killed:
             killed.append(conn.info.backend_pid)
             _kill(conn.info.backend_pid)
-        return original(conn, events, unit, begin=begin)
+        return original(conn, *args, **kwargs)
 
-    monkeypatch.setattr(recorder, "_unit_in_pipeline", die_first)
+    monkeypatch.setattr(recorder, method, die_first)
     before = len(_events(schema))
 
-    info = service.store_for_tenant(TENANT, "api-key", "value-b")
+    write(service)
 
     assert killed
-    assert info.version == 2
     assert len(_events(schema)) == before + 1
-    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+    assert read_back(service) == expected
 
 
+@pytest.mark.parametrize("way", list(WAYS))
 def test_a_write_whose_answer_is_lost_after_its_commit_fails_and_is_not_written_twice(
-    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch
+    service: SecretService, schema: str, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
+    method, write, read_back, expected = WAYS[way]
     recorder = _recorder(service)
-    original = recorder._unit_in_pipeline
+    original = getattr(recorder, method)
 
-    def lose_the_answer(conn: Any, events: Any, unit: Any, *, begin: bool) -> list[int]:
-        original(conn, events, unit, begin=begin)
+    def lose_the_answer(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        original(conn, *args, **kwargs)
         _kill(conn.info.backend_pid)
         conn.execute("SELECT 1")  # the dead connection raises OperationalError
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(recorder, "_unit_in_pipeline", lose_the_answer)
+    monkeypatch.setattr(recorder, method, lose_the_answer)
     before = len(_events(schema))
 
     with pytest.raises(StorageError, match="committed"):
-        service.store_for_tenant(TENANT, "api-key", "value-b")
+        write(service)
 
     assert len(_events(schema)) == before + 1
-    monkeypatch.setattr(recorder, "_unit_in_pipeline", original)
-    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+    monkeypatch.setattr(recorder, method, original)
+    assert read_back(service) == expected
 
 
 @pytest.mark.parametrize("order", ["stale first", "stale last"])
@@ -483,50 +505,58 @@ def _catalog(schema: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-def test_a_new_secret_is_one_call_and_writes_what_the_generic_pipeline_writes(
+def test_a_store_is_one_call_and_writes_what_the_generic_pipeline_writes(
     schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stores of new names through ``kl_store_created_v1`` and through the generic unit
-    pipeline (the function turned off) leave the same event bytes and catalog rows."""
+    """Stores through ``kl_store_created_v1`` and ``kl_store_updated_v1`` (new names,
+    updates, a revived name) and through the generic unit pipeline (the functions turned
+    off) leave the same events and catalog rows, and return the same counts."""
     options: list[dict[str, Any]] = [
         {},
         {"category": "db", "description": "d\u00e9", "metadata": {"k": "v", "a": "b"}},
         {"expires_at": datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)},
     ]
-    catalogs, states = [], []
+    catalogs, states, counts = [], [], []
     for use_function in (True, False):
         with (
-            own_schema("created") as each,
+            own_schema("stores") as each,
             SecretService.create(
                 f"{POSTGRES_URL}?schema={each}", master_key=secrets.token_hex(32)
             ) as service,
         ):
             service.store_for_tenant(TENANT, "first", "v")  # the keyring's events
             recorder = _recorder(service)
-            recorder._created_function = use_function
+            recorder._created_function = recorder._updated_function = use_function
             calls: list[int | None] = []
 
             def counting(
-                *args: Any, _original: Any = recorder._call_store_created, _calls: Any = calls
+                *args: Any, _original: Any = recorder._call_store, _calls: Any = calls
             ) -> Any:
                 position = _original(*args)
                 _calls.append(position)
                 return position
 
-            monkeypatch.setattr(recorder, "_call_store_created", counting)
+            monkeypatch.setattr(recorder, "_call_store", counting)
             infos = [
                 service.store_for_tenant(TENANT, f"s{i}", f"v{i}", **extra)
                 for i, extra in enumerate(options)
             ]
-            # Each written by the function (a position), not handed on to the pipeline.
-            assert len(calls) == (len(options) if use_function else 0)
+            for i in range(3):
+                service.retrieve_for_tenant(TENANT, f"s{i}")
+            infos.append(service.store_for_tenant(TENANT, "s0", "w0", category="new"))
+            infos.append(service.store_for_tenant(TENANT, "s2", "w2", clear_expiry=True))
+            service.change_for_tenant(TENANT, "s1", "delete", make_actor("x"))
+            infos.append(service.store_for_tenant(TENANT, "s1", "revived"))
+            # Each written by a function (a position), not handed on to the pipeline.
+            assert len(calls) == (6 if use_function else 0)
             assert all(isinstance(position, int) for position in calls)
-            assert [info.access_count for info in infos] == [0, 0, 0]
+            counts.append([(info.version, info.access_count) for info in infos])
             values = [service.retrieve_for_tenant(TENANT, f"s{i}").value for i in range(3)]
-            assert values == ["v0", "v1", "v2"]
+            assert values == ["w0", "revived", "w2"]
             # Every column but the secret's id and its times.
             catalogs.append([row[1:13] + row[15:16] for row in _catalog(each)])
             states.append(len(_events(each)))
+    assert counts[0] == counts[1] == [(1, 0), (1, 0), (1, 0), (2, 1), (2, 1), (2, 0)]
     assert catalogs[0] == catalogs[1]
     assert states[0] == states[1]
 
@@ -575,7 +605,8 @@ def test_without_the_store_created_function_new_secrets_take_the_pipeline(
         for i in range(3):
             service.store_for_tenant(TENANT, f"n{i}", f"v{i}")
 
-    assert _recorder(service)._created_function is False
+    recorder = _recorder(service)
+    assert (recorder._created_function, recorder._updated_function) == (False, True)
     assert [service.retrieve_for_tenant(TENANT, f"n{i}").value for i in range(3)] == [
         "v0",
         "v1",
@@ -607,15 +638,15 @@ def test_a_unit_interrupted_while_its_pipeline_is_queued_writes_nothing(
 
     before, catalog = _events(schema), _catalog(schema)
     monkeypatch.setattr(postgres_store, "write_unit_rest", interrupted)
-    with pytest.raises(_Interrupted):
-        service.store_for_tenant(TENANT, "api-key", "value-b")  # an update: the pipeline
+    with pytest.raises(_Interrupted):  # a disable goes the pipeline way
+        service.change_for_tenant(TENANT, "api-key", "disable", make_actor("x"))
     monkeypatch.undo()
 
     assert _events(schema) == before
     assert _catalog(schema) == catalog
     # The service goes on (its cache was never ahead of the store).
-    assert service.store_for_tenant(TENANT, "api-key", "value-b").version == 2
-    assert service.retrieve_for_tenant(TENANT, "api-key").value == "value-b"
+    assert service.change_for_tenant(TENANT, "api-key", "disable", make_actor("x"))
+    assert [info.name for info in service.list_for_tenant(TENANT, status="disabled")] == ["api-key"]
 
 
 def test_a_stale_unit_the_server_refuses_while_the_pipeline_is_queued_is_a_conflict(

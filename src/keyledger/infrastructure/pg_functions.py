@@ -12,6 +12,8 @@ same statements one by one (slower, same result) and logs one warning.
 - ``kl_store_created_v1``: a store of a new secret (one ``SecretCreated``, no key material;
   the common write), written and committed as one call: the lock, the check of the
   keyring's version, the event and its catalog row.
+- ``kl_store_updated_v1``: the same for a new value of an existing secret (one
+  ``SecretStored``), its catalog row updated and its access count returned.
 - ``kl_append_unit_v1``: the head of every other write unit's pipeline: the lock, the
   notification to projection workers, the check of the versions the decision was made
   on (raising SQLSTATE ``KL409``, which aborts the pipeline's transaction without a round
@@ -28,12 +30,14 @@ APPEND_READ_FUNCTION = "kl_append_read_v1"
 APPEND_READS_FUNCTION = "kl_append_reads_v1"
 APPEND_UNIT_FUNCTION = "kl_append_unit_v1"
 STORE_CREATED_FUNCTION = "kl_store_created_v1"
+STORE_UPDATED_FUNCTION = "kl_store_updated_v1"
 BEGIN_WRITE_FUNCTION = "kl_begin_write_v1"
 FUNCTIONS = (
     APPEND_READ_FUNCTION,
     APPEND_READS_FUNCTION,
     APPEND_UNIT_FUNCTION,
     STORE_CREATED_FUNCTION,
+    STORE_UPDATED_FUNCTION,
     BEGIN_WRITE_FUNCTION,
 )
 STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
@@ -47,6 +51,7 @@ def function_statements(table: str, channel: str) -> list[str]:
         append_reads_statement(table, channel),
         append_unit_statement(table, channel),
         store_created_statement(table, channel),
+        store_updated_statement(table, channel),
         begin_write_statement(table, channel),
     ]
 
@@ -195,6 +200,53 @@ END
 $fn$"""
 
 
+# The catalog values of kl_store_updated_v1, in CatalogProjector.stored_row's order.
+STORED_ROW_PARAMETERS = (
+    ("p_disabled", "integer"),
+    ("p_expired", "integer"),
+    ("p_category", "text"),
+    ("p_description", "text"),
+    ("p_metadata", "text"),
+    ("p_value_version", "integer"),
+    ("p_key_version", "integer"),
+    ("p_envelope_version", "integer"),
+    ("p_expires_at", "bigint"),
+    ("p_at", "bigint"),
+)
+
+
+def store_updated_statement(table: str, channel: str) -> str:
+    """A new value of an existing secret, written and committed as one call (made outside
+    any transaction): as ``kl_store_created_v1``, with the event at its version and the
+    catalog row updated by the projection's own statement (its revived-name variant when
+    ``p_revived``). Returns whether the decision was stale, the event's position and the
+    row's access count and last read (NULL: no catalog row). A concurrent store of the
+    same version fails on the events table's primary key."""
+    row = [name for name, _ in STORED_ROW_PARAMETERS]
+    declared = ",\n    ".join(f"{name} {kind}" for name, kind in STORED_ROW_PARAMETERS)
+    into = " INTO stored_count, stored_last_accessed_at"
+    update = CatalogProjector.stored_update(False, [*row, "p_tenant", "p_name"])
+    revive = CatalogProjector.stored_update(True, [*row, "p_at", "p_tenant", "p_name"])
+    return f"""CREATE OR REPLACE FUNCTION {STORE_UPDATED_FUNCTION}(
+    p_expected_id1 uuid, p_expected_version1 bigint,
+    p_expected_id2 uuid, p_expected_version2 bigint,
+    p_id uuid, p_event_version bigint, p_topic text, p_state bytea, p_revived boolean,
+    {declared},
+    p_tenant text, p_name text,
+    OUT stale boolean, OUT event_position bigint,
+    OUT stored_count bigint, OUT stored_last_accessed_at bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+BEGIN
+{_checked_append(table, channel, "event_position", "p_event_version")}
+    IF p_revived THEN
+        {revive}{into};
+    ELSE
+        {update}{into};
+    END IF;
+END
+$fn$"""
+
+
 def begin_write_statement(table: str, channel: str) -> str:
     """The head of a write unit's pipeline (inside its transaction): the lock, the
     notification, and the version check that fails the transaction when an aggregate
@@ -209,11 +261,11 @@ END
 $fn$"""
 
 
-def _checked_append(table: str, channel: str, position: str) -> str:
+def _checked_append(table: str, channel: str, position: str, version: str = "1") -> str:
     """The head of the one-event functions' bodies: lock; set ``stale`` and return if an
     aggregate ``p_expected_id1``/``p_expected_id2`` (NULL: none) is no longer at its
     version ``p_expected_version1``/``p_expected_version2``; else notify and append the
-    event ``p_id`` (version 1), its position into ``position``."""
+    event ``p_id`` (at ``version``, an SQL expression), its position into ``position``."""
     return f"""    LOCK TABLE {table} IN EXCLUSIVE MODE;
     stale := (p_expected_id1 IS NOT NULL
               AND COALESCE((SELECT MAX(originator_version) FROM {table}
@@ -226,7 +278,7 @@ def _checked_append(table: str, channel: str, position: str) -> str:
     END IF;
     PERFORM pg_notify('{channel}', '');
     INSERT INTO {table} (originator_id, originator_version, topic, state)
-    VALUES (p_id, 1, p_topic, p_state) RETURNING notification_id INTO {position};"""
+    VALUES (p_id, {version}, p_topic, p_state) RETURNING notification_id INTO {position};"""
 
 
 def _lock_notify_check(table: str, channel: str, ids: str, versions: str) -> str:

@@ -57,6 +57,8 @@ from keyledger.infrastructure.pg_functions import (
     CREATED_ROW_PARAMETERS,
     STALE_SQLSTATE,
     STORE_CREATED_FUNCTION,
+    STORE_UPDATED_FUNCTION,
+    STORED_ROW_PARAMETERS,
     append_only_statements,
     function_statements,
 )
@@ -276,9 +278,10 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
         events = list(stored_events)
-        if self._created_function and _lone_creation(events, unit):
+        function = self._store_function(events, unit)
+        if function is not None:
             position = self._in_one_round_trip(
-                lambda conn: self._call_store_created(conn, events[0], unit),
+                lambda conn: self._call_store(conn, function, events[0], unit),
                 committed=lambda: self._committed(events[0]),
                 lost_after_commit="PostgreSQL connection lost after the write was committed",
             )
@@ -317,42 +320,88 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     _unit_pipeline = True
 
-    _created_function = True
+    _created_function = True  # kl_store_created_v1 exists (as far as we know)
+    _updated_function = True  # kl_store_updated_v1 exists
 
-    def _call_store_created(
-        self, conn: Connection[Any], event: StoredEvent, unit: WriteUnit
+    def _store_function(self, events: Sequence[StoredEvent], unit: WriteUnit) -> str | None:
+        """The one-call function that writes ``unit`` whole, if there is one: a store of
+        one new value and nothing else (one SecretCreated or SecretStored, at most two
+        versions to check, no key material)."""
+        if not (
+            len(events) == 1
+            and len(unit.domain_events) == 1
+            and len(unit.expected) <= 2
+            and not (unit.key_material or unit.material_deletions or unit.material_rewraps)
+            and not unit.require_unused
+        ):
+            return None
+        kind = type(unit.domain_events[0])
+        function = (
+            STORE_CREATED_FUNCTION
+            if kind is Secret.SecretCreated
+            else STORE_UPDATED_FUNCTION
+            if kind is Secret.SecretStored
+            else None
+        )
+        return function if function and getattr(self, _STORE_FLAGS[function]) else None
+
+    def _call_store(
+        self, conn: Connection[Any], function: str, event: StoredEvent, unit: WriteUnit
     ) -> int | None:
-        """A new secret's unit as one call of ``kl_store_created_v1``, committed by the
-        server: its position; StaleStateError when the decision was stale (nothing
-        written); None when the schema lacks the function (then the unit goes the
-        generic way, and later ones too, with one warning)."""
+        """A store's unit as one call of ``function``, committed by the server: its
+        position; StaleStateError when the decision was stale (nothing written); None when
+        the schema lacks the function (then the unit goes the generic way, and later ones
+        too, with one warning)."""
         (first_id, first_version), (second_id, second_version) = [
             *unit.expected.items(),
             (None, 0),
             (None, 0),
         ][:2]
-        row = CatalogProjector.created(unit.domain_events[0], unit.outcome)
+        head = (
+            None if first_id is None else first_id.bytes,
+            int8(first_version),
+            None if second_id is None else second_id.bytes,
+            int8(second_version),
+            _uuid(event.originator_id).bytes,
+        )
+        stored = unit.domain_events[0]
         try:
-            stale, position = _STORE_CREATED_CALL.run(
-                conn,
-                (
-                    None if first_id is None else first_id.bytes,
-                    int8(first_version),
-                    None if second_id is None else second_id.bytes,
-                    int8(second_version),
-                    _uuid(event.originator_id).bytes,
-                    event.topic.encode(),
-                    event.state,
-                    *map(binary, row, _CREATED_ROW_TYPES),
-                ),
-            )
+            if function == STORE_CREATED_FUNCTION:
+                row = CatalogProjector.created(stored, unit.outcome)
+                stale, position = _STORE_CREATED_CALL.run(
+                    conn,
+                    (
+                        *head,
+                        event.topic.encode(),
+                        event.state,
+                        *map(binary, row, _CREATED_ROW_TYPES),
+                    ),
+                )
+            else:
+                row = CatalogProjector.stored_row(stored)
+                stale, position, count, last = _STORE_UPDATED_CALL.run(
+                    conn,
+                    (
+                        *head,
+                        int8(event.originator_version),
+                        event.topic.encode(),
+                        event.state,
+                        b"\x01" if stored.revived else b"\x00",
+                        *map(binary, row, _STORED_ROW_TYPES),
+                        stored.tenant_id.encode(),
+                        stored.name.encode(),
+                    ),
+                )
+                if count is not None and unit.outcome.wanted:  # as _remember_access does
+                    unit.outcome.access_count = int8_value(count)
+                    unit.outcome.last_accessed_at = int8_value(last)
         except psycopg.errors.UndefinedFunction:
-            warn, self._created_function = self._created_function, False
+            warn = getattr(self, _STORE_FLAGS[function])
+            setattr(self, _STORE_FLAGS[function], False)
             if warn:  # once, however many threads found it missing
                 logger.warning(
-                    "%s() is missing: stores of new secrets cost more until "
-                    "`keyledger db init` creates it",
-                    STORE_CREATED_FUNCTION,
+                    "%s() is missing: stores cost more until `keyledger db init` creates it",
+                    function,
                 )
             return None
         if bool_value(stale):
@@ -816,6 +865,20 @@ _STORE_CREATED_CALL = PreparedCall(
     + ", ".join(f"${n}::{kind}" for n, (_, kind) in enumerate(CREATED_ROW_PARAMETERS, start=8))
     + ")",
 )
+_STORE_FLAGS = {
+    STORE_CREATED_FUNCTION: "_created_function",
+    STORE_UPDATED_FUNCTION: "_updated_function",
+}
+_STORED_ROW_TYPES = [kind for _, kind in STORED_ROW_PARAMETERS]
+_STORE_UPDATED_CALL = PreparedCall(
+    "kl_store_updated_call",
+    "SELECT stale, event_position, stored_count, stored_last_accessed_at "
+    f"FROM {STORE_UPDATED_FUNCTION}("
+    "$1::uuid, $2::bigint, $3::uuid, $4::bigint, $5::uuid, $6::bigint, $7::text, $8::bytea, "
+    "$9::boolean, "
+    + ", ".join(f"${n}::{kind}" for n, (_, kind) in enumerate(STORED_ROW_PARAMETERS, start=10))
+    + f", ${10 + len(STORED_ROW_PARAMETERS)}::text, ${11 + len(STORED_ROW_PARAMETERS)}::text)",
+)
 _APPEND_READS_CALL = PreparedCall(
     "kl_append_reads_call",
     "SELECT stale, positions, counted_tenants, counted_names, counted "
@@ -855,20 +918,6 @@ def _closed_unless_queued(conn: Connection[Any]) -> Iterator[None]:
         if getattr(error, "sqlstate", None) is None:
             conn.close()
         raise
-
-
-def _lone_creation(events: Sequence[StoredEvent], unit: WriteUnit) -> bool:
-    """Whether the unit is a store of a new secret and nothing else (``kl_store_created_v1``
-    writes exactly that): one SecretCreated, at most two versions to check, no key
-    material."""
-    return (
-        len(events) == 1
-        and len(unit.domain_events) == 1
-        and type(unit.domain_events[0]) is Secret.SecretCreated
-        and len(unit.expected) <= 2
-        and not (unit.key_material or unit.material_deletions or unit.material_rewraps)
-        and not unit.require_unused
-    )
 
 
 def _text(value: bytes | None) -> str:

@@ -152,15 +152,21 @@ class CatalogProjector:
     def created_insert(placeholders: Sequence[str]) -> str:
         """The INSERT of a created secret's row, its parameters named ``placeholders``
         (one per value of ``created``, in order), for a server function."""
-        parts = _CREATED_INSERT.split("?")
-        if len(placeholders) != len(parts) - 1:
-            raise ValueError(f"{len(parts) - 1} placeholders needed")
-        return "".join(part + name for part, name in zip(parts, [*placeholders, ""], strict=True))
+        return _named(_CREATED_INSERT, placeholders)
 
     def _on_SecretStored(self, cur: Cursor, e: Secret.SecretStored, outcome: Outcome) -> None:  # noqa: N802
-        ts = to_micros(e.timestamp)
-        fresh = ", created_at=?, access_count=0, last_accessed_at=NULL" if e.revived else ""
-        params: tuple[Any, ...] = (
+        row = self.stored_row(e)
+        fresh = (row[-1],) if e.revived else ()  # a revived name is created anew
+        cur.execute(self.stored_update(e.revived), (*row, *fresh, e.tenant_id, e.name))
+        self._remember_access(cur, outcome)
+
+    @staticmethod
+    def stored_row(e: Secret.SecretStored) -> tuple[Any, ...]:
+        """A stored value's catalog values, in ``stored_update``'s order (then, for a
+        revived name, the creation time, which is the last of them again; then the
+        tenant and the name): the one definition the inline projection and PostgreSQL's
+        ``kl_store_updated_v1`` share."""
+        return (
             int(e.disabled),
             int(e.expired),
             e.category,
@@ -170,16 +176,19 @@ class CatalogProjector:
             e.key_version,
             envelope_key_version(e.envelope),
             optional_micros(e.expires_at),
-            ts,
+            to_micros(e.timestamp),
         )
-        if e.revived:
-            params += (ts,)
-        cur.execute(
+
+    @staticmethod
+    def stored_update(revived: bool, placeholders: Sequence[str] | None = None) -> str:
+        """The UPDATE of a stored value's row (``?`` placeholders, or ``placeholders``
+        by name, for a server function), returning the access count and last read."""
+        fresh = ", created_at=?, access_count=0, last_accessed_at=NULL" if revived else ""
+        statement = (
             f"UPDATE kl_catalog SET {_CATALOG_UPSERT_FIELDS}{fresh} WHERE tenant_id=? AND name=? "
-            "RETURNING access_count, last_accessed_at",
-            (*params, e.tenant_id, e.name),
+            "RETURNING access_count, last_accessed_at"
         )
-        self._remember_access(cur, outcome)
+        return statement if placeholders is None else _named(statement, placeholders)
 
     def _set_disabled(self, cur: Cursor, e: Secret.Event, disabled: bool) -> None:
         cur.execute(
@@ -364,6 +373,14 @@ _PG_CREATED_INSERT = (
     "name, category, description, metadata, key_version, envelope_version, expires_at, "
     "created, updated)"
 )
+
+
+def _named(statement: str, placeholders: Sequence[str]) -> str:
+    """``statement`` with its ``?`` placeholders replaced by ``placeholders``, in order."""
+    parts = statement.split("?")
+    if len(placeholders) != len(parts) - 1:
+        raise ValueError(f"{len(parts) - 1} placeholders needed")
+    return "".join(part + name for part, name in zip(parts, [*placeholders, ""], strict=True))
 
 
 def _created_row(e: Secret.SecretCreated) -> tuple[Any, ...]:
