@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -193,6 +193,32 @@ def test_packed_arrays_reach_the_server_as_the_values_they_were_made_of(
     assert row[1] == len(values)
 
 
+def _dying_first(original: Callable[..., Any], killed: list[int]) -> Callable[..., Any]:
+    """``original`` (a recorder method taking the connection first), the first call that
+    sends on its own (not after a BEGIN) finding its connection killed; noted in
+    ``killed``."""
+
+    def die_first(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("begin", True) and not killed:
+            killed.append(conn.info.backend_pid)
+            _kill(conn.info.backend_pid)
+        return original(conn, *args, **kwargs)
+
+    return die_first
+
+
+def _losing_the_answer(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``, its connection killed after it committed: the answer is lost."""
+
+    def lose_the_answer(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        original(conn, *args, **kwargs)
+        _kill(conn.info.backend_pid)
+        conn.execute("SELECT 1")  # the dead connection raises OperationalError
+        raise AssertionError("unreachable")
+
+    return lose_the_answer
+
+
 def _kill(backend_pid: int) -> None:
     """Terminate one backend and wait until it is gone."""
     with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
@@ -227,14 +253,7 @@ def test_a_connection_that_dies_before_the_call_is_replaced_and_the_read_succeed
     recorder = _recorder(service)
     original = _read_call(recorder, call, monkeypatch)
     killed: list[int] = []
-
-    def die_first(conn: Any, batch: Any) -> bool:
-        if not killed:
-            killed.append(conn.info.backend_pid)
-            _kill(conn.info.backend_pid)
-        return original(conn, batch)
-
-    monkeypatch.setattr(recorder, call, die_first)
+    monkeypatch.setattr(recorder, call, _dying_first(original, killed))
     before = len(_events(schema))
 
     secret = service.retrieve_for_tenant(TENANT, "api-key", user_id="bob")
@@ -254,13 +273,7 @@ def test_a_connection_lost_after_the_server_recorded_the_reads_fails_closed(
     recorder = _recorder(service)
     original = _read_call(recorder, call, monkeypatch)
 
-    def lose_the_answer(conn: Any, batch: Any) -> bool:
-        original(conn, batch)
-        _kill(conn.info.backend_pid)
-        conn.execute("SELECT 1")  # the dead connection raises OperationalError
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(recorder, call, lose_the_answer)
+    monkeypatch.setattr(recorder, call, _losing_the_answer(original))
     before = len(_events(schema))
 
     with pytest.raises(StorageError, match="recorded"):
@@ -368,14 +381,7 @@ def test_a_write_whose_connection_dies_before_it_is_sent_is_written_once_elsewhe
     recorder = _recorder(service)
     original = getattr(recorder, method)
     killed: list[int] = []
-
-    def die_first(conn: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("begin", True) and not killed:
-            killed.append(conn.info.backend_pid)
-            _kill(conn.info.backend_pid)
-        return original(conn, *args, **kwargs)
-
-    monkeypatch.setattr(recorder, method, die_first)
+    monkeypatch.setattr(recorder, method, _dying_first(original, killed))
     before = len(_events(schema))
 
     write(service)
@@ -393,13 +399,7 @@ def test_a_write_whose_answer_is_lost_after_its_commit_fails_and_is_not_written_
     recorder = _recorder(service)
     original = getattr(recorder, method)
 
-    def lose_the_answer(conn: Any, *args: Any, **kwargs: Any) -> Any:
-        original(conn, *args, **kwargs)
-        _kill(conn.info.backend_pid)
-        conn.execute("SELECT 1")  # the dead connection raises OperationalError
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(recorder, method, lose_the_answer)
+    monkeypatch.setattr(recorder, method, _losing_the_answer(original))
     before = len(_events(schema))
 
     with pytest.raises(StorageError, match="committed"):

@@ -343,7 +343,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             if kind is Secret.SecretStored
             else None
         )
-        return function if function and getattr(self, _STORE_FLAGS[function]) else None
+        return function if function and getattr(self, _FUNCTION_FLAGS[function]) else None
 
     def _call_store(
         self, conn: Connection[Any], function: str, event: StoredEvent, unit: WriteUnit
@@ -396,13 +396,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                     unit.outcome.access_count = int8_value(count)
                     unit.outcome.last_accessed_at = int8_value(last)
         except psycopg.errors.UndefinedFunction:
-            warn = getattr(self, _STORE_FLAGS[function])
-            setattr(self, _STORE_FLAGS[function], False)
-            if warn:  # once, however many threads found it missing
-                logger.warning(
-                    "%s() is missing: stores cost more until `keyledger db init` creates it",
-                    function,
-                )
+            self._lacks(function, "stores take the pipeline")
             return None
         if bool_value(stale):
             raise StaleStateError("the store was decided on a keyring that moved on")
@@ -463,18 +457,20 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             raise StaleStateError(str(error)) from None
         if isinstance(error, psycopg.errors.UndefinedFunction):
             # Named by the error, not by the flags: another thread may have turned one off.
-            if APPEND_UNIT_FUNCTION in str(error):
-                warn, self._unit_function = self._unit_function, False
-                missing = APPEND_UNIT_FUNCTION
-            else:
-                warn, self._unit_pipeline = self._unit_pipeline, False
-                missing = BEGIN_WRITE_FUNCTION
-            if warn:
-                logger.warning(
-                    "%s() is missing: writes cost more until `keyledger db init` creates it",
-                    missing,
-                )
+            missing = APPEND_UNIT_FUNCTION if APPEND_UNIT_FUNCTION in str(error) else None
+            self._lacks(missing or BEGIN_WRITE_FUNCTION, "writes cost more")
             raise StaleStateError("retry without the function") from None
+
+    def _lacks(self, function: str, consequence: str) -> None:
+        """Note that this schema lacks ``function`` (one made by an older version): what
+        it served goes the older way from now on, with one warning however many threads
+        find it missing."""
+        flag = _FUNCTION_FLAGS[function]
+        if getattr(self, flag):
+            setattr(self, flag, False)
+            logger.warning(
+                "%s() is missing: %s until `keyledger db init` creates it", function, consequence
+            )
 
     _unit_function = True
 
@@ -553,24 +549,12 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 if self._single_read_function and _single(batch):
                     try:
                         return self._call_append_read(conn, batch[0])
-                    except psycopg.errors.UndefinedFunction:
-                        # A schema made by an older version: the batch function serves.
-                        self._single_read_function = False
-                        logger.warning(
-                            "%s() is missing: lone reads cost the server more until "
-                            "`keyledger db init` creates it",
-                            APPEND_READ_FUNCTION,
-                        )
+                    except psycopg.errors.UndefinedFunction:  # the batch function serves
+                        self._lacks(APPEND_READ_FUNCTION, "lone reads cost the server more")
                 try:
                     return self._call_append_reads(conn, batch)
                 except psycopg.errors.UndefinedFunction:
-                    # A schema made by an older version (`keyledger db init` adds it).
-                    self._append_function = False
-                    logger.warning(
-                        "%s() is missing: reads take three round trips until "
-                        "`keyledger db init` creates it",
-                        APPEND_READS_FUNCTION,
-                    )
+                    self._lacks(APPEND_READS_FUNCTION, "reads take three round trips")
                     return None
 
             outcome = self._in_one_round_trip(
@@ -865,7 +849,12 @@ _STORE_CREATED_CALL = PreparedCall(
     + ", ".join(f"${n}::{kind}" for n, (_, kind) in enumerate(CREATED_ROW_PARAMETERS, start=8))
     + ")",
 )
-_STORE_FLAGS = {
+# Each server function's flag on the recorder: False once the schema was found to lack it.
+_FUNCTION_FLAGS = {
+    APPEND_READ_FUNCTION: "_single_read_function",
+    APPEND_READS_FUNCTION: "_append_function",
+    APPEND_UNIT_FUNCTION: "_unit_function",
+    BEGIN_WRITE_FUNCTION: "_unit_pipeline",
     STORE_CREATED_FUNCTION: "_created_function",
     STORE_UPDATED_FUNCTION: "_updated_function",
 }

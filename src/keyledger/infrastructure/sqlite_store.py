@@ -228,8 +228,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                 return StaleStateError(stale)
         else:
             read.access_count, read.last_accessed_at = int(row[0]), read.at
-        raw.execute(self.insert_events_statement, _event_row(read.stored))
-        read.position = raw.lastrowid
+        read.position = self._appended_positions(raw, [read.stored])[0]
         return None
 
     @functools.cached_property
@@ -324,17 +323,6 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
-
-
-def _event_row(event: StoredEvent) -> tuple[Any, ...]:
-    """The library's row of a stored event (its insert statement's parameters)."""
-    originator_id = event.originator_id
-    return (
-        originator_id.hex if isinstance(originator_id, UUID) else originator_id,
-        event.originator_version,
-        event.topic,
-        event.state,
-    )
 
 
 def _translate(error: BaseException) -> BaseException:
