@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -286,3 +287,29 @@ def test_concurrent_reads_from_threads_lose_no_count_and_no_audit_entry(
     assert service.list_for_tenant("acme")[0].access_count == 100
     with tenant("acme"):
         assert len(service.get_audit_logs(action="read", result="success", limit=1000)) == 100
+
+
+def test_a_retrieve_announces_its_read_to_the_group_commit_before_submitting_it(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A concurrent batch being formed waits briefly for reads on their way
+    (application/group_commit.py): each retrieve must say so, and stop saying so when it
+    ends, read or refused."""
+    committer = service._ledger._reads
+    announced_at_submit: list[bool] = []
+    submit = committer.submit
+
+    def spy(item: object) -> None:
+        announced_at_submit.append(threading.get_ident() in committer._arriving)
+        submit(item)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(committer, "submit", spy)
+    with tenant("acme"):
+        service.store("token", "t0k3n")
+        service.retrieve("token")
+        service.retrieve("token")
+        with pytest.raises(SecretNotFound):
+            service.retrieve("no-such-secret")
+
+    assert announced_at_submit == [True, True]
+    assert not committer._arriving

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
+from keyledger.application import group_commit
 from keyledger.application.group_commit import GroupCommitter
 
 
@@ -111,3 +112,162 @@ def test_a_writer_answering_for_the_wrong_number_of_items_fails_only_that_batch(
     committer.submit(2)  # leadership was handed back: no hang
 
     assert calls == [[1], [2]]
+
+
+# -- arrivals: a leader waits briefly for callers on their way ------------------------------
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waits long enough that a loaded CI machine never ends one by its deadline."""
+    monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 5.0)
+    monkeypatch.setattr(group_commit, "RETURN_GRACE", 5.0)
+
+
+def _announced_then(committer: GroupCommitter[int], go: threading.Event, item: int | None) -> None:
+    """Announce, wait for ``go``, then submit ``item`` (None: leave without submitting)."""
+    with committer.arriving():
+        go.wait(timeout=30)
+        if item is not None:
+            committer.submit(item)
+
+
+@pytest.mark.usefixtures("patient")
+def test_a_leader_waits_for_an_announced_caller_and_writes_both_in_one_batch() -> None:
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer)
+    go = threading.Event()
+    other = threading.Thread(target=_announced_then, args=(committer, go, 2))
+    other.start()
+    _until(lambda: bool(committer._arriving))
+
+    leader = threading.Thread(target=committer.submit, args=(1,))
+    leader.start()
+    _until(lambda: committer.waits == 1)  # the leader waits instead of writing [1]
+    assert writer.batches == []
+    go.set()
+    leader.join(timeout=30)
+    other.join(timeout=30)
+
+    assert writer.batches == [[1, 2]]
+
+
+@pytest.mark.usefixtures("patient")
+def test_a_caller_that_leaves_without_submitting_releases_the_waiting_leader() -> None:
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer)
+    go = threading.Event()
+    other = threading.Thread(target=_announced_then, args=(committer, go, None))
+    other.start()
+    _until(lambda: bool(committer._arriving))
+
+    leader = threading.Thread(target=committer.submit, args=(1,))
+    started = time.monotonic()
+    leader.start()
+    _until(lambda: committer.waits == 1)
+    go.set()  # it leaves (a refusal, an error) instead of submitting
+    leader.join(timeout=30)
+    other.join(timeout=30)
+
+    assert writer.batches == [[1]]
+    assert time.monotonic() - started < 2.5  # released, not timed out (ARRIVAL_WAIT is 5 s)
+
+
+def test_a_leader_waits_no_longer_than_the_arrival_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 0.05)
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer)
+    go = threading.Event()
+    other = threading.Thread(target=_announced_then, args=(committer, go, 2))
+    other.start()
+    _until(lambda: bool(committer._arriving))
+
+    committer.submit(1)  # returns although the announced caller has not come
+
+    assert writer.batches == [[1]]
+    go.set()
+    other.join(timeout=30)
+    assert writer.batches == [[1], [2]]
+
+
+def test_a_lone_caller_that_announces_itself_never_waits() -> None:
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer)
+    for item in range(20):
+        with committer.arriving():
+            committer.submit(item)
+
+    assert writer.batches == [[item] for item in range(20)]
+    assert committer.waits == 0
+
+
+@pytest.mark.usefixtures("patient")
+def test_two_threads_taking_turns_share_their_transactions() -> None:
+    """Without arrivals two callers alternate in batches of one: each is still preparing
+    its next item while the other's batch is written. The leader now waits for the one
+    that just got its answer back."""
+    writer = RecordingWriter(delay=0.002)
+    committer = GroupCommitter(writer)
+
+    def caller(k: int) -> None:
+        for i in range(30):
+            with committer.arriving():
+                time.sleep(0.0005)  # validating, decrypting, encoding
+                committer.submit(k * 100 + i)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(item for batch in writer.batches for item in batch) == sorted(
+        k * 100 + i for k in range(2) for i in range(30)
+    )
+    assert len(writer.batches) <= 32  # 60 items: pairs, give or take the first and last
+
+
+@pytest.mark.usefixtures("patient")
+def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
+    """The caller whose batch just finished is usually back at once with its next item
+    (before it has even announced it): the next leader counts it as on its way."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def writer(items: list[int]) -> Sequence[BaseException | None]:
+        if items == [1]:
+            release.wait(timeout=30)
+        batches.append(list(items))
+        return [None] * len(items)
+
+    committer = GroupCommitter(writer)
+    again = threading.Event()
+
+    def first_caller() -> None:
+        committer.submit(1)
+        again.wait(timeout=30)
+        with committer.arriving():
+            committer.submit(3)
+
+    first = threading.Thread(target=first_caller)
+    first.start()
+    _until(lambda: committer._leader_busy)  # it leads [1], held in the writer
+    second = threading.Thread(target=committer.submit, args=(2,))
+    second.start()
+    _until(lambda: len(committer._queue) == 1)  # 2 waits for the next batch
+    release.set()
+    _until(lambda: committer.waits == 1)  # 2 leads, and waits for the first caller
+    assert batches == [[1]]
+    again.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+
+    assert batches == [[1], [2, 3]]

@@ -7,27 +7,44 @@ transaction, wakes the others, and hands leadership to the next caller still wai
 Each caller returns only after the transaction holding its write has finished (or
 raises that write's own error), so reads stay fail-closed. With one caller there is no
 waiting at all: it leads a batch of one.
+
+Callers may announce a write before they submit it (``arriving``: a retrieve announces
+itself on entry, then validates, decrypts and encodes before it submits). A leader about
+to write waits, briefly, for callers that are on their way: those announced, and those
+whose write was in the batch that just finished and who have not yet come back (another
+retrieve by the same thread usually follows at once). Without that, two threads take
+turns: each batch holds one read, because the other thread is still preparing its next
+one while the batch is written. The wait ends as soon as everyone expected has
+submitted, and never lasts longer than ``ARRIVAL_WAIT``. A lone caller, or one whose
+peers are all queued already, never waits.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 MAX_BATCH = 256
+# The longest a leader waits for announced callers before it writes without them.
+ARRIVAL_WAIT = 0.001
+# How long after its write finished a caller still counts as coming back.
+RETURN_GRACE = 0.0005
 
 
 class _Pending(Generic[T]):
     """A queued item. ``wake`` is a lock held from birth: releasing it wakes the waiter
     (a plain lock costs a tenth of a ``threading.Event``, and each item is woken once)."""
 
-    __slots__ = ("error", "finished", "item", "lead", "wake")
+    __slots__ = ("error", "finished", "item", "lead", "thread", "wake")
 
     def __init__(self, item: T) -> None:
         self.item = item
+        self.thread = threading.get_ident()
         self.wake = threading.Lock()
         self.wake.acquire()
         self.lead = False
@@ -48,12 +65,39 @@ class GroupCommitter(Generic[T]):
         self._lock = threading.Lock()
         self._queue: list[_Pending[T]] = []
         self._leader_busy = False
+        # Threads on their way to submit (idents). Sets are changed without the lock:
+        # add and discard are atomic, and a leader re-checks after every wake-up.
+        self._arriving: set[int] = set()
+        self._returning: set[int] = set()  # the last batch's callers, for RETURN_GRACE
+        self._returned_at = 0.0
+        self._arrived = threading.Condition(self._lock)
+        self._leader_waiting = False
+        self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce that this thread will ``submit`` within the block (or leave it)."""
+        thread = threading.get_ident()
+        self._returning.discard(thread)
+        self._arriving.add(thread)
+        try:
+            yield
+        finally:
+            if thread in self._arriving:  # left without submitting (an error, a refusal)
+                self._arriving.discard(thread)
+                if self._leader_waiting:
+                    with self._lock:
+                        self._arrived.notify()
 
     def submit(self, item: T) -> None:
         """Block until ``item`` is finished; raise its own error if it failed."""
         pending = _Pending(item)
         with self._lock:
             self._queue.append(pending)
+            self._arriving.discard(pending.thread)
+            self._returning.discard(pending.thread)
+            if self._leader_waiting:
+                self._arrived.notify()
             if not self._leader_busy:
                 self._leader_busy = pending.lead = True
         if not pending.lead:
@@ -63,8 +107,30 @@ class GroupCommitter(Generic[T]):
         if pending.error is not None:
             raise pending.error
 
+    def _worth_waiting(self) -> bool:
+        """Whether as many callers are on their way as are queued (call with the lock
+        held): then waiting for them at least doubles the batch. With fewer on their
+        way, the leader writes now and they make up the next batch, written while
+        these callers prepare their next writes."""
+        expected = len(self._arriving)
+        if self._returning and time.monotonic() < self._returned_at + RETURN_GRACE:
+            expected += len(self._returning)
+        return 0 < len(self._queue) <= expected and len(self._queue) < self._max_batch
+
     def _lead(self) -> None:
         with self._lock:
+            if ARRIVAL_WAIT > 0 and self._worth_waiting():
+                self.waits += 1
+                deadline = time.monotonic() + ARRIVAL_WAIT
+                self._leader_waiting = True
+                try:
+                    while self._worth_waiting():
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._arrived.wait(remaining)
+                finally:
+                    self._leader_waiting = False
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         try:
             errors: Sequence[BaseException | None]
@@ -84,6 +150,8 @@ class GroupCommitter(Generic[T]):
                     self._queue[0].wake.release()
                 else:
                     self._leader_busy = False
+                self._returning = {pending.thread for pending in batch}
+                self._returned_at = time.monotonic()
             for pending in batch:
                 if not pending.finished:
                     pending.error, pending.finished = RuntimeError("write interrupted"), True

@@ -214,6 +214,11 @@ class Ledger(Application[UUID]):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
 
+    def read_coming(self) -> AbstractContextManager[None]:
+        """Around a retrieve: its read is on its way to ``commit_read``, so a concurrent
+        batch being formed waits briefly for it (see ``group_commit``)."""
+        return self._reads.arriving()
+
     def commit_read(self, read: PendingRead) -> None:
         """Append one read event, group-committed with concurrent reads (see group_commit).
 
