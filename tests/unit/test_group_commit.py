@@ -140,14 +140,23 @@ def _announced_then(committer: GroupCommitter[int], go: threading.Event, item: i
             committer.submit(item)
 
 
-@pytest.mark.usefixtures("patient")
-def test_a_leader_waits_for_an_announced_caller_and_writes_both_in_one_batch() -> None:
+def _with_announced_caller(
+    item: int | None,
+) -> tuple[RecordingWriter, GroupCommitter[int], threading.Event, threading.Thread]:
+    """A committer and a caller announced to it in another thread, held there until ``go``
+    is set, then submitting ``item`` (None: leaving without submitting)."""
     writer = RecordingWriter()
     committer = GroupCommitter(writer)
     go = threading.Event()
-    other = threading.Thread(target=_announced_then, args=(committer, go, 2))
+    other = threading.Thread(target=_announced_then, args=(committer, go, item))
     other.start()
     _until(lambda: bool(committer._arriving))
+    return writer, committer, go, other
+
+
+@pytest.mark.usefixtures("patient")
+def test_a_leader_waits_for_an_announced_caller_and_writes_both_in_one_batch() -> None:
+    writer, committer, go, other = _with_announced_caller(2)
 
     leader = threading.Thread(target=committer.submit, args=(1,))
     leader.start()
@@ -162,12 +171,7 @@ def test_a_leader_waits_for_an_announced_caller_and_writes_both_in_one_batch() -
 
 @pytest.mark.usefixtures("patient")
 def test_a_caller_that_leaves_without_submitting_releases_the_waiting_leader() -> None:
-    writer = RecordingWriter()
-    committer = GroupCommitter(writer)
-    go = threading.Event()
-    other = threading.Thread(target=_announced_then, args=(committer, go, None))
-    other.start()
-    _until(lambda: bool(committer._arriving))
+    writer, committer, go, other = _with_announced_caller(None)
 
     leader = threading.Thread(target=committer.submit, args=(1,))
     started = time.monotonic()
@@ -183,12 +187,7 @@ def test_a_caller_that_leaves_without_submitting_releases_the_waiting_leader() -
 
 def test_a_leader_waits_no_longer_than_the_arrival_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 0.05)
-    writer = RecordingWriter()
-    committer = GroupCommitter(writer)
-    go = threading.Event()
-    other = threading.Thread(target=_announced_then, args=(committer, go, 2))
-    other.start()
-    _until(lambda: bool(committer._arriving))
+    writer, committer, go, other = _with_announced_caller(2)
 
     committer.submit(1)  # returns although the announced caller has not come
 
@@ -271,3 +270,28 @@ def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
     second.join(timeout=30)
 
     assert batches == [[1], [2, 3]]
+
+
+class _InterruptedWait(threading.Condition):
+    """A condition whose wait is interrupted (Ctrl-C reaches a waiting leader)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise KeyboardInterrupt
+
+
+def test_a_leader_interrupted_while_waiting_fails_its_batch_and_hands_leadership_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 5.0)
+    monkeypatch.setattr(group_commit, "RETURN_GRACE", 0.0)  # nobody waits for the leader
+    writer, committer, go, other = _with_announced_caller(2)
+    committer._arrived = _InterruptedWait(committer._lock)
+
+    with pytest.raises(KeyboardInterrupt):
+        committer.submit(1)
+    committer._arrived = threading.Condition(committer._lock)
+    go.set()
+    other.join(timeout=30)
+
+    assert not other.is_alive()  # the next caller led its own batch: nothing hangs
+    assert writer.batches == [[2]]  # 1 was never written

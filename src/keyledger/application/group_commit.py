@@ -117,22 +117,31 @@ class GroupCommitter(Generic[T]):
             expected += len(self._returning)
         return 0 < len(self._queue) <= expected and len(self._queue) < self._max_batch
 
-    def _lead(self) -> None:
-        with self._lock:
-            if ARRIVAL_WAIT > 0 and self._worth_waiting():
-                self.waits += 1
-                deadline = time.monotonic() + ARRIVAL_WAIT
-                self._leader_waiting = True
-                try:
-                    while self._worth_waiting():
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._arrived.wait(remaining)
-                finally:
-                    self._leader_waiting = False
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+    def _await_arrivals(self) -> None:
+        """Wait (lock held) while waiting is worth it, at most ``ARRIVAL_WAIT``."""
+        if ARRIVAL_WAIT <= 0 or not self._worth_waiting():
+            return
+        self.waits += 1
+        deadline = time.monotonic() + ARRIVAL_WAIT
+        self._leader_waiting = True
         try:
+            while self._worth_waiting():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+        finally:
+            self._leader_waiting = False
+
+    def _lead(self) -> None:
+        batch: list[_Pending[T]] = []
+        try:
+            with self._lock:
+                try:
+                    self._await_arrivals()
+                finally:  # interrupted while waiting, too: this batch is ours to finish
+                    batch = self._queue[: self._max_batch]
+                    self._queue = self._queue[self._max_batch :]
             errors: Sequence[BaseException | None]
             try:
                 errors = self._write([p.item for p in batch])
