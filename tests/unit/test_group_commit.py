@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
 from keyledger.application import group_commit
-from keyledger.application.group_commit import GroupCommitter
+from keyledger.application.group_commit import GroupCommitter, _Pending
 
 
 class RecordingWriter:
@@ -189,8 +190,14 @@ def test_a_leader_waits_no_longer_than_the_arrival_wait(monkeypatch: pytest.Monk
     monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 0.05)
     writer, committer, go, other = _with_announced_caller(2)
 
-    committer.submit(1)  # returns although the announced caller has not come
+    leader = threading.Thread(target=committer.submit, args=(1,))
+    started = time.monotonic()
+    leader.start()
+    leader.join(timeout=30)
 
+    assert not leader.is_alive()  # it returned although the announced caller has not come
+    assert time.monotonic() - started >= 0.04  # after waiting for it
+    assert committer.waits == 1
     assert writer.batches == [[1]]
     go.set()
     other.join(timeout=30)
@@ -208,11 +215,14 @@ def test_a_lone_caller_that_announces_itself_never_waits() -> None:
     assert committer.waits == 0
 
 
-@pytest.mark.usefixtures("patient")
-def test_two_threads_taking_turns_share_their_transactions() -> None:
+def test_two_threads_taking_turns_share_their_transactions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Without arrivals two callers alternate in batches of one: each is still preparing
     its next item while the other's batch is written. The leader now waits for the one
     that just got its answer back."""
+    monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 0.2)  # generous for a loaded machine,
+    monkeypatch.setattr(group_commit, "RETURN_GRACE", 0.2)  # short for the last batch alone
     writer = RecordingWriter(delay=0.002)
     committer = GroupCommitter(writer)
 
@@ -251,25 +261,40 @@ def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
     again = threading.Event()
 
     def first_caller() -> None:
-        committer.submit(1)
+        committer.submit(0)
+        with committer.arriving():  # back at once: it counts as prompt from now on
+            committer.submit(1)
         again.wait(timeout=30)
         with committer.arriving():
             committer.submit(3)
 
     first = threading.Thread(target=first_caller)
     first.start()
-    _until(lambda: committer._leader_busy)  # it leads [1], held in the writer
+    _until(lambda: batches == [[0]] and committer._leader_busy)  # it leads [1], held
     second = threading.Thread(target=committer.submit, args=(2,))
     second.start()
     _until(lambda: len(committer._queue) == 1)  # 2 waits for the next batch
     release.set()
     _until(lambda: committer.waits == 1)  # 2 leads, and waits for the first caller
-    assert batches == [[1]]
+    assert batches == [[0], [1]]
     again.set()
     first.join(timeout=30)
     second.join(timeout=30)
 
-    assert batches == [[1], [2, 3]]
+    assert batches == [[0], [1], [2, 3]]
+
+
+class _RaisingLock:
+    """A wake lock whose wait is interrupted (Ctrl-C reaches a queued caller)."""
+
+    def acquire(self) -> bool:
+        raise KeyboardInterrupt
+
+    def release(self) -> None:
+        pass
+
+    def locked(self) -> bool:
+        return True
 
 
 class _InterruptedWait(threading.Condition):
@@ -295,3 +320,93 @@ def test_a_leader_interrupted_while_waiting_fails_its_batch_and_hands_leadership
 
     assert not other.is_alive()  # the next caller led its own batch: nothing hangs
     assert writer.batches == [[2]]  # 1 was never written
+
+
+def _prompt_then_held(committer: GroupCommitter[int], release: threading.Event) -> None:
+    """Write 0, come back at once (prompt) with 1, whose batch the writer holds until
+    ``release``; then never come back."""
+    committer.submit(0)
+    with committer.arriving():
+        committer.submit(1)
+
+
+def _holding_writer(release: threading.Event, batches: list[list[int]]) -> Any:
+    def writer(items: list[int]) -> Sequence[BaseException | None]:
+        if items == [1]:
+            release.wait(timeout=30)
+        batches.append(list(items))
+        return [None] * len(items)
+
+    return writer
+
+
+def test_the_next_leader_stops_waiting_when_the_returning_grace_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 5.0)
+    monkeypatch.setattr(group_commit, "RETURN_GRACE", 0.2)
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches))
+    first = threading.Thread(target=_prompt_then_held, args=(committer, release))
+    first.start()
+    _until(lambda: batches == [[0]] and committer._leader_busy)
+    second = threading.Thread(target=committer.submit, args=(2,))
+    second.start()
+    _until(lambda: len(committer._queue) == 1)
+    started = time.monotonic()
+    release.set()  # [1] is written; 2 leads and waits for the first caller, who stays away
+    second.join(timeout=30)
+    first.join(timeout=30)
+
+    assert committer.waits == 1
+    assert time.monotonic() - started < 2.5  # the grace (0.2 s), not ARRIVAL_WAIT (5 s)
+    assert batches == [[0], [1], [2]]
+
+
+@pytest.mark.usefixtures("patient")
+def test_a_thread_that_did_not_come_back_promptly_is_not_waited_for() -> None:
+    """A request thread that reads now and then (or a sequential client whose calls run
+    on different threads) must not make the next reader wait."""
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer)
+    one = threading.Thread(target=committer.submit, args=(1,))
+    one.start()
+    one.join(timeout=30)  # its thread finished: it never comes back
+
+    committer.submit(2)  # another thread, within the grace (5 s)
+
+    assert committer.waits == 0
+    assert writer.batches == [[1], [2]]
+
+
+def test_a_queued_caller_interrupted_takes_its_item_back_and_never_gets_the_lead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in a caller queued behind a leader: its item leaves the queue, so leadership
+    is never handed to an item nobody waits for (every later submit would hang)."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches))
+    leader = threading.Thread(target=committer.submit, args=(1,))
+    leader.start()
+    _until(lambda: committer._leader_busy)
+
+    class InterruptedPending(_Pending[int]):
+        def __init__(self, item: int) -> None:
+            super().__init__(item)
+            self.wake = _RaisingLock()  # type: ignore[assignment]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(group_commit, "_Pending", InterruptedPending)
+        with pytest.raises(KeyboardInterrupt):
+            committer.submit(2)
+    third = threading.Thread(target=committer.submit, args=(3,))
+    third.start()
+    _until(lambda: len(committer._queue) == 1)
+    release.set()
+    leader.join(timeout=30)
+    third.join(timeout=30)
+
+    assert not third.is_alive()
+    assert batches == [[1], [3]]  # 2 was taken back, never written

@@ -9,14 +9,16 @@ raises that write's own error), so reads stay fail-closed. With one caller there
 waiting at all: it leads a batch of one.
 
 Callers may announce a write before they submit it (``arriving``: a retrieve announces
-itself on entry, then validates, decrypts and encodes before it submits). A leader about
-to write waits, briefly, for callers that are on their way: those announced, and those
-whose write was in the batch that just finished and who have not yet come back (another
-retrieve by the same thread usually follows at once). Without that, two threads take
-turns: each batch holds one read, because the other thread is still preparing its next
-one while the batch is written. The wait ends as soon as everyone expected has
-submitted, and never lasts longer than ``ARRIVAL_WAIT``. A lone caller, or one whose
-peers are all queued already, never waits.
+each attempt on entry, then validates, decrypts and encodes before it submits). A leader
+about to write waits, briefly, for callers on their way: those announced, and those
+whose write was in the batch that just finished, if they came back promptly the last
+time (a thread reading in a loop is back within ``RETURN_GRACE``; a request thread of a
+web server that reads now and then is not, and is not waited for). Without that, two
+threads take turns: each batch holds one write, because the other thread is still
+preparing its next one while the batch is written. The leader writes once the queued
+writes outnumber those still expected (so with many threads one half's batch is written
+while the other half prepares), once the grace of the returning ones is over, and at
+the latest after ``ARRIVAL_WAIT``. A lone thread never waits.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class GroupCommitter(Generic[T]):
         self._arriving: set[int] = set()
         self._returning: set[int] = set()  # the last batch's callers, for RETURN_GRACE
         self._returned_at = 0.0
+        self._prompt: set[int] = set()  # threads that came back within the grace last time
         self._arrived = threading.Condition(self._lock)
         self._leader_waiting = False
         self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
@@ -78,9 +81,14 @@ class GroupCommitter(Generic[T]):
     def arriving(self) -> Iterator[None]:
         """Announce that this thread will ``submit`` within the block (or leave it)."""
         thread = threading.get_ident()
-        self._returning.discard(thread)
-        self._arriving.add(thread)
         try:
+            if thread in self._returning:
+                if time.monotonic() < self._returned_at + RETURN_GRACE:
+                    self._prompt.add(thread)
+                else:
+                    self._prompt.discard(thread)
+                self._returning.discard(thread)
+            self._arriving.add(thread)
             yield
         finally:
             if thread in self._arriving:  # left without submitting (an error, a refusal)
@@ -101,20 +109,47 @@ class GroupCommitter(Generic[T]):
             if not self._leader_busy:
                 self._leader_busy = pending.lead = True
         if not pending.lead:
-            pending.wake.acquire()  # until our write finished, or until it is our turn to lead
+            try:  # until our write finished, or until it is our turn to lead
+                pending.wake.acquire()
+            except BaseException:  # interrupted (Ctrl-C): never leave a turn to lead unused
+                self._abandon(pending)
+                raise
         if not pending.finished:
             self._lead()  # a leader's own item is first in its batch
         if pending.error is not None:
             raise pending.error
+
+    def _abandon(self, pending: _Pending[T]) -> None:
+        """Take back the item of a caller interrupted while it waited, unless a leader
+        took it into a batch already; pass leadership on if it had been handed to it."""
+        with self._lock:
+            if pending not in self._queue:
+                return  # in a batch being written: it is finished like the others
+            self._queue.remove(pending)
+            pending.finished = True
+            if pending.lead:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """(Lock held.) The next waiter leads the next batch; none: nobody leads."""
+        if self._queue:
+            self._queue[0].lead = True
+            self._queue[0].wake.release()
+        else:
+            self._leader_busy = False
+
+    def _returning_counted(self, now: float) -> int:
+        """How many of the last batch's callers count as on their way (lock held)."""
+        if not self._returning or now >= self._returned_at + RETURN_GRACE:
+            return 0
+        return len(self._returning & self._prompt)
 
     def _worth_waiting(self) -> bool:
         """Whether as many callers are on their way as are queued (call with the lock
         held): then waiting for them at least doubles the batch. With fewer on their
         way, the leader writes now and they make up the next batch, written while
         these callers prepare their next writes."""
-        expected = len(self._arriving)
-        if self._returning and time.monotonic() < self._returned_at + RETURN_GRACE:
-            expected += len(self._returning)
+        expected = len(self._arriving) + self._returning_counted(time.monotonic())
         return 0 < len(self._queue) <= expected and len(self._queue) < self._max_batch
 
     def _await_arrivals(self) -> None:
@@ -126,9 +161,12 @@ class GroupCommitter(Generic[T]):
         self._leader_waiting = True
         try:
             while self._worth_waiting():
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     break
+                if self._returning_counted(now):  # look again when their grace is over
+                    remaining = min(remaining, self._returned_at + RETURN_GRACE - now)
                 self._arrived.wait(remaining)
         finally:
             self._leader_waiting = False
@@ -153,12 +191,8 @@ class GroupCommitter(Generic[T]):
                 pending.error, pending.finished = error, True
         finally:  # whatever happened, leadership passes on and every caller wakes
             with self._lock:
-                # Hand over before waking anyone: the next waiter leads the next batch.
-                if self._queue:
-                    self._queue[0].lead = True
-                    self._queue[0].wake.release()
-                else:
-                    self._leader_busy = False
+                self._hand_over()  # before waking anyone
+                self._prompt -= self._returning  # those that never came back
                 self._returning = {pending.thread for pending in batch}
                 self._returned_at = time.monotonic()
             for pending in batch:

@@ -181,8 +181,12 @@ class SecretCommands:
 
     def retrieve(self, tenant_id: str, name: str, actor: Actor) -> SecretModel:
         who = actor_dict(actor)
+        return self.ledger.retrying(lambda n: self._announced_retrieve(tenant_id, name, who, n))
+
+    def _announced_retrieve(self, tenant_id: str, name: str, who: ActorDict, n: int) -> SecretModel:
+        """One attempt, announced to the group commit (not the back-off between two)."""
         with self.ledger.read_coming():
-            return self.ledger.retrying(lambda n: self._retrieve_once(tenant_id, name, who, n > 0))
+            return self._retrieve_once(tenant_id, name, who, n > 0)
 
     def _retrieve_once(self, tenant_id: str, name: str, who: ActorDict, fresh: bool) -> SecretModel:
         now = self.ledger.clock()
