@@ -270,6 +270,39 @@ def fmt_us(x: float) -> str:
     return f"{x:,.0f} us" if x >= 100 else f"{x:,.1f} us"
 
 
+def ratio_spread(xs: list[float]) -> str:
+    """The range of per-round ratios, for a table cell."""
+    return f"{min(xs):.2f}-{max(xs):.2f}x"
+
+
+def _throughput_table(
+    operation: str, keyledger: list[float], peer: list[float], per_round: list[float]
+) -> list[str]:
+    """A and B: ops/s of each side (medians), their ratio against the target, us per op."""
+    ratio = statistics.median(keyledger) / statistics.median(peer)
+    return table(
+        ["", "keyledger", "peer", "ratio", "target", "result"],
+        [
+            [
+                f"{operation} ops/s",
+                fmt_ops(statistics.median(keyledger)),
+                fmt_ops(statistics.median(peer)),
+                f"{ratio:.2f}x ({ratio_spread(per_round)})",
+                f">= {TARGET_THROUGHPUT:.1f}x",
+                verdict(ratio, TARGET_THROUGHPUT, True),
+            ],
+            [
+                f"us per {operation}",
+                fmt_us(1e6 / statistics.median(keyledger)),
+                fmt_us(1e6 / statistics.median(peer)),
+                "",
+                "",
+                "",
+            ],
+        ],
+    )
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -713,9 +746,6 @@ def render(
         ],
     )
 
-    def spread(xs: list[float]) -> str:
-        return f"{min(xs):.2f}-{max(xs):.2f}x"
-
     lines += ["", "## A: store, one client", ""]
     lines.append(
         f"{n:,} stores of distinct names (value `sk_live_` + 40 x, category `api-keys`) into a "
@@ -723,27 +753,7 @@ def render(
         "is the ratio of the medians; per-round ratios in brackets."
     )
     lines.append("")
-    lines += table(
-        ["", "keyledger", "peer", "ratio", "target", "result"],
-        [
-            [
-                "store ops/s",
-                fmt_ops(statistics.median(store_kl)),
-                fmt_ops(statistics.median(store_peer)),
-                f"{ratio_a:.2f}x ({spread(per_round_a)})",
-                f">= {TARGET_THROUGHPUT:.1f}x",
-                verdict(ratio_a, TARGET_THROUGHPUT, True),
-            ],
-            [
-                "us per store",
-                fmt_us(1e6 / statistics.median(store_kl)),
-                fmt_us(1e6 / statistics.median(store_peer)),
-                "",
-                "",
-                "",
-            ],
-        ],
-    )
+    lines += _throughput_table("store", store_kl, store_peer, per_round_a)
 
     lines += ["", "## B: retrieve, one client", ""]
     lines.append(
@@ -752,27 +762,7 @@ def render(
         "audit row and a counter update). Same rounds as A."
     )
     lines.append("")
-    lines += table(
-        ["", "keyledger", "peer", "ratio", "target", "result"],
-        [
-            [
-                "retrieve ops/s",
-                fmt_ops(statistics.median(ret_kl)),
-                fmt_ops(statistics.median(ret_peer)),
-                f"{ratio_b:.2f}x ({spread(per_round_b)})",
-                f">= {TARGET_THROUGHPUT:.1f}x",
-                verdict(ratio_b, TARGET_THROUGHPUT, True),
-            ],
-            [
-                "us per retrieve",
-                fmt_us(1e6 / statistics.median(ret_kl)),
-                fmt_us(1e6 / statistics.median(ret_peer)),
-                "",
-                "",
-                "",
-            ],
-        ],
-    )
+    lines += _throughput_table("retrieve", ret_kl, ret_peer, per_round_b)
     lines += ["", "Rounds (ops/s):", ""]
     lines += table(
         ["round", "order", "store keyledger", "store peer", "retrieve keyledger", "retrieve peer"],
