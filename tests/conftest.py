@@ -100,6 +100,7 @@ _ENVIRONMENT = (
     "KEYLEDGER_AUDIT_KEY",
     "KEYLEDGER_PREVIOUS_AUDIT_KEYS",
     "KEYLEDGER_AUDIT_SEAL_EVERY",
+    "KEYLEDGER_GROUP_COMMIT_WAIT_MS",
 )
 
 _TEST_KEY = object()  # sentinel: "the test's master_key"

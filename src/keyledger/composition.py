@@ -33,6 +33,7 @@ def build_ledger(
         previous_audit_keys=previous_audit_keys,
         seal_every=settings.audit_seal_every,
         anchor_file=settings.audit_anchor_file,
+        group_commit_wait=settings.group_commit_wait_ms / 1000,
     )
     if is_legacy_stream(ledger):
         ledger.close()

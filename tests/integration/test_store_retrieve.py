@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
@@ -313,3 +314,26 @@ def test_a_retrieve_announces_its_read_to_the_group_commit_before_submitting_it(
 
     assert announced_at_submit == [True, True]
     assert not committer._arriving
+
+
+@pytest.mark.parametrize(
+    ("environment", "seconds"), [(None, 0.001), ("0", 0.0), ("2.5", 0.0025)], ids=str
+)
+def test_the_group_commit_wait_comes_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch, environment: str | None, seconds: float
+) -> None:
+    if environment is not None:
+        monkeypatch.setenv("KEYLEDGER_GROUP_COMMIT_WAIT_MS", environment)
+
+    with SecretService.create("memory:", master_key=secrets.token_hex(32)) as service:
+        assert service._ledger._reads.arrival_wait == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["-1", "101", "soon"])
+def test_an_invalid_group_commit_wait_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_GROUP_COMMIT_WAIT_MS", value)
+
+    with pytest.raises(pydantic.ValidationError, match="group_commit_wait_ms"):
+        SecretService.create("memory:", master_key=secrets.token_hex(32))

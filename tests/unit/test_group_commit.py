@@ -410,3 +410,20 @@ def test_a_queued_caller_interrupted_takes_its_item_back_and_never_gets_the_lead
 
     assert not third.is_alive()
     assert batches == [[1], [3]]  # 2 was taken back, never written
+
+
+def test_a_committer_configured_not_to_wait_writes_at_once() -> None:
+    """KEYLEDGER_GROUP_COMMIT_WAIT_MS=0: no read waits for another."""
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer, arrival_wait=0)
+    go = threading.Event()
+    other = threading.Thread(target=_announced_then, args=(committer, go, 2))
+    other.start()
+    _until(lambda: bool(committer._arriving))
+
+    committer.submit(1)
+
+    assert committer.waits == 0
+    assert writer.batches == [[1]]
+    go.set()
+    other.join(timeout=30)

@@ -32,7 +32,8 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 MAX_BATCH = 256
-# The longest a leader waits for announced callers before it writes without them.
+# The longest a leader waits for callers on their way before it writes without them
+# (the default of KEYLEDGER_GROUP_COMMIT_WAIT_MS).
 ARRIVAL_WAIT = 0.001
 # How long after its write finished a caller still counts as coming back.
 RETURN_GRACE = 0.0005
@@ -61,9 +62,12 @@ class GroupCommitter(Generic[T]):
         self,
         write: Callable[[list[T]], Sequence[BaseException | None]],
         max_batch: int = MAX_BATCH,
+        arrival_wait: float | None = None,
     ) -> None:
         self._write = write
         self._max_batch = max_batch
+        # Seconds a leader waits at most for callers on their way; 0: never waits.
+        self.arrival_wait = ARRIVAL_WAIT if arrival_wait is None else arrival_wait
         self._lock = threading.Lock()
         self._queue: list[_Pending[T]] = []
         self._leader_busy = False
@@ -154,10 +158,10 @@ class GroupCommitter(Generic[T]):
 
     def _await_arrivals(self) -> None:
         """Wait (lock held) while waiting is worth it, at most ``ARRIVAL_WAIT``."""
-        if ARRIVAL_WAIT <= 0 or not self._worth_waiting():
+        if self.arrival_wait <= 0 or not self._worth_waiting():
             return
         self.waits += 1
-        deadline = time.monotonic() + ARRIVAL_WAIT
+        deadline = time.monotonic() + self.arrival_wait
         self._leader_waiting = True
         try:
             while self._worth_waiting():

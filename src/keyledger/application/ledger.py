@@ -85,6 +85,7 @@ class Ledger(Application[UUID]):
         previous_audit_keys: list[AuditKey] | None = None,
         seal_every: int = 0,
         anchor_file: Path | None = None,
+        group_commit_wait: float | None = None,
     ) -> None:
         self.anchor_file = anchor_file
         self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
@@ -110,7 +111,9 @@ class Ledger(Application[UUID]):
         self.appended: dict[int, object] = {}
         self.sealer = BackgroundSealer(self.seal_automatically)
         self.reads = ReadEncoder(self.audit_keys.current)
-        self._reads: GroupCommitter[PendingRead] = GroupCommitter(self._write_reads)
+        self._reads: GroupCommitter[PendingRead] = GroupCommitter(
+            self._write_reads, arrival_wait=group_commit_wait
+        )
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )

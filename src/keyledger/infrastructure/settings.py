@@ -37,3 +37,6 @@ class KeyledgerSettings(BaseSettings):
     audit_seal_every: int = Field(default=10_000, ge=0)
     # Append every new checkpoint to this file (the anchor for ``audit verify --anchor``).
     audit_anchor_file: Path | None = None
+    # How long a batch of reads about to be written waits for reads on their way in the
+    # same process (application/group_commit.py); 0: it never waits.
+    group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
