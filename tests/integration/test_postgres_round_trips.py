@@ -35,6 +35,7 @@ from keyledger.infrastructure.pg_functions import (
     APPEND_READS_FUNCTION,
     APPEND_UNIT_FUNCTION,
     BEGIN_WRITE_FUNCTION,
+    SMALL_BATCH,
     STORE_CREATED_FUNCTION,
 )
 from keyledger.infrastructure.postgres_store import KeyledgerPostgresRecorder
@@ -145,6 +146,49 @@ def test_a_stale_decision_writes_nothing_and_the_read_is_decided_again(
     assert errors[1] is not None
     assert fresh.access_count == 1
     assert len(_events(schema)) == len(before) + 1
+
+
+@pytest.mark.parametrize("size", [2, SMALL_BATCH, SMALL_BATCH + 1, 8])
+def test_a_batch_of_reads_is_written_alike_one_statement_per_read_or_set_based(
+    service: SecretService, schema: str, size: int
+) -> None:
+    """Batches up to SMALL_BATCH are written with a statement per read, larger ones with
+    set-based statements: the same events in the given order, the same counts, and the
+    same refusal of a stale decision."""
+    recorder, ledger = _recorder(service), service._ledger
+    names = [f"secret-{k}" for k in range(size - 1)] + ["secret-0"]  # one name read twice
+    for name in sorted(set(names)):
+        service.store_for_tenant(TENANT, name, "value")
+    keyring = ledger.keyring(TENANT)
+    assert keyring is not None
+
+    def reads(stale_index: int | None) -> list[Any]:
+        batch = []
+        for k, name in enumerate(names):
+            secret = ledger.secret(TENANT, name)
+            assert secret is not None
+            version = secret.version + (1 if k == stale_index else 0)
+            expected = {secret.id: version, keyring.id: keyring.version}
+            batch.append(ledger.reads.read(TENANT, name, 1, 1, ACTOR, expected=expected))
+        return batch
+
+    before = _events(schema)
+    with recorder._connection() as conn:
+        assert recorder._call_append_reads(conn, reads(stale_index=size - 1)) is False
+        assert _events(schema) == before  # a stale decision: nothing written
+        batch = reads(stale_index=None)
+        assert recorder._call_append_reads(conn, batch) is True
+
+    written = _events(schema)[len(before) :]
+    assert [row[0] for row in written] == [read.position for read in batch]
+    assert [uuid.UUID(str(row[1])) for row in written] == [
+        uuid.UUID(str(read.stored.originator_id)) for read in batch
+    ]
+    counts = {info.name: info.access_count for info in service.list_for_tenant(TENANT)}
+    assert counts["secret-0"] == 2
+    assert all(counts[name] == 1 for name in names[1:-1])
+    # Each reader gets the count one-by-one application gives: secret-0's first read 1.
+    assert [read.access_count for read in batch] == [1] * (size - 1) + [2]
 
 
 def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_repair_it(

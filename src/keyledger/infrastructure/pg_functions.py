@@ -40,7 +40,10 @@ FUNCTIONS = (
     STORE_UPDATED_FUNCTION,
     BEGIN_WRITE_FUNCTION,
 )
-STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
+STALE_SQLSTATE = "KL409"
+# Batches of reads up to this size are written by one statement per read (see
+# append_reads_statement); larger ones by set-based statements.
+SMALL_BATCH = 3  # raised by kl_begin_write_v1: a decision was made on stale state
 
 
 def function_statements(table: str, channel: str) -> list[str]:
@@ -88,7 +91,10 @@ def append_reads_statement(table: str, channel: str) -> str:
     moved on, appends the read events, notifies the projection workers and adds the
     reads to the catalog's access counts. It returns whether a decision was stale (then
     nothing was written), the positions of the events in the order given, and each
-    secret's new access count.
+    secret's new access count. Up to ``SMALL_BATCH`` reads are written with one
+    primary-key statement each, larger batches with set-based statements (measured with
+    8 and 2 threads: the statements per read cost the server less for a few reads, the
+    joins for many).
     """
     return f"""CREATE OR REPLACE FUNCTION {APPEND_READS_FUNCTION}(
     expected_ids uuid[], expected_versions bigint[],
@@ -97,8 +103,44 @@ def append_reads_statement(table: str, channel: str) -> str:
     OUT stale boolean, OUT positions bigint[],
     OUT counted_tenants text[], OUT counted_names text[], OUT counted bigint[])
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    k integer;
+    appended bigint;
+    count_now bigint;
 BEGIN
     LOCK TABLE {table} IN EXCLUSIVE MODE;
+    IF cardinality(ids) <= {SMALL_BATCH} THEN
+        -- A few reads: primary-key statements, one per read, planned once per connection,
+        -- cost the server less than the joins below (which win for larger batches).
+        FOR k IN 1 .. cardinality(expected_ids) LOOP
+            IF COALESCE((SELECT MAX(originator_version) FROM {table}
+                         WHERE originator_id = expected_ids[k]), 0) <> expected_versions[k]
+            THEN
+                stale := true;
+                RETURN;
+            END IF;
+        END LOOP;
+        stale := false;
+        PERFORM pg_notify('{channel}', '');
+        positions := '{{}}';
+        FOR k IN 1 .. cardinality(ids) LOOP
+            INSERT INTO {table} (originator_id, originator_version, topic, state)
+            VALUES (ids[k], 1, topics[k], states[k]) RETURNING notification_id INTO appended;
+            positions := positions || appended;
+        END LOOP;
+        FOR k IN 1 .. cardinality(tenants) LOOP
+            UPDATE kl_catalog
+            SET access_count = kl_catalog.access_count + counts[k], last_accessed_at = ats[k]
+            WHERE kl_catalog.tenant_id = tenants[k] AND kl_catalog.name = names[k]
+            RETURNING kl_catalog.access_count INTO count_now;
+            IF FOUND THEN
+                counted_tenants := counted_tenants || tenants[k];
+                counted_names := counted_names || names[k];
+                counted := counted || count_now;
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     SELECT EXISTS (
         SELECT 1 FROM unnest(expected_ids, expected_versions) AS e(id, version)
         WHERE e.version <> COALESCE(
