@@ -29,6 +29,7 @@ from conftest import POSTGRES_URL, own_schema
 from keyledger import SecretService, StorageError, super_admin
 from keyledger.context import make_actor
 from keyledger.domain.secret import Secret
+from keyledger.infrastructure import pg_functions
 from keyledger.infrastructure.pg_arrays import bytea_array, int8_array, text_array, uuid_array
 from keyledger.infrastructure.pg_functions import (
     APPEND_READ_FUNCTION,
@@ -189,6 +190,77 @@ def test_a_batch_of_reads_is_written_alike_one_statement_per_read_or_set_based(
     assert all(counts[name] == 1 for name in names[1:-1])
     # Each reader gets the count one-by-one application gives: secret-0's first read 1.
     assert [read.access_count for read in batch] == [1] * (size - 1) + [2]
+
+
+def _with_reads_written(small_batch: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """In a schema of its own, whose batch function takes the loop up to ``small_batch``
+    reads: one batch of reads (two tenants, a name read twice, a name with no catalog row,
+    then a stale batch); what the call returned and the catalog it left."""
+    with (
+        own_schema("paths") as schema,
+        SecretService.create(
+            f"{POSTGRES_URL}?schema={schema}", master_key=secrets.token_hex(32)
+        ) as service,
+    ):
+        recorder, ledger = _recorder(service), service._ledger
+        with monkeypatch.context() as patched:
+            patched.setattr(pg_functions, "SMALL_BATCH", small_batch)
+            statement = pg_functions.append_reads_statement(
+                recorder.events_table_name, recorder.channel_name
+            )
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            conn.execute(statement)
+        wanted = [("t1", "a"), ("t1", "b"), ("t2", "a"), ("t1", "a")]
+        for tenant_id, name in sorted(set(wanted)):
+            service.store_for_tenant(tenant_id, name, "value")
+
+        def read(tenant_id: str, name: str, *, stale: bool = False) -> Any:
+            keyring = ledger.keyring(tenant_id)
+            assert keyring is not None
+            secret = ledger.secret(tenant_id, name)
+            expected = {keyring.id: keyring.version + (1 if stale else 0)}
+            if secret is not None:
+                expected[secret.id] = secret.version
+            return ledger.reads.read(tenant_id, name, 1, 1, ACTOR, expected=expected, timestamp=AT)
+
+        batch = [read(t, n) for t, n in wanted] + [read("t2", "no-row")]
+        with recorder._connection() as conn:
+            refused = recorder._call_append_reads(conn, [read("t1", "b", stale=True)])
+            written = recorder._call_append_reads(conn, batch)
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            catalog = conn.execute(
+                sql.SQL(
+                    "SELECT tenant_id, name, access_count, last_accessed_at FROM {} ORDER BY 1, 2"
+                ).format(sql.Identifier(schema, "kl_catalog"))
+            ).fetchall()
+        first = _events(schema)[0][0]
+        return {
+            "refused": refused,
+            "written": written,
+            "positions": [read.position - first for read in batch],
+            "counts": [(read.access_count, read.last_accessed_at) for read in batch],
+            "catalog": catalog,
+        }
+
+
+AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def test_both_ways_of_writing_a_batch_of_reads_give_the_same_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch function's loop (a few reads) and its set-based statements (more) are
+    interchangeable: each forced on a batch of five, the outcomes are equal."""
+    loop = _with_reads_written(8, monkeypatch)
+    set_based = _with_reads_written(0, monkeypatch)
+
+    assert loop == set_based
+    assert loop["refused"] is False
+    assert loop["written"] is True
+    counts = [count for count, _ in loop["counts"]]
+    assert counts == [1, 1, 1, 2, None]  # t1/a read twice; no catalog row: no count
+    assert [row[2] for row in loop["catalog"]] == [2, 1, 1]
 
 
 def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_repair_it(

@@ -11,6 +11,8 @@ import pydantic
 import pytest
 
 from keyledger import Secret, SecretInfo, SecretNotFound, SecretService, tenant
+from keyledger.application import group_commit
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 NEXT_YEAR = datetime.now(UTC) + timedelta(days=365)
 LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
@@ -337,3 +339,7 @@ def test_an_invalid_group_commit_wait_is_refused(
 
     with pytest.raises(pydantic.ValidationError, match="group_commit_wait_ms"):
         SecretService.create("memory:", master_key=secrets.token_hex(32))
+
+
+def test_the_group_commit_default_wait_is_the_settings_default() -> None:
+    assert KeyledgerSettings().group_commit_wait_ms / 1000 == group_commit.ARRIVAL_WAIT

@@ -18,7 +18,8 @@ threads take turns: each batch holds one write, because the other thread is stil
 preparing its next one while the batch is written. The leader writes once the queued
 writes outnumber those still expected (so with many threads one half's batch is written
 while the other half prepares), once the grace of the returning ones is over, and at
-the latest after ``ARRIVAL_WAIT``. A lone thread never waits.
+the latest after ``arrival_wait`` (KEYLEDGER_GROUP_COMMIT_WAIT_MS, 1 ms by default; 0 turns
+the wait off). A lone thread never waits.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class GroupCommitter(Generic[T]):
         return 0 < len(self._queue) <= expected and len(self._queue) < self._max_batch
 
     def _await_arrivals(self) -> None:
-        """Wait (lock held) while waiting is worth it, at most ``ARRIVAL_WAIT``."""
+        """Wait (lock held) while waiting is worth it, at most ``arrival_wait``."""
         if self.arrival_wait <= 0 or not self._worth_waiting():
             return
         self.waits += 1

@@ -40,10 +40,10 @@ FUNCTIONS = (
     STORE_UPDATED_FUNCTION,
     BEGIN_WRITE_FUNCTION,
 )
-STALE_SQLSTATE = "KL409"
+STALE_SQLSTATE = "KL409"  # raised by kl_begin_write_v1: a decision was made on stale state
 # Batches of reads up to this size are written by one statement per read (see
 # append_reads_statement); larger ones by set-based statements.
-SMALL_BATCH = 3  # raised by kl_begin_write_v1: a decision was made on stale state
+SMALL_BATCH = 3
 
 
 def function_statements(table: str, channel: str) -> list[str]:
@@ -91,7 +91,9 @@ def append_reads_statement(table: str, channel: str) -> str:
     moved on, appends the read events, notifies the projection workers and adds the
     reads to the catalog's access counts. It returns whether a decision was stale (then
     nothing was written), the positions of the events in the order given, and each
-    secret's new access count. Up to ``SMALL_BATCH`` reads are written with one
+    secret's new access count. The arrays come as the client builds them: parallel
+    arrays of equal length, (tenant, name) pairs unique (``CatalogProjector.read_totals``).
+    Up to ``SMALL_BATCH`` reads are written with one
     primary-key statement each, larger batches with set-based statements (measured with
     8 and 2 threads: the statements per read cost the server less for a few reads, the
     joins for many).
@@ -112,7 +114,7 @@ BEGIN
     IF cardinality(ids) <= {SMALL_BATCH} THEN
         -- A few reads: primary-key statements, one per read, planned once per connection,
         -- cost the server less than the joins below (which win for larger batches).
-        FOR k IN 1 .. cardinality(expected_ids) LOOP
+        FOR k IN 1 .. COALESCE(cardinality(expected_ids), 0) LOOP
             IF COALESCE((SELECT MAX(originator_version) FROM {table}
                          WHERE originator_id = expected_ids[k]), 0) <> expected_versions[k]
             THEN
@@ -123,12 +125,12 @@ BEGIN
         stale := false;
         PERFORM pg_notify('{channel}', '');
         positions := '{{}}';
-        FOR k IN 1 .. cardinality(ids) LOOP
+        FOR k IN 1 .. COALESCE(cardinality(ids), 0) LOOP
             INSERT INTO {table} (originator_id, originator_version, topic, state)
             VALUES (ids[k], 1, topics[k], states[k]) RETURNING notification_id INTO appended;
             positions := positions || appended;
         END LOOP;
-        FOR k IN 1 .. cardinality(tenants) LOOP
+        FOR k IN 1 .. COALESCE(cardinality(tenants), 0) LOOP
             UPDATE kl_catalog
             SET access_count = kl_catalog.access_count + counts[k], last_accessed_at = ats[k]
             WHERE kl_catalog.tenant_id = tenants[k] AND kl_catalog.name = names[k]
