@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import pytest
 
@@ -244,12 +243,10 @@ def test_two_threads_taking_turns_share_their_transactions(
     assert len(writer.batches) <= 32  # 60 items: pairs, give or take the first and last
 
 
-@pytest.mark.usefixtures("patient")
-def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
-    """The caller whose batch just finished is usually back at once with its next item
-    (before it has even announced it): the next leader counts it as on its way."""
-    release = threading.Event()
-    batches: list[list[int]] = []
+def _holding_writer(
+    release: threading.Event, batches: list[list[int]]
+) -> Callable[[list[int]], Sequence[BaseException | None]]:
+    """A writer that records batches and holds the batch ``[1]`` until ``release``."""
 
     def writer(items: list[int]) -> Sequence[BaseException | None]:
         if items == [1]:
@@ -257,13 +254,28 @@ def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
         batches.append(list(items))
         return [None] * len(items)
 
-    committer = GroupCommitter(writer)
+    return writer
+
+
+def _prompt_then_held(committer: GroupCommitter[int]) -> None:
+    """Write 0, come back at once (so it counts as prompt) with 1, whose batch a
+    ``_holding_writer`` holds."""
+    committer.submit(0)
+    with committer.arriving():
+        committer.submit(1)
+
+
+@pytest.mark.usefixtures("patient")
+def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
+    """The caller whose batch just finished is usually back at once with its next item
+    (before it has even announced it): the next leader counts it as on its way."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches))
     again = threading.Event()
 
     def first_caller() -> None:
-        committer.submit(0)
-        with committer.arriving():  # back at once: it counts as prompt from now on
-            committer.submit(1)
+        _prompt_then_held(committer)
         again.wait(timeout=30)
         with committer.arriving():
             committer.submit(3)
@@ -322,24 +334,6 @@ def test_a_leader_interrupted_while_waiting_fails_its_batch_and_hands_leadership
     assert writer.batches == [[2]]  # 1 was never written
 
 
-def _prompt_then_held(committer: GroupCommitter[int], release: threading.Event) -> None:
-    """Write 0, come back at once (prompt) with 1, whose batch the writer holds until
-    ``release``; then never come back."""
-    committer.submit(0)
-    with committer.arriving():
-        committer.submit(1)
-
-
-def _holding_writer(release: threading.Event, batches: list[list[int]]) -> Any:
-    def writer(items: list[int]) -> Sequence[BaseException | None]:
-        if items == [1]:
-            release.wait(timeout=30)
-        batches.append(list(items))
-        return [None] * len(items)
-
-    return writer
-
-
 def test_the_next_leader_stops_waiting_when_the_returning_grace_is_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -348,7 +342,7 @@ def test_the_next_leader_stops_waiting_when_the_returning_grace_is_over(
     release = threading.Event()
     batches: list[list[int]] = []
     committer = GroupCommitter(_holding_writer(release, batches))
-    first = threading.Thread(target=_prompt_then_held, args=(committer, release))
+    first = threading.Thread(target=_prompt_then_held, args=(committer,))
     first.start()
     _until(lambda: batches == [[0]] and committer._leader_busy)
     second = threading.Thread(target=committer.submit, args=(2,))
