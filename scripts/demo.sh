@@ -52,7 +52,9 @@ keyledger keys reencrypt acme
 keyledger keys list acme
 
 heading "List secrets (never values)"
+echo "acme:"
 keyledger secrets list acme
+echo "globex:"
 keyledger secrets list globex
 
 heading "Disable a secret: reads are refused"

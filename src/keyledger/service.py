@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from types import TracebackType
 from typing import Literal
@@ -18,6 +18,7 @@ from keyledger.application.read_models import (
     catch_up_audit,
     follow,
     rebuild_read_models,
+    rebuilt_together,
 )
 from keyledger.application.repair import repair
 from keyledger.application.schema_check import SchemaStatus, check_schema
@@ -25,7 +26,7 @@ from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput
-from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.infrastructure.settings import KeyledgerSettings, load_settings
 from keyledger.investigation import AuditInvestigation
 from keyledger.models import (
     AUDIT_ACTIONS,
@@ -76,7 +77,7 @@ class SecretService(AuditInvestigation):
         settings: KeyledgerSettings | None = None,
     ) -> SecretService:
         """Open a store. Malformed master keys raise ``InvalidMasterKey`` here, never later."""
-        settings = settings or KeyledgerSettings()
+        settings = settings or load_settings()
         ledger = build_ledger(
             settings,
             database_url=database_url,
@@ -236,6 +237,8 @@ class SecretService(AuditInvestigation):
         tenant_id = check_identifier("tenant_id", tenant_id)
         if status is not None and status not in _STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(_STATUSES)} or None")
+        if not isinstance(include_expired, bool):
+            raise InvalidInput("include_expired must be a bool")
         statuses = {status} if status else {"active", "disabled"}
         if include_expired:
             statuses.add("expired")
@@ -500,9 +503,23 @@ class SecretService(AuditInvestigation):
 
     # -- operator tools -------------------------------------------------------------------
 
-    def rebuild_read_models(self, *, progress: Callable[[int], None] | None = None) -> int:
-        """Drop and rebuild every read model from the stream; returns events replayed."""
-        return rebuild_read_models(self._ledger, progress)
+    def rebuild_read_models(
+        self,
+        *,
+        progress: Callable[[int], None] | None = None,
+        names: Collection[str] | None = None,
+    ) -> int:
+        """Rebuild read models from the stream (built aside, then switched); returns the
+        events replayed. ``names``: some of "catalog", "audit", "keys" (None: every one);
+        the catalog and the keys are always rebuilt together (one projector writes both)."""
+        if names is not None:
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise InvalidInput("names must be a collection of read-model names")
+            try:
+                rebuilt_together(names)
+            except ValueError as error:
+                raise InvalidInput(str(error)) from None
+        return rebuild_read_models(self._ledger, progress, names)
 
     def init_schema(self) -> SchemaStatus:
         """Create every table, index and trigger the store needs (idempotent)."""

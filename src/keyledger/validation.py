@@ -18,8 +18,18 @@ MAX_METADATA_ENTRIES = 64
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+# Lone surrogates: a str holding one cannot be encoded (UTF-8 or otherwise stored); they
+# come from undecodable bytes (surrogateescape, e.g. a command-line argument) or bad input.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def _has_control_chars(text: str) -> bool:
     return _CONTROL_CHARS.search(text) is not None
+
+
+def _check_encodable(field: str, text: str) -> None:
+    if _SURROGATES.search(text) is not None:
+        raise InvalidInput(f"{field} is not valid Unicode text (it holds a lone surrogate)")
 
 
 def check_identifier(field: str, value: object) -> str:
@@ -32,6 +42,7 @@ def check_identifier(field: str, value: object) -> str:
         raise InvalidInput(f"{field} is longer than {MAX_IDENTIFIER_LENGTH} characters")
     if _has_control_chars(value):
         raise InvalidInput(f"{field} must not contain control characters")
+    _check_encodable(field, value)
     if value != value.strip():
         raise InvalidInput(f"{field} must not have leading or trailing whitespace")
     return value
@@ -47,6 +58,7 @@ def check_optional_text(field: str, value: object, max_length: int = MAX_TEXT_LE
         raise InvalidInput(f"{field} is longer than {max_length} characters")
     if _has_control_chars(value):
         raise InvalidInput(f"{field} must not contain control characters")
+    _check_encodable(field, value)
     return value
 
 
@@ -82,7 +94,13 @@ def check_metadata(value: object) -> dict[str, str] | None:
 def check_value(value: object, max_bytes: int) -> bytes:
     """A secret value (str or bytes) as bytes, at most ``max_bytes`` long."""
     if isinstance(value, str):
-        raw = value.encode("utf-8")
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:  # its message would quote part of the value
+            raise InvalidInput(
+                "value is not valid Unicode text (it holds a lone surrogate); "
+                "store arbitrary data as bytes"
+            ) from None
     elif isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
     else:

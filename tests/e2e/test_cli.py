@@ -294,6 +294,13 @@ def test_delete_asks_for_confirmation_unless_yes() -> None:
     assert "Delete secret 's' of tenant 'acme'?" in refused.stderr
     assert "Aborted!" in refused.stderr
     assert names("acme") == ["s"]
+    unanswered = run("secrets", "delete", "acme", "s", stdin="")  # a script, stdin closed
+    assert unanswered.exit_code == 1
+    assert unanswered.stderr.splitlines()[-1] == (
+        "Error: no answer to the confirmation (standard input is closed); nothing was "
+        "changed. Pass --yes to confirm in advance."
+    )
+    assert names("acme") == ["s"]
     confirmed = run("secrets", "delete", "acme", "s", stdin="y\n")
     assert confirmed.stdout == "Deleted secret 's' in tenant 'acme'.\n"
     assert names("acme", "--status", "all") == []
@@ -466,7 +473,10 @@ def test_projections_rebuild_replays_the_stream_and_keeps_the_answers() -> None:
     before = (as_json("secrets", "list", "acme"), audit("acme"))
     assert ok("projections", "rebuild").stdout == "Rebuilt the read models from 3 events.\n"
     assert (as_json("secrets", "list", "acme"), audit("acme")) == before
-    assert as_json("projections", "rebuild") == {"events_replayed": 3}
+    assert as_json("projections", "rebuild") == {
+        "events_replayed": 3,
+        "read_models": ["catalog", "audit", "keys"],
+    }
 
 
 def test_projections_rebuild_shows_a_progress_bar_on_a_terminal(
@@ -541,6 +551,23 @@ def test_the_database_option_wins_over_the_environment(tmp_path: Path) -> None:
 def names_in(url: str) -> list[str]:
     """Secret names of tenant acme in another database."""
     return [i["name"] for i in as_json("--database", url, "secrets", "list", "acme")]
+
+
+def test_a_file_that_is_not_a_database_is_one_error_line_and_stays_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"not a database, but somebody's notes\n" * 200)
+    before = path.read_bytes()
+    result = run("--database", f"sqlite:///{path}", "secrets", "list", "acme")
+    assert_error(result, "cannot open the store: file is not a database")
+    assert path.read_bytes() == before
+
+
+def test_a_name_that_is_not_valid_unicode_is_one_error_line() -> None:
+    # What Python makes of undecodable bytes on the command line (surrogateescape).
+    result = run("secrets", "get", "acme", "bad\udcffname")
+    assert_error(result, "name is not valid Unicode text (it holds a lone surrogate)")
 
 
 def test_an_unsupported_database_url_is_an_error() -> None:

@@ -85,6 +85,22 @@ def assert_aborted(result: Result, prompt: str) -> None:
     assert result.stdout == ""
 
 
+UNANSWERED = (
+    "Error: no answer to the confirmation (standard input is closed); nothing was changed. "
+    "Pass --yes to confirm in advance."
+)
+
+
+def assert_unanswered(result: Result, prompt: str) -> None:
+    """A confirmation nobody could answer (stdin closed, as in a script): the prompt, then
+    one error line that names --yes, exit 1, nothing on stdout."""
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    assert prompt in result.stderr
+    assert result.stderr.splitlines()[-1] == UNANSWERED
+    assert "Aborted!" not in result.stderr
+    assert result.stdout == ""
+
+
 def put(tenant_id: str, name: str, value: str) -> None:
     ok("secrets", "put", tenant_id, name, stdin=value)
 
@@ -164,6 +180,8 @@ def test_compromise_asks_for_confirmation_and_a_no_changes_nothing() -> None:
     put("acme", "a", "1")
     refused = run("keys", "compromise", "acme", "1", "--reason", "leaked", stdin="n\n")
     assert_aborted(refused, "Mark key version 1 of tenant 'acme' as compromised?")
+    unanswered = run("keys", "compromise", "acme", "1", "--reason", "leaked", stdin="")
+    assert_unanswered(unanswered, "Mark key version 1 of tenant 'acme' as compromised?")
     assert keys("acme") == [(1, "active", 1)]
     assert audit_actions("acme", "compromise_key") == []
 
@@ -247,6 +265,8 @@ def test_cleanup_asks_for_confirmation_and_a_no_destroys_nothing() -> None:
     retire_two_versions()
     refused = run("keys", "cleanup-retired", "--older-than-days", "0", stdin="n\n")
     assert_aborted(refused, "Destroy the key material of every key version retired 0 or more")
+    unanswered = run("keys", "cleanup-retired", "--older-than-days", "0", stdin="")
+    assert_unanswered(unanswered, "Destroy the key material of every key version retired 0")
     assert keys("acme")[0] == (1, "retired", 0)
 
 
@@ -449,7 +469,7 @@ def test_erase_asks_for_confirmation_naming_the_tenant_and_a_no_erases_nothing()
     refused = run("tenants", "erase", "acme", stdin="n\n")
     assert_aborted(refused, "Erase tenant 'acme'? Every value it ever stored becomes")
     assert get("acme", "a") == "1"
-    assert_aborted(run("tenants", "erase", "acme"), "Erase tenant 'acme'?")  # stdin at EOF
+    assert_unanswered(run("tenants", "erase", "acme"), "Erase tenant 'acme'?")  # stdin at EOF
     assert get("acme", "a") == "1"
 
 
@@ -682,6 +702,11 @@ def test_repair_asks_before_deleting_and_a_no_deletes_nothing(
     assert DELETE_PROMPT in refused.stderr
     assert "Aborted!" in refused.stderr
     assert refused.stdout.splitlines()[-1] == PLAN
+    assert live_names("acme") == ["a", "b"]
+    unanswered = run("drift", "repair", "acme", stdin="")
+    assert unanswered.exit_code == 1
+    assert unanswered.stderr.splitlines()[-1] == UNANSWERED
+    assert unanswered.stdout.splitlines()[-1] == PLAN
     assert live_names("acme") == ["a", "b"]
     assert keys("acme") == [(1, "active", 2)]
     # The right key comes back: nothing was lost.

@@ -225,7 +225,13 @@ def test_db_commands_on_sqlite_report_the_trigger_as_not_applicable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("KEYLEDGER_CREATE_TABLES", raising=False)
-    database = f"sqlite:///{tmp_path / 'k.db'}"
+    path = tmp_path / "k.db"
+    database = f"sqlite:///{path}"
+    absent = run("--database", database, "db", "check")
+    assert absent.exit_code == 1
+    assert f"Missing:             the database file {path}\n" in absent.stdout
+    assert not path.exists()  # a check creates nothing, not even the file
+    path.touch()  # an empty file is an empty SQLite database
     missing = run("--database", database, "db", "check")
     assert missing.exit_code == 1
     assert "Missing:             stored_events, stored_snapshots, kl_catalog" in missing.stdout
@@ -354,19 +360,23 @@ def test_stop_on_signals_sets_the_flag_and_restores_the_handlers() -> None:
 
 
 @pytest.mark.postgres
-def test_rebuild_accepts_a_read_model_name_and_rebuilds_them_all(url: str) -> None:
+def test_rebuild_of_a_named_read_model_rebuilds_it_and_what_is_built_with_it(url: str) -> None:
     ok("db", "init")
     ok("secrets", "put", "acme", "s", stdin="v")
     ok("secrets", "get", "acme", "s")
     listed = as_json("secrets", "list", "acme")
-    result = ok("projections", "rebuild", "audit")
-    assert result.stdout == (
-        "Rebuilt all the read models (catalog, audit, keys), not only 'audit': "
-        "they are rebuilt together. Replayed 3 events.\n"
+    audit_log = as_json("audit", "log", "acme")
+    assert ok("projections", "rebuild", "audit").stdout == "Rebuilt audit from 3 events.\n"
+    assert as_json("projections", "rebuild", "keys") == {
+        "events_replayed": 3,
+        "read_models": ["catalog", "keys"],
+    }
+    assert ok("projections", "rebuild", "catalog").stdout == (
+        "Rebuilt catalog and keys (one projector builds both) from 3 events.\n"
     )
-    assert as_json("projections", "rebuild", "keys") == {"events_replayed": 3}
     assert ok("projections", "rebuild").stdout == "Rebuilt the read models from 3 events.\n"
     assert as_json("secrets", "list", "acme") == listed
+    assert as_json("audit", "log", "acme") == audit_log
     assert lag(as_json("projections", "status")) == dict.fromkeys(READ_MODELS, 0)
 
 

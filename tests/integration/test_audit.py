@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -188,6 +189,46 @@ def test_a_store_without_a_master_key_is_audited_as_a_failure(make_service: Make
         [entry] = keyless.get_audit_logs()
     assert (entry.secret_name, entry.action, entry.result) == ("token", "create", "failure")
     assert "MasterKeyUnavailable" in entry.details.values()
+
+
+def test_a_rotation_without_a_master_key_is_audited_as_a_failure_and_adds_no_version(
+    make_service: MakeService,
+) -> None:
+    make_service().store_for_tenant("acme", "token", "v")
+    keyless = make_service(master_key=None)
+
+    with tenant("acme", user_id="ops"):
+        with pytest.raises(MasterKeyUnavailable):
+            keyless.rotate_key()
+        [entry] = keyless.get_audit_logs(limit=1)
+        versions = [k.version for k in keyless.list_keys()]
+
+    assert (entry.secret_name, entry.action, entry.result, entry.user_id) == (
+        None,
+        "rotate_key",
+        "failure",
+        "ops",
+    )
+    assert entry.details["error"] == "MasterKeyUnavailable"
+    assert versions == [1]
+
+
+def test_a_rotation_under_a_master_key_that_cannot_open_the_active_version_is_refused(
+    make_service: MakeService,
+) -> None:
+    """Likely the wrong master key deployed: rotating would split the tenant's keys
+    between two master keys. With the old one among the previous keys, it rotates."""
+    make_service().store_for_tenant("acme", "token", "v")
+    other_key = secrets.token_hex(32)
+    misconfigured = make_service(master_key=other_key)
+
+    with tenant("acme"):
+        with pytest.raises(MasterKeyUnavailable, match="which is not configured") as raised:
+            misconfigured.rotate_key()
+        [entry] = misconfigured.get_audit_logs(limit=1)
+        assert [k.version for k in misconfigured.list_keys()] == [1]
+    assert other_key not in str(raised.value)
+    assert (entry.action, entry.result) == ("rotate_key", "failure")
 
 
 def test_a_read_that_cannot_decrypt_is_audited_as_a_failure(make_service: MakeService) -> None:

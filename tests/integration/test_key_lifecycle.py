@@ -392,7 +392,7 @@ def test_a_service_that_cached_a_key_stops_using_it_once_another_compromised_it(
     assert reader.store_for_tenant(ACME, "other", "o").key_version == 2
 
 
-def test_compromising_the_active_version_without_a_master_key_fails_and_records_nothing(
+def test_compromising_the_active_version_without_a_master_key_fails_changes_no_key_and_is_audited(
     make_service: MakeService,
 ) -> None:
     service = make_service()
@@ -401,10 +401,18 @@ def test_compromising_the_active_version_without_a_master_key_fails_and_records_
     entries = audit(service, ACME)
 
     with pytest.raises(MasterKeyUnavailable):
-        keyless.compromise_key_for_tenant(ACME, 1, "leaked")
+        keyless.compromise_key_for_tenant(ACME, 1, "leaked", user_id="sec")
 
     assert statuses(service, ACME) == {1: "active"}
-    assert audit(service, ACME) == entries
+    [*earlier, failed] = audit(service, ACME)  # oldest first
+    assert earlier == entries
+    assert (failed.action, failed.result, failed.key_version, failed.user_id) == (
+        "compromise_key",
+        "failure",
+        1,
+        "sec",
+    )
+    assert failed.details["error"] == "MasterKeyUnavailable"
     assert service.compromise_key_for_tenant(ACME, 1, "leaked").status == "compromised"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from keyledger import (
+    InvalidInput,
     SecretDisabled,
     SecretExpired,
     SecretNotFound,
@@ -288,3 +289,60 @@ def test_events_of_a_secret_created_in_the_same_replay_batch_land_on_its_row(
     assert answers(service) == before
     with tenant("acme"):
         assert service.list(status=None, include_expired=True, limit=100) == listed
+
+
+def corrupt_every_read_model(service: SecretService) -> None:
+    """What a bug or a bad restore could leave: every read model wrong, the stream intact."""
+    with service._ledger.store.writing() as cur:
+        cur.execute("UPDATE kl_catalog SET access_count = 999")
+        cur.execute("UPDATE kl_keys SET status = 'retired'")
+        cur.execute("DELETE FROM kl_audit")
+
+
+def by_read_model(answers_: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The answers grouped by the read model that gives them."""
+    groups: dict[str, dict[str, Any]] = {"audit": {}, "keys": {}, "catalog": {}}
+    for key, value in answers_.items():
+        if key.startswith("audit"):
+            groups["audit"][key] = value
+        elif key == "keys" or key.endswith(":keys"):
+            groups["keys"][key] = value
+        else:
+            groups["catalog"][key] = value
+    return groups
+
+
+@pytest.mark.parametrize(
+    ("names", "rebuilt"),
+    [
+        (["audit"], {"audit"}),
+        (["catalog"], {"catalog", "keys"}),  # one projector writes both
+        (["keys"], {"catalog", "keys"}),
+        (["audit", "keys"], {"audit", "catalog", "keys"}),
+    ],
+)
+def test_a_named_rebuild_repairs_that_read_model_and_leaves_the_others_as_they_are(
+    service: SecretService, names: list[str], rebuilt: set[str]
+) -> None:
+    varied_scenario(service)
+    good = by_read_model(answers(service))
+    corrupt_every_read_model(service)
+    bad = by_read_model(answers(service))
+    assert all(bad[model] != good[model] for model in good)
+
+    service.rebuild_read_models(names=names)
+
+    after = by_read_model(answers(service))
+    for model in good:
+        assert after[model] == (good[model] if model in rebuilt else bad[model]), model
+
+
+@pytest.mark.parametrize("names", [["secrets"], "audit", [1]], ids=["unknown", "str", "int"])
+def test_a_rebuild_of_unknown_read_models_is_refused_and_changes_nothing(
+    service: SecretService, names: Any
+) -> None:
+    varied_scenario(service)
+    before = answers(service)
+    with pytest.raises(InvalidInput):
+        service.rebuild_read_models(names=names)
+    assert answers(service) == before

@@ -10,7 +10,14 @@ from datetime import UTC, datetime, timedelta, timezone
 import pydantic
 import pytest
 
-from keyledger import Secret, SecretInfo, SecretNotFound, SecretService, tenant
+from keyledger import (
+    InvalidInput,
+    Secret,
+    SecretInfo,
+    SecretNotFound,
+    SecretService,
+    tenant,
+)
 from keyledger.application import group_commit
 from keyledger.infrastructure.settings import KeyledgerSettings
 
@@ -337,8 +344,9 @@ def test_an_invalid_group_commit_wait_is_refused(
 ) -> None:
     monkeypatch.setenv("KEYLEDGER_GROUP_COMMIT_WAIT_MS", value)
 
-    with pytest.raises(pydantic.ValidationError, match="group_commit_wait_ms"):
+    with pytest.raises(InvalidInput) as raised:
         SecretService.create("memory:", master_key=secrets.token_hex(32))
+    assert str(raised.value) == "invalid configuration: KEYLEDGER_GROUP_COMMIT_WAIT_MS"
 
 
 def test_the_group_commit_default_wait_is_the_settings_default() -> None:

@@ -31,6 +31,7 @@ BAD_IDENTIFIERS = [
     pytest.param("\tname", id="leading-tab"),
     pytest.param(" name", id="leading-space"),
     pytest.param("name ", id="trailing-space"),
+    pytest.param("a\ud800b", id="lone-surrogate"),  # e.g. undecodable bytes in argv
     pytest.param(None, id="none"),
     pytest.param(42, id="int"),
 ]
@@ -176,6 +177,16 @@ def test_the_value_limit_counts_bytes_and_comes_from_settings(
 
 
 @pytest.mark.usefixtures("unchanged")
+def test_a_str_value_that_is_not_valid_unicode_is_refused_without_quoting_it(
+    acme: SecretService,
+) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        acme.store("token", "sk_live_\udcffsecret")
+    assert "sk_live" not in str(raised.value)  # unlike UnicodeEncodeError's own message
+    assert "store arbitrary data as bytes" in str(raised.value)
+
+
+@pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
     "value", [None, 42, 4.2, ["v"], {"v": "v"}], ids=["none", "int", "float", "list", "dict"]
 )
@@ -207,8 +218,22 @@ def test_metadata_that_is_not_a_flat_dict_of_str_is_refused(
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
     "options",
-    [{"category": 7}, {"description": ["d"]}, {"category": "a\nb"}, {"clear_expiry": "yes"}],
-    ids=["int-category", "list-description", "control-char-category", "str-clear-expiry"],
+    [
+        {"category": 7},
+        {"description": ["d"]},
+        {"category": "a\nb"},
+        {"description": "d\udcff"},
+        {"metadata": {"k": "v\ud800"}},
+        {"clear_expiry": "yes"},
+    ],
+    ids=[
+        "int-category",
+        "list-description",
+        "control-char-category",
+        "surrogate-description",
+        "surrogate-metadata",
+        "str-clear-expiry",
+    ],
 )
 def test_malformed_store_options_are_refused(acme: SecretService, options: dict) -> None:
     with pytest.raises(InvalidInput):
@@ -218,8 +243,22 @@ def test_malformed_store_options_are_refused(acme: SecretService, options: dict)
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
     "options",
-    [{"status": "deleted"}, {"limit": -1}, {"offset": -1}, {"limit": "10"}, {"limit": True}],
-    ids=["unknown-status", "negative-limit", "negative-offset", "str-limit", "bool-limit"],
+    [
+        {"status": "deleted"},
+        {"limit": -1},
+        {"offset": -1},
+        {"limit": "10"},
+        {"limit": True},
+        {"include_expired": "yes"},
+    ],
+    ids=[
+        "unknown-status",
+        "negative-limit",
+        "negative-offset",
+        "str-limit",
+        "bool-limit",
+        "str-include-expired",
+    ],
 )
 def test_malformed_list_options_are_refused(acme: SecretService, options: dict) -> None:
     with pytest.raises(InvalidInput):

@@ -10,6 +10,7 @@ import pytest
 
 from keyledger import (
     DecryptionFailed,
+    InvalidInput,
     InvalidMasterKey,
     MasterKeyUnavailable,
     SecretNotFound,
@@ -88,10 +89,16 @@ def test_smrt_secret_master_key_is_accepted_as_a_fallback(
         assert active_amk_ids(service) == [amk_id(KEY_B)]
 
 
-def test_keyledger_master_key_wins_over_the_smrt_fallback(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("variable", ["KEYLEDGER_MASTER_KEY", "KEYLEDGER_MASTER_KEY_FILE"])
+def test_either_keyledger_variable_wins_over_the_smrt_fallback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
 ) -> None:
-    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    if variable == "KEYLEDGER_MASTER_KEY_FILE":
+        key_file = tmp_path / "amk.hex"
+        key_file.write_text(KEY_A + "\n", encoding="ascii")
+        monkeypatch.setenv(variable, str(key_file))
+    else:
+        monkeypatch.setenv(variable, KEY_A)
     monkeypatch.setenv("SMRT_SECRET_MASTER_KEY", KEY_B)
     with SecretService.create("memory:") as service:
         roundtrip(service)
@@ -215,7 +222,9 @@ def test_a_malformed_master_key_in_the_environment_fails_at_creation(
     monkeypatch.setenv(variable, bad)
     with pytest.raises(InvalidMasterKey) as caught:
         SecretService.create("memory:")
-    assert bad not in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ")  # where the bad key came from
+    assert bad not in message
 
 
 @pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
@@ -398,3 +407,20 @@ def test_a_wrong_master_key_does_not_damage_the_data_for_the_right_key(db_url: s
         service.retrieve(NAME)
     with SecretService.create(db_url, master_key=KEY_A) as service, tenant(TENANT):
         assert service.retrieve(NAME).value == VALUE
+
+
+@pytest.mark.parametrize(
+    ("variable", "bad"),
+    [
+        ("KEYLEDGER_MAX_VALUE_BYTES", "lots-of-bytes"),
+        ("KEYLEDGER_GROUP_COMMIT_WAIT_MS", "101"),
+        ("KEYLEDGER_CREATE_TABLES", "perhaps-later"),
+    ],
+)
+def test_a_malformed_setting_is_invalid_input_naming_the_variable_not_its_value(
+    monkeypatch: pytest.MonkeyPatch, variable: str, bad: str
+) -> None:
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(InvalidInput) as caught:
+        SecretService.create("memory:")
+    assert str(caught.value) == f"invalid configuration: {variable}"

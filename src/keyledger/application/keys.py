@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from keyledger.application.ledger import Conflict, Ledger
 from keyledger.application.queries import Queries
-from keyledger.application.secrets import actor_dict
+from keyledger.application.secrets import actor_dict, record_failure
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict
@@ -39,6 +39,7 @@ class KeyCommands:
                 data_key, row = self.ledger.new_data_key(tenant_id, 1)
                 rotated = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
             else:
+                self._refuse_on_an_unknown_master_key(keyring)
                 rotated = self.ledger.for_update(keyring)
                 data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
                 rotated.rotate(data_key.fingerprint, row.amk_id, who)
@@ -46,8 +47,29 @@ class KeyCommands:
             self.ledger.remember_data_key(data_key)
             return data_key.version
 
-        version = self.ledger.retrying(attempt)
+        try:
+            version = self.ledger.retrying(attempt)
+        except MasterKeyUnavailable as error:  # no master key to wrap a new version with
+            record_failure(self.ledger, tenant_id, None, "rotate_key", error, None, who)
+            raise
         return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
+
+    def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring) -> None:
+        """A rotation wraps its version under the configured master key: when that key
+        cannot open the active version (wrapped under a master key that is neither the
+        current one nor a previous one), the configuration is most likely wrong, and a
+        rotation would leave the tenant's keys split between two master keys. The way on
+        when the old master key is lost for good is ``drift repair``, not a rotation."""
+        active, master_keys = keyring.active, self.ledger.master_keys
+        if active is None or master_keys.current is None or master_keys.knows(active.amk_id):
+            return  # (no master key at all: the rotation fails for that)
+        raise MasterKeyUnavailable(
+            f"the active key version {active.version} of tenant {keyring.tenant_id!r} is "
+            f"wrapped by master key {active.amk_id}, which is not configured: refusing to "
+            "rotate under a master key that may be the wrong one; add it to "
+            "KEYLEDGER_PREVIOUS_MASTER_KEYS (or, if it is lost for good, see `keyledger "
+            "drift diagnose`)"
+        )
 
     def reencrypt_all(
         self, tenant_id: str, actor: Actor, progress: Progress | None = None

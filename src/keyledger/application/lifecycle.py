@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
-from keyledger.application.secrets import actor_dict
+from keyledger.application.secrets import actor_dict, record_failure
 from keyledger.context import Actor
 from keyledger.domain.ids import ActorDict
 from keyledger.domain.keyring import TenantKeyring
@@ -24,6 +24,7 @@ from keyledger.errors import (
     DecryptionFailed,
     InvalidInput,
     KeyInUse,
+    MasterKeyUnavailable,
 )
 from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
 from keyledger.models import CleanupKeyOutcome, CleanupResult, TenantKeyInfo
@@ -82,7 +83,11 @@ class KeyLifecycle:
                 unit.key_material.append(row)
             self.ledger.commit(changed, unit=unit)
 
-        self.ledger.retrying(attempt)
+        try:
+            self.ledger.retrying(attempt)
+        except MasterKeyUnavailable as error:  # an active version's replacement needs one
+            record_failure(self.ledger, tenant_id, None, "compromise_key", error, version, who)
+            raise
         self.ledger.forget_data_keys()
         return self._info(tenant_id, version)
 

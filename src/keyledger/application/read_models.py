@@ -9,12 +9,14 @@ the last committed batch and no event is ever applied twice.
 A rebuild builds the read models aside (``kl_*_rebuild`` tables, replayed in batches while
 the live ones keep answering), then switches under the write lock: the last events are
 replayed, the old tables dropped, the new ones renamed and indexed, in one transaction.
+It rebuilds every read model or the named ones: one projector writes both the catalog and
+the key inventory, so those two are rebuilt together; the audit model alone is the other.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -141,18 +143,40 @@ def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
             return applied
 
 
-class _Renaming:
-    """A cursor whose statements address the ``_rebuild`` copies of the read models."""
+# Each read model's name, and the tables its rebuild replaces (kl_tracking holds the audit
+# model's position). The catalog projector writes kl_catalog and kl_keys alike.
+READ_MODEL_TABLES = {
+    "catalog": ("kl_catalog", "kl_keys"),
+    "audit": ("kl_audit", "kl_tracking"),
+    "keys": ("kl_catalog", "kl_keys"),
+}
 
-    def __init__(self, cur: Any) -> None:
+
+def rebuilt_together(names: Collection[str] | None) -> list[str]:
+    """The read models a rebuild of ``names`` (None: all) rebuilds, in READ_MODEL_TABLES
+    order: naming the catalog or the keys rebuilds both."""
+    if names is None:
+        return list(READ_MODEL_TABLES)
+    unknown = sorted(set(names) - set(READ_MODEL_TABLES))
+    if unknown:
+        raise ValueError(f"no read model {unknown[0]!r}: one of {', '.join(READ_MODEL_TABLES)}")
+    tables = {table for name in names for table in READ_MODEL_TABLES[name]}
+    return [name for name, own in READ_MODEL_TABLES.items() if set(own) <= tables]
+
+
+class _Renaming:
+    """A cursor whose statements address the ``_rebuild`` copies of ``tables``."""
+
+    def __init__(self, cur: Any, tables: frozenset[str]) -> None:
         self._cur = cur
+        self._tables = tables
         self.dialect = getattr(cur, "dialect", "sqlite")
 
     def execute(self, statement: str, params: Any = ()) -> Any:
-        return self._cur.execute(_renamed(statement), params)
+        return self._cur.execute(_renamed(statement, self._tables), params)
 
     def executemany(self, statement: str, params: Any) -> Any:
-        return self._cur.executemany(_renamed(statement), params)
+        return self._cur.executemany(_renamed(statement, self._tables), params)
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -162,52 +186,61 @@ class _Renaming:
 
 
 @lru_cache(maxsize=256)
-def _renamed(statement: str) -> str:
-    return re.sub(
-        r"\b(kl_catalog|kl_audit|kl_keys|kl_tracking)\b", r"\1" + REBUILD_SUFFIX, statement
-    )
+def _renamed(statement: str, tables: frozenset[str]) -> str:
+    pattern = r"\b(" + "|".join(sorted(tables)) + r")\b"
+    return re.sub(pattern, r"\1" + REBUILD_SUFFIX, statement)
 
 
-def rebuild_read_models(ledger: Ledger, progress: Progress | None = None) -> int:
-    """Rebuild every read model aside from the whole stream, then switch; returns events."""
+def rebuild_read_models(
+    ledger: Ledger, progress: Progress | None = None, names: Collection[str] | None = None
+) -> int:
+    """Rebuild the read models ``names`` (None: every one; see ``rebuilt_together``) aside
+    from the whole stream, then switch; returns the events replayed."""
     store = ledger.store
-    catalog, audit = CatalogProjector(), AuditProjector()
+    models = rebuilt_together(names)
+    tables = frozenset(table for name in models for table in READ_MODEL_TABLES[name])
+    projectors: list[Any] = []
+    if "kl_catalog" in tables:
+        projectors.append(CatalogProjector())
+    if "kl_audit" in tables:
+        projectors.append(AuditProjector())
 
-    def apply(cur: Any, items: list[tuple[int, object]]) -> None:
-        shadow = _Renaming(cur)
-        catalog.apply(shadow, items)
-        audit.apply(shadow, items)
+    def apply(cur: Any, items: list[tuple[int, object]]) -> int:
+        shadow = _Renaming(cur, tables)
+        for projector in projectors:
+            projector.apply(shadow, items)
+        if progress and items:
+            progress(len(items))
+        return items[-1][0] if items else reached
 
     with store.projecting() as cur:
         for table in REBUILT_TABLES:
             cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")
         for statement in read_model_table_statements(store.dialect, REBUILD_SUFFIX):
             cur.execute(statement)
-    replayed = 0
+    # The position replayed so far: the copies are dropped and built afresh by a rebuild
+    # that was interrupted, so it is kept here, not in a table.
+    reached = replayed = 0
     while True:  # the bulk, in batches, while the live read models keep answering
         with store.projecting() as cur:
-            items = _page(ledger, cur, _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX))
-            apply(cur, items)
+            items = _page(ledger, cur, reached)
+            reached = apply(cur, items)
         replayed += len(items)
-        if progress and items:
-            progress(len(items))
         if len(items) < PAGE_SIZE:
             break
     with store.writing() as cur:  # the switch: no append can slip in between
-        while items := _page(ledger, cur, _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX)):
-            apply(cur, items)
+        while items := _page(ledger, cur, reached):
+            reached = apply(cur, items)
             replayed += len(items)
-            if progress:
-                progress(len(items))
-        position = _tracked_position(cur, "kl_tracking" + REBUILD_SUFFIX)
+        for table in sorted(tables - {"kl_tracking"}):
+            cur.execute(f"DROP TABLE {table}")
+            cur.execute(f"ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {table}")
         for table in REBUILT_TABLES:
-            if table != "kl_tracking":
-                cur.execute(f"DROP TABLE {table}")
-                cur.execute(f"ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {table}")
-        cur.execute(f"DROP TABLE kl_tracking{REBUILD_SUFFIX}")
-        cur.execute(
-            "UPDATE kl_tracking SET position=? WHERE name=?", (position, AUDIT_TRACKING_NAME)
-        )
+            cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")
+        if "kl_audit" in tables:
+            cur.execute(
+                "UPDATE kl_tracking SET position=? WHERE name=?", (reached, AUDIT_TRACKING_NAME)
+            )
         for statement in index_statements():
             cur.execute(statement)
     return replayed

@@ -95,7 +95,7 @@ class SecretCommands:
         except (MasterKeyUnavailable, DecryptionFailed) as error:
             existing = self.ledger.secret(tenant_id, name, fresh=True)
             action = "create" if existing is None or existing.deleted else "update"
-            self._record_failure(tenant_id, name, action, error, None, who)
+            record_failure(self.ledger, tenant_id, name, action, error, None, who)
             raise
 
     def _active_data_key(
@@ -208,7 +208,8 @@ class SecretCommands:
             if not fresh:
                 raise Conflict from None
             raised = self._explain(error, tenant_id, name)
-            self._record_failure(
+            record_failure(
+                self.ledger,
                 tenant_id,
                 name,
                 "read",
@@ -260,7 +261,7 @@ class SecretCommands:
     ) -> None:
         expected = {secret_id(tenant_id, name): secret.version if secret is not None else 0}
         error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
-        self._record_failure(tenant_id, name, "read", error, None, who, expected=expected)
+        record_failure(self.ledger, tenant_id, name, "read", error, None, who, expected=expected)
         raise error
 
     def _refuse(
@@ -284,19 +285,6 @@ class SecretCommands:
         self.ledger.commit(*written, record, unit=unit)
         raise error
 
-    def _record_failure(
-        self,
-        tenant_id: str,
-        name: str | None,
-        action: str,
-        error: Exception,
-        key_version: int | None,
-        who: ActorDict,
-        expected: dict[UUID, int] | None = None,
-    ) -> None:
-        record = AuditRecord.failed(tenant_id, name, action, type(error).__name__, key_version, who)
-        self.ledger.commit(record, unit=WriteUnit(expected=dict(expected or {})))
-
     # -- status changes -----------------------------------------------------------------
 
     def change(self, tenant_id: str, name: str, action: str, actor: Actor) -> bool:
@@ -310,7 +298,7 @@ class SecretCommands:
                     raise Conflict
                 expected = {secret_id(tenant_id, name): secret.version if secret else 0}
                 error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
-                self._record_failure(tenant_id, name, action, error, None, who, expected)
+                record_failure(self.ledger, tenant_id, name, action, error, None, who, expected)
                 return False
             changed = self.ledger.for_update(secret)
             getattr(changed, action)(who)
@@ -318,6 +306,22 @@ class SecretCommands:
             return True
 
         return self.ledger.retrying(attempt)
+
+
+def record_failure(
+    ledger: Ledger,
+    tenant_id: str,
+    name: str | None,
+    action: str,
+    error: Exception,
+    key_version: int | None,
+    who: ActorDict,
+    expected: dict[UUID, int] | None = None,
+) -> None:
+    """Audit ``action`` as failed with ``error`` (its class name), checked against
+    ``expected`` versions when the failure was decided on them."""
+    record = AuditRecord.failed(tenant_id, name, action, type(error).__name__, key_version, who)
+    ledger.commit(record, unit=WriteUnit(expected=dict(expected or {})))
 
 
 def _choose(given: str | None, old: str | None, keep: bool) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +18,8 @@ from keyledger.application.schema_check import SchemaStatus
 from keyledger.cli.errors import configuration_error
 from keyledger.cli.render import emit_json, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
+from keyledger.errors import InvalidInput
+from keyledger.infrastructure.database_url import sqlite_db_name
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.service import SecretService
 
@@ -38,6 +41,23 @@ def schema_service(cli: CliContext) -> Iterator[SecretService]:
         yield service
     finally:
         service.close()
+
+
+def _absent_sqlite_file(database_url: str | None) -> Path | None:
+    """The file of a ``sqlite:///`` URL (given, or configured) when it does not exist
+    (None for other stores)."""
+    if database_url is None:
+        try:
+            database_url = KeyledgerSettings().database_url
+        except ValidationError:
+            return None  # opening the store reports it
+    if not database_url.startswith("sqlite:") or database_url == "sqlite:///:memory:":
+        return None
+    try:
+        path = Path(sqlite_db_name(database_url))
+    except InvalidInput:
+        return None  # opening the store reports it
+    return None if path.exists() else path
 
 
 def status_data(status: SchemaStatus) -> dict[str, Any]:
@@ -109,8 +129,18 @@ def check(cli: CliContext) -> None:
 
     Exits 0 when it is, 1 when something is missing (run `keyledger db init`).
     """
-    with schema_service(cli) as service:
-        status = service.check_schema()
+    absent = _absent_sqlite_file(cli.database_url)
+    if absent is not None:  # opening it would create it
+        status = SchemaStatus(
+            store="sqlite",
+            events_table="stored_events",
+            present=False,
+            missing=[f"the database file {absent}"],
+            append_only_enforced=None,
+        )
+    else:
+        with schema_service(cli) as service:
+            status = service.check_schema()
     if cli.json_output:
         emit_json(status_data(status))
     else:

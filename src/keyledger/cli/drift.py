@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import click
 
+from keyledger.cli.confirm import confirm as ask
 from keyledger.cli.render import emit_json, emit_table, json_option, text, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
@@ -170,11 +171,10 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
     if not cli.json_output:
         emit_plan(plan)
     confirm = deletes(plan)
-    if confirm and not yes:
-        click.confirm(
+    if confirm:
+        ask(
             f"Delete {deletion_plan(plan)} of tenant {tenant_id!r}? This cannot be undone.",
-            abort=True,
-            err=True,
+            yes=yes,
         )
     result = service.repair_tenant_secret_key_drift(
         tenant_id, confirm_delete_unrecoverable_data=confirm, user_id=cli.user

@@ -14,6 +14,7 @@ import click
 from pydantic import ValidationError
 
 from keyledger.errors import KeyledgerError
+from keyledger.infrastructure.settings import invalid_configuration
 
 
 @contextmanager
@@ -28,13 +29,7 @@ def library_errors() -> Iterator[None]:
 
 def configuration_error(error: ValidationError) -> click.ClickException:
     """Name the misconfigured environment variables without echoing their values."""
-    names = sorted({_env_name(item["loc"]) for item in error.errors()})
-    return click.ClickException(f"invalid configuration: {', '.join(names)}")
-
-
-def _env_name(loc: tuple[Any, ...]) -> str:
-    field = str(loc[0]) if loc else "settings"
-    return field.upper() if field.upper().startswith("KEYLEDGER_") else f"KEYLEDGER_{field.upper()}"
+    return click.ClickException(str(invalid_configuration(error)))
 
 
 class KeyledgerGroup(click.Group):

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from keyledger.cli.confirm import confirm
 from keyledger.cli.render import (
     emit_json,
     emit_table,
@@ -177,13 +178,11 @@ def compromise(cli: CliContext, tenant_id: str, version: int, reason: str, yes: 
     Secrets still under VERSION cannot be read until their values are stored afresh
     (`keyledger drift diagnose TENANT` lists them).
     """
-    if not yes:
-        click.confirm(
-            f"Mark key version {version} of tenant {tenant_id!r} as compromised? "
-            "Secrets under it cannot be read until they are stored afresh.",
-            abort=True,
-            err=True,
-        )
+    confirm(
+        f"Mark key version {version} of tenant {tenant_id!r} as compromised? "
+        "Secrets under it cannot be read until they are stored afresh.",
+        yes=yes,
+    )
     info = cli.service.compromise_key_for_tenant(tenant_id, version, reason, **cli.actor)
     active = active_version(cli, tenant_id)
     if cli.json_output:
@@ -224,13 +223,11 @@ def cleanup_retired(cli: CliContext, older_than_days: int, yes: bool) -> None:
     Versions that live secrets still use are skipped and reported: run
     `keyledger keys reencrypt TENANT` first. Safe to interrupt and rerun.
     """
-    if not yes:
-        click.confirm(
-            f"Destroy the key material of every key version retired {older_than_days} or more "
-            "days ago, in every tenant? Versions still in use are skipped.",
-            abort=True,
-            err=True,
-        )
+    confirm(
+        f"Destroy the key material of every key version retired {older_than_days} or more "
+        "days ago, in every tenant? Versions still in use are skipped.",
+        yes=yes,
+    )
     result = cli.service.cleanup_retired_keys(older_than_days, user_id=cli.user)
     if cli.json_output:
         emit_json(to_data(result))

@@ -11,11 +11,12 @@ from types import FrameType
 
 import click
 
+from keyledger.application.read_models import READ_MODEL_TABLES, rebuilt_together
 from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
 from keyledger.cli.root import CliContext, pass_cli
 
-# The read models, in the order the library builds them; a rebuild always does all three.
-READ_MODELS = ("catalog", "audit", "keys")
+# The read models, in the order the library builds them.
+READ_MODELS = tuple(READ_MODEL_TABLES)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -29,27 +30,28 @@ def projections_group() -> None:
 @json_option
 @pass_cli
 def rebuild(cli: CliContext, name: str | None) -> None:
-    """Drop every read model and rebuild it from the event stream.
+    """Rebuild the read models (or NAME: catalog, audit or keys) from the event stream.
 
-    NAME (catalog, audit or keys) is accepted, but the read models are always rebuilt
-    together, in one transaction. Readers keep seeing the old rows until the rebuild commits.
+    They are built aside in batches while readers keep their answers, then switched in
+    one short transaction. The catalog and the keys come from one projector and are
+    rebuilt together; the audit model is rebuilt alone when named.
     """
     service = cli.service
+    names = None if name is None else [name]
     if is_terminal("stderr"):
         head = max(head for _, head in service.read_model_status().values())
         with click.progressbar(length=head, label="Replaying", file=sys.stderr) as bar:
-            replayed = service.rebuild_read_models(progress=bar.update)
+            replayed = service.rebuild_read_models(progress=bar.update, names=names)
     else:
-        replayed = service.rebuild_read_models()
+        replayed = service.rebuild_read_models(names=names)
+    rebuilt = rebuilt_together(names)
     if cli.json_output:
-        emit_json({"events_replayed": replayed})
+        emit_json({"events_replayed": replayed, "read_models": rebuilt})
     elif name is None:
         click.echo(f"Rebuilt the read models from {replayed} events.")
     else:
-        click.echo(
-            f"Rebuilt all the read models ({', '.join(READ_MODELS)}), not only {name!r}: "
-            f"they are rebuilt together. Replayed {replayed} events."
-        )
+        together = " (one projector builds both)" if len(rebuilt) > 1 else ""
+        click.echo(f"Rebuilt {' and '.join(rebuilt)}{together} from {replayed} events.")
 
 
 @projections_group.command("status")

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import click
 
+from keyledger.cli.confirm import confirm
 from keyledger.cli.params import AWARE_DATETIME, KEY_VALUE, metadata_from_pairs
 from keyledger.cli.render import (
     emit_json,
@@ -238,6 +239,5 @@ def enable(cli: CliContext, tenant_id: str, name: str) -> None:
 @pass_cli
 def delete(cli: CliContext, tenant_id: str, name: str, yes: bool) -> None:
     """Delete secret NAME of TENANT from every listing and read."""
-    if not yes:
-        click.confirm(f"Delete secret {name!r} of tenant {tenant_id!r}?", abort=True, err=True)
+    confirm(f"Delete secret {name!r} of tenant {tenant_id!r}?", yes=yes)
     change(cli, tenant_id, name, "delete", "Deleted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyledger.cli.confirm import confirm
 from keyledger.cli.render import emit_json, json_option
 from keyledger.cli.root import CliContext, pass_cli
 
@@ -25,13 +26,11 @@ def erase(cli: CliContext, tenant_id: str, yes: bool) -> None:
     checkpoints the WAL, PostgreSQL vacuums the key-material table); the events and the
     audit stream stay complete. This cannot be undone. Safe to interrupt and rerun.
     """
-    if not yes:
-        click.confirm(
-            f"Erase tenant {tenant_id!r}? Every value it ever stored becomes unrecoverable; "
-            "this cannot be undone.",
-            abort=True,
-            err=True,
-        )
+    confirm(
+        f"Erase tenant {tenant_id!r}? Every value it ever stored becomes unrecoverable; "
+        "this cannot be undone.",
+        yes=yes,
+    )
     versions = cli.service.erase_tenant(tenant_id, confirm=True, user_id=cli.user)
     if cli.json_output:
         emit_json({"tenant_id": tenant_id, "destroyed_key_versions": versions})

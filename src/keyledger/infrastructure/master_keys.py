@@ -23,6 +23,8 @@ def _current_key_text(
                 f"KEYLEDGER_MASTER_KEY_FILE: cannot read {settings.master_key_file}"
             ) from None
         return text, "KEYLEDGER_MASTER_KEY_FILE"
+    if settings.smrt_master_key is not None:
+        return settings.smrt_master_key.get_secret_value(), "SMRT_SECRET_MASTER_KEY"
     return None, ""
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keyledger.errors import InvalidInput
 
 DEFAULT_DATABASE_URL = "sqlite:///keyledger.db"
 
@@ -16,11 +19,13 @@ class KeyledgerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEYLEDGER_", frozen=True, extra="ignore")
 
     database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
-    master_key: SecretStr | None = Field(
-        default=None,
-        validation_alias=AliasChoices("KEYLEDGER_MASTER_KEY", "SMRT_SECRET_MASTER_KEY"),
-    )
+    master_key: SecretStr | None = None
     master_key_file: Path | None = None
+    # The fallback name of teams migrating from the TypeScript package: used only when
+    # neither KEYLEDGER_MASTER_KEY nor KEYLEDGER_MASTER_KEY_FILE is set.
+    smrt_master_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SMRT_SECRET_MASTER_KEY")
+    )
     previous_master_keys: SecretStr | None = None
     max_value_bytes: int = Field(default=65536, gt=0)
     key_cache_seconds: float = Field(default=300.0, ge=0)
@@ -40,3 +45,26 @@ class KeyledgerSettings(BaseSettings):
     # How long a batch of reads about to be written waits for reads on their way in the
     # same process (application/group_commit.py); 0: it never waits.
     group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
+
+
+def invalid_configuration(error: ValidationError) -> InvalidInput:
+    """``InvalidInput`` naming the misconfigured variables, never echoing their values."""
+    names = sorted({_env_name(item["loc"]) for item in error.errors()})
+    return InvalidInput(f"invalid configuration: {', '.join(names)}")
+
+
+def load_settings(**overrides: Any) -> KeyledgerSettings:
+    """The settings from the environment (and ``overrides``); ``InvalidInput`` if wrong."""
+    try:
+        return KeyledgerSettings(**overrides)
+    except ValidationError as error:
+        raise invalid_configuration(error) from None
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    field = str(loc[0]) if loc else "settings"
+    if field.upper().startswith(("KEYLEDGER_", "SMRT_")):
+        return field.upper()
+    if field == "smrt_master_key":
+        return "SMRT_SECRET_MASTER_KEY"
+    return f"KEYLEDGER_{field.upper()}"

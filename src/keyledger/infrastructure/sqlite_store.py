@@ -65,14 +65,18 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
             )
         except (sqlite3.Error, TypeError) as e:
             raise InterfaceError(e) from e
-        if not self.is_sqlite_memory_mode:
-            conn.execute("PRAGMA journal_mode=WAL")
-            self.is_journal_mode_wal = True
-        # A completed store or read must survive a power cut: fsync the WAL on commit.
-        conn.execute("PRAGMA synchronous=FULL")
-        # Destroyed key material must not linger in freed cells or free pages
-        # (crypto-shredding): deleted content and freed pages are overwritten with zeros.
-        conn.execute("PRAGMA secure_delete=ON")
+        try:
+            if not self.is_sqlite_memory_mode:
+                conn.execute("PRAGMA journal_mode=WAL")
+                self.is_journal_mode_wal = True
+            # A completed store or read must survive a power cut: fsync the WAL on commit.
+            conn.execute("PRAGMA synchronous=FULL")
+            # Destroyed key material must not linger in freed cells or free pages
+            # (crypto-shredding): deleted content and freed pages are overwritten with zeros.
+            conn.execute("PRAGMA secure_delete=ON")
+        except sqlite3.Error as e:  # the first statement meets the file: not a database, say
+            conn.close()
+            raise InterfaceError(e) from e
         conn.row_factory = sqlite3.Row
         return KeyledgerSQLiteConnection(conn, max_age=self.max_age)
 
