@@ -281,6 +281,45 @@ class SecretService(AuditInvestigation):
         tenant_id, actor = self._scope()
         return self.change_for_tenant(tenant_id, name, action, actor)
 
+    def disable_for_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """``disable`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self.change_for_tenant(tenant_id, name, "disable", actor)
+
+    def enable_for_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """``enable`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self.change_for_tenant(tenant_id, name, "enable", actor)
+
+    def delete_for_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """``delete`` for an explicit tenant (and actor)."""
+        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        return self.change_for_tenant(tenant_id, name, "delete", actor)
+
     def change_for_tenant(self, tenant_id: str, name: str, action: str, actor: Actor) -> bool:
         """disable/enable/delete for an explicit tenant and actor (the CLI's entry)."""
         if action not in ("disable", "enable", "delete"):

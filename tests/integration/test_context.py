@@ -115,6 +115,29 @@ def test_for_tenant_variants_need_no_tenant_block_and_record_their_actor(
     ]
 
 
+def test_disable_enable_and_delete_for_tenant_record_their_actor(
+    service: SecretService,
+) -> None:
+    service.store_for_tenant("acme", "token", "v")
+    who = {"user_id": "ops", "ip_address": "10.0.0.1", "user_agent": "ci"}
+
+    assert service.disable_for_tenant("acme", "token", **who)
+    assert service.list_for_tenant("acme", status="disabled")[0].name == "token"
+    assert service.enable_for_tenant("acme", "token", **who)
+    assert service.delete_for_tenant("acme", "token", **who)
+    assert not service.delete_for_tenant("acme", "token", user_id="ops")  # gone: False
+
+    with super_admin():
+        entries = service.get_audit_logs(tenant_id="acme")[:4][::-1]
+    assert [(e.action, e.result, e.user_id) for e in entries] == [
+        ("disable", "success", "ops"),
+        ("enable", "success", "ops"),
+        ("delete", "success", "ops"),
+        ("delete", "failure", "ops"),
+    ]
+    assert {(e.ip_address, e.user_agent) for e in entries[:3]} == {("10.0.0.1", "ci")}
+
+
 def test_for_tenant_variants_without_a_user_are_recorded_as_system(
     service: SecretService,
 ) -> None:

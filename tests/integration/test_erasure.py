@@ -304,6 +304,12 @@ def test_an_erased_tenants_secrets_stay_listed_and_the_diagnosis_calls_them_unre
     assert "secret_envelope_missing_tenant_encryption_key" in {
         i.code for i in raised.value.report.issues
     }
+    # The message leads with the secret's own cause, not the tenant's missing active key.
+    assert str(raised.value).startswith(
+        f"secret 'latest' of tenant {DOOMED!r} cannot be decrypted: secret 'latest' names "
+        "key version"
+    )
+    assert "which was destroyed" in str(raised.value)
 
 
 def test_a_confirmed_repair_clears_an_erased_tenant_which_then_starts_on_a_new_version(

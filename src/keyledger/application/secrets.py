@@ -240,8 +240,10 @@ class SecretCommands:
         if report.ok:
             return error
         errors = [issue for issue in report.issues if issue.severity == "error"]
+        # The secret's own issue says most (its key version destroyed, say), then the tenant's.
+        cause = next((issue for issue in errors if issue.secret_name == name), errors[0])
         return SecretKeyDriftError(
-            f"secret {name!r} of tenant {tenant_id!r} cannot be decrypted: {errors[0].message}"
+            f"secret {name!r} of tenant {tenant_id!r} cannot be decrypted: {cause.message}"
             f" ({', '.join(sorted({issue.code for issue in errors}))})",
             report,
         )

@@ -12,9 +12,22 @@ Dialect = Literal["sqlite", "postgres"]
 READ_MODEL_TABLES = ("kl_catalog", "kl_audit", "kl_keys")
 TRACKED_READ_MODELS = ("audit",)
 
+# ``sorted_text`` is text that listings sort by and page over: by code point on every
+# store. SQLite compares text bytewise; PostgreSQL would use the database's locale, and
+# listings would come in another order, different from one server to the next.
 _TYPES: dict[Dialect, dict[str, str]] = {
-    "sqlite": {"blob": "BLOB", "bigint": "INTEGER", "without_rowid": " WITHOUT ROWID"},
-    "postgres": {"blob": "BYTEA", "bigint": "BIGINT", "without_rowid": ""},
+    "sqlite": {
+        "blob": "BLOB",
+        "bigint": "INTEGER",
+        "without_rowid": " WITHOUT ROWID",
+        "sorted_text": "TEXT",
+    },
+    "postgres": {
+        "blob": "BYTEA",
+        "bigint": "BIGINT",
+        "without_rowid": "",
+        "sorted_text": 'TEXT COLLATE "C"',
+    },
 }
 
 _TABLES = (
@@ -22,12 +35,12 @@ _TABLES = (
     # primary-key range, while every store would pay for each index in its commit.
     """CREATE TABLE IF NOT EXISTS kl_catalog{suffix} (
         secret_id TEXT NOT NULL,
-        tenant_id TEXT NOT NULL,
-        name TEXT NOT NULL,
+        tenant_id {sorted_text} NOT NULL,
+        name {sorted_text} NOT NULL,
         disabled INTEGER NOT NULL,
         expired INTEGER NOT NULL,
         deleted INTEGER NOT NULL,
-        category TEXT,
+        category {sorted_text},
         description TEXT,
         metadata TEXT NOT NULL,
         version INTEGER NOT NULL,
@@ -52,7 +65,7 @@ _TABLES = (
         key_version INTEGER,
         details TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS kl_keys{suffix} (
-        tenant_id TEXT NOT NULL,
+        tenant_id {sorted_text} NOT NULL,
         version INTEGER NOT NULL,
         key_id TEXT NOT NULL,
         amk_id TEXT NOT NULL,
@@ -79,7 +92,7 @@ _SUPPORT = (
     # Wrapped TDEKs live here, apart from the immutable stream, so destroying one is real.
     # Keyed by key_id too: a rotation that loses a race never overwrites the winner's row.
     """CREATE TABLE IF NOT EXISTS kl_key_material (
-        tenant_id TEXT NOT NULL,
+        tenant_id {sorted_text} NOT NULL,
         version INTEGER NOT NULL,
         key_id TEXT NOT NULL,
         amk_id TEXT NOT NULL,
