@@ -89,6 +89,8 @@ def put(
 
     The value is read from stdin when it is piped in (one trailing newline is dropped unless
     --binary), otherwise from a hidden prompt. It is never taken from the command line.
+    The prompt asks again for an empty answer; store an empty value from a pipe:
+    `printf '' | keyledger secrets put TENANT NAME`.
     """
     if expires_at is not None and clear_expiry:
         raise click.UsageError("give --expires-at or --clear-expiry, not both")
