@@ -524,7 +524,9 @@ def test_reads_work_without_a_master_key_and_writes_say_what_is_missing(
     assert [e["action"] for e in audit("acme")] == ["create", "create_key"]
     result = run("secrets", "get", "acme", "s")
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: no master key configured")
+    assert result.stderr.startswith(
+        "Error: cannot read secret 's' of tenant 'acme': no master key configured"
+    )
 
 
 def test_a_malformed_master_key_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,7 +183,7 @@ def test_reencryption_is_audited_as_update_per_moved_secret(acme: SecretService)
 def test_a_store_without_a_master_key_is_audited_as_a_failure(make_service: MakeService) -> None:
     keyless = make_service(master_key=None)
     with tenant("acme"):
-        with pytest.raises(MasterKeyUnavailable):
+        with pytest.raises(MasterKeyUnavailable, match=r"^cannot store secret 'token' of tenant"):
             keyless.store("token", "v")
 
         [entry] = keyless.get_audit_logs()
@@ -198,7 +198,7 @@ def test_a_rotation_without_a_master_key_is_audited_as_a_failure_and_adds_no_ver
     keyless = make_service(master_key=None)
 
     with tenant("acme", user_id="ops"):
-        with pytest.raises(MasterKeyUnavailable):
+        with pytest.raises(MasterKeyUnavailable, match=r"^cannot rotate the key of tenant 'acme'"):
             keyless.rotate_key()
         [entry] = keyless.get_audit_logs(limit=1)
         versions = [k.version for k in keyless.list_keys()]
@@ -236,7 +236,7 @@ def test_a_read_that_cannot_decrypt_is_audited_as_a_failure(make_service: MakeSe
     keyless = make_service(master_key=None)
 
     with tenant("acme"):
-        with pytest.raises(MasterKeyUnavailable):
+        with pytest.raises(MasterKeyUnavailable, match=r"^cannot read secret 'token' of tenant"):
             keyless.retrieve("token")
         latest = keyless.get_audit_logs(limit=1)
 

@@ -400,8 +400,11 @@ def test_compromising_the_active_version_without_a_master_key_fails_changes_no_k
     keyless = make_service(master_key=None)
     entries = audit(service, ACME)
 
-    with pytest.raises(MasterKeyUnavailable):
+    with pytest.raises(MasterKeyUnavailable) as raised:
         keyless.compromise_key_for_tenant(ACME, 1, "leaked", user_id="sec")
+    assert str(raised.value).startswith(
+        f"cannot replace the compromised active key version 1 of tenant {ACME!r}: "
+    )
 
     assert statuses(service, ACME) == {1: "active"}
     [*earlier, failed] = audit(service, ACME)  # oldest first

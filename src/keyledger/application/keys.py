@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from keyledger.application.ledger import Conflict, Ledger
 from keyledger.application.queries import Queries
-from keyledger.application.secrets import actor_dict, record_failure
+from keyledger.application.secrets import actor_dict, record_failure, unavailable
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict
@@ -51,7 +51,7 @@ class KeyCommands:
             version = self.ledger.retrying(attempt)
         except MasterKeyUnavailable as error:  # no master key to wrap a new version with
             record_failure(self.ledger, tenant_id, None, "rotate_key", error, None, who)
-            raise
+            raise unavailable(error, f"cannot rotate the key of tenant {tenant_id!r}") from None
         return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
 
     def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring) -> None:
@@ -64,8 +64,8 @@ class KeyCommands:
         if active is None or master_keys.current is None or master_keys.knows(active.amk_id):
             return  # (no master key at all: the rotation fails for that)
         raise MasterKeyUnavailable(
-            f"the active key version {active.version} of tenant {keyring.tenant_id!r} is "
-            f"wrapped by master key {active.amk_id}, which is not configured: refusing to "
+            f"the active key version {active.version} is wrapped by master key "
+            f"{active.amk_id}, which is not configured: refusing to "
             "rotate under a master key that may be the wrong one; add it to "
             "KEYLEDGER_PREVIOUS_MASTER_KEYS (or, if it is lost for good, see `keyledger "
             "drift diagnose`)"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
-from keyledger.application.secrets import actor_dict, record_failure
+from keyledger.application.secrets import actor_dict, record_failure, unavailable
 from keyledger.context import Actor
 from keyledger.domain.ids import ActorDict
 from keyledger.domain.keyring import TenantKeyring
@@ -87,7 +87,11 @@ class KeyLifecycle:
             self.ledger.retrying(attempt)
         except MasterKeyUnavailable as error:  # an active version's replacement needs one
             record_failure(self.ledger, tenant_id, None, "compromise_key", error, version, who)
-            raise
+            raise unavailable(
+                error,
+                f"cannot replace the compromised active key version {version} of tenant "
+                f"{tenant_id!r}",
+            ) from None
         self.ledger.forget_data_keys()
         return self._info(tenant_id, version)
 

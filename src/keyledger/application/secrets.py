@@ -96,6 +96,9 @@ class SecretCommands:
             existing = self.ledger.secret(tenant_id, name, fresh=True)
             action = "create" if existing is None or existing.deleted else "update"
             record_failure(self.ledger, tenant_id, name, action, error, None, who)
+            if isinstance(error, MasterKeyUnavailable):
+                context = f"cannot store secret {name!r} of tenant {tenant_id!r}"
+                raise unavailable(error, context) from None
             raise
 
     def _active_data_key(
@@ -218,6 +221,8 @@ class SecretCommands:
                 who,
                 expected=_versions(secret, keyring),
             )
+            if isinstance(raised, MasterKeyUnavailable):
+                raised = unavailable(raised, f"cannot read secret {name!r} of tenant {tenant_id!r}")
             raise raised from None
         read = self.ledger.reads.read(
             tenant_id,
@@ -308,6 +313,11 @@ class SecretCommands:
             return True
 
         return self.ledger.retrying(attempt)
+
+
+def unavailable(error: MasterKeyUnavailable, context: str) -> MasterKeyUnavailable:
+    """``error`` with what could not be done, naming the tenant and the secret or key."""
+    return MasterKeyUnavailable(f"{context}: {error}")
 
 
 def record_failure(
