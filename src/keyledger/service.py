@@ -551,14 +551,18 @@ class SecretService(AuditInvestigation):
         """Rebuild read models from the stream (built aside, then switched); returns the
         events replayed. ``names``: some of "catalog", "audit", "keys" (None: every one);
         the catalog and the keys are always rebuilt together (one projector writes both)."""
+        chosen: builtins.list[str] | None = None
         if names is not None:
-            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            if isinstance(names, str):
+                raise InvalidInput("names must be a collection of read-model names, not a str")
+            chosen = builtins.list(names)
+            if not all(isinstance(name, str) for name in chosen):
                 raise InvalidInput("names must be a collection of read-model names")
             try:
-                rebuilt_together(names)
+                rebuilt_together(chosen)
             except ValueError as error:
                 raise InvalidInput(str(error)) from None
-        return rebuild_read_models(self._ledger, progress, names)
+        return rebuild_read_models(self._ledger, progress, chosen)
 
     def init_schema(self) -> SchemaStatus:
         """Create every table, index and trigger the store needs (idempotent)."""

@@ -19,6 +19,7 @@ from keyledger import (
     super_admin,
     tenant,
 )
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 MakeService = Callable[..., SecretService]
 LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
@@ -214,7 +215,7 @@ def test_a_rotation_without_a_master_key_is_audited_as_a_failure_and_adds_no_ver
 
 
 def test_a_rotation_under_a_master_key_that_cannot_open_the_active_version_is_refused(
-    make_service: MakeService,
+    make_service: MakeService, master_key: str
 ) -> None:
     """Likely the wrong master key deployed: rotating would split the tenant's keys
     between two master keys. With the old one among the previous keys, it rotates."""
@@ -228,7 +229,27 @@ def test_a_rotation_under_a_master_key_that_cannot_open_the_active_version_is_re
         [entry] = misconfigured.get_audit_logs(limit=1)
         assert [k.version for k in misconfigured.list_keys()] == [1]
     assert other_key not in str(raised.value)
+    assert master_key not in str(raised.value)
     assert (entry.action, entry.result) == ("rotate_key", "failure")
+
+    moved_on = make_service(
+        master_key=other_key, settings=KeyledgerSettings(previous_master_keys=master_key)
+    )
+    with tenant("acme"):
+        assert moved_on.rotate_key().version == 2
+        assert moved_on.retrieve("token").value == "v"
+
+
+def test_a_first_key_that_cannot_be_created_is_audited_as_a_failed_create_key(
+    make_service: MakeService,
+) -> None:
+    keyless = make_service(master_key=None)
+
+    with tenant("acme"):
+        with pytest.raises(MasterKeyUnavailable):
+            keyless.rotate_key()
+        [entry] = keyless.get_audit_logs(limit=1)
+    assert (entry.action, entry.result) == ("create_key", "failure")
 
 
 def test_a_read_that_cannot_decrypt_is_audited_as_a_failure(make_service: MakeService) -> None:

@@ -62,3 +62,25 @@ def test_names_and_categories_sort_by_code_point_in_a_database_with_a_language_c
 
     assert listed == paged == sorted(NAMES)
     assert categories == sorted(NAMES)
+
+
+def test_rebuilding_the_catalog_gives_a_schema_made_before_0_8_the_code_point_order(
+    english_database: str, master_key: str
+) -> None:
+    url = f"{english_database}?schema=keyledger"
+    with SecretService.create(url, master_key=master_key) as service:
+        for name in NAMES:
+            service.store_for_tenant("acme", name, "v")
+    with psycopg.connect(english_database, autocommit=True, connect_timeout=5) as conn:
+        for column in ("tenant_id", "name", "category"):  # as 0.7 created them
+            conn.execute(
+                f"ALTER TABLE keyledger.kl_catalog ALTER COLUMN {column} "
+                'TYPE text COLLATE "default"'
+            )
+    with SecretService.create(url, master_key=master_key) as service:
+        old_order = [info.name for info in service.list_for_tenant("acme")]
+        service.rebuild_read_models(names=["catalog"])
+        new_order = [info.name for info in service.list_for_tenant("acme")]
+
+    assert old_order != sorted(NAMES)
+    assert new_order == sorted(NAMES)

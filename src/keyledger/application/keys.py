@@ -32,14 +32,17 @@ class KeyCommands:
     def rotate(self, tenant_id: str, actor: Actor) -> TenantKeyInfo:
         """Create version N+1 as active and retire N, in one event; never two active."""
         who = actor_dict(actor)
+        action = "rotate_key"  # a tenant's first version is audited as create_key
 
         def attempt(n: int) -> int:
+            nonlocal action
             keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
+            action = "create_key" if keyring is None else "rotate_key"
             if keyring is None:
                 data_key, row = self.ledger.new_data_key(tenant_id, 1)
                 rotated = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
             else:
-                self._refuse_on_an_unknown_master_key(keyring)
+                self._refuse_on_an_unknown_master_key(keyring, fresh=n > 0)
                 rotated = self.ledger.for_update(keyring)
                 data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
                 rotated.rotate(data_key.fingerprint, row.amk_id, who)
@@ -50,11 +53,11 @@ class KeyCommands:
         try:
             version = self.ledger.retrying(attempt)
         except MasterKeyUnavailable as error:  # no master key to wrap a new version with
-            record_failure(self.ledger, tenant_id, None, "rotate_key", error, None, who)
+            record_failure(self.ledger, tenant_id, None, action, error, None, who)
             raise unavailable(error, f"cannot rotate the key of tenant {tenant_id!r}") from None
         return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
 
-    def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring) -> None:
+    def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring, *, fresh: bool) -> None:
         """A rotation wraps its version under the configured master key: when that key
         cannot open the active version (wrapped under a master key that is neither the
         current one nor a previous one), the configuration is most likely wrong, and a
@@ -63,6 +66,8 @@ class KeyCommands:
         active, master_keys = keyring.active, self.ledger.master_keys
         if active is None or master_keys.current is None or master_keys.knows(active.amk_id):
             return  # (no master key at all: the rotation fails for that)
+        if not fresh:
+            raise Conflict  # decided on the cached keyring: look again (a rewrap, say)
         raise MasterKeyUnavailable(
             f"the active key version {active.version} is wrapped by master key "
             f"{active.amk_id}, which is not configured: refusing to "

@@ -266,8 +266,8 @@ class Ledger(Application[UUID]):
         self._appended_since_catch_up = 0
         try:
             catch_up_audit(self)
-        except StorageError as error:  # the write itself succeeded; the next query retries
-            logger.warning("audit read model catch-up deferred: %s", error)
+        except (StorageError, PersistenceError) as error:  # the write itself succeeded:
+            logger.warning("audit read model catch-up deferred: %s", error)  # a query retries
 
     def seal_automatically(self, max_checkpoints: int = AUTO_SEAL_CHECKPOINTS) -> None:
         """Seal unsealed events as the system actor, at most ``max_checkpoints`` segments

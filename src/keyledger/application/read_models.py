@@ -6,11 +6,12 @@ take turns, appends go on between (and, on PostgreSQL, during) batches, and ever
 advances its tracking position in the transaction that writes its rows, so a crash leaves
 the last committed batch and no event is ever applied twice.
 
-A rebuild builds the read models aside (``kl_*_rebuild`` tables, replayed in batches while
-the live ones keep answering), then switches under the write lock: the last events are
-replayed, the old tables dropped, the new ones renamed and indexed, in one transaction.
-It rebuilds every read model or the named ones: one projector writes both the catalog and
-the key inventory, so those two are rebuilt together; the audit model alone is the other.
+A rebuild builds the read models aside (``kl_*_rebuild_<set>`` tables, replayed in
+batches while the live ones keep answering), then switches under the write lock and the
+maintainers' lock: the last events are replayed, the old tables dropped, the new ones
+renamed and indexed, in one transaction. It rebuilds every read model or the named ones:
+one projector writes both the catalog and the key inventory, so those two are rebuilt
+together; the audit model alone is the other.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from keyledger.errors import StorageError
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
@@ -39,7 +41,6 @@ PAGE_SIZE = 1000
 FOREIGN_CHUNK = 500  # positions per IN (...) list when reading other processes' events
 REBUILD_SUFFIX = "_rebuild"
 Progress = Callable[[int], None]
-Apply = Callable[[Any, list[tuple[int, object]]], None]
 
 
 def _uuid(value: object) -> UUID:
@@ -145,7 +146,7 @@ def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
 
 # Each read model's name, and the tables its rebuild replaces (kl_tracking holds the audit
 # model's position). The catalog projector writes kl_catalog and kl_keys alike.
-READ_MODEL_TABLES = {
+READ_MODELS: dict[str, tuple[str, ...]] = {
     "catalog": ("kl_catalog", "kl_keys"),
     "audit": ("kl_audit", "kl_tracking"),
     "keys": ("kl_catalog", "kl_keys"),
@@ -153,30 +154,33 @@ READ_MODEL_TABLES = {
 
 
 def rebuilt_together(names: Collection[str] | None) -> list[str]:
-    """The read models a rebuild of ``names`` (None: all) rebuilds, in READ_MODEL_TABLES
-    order: naming the catalog or the keys rebuilds both."""
+    """The read models a rebuild of ``names`` (None: all) rebuilds, in READ_MODELS order:
+    naming the catalog or the keys rebuilds both."""
     if names is None:
-        return list(READ_MODEL_TABLES)
-    unknown = sorted(set(names) - set(READ_MODEL_TABLES))
+        return list(READ_MODELS)
+    unknown = sorted(set(names) - set(READ_MODELS))
     if unknown:
-        raise ValueError(f"no read model {unknown[0]!r}: one of {', '.join(READ_MODEL_TABLES)}")
-    tables = {table for name in names for table in READ_MODEL_TABLES[name]}
-    return [name for name, own in READ_MODEL_TABLES.items() if set(own) <= tables]
+        raise ValueError(f"no read model {unknown[0]!r}: one of {', '.join(READ_MODELS)}")
+    if not names:
+        raise ValueError(f"no read model named: give some of {', '.join(READ_MODELS)}")
+    tables = {table for name in names for table in READ_MODELS[name]}
+    return [name for name, own in READ_MODELS.items() if set(own) <= tables]
 
 
 class _Renaming:
-    """A cursor whose statements address the ``_rebuild`` copies of ``tables``."""
+    """A cursor whose statements address the rebuild's copies of some tables."""
 
-    def __init__(self, cur: Any, tables: frozenset[str]) -> None:
+    def __init__(self, cur: Any, tables: frozenset[str], suffix: str) -> None:
         self._cur = cur
         self._tables = tables
+        self._suffix = suffix
         self.dialect = getattr(cur, "dialect", "sqlite")
 
     def execute(self, statement: str, params: Any = ()) -> Any:
-        return self._cur.execute(_renamed(statement, self._tables), params)
+        return self._cur.execute(_renamed(statement, self._tables, self._suffix), params)
 
     def executemany(self, statement: str, params: Any) -> Any:
-        return self._cur.executemany(_renamed(statement, self._tables), params)
+        return self._cur.executemany(_renamed(statement, self._tables, self._suffix), params)
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -186,64 +190,114 @@ class _Renaming:
 
 
 @lru_cache(maxsize=256)
-def _renamed(statement: str, tables: frozenset[str]) -> str:
+def _renamed(statement: str, tables: frozenset[str], suffix: str) -> str:
     pattern = r"\b(" + "|".join(sorted(tables)) + r")\b"
-    return re.sub(pattern, r"\1" + REBUILD_SUFFIX, statement)
+    return re.sub(pattern, r"\1" + suffix, statement)
 
 
 def rebuild_read_models(
     ledger: Ledger, progress: Progress | None = None, names: Collection[str] | None = None
 ) -> int:
     """Rebuild the read models ``names`` (None: every one; see ``rebuilt_together``) aside
-    from the whole stream, then switch; returns the events replayed."""
+    from the whole stream, then switch; returns the events replayed.
+
+    The copies are named after the set of read models rebuilt (``kl_audit_rebuild_audit``,
+    ...), so rebuilds of different sets never touch each other's copies. The replay's
+    position is kept in the copy of kl_tracking, advanced in the transaction that writes
+    the batch: two rebuilds of the same set share the work batch by batch, a rebuild that
+    starts afresh (dropping the copies) sends the other back to the first event, and the
+    first to switch ends the other with an error (its copies are gone).
+    """
     store = ledger.store
     models = rebuilt_together(names)
-    tables = frozenset(table for name in models for table in READ_MODEL_TABLES[name])
+    tables = frozenset(table for name in models for table in READ_MODELS[name])
+    suffix = REBUILD_SUFFIX + "_" + ("all" if len(models) == len(READ_MODELS) else models[0])
+    renamed = tables | {"kl_tracking"}  # the copy of kl_tracking holds the replay position
+    tracking_copy = "kl_tracking" + suffix
     projectors: list[Any] = []
     if "kl_catalog" in tables:
         projectors.append(CatalogProjector())
     if "kl_audit" in tables:
         projectors.append(AuditProjector())
 
-    def apply(cur: Any, items: list[tuple[int, object]]) -> int:
-        shadow = _Renaming(cur, tables)
-        for projector in projectors:
-            projector.apply(shadow, items)
-        if progress and items:
-            progress(len(items))
-        return items[-1][0] if items else reached
+    def replay_page(cur: Any) -> list[tuple[int, object]]:
+        """Apply the next page to the copies; the position advances with the rows."""
+        items = _page(ledger, cur, _tracked_position(cur, tracking_copy))
+        if items:
+            shadow = _Renaming(cur, renamed, suffix)
+            for projector in projectors:
+                projector.apply(shadow, items)
+            cur.execute(
+                f"UPDATE {tracking_copy} SET position=? WHERE name=?",
+                (items[-1][0], AUDIT_TRACKING_NAME),
+            )
+        return items
 
     with store.projecting() as cur:
         for table in REBUILT_TABLES:
-            cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")
-        for statement in read_model_table_statements(store.dialect, REBUILD_SUFFIX):
+            cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+        for statement in read_model_table_statements(store.dialect, suffix):
             cur.execute(statement)
-    # The position replayed so far: the copies are dropped and built afresh by a rebuild
-    # that was interrupted, so it is kept here, not in a table.
-    reached = replayed = 0
+    try:
+        replayed = _replay_and_switch(ledger, tables, suffix, replay_page, progress)
+    except StorageError:
+        if not _exists(ledger, tracking_copy):
+            raise StorageError(
+                f"the rebuild of {' and '.join(models)} lost its working tables: another "
+                "rebuild of the same read models switched them in first (they are current)"
+            ) from None
+        raise
+    return replayed
+
+
+def _replay_and_switch(
+    ledger: Ledger,
+    tables: frozenset[str],
+    suffix: str,
+    replay_page: Callable[[Any], list[tuple[int, object]]],
+    progress: Progress | None,
+) -> int:
+    """The bulk of a rebuild, then its switch; returns the events replayed."""
+    store = ledger.store
+    replayed = 0
     while True:  # the bulk, in batches, while the live read models keep answering
         with store.projecting() as cur:
-            items = _page(ledger, cur, reached)
-            reached = apply(cur, items)
+            items = replay_page(cur)
         replayed += len(items)
+        if progress and items:
+            progress(len(items))
         if len(items) < PAGE_SIZE:
             break
-    with store.writing() as cur:  # the switch: no append can slip in between
-        while items := _page(ledger, cur, reached):
-            reached = apply(cur, items)
-            replayed += len(items)
+    tail = 0
+    with store.writing() as cur:  # the switch: no append, and no maintainer, in between
+        store.hold_maintainers(cur)
+        while items := replay_page(cur):
+            tail += len(items)
+        position = _tracked_position(cur, "kl_tracking" + suffix)
         for table in sorted(tables - {"kl_tracking"}):
             cur.execute(f"DROP TABLE {table}")
-            cur.execute(f"ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {table}")
+            cur.execute(f"ALTER TABLE {table}{suffix} RENAME TO {table}")
         for table in REBUILT_TABLES:
-            cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")
+            cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
         if "kl_audit" in tables:
             cur.execute(
-                "UPDATE kl_tracking SET position=? WHERE name=?", (reached, AUDIT_TRACKING_NAME)
+                "UPDATE kl_tracking SET position=? WHERE name=?", (position, AUDIT_TRACKING_NAME)
             )
         for statement in index_statements():
             cur.execute(statement)
-    return replayed
+    if progress and tail:
+        progress(tail)
+    return replayed + tail
+
+
+def _exists(ledger: Ledger, table: str) -> bool:
+    try:
+        with ledger.reading() as cur:
+            cur.execute(f"SELECT 1 FROM {table} LIMIT 1")
+            cur.fetchall()
+    except StorageError:
+        return False
+    return True
 
 
 def follow(

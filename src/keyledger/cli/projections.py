@@ -11,12 +11,13 @@ from types import FrameType
 
 import click
 
-from keyledger.application.read_models import READ_MODEL_TABLES, rebuilt_together
+from keyledger.application.read_models import READ_MODELS as READ_MODEL_SOURCES
+from keyledger.application.read_models import rebuilt_together
 from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
 from keyledger.cli.root import CliContext, pass_cli
 
 # The read models, in the order the library builds them.
-READ_MODELS = tuple(READ_MODEL_TABLES)
+READ_MODELS = tuple(READ_MODEL_SOURCES)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

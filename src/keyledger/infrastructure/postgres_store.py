@@ -803,6 +803,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
         return self._transaction(self._begin_write_statement)
 
+    @staticmethod
+    def hold_maintainers(cur: Any) -> None:
+        # The maintainers' advisory lock (``projecting``), until this transaction ends.
+        cur.execute("SELECT pg_advisory_xact_lock(?)", (PROJECTION_LOCK_ID,))
+
     def projecting(self) -> AbstractContextManager[PgCursor]:
         # Maintainers serialise on an advisory lock, not on the events table: appends go
         # on meanwhile. Reading events by position stays safe without the table lock,

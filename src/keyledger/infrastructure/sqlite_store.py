@@ -121,7 +121,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         """This thread's own writer connection (files only: see ``writer``)."""
         writer: KeyledgerSQLiteConnection | None = getattr(self._writers, "conn", None)
         if writer is None:
-            created = self.pool._create_connection()
+            try:
+                created = self.pool._create_connection()
+            except InterfaceError as error:  # outside any caller's translation
+                raise StorageError(f"SQLite store unavailable: {error}") from None
             assert isinstance(created, KeyledgerSQLiteConnection)
             writer = self._writers.conn = created
             with self._writers_lock:
@@ -315,6 +318,11 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     def projecting(self) -> AbstractContextManager[SQLiteCursor]:
         # SQLite has one writer at a time anyway: maintenance takes the write lock.
         return self.writing()
+
+    @staticmethod
+    def hold_maintainers(cur: Any) -> None:
+        # Maintainers take the write lock (``projecting``): a writer excludes them already.
+        return None
 
     @contextmanager
     def writing(self) -> Iterator[SQLiteCursor]:

@@ -41,6 +41,10 @@ class KeyledgerRecorder(Protocol):
         """A transaction for read-model maintenance: maintainers take turns, but writers
         of events are not blocked where the store allows it (PostgreSQL)."""
 
+    def hold_maintainers(self, cur: Any) -> None:
+        """Inside ``writing()``: keep ``projecting()`` transactions out until it ends (a
+        rebuild's switch replaces tables a catch-up writes)."""
+
     def insert_reads(self, batch: Sequence[PendingRead]) -> list[BaseException | None]:
         """Append a group-committed batch of read events in one transaction."""
 

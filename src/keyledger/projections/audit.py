@@ -2,8 +2,9 @@
 
 It is not written inline: it catches up from the stream before every audit query (and in
 bulk after many writes), so the hot read path appends one event and touches two tables
-instead of five. Catching up runs under the write lock and advances kl_tracking in the
-same transaction, so no event is applied twice.
+instead of five. Catching up runs in maintenance transactions (one at a time: SQLite's
+write lock, an advisory lock on PostgreSQL) and advances kl_tracking in the same
+transaction, so no event is applied twice.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ _SUPPORT = (
         PRIMARY KEY (tenant_id, version, key_id))""",
 )
 
-# The tables a rebuild builds aside (kl_tracking included: the copy tracks the rebuild).
+# The tables a rebuild builds aside (kl_tracking included: its copy holds the replay's position).
 REBUILT_TABLES = (*READ_MODEL_TABLES, "kl_tracking")
 
 
