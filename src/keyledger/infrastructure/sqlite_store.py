@@ -121,10 +121,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         """This thread's own writer connection (files only: see ``writer``)."""
         writer: KeyledgerSQLiteConnection | None = getattr(self._writers, "conn", None)
         if writer is None:
-            try:
-                created = self.pool._create_connection()
-            except InterfaceError as error:  # outside any caller's translation
-                raise StorageError(f"SQLite store unavailable: {error}") from None
+            created = self.pool._create_connection()
             assert isinstance(created, KeyledgerSQLiteConnection)
             writer = self._writers.conn = created
             with self._writers_lock:
@@ -261,7 +258,10 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         if datastore.pool.is_sqlite_memory_mode:
             with self.writing() as curs:
                 return write(curs)
-        conn = datastore.thread_writer().raw
+        try:
+            conn = datastore.thread_writer().raw
+        except InterfaceError as error:  # this thread's first writer could not be opened
+            raise StorageError(f"SQLite store unavailable: {error}") from None
         cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
