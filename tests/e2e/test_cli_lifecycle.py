@@ -155,6 +155,30 @@ def test_keys_list_of_all_tenants_adds_a_tenant_column() -> None:
     assert ok("keys", "list", "acme").stdout.splitlines()[0].split() == KEY_HEADERS
 
 
+def test_rotating_due_keys_goes_on_past_a_tenant_that_cannot_be_rotated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    put("acme", "a", "1")  # its key wrapped under MASTER_KEY
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)  # MASTER_KEY not kept
+    put("globex", "g", "2")
+    monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0.000000001")
+
+    result = run("keys", "rotate", "--due")
+
+    assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+    assert result.stdout.startswith("Key version 2 is now active for tenant 'globex' (")
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr.startswith(
+        "Error: cannot rotate the key of tenant 'acme': the active key version 1 is wrapped "
+        "by master key "
+    )
+    assert len(result.stderr.splitlines()) == 1
+    assert keys("acme") == [(1, "active", 1)]
+    assert [status for _, status, _ in keys("globex")] == ["retired", "active"]
+    [failure] = audit_actions("acme", "rotate_key")
+    assert failure["result"] == "failure"
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

@@ -22,6 +22,7 @@ from keyledger.cli.render import (
 )
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
+from keyledger.errors import KeyledgerError
 from keyledger.models import CleanupKeyOutcome, KeyDue, ReencryptResult, TenantKeyInfo
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
@@ -67,22 +68,33 @@ def rotate(cli: CliContext, tenant_id: str | None, due: bool) -> None:
 
 
 def rotate_due(cli: CliContext) -> None:
-    """Rotate every due tenant, recording this run's actor on each rotation."""
+    """Rotate every due tenant, recording this run's actor on each rotation.
+
+    A tenant that cannot be rotated (its active version under a master key that is not
+    configured, say) does not stop the others: each failure is one ``Error:`` line on
+    stderr, the rotations go on, and the command exits 1 at the end.
+    """
     service = cli.service
-    rotated = [
-        (due, service.rotate_key_for_tenant(due.tenant_id, **cli.actor))
-        for due in service.keys_due()
-    ]
+    rotated: list[tuple[KeyDue, TenantKeyInfo]] = []
+    failed = 0
+    for due in service.keys_due():
+        try:
+            rotated.append((due, service.rotate_key_for_tenant(due.tenant_id, **cli.actor)))
+        except KeyledgerError as error:  # its failure is audited; the next tenant's turn
+            failed += 1
+            click.echo(f"Error: {error}", err=True)
     if cli.json_output:
         emit_json([to_data(info) for _, info in rotated])
-        return
-    if not rotated:
-        click.echo("No key version is due for rotation.")
-    for due, info in rotated:
-        click.echo(
-            f"Key version {info.version} is now active for tenant {info.tenant_id!r} "
-            f"(version {due.version} was {', '.join(due.reasons)})."
-        )
+    else:
+        if not rotated and not failed:
+            click.echo("No key version is due for rotation.")
+        for due, info in rotated:
+            click.echo(
+                f"Key version {info.version} is now active for tenant {info.tenant_id!r} "
+                f"(version {due.version} was {', '.join(due.reasons)})."
+            )
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 def reencrypt_with_progress(cli: CliContext, tenant_id: str) -> ReencryptResult:
