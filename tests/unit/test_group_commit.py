@@ -34,9 +34,46 @@ def test_a_lone_caller_writes_a_batch_of_one_and_returns() -> None:
     committer = GroupCommitter(writer)
 
     committer.submit(1)
-    committer.submit(2)
+    with committer.arriving():  # announced, and still alone
+        committer.submit(2)
 
     assert writer.batches == [[1], [2]]
+
+
+def test_a_caller_arriving_during_a_write_is_written_next_and_the_committer_then_idles() -> None:
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches))
+    first = threading.Thread(target=committer.submit, args=(1,))
+    first.start()
+    _until(lambda: committer._leader_busy and not committer._queue)  # 1 is being written
+    second = threading.Thread(target=committer.submit, args=(2,))
+    second.start()
+    _until(lambda: len(committer._queue) == 1)  # 2 waits its turn
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+
+    assert batches == [[1], [2]]
+    assert not committer._leader_busy
+    committer.submit(3)  # nobody left leading: a third caller writes at once
+    assert batches == [[1], [2], [3]]
+
+
+def test_a_failed_or_interrupted_write_raises_in_its_caller_and_frees_the_lead() -> None:
+    outcomes: list[BaseException] = [KeyboardInterrupt(), ConnectionError("down")]
+
+    def writer(items: list[int]) -> Sequence[BaseException | None]:
+        if outcomes:
+            raise outcomes.pop(0)
+        return [None] * len(items)
+
+    committer = GroupCommitter(writer)
+    with pytest.raises(KeyboardInterrupt):
+        committer.submit(1)
+    with pytest.raises(ConnectionError):
+        committer.submit(2)
+    committer.submit(3)  # no hang: the lead was freed each time
 
 
 def test_concurrent_callers_share_transactions_and_every_item_is_written_once() -> None:
