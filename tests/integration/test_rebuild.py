@@ -20,6 +20,8 @@ from keyledger import (
     super_admin,
     tenant,
 )
+from keyledger.application import read_models
+from keyledger.projections.schema import REBUILT_TABLES, read_model_table_statements
 
 MakeService = Callable[..., SecretService]
 NOW = datetime.now(UTC)
@@ -391,34 +393,83 @@ def test_rebuilds_of_different_read_models_at_once_each_rebuild_their_own(
     assert answers(service) == before
 
 
-def test_a_rebuilds_switch_keeps_maintainers_out_until_it_ends(service: SecretService) -> None:
+def test_a_rebuilds_switch_keeps_maintainers_out_until_it_ends(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A catch-up that started during the switch would replay into the replaced audit
-    table from the old position: the switch holds the maintainers' lock as well."""
+    table from the old position: the switch holds the maintainers' lock as well. A
+    maintainer knocks as soon as the switch holds its locks, and must wait for its end."""
     varied_scenario(service)
     store = service._ledger.store
-    holding, release = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def switch() -> None:
-        with store.writing() as cur:
-            store.hold_maintainers(cur)
-            holding.set()
-            release.wait(timeout=30)
-            order.append("switch ends")
+    maintainers: list[threading.Thread] = []
+    real_hold = store.hold_maintainers
 
     def maintainer() -> None:
         with store.projecting() as cur:
             cur.execute("SELECT 1")
             order.append("maintainer runs")
 
-    switching = threading.Thread(target=switch)
-    switching.start()
-    assert holding.wait(timeout=30)
-    maintaining = threading.Thread(target=maintainer)
-    maintaining.start()
-    maintaining.join(timeout=0.5)  # it would have run by now, were it not kept out
-    release.set()
-    switching.join(timeout=30)
-    maintaining.join(timeout=30)
+    def hold_then_knock(cur: Any) -> None:
+        real_hold(cur)
+        knocking = threading.Thread(target=maintainer)
+        knocking.start()
+        maintainers.append(knocking)
+        knocking.join(timeout=0.5)  # it would have run by now, were it not kept out
+        order.append("switch goes on")
 
-    assert order == ["switch ends", "maintainer runs"]
+    monkeypatch.setattr(store, "hold_maintainers", hold_then_knock)
+    service.rebuild_read_models()
+    for knocking in maintainers:
+        knocking.join(timeout=30)
+
+    assert order == ["switch goes on", "maintainer runs"]  # it ran once the switch ended
+
+
+def test_a_switch_that_finds_its_copies_reset_replays_in_batches_again(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another rebuild of the same read models may reset the copies between this one's
+    bulk and its switch: the whole stream is then replayed in batches again, never in
+    the switch's transaction, which holds the write lock."""
+    varied_scenario(service)
+    before = answers(service)
+    store = service._ledger.store
+    real_switch = read_models._switch
+    resets: list[str] = []
+
+    def switch_after_a_reset(*args: Any) -> int:
+        suffix = args[2]
+        if not resets:  # as another rebuild's start does
+            resets.append(suffix)
+            with store.projecting() as cur:
+                for table in REBUILT_TABLES:
+                    cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+                for statement in read_model_table_statements(store.dialect, suffix):
+                    cur.execute(statement)
+        return real_switch(*args)
+
+    monkeypatch.setattr(read_models, "PAGE_SIZE", 5)
+    monkeypatch.setattr(read_models, "_switch", switch_after_a_reset)
+    counts: list[int] = []
+    replayed = service.rebuild_read_models(progress=counts.append)
+
+    assert resets == ["_rebuild_all"]
+    assert max(counts) <= 5  # the tail in the switch too
+    assert replayed == sum(counts)
+    assert answers(service) == before
+
+
+def test_a_rebuild_that_fails_for_another_reason_says_so(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    varied_scenario(service)
+    before = answers(service)
+
+    def unavailable(*args: Any) -> int:
+        raise StorageError("store unavailable: the server went away")
+
+    monkeypatch.setattr(read_models, "_switch", unavailable)
+    with pytest.raises(StorageError, match=r"^store unavailable: the server went away$"):
+        service.rebuild_read_models()
+    assert answers(service) == before  # the live read models are untouched

@@ -6,9 +6,12 @@ import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
+from eventsourcing.persistence import InterfaceError
 
 from keyledger import (
     InvalidInput,
@@ -19,7 +22,9 @@ from keyledger import (
     tenant,
 )
 from keyledger.application import group_commit
+from keyledger.errors import StorageError
 from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteConnectionPool
 
 NEXT_YEAR = datetime.now(UTC) + timedelta(days=365)
 LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
@@ -351,3 +356,39 @@ def test_an_invalid_group_commit_wait_is_refused(
 
 def test_the_group_commit_default_wait_is_the_settings_default() -> None:
     assert KeyledgerSettings().group_commit_wait_ms / 1000 == group_commit.ARRIVAL_WAIT
+
+
+def test_a_thread_whose_writer_cannot_be_opened_gets_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread opens its own SQLite writer on its first write: if that fails (the
+    file replaced by something else, say), every write path says StorageError."""
+    service = SecretService.create(f"sqlite:///{tmp_path}/k.db", master_key=secrets.token_hex(32))
+    service.store_for_tenant("acme", "token", "v")
+
+    def refuse(self: Any) -> Any:
+        raise InterfaceError("file is not a database")
+
+    monkeypatch.setattr(KeyledgerSQLiteConnectionPool, "_create_connection", refuse)
+    store = service._ledger.store
+    outcomes: list[BaseException | None] = []
+
+    def in_a_new_thread() -> None:
+        for attempt in (
+            lambda: service.store_for_tenant("acme", "other", "v"),
+            lambda: store.writing().__enter__(),
+        ):
+            try:
+                attempt()
+                outcomes.append(None)
+            except BaseException as error:
+                outcomes.append(error)
+
+    worker = threading.Thread(target=in_a_new_thread)
+    worker.start()
+    worker.join(timeout=30)
+    monkeypatch.undo()
+    service.close()
+
+    assert [type(outcome) for outcome in outcomes] == [StorageError, StorageError]
+    assert all("file is not a database" in str(outcome) for outcome in outcomes)

@@ -30,6 +30,7 @@ from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import (
     REBUILT_TABLES,
+    has_table,
     index_statements,
     read_model_table_statements,
 )
@@ -41,6 +42,7 @@ PAGE_SIZE = 1000
 FOREIGN_CHUNK = 500  # positions per IN (...) list when reading other processes' events
 REBUILD_SUFFIX = "_rebuild"
 Progress = Callable[[int], None]
+ReplayPage = Callable[[Any], list[tuple[int, object]]]  # a rebuild's next page, applied
 
 
 def _uuid(value: object) -> UUID:
@@ -236,12 +238,13 @@ def rebuild_read_models(
     with store.projecting() as cur:
         for table in REBUILT_TABLES:
             cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+            cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")  # 0.7's, if left
         for statement in read_model_table_statements(store.dialect, suffix):
             cur.execute(statement)
     try:
         replayed = _replay_and_switch(ledger, tables, suffix, replay_page, progress)
     except StorageError:
-        if not _exists(ledger, tracking_copy):
+        if _lost(ledger, tracking_copy):
             raise StorageError(
                 f"the rebuild of {' and '.join(models)} lost its working tables: another "
                 "rebuild of the same read models switched them in first (they are current)"
@@ -254,24 +257,58 @@ def _replay_and_switch(
     ledger: Ledger,
     tables: frozenset[str],
     suffix: str,
-    replay_page: Callable[[Any], list[tuple[int, object]]],
+    replay_page: ReplayPage,
     progress: Progress | None,
 ) -> int:
     """The bulk of a rebuild, then its switch; returns the events replayed."""
     store = ledger.store
+    # The bulk, in batches, while the live read models keep answering.
+    replayed = _replay_in_batches(store, replay_page, progress)
+    while True:
+        try:
+            tail = _switch(store, tables, suffix, replay_page)
+        except _TooFarBehind:  # the copies were reset meanwhile: not under the write lock
+            replayed += _replay_in_batches(store, replay_page, progress)
+            continue
+        if progress and tail:
+            progress(tail)
+        return replayed + tail
+
+
+class _TooFarBehind(Exception):
+    """A switch found a full page still to replay (another rebuild reset the copies)."""
+
+
+def _replay_in_batches(
+    store: Any,
+    replay_page: ReplayPage,
+    progress: Progress | None,
+) -> int:
     replayed = 0
-    while True:  # the bulk, in batches, while the live read models keep answering
+    while True:
         with store.projecting() as cur:
             items = replay_page(cur)
         replayed += len(items)
         if progress and items:
             progress(len(items))
         if len(items) < PAGE_SIZE:
-            break
+            return replayed
+
+
+def _switch(
+    store: Any,
+    tables: frozenset[str],
+    suffix: str,
+    replay_page: ReplayPage,
+) -> int:
+    """Replay the last events and put the copies in place, in one transaction holding the
+    write lock and the maintainers' lock; returns the events replayed in it."""
     tail = 0
-    with store.writing() as cur:  # the switch: no append, and no maintainer, in between
+    with store.writing() as cur:  # no append, and no maintainer, in between
         store.hold_maintainers(cur)
         while items := replay_page(cur):
+            if len(items) == PAGE_SIZE and not tail:
+                raise _TooFarBehind  # rolls the transaction back
             tail += len(items)
         position = _tracked_position(cur, "kl_tracking" + suffix)
         for table in sorted(tables - {"kl_tracking"}):
@@ -285,19 +322,17 @@ def _replay_and_switch(
             )
         for statement in index_statements():
             cur.execute(statement)
-    if progress and tail:
-        progress(tail)
-    return replayed + tail
+    return tail
 
 
-def _exists(ledger: Ledger, table: str) -> bool:
+def _lost(ledger: Ledger, table: str) -> bool:
+    """Whether ``table`` is gone (False when that cannot even be asked: the store's own
+    error is the one to report then)."""
     try:
         with ledger.reading() as cur:
-            cur.execute(f"SELECT 1 FROM {table} LIMIT 1")
-            cur.fetchall()
+            return not has_table(cur, table, ledger.store.dialect == "postgres")
     except StorageError:
         return False
-    return True
 
 
 def follow(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
 from keyledger.infrastructure.pg_functions import FUNCTIONS
+from keyledger.projections.schema import has_table
 
 REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
 REQUIRED_COLUMNS = {"kl_catalog": ("disabled", "expired", "deleted", "access_count")}
@@ -37,7 +38,7 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
     snapshots = "keyledger_snapshots" if postgres else "stored_snapshots"
     tables = (store.events_table_name, snapshots, *REQUIRED_TABLES)
     with ledger.reading() as cur:
-        missing = [table for table in tables if not _has_table(cur, table, postgres)]
+        missing = [table for table in tables if not has_table(cur, table, postgres)]
         for table, columns in REQUIRED_COLUMNS.items():
             if table not in missing:
                 missing += [
@@ -82,14 +83,6 @@ def is_legacy_stream(ledger: Ledger) -> bool:
         return False
     first = row[0] if isinstance(row[0], UUID) else UUID(str(row[0]))
     return first.version != 8
-
-
-def _has_table(cur: Any, table: str, postgres: bool) -> bool:
-    if postgres:
-        cur.execute("SELECT to_regclass(?) IS NOT NULL", (table,))
-        return bool(cur.fetchone()[0])
-    cur.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,))
-    return cur.fetchone() is not None
 
 
 def _has_column(cur: Any, table: str, column: str, postgres: bool) -> bool:

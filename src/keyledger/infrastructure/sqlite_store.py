@@ -326,15 +326,18 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
 
     @contextmanager
     def writing(self) -> Iterator[SQLiteCursor]:
-        with self._datastore.writer() as conn:
-            curs = conn.cursor()
-            try:
-                curs.execute("BEGIN IMMEDIATE")
-                yield curs
-                conn.commit()
-            except BaseException as error:
-                conn.rollback()
-                raise _translate(error) from None
+        try:
+            with self._datastore.writer() as conn:
+                curs = conn.cursor()
+                try:
+                    curs.execute("BEGIN IMMEDIATE")
+                    yield curs
+                    conn.commit()
+                except BaseException as error:
+                    conn.rollback()
+                    raise _translate(error) from None
+        except InterfaceError as error:  # this thread's writer could not be opened
+            raise StorageError(f"SQLite store unavailable: {error}") from None
 
 
 def _translate(error: BaseException) -> BaseException:

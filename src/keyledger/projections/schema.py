@@ -5,7 +5,7 @@ One definition for both stores; only column types and table options differ.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 Dialect = Literal["sqlite", "postgres"]
 
@@ -122,3 +122,12 @@ def read_model_table_statements(dialect: Dialect, suffix: str = "") -> list[str]
 def index_statements() -> list[str]:
     """The read models' secondary indexes (created after a rebuild's switch)."""
     return list(_INDEXES)
+
+
+def has_table(cur: Any, table: str, postgres: bool) -> bool:
+    """Whether ``table`` exists (in the current schema, on PostgreSQL)."""
+    if postgres:
+        cur.execute("SELECT to_regclass(?) IS NOT NULL", (table,))
+        return bool(cur.fetchone()[0])
+    cur.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,))
+    return cur.fetchone() is not None
