@@ -14,22 +14,20 @@ MAX_TEXT_LENGTH = 4096
 MAX_METADATA_ENTRIES = 64
 
 
-# Unicode category Cc is exactly these two ranges (C0 and DEL plus C1).
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Refused in every text field, found in one scan (identifiers are checked on every call):
+# Unicode category Cc, which is exactly C0 and DEL plus C1, and lone surrogates. A str
+# holding a lone surrogate cannot be encoded; they come from undecodable bytes
+# (surrogateescape, e.g. a command-line argument) or bad input.
+_REFUSED_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-# Lone surrogates: a str holding one cannot be encoded (UTF-8 or otherwise stored); they
-# come from undecodable bytes (surrogateescape, e.g. a command-line argument) or bad input.
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _has_control_chars(text: str) -> bool:
-    return _CONTROL_CHARS.search(text) is not None
-
-
-def _check_encodable(field: str, text: str) -> None:
-    if _SURROGATES.search(text) is not None:
+def _check_chars(field: str, text: str) -> None:
+    found = _REFUSED_CHARS.search(text)
+    if found is None:
+        return
+    if "\ud800" <= found.group() <= "\udfff":
         raise InvalidInput(f"{field} is not valid Unicode text (it holds a lone surrogate)")
+    raise InvalidInput(f"{field} must not contain control characters")
 
 
 def check_identifier(field: str, value: object) -> str:
@@ -40,9 +38,7 @@ def check_identifier(field: str, value: object) -> str:
         raise InvalidInput(f"{field} must not be empty")
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidInput(f"{field} is longer than {MAX_IDENTIFIER_LENGTH} characters")
-    if _has_control_chars(value):
-        raise InvalidInput(f"{field} must not contain control characters")
-    _check_encodable(field, value)
+    _check_chars(field, value)
     if value != value.strip():
         raise InvalidInput(f"{field} must not have leading or trailing whitespace")
     return value
@@ -56,9 +52,7 @@ def check_optional_text(field: str, value: object, max_length: int = MAX_TEXT_LE
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
     if len(value) > max_length:
         raise InvalidInput(f"{field} is longer than {max_length} characters")
-    if _has_control_chars(value):
-        raise InvalidInput(f"{field} must not contain control characters")
-    _check_encodable(field, value)
+    _check_chars(field, value)
     return value
 
 

@@ -63,8 +63,6 @@ def load_settings(**overrides: Any) -> KeyledgerSettings:
 
 def _env_name(loc: tuple[Any, ...]) -> str:
     field = str(loc[0]) if loc else "settings"
-    if field.upper().startswith(("KEYLEDGER_", "SMRT_")):
+    if field.upper().startswith(("KEYLEDGER_", "SMRT_")):  # an alias: the variable itself
         return field.upper()
-    if field == "smrt_master_key":
-        return "SMRT_SECRET_MASTER_KEY"
     return f"KEYLEDGER_{field.upper()}"

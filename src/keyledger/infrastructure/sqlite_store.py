@@ -261,7 +261,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         try:
             conn = datastore.thread_writer().raw
         except InterfaceError as error:  # this thread's first writer could not be opened
-            raise StorageError(f"SQLite store unavailable: {error}") from None
+            raise _translate(error) from None
         cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
@@ -337,13 +337,13 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                     conn.rollback()
                     raise _translate(error) from None
         except InterfaceError as error:  # this thread's writer could not be opened
-            raise StorageError(f"SQLite store unavailable: {error}") from None
+            raise _translate(error) from None
 
 
 def _translate(error: BaseException) -> BaseException:
     if isinstance(error, sqlite3.IntegrityError):
         return IntegrityError(error)
-    if isinstance(error, sqlite3.OperationalError):
+    if isinstance(error, sqlite3.OperationalError | InterfaceError):  # (a connection failed)
         return StorageError(f"SQLite store unavailable: {error}")
     if isinstance(error, sqlite3.Error):
         return StorageError(f"SQLite error: {error}")
