@@ -11,7 +11,7 @@ from typing import Any
 
 import pydantic
 import pytest
-from eventsourcing.persistence import InterfaceError
+from eventsourcing.persistence import IntegrityError, InterfaceError
 
 from keyledger import (
     InvalidInput,
@@ -22,9 +22,11 @@ from keyledger import (
     tenant,
 )
 from keyledger.application import group_commit
+from keyledger.domain.secret import Secret as DomainSecret
 from keyledger.errors import StorageError
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteConnectionPool
+from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 
 NEXT_YEAR = datetime.now(UTC) + timedelta(days=365)
 LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
@@ -392,3 +394,39 @@ def test_a_thread_whose_writer_cannot_be_opened_gets_a_storage_error(
 
     assert [type(outcome) for outcome in outcomes] == [StorageError, StorageError]
     assert all("file is not a database" in str(outcome) for outcome in outcomes)
+
+
+def test_a_new_secret_decided_on_a_stale_keyring_writes_nothing(service: SecretService) -> None:
+    """A store's decision names the keyring version it encrypted under; on a keyring that
+    has moved on, the append is refused whole (the retry then encrypts again)."""
+    service.store_for_tenant("acme", "first", "v1")
+    ledger = service._ledger
+    keyring = ledger.keyring("acme")
+    assert keyring is not None
+    secret = DomainSecret.create(
+        tenant_id="acme",
+        name="second",
+        envelope=b"\x01" * 40,
+        key_version=1,
+        category=None,
+        description=None,
+        metadata={},
+        expires_at=None,
+        actor={"user_id": "alice", "ip_address": None, "user_agent": None},
+    )
+    events = secret.collect_events()
+    stored = [ledger.mapper.to_stored_event(event) for event in events]
+    before = ledger.recorder.max_notification_id()
+
+    stale = WriteUnit(expected={keyring.id: keyring.version + 1}, domain_events=events)
+    with pytest.raises(StaleStateError):
+        ledger.store.insert_events(stored, unit=stale)
+
+    assert ledger.recorder.max_notification_id() == before
+    assert [info.name for info in service.list_for_tenant("acme")] == ["first"]
+    fresh = WriteUnit(expected={keyring.id: keyring.version}, domain_events=events)
+    assert len(ledger.store.insert_events(stored, unit=fresh) or []) == 1
+    assert [info.name for info in service.list_for_tenant("acme")] == ["first", "second"]
+    with pytest.raises(IntegrityError):  # the same name again: the events' primary key
+        ledger.store.insert_events(stored, unit=fresh)
+    assert [info.name for info in service.list_for_tenant("acme")] == ["first", "second"]

@@ -424,8 +424,8 @@ def test_a_queued_caller_interrupted_takes_its_item_back_and_never_gets_the_lead
     _until(lambda: committer._leader_busy)
 
     class InterruptedPending(_Pending[int]):
-        def __init__(self, item: int) -> None:
-            super().__init__(item)
+        def __init__(self, item: int, thread: int) -> None:
+            super().__init__(item, thread)
             self.wake = _RaisingLock()  # type: ignore[assignment]
 
     with monkeypatch.context() as patched:

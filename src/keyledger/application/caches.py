@@ -21,11 +21,15 @@ class LRUCache(Generic[K, V]):
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
+        # No lock: each OrderedDict call is atomic under the GIL, and an entry evicted
+        # between the two calls was a hit a moment ago (the hot path of every call).
+        item = self._items.get(key)
+        if item is not None:
+            try:  # noqa: SIM105 (suppress() costs a context manager per hit)
                 self._items.move_to_end(key)
-            return item
+            except KeyError:
+                pass
+        return item
 
     def put(self, key: K, item: V) -> None:
         with self._lock:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,14 +45,43 @@ class _Pending(Generic[T]):
 
     __slots__ = ("error", "finished", "item", "lead", "thread", "wake")
 
-    def __init__(self, item: T) -> None:
+    def __init__(self, item: T, thread: int) -> None:
         self.item = item
-        self.thread = threading.get_ident()
+        self.thread = thread
         self.wake = threading.Lock()
         self.wake.acquire()
         self.lead = False
         self.finished = False
         self.error: BaseException | None = None
+
+
+class _Arrival(Generic[T]):
+    """The context of ``GroupCommitter.arriving`` (a plain class: a generator-based
+    context manager costs several times as much, on every retrieve)."""
+
+    __slots__ = ("_committer", "_thread")
+
+    def __init__(self, committer: GroupCommitter[T]) -> None:
+        self._committer = committer
+        self._thread = threading.get_ident()
+
+    def __enter__(self) -> None:
+        committer, thread = self._committer, self._thread
+        if thread in committer._returning:
+            if time.monotonic() < committer._returned_at + RETURN_GRACE:
+                committer._prompt.add(thread)
+            else:
+                committer._prompt.discard(thread)
+            committer._returning.discard(thread)
+        committer._arriving.add(thread)
+
+    def __exit__(self, *exc_info: object) -> None:
+        committer, thread = self._committer, self._thread
+        if thread in committer._arriving:  # left without submitting (an error, a refusal)
+            committer._arriving.discard(thread)
+            if committer._leader_waiting:
+                with committer._lock:
+                    committer._arrived.notify()
 
 
 class GroupCommitter(Generic[T]):
@@ -82,37 +110,30 @@ class GroupCommitter(Generic[T]):
         self._leader_waiting = False
         self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
 
-    @contextmanager
-    def arriving(self) -> Iterator[None]:
+    def arriving(self) -> _Arrival[T]:
         """Announce that this thread will ``submit`` within the block (or leave it)."""
-        thread = threading.get_ident()
-        try:
-            if thread in self._returning:
-                if time.monotonic() < self._returned_at + RETURN_GRACE:
-                    self._prompt.add(thread)
-                else:
-                    self._prompt.discard(thread)
-                self._returning.discard(thread)
-            self._arriving.add(thread)
-            yield
-        finally:
-            if thread in self._arriving:  # left without submitting (an error, a refusal)
-                self._arriving.discard(thread)
-                if self._leader_waiting:
-                    with self._lock:
-                        self._arrived.notify()
+        return _Arrival(self)
 
     def submit(self, item: T) -> None:
         """Block until ``item`` is finished; raise its own error if it failed."""
-        pending = _Pending(item)
+        thread = threading.get_ident()
         with self._lock:
-            self._queue.append(pending)
-            self._arriving.discard(pending.thread)
-            self._returning.discard(pending.thread)
-            if self._leader_waiting:
-                self._arrived.notify()
-            if not self._leader_busy:
-                self._leader_busy = pending.lead = True
+            self._arriving.discard(thread)
+            self._returning.discard(thread)
+            alone = not self._leader_busy and not self._arriving and not self._queue
+            if alone and not self._returning_counted(time.monotonic()):
+                self._leader_busy = True
+            else:
+                alone = False
+                pending = _Pending(item, thread)
+                self._queue.append(pending)
+                if self._leader_waiting:
+                    self._arrived.notify()
+                if not self._leader_busy:
+                    self._leader_busy = pending.lead = True
+        if alone:  # nobody to wait for or to batch with: write it, then pass the turn on
+            self._write_alone(item, thread)
+            return
         if not pending.lead:
             try:  # until our write finished, or until it is our turn to lead
                 pending.wake.acquire()
@@ -123,6 +144,26 @@ class GroupCommitter(Generic[T]):
             self._lead()  # a leader's own item is first in its batch
         if pending.error is not None:
             raise pending.error
+
+    def _write_alone(self, item: T, thread: int) -> None:
+        """A batch of one, led by its own caller without queueing (what ``_lead`` does
+        for a batch of one, minus the queue entry and its wake-up lock)."""
+        error: BaseException | None
+        try:
+            errors = self._write([item])
+            if len(errors) != 1:
+                raise RuntimeError(f"{len(errors)} outcomes for 1 writes")
+            error = errors[0]
+        except BaseException as failure:
+            error = failure
+        finally:
+            with self._lock:
+                self._hand_over()
+                self._prompt -= self._returning
+                self._returning = {thread}
+                self._returned_at = time.monotonic()
+        if error is not None:
+            raise error
 
     def _abandon(self, pending: _Pending[T]) -> None:
         """Take back the item of a caller interrupted while it waited, unless a leader

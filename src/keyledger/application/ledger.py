@@ -26,6 +26,7 @@ from eventsourcing.persistence import (
     JSONTranscoder,
     Mapper,
     PersistenceError,
+    Transcoder,
 )
 
 from keyledger.application.auto_seal import BackgroundSealer
@@ -45,7 +46,7 @@ from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
 from keyledger.infrastructure.event_tags import TaggingMapper
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
-from keyledger.infrastructure.transcodings import BytesAsBase64
+from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
 from keyledger.infrastructure.unit_writer import KeyledgerRecorder, delete_key_material
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
 from keyledger.projections.timeutil import to_micros
@@ -123,6 +124,12 @@ class Ledger(Application[UUID]):
         return TaggingMapper(
             transcoder=self.construct_transcoder(), tag_key=self.audit_keys.current
         )
+
+    def construct_transcoder(self) -> Transcoder:
+        """The library's JSON transcoding, with its encoder built once (transcodings)."""
+        transcoder = ReusedEncoderTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -233,8 +240,8 @@ class Ledger(Application[UUID]):
         except (IntegrityError, StaleStateError):
             self._evict(*read.expected)
             raise Conflict from None
-        if read.position is not None:
-            self._remember([read.position], [read.view])
+        if read.position is not None and len(self.appended) < APPENDED_KEPT:
+            self.appended[read.position] = read.view  # _remember, for one event
         self._note_appended(1)
 
     def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:
@@ -249,7 +256,7 @@ class Ledger(Application[UUID]):
             self._keyrings.evict(aggregate_id)
 
     def _write_reads(self, batch: list[PendingRead]) -> Sequence[BaseException | None]:
-        return self.store.insert_reads(batch)
+        return self.recorder.insert_reads(batch)  # type: ignore[attr-defined,no-any-return]
 
     def _note_appended(self, count: int) -> None:
         if self.seal_every:
@@ -285,9 +292,10 @@ class Ledger(Application[UUID]):
         except Exception:  # the write it follows has committed: it must not look failed
             logger.exception("automatic audit seal failed")
 
-    def retrying(self, attempt: Callable[[int], T]) -> T:
-        """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter)."""
-        for n in range(MAX_ATTEMPTS):
+    def retrying(self, attempt: Callable[[int], T], first: int = 0) -> T:
+        """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter),
+        from ``n = first`` (a caller that made attempt 0 itself passes 1)."""
+        for n in range(first, MAX_ATTEMPTS):
             try:
                 return attempt(n)
             except Conflict:

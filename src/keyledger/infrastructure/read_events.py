@@ -124,8 +124,10 @@ class ReadEncoder:
             key_version,
             tuple(actor.items()),
         )
-        if not all(value is None or type(value) is str for value in actor.values()):
-            cache_key = ()  # only str/None actors are cached (1 == True, but not in JSON)
+        for value in actor.values():
+            if value is not None and type(value) is not str:
+                cache_key = ()  # only str/None actors are cached (1 == True, not in JSON)
+                break
         tail = self._tails.get(cache_key) if cache_key else None
         if tail is None:
             encoded = _encode(

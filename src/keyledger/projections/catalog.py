@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.envelope import envelope_key_version
@@ -57,8 +57,18 @@ class CountedRead(Protocol):
     last_accessed_at: int | None
 
 
+_UNSEEN = object()
+
+
 class CatalogProjector:
     """Projects events into kl_catalog and kl_keys."""
+
+    # Event class -> its ``_on_<name>`` handler (None: not projected), found once.
+    _handlers: ClassVar[dict[type, Any]] = {}
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls._handlers = {}  # a subclass's handlers are its own
 
     def apply(
         self, cur: Cursor, items: Iterable[tuple[int, object]], outcome: Outcome | None = None
@@ -68,10 +78,14 @@ class CatalogProjector:
         if outcome is None:
             self._replay(cur, items)
             return
+        handlers = self._handlers
         for _, event in items:
-            handler = getattr(self, "_on_" + type(event).__name__, None)
+            kind = type(event)
+            handler = handlers.get(kind, _UNSEEN)
+            if handler is _UNSEEN:
+                handler = handlers[kind] = getattr(type(self), "_on_" + kind.__name__, None)
             if handler is not None:
-                handler(cur, event, outcome)
+                handler(self, cur, event, outcome)
 
     def _replay(self, cur: Cursor, items: Iterable[tuple[int, object]]) -> None:
         """Apply events in order, deferring what commutes: reads and creations.
