@@ -193,10 +193,6 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
-        if len(stored_events) == 1 and len(unit.expected) == 1:
-            return self._in_write_transaction(
-                lambda cur: self._write_checked_event(cur, stored_events[0], unit)
-            )
 
         def write(cur: Any) -> list[int]:
             check_expected(unit, lambda ids: self._versions(cur, ids))
@@ -243,37 +239,6 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         )
         read.position = raw.lastrowid
         return None
-
-    def _write_checked_event(self, cur: Any, stored: StoredEvent, unit: WriteUnit) -> list[int]:
-        """One event whose decision read one other aggregate (a store: the keyring), the
-        version check folded into the append: one statement fewer than probing first."""
-        raw = getattr(cur, "sqlite_cursor", cur)  # the memory store's cursor wrapper
-        ((expected_id, expected_version),) = unit.expected.items()
-        raw.execute(
-            self._checked_insert_statement,
-            (
-                self.id_param(stored.originator_id),  # type: ignore[arg-type]
-                stored.originator_version,
-                stored.topic,
-                stored.state,
-                expected_id.hex,
-                expected_version,
-            ),
-        )
-        if raw.rowcount != 1:
-            raise StaleStateError(expected_id)
-        positions = [raw.lastrowid]
-        write_unit_rest(raw, unit, positions)
-        return positions
-
-    @functools.cached_property
-    def _checked_insert_statement(self) -> str:
-        """The append of one event if another aggregate is still at a version."""
-        return (
-            f"INSERT INTO {self.events_table_name} SELECT ?, ?, ?, ? WHERE "
-            f"COALESCE((SELECT MAX(originator_version) FROM {self.events_table_name} "
-            "WHERE originator_id=?), 0)=?"
-        )
 
     @functools.cached_property
     def _counted_read_statements(self) -> dict[int, str]:
