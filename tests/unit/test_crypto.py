@@ -10,6 +10,7 @@ import secrets
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyledger import DecryptionFailed, InvalidMasterKey, SecretService, tenant
 from keyledger.infrastructure.crypto import (
@@ -534,3 +535,22 @@ def test_the_amk_id_recorded_by_the_service_matches_the_configured_key() -> None
     finally:
         service.close()
     assert [key.amk_id for key in keys] == [MasterKey(bytes.fromhex(hex_text)).amk_id]
+
+
+def test_the_value_aad_is_the_documented_layout_so_stored_envelopes_keep_decrypting(
+    tdek: bytes,
+) -> None:
+    """Known answer, independent of the implementation: an envelope of key version 3 opens
+    under AES-GCM with header || "keyledger:secret:v1" 0x00 tenant 0x00 name 0x00 "3", and
+    an envelope sealed that way by hand decrypts through ``DataKey``."""
+    key = DataKey(TENANT, 3, tdek)
+    header = struct.pack(">BBI", 1, 1, 3)
+    aad = header + b"\x00".join((b"keyledger:secret:v1", TENANT.encode(), "nämé".encode(), b"3"))
+    blob = key.encrypt("nämé", VALUE)
+
+    assert blob[:6] == header
+    opened = AESGCM(tdek).decrypt(blob[6:18], blob[18:], aad)
+    assert opened == b"s" + VALUE.encode()
+    nonce = os.urandom(12)
+    sealed = header + nonce + AESGCM(tdek).encrypt(nonce, b"b\x00\x01", aad)
+    assert key.decrypt("nämé", sealed) == b"\x00\x01"

@@ -48,31 +48,45 @@ class StoreOptions(NamedTuple):
     metadata: dict[str, str] | None = None
 
 
-def secret_fields(
-    secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
+def info_fields(
+    secret: Secret, now: datetime, access_count: int, last_accessed_at: datetime | None
 ) -> dict[str, Any]:
-    """The SecretInfo fields of an aggregate (already validated, typed state)."""
-    return dict(
-        name=secret.name,
-        category=secret.category,
-        description=secret.description,
-        metadata=dict(secret.metadata),
-        status=secret.status_at(now),
-        version=secret.value_version,
-        key_version=secret.key_version,
-        expires_at=secret.expires_at,
-        created_at=secret.created_at,
-        updated_at=secret.updated_at,
-        access_count=access_count,
-        last_accessed_at=optional_datetime(last_accessed_at),
-    )
+    """The SecretInfo fields of an aggregate (validated, typed state), in the model's
+    order: ``trusted`` takes the dict as it is (tests hold the order)."""
+    return {
+        "name": secret.name,
+        "category": secret.category,
+        "description": secret.description,
+        "metadata": dict(secret.metadata),
+        "status": secret.status_at(now),
+        "version": secret.value_version,
+        "key_version": secret.key_version,
+        "expires_at": secret.expires_at,
+        "created_at": secret.created_at,
+        "updated_at": secret.updated_at,
+        "access_count": access_count,
+        "last_accessed_at": last_accessed_at,
+    }
 
 
 def secret_info(
     secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
 ) -> SecretInfo:
-    # Built without re-validation: every field comes from validated aggregate state.
-    return trusted(SecretInfo, secret_fields(secret, now, access_count, last_accessed_at))
+    fields = info_fields(secret, now, access_count, optional_datetime(last_accessed_at))
+    return trusted(SecretInfo, fields)
+
+
+def secret_model(
+    secret: Secret,
+    now: datetime,
+    access_count: int,
+    last_accessed_at: datetime | None,
+    value: str | bytes,
+) -> SecretModel:
+    """The retrieved secret: its info fields, then its value (the model's order)."""
+    fields = info_fields(secret, now, access_count, last_accessed_at)
+    fields["value"] = value
+    return trusted(SecretModel, fields)
 
 
 class SecretCommands:
@@ -244,11 +258,9 @@ class SecretCommands:
             expected=_versions(secret, keyring),
         )
         self.ledger.commit_read(read)
-        fields = secret_fields(secret, now, read.access_count or 0, None)
-        if read.last_accessed_at is not None:  # the read's own instant (read.at)
-            fields["last_accessed_at"] = read.view.timestamp
-        fields["value"] = value
-        return trusted(SecretModel, fields)
+        # The read's own instant (read.at), when it counted, as the datetime it came from.
+        accessed = read.view.timestamp if read.last_accessed_at is not None else None
+        return secret_model(secret, now, read.access_count or 0, accessed, value)
 
     def _explain(self, error: KeyledgerError, tenant_id: str, name: str) -> KeyledgerError:
         """A decryption failure that a drift diagnosis explains becomes SecretKeyDriftError."""

@@ -102,11 +102,15 @@ def _tdek_aad(tenant_id: str, version: int, amk_id: str) -> bytes:
     )
 
 
-def _secret_aad(header: bytes, tenant_id: str, name: str, key_version: int) -> bytes:
-    context = b"\x00".join(
-        (b"keyledger:secret:v1", tenant_id.encode(), name.encode(), str(key_version).encode())
-    )
-    return header + context
+def _secret_aad_around_name(header: bytes, tenant_id: str, key_version: int) -> tuple[bytes, bytes]:
+    """A secret value's AAD is ``head + name (UTF-8) + tail``, that is
+    ``header || "keyledger:secret:v1" 0x00 tenant 0x00 name 0x00 key_version (decimal)``;
+    the parts around the name are the same for every secret of one data key."""
+    head = header + b"keyledger:secret:v1\x00" + tenant_id.encode() + b"\x00"
+    return head, b"\x00" + str(key_version).encode()
+
+
+_MIN_ENVELOPE = _HEADER.size + NONCE_BYTES + 16  # header, nonce, GCM tag
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class Envelope:
 
     @classmethod
     def parse(cls, blob: bytes) -> Envelope:
-        if len(blob) < _HEADER.size + NONCE_BYTES + 16:
+        if len(blob) < _MIN_ENVELOPE:
             raise EnvelopeInvalid("envelope too short")
         fmt, algorithm, key_version = _HEADER.unpack_from(blob)
         if fmt != ENVELOPE_FORMAT or algorithm != ALGORITHM_AES256GCM:
@@ -135,13 +139,25 @@ class Envelope:
 class DataKey:
     """One unwrapped TDEK version, as an AESGCM handle; cannot be printed or pickled."""
 
-    __slots__ = ("_aead", "fingerprint", "tenant_id", "version")
+    __slots__ = (
+        "_aad_head",
+        "_aad_tail",
+        "_aead",
+        "_header",
+        "fingerprint",
+        "tenant_id",
+        "version",
+    )
 
     def __init__(self, tenant_id: str, version: int, raw: bytes) -> None:
         self.tenant_id = tenant_id
         self.version = version
         self.fingerprint = fingerprint(raw, _TDEK_FINGERPRINT_LABEL)
         self._aead = AESGCM(raw)
+        # What every envelope of this version starts with, and the parts of a value's AAD
+        # around its name (the AAD is head + name + tail: _secret_aad_around_name).
+        self._header = _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, version)
+        self._aad_head, self._aad_tail = _secret_aad_around_name(self._header, tenant_id, version)
 
     def __repr__(self) -> str:
         return f"DataKey(tenant_id={self.tenant_id!r}, version={self.version})"
@@ -151,21 +167,24 @@ class DataKey:
 
     def encrypt(self, name: str, value: str | bytes) -> bytes:
         kind, raw = (b"s", value.encode()) if isinstance(value, str) else (b"b", bytes(value))
-        header = _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, self.version)
         nonce = os.urandom(NONCE_BYTES)
-        aad = _secret_aad(header, self.tenant_id, name, self.version)
-        return header + nonce + self._aead.encrypt(nonce, kind + raw, aad)
+        aad = self._aad_head + name.encode() + self._aad_tail
+        return self._header + nonce + self._aead.encrypt(nonce, kind + raw, aad)
 
     def decrypt(self, name: str, blob: bytes) -> str | bytes:
-        envelope = Envelope.parse(blob)
-        if envelope.key_version != self.version:
+        header = self._header
+        if len(blob) < _MIN_ENVELOPE or not blob.startswith(header):
+            envelope = Envelope.parse(blob)  # raises for what is no envelope at all
             raise DecryptionFailed(
                 f"secret {name!r} of tenant {self.tenant_id!r} is under key version "
                 f"{envelope.key_version}, not {self.version}"
             )
-        aad = _secret_aad(envelope.header, self.tenant_id, name, self.version)
+        start = len(header)
+        aad = self._aad_head + name.encode() + self._aad_tail
         try:
-            plain = self._aead.decrypt(envelope.nonce, envelope.ciphertext, aad)
+            plain = self._aead.decrypt(
+                blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], aad
+            )
         except InvalidTag:
             raise DecryptionFailed(
                 f"secret {name!r} of tenant {self.tenant_id!r} failed authentication "
