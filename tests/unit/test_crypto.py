@@ -554,3 +554,22 @@ def test_the_value_aad_is_the_documented_layout_so_stored_envelopes_keep_decrypt
     nonce = os.urandom(12)
     sealed = header + nonce + AESGCM(tdek).encrypt(nonce, b"b\x00\x01", aad)
     assert key.decrypt("nämé", sealed) == b"\x00\x01"
+
+
+def test_an_envelope_given_as_memoryview_or_bytearray_decrypts(data_key: DataKey) -> None:
+    blob = data_key.encrypt(NAME, VALUE)
+
+    assert data_key.decrypt(NAME, memoryview(blob)) == VALUE  # type: ignore[arg-type]
+    assert data_key.decrypt(NAME, bytearray(blob)) == VALUE  # type: ignore[arg-type]
+
+
+def test_a_data_key_of_a_version_no_header_can_hold_decrypts_nothing(tdek: bytes) -> None:
+    """Built as before (a drift probe may build one from a hand-made keyring); nothing
+    decrypts under it and encrypting fails as packing its header always did."""
+    key = DataKey(TENANT, 1 << 32, tdek)
+    blob = DataKey(TENANT, 1, tdek).encrypt(NAME, VALUE)
+
+    with pytest.raises(DecryptionFailed, match="under key version 1, not 4294967296"):
+        key.decrypt(NAME, blob)
+    with pytest.raises(struct.error):
+        key.encrypt(NAME, VALUE)

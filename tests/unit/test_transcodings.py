@@ -92,3 +92,22 @@ def test_threads_encoding_one_shared_state_at_once_all_succeed() -> None:
         thread.join()
 
     assert failures == []
+
+
+class MarkedTranscoder(JSONTranscoder):
+    """A transcoder named by TRANSCODER_TOPIC (test_a_transcoder_topic_is_honoured)."""
+
+
+def test_a_transcoder_topic_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library's TRANSCODER_TOPIC still chooses the transcoder; only its default, the
+    plain JSON transcoder, is replaced by the one with a reused encoder."""
+    from keyledger import SecretService
+
+    with SecretService.create("memory:", master_key="ab" * 32) as service:
+        assert type(service._ledger.mapper.transcoder) is ReusedEncoderTranscoder
+    monkeypatch.setenv("TRANSCODER_TOPIC", f"{__name__}:MarkedTranscoder")
+    with SecretService.create("memory:", master_key="ab" * 32) as service:
+        transcoder = service._ledger.mapper.transcoder
+        assert type(transcoder) is MarkedTranscoder
+        service.store_for_tenant("t", "n", "v")  # its transcodings are registered
+        assert service.retrieve_for_tenant("t", "n").value == "v"

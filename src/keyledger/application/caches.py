@@ -21,15 +21,13 @@ class LRUCache(Generic[K, V]):
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
-        # No lock: each OrderedDict call is atomic under the GIL, and an entry evicted
-        # between the two calls was a hit a moment ago (the hot path of every call).
-        item = self._items.get(key)
-        if item is not None:
-            try:  # noqa: SIM105 (suppress() costs a context manager per hit)
+        # Under the lock, hits too: OrderedDict.move_to_end calls back into Python (a
+        # UUID key's __eq__), and a clear() in another thread meanwhile crashes CPython.
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
                 self._items.move_to_end(key)
-            except KeyError:
-                pass
-        return item
+            return item
 
     def put(self, key: K, item: V) -> None:
         with self._lock:

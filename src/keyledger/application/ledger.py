@@ -126,9 +126,13 @@ class Ledger(Application[UUID]):
         )
 
     def construct_transcoder(self) -> Transcoder:
-        """The library's JSON transcoding, with its encoder built once (transcodings)."""
-        transcoder = ReusedEncoderTranscoder()
-        self.register_transcodings(transcoder)
+        """The library's transcoder (TRANSCODER_TOPIC may name another); its default, the
+        JSON transcoder, with its encoder built once (``ReusedEncoderTranscoder``)."""
+        transcoder = self.factory.transcoder()
+        if type(transcoder) is JSONTranscoder:
+            transcoder = ReusedEncoderTranscoder()
+        if isinstance(transcoder, JSONTranscoder):
+            self.register_transcodings(transcoder)
         return transcoder
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:

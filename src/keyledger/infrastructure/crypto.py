@@ -156,8 +156,15 @@ class DataKey:
         self._aead = AESGCM(raw)
         # What every envelope of this version starts with, and the parts of a value's AAD
         # around its name (the AAD is head + name + tail: _secret_aad_around_name).
-        self._header = _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, version)
-        self._aad_head, self._aad_tail = _secret_aad_around_name(self._header, tenant_id, version)
+        # (None for a version no header can hold: nothing then decrypts, and encrypting
+        # raises struct.error, as packing the header always did.)
+        self._header: bytes | None = None
+        self._aad_head = self._aad_tail = b""
+        if 0 <= version < 1 << 32:
+            self._header = _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, version)
+            self._aad_head, self._aad_tail = _secret_aad_around_name(
+                self._header, tenant_id, version
+            )
 
     def __repr__(self) -> str:
         return f"DataKey(tenant_id={self.tenant_id!r}, version={self.version})"
@@ -167,13 +174,18 @@ class DataKey:
 
     def encrypt(self, name: str, value: str | bytes) -> bytes:
         kind, raw = (b"s", value.encode()) if isinstance(value, str) else (b"b", bytes(value))
+        header = self._header
+        if header is None:
+            header = _HEADER.pack(ENVELOPE_FORMAT, ALGORITHM_AES256GCM, self.version)  # raises
         nonce = os.urandom(NONCE_BYTES)
         aad = self._aad_head + name.encode() + self._aad_tail
-        return self._header + nonce + self._aead.encrypt(nonce, kind + raw, aad)
+        return header + nonce + self._aead.encrypt(nonce, kind + raw, aad)
 
     def decrypt(self, name: str, blob: bytes) -> str | bytes:
+        if type(blob) is not bytes:
+            blob = bytes(blob)  # a bytearray or memoryview
         header = self._header
-        if len(blob) < _MIN_ENVELOPE or not blob.startswith(header):
+        if header is None or len(blob) < _MIN_ENVELOPE or not blob.startswith(header):
             envelope = Envelope.parse(blob)  # raises for what is no envelope at all
             raise DecryptionFailed(
                 f"secret {name!r} of tenant {self.tenant_id!r} is under key version "
