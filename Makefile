@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test demo bench clean
+.PHONY: venv lint typecheck test demo bench bench-instructions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --out docs/benchmarks.md
 	$(BIN)/python bench/lifecycle.py --out docs/benchmarks-lifecycle.md
 	$(BIN)/python bench/audit.py --out docs/benchmarks-audit.md
+
+# Instructions per store and retrieve, keyledger and the peer (callgrind; needs valgrind).
+bench-instructions: $(STAMP)
+	$(BIN)/python bench/instructions.py --out docs/benchmarks-instructions.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
