@@ -202,10 +202,11 @@ class Ledger(Application[UUID]):
         recorder for projection.
         """
         unit = unit or WriteUnit()
-        aggregates = [item for item in items if isinstance(item, Aggregate)]
+        aggregates: list[Aggregate] = []
         events: list[Any] = []
         for item in items:
             if isinstance(item, Aggregate):
+                aggregates.append(item)
                 events.extend(item.collect_events())
             else:
                 events.append(item)

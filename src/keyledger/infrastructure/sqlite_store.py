@@ -293,6 +293,9 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     def _versions(self, cur: Any, aggregate_ids: list[UUID]) -> dict[UUID, int]:
         """The newest version of each aggregate (0: none): primary-key probes, up to four
         in one statement (cheaper in SQLite than an IN/GROUP BY)."""
+        if len(aggregate_ids) == 1:  # a store's keyring, say: the common case, unrolled
+            cur.execute(self._probe_statements[1], (aggregate_ids[0].hex,))
+            return {aggregate_ids[0]: int(cur.fetchone()[0] or 0)}
         versions: dict[UUID, int] = {}
         for start in range(0, len(aggregate_ids), 4):
             chunk = aggregate_ids[start : start + 4]
