@@ -291,8 +291,7 @@ class SecretService(AuditInvestigation):
         user_agent: str | None = None,
     ) -> bool:
         """``disable`` for an explicit tenant (and actor)."""
-        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
-        return self.change_for_tenant(tenant_id, name, "disable", actor)
+        return self._change_explicit(tenant_id, name, "disable", user_id, ip_address, user_agent)
 
     def enable_for_tenant(
         self,
@@ -304,8 +303,7 @@ class SecretService(AuditInvestigation):
         user_agent: str | None = None,
     ) -> bool:
         """``enable`` for an explicit tenant (and actor)."""
-        tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
-        return self.change_for_tenant(tenant_id, name, "enable", actor)
+        return self._change_explicit(tenant_id, name, "enable", user_id, ip_address, user_agent)
 
     def delete_for_tenant(
         self,
@@ -317,8 +315,20 @@ class SecretService(AuditInvestigation):
         user_agent: str | None = None,
     ) -> bool:
         """``delete`` for an explicit tenant (and actor)."""
+        return self._change_explicit(tenant_id, name, "delete", user_id, ip_address, user_agent)
+
+    def _change_explicit(
+        self,
+        tenant_id: str,
+        name: str,
+        action: str,
+        user_id: str | None,
+        ip_address: str | None,
+        user_agent: str | None,
+    ) -> bool:
+        """A status change for an explicit tenant and actor, each checked once."""
         tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
-        return self.change_for_tenant(tenant_id, name, "delete", actor)
+        return self._secrets.change(tenant_id, check_identifier("name", name), action, actor)
 
     def change_for_tenant(self, tenant_id: str, name: str, action: str, actor: Actor) -> bool:
         """disable/enable/delete for an explicit tenant and actor (the CLI's entry)."""

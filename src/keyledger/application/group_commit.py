@@ -148,22 +148,31 @@ class GroupCommitter(Generic[T]):
     def _write_alone(self, item: T, thread: int) -> None:
         """A batch of one, led by its own caller without queueing (what ``_lead`` does
         for a batch of one, minus the queue entry and its wake-up lock)."""
-        error: BaseException | None
         try:
-            errors = self._write([item])
-            if len(errors) != 1:
-                raise RuntimeError(f"{len(errors)} outcomes for 1 writes")
-            error = errors[0]
-        except BaseException as failure:
-            error = failure
+            (error,) = self._outcomes([item])
         finally:
-            with self._lock:
-                self._hand_over()
-                self._prompt -= self._returning
-                self._returning = {thread}
-                self._returned_at = time.monotonic()
+            self._end_turn({thread})
         if error is not None:
             raise error
+
+    def _outcomes(self, items: list[T]) -> Sequence[BaseException | None]:
+        """Each item's error from one ``write`` (the failure of the write itself for all
+        of them when it raised or answered for another number of items)."""
+        try:
+            errors = self._write(items)
+            if len(errors) != len(items):
+                raise RuntimeError(f"{len(errors)} outcomes for {len(items)} writes")
+        except BaseException as failure:
+            return [failure] * len(items)
+        return errors
+
+    def _end_turn(self, threads: set[int]) -> None:
+        """After a batch: leadership passes on, and its callers count as returning."""
+        with self._lock:
+            self._hand_over()  # before anyone is woken
+            self._prompt -= self._returning  # those that never came back
+            self._returning = threads
+            self._returned_at = time.monotonic()
 
     def _abandon(self, pending: _Pending[T]) -> None:
         """Take back the item of a caller interrupted while it waited, unless a leader
@@ -226,21 +235,11 @@ class GroupCommitter(Generic[T]):
                 finally:  # interrupted while waiting, too: this batch is ours to finish
                     batch = self._queue[: self._max_batch]
                     self._queue = self._queue[self._max_batch :]
-            errors: Sequence[BaseException | None]
-            try:
-                errors = self._write([p.item for p in batch])
-                if len(errors) != len(batch):
-                    raise RuntimeError(f"{len(errors)} outcomes for {len(batch)} writes")
-            except BaseException as failure:
-                errors = [failure] * len(batch)
+            errors = self._outcomes([p.item for p in batch])
             for pending, error in zip(batch, errors, strict=True):
                 pending.error, pending.finished = error, True
         finally:  # whatever happened, leadership passes on and every caller wakes
-            with self._lock:
-                self._hand_over()  # before waking anyone
-                self._prompt -= self._returning  # those that never came back
-                self._returning = {pending.thread for pending in batch}
-                self._returned_at = time.monotonic()
+            self._end_turn({pending.thread for pending in batch})
             for pending in batch:
                 if not pending.finished:
                     pending.error, pending.finished = RuntimeError("write interrupted"), True

@@ -202,9 +202,8 @@ class SecretCommands:
 
     def retrieve(self, tenant_id: str, name: str, actor: Actor) -> SecretModel:
         who = actor_dict(actor)
-        try:  # attempt 0 inline: the common case, without the retry loop's layers
-            with self.ledger.read_coming():
-                return self._retrieve_once(tenant_id, name, who, False)
+        try:  # attempt 0 outside the retry loop: the common case, with fewer layers
+            return self._announced_retrieve(tenant_id, name, who, 0)
         except Conflict:
             pass
         return self.ledger.retrying(
