@@ -193,6 +193,35 @@ def test_catching_up_from_two_services_writing_in_turn_matches_a_rebuild(
     assert [entry.user_id for entry in caught_up["audit:acme"]][:3] == ["bob", "bob", "bob"]
 
 
+def test_catching_up_in_pages_across_own_and_foreign_runs_matches_a_rebuild(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of three: runs of one service's own appends (taken from its memory without
+    reading the stream) end mid-page and across pages, with the other's in between; each
+    event must be projected once, in stream order."""
+    monkeypatch.setattr(read_models, "PAGE_SIZE", 3)
+    first, second = make_service(), make_service()
+    with tenant("acme", user_id="alice"):
+        first.store("own", "v")
+        for _ in range(7):
+            first.retrieve("own")
+    with tenant("acme", user_id="bob"):
+        second.retrieve("own")
+        second.retrieve("own")
+    with tenant("acme", user_id="alice"):
+        for _ in range(4):
+            first.retrieve("own")
+    caught_up = answers(first)
+    users = [entry.user_id for entry in reversed(caught_up["audit:acme"])]
+
+    first.rebuild_read_models()
+
+    assert answers(first) == caught_up
+    assert users == ["alice"] * 9 + ["bob"] * 2 + ["alice"] * 4  # create_key, create, reads
+    positions = [entry.position for entry in caught_up["audit"]]
+    assert positions == sorted(set(positions), reverse=True)
+
+
 def test_a_long_run_of_new_secrets_rebuilds_row_for_row(service: SecretService) -> None:
     """Replays insert a run of created secrets with one statement (arrays on PostgreSQL):
     every column must come out as one-by-one projection made it, NULLs included."""

@@ -75,12 +75,20 @@ def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
     ]
 
 
-def _catch_up_page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
+def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tuple[int, object]]:
     """``_page``, taking the events this process appended from ``ledger.appended`` as they
-    are: only the positions are read, and only other processes' events are decoded."""
+    are: only the positions are read, and only other processes' events are decoded.
+
+    ``head`` is a stream position known to be committed, with every position below it
+    committed or never to be (positions commit in order). When this process appended
+    every position after ``after`` up to the page's end or ``head``, those events are
+    the page, and nothing is read (the common case of a single writer)."""
     known = ledger.appended
     if not known:
         return _page(ledger, cur, after)
+    last = min(after + PAGE_SIZE, head)
+    if last > after and all(p in known for p in range(after + 1, last + 1)):
+        return [(p, known[p]) for p in range(after + 1, last + 1)]
     table, position = ledger.store.events_table_name, ledger.store.position_column
     cur.execute(
         f"SELECT {position} FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
@@ -134,7 +142,7 @@ def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
     while True:
         with ledger.store.projecting() as cur:
             reached = _tracked_position(cur)
-            items = _catch_up_page(ledger, cur, reached)
+            items = _catch_up_page(ledger, cur, reached, head)
             projector.apply(cur, items)
         if items:
             reached = items[-1][0]

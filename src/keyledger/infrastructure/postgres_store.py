@@ -624,9 +624,10 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     def _call_append_reads(self, conn: Connection[Any], batch: Sequence[PendingRead]) -> bool:
         """One call of the append function, committed by the server; False when a
         decision was stale (nothing written)."""
-        # Every read's own versions, duplicates included: two reads of one secret may
-        # have been decided on different versions of it, and each must hold.
-        expected = [pair for read in batch for pair in read.expected.items()]
+        # Every read's own versions: two reads of one secret may have been decided on
+        # different versions of it, and each must hold. Equal pairs (the keyring of one
+        # tenant, read by every read of the batch) are checked once.
+        expected = list(dict.fromkeys(pair for read in batch for pair in read.expected.items()))
         tenants, names, counts, ats = CatalogProjector.read_totals(batch)
         stale, positions, counted_tenants, counted_names, counted = _APPEND_READS_CALL.run(
             conn,

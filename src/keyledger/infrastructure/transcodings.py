@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from base64 import b64decode, b64encode
-from collections.abc import Callable, Sequence
-from json import encoder as json_encoder
 from typing import Any
 
 from eventsourcing.persistence import JSONTranscoder, Transcoding
+
+from keyledger._json import compact_encoder
 
 
 class BytesAsBase64(Transcoding):
@@ -36,25 +36,7 @@ class ReusedEncoderTranscoder(JSONTranscoder):
 
     def __init__(self) -> None:
         super().__init__()
-        make = getattr(json_encoder, "c_make_encoder", None)
-        self._encode_to_chunks: Callable[[Any, int], Sequence[str]] | None = (
-            None
-            if make is None
-            else make(
-                None,  # markers: no cycle check (see above)
-                self._encode_obj,  # default: the registered transcodings
-                json_encoder.encode_basestring,  # ensure_ascii=False
-                None,  # indent
-                ":",  # key separator
-                ",",  # item separator
-                False,  # sort_keys
-                False,  # skipkeys
-                True,  # allow_nan
-            )
-        )
+        self._encode_text = compact_encoder(self._encode_obj, ensure_ascii=False, sort_keys=False)
 
     def encode(self, obj: Any) -> bytes:
-        encode = self._encode_to_chunks
-        if encode is None or isinstance(obj, str):
-            return super().encode(obj)
-        return "".join(encode(obj, 0)).encode("utf8")
+        return self._encode_text(obj).encode("utf8")

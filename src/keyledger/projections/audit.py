@@ -9,9 +9,9 @@ transaction, so no event is applied twice.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
+from keyledger._json import compact_encoder
 from keyledger.projections.audit_mapping import audit_facts
 from keyledger.projections.projector import Cursor
 from keyledger.projections.timeutil import to_micros
@@ -58,7 +58,8 @@ class AuditProjector:
         )
 
 
-_details = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+# JSONEncoder(sort_keys=True, separators=(",", ":")).encode, its C encoder built once.
+_details = compact_encoder(ensure_ascii=True, sort_keys=True)
 
 _INSERT = (
     "INSERT INTO kl_audit (position, timestamp, tenant_id, secret_name, action, result, "

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 
 
-@dataclass(frozen=True)
-class AuditFacts:
-    """The audit view of one event."""
+class AuditFacts(NamedTuple):
+    """The audit view of one event (a named tuple: one is built per audited event when
+    the audit model catches up, at a third of a frozen dataclass's cost)."""
 
     tenant_id: str
     secret_name: str | None
