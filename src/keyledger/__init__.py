@@ -15,6 +15,7 @@ from keyledger.errors import (
     SecretExpired,
     SecretKeyDriftError,
     SecretNotFound,
+    ShredIncomplete,
     StorageError,
     TenantRequired,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "SecretKeyDriftError",
     "SecretNotFound",
     "SecretService",
+    "ShredIncomplete",
     "StorageError",
     "TenantKeyInfo",
     "TenantRequired",

@@ -67,6 +67,13 @@ class StorageError(KeyledgerError):
     """The store failed (locked too long, disk, connection); nothing was half written."""
 
 
+class ShredIncomplete(StorageError):
+    """Key material was deleted, and its destruction is recorded and in force, but the
+    store could not rewrite the pages that held it: the deleted bytes may stay in the
+    database files until the store is shredded (``keyledger db shred``) by a role that
+    may (PostgreSQL: the owner of ``kl_key_material``)."""
+
+
 __all__ = [
     "ConfirmationRequired",
     "DecryptionFailed",
@@ -79,6 +86,7 @@ __all__ = [
     "SecretExpired",
     "SecretKeyDriftError",
     "SecretNotFound",
+    "ShredIncomplete",
     "StorageError",
     "TenantRequired",
 ]

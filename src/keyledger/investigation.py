@@ -20,7 +20,7 @@ from keyledger.application.verification import verify
 from keyledger.context import current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput, TenantRequired
 from keyledger.models import AuditEntry, Checkpoint, SealResult, TenantState, VerifyReport
-from keyledger.validation import check_aware, check_count, check_identifier
+from keyledger.validation import check_aware, check_bool, check_count, check_identifier
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -103,7 +103,8 @@ class AuditInvestigation:
         self, *, user_id: str | None = None, accept_untagged: bool = False
     ) -> SealResult:
         """Append checkpoints sealing every event not sealed yet (see docs/audit.md)."""
-        return seal(self._ledger, actor_dict(make_actor(user_id)), accept_untagged=accept_untagged)
+        accept = check_bool("accept_untagged", accept_untagged)
+        return seal(self._ledger, actor_dict(make_actor(user_id)), accept_untagged=accept)
 
     def verify_audit(
         self, *, from_position: int = 0, anchor: builtins.list[Checkpoint] | None = None

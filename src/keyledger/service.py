@@ -25,7 +25,7 @@ from keyledger.application.schema_check import SchemaStatus, check_schema
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
 from keyledger.context import Actor, current_scope, is_super_admin, make_actor
-from keyledger.errors import InvalidInput
+from keyledger.errors import InvalidInput, InvalidMasterKey
 from keyledger.infrastructure.settings import KeyledgerSettings, load_settings
 from keyledger.investigation import AuditInvestigation
 from keyledger.models import (
@@ -43,7 +43,10 @@ from keyledger.models import Secret as SecretModel
 from keyledger.projections.timeutil import from_micros
 from keyledger.validation import (
     check_aware,
+    check_bool,
+    check_callback,
     check_count,
+    check_days,
     check_identifier,
     check_metadata,
     check_optional_text,
@@ -77,6 +80,16 @@ class SecretService(AuditInvestigation):
         settings: KeyledgerSettings | None = None,
     ) -> SecretService:
         """Open a store. Malformed master keys raise ``InvalidMasterKey`` here, never later."""
+        if database_url is not None and not isinstance(database_url, str):
+            raise InvalidInput(f"database_url must be a str, not {type(database_url).__name__}")
+        if previous_master_keys is not None and (
+            isinstance(previous_master_keys, str | bytes)
+            or not isinstance(previous_master_keys, list | tuple)
+        ):
+            # A single str would be split into one-character "keys"; say what is expected.
+            raise InvalidMasterKey("previous_master_keys must be a list of str")
+        if settings is not None and not isinstance(settings, KeyledgerSettings):
+            raise InvalidInput(f"settings must be KeyledgerSettings, not {type(settings).__name__}")
         settings = settings or load_settings()
         ledger = build_ledger(
             settings,
@@ -171,8 +184,7 @@ class SecretService(AuditInvestigation):
     ) -> SecretInfo:
         name = check_identifier("name", name)
         check_value(value, self._settings.max_value_bytes)
-        if not isinstance(clear_expiry, bool):
-            raise InvalidInput("clear_expiry must be a bool")
+        check_bool("clear_expiry", clear_expiry)
         options = StoreOptions(
             category=check_optional_text("category", category, 200),
             description=check_optional_text("description", description),
@@ -237,8 +249,7 @@ class SecretService(AuditInvestigation):
         tenant_id = check_identifier("tenant_id", tenant_id)
         if status is not None and status not in _STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(_STATUSES)} or None")
-        if not isinstance(include_expired, bool):
-            raise InvalidInput("include_expired must be a bool")
+        check_bool("include_expired", include_expired)
         statuses = {status} if status else {"active", "disabled"}
         if include_expired:
             statuses.add("expired")
@@ -263,7 +274,7 @@ class SecretService(AuditInvestigation):
     def list_expiring(self, days: int = 30) -> builtins.list[SecretInfo]:
         """Active secrets expiring within ``days`` days, soonest first."""
         tenant_id, _ = self._scope()
-        return self._queries.list_expiring(tenant_id, check_count("days", days) or 0)
+        return self._queries.list_expiring(tenant_id, check_days("days", days))
 
     def disable(self, name: str) -> bool:
         """Disable a secret; False when it does not exist."""
@@ -359,6 +370,7 @@ class SecretService(AuditInvestigation):
     def reencrypt_all(self, *, progress: Callable[[int], None] | None = None) -> ReencryptResult:
         """Re-encrypt every live secret still under an older key version."""
         tenant_id, actor = self._scope()
+        check_callback("progress", progress)
         return self._keys.reencrypt_all(tenant_id, actor, progress)
 
     def reencrypt_all_for_tenant(
@@ -372,6 +384,7 @@ class SecretService(AuditInvestigation):
     ) -> ReencryptResult:
         """``reencrypt_all`` for an explicit tenant (and actor)."""
         tenant_id, actor = self._explicit(tenant_id, user_id, ip_address, user_agent)
+        check_callback("progress", progress)
         return self._keys.reencrypt_all(tenant_id, actor, progress)
 
     def compromise_key(self, version: int, reason: str) -> TenantKeyInfo:
@@ -405,7 +418,7 @@ class SecretService(AuditInvestigation):
         self, older_than_days: int = 90, *, user_id: str | None = None
     ) -> CleanupResult:
         """Destroy retired versions retired N+ days ago, across tenants, unless still in use."""
-        days = check_count("older_than_days", older_than_days) or 0
+        days = check_days("older_than_days", older_than_days)
         return self._lifecycle.cleanup_retired(days, make_actor(user_id))
 
     def erase_tenant(
@@ -413,6 +426,7 @@ class SecretService(AuditInvestigation):
     ) -> builtins.list[int]:
         """Destroy all the tenant's key versions: every value it stored becomes unrecoverable."""
         tenant_id = check_identifier("tenant_id", tenant_id)
+        # Anything but True is no confirmation (ConfirmationRequired, SPEC section 6).
         return self._lifecycle.erase_tenant(tenant_id, confirm is True, make_actor(user_id))
 
     def rewrap_master_key(
@@ -422,6 +436,7 @@ class SecretService(AuditInvestigation):
         progress: Callable[[int], None] | None = None,
     ) -> RewrapResult:
         """Re-wrap every tenant's usable key versions under the current master key."""
+        check_callback("progress", progress)
         return self._lifecycle.rewrap(make_actor(user_id), progress)
 
     def count_key_material(self) -> int:
@@ -435,6 +450,10 @@ class SecretService(AuditInvestigation):
     ) -> DriftReport:
         """Diagnose how a tenant's secrets and keys drifted apart; never decrypts a value."""
         tenant_id = check_identifier("tenant_id", tenant_id)
+        if secret_names is not None and (
+            isinstance(secret_names, str) or not isinstance(secret_names, Collection)
+        ):
+            raise InvalidInput("secret_names must be a list of secret names")
         names = (
             None
             if secret_names is None
@@ -459,13 +478,17 @@ class SecretService(AuditInvestigation):
     ) -> RepairResult:
         """Repair drift; deleting anything needs ``confirm_delete_unrecoverable_data``."""
         tenant_id = check_identifier("tenant_id", tenant_id)
+        # Checked, never coerced: dry_run=1 or "yes" must not turn into a real repair.
+        # Anything but True confirms nothing: ConfirmationRequired (SPEC section 7).
+        dry = check_bool("dry_run", dry_run)
+        confirm = confirm_delete_unrecoverable_data is True
         return repair(
             self._ledger,
             self._lifecycle,
             self._keys.reencrypt_all,
             tenant_id,
-            dry_run=dry_run is True,
-            confirm=confirm_delete_unrecoverable_data is True,
+            dry_run=dry,
+            confirm=confirm,
             actor=make_actor(user_id),
         )
 
@@ -534,9 +557,9 @@ class SecretService(AuditInvestigation):
             if tenant_id is not None:
                 raise InvalidInput("tenant_id is only accepted inside super_admin()")
             scope_tenant, _ = self._scope()
-        if action is not None and action not in _ACTIONS:
+        if action is not None and (not isinstance(action, str) or action not in _ACTIONS):
             raise InvalidInput(f"unknown audit action {action!r}")
-        if result is not None and result not in _RESULTS:
+        if result is not None and (not isinstance(result, str) or result not in _RESULTS):
             raise InvalidInput(f"unknown audit result {result!r}")
         return self._queries.audit_logs(
             tenant_id=scope_tenant,
@@ -552,6 +575,14 @@ class SecretService(AuditInvestigation):
 
     # -- operator tools -------------------------------------------------------------------
 
+    def shred_key_material(self) -> None:
+        """Make the store drop deleted key material from its files now: what key cleanup,
+        erasure, drift repair and a master-key rewrap do after they delete or replace
+        material. For when one of them raised ``ShredIncomplete`` (a busy SQLite reader;
+        on PostgreSQL a role that does not own ``kl_key_material``: run this as its owner).
+        Records nothing: no key fact changes."""
+        self._ledger.shred()
+
     def rebuild_read_models(
         self,
         *,
@@ -561,6 +592,7 @@ class SecretService(AuditInvestigation):
         """Rebuild read models from the stream (built aside, then switched); returns the
         events replayed. ``names``: some of "catalog", "audit", "keys" (None: every one);
         the catalog and the keys are always rebuilt together (one projector writes both)."""
+        check_callback("progress", progress)
         chosen: builtins.list[str] | None = None
         if names is not None:
             if isinstance(names, str):
@@ -593,6 +625,16 @@ class SecretService(AuditInvestigation):
     ) -> int:
         """Keep the lagging read models current until ``stop()`` (the projection worker);
         with ``seal``, seal the audit stream whenever idle."""
+        if not callable(stop):
+            raise InvalidInput(f"stop must be callable, not {type(stop).__name__}")
+        check_callback("on_progress", on_progress)
+        check_bool("seal", seal)
+        if (
+            isinstance(idle_seconds, bool)
+            or not isinstance(idle_seconds, int | float)
+            or not 0 < idle_seconds <= 86_400
+        ):
+            raise InvalidInput("idle_seconds must be above 0 and at most 86400 (one day)")
         return follow(
             self._ledger,
             stop=stop,

@@ -12,6 +12,11 @@ from keyledger.errors import InvalidInput
 MAX_IDENTIFIER_LENGTH = 200
 MAX_TEXT_LENGTH = 4096
 MAX_METADATA_ENTRIES = 64
+# The largest limit, offset, count or stream position accepted: it fits the signed 64-bit
+# integers of SQLite and PostgreSQL (and equals the "no limit" of the queries).
+MAX_COUNT = 2**62
+# The widest window in days (100 years): now plus or minus it stays a representable date.
+MAX_DAYS = 36_525
 
 
 # Refused in every text field, found in one scan (identifiers are checked on every call):
@@ -62,9 +67,16 @@ def check_aware(field: str, value: object) -> datetime | None:
         return None
     if not isinstance(value, datetime):
         raise InvalidInput(f"{field} must be a datetime, not {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        offset = value.utcoffset()
+    except (ValueError, TypeError):  # a tzinfo that returns no valid offset
+        raise InvalidInput(f"{field} has a time zone without a valid UTC offset") from None
+    if value.tzinfo is None or offset is None:
         raise InvalidInput(f"{field} must be timezone-aware (naive datetimes are ambiguous)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31 23:00-05:00 is past the last representable day
+        raise InvalidInput(f"{field} is out of range once converted to UTC") from None
 
 
 def check_metadata(value: object) -> dict[str, str] | None:
@@ -105,9 +117,33 @@ def check_value(value: object, max_bytes: int) -> bytes:
 
 
 def check_count(field: str, value: Any, *, allow_none: bool = False) -> int | None:
-    """A non-negative int (or None when allowed)."""
+    """A non-negative int of at most ``MAX_COUNT`` (or None when allowed)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{field} must be a non-negative integer")
+    if value > MAX_COUNT:
+        raise InvalidInput(f"{field} must be at most {MAX_COUNT}")
     return value
+
+
+def check_days(field: str, value: Any) -> int:
+    """A whole number of days from 0 to ``MAX_DAYS`` (100 years)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{field} must be a non-negative integer")
+    if value > MAX_DAYS:
+        raise InvalidInput(f"{field} must be at most {MAX_DAYS} (100 years)")
+    return value
+
+
+def check_bool(field: str, value: object) -> bool:
+    """A real bool: 1, "yes" or None are refused rather than guessed at."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def check_callback(field: str, value: object) -> None:
+    """None or a callable (checked before any work, so a bad one cannot stop a run halfway)."""
+    if value is not None and not callable(value):
+        raise InvalidInput(f"{field} must be callable, not {type(value).__name__}")

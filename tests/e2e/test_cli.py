@@ -120,9 +120,22 @@ def test_an_update_gets_a_new_version() -> None:
     assert ok("secrets", "get", "acme", "stripe").stdout == "two"
 
 
-def test_a_value_is_never_taken_from_the_command_line() -> None:
-    assert_usage_error(run("secrets", "put", "acme", "stripe", "sk_live"), "unexpected extra")
-    assert_usage_error(run("secrets", "put", "acme", "stripe", "--value", "x"), "No such option")
+@pytest.mark.parametrize(
+    ("words", "fragment"),
+    [
+        (("sk_live_ARGV",), "takes no value on the command line"),
+        (("--", "sk_live_ARGV"), "takes no value on the command line"),
+        (("sk_live_ARGV", "--category", "c"), "takes no value on the command line"),
+        (("--value", "sk_live_ARGV"), "No such option"),
+        (("--value=sk_live_ARGV",), "No such option"),
+    ],
+)
+def test_a_value_is_never_taken_from_the_command_line_nor_repeated(
+    words: tuple[str, ...], fragment: str
+) -> None:
+    result = run("secrets", "put", "acme", "stripe", *words, stdin="from-stdin")
+    assert_usage_error(result, fragment)
+    assert "sk_live_ARGV" not in result.stderr + result.stdout  # not copied into logs
     assert names("acme", "--status", "all") == []
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -409,6 +410,7 @@ def test_export_jsonl_has_one_line_per_audited_event_and_resumes_without_duplica
     ok("audit", "seal")  # checkpoints are not audited events and are not exported
     out = tmp_path / "audit.jsonl"
     first = ok("audit", "export", "--all-tenants", "--format", "jsonl", "-o", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # records name people: owner only
     records = jsonl(out)
     entries = all_entries()
     assert len(records) == len(entries)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import secrets
 import sqlite3
+import stat
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -308,3 +310,29 @@ def test_no_value_or_key_appears_in_logs_or_error_messages(
     # DEBUG records of keyledger's loggers are captured, so the log check is not vacuous.
     logging.getLogger("keyledger.probe").debug("probe-record")
     assert "probe-record" in caplog.text
+
+
+def test_a_new_sqlite_store_is_readable_by_its_owner_only(tmp_path: Path, master_key: str) -> None:
+    """The database holds wrapped keys, ciphertexts, metadata and who read what: under the
+    usual umask of 022 its file, WAL and shared-memory file are still created 0600."""
+    previous = os.umask(0o022)
+    try:
+        service = SecretService.create(f"sqlite:///{tmp_path}/k.db", master_key=master_key)
+        service.store_for_tenant("acme", "db", "value")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        service.close()
+    finally:
+        os.umask(previous)
+    assert modes == {"k.db": 0o600, "k.db-wal": 0o600, "k.db-shm": 0o600}
+
+
+def test_an_existing_sqlite_file_keeps_the_mode_its_owner_gave_it(
+    tmp_path: Path, master_key: str
+) -> None:
+    path = tmp_path / "k.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    service = SecretService.create(f"sqlite:///{path}", master_key=master_key)
+    service.store_for_tenant("acme", "db", "value")
+    service.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -37,12 +37,29 @@ BAD_IDENTIFIERS = [
 ]
 
 
-def snapshot(service: SecretService) -> tuple[list, list]:
-    """Everything a write could change: the whole audit stream and the tenant's secrets."""
+def raw_counts(service: SecretService) -> tuple[int, int, int]:
+    """(newest event position, events, kl_key_material rows), read from the tables: a write
+    the read models do not show (a seal checkpoint, a snapshot's event, an orphan wrapped
+    key) changes these."""
+    store = service._ledger.store
+    with store.reading() as cur:
+        cur.execute(
+            f"SELECT coalesce(max({store.position_column}), 0), count(*) "
+            f"FROM {store.events_table_name}"
+        )
+        head, events = cur.fetchone()[:2]
+        cur.execute("SELECT count(*) FROM kl_key_material")
+        material = cur.fetchone()[0]
+    return int(head), int(events), int(material)
+
+
+def snapshot(service: SecretService) -> tuple[list[Any], list[Any], tuple[int, int, int]]:
+    """Everything a write could change: the whole audit stream, the tenant's secrets, and
+    the event and key material tables themselves (on every backend)."""
     with super_admin():
         audit = service.get_audit_logs(limit=100_000)
     secrets = service.list_for_tenant("acme", status=None, include_expired=True)
-    return audit, secrets
+    return audit, secrets, raw_counts(service)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from keyledger import (
     SecretService,
     tenant,
 )
-from keyledger.infrastructure.crypto import MasterKey
+from keyledger.infrastructure.crypto import MasterKey, parse_master_key
 
 TENANT = "tenant-config"
 NAME = "db-password"
@@ -277,6 +277,24 @@ def test_a_malformed_previous_master_key_fails_at_creation_even_without_a_curren
     monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MALFORMED["non-hex"])
     with pytest.raises(InvalidMasterKey):
         SecretService.create("memory:")
+
+
+def test_a_master_key_argument_given_as_bytes_is_invalid_master_key_quoting_nothing(
+    tmp_path: Path,
+) -> None:
+    raw = bytes.fromhex(KEY_A)
+    with pytest.raises(InvalidMasterKey, match="master_key argument: must be a str") as caught:
+        SecretService.create(f"sqlite:///{tmp_path / 'never.db'}", master_key=raw)  # type: ignore[arg-type]
+    shown = str(caught.value) + repr(caught.value)
+    assert KEY_A[:16] not in shown
+    assert repr(raw)[2:20] not in shown
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_parse_master_key_refuses_what_is_not_a_str_naming_only_its_source() -> None:
+    for given in (KEY_A.encode(), bytearray.fromhex(KEY_A), None, 42):
+        with pytest.raises(InvalidMasterKey, match=r"^KEYLEDGER_MASTER_KEY: must be a str"):
+            parse_master_key(given, "KEYLEDGER_MASTER_KEY")  # type: ignore[arg-type]
 
 
 def test_a_malformed_master_key_fails_before_the_database_is_created(

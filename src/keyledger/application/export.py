@@ -99,14 +99,30 @@ def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     return count
 
 
+# A cell a spreadsheet would read as a formula starts with one of these.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell: None empty, and text that a spreadsheet would run as a formula (a user
+    agent or a name that starts with ``=``, ``+``, ``-``, ``@``, tab or CR) behind a
+    single quote, which spreadsheets show and do not run (OWASP's "CSV injection"). JSON
+    lines are the export that keeps every value exactly."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_csv(records: Iterator[dict[str, Any]], out: IO[str], *, header: bool = True) -> int:
-    """Write RFC 4180 CSV with a header row; ``details`` as JSON text."""
+    """Write RFC 4180 CSV with a header row; ``details`` as JSON text (see ``csv_cell``)."""
     writer = csv.writer(out, lineterminator="\n")
     if header:
         writer.writerow(EXPORT_FIELDS)
     count = 0
     for record in records:
         row = dict(record, details=json.dumps(record["details"], default=str, sort_keys=True))
-        writer.writerow(["" if row[f] is None else row[f] for f in EXPORT_FIELDS])
+        writer.writerow([csv_cell(row[f]) for f in EXPORT_FIELDS])
         count += 1
     return count

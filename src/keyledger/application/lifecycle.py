@@ -182,6 +182,8 @@ class KeyLifecycle:
             failures += failed
             if progress:
                 progress(len(rows))
+        if rewrapped:  # the copies wrapped by the old master key leave the files too
+            self.ledger.shred()
         return RewrapResult(
             amk_id=amk.amk_id,
             rewrapped=rewrapped,

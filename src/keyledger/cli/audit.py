@@ -15,6 +15,7 @@ from typing import get_args
 
 import click
 
+from keyledger.application.export import csv_cell
 from keyledger.cli.keys import one_target
 from keyledger.cli.params import AWARE_DATETIME
 from keyledger.cli.render import emit_json, emit_table, json_option, text, timestamp, to_data
@@ -66,7 +67,7 @@ def emit_csv(entries: list[AuditEntry]) -> None:
             "timestamp": entry.timestamp.isoformat(),
             "details": json.dumps(entry.details, sort_keys=True, default=str),
         }
-        writer.writerow(["" if row[field] is None else row[field] for field in LOG_CSV_FIELDS])
+        writer.writerow([csv_cell(row[field]) for field in LOG_CSV_FIELDS])
 
 
 @audit_group.command("log")

@@ -5,11 +5,11 @@ Attached to the ``audit`` group of ``keyledger.cli.audit``.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
-from pathlib import Path
 from typing import IO, Any
 
 import click
@@ -178,8 +178,12 @@ def open_output(path: str | None, *, append: bool) -> Iterator[IO[str]]:
     if path is None:
         yield sys.stdout
         return
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     try:
-        with Path(path).open("a" if append else "w", encoding="utf-8", newline="") as out:
+        # A new file is readable by its owner only: audit records name people (user ids,
+        # addresses, user agents). An existing file keeps the mode it has.
+        descriptor = os.open(path, flags, 0o600)
+        with os.fdopen(descriptor, "a" if append else "w", encoding="utf-8", newline="") as out:
             yield out
     except OSError as error:  # opening, or writing (a full disk)
         raise click.ClickException(f"cannot write {path}: {error.strerror}") from None

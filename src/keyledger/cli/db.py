@@ -48,7 +48,7 @@ def _absent_sqlite_file(database_url: str | None) -> Path | None:
     (None for other stores)."""
     if database_url is None:
         try:
-            database_url = KeyledgerSettings().database_url
+            database_url = KeyledgerSettings().database_url.get_secret_value()
         except ValidationError:
             return None  # opening the store reports it
     if not database_url.startswith("sqlite:") or database_url == "sqlite:///:memory:":
@@ -147,3 +147,16 @@ def check(cli: CliContext) -> None:
         emit_status(status)
     if not status.ok:
         raise click.ClickException(f"{_not_ready(status)}; run `keyledger db init`")
+
+
+@db_group.command("shred")
+@pass_cli
+def shred(cli: CliContext) -> None:
+    """Drop deleted key material from the store's files (crypto-shredding) now.
+
+    Key cleanup, tenant erasure, drift repair and master-key rewrap do this themselves;
+    run it when one of them reported that it could not (SQLite: a reader held an old
+    snapshot; PostgreSQL: the role does not own kl_key_material: run it as the owner).
+    """
+    cli.service.shred_key_material()
+    click.echo("Shredded: deleted key material is gone from the store's files.", err=True)

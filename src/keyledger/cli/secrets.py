@@ -55,7 +55,9 @@ def read_value(binary: bool) -> str | bytes:
     return decoded
 
 
-@secrets_group.command("put")
+# Words after NAME are taken, not refused by click (whose message would repeat them: a
+# value typed there would land in CI logs too), and refused below without repeating them.
+@secrets_group.command("put", context_settings={"allow_extra_args": True})
 @tenant_argument
 @name_argument
 @click.option("--category", help="Category (kept from the previous version when left out).")
@@ -92,6 +94,11 @@ def put(
     The prompt asks again for an empty answer; store an empty value from a pipe:
     `printf '' | keyledger secrets put TENANT NAME`.
     """
+    if click.get_current_context().args:
+        raise click.UsageError(
+            "secrets put takes no value on the command line (what was given there is not "
+            "repeated here): pipe the value to stdin, or answer the hidden prompt"
+        )
     if expires_at is not None and clear_expiry:
         raise click.UsageError("give --expires-at or --clear-expiry, not both")
     entries = metadata_from_pairs(metadata)

@@ -46,6 +46,10 @@ class EnvelopeInvalid(DecryptionFailed):
 
 def parse_master_key(text: str, source: str) -> bytes:
     """Decode a 64-hex-character AMK; ``source`` names where it came from (never the key)."""
+    if not isinstance(text, str):  # bytes, say: name the type only, never the value
+        raise InvalidMasterKey(
+            f"{source}: must be a str of 64 hex characters, not {type(text).__name__}"
+        )
     candidate = text.strip()
     if not all(ch in string.hexdigits for ch in candidate):
         raise InvalidMasterKey(f"{source}: not hexadecimal")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import uuid4
 
 from eventsourcing.utils import get_topic
+from pydantic import SecretStr
 
 from keyledger.errors import InvalidInput
 from keyledger.infrastructure.postgres_store import KeyledgerPostgresFactory
@@ -25,6 +27,7 @@ _POSTGRES_OPTIONS: dict[str, tuple[str, type]] = {
     "conn_max_age": ("POSTGRES_CONN_MAX_AGE", float),
 }
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//)?")
 
 
 def password_from_environment() -> str:
@@ -33,58 +36,120 @@ def password_from_environment() -> str:
 
 
 def redact(database_url: str) -> str:
-    """The URL with any password replaced by ``***`` (for messages and reprs)."""
-    parts = urlsplit(database_url)
-    if parts.password is None:
-        return database_url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """The URL with everything between its scheme and its last ``@`` masked.
+
+    The user info ends at an ``@``, but a password holding an unencoded ``/``, ``?`` or
+    ``#`` fools URL parsers about which one; none after the last ``@`` can belong to it.
+    """
+    head, at, tail = database_url.rpartition("@")
+    if not at:
+        return database_url  # no user info, so no password
+    scheme = _SCHEME.match(head)
+    return f"{scheme.group() if scheme else ''}***@{tail}"
 
 
 def persistence_env(
-    database_url: str, *, lock_timeout_seconds: int, create_tables: bool
+    database_url: str | SecretStr, *, lock_timeout_seconds: int, create_tables: bool
 ) -> dict[str, str]:
     """The eventsourcing environment for ``memory:``, ``sqlite:///`` or ``postgresql://``."""
-    if database_url.startswith(("postgresql:", "postgres:")):
-        env = _postgres_env(database_url, lock_timeout_seconds)
+    url = _plain(database_url)
+    if url.startswith(("postgresql:", "postgres:")):
+        env = _postgres_env(url, lock_timeout_seconds)
     else:
         env = {
             "PERSISTENCE_MODULE": get_topic(KeyledgerSQLiteFactory),
-            "SQLITE_DBNAME": sqlite_db_name(database_url),
+            "SQLITE_DBNAME": sqlite_db_name(url),
             "SQLITE_LOCK_TIMEOUT": str(lock_timeout_seconds),
         }
     env["CREATE_TABLE"] = "y" if create_tables else "n"
     return env
 
 
-def sqlite_db_name(database_url: str) -> str:
+def sqlite_db_name(database_url: str | SecretStr) -> str:
     """The SQLite database name for a ``memory:`` or ``sqlite:///path`` URL."""
-    if database_url in ("memory:", "memory://", "sqlite:///:memory:"):
+    url = _plain(database_url)
+    if url in ("memory:", "memory://", "sqlite:///:memory:"):
         # A private shared-cache in-memory database: one per service, visible to its pool.
         return f"file:keyledger-{uuid4().hex}?mode=memory&cache=shared"
-    parts = urlsplit(database_url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path:
-        raise InvalidInput(
-            "unsupported database URL: use memory:, sqlite:///relative/path.db, "
-            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
-        )
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "Invalid IPv6 URL"
+        parts = None
+    if parts is None or parts.scheme != "sqlite" or parts.netloc or not parts.path:
+        raise InvalidInput(_UNSUPPORTED)
     path = Path(unquote(parts.path[1:]))
     if path.parent and not path.parent.exists():
-        raise InvalidInput(f"directory of the SQLite database does not exist: {path.parent}")
+        # An "@" suggests a mistyped server URL with a password in it: do not echo that.
+        where = "" if "@" in str(path.parent) else f": {path.parent}"
+        raise InvalidInput(f"directory of the SQLite database does not exist{where}")
     return str(path)
 
 
+_UNSUPPORTED = (
+    "unsupported database URL: use memory:, sqlite:///relative/path.db, "
+    "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
+)
+_MALFORMED_POSTGRES = (
+    "malformed PostgreSQL URL: expected postgresql://user:password@host:port/dbname with a "
+    "port from 0 to 65535; percent-encode any of / ? # @ : % [ ] in the user name and password"
+)
+
+
+def _plain(database_url: str | SecretStr) -> str:
+    url = database_url.get_secret_value() if isinstance(database_url, SecretStr) else database_url
+    if not isinstance(url, str):
+        raise InvalidInput(f"the database URL must be a str, not {type(url).__name__}")
+    return url
+
+
+@dataclass(frozen=True, repr=False)
+class _PostgresTarget:
+    """What a PostgreSQL URL names; no generated repr, as it holds the password."""
+
+    host: str | None
+    port: int | None
+    user: str | None
+    password: str | None
+    path: str
+    query: str
+
+
+def _postgres_parts(database_url: str) -> _PostgresTarget:
+    """The URL's parts; any doubt about where the user info ends is ``InvalidInput``.
+
+    No message here quotes the URL or any part of it: whatever a parser took for the host,
+    port or path may be the tail of a password.
+    """
+    try:
+        parts = urlsplit(database_url)
+        target = _PostgresTarget(
+            host=parts.hostname,
+            port=parts.port,  # raises for a non-numeric or out-of-range port
+            user=parts.username,
+            password=parts.password,
+            path=parts.path,
+            query=parts.query,
+        )
+    except ValueError:  # the port, or "Invalid IPv6 URL"
+        raise InvalidInput(_MALFORMED_POSTGRES) from None
+    # A "/", "?" or "#" in the password ends the netloc early and pushes the rest of the
+    # password, and its "@", into the path, query or fragment.
+    if "#" in database_url or "@" in parts.path + parts.query:
+        raise InvalidInput(_MALFORMED_POSTGRES)
+    return target
+
+
 def _postgres_env(database_url: str, lock_timeout_seconds: int) -> dict[str, str]:
-    parts = urlsplit(database_url)
+    parts = _postgres_parts(database_url)
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
-        raise InvalidInput(f"PostgreSQL URL names no database: {redact(database_url)}")
+        raise InvalidInput("PostgreSQL URL names no database (postgresql://.../dbname)")
     env = {
         "PERSISTENCE_MODULE": get_topic(KeyledgerPostgresFactory),
         "POSTGRES_DBNAME": dbname,
-        "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+        "POSTGRES_HOST": parts.host or "127.0.0.1",
         "POSTGRES_PORT": str(parts.port or 5432),
-        "POSTGRES_USER": unquote(parts.username or "postgres"),
+        "POSTGRES_USER": unquote(parts.user or "postgres"),
         "POSTGRES_LOCK_TIMEOUT": str(lock_timeout_seconds),
         "POSTGRES_POOL_SIZE": "5",
         "POSTGRES_MAX_OVERFLOW": "10",

@@ -41,7 +41,7 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from keyledger.domain.secret import Secret
-from keyledger.errors import StorageError
+from keyledger.errors import ShredIncomplete, StorageError
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -766,10 +766,23 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         """Rewrite the key-material table so deleted rows leave its pages.
 
         A plain VACUUM frees dead rows but leaves their bytes in the pages; VACUUM FULL
-        writes a new table file (the table is small: one row per key version).
+        writes a new table file (the table is small: one row per key version). A role
+        that does not own the table gets a mere notice ("skipping") from the server, so
+        the new file is checked for: ``ShredIncomplete`` when none was written.
         """
+        filenode = "SELECT pg_relation_filenode('kl_key_material')"
         with _translated(), self._connection() as conn:
+            before = conn.execute(filenode).fetchone()
             conn.execute("VACUUM FULL kl_key_material")
+            after = conn.execute(filenode).fetchone()
+            role = conn.info.user
+        if before == after:
+            raise ShredIncomplete(
+                "key material was deleted, but VACUUM FULL of kl_key_material was skipped "
+                f"(role {role!r} does not own the table): its bytes stay in the "
+                "table's pages until its owner runs `keyledger db shred` (see "
+                "docs/postgresql.md, roles)"
+            )
 
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append)."""

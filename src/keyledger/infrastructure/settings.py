@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +18,8 @@ class KeyledgerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KEYLEDGER_", frozen=True, extra="ignore")
 
-    database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
+    # A URL may hold a password: masked in reprs and dumps, read with get_secret_value().
+    database_url: SecretStr = Field(default=SecretStr(DEFAULT_DATABASE_URL), repr=False)
     master_key: SecretStr | None = None
     master_key_file: Path | None = None
     # The fallback name of teams migrating from the TypeScript package: used only when
@@ -45,6 +46,11 @@ class KeyledgerSettings(BaseSettings):
     # How long a batch of reads about to be written waits for reads on their way in the
     # same process (application/group_commit.py); 0: it never waits.
     group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        # SecretStr pickles its value in clear: the master key and the database password
+        # would be in the bytes. Settings are read where they are used, never shipped.
+        raise TypeError("keyledger settings hold secrets and cannot be pickled")
 
 
 def invalid_configuration(error: ValidationError) -> InvalidInput:

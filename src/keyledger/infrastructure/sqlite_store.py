@@ -10,6 +10,7 @@ costs one commit. Connections keep a real statement cache and ``synchronous=FULL
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -35,7 +36,7 @@ from eventsourcing.sqlite import (
 )
 from eventsourcing.utils import Environment
 
-from keyledger.errors import StorageError
+from keyledger.errors import ShredIncomplete, StorageError
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -47,6 +48,7 @@ from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
 from keyledger.projections.schema import schema_statements
 
 STATEMENT_CACHE_SIZE = 256
+SHRED_PATIENCE_SECONDS = 5.0  # how long a shred waits for readers of older snapshots
 T = TypeVar("T")
 
 
@@ -93,6 +95,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     """The library's datastore with keyledger's connection pool and per-thread writers."""
 
     def __init__(self, db_name: str, *, lock_timeout: int | None = None) -> None:
+        _create_private(db_name)
         self.pool = KeyledgerSQLiteConnectionPool(
             db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
         )
@@ -305,10 +308,25 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         return versions
 
     def shred(self) -> None:
-        # Deleted rows were overwritten in place (secure_delete); the WAL may still hold
-        # older copies of their pages until a checkpoint truncates it.
+        """Deleted rows were overwritten in place (secure_delete); the WAL may still hold
+        older copies of their pages until a checkpoint truncates it. A reader of an older
+        snapshot (another process's open transaction) keeps the checkpoint from finishing:
+        it is tried again for a while, then ``ShredIncomplete``."""
+        deadline = time.monotonic() + SHRED_PATIENCE_SECONDS
         with self._datastore.writer() as conn:
-            conn.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor = conn.cursor()
+            while True:
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                busy, _, _ = cursor.fetchone()
+                if not busy:
+                    return
+                if time.monotonic() >= deadline:
+                    raise ShredIncomplete(
+                        "key material was deleted, but the SQLite write-ahead log, which "
+                        "may still hold copies of it, could not be truncated: a reader "
+                        "kept an older snapshot open; run `keyledger db shred` again"
+                    )
+                time.sleep(0.05)
 
     @staticmethod
     def wait_for_events(seconds: float) -> None:
@@ -356,6 +374,19 @@ def _translate(error: BaseException) -> BaseException:
     if isinstance(error, sqlite3.Error):
         return StorageError(f"SQLite error: {error}")
     return error
+
+
+def _create_private(db_name: str) -> None:
+    """Create a new database file readable and writable by its owner only (0600, less
+    what the umask takes away); SQLite gives the WAL and shared-memory files it creates
+    beside it the same mode. An existing file, or a URI (a memory database), is left as
+    it is; a file that cannot be created is reported by SQLite when it opens it."""
+    if db_name.startswith("file:") or db_name == ":memory:":
+        return
+    try:
+        os.close(os.open(db_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # FileExistsError, or no such directory: SQLite says what is wrong
+        return
 
 
 class KeyledgerSQLiteFactory(SQLiteFactory):

@@ -1,0 +1,238 @@
+"""Key material that keyledger deletes leaves the database files (crypto-shredding).
+
+Deleting a row is not enough: PostgreSQL keeps its bytes in the table's pages until the
+table file is rewritten, and SQLite keeps copies of changed pages in its write-ahead log
+until a checkpoint truncates it. These tests look at the bytes themselves: the table's
+file read by the server (``pg_read_binary_file`` after a ``CHECKPOINT``), or every file in
+a SQLite database's directory. And where a shred cannot be done (a PostgreSQL role that
+does not own the table, a SQLite reader holding an old snapshot) the caller is told:
+``ShredIncomplete``, with the destruction itself in force.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+from conftest import POSTGRES_URL, RUN_ID, MakeService, own_schema
+from keyledger import DecryptionFailed, SecretService, ShredIncomplete, StorageError
+from keyledger.cli import main
+from keyledger.infrastructure import sqlite_store
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+
+def wrapped_material(service: SecretService, tenant_id: str) -> list[bytes]:
+    """The wrapped data keys of a tenant, as the store holds them."""
+    with service._ledger.reading() as cur:
+        cur.execute("SELECT wrapped FROM kl_key_material WHERE tenant_id = ?", (tenant_id,))
+        return [bytes(row[0]) for row in cur.fetchall()]
+
+
+def stored_bytes(service: SecretService) -> bytes:
+    """Every byte of the store where key material lives: on PostgreSQL the key-material
+    table's file as the server has it after a checkpoint; on SQLite every file in the
+    database's directory (the database, its WAL and shared-memory files)."""
+    env = service._ledger.env
+    schema = env.get("POSTGRES_SCHEMA")
+    if schema:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+            table = sql.Identifier(schema, "kl_key_material").as_string(conn)
+            path = conn.execute("SELECT pg_relation_filepath(%s::regclass)", (table,)).fetchone()
+            assert path is not None
+            data = conn.execute("SELECT pg_read_binary_file(%s)", (path[0],)).fetchone()
+            assert data is not None
+            return bytes(data[0])
+    directory = Path(str(env.get("SQLITE_DBNAME"))).parent
+    return b"".join(p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def on_disk(request: pytest.FixtureRequest) -> str:
+    """The stores whose files the tests can read (memory has none)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def backend(on_disk: str, request: pytest.FixtureRequest) -> str:
+    """Overrides conftest's ``backend``: only the stores with files."""
+    if on_disk == "postgres":
+        request.getfixturevalue("_postgres_server")
+    return on_disk
+
+
+def test_a_rewrap_leaves_no_copy_wrapped_by_the_old_master_key(
+    make_service: MakeService, master_key: str
+) -> None:
+    first = make_service()
+    for i in range(3):
+        first.store_for_tenant("acme", f"s{i}", f"value-{i}")
+    first.rotate_key_for_tenant("acme")
+    first.store_for_tenant("acme", "late", "late-value")
+    old_copies = wrapped_material(first, "acme")
+    assert len(old_copies) == 2
+    assert all(blob in stored_bytes(first) for blob in old_copies)  # the scan finds them
+    first.close()
+    new_key = secrets.token_hex(32)
+    second = make_service(
+        master_key=new_key, settings=KeyledgerSettings(previous_master_keys=master_key)
+    )
+
+    result = second.rewrap_master_key()
+
+    assert result.rewrapped == 2
+    new_copies = wrapped_material(second, "acme")
+    files = stored_bytes(second)
+    assert all(blob in files for blob in new_copies)
+    assert [blob for blob in old_copies if blob in files] == []
+    assert second.retrieve_for_tenant("acme", "s0").value == "value-0"
+
+
+def test_erasure_leaves_no_copy_of_the_tenants_keys_in_the_store(
+    service: SecretService,
+) -> None:
+    service.store_for_tenant("doomed", "s", "v")
+    service.rotate_key_for_tenant("doomed")
+    service.store_for_tenant("doomed", "s", "v2")
+    service.store_for_tenant("kept", "s", "v")
+    doomed, kept = wrapped_material(service, "doomed"), wrapped_material(service, "kept")
+
+    service.erase_tenant("doomed", confirm=True)
+
+    files = stored_bytes(service)
+    assert [blob for blob in doomed if blob in files] == []
+    assert all(blob in files for blob in kept)
+
+
+@pytest.mark.parametrize("on_disk", ["sqlite"], indirect=True)
+def test_a_reader_holding_an_old_sqlite_snapshot_makes_the_shred_incomplete(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, master_key: str
+) -> None:
+    """Until ``keyledger db shred`` runs once the reader has gone."""
+    monkeypatch.setattr(sqlite_store, "SHRED_PATIENCE_SECONDS", 0.2)
+    service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=1))
+    service.store_for_tenant("doomed", "s", "v")
+    service.store_for_tenant("kept", "s", "v")
+    doomed = wrapped_material(service, "doomed")
+    database = str(service._ledger.env.get("SQLITE_DBNAME"))
+    reader = sqlite3.connect(database)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()  # an old snapshot
+
+    with pytest.raises(ShredIncomplete, match="write-ahead log"):
+        service.erase_tenant("doomed", confirm=True)
+
+    with pytest.raises(DecryptionFailed):  # the destruction is in force all the same
+        service.retrieve_for_tenant("doomed", "s")
+    cli = CliRunner()
+    env = {
+        "KEYLEDGER_DATABASE_URL": f"sqlite:///{database}",
+        "KEYLEDGER_MASTER_KEY": master_key,
+        "KEYLEDGER_LOCK_TIMEOUT_SECONDS": "1",
+    }
+    busy = cli.invoke(main, ["db", "shred"], env=env)
+    assert busy.exit_code == 1
+    assert busy.stderr.startswith("Error: key material was deleted, but the SQLite write-ahead")
+    assert [blob for blob in doomed if blob in stored_bytes(service)] != []  # still in the WAL
+    reader.rollback()
+    reader.close()
+
+    done = cli.invoke(main, ["db", "shred"], env=env)
+
+    assert done.exit_code == 0, done.stderr
+    assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+
+
+# -- PostgreSQL roles (docs/postgresql.md) ------------------------------------------------
+
+
+def _as_role(url: str, role: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{role}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.fixture
+def app_role(_postgres_server: None) -> Iterator[str]:
+    """A login role for the application, dropped (with what it owns) afterwards."""
+    role = f"kl_app_{RUN_ID}_{secrets.token_hex(3)}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    yield role
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _grant_documented_privileges(schema: str, role: str, *, own_key_material: bool) -> None:
+    """The grants of docs/postgresql.md, made by the schema's owner (here the superuser)."""
+    ident, who = sql.Identifier(schema), sql.Identifier(role)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(ident))
+        for statement in (
+            "GRANT USAGE ON SCHEMA {s} TO {r}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
+            "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO {r}",
+            # tables the owner makes later (a rebuild's) come with the same grants
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} "
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+        ):
+            conn.execute(sql.SQL(statement).format(s=ident, r=who))
+        if own_key_material:
+            conn.execute(sql.SQL("ALTER TABLE {}.kl_key_material OWNER TO {}").format(ident, who))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("own_key_material", [False, True], ids=["grants-only", "owns-material"])
+def test_an_application_role_shreds_only_if_it_owns_the_key_material_table(
+    app_role: str, master_key: str, own_key_material: bool
+) -> None:
+    with own_schema("roles") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        owner = SecretService.create(url, master_key=master_key)  # creates the schema
+        owner.close()
+        _grant_documented_privileges(schema, app_role, own_key_material=own_key_material)
+        app = SecretService.create(
+            _as_role(url, app_role),
+            master_key=master_key,
+            settings=KeyledgerSettings(create_tables=False),
+        )
+        try:
+            app.store_for_tenant("doomed", "s", "v")
+            app.store_for_tenant("kept", "s", "v")
+            doomed = wrapped_material(app, "doomed")
+
+            if own_key_material:
+                assert app.erase_tenant("doomed", confirm=True) == [1]
+                assert [blob for blob in doomed if blob in stored_bytes(app)] == []
+            else:
+                with pytest.raises(ShredIncomplete, match="does not own"):
+                    app.erase_tenant("doomed", confirm=True)
+                with pytest.raises(DecryptionFailed):  # destroyed all the same
+                    app.retrieve_for_tenant("doomed", "s")
+                assert wrapped_material(app, "doomed") == []
+                assert all(blob in stored_bytes(app) for blob in doomed)  # still in the pages
+            assert app.retrieve_for_tenant("kept", "s").value == "v"
+            # A rebuild makes and swaps tables: the owner's job, not the application's.
+            with pytest.raises(StorageError, match="permission denied"):
+                app.rebuild_read_models()
+            owner = SecretService.create(url, master_key=master_key)
+            try:
+                owner.rebuild_read_models()
+            finally:
+                owner.close()
+            assert [info.name for info in app.list_for_tenant("kept")] == ["s"]
+            assert app.retrieve_for_tenant("kept", "s").access_count == 2  # counts kept
+            app.store_for_tenant("kept", "t", "w")  # the rebuilt tables take writes too
+        finally:
+            app.close()

@@ -1,0 +1,253 @@
+"""SQLite durability and fail-closed behaviour, on a file opened the normal way.
+
+The README promises that a store or read that returned survives a power cut (WAL journal,
+``synchronous=FULL``: the WAL is fsynced at every commit), and that a store that cannot
+take the write lock fails with ``StorageError`` instead of returning a value it did not
+record. A power cut cannot be simulated here; what is checked is the configuration that
+provides it (on the connection every thread writes with) and that a commit is done before
+a call returns (a process killed right after its call lost nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyledger import SecretService, StorageError, super_admin, tenant
+from keyledger.infrastructure.settings import KeyledgerSettings
+from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
+
+TENANT = "tenant-durable"
+FULL = 2  # PRAGMA synchronous: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
+LOCK_TIMEOUT = 1  # seconds (KEYLEDGER_LOCK_TIMEOUT_SECONDS takes whole seconds, at least 1)
+BLOCKED_LIMIT = 10.0  # a generous bound on how long a call blocked by the lock may take
+
+
+@pytest.fixture
+def db_file(tmp_path: Path) -> Path:
+    return tmp_path / "k.db"
+
+
+@pytest.fixture
+def sqlite_service(db_file: Path, master_key: str) -> Iterator[SecretService]:
+    """A service on a SQLite file, created the way users create one."""
+    with SecretService.create(f"sqlite:///{db_file}", master_key=master_key) as opened:
+        yield opened
+
+
+def _datastore(service: SecretService) -> KeyledgerSQLiteDatastore:
+    datastore = service._ledger.store._datastore  # type: ignore[attr-defined]
+    assert isinstance(datastore, KeyledgerSQLiteDatastore)
+    return datastore
+
+
+def _used_writer_settings(service: SecretService) -> tuple[int, str]:
+    """(synchronous, journal_mode) of the writer connection this thread's last write used.
+
+    The writer must already exist (``thread_writer()`` would otherwise create one here, and
+    the test would check a connection no write went through)."""
+    writer = getattr(_datastore(service)._writers, "conn", None)
+    assert writer is not None, "this thread's write did not go through its thread writer"
+    assert writer is _datastore(service).thread_writer()
+    [synchronous] = writer.raw.execute("PRAGMA synchronous").fetchone()
+    [journal_mode] = writer.raw.execute("PRAGMA journal_mode").fetchone()
+    return synchronous, str(journal_mode).lower()
+
+
+def test_the_connection_every_thread_writes_with_is_in_wal_mode_and_fsyncs_every_commit(
+    sqlite_service: SecretService,
+) -> None:
+    service = sqlite_service
+    with tenant(TENANT):
+        service.store("main-thread", "v")
+        assert service.retrieve("main-thread").value == "v"
+    assert _used_writer_settings(service) == (FULL, "wal")
+
+    seen: dict[str, Any] = {}
+
+    def other_thread() -> None:
+        try:
+            with tenant(TENANT):
+                service.store("other-thread", "w")
+                assert service.retrieve("other-thread").value == "w"
+            seen["writer"] = _datastore(service)._writers.conn
+            seen["settings"] = _used_writer_settings(service)
+        except BaseException as error:  # reported by the test's thread below
+            seen["error"] = error
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert "error" not in seen, repr(seen.get("error"))
+    assert seen["writer"] is not _datastore(service).thread_writer()  # its own connection
+    assert seen["settings"] == (FULL, "wal")
+
+
+# A child that stores values and SIGKILLs itself the moment its last store returns.
+KILLED_AFTER_STORE = r"""
+import json, os, signal, sys
+
+from keyledger import SecretService, tenant
+
+args = json.loads(sys.argv[1])
+service = SecretService.create(args["url"], master_key=args["amk"])
+with tenant(args["tenant"]):
+    for name, value in args["values"].items():
+        service.store(name, value)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_has_committed_when_it_returns_even_if_the_process_is_killed_at_once(
+    db_file: Path, master_key: str
+) -> None:
+    """A process SIGKILLed right after ``store()`` returned (no close, no checkpoint, no
+    exit handlers) lost nothing: the store was committed before it returned. This tests
+    commit-before-return only; surviving a power cut (fsync) is the PRAGMA test's part."""
+    url = f"sqlite:///{db_file}"
+    with SecretService.create(url, master_key=master_key), tenant(TENANT):
+        pass  # the file and its tables exist before the child starts
+    values = {f"name-{i}": f"value-{i}" for i in range(3)}
+    payload = {"url": url, "amk": master_key, "tenant": TENANT, "values": values}
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_STORE, json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+
+    with SecretService.create(url, master_key=master_key) as service, tenant(TENANT):
+        for name, value in values.items():
+            secret = service.retrieve(name)
+            assert (secret.value, secret.version) == (value, 1), name
+        writes = service.get_audit_logs(action="create", result="success")
+        assert sorted(str(entry.secret_name) for entry in writes) == sorted(values)
+
+
+# -- fail closed: the write lock held by another connection -----------------------------------
+
+
+def _raw_counts(db_file: Path) -> tuple[int, int, int]:
+    """(newest event position, event count, key material rows), read around keyledger."""
+    conn = sqlite3.connect(db_file, timeout=30)
+    try:
+        row = conn.execute(
+            "SELECT (SELECT coalesce(max(rowid), 0) FROM stored_events), "
+            "(SELECT count(*) FROM stored_events), (SELECT count(*) FROM kl_key_material)"
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _run_with_limit(call: Callable[[], Any], limit: float) -> tuple[Any, BaseException | None]:
+    """(what ``call`` returned, what it raised), failing the test if it takes ``limit`` s."""
+    outcome: dict[str, Any] = {"value": None, "error": None}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"still blocked after {limit} s"
+    return outcome["value"], outcome["error"]
+
+
+@pytest.mark.parametrize("fresh_service", [False, True], ids=["cached", "new-service"])
+def test_a_retrieve_that_cannot_record_its_read_fails_closed_and_writes_nothing(
+    db_file: Path, master_key: str, fresh_service: bool
+) -> None:
+    url = f"sqlite:///{db_file}"
+    settings = KeyledgerSettings(lock_timeout_seconds=LOCK_TIMEOUT)
+    with SecretService.create(url, master_key=master_key, settings=settings) as writer:
+        writer.store_for_tenant(TENANT, "token", "the-value", user_id="alice")
+        assert writer.retrieve_for_tenant(TENANT, "token").access_count == 1
+    service = SecretService.create(url, master_key=master_key, settings=settings)
+    try:
+        if not fresh_service:  # the secret and its keyring are cached: no read before the write
+            assert service.retrieve_for_tenant(TENANT, "token").access_count == 2
+        with super_admin():
+            audit = service.get_audit_logs(limit=1_000_000)
+        [info] = service.list_for_tenant(TENANT)
+        raw = _raw_counts(db_file)
+
+        holder = sqlite3.connect(db_file, isolation_level=None, timeout=30)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the write lock, until the rollback below
+            started = time.monotonic()
+            value, error = _run_with_limit(
+                lambda: service.retrieve_for_tenant(TENANT, "token", user_id="bob"),
+                BLOCKED_LIMIT,
+            )
+            seconds = time.monotonic() - started
+        finally:
+            holder.rollback()
+            holder.close()
+
+        assert value is None, "a retrieve whose read was not recorded returned the secret"
+        assert isinstance(error, StorageError), repr(error)
+        assert seconds < BLOCKED_LIMIT
+        assert "the-value" not in str(error)
+        # Lock released: nothing of the failed retrieve was written, not even a failure entry.
+        assert _raw_counts(db_file) == raw
+        assert service.list_for_tenant(TENANT) == [info]
+        with super_admin():
+            assert service.get_audit_logs(limit=1_000_000) == audit
+            assert service.get_audit_logs(user_id="bob") == []
+        # And the service works again at once.
+        secret = service.retrieve_for_tenant(TENANT, "token", user_id="bob")
+        assert (secret.value, secret.access_count) == ("the-value", info.access_count + 1)
+    finally:
+        service.close()
+
+
+def test_a_store_blocked_by_the_write_lock_fails_with_storage_error_and_writes_nothing(
+    db_file: Path, master_key: str
+) -> None:
+    url = f"sqlite:///{db_file}"
+    settings = KeyledgerSettings(lock_timeout_seconds=LOCK_TIMEOUT)
+    with SecretService.create(url, master_key=master_key, settings=settings) as service:
+        service.store_for_tenant(TENANT, "token", "first")
+        with super_admin():
+            audit = service.get_audit_logs(limit=1_000_000)
+        raw = _raw_counts(db_file)
+
+        holder = sqlite3.connect(db_file, isolation_level=None, timeout=30)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            outcomes = [
+                _run_with_limit(lambda: service.store_for_tenant(TENANT, "token", "2"), 10),
+                _run_with_limit(lambda: service.store_for_tenant(TENANT, "new", "v"), 10),
+                _run_with_limit(lambda: service.rotate_key_for_tenant(TENANT), 10),
+            ]
+        finally:
+            holder.rollback()
+            holder.close()
+
+        for value, error in outcomes:
+            assert value is None
+            assert isinstance(error, StorageError), repr(error)
+        assert _raw_counts(db_file) == raw
+        with super_admin():
+            assert service.get_audit_logs(limit=1_000_000) == audit
+        assert [key.version for key in service.list_keys(TENANT)] == [1]
+        secret = service.retrieve_for_tenant(TENANT, "token")
+        assert (secret.value, secret.version) == ("first", 1)
+        assert [info.name for info in service.list_for_tenant(TENANT)] == ["token"]
