@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -21,8 +26,10 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from conftest import POSTGRES_URL
+from keyledger import SecretService
 from keyledger.cli import main
 from keyledger.cli.projections import READ_MODELS, stop_on_signals
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 MASTER_KEY = "6a0c1e2f3b4d5a69" * 4
 TABLES = [
@@ -387,3 +394,214 @@ def test_rebuild_of_an_unknown_read_model_is_a_usage_error(url: str) -> None:
     assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
     assert "'secrets' is not one of 'catalog', 'audit', 'keys'" in result.stderr
     assert result.stdout == ""
+
+
+# -- the worker follows by LISTEN/NOTIFY; it exits when the database goes away -------------
+
+LONG_IDLE = 30.0  # --idle-seconds far beyond every wait below: polling cannot pass for NOTIFY
+NOTIFIED_WITHIN = 5.0  # a notified worker applies a write well within this
+
+
+@contextmanager
+def worker_process(url: str, app_name: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A ``keyledger projections run --no-seal`` process on the test's schema, its
+    connections named ``app_name``; killed if it is still running when the block ends."""
+    worker = subprocess.Popen(
+        [str(SCRIPT), "projections", "run", "--no-seal", *args],
+        env=script_env(url) | {"PGAPPNAME": app_name},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield worker
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.communicate()
+
+
+def backends(app_name: str) -> list[tuple[int, str, str]]:
+    """(pid, state, last statement) of every server connection named ``app_name``."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT pid, state, query FROM pg_stat_activity "
+            "WHERE application_name = %s AND pid <> pg_backend_pid()",
+            (app_name,),
+        ).fetchall()
+    return [(int(pid), str(state), str(query)) for pid, state, query in rows]
+
+
+def listening(app_name: str) -> bool:
+    """Whether a connection named ``app_name`` has run LISTEN and waits (for a NOTIFY)."""
+    return any(
+        state == "idle" and query.startswith("LISTEN") for _, state, query in backends(app_name)
+    )
+
+
+def wait_until_listening(
+    worker: subprocess.Popen[str], app_name: str, service: SecretService
+) -> None:
+    """Wait until the worker has caught up (lag 0) and waits in LISTEN."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline and worker.poll() is None:
+        position, head = service.read_model_status()["audit"]
+        if position == head and listening(app_name):
+            return
+        time.sleep(0.05)
+    assert worker.poll() is None, ("the worker exited on its own", worker.communicate())
+    pytest.fail(f"the worker never sat idle in LISTEN: {backends(app_name)}")
+
+
+def audit_lag(service: SecretService) -> int:
+    position, head = service.read_model_status()["audit"]
+    return head - position
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_an_idle_worker_applies_a_write_at_once_woken_by_its_notify_not_by_polling(
+    url: str, schema: str
+) -> None:
+    """docs/postgresql.md: the worker LISTENs and wakes on each write's NOTIFY; the idle
+    interval only bounds a notification missed between a catch-up and the next LISTEN.
+    With --idle-seconds 30, a write must still be applied within seconds."""
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")  # create_key and create: 2 events behind
+    app_name = f"kl-worker-{schema}"
+    with (
+        SecretService.create(
+            url, master_key=MASTER_KEY, settings=KeyledgerSettings(create_tables=False)
+        ) as service,
+        worker_process(url, app_name, "--idle-seconds", str(LONG_IDLE)) as worker,
+    ):
+        wait_until_listening(worker, app_name, service)
+
+        written = time.monotonic()
+        assert service.retrieve_for_tenant("acme", "a").value == "v"  # a read event: a write
+        while audit_lag(service) and time.monotonic() - written < LONG_IDLE / 2:
+            time.sleep(0.02)
+        took = time.monotonic() - written
+        assert audit_lag(service) == 0, "the worker did not apply the write"
+        assert took < NOTIFIED_WITHIN, f"applied after {took:.1f} s: polled, not notified"
+        assert worker.poll() is None, ("the worker exited on its own", worker.communicate())
+
+        # A stop request is honoured when the worker wakes: a write's NOTIFY wakes it.
+        worker.send_signal(signal.SIGTERM)
+        for attempt in range(10):
+            service.store_for_tenant("acme", "wake", str(attempt))
+            try:
+                stdout, stderr = worker.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            pytest.fail("the worker did not stop on SIGTERM")
+    assert worker.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert lines[0].startswith("Following the event stream"), stderr
+    # The worker itself applied the read, in a batch of its own.
+    assert lines[1:3] == ["Applied 2 events (2 since start).", "Applied 1 events (3 since start)."]
+    assert lines[-1] == "Stopped.", stderr
+    applied = sum(int(line.split()[1]) for line in lines if line.startswith("Applied "))
+    assert stdout == f"Applied {applied} events.\n"
+    assert "Traceback" not in stderr
+
+
+class Proxy:
+    """A TCP relay to the test server on a free local port: ``url`` reaches the database
+    through it until ``cut()``, which drops every connection and refuses new ones, as a
+    database host that goes away does."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._server = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        self.url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._server, timeout=5)
+            except OSError:
+                return  # cut
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for end in self._sockets:
+                with suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["terminated", "unreachable"])
+def test_a_worker_whose_database_goes_away_exits_1_with_one_error_line(
+    url: str, schema: str, how: str
+) -> None:
+    """docs/postgresql.md: the worker "exits 1 with one `Error:` line if the database goes
+    away", for the service manager to restart it. ``terminated``: the server ends the
+    worker's connections (pg_terminate_backend) while it waits in LISTEN. ``unreachable``:
+    the worker reaches the server through a relay that is cut, whatever it is doing then,
+    and nothing answers a reconnect."""
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")
+    app_name = f"kl-worker-{schema}"
+    proxy = Proxy(url)
+    idle = LONG_IDLE if how == "terminated" else 0.1
+    try:
+        with (
+            SecretService.create(
+                url, master_key=MASTER_KEY, settings=KeyledgerSettings(create_tables=False)
+            ) as service,
+            worker_process(proxy.url, app_name, "--idle-seconds", str(idle)) as worker,
+        ):
+            wait_until_listening(worker, app_name, service)
+            if how == "terminated":
+                with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
+                    row = admin.execute(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                        "FROM pg_stat_activity WHERE application_name = %s",
+                        (app_name,),
+                    ).fetchone()
+                assert row is not None
+                assert row[0] >= 1
+            else:
+                proxy.cut()
+            try:
+                stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the worker carries on without its database: {backends(app_name)}")
+    finally:
+        proxy.cut()
+    assert worker.returncode == 1, stderr
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert lines[0].startswith("Following the event stream"), stderr
+    assert lines[-1].startswith("Error: "), stderr
+    assert [line for line in lines if "Error" in line] == [lines[-1]], stderr
+    assert all(line.startswith(("Following ", "Applied ")) for line in lines[:-1]), stderr

@@ -1,0 +1,122 @@
+"""KEYLEDGER_KEY_CACHE_SECONDS with a positive value, on the stores two services can share.
+
+What it promises (README, Configuration; docs/architecture.md): "how long an unwrapped data
+key stays in memory (0: never cached)", per (tenant, version, key fingerprint); and "a key
+version's status is read from the keyring on every use, so a key that stops being usable is
+refused at once". So a change another service makes to a key's *material* (a master-key
+rewrap) reaches a service only when its cached key expires, while a change of a key's
+*status* (a compromise) reaches it at once, cache or not.
+
+The cache's clock is replaced by one the test moves, so expiry is exact, not a race.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import BACKENDS
+from keyledger import DecryptionFailed, SecretService
+from keyledger.infrastructure.crypto import MasterKey
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+MakeService = Callable[..., SecretService]
+SHARED = [param for param in BACKENDS if param.id != "memory"]  # memory: no second service
+TTL = 1.0  # KEYLEDGER_KEY_CACHE_SECONDS under test
+
+
+class Clock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controlled_clock(service: SecretService, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Make ``service``'s data-key cache tell time by a clock the test moves."""
+    clock = Clock()
+    monkeypatch.setattr(service._ledger._data_keys, "_clock", clock)
+    return clock
+
+
+@pytest.fixture
+def new_key() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+def test_a_rewrap_by_another_service_reaches_a_cached_key_when_it_expires_not_before(
+    make_service: MakeService,
+    master_key: str,
+    new_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_KEY_CACHE_SECONDS", str(TTL))
+    cached = make_service()  # settings from the environment, as an application has them
+    assert cached._settings.key_cache_seconds == TTL
+    clock = controlled_clock(cached, monkeypatch)
+    cached.store_for_tenant("acme", "s", "value")  # its new data key goes into the cache
+    assert cached.retrieve_for_tenant("acme", "s").value == "value"
+
+    # Another service moves the master key on: the material is now wrapped by a master
+    # key the first service does not have.
+    rotated = make_service(
+        master_key=new_key, settings=KeyledgerSettings(previous_master_keys=master_key)
+    )
+    assert rotated.rewrap_master_key().rewrapped == 1
+    with pytest.raises(DecryptionFailed, match=MasterKey(bytes.fromhex(new_key)).amk_id):
+        make_service().retrieve_for_tenant("acme", "s")  # uncached: it sees the change
+
+    clock.now += TTL * 0.9  # the key is still in memory: the change is not seen yet
+    assert cached.retrieve_for_tenant("acme", "s").value == "value"
+
+    clock.now += TTL * 0.1  # expired: unwrapping again meets the new master key
+    with pytest.raises(DecryptionFailed, match=MasterKey(bytes.fromhex(new_key)).amk_id):
+        cached.retrieve_for_tenant("acme", "s")
+    assert rotated.retrieve_for_tenant("acme", "s").value == "value"
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+def test_a_key_compromised_by_another_service_is_refused_at_once_despite_the_cache(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_KEY_CACHE_SECONDS", str(TTL))
+    cached = make_service()
+    clock = controlled_clock(cached, monkeypatch)
+    cached.store_for_tenant("acme", "s", "value")
+    assert cached.retrieve_for_tenant("acme", "s").value == "value"  # key and keyring cached
+
+    other = make_service()
+    other.compromise_key_for_tenant("acme", 1, "leaked")
+
+    clock.now += TTL * 0.1  # well within the cache's lifetime
+    with pytest.raises(DecryptionFailed, match="compromised"):
+        cached.retrieve_for_tenant("acme", "s")
+    # A store goes to the replacement version, which the first service learns of as well.
+    assert cached.store_for_tenant("acme", "t", "new").key_version == 2
+    assert other.retrieve_for_tenant("acme", "t").value == "new"
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+def test_a_cached_key_expires_by_the_wall_clock_too(
+    make_service: MakeService, master_key: str, new_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same expiry on the cache's own clock: sleep just past it (only the side that
+    cannot race is checked: after the expiry the change must be seen)."""
+    monkeypatch.setenv("KEYLEDGER_KEY_CACHE_SECONDS", "0.5")
+    cached = make_service()
+    cached.store_for_tenant("acme", "s", "value")
+    cached_at = time.monotonic()
+    rotated = make_service(
+        master_key=new_key, settings=KeyledgerSettings(previous_master_keys=master_key)
+    )
+    assert rotated.rewrap_master_key().rewrapped == 1
+    time.sleep(max(0.0, cached_at + 0.6 - time.monotonic()))
+    with pytest.raises(DecryptionFailed, match=MasterKey(bytes.fromhex(new_key)).amk_id):
+        cached.retrieve_for_tenant("acme", "s")
