@@ -518,21 +518,35 @@ class Proxy:
         self._server = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self._listener = socket.create_server(("127.0.0.1", 0))
         port = self._listener.getsockname()[1]
-        self.url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+        user = parts.netloc.rpartition("@")[0]  # the user and password, if any
+        netloc = f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
+        self.url = urlunsplit(parts._replace(netloc=netloc))
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._cut = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while True:
             try:
                 client, _ = self._listener.accept()
-                server = socket.create_connection(self._server, timeout=5)
             except OSError:
                 return  # cut
+            with self._lock:
+                if self._cut:
+                    client.close()
+                    return
+                self._sockets.append(client)
+            try:
+                server = socket.create_connection(self._server, timeout=5)
+            except OSError:
+                client.close()
+                continue
             server.settimeout(None)
             with self._lock:
-                self._sockets += [client, server]
+                self._sockets.append(server)
+                if self._cut:
+                    return  # cut() closes both
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
@@ -548,9 +562,11 @@ class Proxy:
                 end.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        self._listener.close()
         with self._lock:
-            for end in self._sockets:
+            self._cut = True
+            # shutdown() first: a close() alone leaves a socket that a thread blocked in
+            # accept() still holds listening.
+            for end in [self._listener, *self._sockets]:
                 with suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
                 end.close()
