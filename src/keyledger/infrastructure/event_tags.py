@@ -27,6 +27,7 @@ from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey
 
 TAG_BYTES = 16
 MAGIC = b"\xffKLT"
+_class_versions: dict[type, int] = {}  # an event class's class_version (1: none)
 TRAILER_BYTES = TAG_BYTES + KEY_ID_BYTES + len(MAGIC)
 _LABEL = b"keyledger:event:v1\x00"
 
@@ -80,7 +81,9 @@ class TaggingMapper(Mapper[Any]):
         event_state = dict(vars(domain_event))
         originator_id = event_state.pop("originator_id")
         originator_version = event_state.pop("originator_version")
-        class_version = getattr(cls, "class_version", 1)
+        class_version = _class_versions.get(cls)
+        if class_version is None:  # once per class: a miss on a class raises inside getattr
+            class_version = _class_versions[cls] = getattr(cls, "class_version", 1)
         if class_version > 1:
             event_state["class_version"] = class_version
         state = self.transcoder.encode(event_state)
