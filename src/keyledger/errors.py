@@ -67,11 +67,13 @@ class StorageError(KeyledgerError):
     """The store failed (locked too long, disk, connection); nothing was half written."""
 
 
-class ShredIncomplete(StorageError):
-    """Key material was deleted, and its destruction is recorded and in force, but the
-    store could not rewrite the pages that held it: the deleted bytes may stay in the
-    database files until the store is shredded (``keyledger db shred``) by a role that
-    may (PostgreSQL: the owner of ``kl_key_material``)."""
+class ShredIncomplete(KeyledgerError):
+    """The operation completed (its destruction, erasure or rewrap is recorded and in
+    force), but the store could not yet rewrite the pages that held the deleted or
+    replaced key material: those bytes may stay in the database files until the store
+    is shredded (``keyledger db shred``), once no reader holds an older snapshot, and on
+    PostgreSQL by the owner of ``kl_key_material``. Not a ``StorageError``: something
+    *was* written."""
 
 
 __all__ = [

@@ -126,8 +126,10 @@ def test_an_update_gets_a_new_version() -> None:
         (("sk_live_ARGV",), "takes no value on the command line"),
         (("--", "sk_live_ARGV"), "takes no value on the command line"),
         (("sk_live_ARGV", "--category", "c"), "takes no value on the command line"),
-        (("--value", "sk_live_ARGV"), "No such option"),
-        (("--value=sk_live_ARGV",), "No such option"),
+        (("--value", "sk_live_ARGV"), "takes no value on the command line"),
+        (("--value=sk_live_ARGV",), "takes no value on the command line"),
+        (("--sk_live_ARGV",), "takes no value on the command line"),
+        (("-sk_live_ARGV",), "takes no value on the command line"),
     ],
 )
 def test_a_value_is_never_taken_from_the_command_line_nor_repeated(

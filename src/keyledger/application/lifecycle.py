@@ -112,7 +112,7 @@ class KeyLifecycle:
         destroyed = sum(o.outcome == "destroyed" for o in outcomes)
         if destroyed:
             self.ledger.forget_data_keys()
-            self.ledger.shred()
+            self.ledger.shred()  # ShredIncomplete names `keyledger db shred` to finish it
         return CleanupResult(destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes)
 
     def _destroy_retired(
@@ -166,9 +166,15 @@ class KeyLifecycle:
     # -- master-key rewrap --------------------------------------------------------------
 
     def rewrap(
-        self, actor: Actor, progress: Progress | None = None, tenant_id: str | None = None
+        self,
+        actor: Actor,
+        progress: Progress | None = None,
+        tenant_id: str | None = None,
+        *,
+        shred: bool = True,
     ) -> RewrapResult:
-        """Wrap every usable key version under the current AMK; resumable, values untouched."""
+        """Wrap every usable key version under the current AMK; resumable, values untouched.
+        Then shred the store (``shred=False``: the caller does, as a drift repair)."""
         who = actor_dict(actor)
         amk = self.ledger.current_master_key()
         rows_by_tenant: dict[str, list[KeyMaterialRow]] = {}
@@ -182,7 +188,7 @@ class KeyLifecycle:
             failures += failed
             if progress:
                 progress(len(rows))
-        if rewrapped:  # the copies wrapped by the old master key leave the files too
+        if shred and rewrapped:  # the copies wrapped by the old master key leave the files
             self.ledger.shred()
         return RewrapResult(
             amk_id=amk.amk_id,

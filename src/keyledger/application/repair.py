@@ -87,7 +87,9 @@ def repair(
             **result,
         )
     _record(ledger, tenant_id, before, secrets, versions, actor)
-    _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
+    removed = _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
+    if versions or removed:  # once, after every step: an incomplete shred stops none of them
+        ledger.shred()
     return RepairResult(
         dry_run=False,
         remaining_issues=diagnose(ledger, tenant_id).issues,
@@ -130,8 +132,7 @@ def _record(
 
     ledger.retrying(attempt)
     if versions:
-        ledger.forget_data_keys()
-        ledger.shred()
+        ledger.forget_data_keys()  # the store is shredded at the end of the repair
 
 
 def _fix_without_deleting(
@@ -141,10 +142,12 @@ def _fix_without_deleting(
     tenant_id: str,
     issues: list[DriftIssue],
     actor: Actor,
-) -> None:
+) -> bool:
+    """The repairs that delete no data; whether key material was removed or replaced."""
+    removed = False
     codes = {issue.code for issue in issues}
     if "active_tenant_encryption_key_amk_mismatch" in codes:
-        lifecycle.rewrap(actor, tenant_id=tenant_id)
+        removed = lifecycle.rewrap(actor, tenant_id=tenant_id, shred=False).rewrapped > 0
     stray = [
         (tenant_id, issue.key_version, issue.details.get("key_id"))
         for issue in issues
@@ -152,8 +155,9 @@ def _fix_without_deleting(
     ]
     if stray:
         ledger.delete_key_material(stray)
-        ledger.shred()
+        removed = True
     if "secret_on_retired_key" in codes:
         reencrypt(tenant_id, actor)
     if "projection_behind" in codes:
         catch_up_audit(ledger)
+    return removed

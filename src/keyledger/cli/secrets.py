@@ -55,9 +55,12 @@ def read_value(binary: bool) -> str | bytes:
     return decoded
 
 
-# Words after NAME are taken, not refused by click (whose message would repeat them: a
-# value typed there would land in CI logs too), and refused below without repeating them.
-@secrets_group.command("put", context_settings={"allow_extra_args": True})
+# Words after NAME, and unknown options, are taken rather than refused by click (whose
+# message would repeat them: a value typed there would land in CI logs too), and refused
+# below without repeating them.
+@secrets_group.command(
+    "put", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 @tenant_argument
 @name_argument
 @click.option("--category", help="Category (kept from the previous version when left out).")
@@ -96,8 +99,9 @@ def put(
     """
     if click.get_current_context().args:
         raise click.UsageError(
-            "secrets put takes no value on the command line (what was given there is not "
-            "repeated here): pipe the value to stdin, or answer the hidden prompt"
+            "secrets put takes no value on the command line, and no option but those of "
+            "--help (what was given is not repeated here): pipe the value to stdin, or "
+            "answer the hidden prompt"
         )
     if expires_at is not None and clear_expiry:
         raise click.UsageError("give --expires-at or --clear-expiry, not both")

@@ -766,22 +766,43 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         """Rewrite the key-material table so deleted rows leave its pages.
 
         A plain VACUUM frees dead rows but leaves their bytes in the pages; VACUUM FULL
-        writes a new table file (the table is small: one row per key version). A role
-        that does not own the table gets a mere notice ("skipping") from the server, so
-        the new file is checked for: ``ShredIncomplete`` when none was written.
+        writes a new table file (the table is small: one row per key version). Neither
+        of its two ways to fall short raises on the server, so both are checked here:
+        a role that does not own the table gets a mere notice ("skipping"), and no new
+        file; and row versions that a snapshot open elsewhere may still see are copied
+        into the new file (its VERBOSE report: "N dead row versions cannot be removed
+        yet"). Either is ``ShredIncomplete``.
         """
         filenode = "SELECT pg_relation_filenode('kl_key_material')"
+        kept: list[int] = []
+
+        def on_notice(notice: psycopg.errors.Diagnostic) -> None:
+            found = _KEPT_DEAD_ROWS.search(notice.message_detail or "")
+            if found:
+                kept.append(int(found.group(1)))
+
         with _translated(), self._connection() as conn:
-            before = conn.execute(filenode).fetchone()
-            conn.execute("VACUUM FULL kl_key_material")
-            after = conn.execute(filenode).fetchone()
+            conn.add_notice_handler(on_notice)
+            try:
+                before = conn.execute(filenode).fetchone()
+                conn.execute("VACUUM (FULL, VERBOSE) kl_key_material")
+                after = conn.execute(filenode).fetchone()
+            finally:
+                conn.remove_notice_handler(on_notice)
             role = conn.info.user
         if before == after:
             raise ShredIncomplete(
-                "key material was deleted, but VACUUM FULL of kl_key_material was skipped "
-                f"(role {role!r} does not own the table): its bytes stay in the "
-                "table's pages until its owner runs `keyledger db shred` (see "
-                "docs/postgresql.md, roles)"
+                "the operation is done, but VACUUM FULL of kl_key_material was skipped "
+                f"(role {role!r} does not own the table): the key material it deleted "
+                "or replaced stays in the table's pages until the table's owner runs "
+                "`keyledger db shred` (see docs/postgresql.md, roles)"
+            )
+        if any(kept):
+            raise ShredIncomplete(
+                "the operation is done, but a transaction open elsewhere may still see "
+                "the key material it deleted or replaced, so VACUUM FULL kept those rows "
+                "in kl_key_material's new file: run `keyledger db shred` once long "
+                "transactions have ended"
             )
 
     def wait_for_events(self, seconds: float) -> None:
@@ -961,6 +982,9 @@ class _Translated:
 
 
 _translated = _Translated
+
+# VACUUM (FULL, VERBOSE)'s report of rows it had to keep for snapshots still open.
+_KEPT_DEAD_ROWS = re.compile(r"(\d+) dead row versions cannot be removed yet")
 
 
 class _Pooled:

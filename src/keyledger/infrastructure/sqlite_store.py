@@ -334,22 +334,31 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         """Deleted rows were overwritten in place (secure_delete); the WAL may still hold
         older copies of their pages until a checkpoint truncates it. A reader of an older
         snapshot (another process's open transaction) keeps the checkpoint from finishing:
-        it is tried again for a while, then ``ShredIncomplete``."""
+        it is tried again for a while, then ``ShredIncomplete``. Each try runs without a
+        busy handler, so it never holds the write lock while it waits: writers go on
+        between tries."""
         deadline = time.monotonic() + SHRED_PATIENCE_SECONDS
         with self._datastore.writer() as conn:
             cursor = conn.cursor()
-            while True:
-                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                busy, _, _ = cursor.fetchone()
-                if not busy:
-                    return
-                if time.monotonic() >= deadline:
-                    raise ShredIncomplete(
-                        "key material was deleted, but the SQLite write-ahead log, which "
-                        "may still hold copies of it, could not be truncated: a reader "
-                        "kept an older snapshot open; run `keyledger db shred` again"
-                    )
-                time.sleep(0.05)
+            cursor.execute("PRAGMA busy_timeout")
+            (patience_ms,) = cursor.fetchone()
+            cursor.execute("PRAGMA busy_timeout=0")
+            try:
+                while True:
+                    cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    busy, _, _ = cursor.fetchone()
+                    if not busy:
+                        return
+                    if time.monotonic() >= deadline:
+                        raise ShredIncomplete(
+                            "the operation is done, but the SQLite write-ahead log, which "
+                            "may still hold copies of the key material it deleted or "
+                            "replaced, could not be truncated: a reader kept an older "
+                            "snapshot open; run `keyledger db shred` again"
+                        )
+                    time.sleep(0.05)
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout={int(patience_ms)}")
 
     @staticmethod
     def wait_for_events(seconds: float) -> None:
