@@ -299,3 +299,29 @@ def test_a_snapshot_open_elsewhere_makes_the_postgresql_shred_incomplete(
         other.execute("ROLLBACK")
     service.shred_key_material()
     assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("on_disk", ["postgres"], indirect=True)
+def test_a_shred_that_times_out_behind_a_lock_is_incomplete_not_a_storage_error(
+    make_service: MakeService,
+) -> None:
+    """The erasure committed before the shred ran: a lock timeout in VACUUM FULL must not
+    read as a StorageError ("nothing was written")."""
+    service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=1))
+    service.store_for_tenant("doomed", "s", "v")
+    schema = service._ledger.env.get("POSTGRES_SCHEMA")
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute(
+            sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                sql.Identifier(str(schema), "kl_key_material")
+            )
+        )
+        with pytest.raises(ShredIncomplete, match="could not be shredded") as raised:
+            service.erase_tenant("doomed", confirm=True)
+        other.execute("ROLLBACK")
+    assert not isinstance(raised.value, StorageError)
+    assert wrapped_material(service, "doomed") == []  # the erasure is in force
+    with pytest.raises(DecryptionFailed):
+        service.retrieve_for_tenant("doomed", "s")

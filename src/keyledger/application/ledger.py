@@ -40,6 +40,7 @@ from keyledger.errors import (
     DecryptionFailed,
     KeyledgerError,
     MasterKeyUnavailable,
+    ShredIncomplete,
     StorageError,
 )
 from keyledger.infrastructure.audit_keys import AuditKey
@@ -344,8 +345,19 @@ class Ledger(Application[UUID]):
             delete_key_material(cur, rows)
 
     def shred(self) -> None:
-        """Make the store drop deleted key material from its files (see the recorders)."""
-        self.store.shred()
+        """Make the store drop deleted key material from its files (see the recorders).
+
+        It runs after the deletion committed, so a store failure here (a lock timeout
+        behind a long transaction, a dropped connection) is ``ShredIncomplete``, never a
+        ``StorageError``, which would say that nothing was written."""
+        try:
+            self.store.shred()
+        except StorageError as error:
+            raise ShredIncomplete(
+                f"the operation is done, but the store could not be shredded ({error}): "
+                "the key material it deleted or replaced may stay in the database files "
+                "until `keyledger db shred` succeeds"
+            ) from None
 
     def remember_data_key(self, data_key: DataKey) -> None:
         self._data_keys.put((data_key.tenant_id, data_key.version, data_key.fingerprint), data_key)
