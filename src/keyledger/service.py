@@ -82,10 +82,7 @@ class SecretService(AuditInvestigation):
         """Open a store. Malformed master keys raise ``InvalidMasterKey`` here, never later."""
         if database_url is not None and not isinstance(database_url, str):
             raise InvalidInput(f"database_url must be a str, not {type(database_url).__name__}")
-        if previous_master_keys is not None and (
-            isinstance(previous_master_keys, str | bytes)
-            or not isinstance(previous_master_keys, list | tuple)
-        ):
+        if previous_master_keys is not None and not isinstance(previous_master_keys, list | tuple):
             # A single str would be split into one-character "keys"; say what is expected.
             raise InvalidMasterKey("previous_master_keys must be a list of str")
         if settings is not None and not isinstance(settings, KeyledgerSettings):

@@ -129,11 +129,10 @@ def check_count(field: str, value: Any, *, allow_none: bool = False) -> int | No
 
 def check_days(field: str, value: Any) -> int:
     """A whole number of days from 0 to ``MAX_DAYS`` (100 years)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{field} must be a non-negative integer")
-    if value > MAX_DAYS:
+    days = check_count(field, value) or 0
+    if days > MAX_DAYS:
         raise InvalidInput(f"{field} must be at most {MAX_DAYS} (100 years)")
-    return value
+    return days
 
 
 def check_bool(field: str, value: object) -> bool:

@@ -26,43 +26,13 @@ from conftest import POSTGRES_URL
 from keyledger import SecretService, StorageError, super_admin, tenant
 from keyledger.application import read_models
 from keyledger.infrastructure.settings import KeyledgerSettings
+from threaded import Outcome, timed
 
 pytestmark = pytest.mark.postgres
 
 LOCK_TIMEOUT = 3  # seconds a write of the services under test waits for the table lock
 PROMPT = 1.0  # a read or write that does not wait answers well within this
 EVERYTHING = 1_000_000
-
-
-class Outcome:
-    """What a call run in a helper thread did within its time limit."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.seconds: float | None = None  # how long the call took, once it returned
-
-    def __repr__(self) -> str:
-        return f"<{self.label}: {self.seconds} s, error {self.error!r}>"
-
-
-def timed(label: str, call: Callable[[], Any], limit: float) -> Outcome:
-    """Run ``call`` in a daemon thread; wait up to ``limit`` seconds for it (it may go on)."""
-    outcome = Outcome(label)
-
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            outcome.value = call()
-        except BaseException as error:
-            outcome.error = error
-        outcome.seconds = time.monotonic() - started
-
-    thread = threading.Thread(target=run, daemon=True, name=f"claims-{label}")
-    thread.start()
-    thread.join(limit)
-    return outcome
 
 
 def prompt(outcome: Outcome) -> Any:

@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from conftest import POSTGRES_URL, RUN_ID
 from keyledger import KeyledgerError, SecretService, StorageError, super_admin
 from keyledger.infrastructure.settings import KeyledgerSettings
+from threaded import Outcome, start
 
 pytestmark = pytest.mark.postgres
 
@@ -70,32 +71,6 @@ def admin(_postgres_server: None) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-class Outcome:
-    """What a call run in a helper thread did within its time limit."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.seconds: float | None = None  # how long the call took, once it returned
-        self.hung = False  # still running when its time limit passed
-
-
-def _start(call: Callable[[], Any]) -> tuple[Outcome, threading.Thread]:
-    outcome = Outcome()
-
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            outcome.value = call()
-        except BaseException as error:
-            outcome.error = error
-        outcome.seconds = time.monotonic() - started
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return outcome, thread
-
-
 @contextmanager
 def _table_locked(schema: str) -> Iterator[None]:
     """Another client holds ACCESS EXCLUSIVE on the event table until the block ends."""
@@ -120,7 +95,7 @@ def _under_lock(
     threads: list[threading.Thread] = []
     with _table_locked(schema):
         for label, call in calls.items():
-            outcome, thread = _start(call)
+            outcome, thread = start(call, label)
             thread.join(limit)
             outcome.hung = thread.is_alive()
             outcomes[label] = outcome

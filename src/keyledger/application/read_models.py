@@ -86,9 +86,11 @@ def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tupl
     known = ledger.appended
     if not known:
         return _page(ledger, cur, after)
-    last = min(after + PAGE_SIZE, head)
-    if last > after and all(p in known for p in range(after + 1, last + 1)):
-        return [(p, known[p]) for p in range(after + 1, last + 1)]
+    if head > after:
+        try:
+            return [(p, known[p]) for p in range(after + 1, min(after + PAGE_SIZE, head) + 1)]
+        except KeyError:  # another process appended in between: read which positions exist
+            pass
     table, position = ledger.store.events_table_name, ledger.store.position_column
     cur.execute(
         f"SELECT {position} FROM {table} WHERE {position} > ? ORDER BY {position} LIMIT ?",
