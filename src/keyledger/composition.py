@@ -21,7 +21,7 @@ def build_ledger(
     master_keys = load_master_keyring(settings, master_key, previous_master_keys)
     audit_key, previous_audit_keys = load_audit_keys(settings)
     env = persistence_env(
-        database_url or settings.database_url,
+        settings.database_url if database_url is None else database_url,
         lock_timeout_seconds=settings.lock_timeout_seconds,
         create_tables=settings.create_tables,
     )

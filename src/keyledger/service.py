@@ -489,11 +489,14 @@ class SecretService(AuditInvestigation):
             actor=make_actor(user_id),
         )
 
-    def keys_due(self) -> builtins.list[KeyDue]:
-        """Active key versions past KEYLEDGER_KEY_MAX_AGE_DAYS or the encryption budget."""
+    def keys_due(self, tenant_id: str | None = None) -> builtins.list[KeyDue]:
+        """Active key versions past KEYLEDGER_KEY_MAX_AGE_DAYS or the encryption budget:
+        of the current (or given) tenant; of all tenants inside super_admin() (SPEC: the
+        key inventory of all tenants is a cross-tenant read)."""
+        scope = self._key_scope(tenant_id)
         now = self._ledger.clock()
         due = []
-        for tenant_id, version, created, encryptions in self._queries.active_key_usage():
+        for tenant, version, created, encryptions in self._queries.active_key_usage(scope):
             created_at = from_micros(created)
             age_days = (now - created_at).total_seconds() / 86400
             reasons = []
@@ -504,7 +507,7 @@ class SecretService(AuditInvestigation):
             if reasons:
                 due.append(
                     KeyDue(
-                        tenant_id=tenant_id,
+                        tenant_id=tenant,
                         version=version,
                         created_at=created_at,
                         age_days=round(age_days, 3),
@@ -514,19 +517,26 @@ class SecretService(AuditInvestigation):
                 )
         return due
 
-    def rotate_due_keys(self, *, user_id: str | None = None) -> builtins.list[TenantKeyInfo]:
-        """Rotate every tenant whose active key version is due."""
-        return [
-            self.rotate_key_for_tenant(key.tenant_id, user_id=user_id) for key in self.keys_due()
-        ]
+    def rotate_due_keys(
+        self, tenant_id: str | None = None, *, user_id: str | None = None
+    ) -> builtins.list[TenantKeyInfo]:
+        """Rotate every due key version of ``keys_due``'s scope (all tenants inside
+        super_admin())."""
+        due = self.keys_due(tenant_id)
+        return [self.rotate_key_for_tenant(key.tenant_id, user_id=user_id) for key in due]
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
         """Key versions of the current (or given) tenant; all tenants inside super_admin()."""
-        if tenant_id is None and is_super_admin():
-            return self._queries.key_infos(None)
-        if tenant_id is None:
-            tenant_id, _ = self._scope()
-        return self._queries.key_infos(check_identifier("tenant_id", tenant_id))
+        return self._queries.key_infos(self._key_scope(tenant_id))
+
+    def _key_scope(self, tenant_id: str | None) -> str | None:
+        """The tenant a key inventory covers: the given one, else all tenants (None)
+        inside super_admin(), else the current tenant (TenantRequired outside one)."""
+        if tenant_id is not None:
+            return check_identifier("tenant_id", tenant_id)
+        if is_super_admin():
+            return None
+        return self._scope()[0]
 
     def count_live_secrets(self, tenant_id: str) -> int:
         """How many live secrets the tenant has (for progress bars)."""

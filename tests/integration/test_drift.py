@@ -460,6 +460,25 @@ def test_without_a_master_key_the_diagnosis_says_so_and_marks_nothing_destructiv
     assert report.summary["usable_active_tenant_key_count"] == 0
 
 
+def test_without_a_master_key_a_tenant_without_an_active_key_is_still_reported(
+    make_service: MakeService,
+) -> None:
+    """Whether an active key version exists needs no master key to tell: the diagnosis
+    reports it keyless as with the key, only the destructive codes are left out."""
+    keyed = make_service()
+    fill(keyed)
+    keyed.erase_tenant(ACME, confirm=True)
+    with_key = codes(keyed.diagnose_tenant_secret_key_drift(ACME))
+
+    report = make_service(master_key=None).diagnose_tenant_secret_key_drift(ACME)
+
+    assert with_key["missing_active_tenant_encryption_key"] == 1
+    assert codes(report)["missing_active_tenant_encryption_key"] == 1
+    assert codes(report)["active_secrets_without_usable_active_key"] == 1
+    assert codes(report)["amk_unavailable"] == 1
+    assert [i for i in report.issues if i.repair_action in DESTRUCTIVE] == []
+
+
 def test_without_a_master_key_even_a_confirmed_repair_deletes_nothing(
     make_service: MakeService,
 ) -> None:

@@ -489,3 +489,17 @@ def test_previous_master_keys_given_as_one_str_is_refused(master_key: str) -> No
 def test_a_database_url_that_is_not_a_str_is_invalid_input(master_key: str) -> None:
     with pytest.raises(InvalidInput, match="database_url must be a str"):
         SecretService.create(b"memory:", master_key=master_key)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["", "   "])
+def test_an_empty_database_url_is_refused_not_taken_for_the_default(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a URL left out (None) means KEYLEDGER_DATABASE_URL or ./keyledger.db; an empty
+    one is a mistake (an unset variable interpolated, say), not a request for the default."""
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(InvalidInput, match="unsupported database URL"):
+        SecretService.create(database_url=url, master_key="ab" * 32)
+
+    assert list(tmp_path.iterdir()) == []

@@ -22,9 +22,11 @@ from keyledger import (
     InvalidInput,
     KeyDue,
     MasterKeyUnavailable,
+    ReencryptResult,
     SecretKeyDriftError,
     SecretService,
     TenantKeyInfo,
+    TenantRequired,
     super_admin,
     tenant,
 )
@@ -392,6 +394,28 @@ def test_a_service_that_cached_a_key_stops_using_it_once_another_compromised_it(
     assert reader.store_for_tenant(ACME, "other", "o").key_version == 2
 
 
+def test_reencrypting_without_a_master_key_raises_moves_nothing_and_is_audited(
+    make_service: MakeService,
+) -> None:
+    service = make_service()
+    service.store_for_tenant(ACME, "token", "t")
+    service.rotate_key_for_tenant(ACME)
+    keyless = make_service(master_key=None)
+    entries = audit(service, ACME)
+
+    with pytest.raises(MasterKeyUnavailable) as raised:
+        keyless.reencrypt_all_for_tenant(ACME, user_id="ops")
+    assert str(raised.value).startswith(f"cannot re-encrypt the secrets of tenant {ACME!r}: ")
+
+    [*earlier, failed] = audit(service, ACME)  # oldest first
+    assert earlier == entries
+    assert (failed.action, failed.result, failed.user_id) == ("update", "failure", "ops")
+    assert failed.details["error"] == "MasterKeyUnavailable"
+    assert [s.key_version for s in service.list_for_tenant(ACME)] == [1]
+    assert service.reencrypt_all_for_tenant(ACME) == ReencryptResult(success=1, failed=0)
+    assert keyless.reencrypt_all_for_tenant(ACME) == ReencryptResult(success=1, failed=0)
+
+
 def test_compromising_the_active_version_without_a_master_key_fails_changes_no_key_and_is_audited(
     make_service: MakeService,
 ) -> None:
@@ -561,6 +585,33 @@ def test_the_key_inventory_shows_each_version_its_status_and_what_it_still_encry
 # -- the rotation policy ----------------------------------------------------------------------
 
 
+def every_tenant(call: Callable[[], Any]) -> Any:
+    """``call()`` inside super_admin(): the key inventory of all tenants."""
+    with super_admin():
+        return call()
+
+
+def test_keys_due_is_scoped_like_the_key_inventory(make_service: MakeService) -> None:
+    service = make_service(settings=KeyledgerSettings(key_max_age_days=1e-9))
+    for tenant_id in (ACME, GLOBEX):
+        service.store_for_tenant(tenant_id, "a", "a")
+
+    with pytest.raises(TenantRequired):
+        service.keys_due()
+    with pytest.raises(TenantRequired):
+        service.rotate_due_keys()
+    with tenant(ACME):
+        assert [d.tenant_id for d in service.keys_due()] == [ACME]
+    assert [d.tenant_id for d in service.keys_due(GLOBEX)] == [GLOBEX]
+    assert [d.tenant_id for d in every_tenant(service.keys_due)] == [ACME, GLOBEX]
+
+    with tenant(GLOBEX):
+        rotated = service.rotate_due_keys()
+
+    assert [(k.tenant_id, k.version) for k in rotated] == [(GLOBEX, 2)]
+    assert statuses(service, ACME) == {1: "active"}
+
+
 def test_a_key_is_due_after_the_encryption_budget_and_rotate_due_rotates_only_those(
     make_service: MakeService,
 ) -> None:
@@ -569,7 +620,7 @@ def test_a_key_is_due_after_the_encryption_budget_and_rotate_due_rotates_only_th
     service.store_for_tenant(ACME, "a", "2")  # an update is an encryption too
     service.store_for_tenant(GLOBEX, "g", "1")
 
-    due = service.keys_due()
+    due = every_tenant(service.keys_due)
 
     assert [(d.tenant_id, d.version, d.encryptions) for d in due] == [(ACME, 1, 2)]
     [acme_due] = due
@@ -577,10 +628,10 @@ def test_a_key_is_due_after_the_encryption_budget_and_rotate_due_rotates_only_th
     assert acme_due.reasons == ["2 encryptions under it"]
     assert acme_due.age_days >= 0
 
-    rotated = service.rotate_due_keys(user_id="policy")
+    rotated = every_tenant(lambda: service.rotate_due_keys(user_id="policy"))
 
     assert [(k.tenant_id, k.version, k.status) for k in rotated] == [(ACME, 2, "active")]
-    assert service.keys_due() == []
+    assert every_tenant(service.keys_due) == []
     assert statuses(service, GLOBEX) == {1: "active"}
     assert audit(service, ACME, action="rotate_key")[-1].user_id == "policy"
     assert service.retrieve_for_tenant(ACME, "a").value == "2"
@@ -590,12 +641,14 @@ def test_reencryptions_count_towards_the_encryption_budget(make_service: MakeSer
     service = make_service(settings=KeyledgerSettings(key_max_encryptions=2))
     service.store_for_tenant(ACME, "a", "a")
     service.store_for_tenant(ACME, "b", "b")
-    service.rotate_due_keys()
-    assert service.keys_due() == []
+    every_tenant(service.rotate_due_keys)
+    assert every_tenant(service.keys_due) == []
 
     service.reencrypt_all_for_tenant(ACME)
 
-    assert [(d.tenant_id, d.version, d.encryptions) for d in service.keys_due()] == [(ACME, 2, 2)]
+    assert [(d.tenant_id, d.version, d.encryptions) for d in every_tenant(service.keys_due)] == [
+        (ACME, 2, 2)
+    ]
 
 
 def test_a_key_is_due_after_the_maximum_age(make_service: MakeService) -> None:
@@ -603,8 +656,8 @@ def test_a_key_is_due_after_the_maximum_age(make_service: MakeService) -> None:
     for tenant_id in (ACME, GLOBEX):
         service.store_for_tenant(tenant_id, "a", "a")
 
-    due = service.keys_due()
-    rotated = service.rotate_due_keys()
+    due = every_tenant(service.keys_due)
+    rotated = every_tenant(service.rotate_due_keys)
 
     assert [(d.tenant_id, d.version) for d in due] == [(ACME, 1), (GLOBEX, 1)]
     assert all(d.reasons[0].startswith("older than") for d in due)
@@ -617,5 +670,5 @@ def test_a_key_is_due_after_the_maximum_age(make_service: MakeService) -> None:
 def test_with_the_default_policy_fresh_keys_are_not_due(service: SecretService) -> None:
     populate(service)
 
-    assert service.keys_due() == []
-    assert service.rotate_due_keys() == []
+    assert every_tenant(service.keys_due) == []
+    assert every_tenant(service.rotate_due_keys) == []

@@ -286,6 +286,42 @@ def test_without_the_function_reads_still_work_and_db_check_and_init_say_and_rep
         assert reopened.check_schema().ok
 
 
+def test_functions_of_an_older_version_are_reported_outdated_and_replaced_by_db_init(
+    service: SecretService, schema: str
+) -> None:
+    """0.9.0's functions ran without generic plans; an edited body is outdated too."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"ALTER FUNCTION {schema}.{APPEND_READS_FUNCTION} RESET plan_cache_mode")
+        conn.execute(
+            f"CREATE OR REPLACE FUNCTION {schema}.{STORE_CREATED_FUNCTION}"
+            f"({', '.join(_arguments(conn, schema, STORE_CREATED_FUNCTION))}) "
+            "LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan "
+            "AS $fn$ BEGIN RAISE EXCEPTION 'old'; END $fn$"
+        )
+
+    status = service.check_schema()
+
+    assert status.missing == [
+        f"function {APPEND_READS_FUNCTION}() (current definition)",
+        f"function {STORE_CREATED_FUNCTION}() (current definition)",
+    ]
+    assert not status.ok
+    assert service.init_schema().missing == []
+    assert service.check_schema().ok
+    service.store_for_tenant(TENANT, "fresh", "value")  # the replaced function works
+    assert service.retrieve_for_tenant(TENANT, "fresh").value == "value"
+
+
+def _arguments(conn: psycopg.Connection[Any], schema: str, name: str) -> list[str]:
+    row = conn.execute(
+        "SELECT pg_get_function_arguments(p.oid) FROM pg_proc p JOIN pg_namespace n "
+        "ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = %s",
+        (schema, name),
+    ).fetchone()
+    assert row is not None
+    return [str(row[0])]
+
+
 @pytest.mark.parametrize(
     ("pack", "values"),
     [

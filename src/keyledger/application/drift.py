@@ -158,6 +158,8 @@ class Diagnosis:
                 "no master key is configured (KEYLEDGER_MASTER_KEY): keys cannot be tested; "
                 "nothing is unrecoverable because of it, so nothing is marked for deletion",
             )
+            if self.active_key() is None and self.secrets:  # needs no key to tell
+                self._on_missing_active_key()
             self._check_secret_key_statuses()
             return
         self._check_active_key()
@@ -210,13 +212,7 @@ class Diagnosis:
         live = bool(self.secrets)
         if active is None:
             if live:
-                self.add(
-                    "missing_active_tenant_encryption_key",
-                    "error",
-                    STORE_FRESH,
-                    f"tenant {self.tenant_id!r} has live secrets but no active key version",
-                )
-                self._no_usable_active_key()
+                self._on_missing_active_key()
             return
         probe = self.probe(active.version)
         current = self.ledger.master_keys.current
@@ -243,6 +239,15 @@ class Diagnosis:
             )
             if live:
                 self._no_usable_active_key()
+
+    def _on_missing_active_key(self) -> None:
+        self.add(
+            "missing_active_tenant_encryption_key",
+            "error",
+            STORE_FRESH,
+            f"tenant {self.tenant_id!r} has live secrets but no active key version",
+        )
+        self._no_usable_active_key()
 
     def _no_usable_active_key(self) -> None:
         self.add(

@@ -87,6 +87,13 @@ class KeyCommands:
             return ReencryptResult(success=0, failed=0)
         active = keyring.active
         todo = [name for name, version in live if active is None or version != active.version]
+        if todo:  # no master key is a configuration fault, not a failure of each secret
+            try:  # (SPEC section 1: the first operation that needs it raises)
+                self.ledger.current_master_key()
+            except MasterKeyUnavailable as error:
+                record_failure(self.ledger, tenant_id, None, "update", error, None, who)
+                context = f"cannot re-encrypt the secrets of tenant {tenant_id!r}"
+                raise unavailable(error, context) from None
         success, failed = len(live) - len(todo), 0
         if progress and success:
             progress(success)

@@ -236,18 +236,21 @@ class Queries:
                 for row in cur.fetchall()
             ]
 
-    def active_key_usage(self) -> list[tuple[str, int, int, int]]:
-        """(tenant, version, created_at, encryptions) of every active version.
+    def active_key_usage(self, tenant_id: str | None) -> list[tuple[str, int, int, int]]:
+        """(tenant, version, created_at, encryptions) of the active version of
+        ``tenant_id`` (None: of every tenant).
 
         Encryptions are the successful stores and re-encryptions under the version, counted
         in the audit model (caught up first).
         """
         catch_up_audit(self.ledger)
+        only = "" if tenant_id is None else "AND k.tenant_id=? "
         with self.ledger.reading() as cur:
             cur.execute(
                 "SELECT k.tenant_id, k.version, k.created_at, (SELECT COUNT(*) FROM kl_audit a "
                 "WHERE a.tenant_id=k.tenant_id AND a.key_version=k.version "
                 "AND a.action IN ('create', 'update') AND a.result='success') "
-                "FROM kl_keys k WHERE k.status='active' ORDER BY k.tenant_id"
+                f"FROM kl_keys k WHERE k.status='active' {only}ORDER BY k.tenant_id",
+                () if tenant_id is None else (tenant_id,),
             )
             return [(row[0], row[1], row[2], int(row[3])) for row in cur.fetchall()]

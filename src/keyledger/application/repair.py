@@ -156,8 +156,8 @@ def _fix_without_deleting(
     if stray:
         ledger.delete_key_material(stray)
         removed = True
-    if "secret_on_retired_key" in codes:
-        reencrypt(tenant_id, actor)
+    if "secret_on_retired_key" in codes and ledger.master_keys.current is not None:
+        reencrypt(tenant_id, actor)  # (keyless, it would refuse: amk_unavailable remains)
     if "projection_behind" in codes:
         catch_up_audit(ledger)
     return removed

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
-from keyledger.infrastructure.pg_functions import FUNCTIONS
+from keyledger.infrastructure.pg_functions import (
+    FUNCTIONS,
+    GENERIC_PLANS_SETTING,
+    function_bodies,
+)
 from keyledger.projections.schema import has_table
 
 REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
@@ -47,7 +51,14 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
                     if not _has_column(cur, table, column, postgres)
                 ]
         if postgres:
-            missing += [f"function {name}()" for name in FUNCTIONS if not _has_function(cur, name)]
+            channel = cast(Any, store).channel_name  # the PostgreSQL recorder's
+            bodies = function_bodies(store.events_table_name, channel)
+            for name in FUNCTIONS:
+                found = _function_definition(cur, name)
+                if found is None:
+                    missing.append(f"function {name}()")
+                elif found != (bodies[name], True):
+                    missing.append(f"function {name}() (current definition)")
         append_only = (
             all(
                 _has_trigger(cur, store.events_table_name, name)
@@ -107,11 +118,17 @@ def _has_trigger(cur: Any, table: str, name: str) -> bool:
     return cur.fetchone() is not None
 
 
-def _has_function(cur: Any, name: str) -> bool:
-    """Whether this schema (first on the search path) has the function ``name``."""
+def _function_definition(cur: Any, name: str) -> tuple[str, bool] | None:
+    """The body of this schema's function ``name`` (the schema first on the search path),
+    and whether it runs with generic plans; None: no such function. A function made by an
+    older version (another body, or without the setting) is replaced by ``db init``."""
     cur.execute(
-        "SELECT 1 FROM pg_proc JOIN pg_namespace ON pg_namespace.oid = pg_proc.pronamespace "
+        "SELECT pg_proc.prosrc, pg_proc.proconfig FROM pg_proc JOIN pg_namespace "
+        "ON pg_namespace.oid = pg_proc.pronamespace "
         "WHERE pg_namespace.nspname = current_schema() AND pg_proc.proname = ?",
         (name,),
     )
-    return cur.fetchone() is not None
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return row[0], GENERIC_PLANS_SETTING in (row[1] or [])
