@@ -672,3 +672,68 @@ def test_with_the_default_policy_fresh_keys_are_not_due(service: SecretService) 
 
     assert every_tenant(service.keys_due) == []
     assert every_tenant(service.rotate_due_keys) == []
+
+
+# -- decided on the stream, not on this process's cache ---------------------------------------
+# Each test: service `a` has the tenant's keyring cached, another process (`b`) changes it,
+# then `a` runs a lifecycle step. Before 0.10.0 these steps decided on `a`'s cached keyring.
+
+
+def test_compromising_a_version_another_process_created(make_service: MakeService) -> None:
+    a, b = make_service(), make_service()
+    a.store_for_tenant(ACME, "token", "t")
+    b.rotate_key_for_tenant(ACME)
+
+    info = a.compromise_key_for_tenant(ACME, 2, "leaked")
+
+    assert (info.version, info.status) == (2, "compromised")
+    assert statuses(b, ACME) == {1: "retired", 2: "compromised", 3: "active"}
+
+
+def test_cleanup_destroys_a_version_another_process_retired_and_emptied(
+    make_service: MakeService,
+) -> None:
+    a, b = make_service(), make_service()
+    a.store_for_tenant(ACME, "token", "t")
+    b.rotate_key_for_tenant(ACME)
+    b.reencrypt_all_for_tenant(ACME)
+
+    result = a.cleanup_retired_keys(older_than_days=0)
+
+    assert [(k.tenant_id, k.version, k.outcome) for k in result.keys] == [
+        (ACME, 1, "destroyed")
+    ]
+    assert statuses(b, ACME) == {1: "destroyed", 2: "active"}
+
+
+def test_erasing_again_destroys_a_version_another_process_created_since(
+    make_service: MakeService,
+) -> None:
+    a, b = make_service(), make_service()
+    a.store_for_tenant(ACME, "old", "v")
+    assert a.erase_tenant(ACME, confirm=True) == [1]
+    b.store_for_tenant(ACME, "new", "fresh-value")  # a fresh active version 2
+
+    assert a.erase_tenant(ACME, confirm=True) == [2]
+
+    assert statuses(b, ACME) == {1: "destroyed", 2: "destroyed"}
+    with pytest.raises((DecryptionFailed, SecretKeyDriftError)):
+        make_service().retrieve_for_tenant(ACME, "new")
+
+
+def test_a_rewrap_covers_a_version_another_process_created(
+    make_service: MakeService, master_key: str, new_key: str
+) -> None:
+    a = rotating(make_service, new_key, master_key)
+    a.store_for_tenant(ACME, "token", "t")  # version 1, wrapped by the new master key
+    # A process not yet switched over: the old master key current, the new one previous.
+    old = rotating(make_service, master_key, new_key)
+    old.rotate_key_for_tenant(ACME)  # version 2, wrapped by the old master key
+
+    result = a.rewrap_master_key()
+
+    assert (result.rewrapped, result.already_current, result.failed) == (1, 1, 0)
+    assert {k.version: k.amk_id for k in a.list_keys(ACME)} == {
+        1: amk_id(new_key),
+        2: amk_id(new_key),
+    }

@@ -10,7 +10,9 @@ a call returns (a process killed right after its call lost nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from keyledger import SecretService, StorageError, super_admin, tenant
+from keyledger.application import ledger as ledger_module
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
 
@@ -56,8 +59,9 @@ def _used_writer_settings(service: SecretService) -> tuple[int, str]:
 
     The writer must already exist (``thread_writer()`` would otherwise create one here, and
     the test would check a connection no write went through)."""
-    writer = getattr(_datastore(service)._writers, "conn", None)
-    assert writer is not None, "this thread's write did not go through its thread writer"
+    holder = getattr(_datastore(service)._writers, "holder", None)
+    assert holder is not None, "this thread's write did not go through its thread writer"
+    writer = holder.conn
     assert writer is _datastore(service).thread_writer()
     [synchronous] = writer.raw.execute("PRAGMA synchronous").fetchone()
     [journal_mode] = writer.raw.execute("PRAGMA journal_mode").fetchone()
@@ -80,7 +84,7 @@ def test_the_connection_every_thread_writes_with_is_in_wal_mode_and_fsyncs_every
             with tenant(TENANT):
                 service.store("other-thread", "w")
                 assert service.retrieve("other-thread").value == "w"
-            seen["writer"] = _datastore(service)._writers.conn
+            seen["writer"] = _datastore(service)._writers.holder.conn
             seen["settings"] = _used_writer_settings(service)
         except BaseException as error:  # reported by the test's thread below
             seen["error"] = error
@@ -251,3 +255,83 @@ def test_a_store_blocked_by_the_write_lock_fails_with_storage_error_and_writes_n
         secret = service.retrieve_for_tenant(TENANT, "token")
         assert (secret.value, secret.version) == ("first", 1)
         assert [info.name for info in service.list_for_tenant(TENANT)] == ["token"]
+
+
+def test_a_snapshot_that_cannot_be_written_does_not_fail_the_committed_store(
+    db_file: Path,
+    master_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every SNAPSHOT_INTERVAL-th version of a secret is snapshotted after its write has
+    committed. When another connection holds the write lock at that moment, the snapshot
+    waits out the lock timeout and fails; the store that returned must not look failed
+    (a caller retrying it would write the value again)."""
+    settings = KeyledgerSettings(lock_timeout_seconds=LOCK_TIMEOUT)
+    service = SecretService.create(f"sqlite:///{db_file}", master_key=master_key, settings=settings)
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 3)
+    ledger = service._ledger
+    take_snapshot = ledger.take_snapshot
+    blocker = sqlite3.connect(db_file, isolation_level=None)
+
+    def locked_out(*args: Any, **kwargs: Any) -> Any:
+        blocker.execute("BEGIN IMMEDIATE")  # someone else writes right after our commit
+        try:
+            return take_snapshot(*args, **kwargs)
+        finally:
+            blocker.execute("ROLLBACK")
+
+    monkeypatch.setattr(ledger, "take_snapshot", locked_out)
+    try:
+        for n in range(1, 4):
+            info = service.store_for_tenant(TENANT, "api-key", f"value-{n}")  # version 3 last
+        assert info.version == 3
+        assert any("snapshot" in r.getMessage() for r in caplog.records)
+        assert not any("value-" in r.getMessage() for r in caplog.records)
+        reopened = SecretService.create(f"sqlite:///{db_file}", master_key=master_key)
+        assert reopened.retrieve_for_tenant(TENANT, "api-key").value == "value-3"
+        assert reopened.retrieve_for_tenant(TENANT, "api-key").version == 3
+        reopened.close()
+    finally:
+        blocker.close()
+        service.close()
+
+
+def _open_files(path: Path) -> int:
+    """File descriptors of this process open on ``path`` or its -wal/-shm files."""
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(fd) in names
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_thread_s_writer_connection_is_closed_when_the_thread_ends(
+    sqlite_service: SecretService, db_file: Path
+) -> None:
+    """A server that runs each request on a new thread must not keep a connection (two
+    file descriptors) open for every thread it ever ran: 200 such threads used to hold
+    400 descriptors, and a process ran out of them within a few thousand requests."""
+    service = sqlite_service
+    service.store_for_tenant(TENANT, "api-key", "v")  # the main thread's writer
+    before = _open_files(db_file)
+    errors: list[BaseException] = []
+
+    def request(n: int) -> None:
+        try:
+            service.store_for_tenant(TENANT, f"name-{n}", "v")
+            assert service.retrieve_for_tenant(TENANT, "api-key").value == "v"
+        except BaseException as error:
+            errors.append(error)
+
+    for n in range(200):
+        thread = threading.Thread(target=request, args=(n,))
+        thread.start()
+        thread.join(30)
+
+    assert errors == []
+    assert _open_files(db_file) <= before + 2  # (a pooled reader may have been added)
+    assert _datastore(service).open_writers() == 1  # the main thread's, still in use
+    assert len(service.list_for_tenant(TENANT, limit=1000)) == 201

@@ -225,10 +225,24 @@ class Ledger(Application[UUID]):
             if isinstance(aggregate, Secret):
                 self._secrets.put(aggregate.id, aggregate)
                 if aggregate.version % SNAPSHOT_INTERVAL == 0:
-                    self.take_snapshot(aggregate.id, version=aggregate.version)
+                    self._snapshot(aggregate)
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
+
+    def _snapshot(self, secret: Secret) -> None:
+        """Snapshot a secret after the write that took it to a multiple of
+        SNAPSHOT_INTERVAL. That write has committed, so a failure here (a lock timeout,
+        say) must not make it look failed: a snapshot only saves replaying, and the next
+        multiple takes one again."""
+        try:
+            self.take_snapshot(secret.id, version=secret.version)
+        except Exception as error:  # logged: the write itself succeeded
+            logger.warning(
+                "snapshot of a secret at version %d deferred: %s",
+                secret.version,
+                type(error).__name__,
+            )
 
     def read_coming(self) -> AbstractContextManager[None]:
         """Around a retrieve: its read is on its way to ``commit_read``, so a concurrent

@@ -52,8 +52,12 @@ class KeyLifecycle:
         self.ledger = ledger
         self.queries = queries
 
-    def _keyring(self, tenant_id: str, fresh: bool) -> TenantKeyring:
-        keyring = self.ledger.keyring(tenant_id, fresh=fresh)
+    def _keyring(self, tenant_id: str) -> TenantKeyring:
+        """The tenant's keyring as the stream has it now. Lifecycle steps decide on the
+        stream, never on this process's cache: another process may have rotated, erased
+        or rewrapped since, and a refusal or a "nothing to do" decided on a cached keyring
+        would go unchecked (only a write's version check catches a stale decision)."""
+        keyring = self.ledger.keyring(tenant_id, fresh=True)
         if keyring is None:
             raise InvalidInput(f"tenant {tenant_id!r} has no keys")
         return keyring
@@ -68,7 +72,7 @@ class KeyLifecycle:
         who = actor_dict(actor)
 
         def attempt(n: int) -> None:
-            keyring = self._keyring(tenant_id, fresh=n > 0)
+            keyring = self._keyring(tenant_id)
             key = keyring.keys.get(version)
             if key is None:
                 raise InvalidInput(f"tenant {tenant_id!r} has no key version {version}")
@@ -119,9 +123,12 @@ class KeyLifecycle:
         self, tenant_id: str, version: int, who: ActorDict
     ) -> tuple[Literal["destroyed", "skipped"], str | None]:
         def attempt(n: int) -> tuple[Literal["destroyed", "skipped"], str | None]:
-            keyring = self._keyring(tenant_id, fresh=n > 0)
-            if keyring.keys[version].status != "retired":
-                return "skipped", f"no longer retired ({keyring.keys[version].status})"
+            keyring = self._keyring(tenant_id)
+            key = keyring.keys.get(version)
+            if key is None:  # the key inventory lists a version the stream does not have
+                return "skipped", "not in the tenant's keyring (run drift diagnose)"
+            if key.status != "retired":
+                return "skipped", f"no longer retired ({key.status})"
             changed = self.ledger.for_update(keyring)
             changed.destroy(version, "cleanup of retired key versions", who)
             unit = WriteUnit(
@@ -147,7 +154,7 @@ class KeyLifecycle:
         who = actor_dict(actor)
 
         def attempt(n: int) -> list[int]:
-            keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
+            keyring = self.ledger.keyring(tenant_id, fresh=True)  # (see _keyring)
             if keyring is None or all(k.status == "destroyed" for k in keyring.keys.values()):
                 return []  # nothing left to destroy: erasing again records nothing
             changed = self.ledger.for_update(keyring)
@@ -204,7 +211,7 @@ class KeyLifecycle:
         amk = self.ledger.current_master_key()
 
         def attempt(n: int) -> tuple[int, int, list[str]]:
-            keyring = self._keyring(tenant_id, fresh=n > 0)
+            keyring = self._keyring(tenant_id)
             changed = self.ledger.for_update(keyring)
             unit = WriteUnit()
             current, failures = 0, list[str]()

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal, TypeVar
@@ -125,7 +126,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
         self._writers = threading.local()
-        self._all_writers: list[SQLiteConnection] = []
+        # Every live thread's writer, by the id of its _ThreadWriter (see thread_writer).
+        self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
 
     @contextmanager
@@ -144,22 +146,49 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         yield self.thread_writer()
 
     def thread_writer(self) -> KeyledgerSQLiteConnection:
-        """This thread's own writer connection (files only: see ``writer``)."""
-        writer: KeyledgerSQLiteConnection | None = getattr(self._writers, "conn", None)
-        if writer is None:
+        """This thread's own writer connection (files only: see ``writer``).
+
+        It is closed when its thread ends (a server that starts a thread per request
+        would otherwise keep two file descriptors open for every thread it ever ran),
+        and when the datastore closes."""
+        holder: _ThreadWriter | None = getattr(self._writers, "holder", None)
+        if holder is None:
             created = self.pool._create_connection()
             assert isinstance(created, KeyledgerSQLiteConnection)
-            writer = self._writers.conn = created
+            holder = self._writers.holder = _ThreadWriter(created)
             with self._writers_lock:
-                self._all_writers.append(writer)
-        return writer
+                self._all_writers[id(holder)] = created
+            # The thread's locals go when it ends, and with them its only _ThreadWriter.
+            weakref.finalize(holder, self._thread_ended, id(holder)).atexit = False
+        return holder.conn
+
+    def _thread_ended(self, key: int) -> None:
+        with self._writers_lock:
+            conn = self._all_writers.pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def open_writers(self) -> int:
+        """How many threads' writer connections are open (for tests and diagnostics)."""
+        with self._writers_lock:
+            return len(self._all_writers)
 
     def close(self) -> None:
         with self._writers_lock:
-            for conn in self._all_writers:
+            for conn in self._all_writers.values():
                 conn.close()
             self._all_writers.clear()
         super().close()
+
+
+class _ThreadWriter:
+    """A thread's writer connection, held only by that thread's locals: when the thread
+    ends, this object is freed and a finalizer closes the connection."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: KeyledgerSQLiteConnection) -> None:
+        self.conn = conn
 
 
 class _CreatesTablesUnderWriteLock:
