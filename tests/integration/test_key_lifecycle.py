@@ -700,9 +700,7 @@ def test_cleanup_destroys_a_version_another_process_retired_and_emptied(
 
     result = a.cleanup_retired_keys(older_than_days=0)
 
-    assert [(k.tenant_id, k.version, k.outcome) for k in result.keys] == [
-        (ACME, 1, "destroyed")
-    ]
+    assert [(k.tenant_id, k.version, k.outcome) for k in result.keys] == [(ACME, 1, "destroyed")]
     assert statuses(b, ACME) == {1: "destroyed", 2: "active"}
 
 

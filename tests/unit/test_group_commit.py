@@ -336,7 +336,7 @@ def test_the_next_leader_waits_for_a_caller_whose_write_just_finished() -> None:
 class _RaisingLock:
     """A wake lock whose wait is interrupted (Ctrl-C reaches a queued caller)."""
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         raise KeyboardInterrupt
 
     def release(self) -> None:
@@ -458,3 +458,107 @@ def test_a_committer_configured_not_to_wait_writes_at_once() -> None:
     assert writer.batches == [[1]]
     go.set()
     other.join(timeout=30)
+
+
+class _StopsOnce:
+    """Wraps a committer method so that its first call from ``thread`` raises
+    KeyboardInterrupt instead: Ctrl-C landing in a leader just before that step."""
+
+    def __init__(self, method: Callable[..., None], thread: int) -> None:
+        self.method, self.thread, self.fired = method, thread, False
+
+    def __call__(self, *args: object) -> None:
+        if threading.get_ident() == self.thread and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        self.method(*args)
+
+
+def _interrupted_leader(
+    committer: GroupCommitter[int], item: int, outcome: dict[str, object], done: threading.Event
+) -> None:
+    """Submit ``item``; on Ctrl-C, stay alive elsewhere (a REPL back at its prompt)."""
+    try:
+        committer.submit(item)
+        outcome["returned"] = True
+    except KeyboardInterrupt:
+        outcome["interrupted"] = True
+    done.wait(timeout=30)
+
+
+def test_a_leader_stopped_before_its_hand_over_loses_the_lead_to_a_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C between a leader's write and its hand-over: the caller queued behind it
+    takes the lead after the watchdog period instead of waiting forever."""
+    monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
+    release, done = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    outcome: dict[str, object] = {}
+    leader = threading.Thread(
+        target=_interrupted_leader, args=(committer, 1, outcome, done), daemon=True
+    )
+    leader.start()
+    _until(lambda: committer._leader_busy)
+    assert leader.ident is not None
+    monkeypatch.setattr(committer, "_hand_over", _StopsOnce(committer._hand_over, leader.ident))
+    queued = threading.Thread(target=committer.submit, args=(2,), daemon=True)
+    queued.start()
+    _until(lambda: len(committer._queue) == 1)
+    release.set()
+    queued.join(timeout=10)
+    try:
+        assert outcome == {"interrupted": True}  # the leader stopped, and is still alive
+        assert leader.is_alive()
+        assert not queued.is_alive()  # 2 was written in the rescued turn
+        assert batches == [[1], [2]]
+        assert committer.rescues == 1
+        committer.submit(3)  # and nobody is left leading
+        assert batches == [[1], [2], [3]]
+    finally:
+        done.set()
+
+
+def test_a_batch_whose_leader_stopped_before_waking_it_returns_its_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in a leader after its batch was written, before it woke the batch's other
+    callers: they return their outcome (written) after the watchdog period, and the lead
+    passes on."""
+    monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
+    release, done = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)  # 1 is being written
+    outcome: dict[str, object] = {}
+    leader = threading.Thread(
+        target=_interrupted_leader, args=(committer, 2, outcome, done), daemon=True
+    )
+    leader.start()
+    _until(lambda: len(committer._queue) == 1)
+    other_done: dict[str, object] = {}
+
+    def other() -> None:
+        committer.submit(3)
+        other_done["returned"] = True
+
+    member = threading.Thread(target=other, daemon=True)
+    member.start()
+    _until(lambda: len(committer._queue) == 2)  # 2 leads the next batch, 3 is in it
+    assert leader.ident is not None
+    monkeypatch.setattr(committer, "_end_turn", _StopsOnce(committer._end_turn, leader.ident))
+    release.set()
+    member.join(timeout=10)
+    first.join(timeout=10)
+    try:
+        assert batches == [[1], [2, 3]]
+        assert outcome == {"interrupted": True}
+        assert other_done == {"returned": True}  # written, and told so
+        assert committer.rescues == 1
+        committer.submit(4)
+        assert batches[-1] == [4]
+    finally:
+        done.set()

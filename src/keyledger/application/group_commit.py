@@ -24,10 +24,13 @@ the wait off). A lone thread never waits.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
+
+from keyledger.errors import StorageError
 
 T = TypeVar("T")
 
@@ -37,6 +40,14 @@ MAX_BATCH = 256
 ARRIVAL_WAIT = 0.001
 # How long after its write finished a caller still counts as coming back.
 RETURN_GRACE = 0.0005
+# How long a queued caller sleeps before it checks that the leader is still at work.
+WATCHDOG = 0.5
+
+
+class LeaderLost(StorageError):
+    """The leader of the batch holding this item stopped before saying how its write
+    went (Ctrl-C landed between the write and the hand-over): the item may or may not
+    have been written, so its caller fails closed."""
 
 
 class _Pending(Generic[T]):
@@ -100,6 +111,8 @@ class GroupCommitter(Generic[T]):
         self._lock = threading.Lock()
         self._queue: list[_Pending[T]] = []
         self._leader_busy = False
+        self._leader: int | None = None  # the thread that leads (its ident), while busy
+        self.rescues = 0  # leaderships taken back from a leader that stopped (for tests)
         # Threads on their way to submit (idents). Sets are changed without the lock:
         # add and discard are atomic, and a leader re-checks after every wake-up.
         self._arriving: set[int] = set()
@@ -122,7 +135,7 @@ class GroupCommitter(Generic[T]):
             self._returning.discard(thread)
             alone = not self._leader_busy and not self._arriving and not self._queue
             if alone and not self._returning_counted(time.monotonic()):
-                self._leader_busy = True
+                self._leader_busy, self._leader = True, thread
             else:
                 alone = False
                 pending = _Pending(item, thread)
@@ -131,12 +144,15 @@ class GroupCommitter(Generic[T]):
                     self._arrived.notify()
                 if not self._leader_busy:
                     self._leader_busy = pending.lead = True
+                    self._leader = thread
         if alone:  # nobody to wait for or to batch with: write it, then pass the turn on
             self._write_alone(item, thread)
             return
         if not pending.lead:
             try:  # until our write finished, or until it is our turn to lead
-                pending.wake.acquire()
+                while not pending.wake.acquire(timeout=WATCHDOG):
+                    if self._rescued(pending):
+                        break
             except BaseException:  # interrupted (Ctrl-C): never leave a turn to lead unused
                 self._abandon(pending)
                 raise
@@ -188,10 +204,40 @@ class GroupCommitter(Generic[T]):
     def _hand_over(self) -> None:
         """(Lock held.) The next waiter leads the next batch; none: nobody leads."""
         if self._queue:
-            self._queue[0].lead = True
-            self._queue[0].wake.release()
+            first = self._queue[0]
+            first.lead, self._leader = True, first.thread
+            if first.wake.locked():  # (a rescue may hand over to a waiter already woken)
+                first.wake.release()
         else:
-            self._leader_busy = False
+            self._leader_busy, self._leader = False, None
+
+    def _rescued(self, pending: _Pending[T]) -> bool:
+        """After ``WATCHDOG`` seconds of waiting: whether ``pending``'s wait is over
+        because its leader stopped without finishing its turn.
+
+        Python raises ``KeyboardInterrupt`` between any two bytecodes of the main thread,
+        so a leader can stop between its write and its hand-over, leaving every later
+        caller waiting for a turn nobody would give. A leader at work is always inside
+        this committer's code (its frames say so, also while its write waits on a lock
+        for long): one that is not has stopped. Its leadership passes on; an item of the
+        batch it took fails closed (``LeaderLost``) unless its outcome was set."""
+        with self._lock:
+            leader = self._leader
+            if self._leader_busy and leader is not None and not _at_work(leader):
+                self.rescues += 1
+                self._hand_over()
+            elif not pending.finished:
+                return False  # its leader is at work
+            if pending.finished:  # (its leader set its outcome, then stopped before waking it)
+                return True
+            if pending in self._queue:
+                return False  # queued: led or written in a later turn, as usual
+            pending.error = LeaderLost(
+                "the thread writing this batch was interrupted before it said whether the "
+                "write was made: the item may have been recorded, and its call fails closed"
+            )
+            pending.finished = True
+            return True
 
     def _returning_counted(self, now: float) -> int:
         """How many of the last batch's callers count as on their way (lock held)."""
@@ -242,6 +288,26 @@ class GroupCommitter(Generic[T]):
             self._end_turn({pending.thread for pending in batch})
             for pending in batch:
                 if not pending.finished:
-                    pending.error, pending.finished = RuntimeError("write interrupted"), True
+                    interrupted = StorageError("interrupted before the batch was written")
+                    pending.error, pending.finished = interrupted, True
                 if pending.wake.locked():
                     pending.wake.release()
+
+
+_OWN_CODE = frozenset(
+    value.__code__
+    for value in vars(GroupCommitter).values()
+    if callable(value) and hasattr(value, "__code__")
+)
+
+
+def _at_work(thread: int) -> bool:
+    """Whether ``thread`` is running this module's committer code now (a leader at work
+    always is: see ``GroupCommitter._rescued``). A rare check, made only after a queued
+    caller has waited ``WATCHDOG`` seconds."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code in _OWN_CODE:
+            return True
+        frame = frame.f_back
+    return False
