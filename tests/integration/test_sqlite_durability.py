@@ -11,6 +11,7 @@ a call returns (a process killed right after its call lost nothing).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +337,59 @@ def test_a_thread_s_writer_connection_is_closed_when_the_thread_ends(
     assert _open_files(db_file) <= before + 2  # (a pooled reader may have been added)
     assert _datastore(service).open_writers() == 1  # the main thread's, still in use
     assert len(service.list_for_tenant(TENANT, limit=1000)) == 201
+
+
+def test_a_datastore_nobody_closed_can_be_collected_while_its_writers_thread_lives(
+    tmp_path: Path,
+) -> None:
+    """The finalizer that closes a thread's writer must not keep the datastore alive (the
+    main thread, which wrote, lives as long as the process)."""
+    refs = []
+    for n in range(5):
+        datastore = KeyledgerSQLiteDatastore(str(tmp_path / f"db{n}.sqlite"))
+        datastore.thread_writer().raw.execute("SELECT 1")
+        refs.append(weakref.ref(datastore))
+        del datastore
+    gc.collect()
+
+    assert [ref() for ref in refs] == [None] * 5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_close_the_writers_it_inherited(tmp_path: Path) -> None:
+    """SQLite forbids using a connection in a forked child, and closing one there can roll
+    back or checkpoint into the parent's WAL: the parent's other threads' writers, whose
+    thread-locals the child drops, are kept open in the child, never closed."""
+    datastore = KeyledgerSQLiteDatastore(str(tmp_path / "k.sqlite"))
+    ready, stop = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def other_thread() -> None:
+        seen["writer"] = datastore.thread_writer()
+        ready.set()
+        stop.wait(timeout=30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    ready.wait(timeout=30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the other thread does not exist here
+        try:
+            gc.collect()
+            seen["writer"].raw.total_changes  # noqa: B018 (raises once closed)
+            verdict = b"open" if datastore.open_writers() == 0 else b"still registered"
+        except Exception as error:  # reported to the parent
+            verdict = type(error).__name__.encode()
+        os.write(write, verdict)
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    verdict = os.read(read, 100)
+    os.close(read)
+    stop.set()
+    thread.join(timeout=30)
+
+    assert verdict == b"open"
+    assert datastore.open_writers() == 0  # the thread ended in the parent: closed there
+    datastore.close()

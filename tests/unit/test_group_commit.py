@@ -10,6 +10,7 @@ import pytest
 
 from keyledger.application import group_commit
 from keyledger.application.group_commit import GroupCommitter, _Pending
+from keyledger.errors import StorageError
 
 
 class RecordingWriter:
@@ -560,5 +561,163 @@ def test_a_batch_whose_leader_stopped_before_waking_it_returns_its_outcome(
         assert committer.rescues == 1
         committer.submit(4)
         assert batches[-1] == [4]
+    finally:
+        done.set()
+
+
+def test_a_lone_leader_stopped_before_its_hand_over_can_submit_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One thread (a REPL): Ctrl-C lands in its hand-over after it wrote alone; its next
+    submit queues behind the lead it lost, and takes it back after the watchdog period."""
+    monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer, arrival_wait=0)
+    outcome: dict[str, object] = {}
+
+    def repl() -> None:
+        stopping = _StopsOnce(committer._hand_over, threading.get_ident())
+        monkeypatch.setattr(committer, "_hand_over", stopping)
+        try:
+            committer.submit(1)
+        except KeyboardInterrupt:
+            outcome["interrupted"] = True
+        committer.submit(2)
+        outcome["second"] = True
+
+    thread = threading.Thread(target=repl, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert outcome == {"interrupted": True, "second": True}
+    assert writer.batches == [[1], [2]]
+    assert committer.rescues == 1
+
+
+def test_a_waiter_stopped_after_it_was_handed_the_lead_passes_it_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in a caller woken to lead, before it took its batch: the lead passes to the
+    next caller at once (no watchdog needed), and its item is not written."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)
+    outcome: dict[str, object] = {}
+
+    def woken_then_stopped() -> None:
+        stopping = _StopsOnce(committer._lead, threading.get_ident())
+        monkeypatch.setattr(committer, "_lead", stopping)
+        try:
+            committer.submit(2)
+        except KeyboardInterrupt:
+            outcome["interrupted"] = True
+
+    stopped = threading.Thread(target=woken_then_stopped, daemon=True)
+    stopped.start()
+    _until(lambda: len(committer._queue) == 1)
+    third = threading.Thread(target=committer.submit, args=(3,), daemon=True)
+    third.start()
+    _until(lambda: len(committer._queue) == 2)
+    release.set()
+    third.join(timeout=10)
+    stopped.join(timeout=10)
+
+    assert outcome == {"interrupted": True}
+    assert not third.is_alive()
+    assert batches == [[1], [3]]
+    assert not committer._leader_busy
+
+
+def test_callers_of_a_batch_whose_leader_stopped_unanswered_fail_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C twice in a leader: after its write (before it set the outcomes) and again in
+    its clean-up. A caller queued later takes the lead; the batch's other caller fails with
+    LeaderLost (its item may have been written) instead of waiting forever."""
+    monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
+    release, done = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)
+    outcome: dict[str, object] = {}
+
+    def leader() -> None:
+        me = threading.get_ident()
+        outcomes = committer._outcomes
+
+        def written_then_stopped(items: list[int]) -> Sequence[BaseException | None]:
+            if threading.get_ident() == me:
+                outcomes(items)
+                raise KeyboardInterrupt
+            return outcomes(items)
+
+        monkeypatch.setattr(committer, "_outcomes", written_then_stopped)
+        monkeypatch.setattr(committer, "_end_turn", _StopsOnce(committer._end_turn, me))
+        _interrupted_leader(committer, 2, outcome, done)
+
+    stopped = threading.Thread(target=leader, daemon=True)
+    stopped.start()
+    _until(lambda: len(committer._queue) == 1)
+    member_outcome: dict[str, object] = {}
+
+    def member() -> None:
+        try:
+            committer.submit(3)
+            member_outcome["returned"] = True
+        except group_commit.LeaderLost as error:
+            member_outcome["lost"] = error
+
+    may_check = threading.Event()
+
+    class LateWake:
+        """The member's wake lock: its first wait outlasts the rescue by a later caller,
+        so the member first looks when another thread has led (and finished) since."""
+
+        def __init__(self) -> None:
+            self.lock, self.first = threading.Lock(), True
+            self.lock.acquire()
+
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            if self.first:
+                self.first = False
+                may_check.wait(timeout=10)
+                return self.lock.acquire(blocking=False)
+            return self.lock.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            self.lock.release()
+
+        def locked(self) -> bool:
+            return self.lock.locked()
+
+    class LatePending(_Pending[int]):
+        def __init__(self, item: int, thread: int) -> None:
+            super().__init__(item, thread)
+            self.wake = LateWake()  # type: ignore[assignment]
+
+    in_batch = threading.Thread(target=member, daemon=True)
+    with monkeypatch.context() as patched:
+        patched.setattr(group_commit, "_Pending", LatePending)
+        in_batch.start()
+        _until(lambda: len(committer._queue) == 2)
+    release.set()  # 1 is written; 2 leads [2, 3], writes it and stops
+    _until(lambda: outcome.get("interrupted") is True)
+    later = threading.Thread(target=committer.submit, args=(4,), daemon=True)
+    later.start()
+    later.join(timeout=10)  # it took the lead from the stopped leader, and wrote 4
+    may_check.set()
+    in_batch.join(timeout=10)
+    try:
+        assert not later.is_alive()
+        assert not in_batch.is_alive()
+        assert batches == [[1], [2, 3], [4]]
+        assert isinstance(member_outcome.get("lost"), StorageError)
+        assert committer.rescues == 1
     finally:
         done.set()

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Generic, TypeVar
 
 from keyledger.errors import StorageError
@@ -54,7 +55,7 @@ class _Pending(Generic[T]):
     """A queued item. ``wake`` is a lock held from birth: releasing it wakes the waiter
     (a plain lock costs a tenth of a ``threading.Event``, and each item is woken once)."""
 
-    __slots__ = ("error", "finished", "item", "lead", "thread", "wake")
+    __slots__ = ("error", "finished", "item", "lead", "taker", "thread", "wake")
 
     def __init__(self, item: T, thread: int) -> None:
         self.item = item
@@ -62,6 +63,7 @@ class _Pending(Generic[T]):
         self.wake = threading.Lock()
         self.wake.acquire()
         self.lead = False
+        self.taker: int | None = None  # the thread whose batch took it (see _rescued)
         self.finished = False
         self.error: BaseException | None = None
 
@@ -157,7 +159,11 @@ class GroupCommitter(Generic[T]):
                 self._abandon(pending)
                 raise
         if not pending.finished:
-            self._lead()  # a leader's own item is first in its batch
+            try:
+                self._lead()  # a leader's own item is first in its batch
+            except BaseException:  # Ctrl-C before _lead took the batch: pass the lead on
+                self._abandon(pending)  # (a no-op once the item is in a batch)
+                raise
         if pending.error is not None:
             raise pending.error
 
@@ -213,31 +219,54 @@ class GroupCommitter(Generic[T]):
 
     def _rescued(self, pending: _Pending[T]) -> bool:
         """After ``WATCHDOG`` seconds of waiting: whether ``pending``'s wait is over
-        because its leader stopped without finishing its turn.
+        because a leader stopped without finishing its turn.
 
         Python raises ``KeyboardInterrupt`` between any two bytecodes of the main thread,
         so a leader can stop between its write and its hand-over, leaving every later
-        caller waiting for a turn nobody would give. A leader at work is always inside
-        this committer's code (its frames say so, also while its write waits on a lock
-        for long): one that is not has stopped. Its leadership passes on; an item of the
-        batch it took fails closed (``LeaderLost``) unless its outcome was set."""
+        caller waiting for a turn nobody would give. A thread leading this committer is
+        always inside its code, in a frame that shows it leads (``_leading``); one that
+        is not has stopped. Its leadership passes on (the queued items it was to lead
+        are dropped: their caller is gone), and an item of a batch whose leader stopped
+        returns the outcome the leader set, or fails closed (``LeaderLost``)."""
         with self._lock:
             leader = self._leader
-            if self._leader_busy and leader is not None and not _at_work(leader):
+            if self._leader_busy and leader is not None and not self._leading(leader):
                 self.rescues += 1
+                for lost in [p for p in self._queue if p.lead and p.thread == leader]:
+                    self._queue.remove(lost)  # woken to lead, then stopped before _lead
+                    lost.error, lost.finished = LeaderLost(_LOST), True
                 self._hand_over()
-            elif not pending.finished:
-                return False  # its leader is at work
             if pending.finished:  # (its leader set its outcome, then stopped before waking it)
                 return True
-            if pending in self._queue:
-                return False  # queued: led or written in a later turn, as usual
-            pending.error = LeaderLost(
-                "the thread writing this batch was interrupted before it said whether the "
-                "write was made: the item may have been recorded, and its call fails closed"
-            )
-            pending.finished = True
+            if pending in self._queue or self._leading(pending.taker, pending):
+                return False  # queued, or its batch's leader is still at it
+            pending.error, pending.finished = LeaderLost(_LOST), True
             return True
+
+    def _leading(self, thread: int | None, item: _Pending[T] | None = None) -> bool:
+        """Whether ``thread`` is leading this committer now (with ``item``: leading the
+        batch that holds ``item``), from the frames it is running. A rare check, made
+        only after a caller waited ``WATCHDOG`` seconds. A thread that ``sys`` does not
+        list (a greenlet under gevent, say) counts as leading: never rescued."""
+        if thread is None:
+            return False
+        frames = sys._current_frames()
+        if thread not in frames:
+            return True
+        frame: FrameType | None = frames[thread]
+        while frame is not None:
+            code, names = frame.f_code, frame.f_locals
+            if code in _LEADING_CODE and names.get("self") is self:
+                if item is None:
+                    return True
+                if code is _LEAD_CODE and any(p is item for p in names.get("batch", ())):
+                    return True
+            elif code is _SUBMIT_CODE and names.get("self") is self and item is None:
+                own = names.get("pending")
+                if names.get("alone") or (own is not None and own.lead and not own.finished):
+                    return True  # about to write alone, or woken to lead
+            frame = frame.f_back
+        return False
 
     def _returning_counted(self, now: float) -> int:
         """How many of the last batch's callers count as on their way (lock held)."""
@@ -281,6 +310,8 @@ class GroupCommitter(Generic[T]):
                 finally:  # interrupted while waiting, too: this batch is ours to finish
                     batch = self._queue[: self._max_batch]
                     self._queue = self._queue[self._max_batch :]
+                    for taken in batch:
+                        taken.taker = threading.get_ident()
             errors = self._outcomes([p.item for p in batch])
             for pending, error in zip(batch, errors, strict=True):
                 pending.error, pending.finished = error, True
@@ -294,20 +325,20 @@ class GroupCommitter(Generic[T]):
                     pending.wake.release()
 
 
-_OWN_CODE = frozenset(
-    value.__code__
-    for value in vars(GroupCommitter).values()
-    if callable(value) and hasattr(value, "__code__")
+_LEAD_CODE = GroupCommitter._lead.__code__
+_SUBMIT_CODE = GroupCommitter.submit.__code__
+# The frames a leader runs in once it has the lead (its write runs below _outcomes).
+_LEADING_CODE = frozenset(
+    method.__code__
+    for method in (
+        GroupCommitter._lead,
+        GroupCommitter._write_alone,
+        GroupCommitter._outcomes,
+        GroupCommitter._await_arrivals,
+        GroupCommitter._end_turn,
+    )
 )
-
-
-def _at_work(thread: int) -> bool:
-    """Whether ``thread`` is running this module's committer code now (a leader at work
-    always is: see ``GroupCommitter._rescued``). A rare check, made only after a queued
-    caller has waited ``WATCHDOG`` seconds."""
-    frame = sys._current_frames().get(thread)
-    while frame is not None:
-        if frame.f_code in _OWN_CODE:
-            return True
-        frame = frame.f_back
-    return False
+_LOST = (
+    "the thread writing this batch was interrupted before it said whether the write was "
+    "made: the item may have been recorded, and its call fails closed"
+)

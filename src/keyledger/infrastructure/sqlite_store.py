@@ -159,14 +159,17 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             with self._writers_lock:
                 self._all_writers[id(holder)] = created
             # The thread's locals go when it ends, and with them its only _ThreadWriter.
-            weakref.finalize(holder, self._thread_ended, id(holder)).atexit = False
+            # (The finalizer holds the registry, not the datastore: a datastore nobody
+            # closed can still be collected while its writers' threads live on.)
+            weakref.finalize(
+                holder,
+                _thread_ended,
+                self._all_writers,
+                self._writers_lock,
+                id(holder),
+                os.getpid(),
+            ).atexit = False
         return holder.conn
-
-    def _thread_ended(self, key: int) -> None:
-        with self._writers_lock:
-            conn = self._all_writers.pop(key, None)
-        if conn is not None:
-            conn.close()
 
     def open_writers(self) -> int:
         """How many threads' writer connections are open (for tests and diagnostics)."""
@@ -179,6 +182,25 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
                 conn.close()
             self._all_writers.clear()
         super().close()
+
+
+def _thread_ended(
+    writers: dict[int, KeyledgerSQLiteConnection], lock: threading.Lock, key: int, pid: int
+) -> None:
+    """Close the writer of a thread that ended. Not in a forked child: the connections
+    it inherited belong to the parent's threads (SQLite forbids using them in a child,
+    and closing one there could roll back or checkpoint into the parent's WAL)."""
+    with lock:
+        conn = writers.pop(key, None)
+    if conn is None:
+        return
+    if os.getpid() == pid:
+        conn.close()
+    else:  # kept, never closed: freeing it would close it (sqlite3 closes on dealloc)
+        _INHERITED.append(conn)
+
+
+_INHERITED: list[KeyledgerSQLiteConnection] = []  # a forked child's, from its parent
 
 
 class _ThreadWriter:
