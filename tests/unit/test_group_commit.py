@@ -565,6 +565,22 @@ def test_a_batch_whose_leader_stopped_before_waking_it_returns_its_outcome(
         done.set()
 
 
+def _submit_stopped_once_in(
+    committer: GroupCommitter[int],
+    method: str,
+    item: int,
+    outcome: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Submit ``item`` from this thread, whose first call of ``method`` gets Ctrl-C."""
+    stopping = _StopsOnce(getattr(committer, method), threading.get_ident())
+    monkeypatch.setattr(committer, method, stopping)
+    try:
+        committer.submit(item)
+    except KeyboardInterrupt:
+        outcome["interrupted"] = True
+
+
 def test_a_lone_leader_stopped_before_its_hand_over_can_submit_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -576,12 +592,7 @@ def test_a_lone_leader_stopped_before_its_hand_over_can_submit_again(
     outcome: dict[str, object] = {}
 
     def repl() -> None:
-        stopping = _StopsOnce(committer._hand_over, threading.get_ident())
-        monkeypatch.setattr(committer, "_hand_over", stopping)
-        try:
-            committer.submit(1)
-        except KeyboardInterrupt:
-            outcome["interrupted"] = True
+        _submit_stopped_once_in(committer, "_hand_over", 1, outcome, monkeypatch)
         committer.submit(2)
         outcome["second"] = True
 
@@ -608,15 +619,11 @@ def test_a_waiter_stopped_after_it_was_handed_the_lead_passes_it_on(
     _until(lambda: committer._leader_busy)
     outcome: dict[str, object] = {}
 
-    def woken_then_stopped() -> None:
-        stopping = _StopsOnce(committer._lead, threading.get_ident())
-        monkeypatch.setattr(committer, "_lead", stopping)
-        try:
-            committer.submit(2)
-        except KeyboardInterrupt:
-            outcome["interrupted"] = True
-
-    stopped = threading.Thread(target=woken_then_stopped, daemon=True)
+    stopped = threading.Thread(
+        target=_submit_stopped_once_in,
+        args=(committer, "_lead", 2, outcome, monkeypatch),
+        daemon=True,
+    )
     stopped.start()
     _until(lambda: len(committer._queue) == 1)
     third = threading.Thread(target=committer.submit, args=(3,), daemon=True)
