@@ -67,6 +67,10 @@ class StorageError(KeyledgerError):
     """The store failed (locked too long, disk, connection); nothing was half written."""
 
 
+# The StorageError message of a call on a service whose close() was called.
+STORE_CLOSED = "the store is closed: SecretService.close() was called"
+
+
 class ShredIncomplete(KeyledgerError):
     """The operation completed (its destruction, erasure or rewrap is recorded and in
     force), but the store could not yet rewrite the pages that held the deleted or

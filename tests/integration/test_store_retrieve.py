@@ -13,12 +13,14 @@ import pydantic
 import pytest
 from eventsourcing.persistence import IntegrityError, InterfaceError
 
+from conftest import MakeService
 from keyledger import (
     InvalidInput,
     Secret,
     SecretInfo,
     SecretNotFound,
     SecretService,
+    super_admin,
     tenant,
 )
 from keyledger.application import group_commit
@@ -430,3 +432,26 @@ def test_a_new_secret_decided_on_a_stale_keyring_writes_nothing(service: SecretS
     with pytest.raises(IntegrityError):  # the same name again: the events' primary key
         ledger.store.insert_events(stored, unit=fresh)
     assert [info.name for info in service.list_for_tenant("acme")] == ["first", "second"]
+
+
+def test_every_call_on_a_closed_service_is_a_storage_error_saying_so(
+    make_service: MakeService,
+) -> None:
+    """After close(), a call fails with one typed error that says why, on every store
+    (before 0.10.0: sqlite3.ProgrammingError, the library's ConnectionPoolClosedError, or
+    "PostgreSQL unavailable or lock timeout")."""
+    service = make_service()
+    service.store_for_tenant("acme", "cached", "v")
+    service.close()
+    calls = {
+        "retrieve a cached secret": lambda: service.retrieve_for_tenant("acme", "cached"),
+        "retrieve an unknown one": lambda: service.retrieve_for_tenant("acme", "other"),
+        "store": lambda: service.store_for_tenant("acme", "new", "v"),
+        "list": lambda: service.list_for_tenant("acme"),
+        "rotate": lambda: service.rotate_key_for_tenant("acme"),
+        "audit": lambda: service.get_audit_logs(tenant_id="acme"),
+    }
+
+    for call in calls.values():
+        with super_admin(), pytest.raises(StorageError, match="closed"):
+            call()

@@ -728,3 +728,67 @@ def test_callers_of_a_batch_whose_leader_stopped_unanswered_fail_closed(
         assert committer.rescues == 1
     finally:
         done.set()
+
+
+def test_a_caller_handed_the_lead_by_a_leader_stopped_before_waking_it_leads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in a leader's hand-over after it made the next caller the leader, before it
+    woke it: that caller finds, after the watchdog period, that the turn is its own."""
+    monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    leader_thread: list[int] = []
+
+    class StoppingWake:
+        """A wake lock whose ``locked()``, asked by the leader, gets Ctrl-C once."""
+
+        def __init__(self) -> None:
+            self.lock, self.fired = threading.Lock(), False
+            self.lock.acquire()
+
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            return self.lock.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            self.lock.release()
+
+        def locked(self) -> bool:
+            if threading.get_ident() in leader_thread and not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt
+            return self.lock.locked()
+
+    class StoppingPending(_Pending[int]):
+        def __init__(self, item: int, thread: int) -> None:
+            super().__init__(item, thread)
+            self.wake = StoppingWake()  # type: ignore[assignment]
+
+    monkeypatch.setattr(group_commit, "_Pending", StoppingPending)
+    outcome: dict[str, object] = {}
+
+    def leader() -> None:
+        leader_thread.append(threading.get_ident())
+        try:
+            committer.submit(1)
+        except KeyboardInterrupt:
+            outcome["interrupted"] = True
+
+    first = threading.Thread(target=leader, daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)
+    second = threading.Thread(target=committer.submit, args=(2,), daemon=True)
+    second.start()
+    _until(lambda: len(committer._queue) == 1)
+    release.set()
+    first.join(timeout=10)
+    third = threading.Thread(target=committer.submit, args=(3,), daemon=True)
+    third.start()
+    second.join(timeout=10)
+    third.join(timeout=10)
+
+    assert outcome == {"interrupted": True}
+    assert not second.is_alive()
+    assert not third.is_alive()
+    assert [item for batch in batches for item in batch] == [1, 2, 3]

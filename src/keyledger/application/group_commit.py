@@ -238,6 +238,8 @@ class GroupCommitter(Generic[T]):
                 self._hand_over()
             if pending.finished:  # (its leader set its outcome, then stopped before waking it)
                 return True
+            if pending.lead and pending in self._queue:
+                return True  # its turn to lead, handed over by a leader stopped before waking it
             if pending in self._queue or self._leading(pending.taker, pending):
                 return False  # queued, or its batch's leader is still at it
             pending.error, pending.finished = LeaderLost(_LOST), True
@@ -303,6 +305,7 @@ class GroupCommitter(Generic[T]):
 
     def _lead(self) -> None:
         batch: list[_Pending[T]] = []
+        written = False
         try:
             with self._lock:
                 try:
@@ -313,13 +316,18 @@ class GroupCommitter(Generic[T]):
                     for taken in batch:
                         taken.taker = threading.get_ident()
             errors = self._outcomes([p.item for p in batch])
+            written = True
             for pending, error in zip(batch, errors, strict=True):
                 pending.error, pending.finished = error, True
         finally:  # whatever happened, leadership passes on and every caller wakes
             self._end_turn({pending.thread for pending in batch})
             for pending in batch:
-                if not pending.finished:
-                    interrupted = StorageError("interrupted before the batch was written")
+                if not pending.finished:  # interrupted: before the write, or after it
+                    interrupted = (
+                        LeaderLost(_LOST)
+                        if written
+                        else StorageError("interrupted before the batch was written")
+                    )
                     pending.error, pending.finished = interrupted, True
                 if pending.wake.locked():
                     pending.wake.release()

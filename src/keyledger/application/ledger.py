@@ -22,6 +22,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
+    ConnectionPoolClosedError,
     IntegrityError,
     JSONTranscoder,
     Mapper,
@@ -37,6 +38,7 @@ from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import (
+    STORE_CLOSED,
     DecryptionFailed,
     KeyledgerError,
     MasterKeyUnavailable,
@@ -92,6 +94,7 @@ class Ledger(Application[UUID]):
         self.anchor_file = anchor_file
         self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
         self.seal_every = seal_every
+        self.closed = False  # set by close(): calls then fail with STORE_CLOSED
         try:
             super().__init__(env=env)
         except PersistenceError as error:
@@ -152,7 +155,11 @@ class Ledger(Application[UUID]):
         except AggregateNotFoundError:
             cache.evict(aggregate_id)
             return None
+        except ConnectionPoolClosedError:
+            raise StorageError(STORE_CLOSED) from None
         except PersistenceError as error:
+            if self.closed:
+                raise StorageError(STORE_CLOSED) from None
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise StorageError(f"cannot load from the store: {reason}") from None
         cache.put(aggregate_id, aggregate)
@@ -445,5 +452,6 @@ class Ledger(Application[UUID]):
         self.store.wait_for_events(seconds)
 
     def close(self) -> None:
+        self.closed = True
         self.sealer.close()
         self.factory.close()

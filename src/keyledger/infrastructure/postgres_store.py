@@ -25,6 +25,7 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import (
+    ConnectionPoolClosedError,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -39,9 +40,10 @@ from eventsourcing.postgres import (
 from psycopg import Connection
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
+from psycopg_pool import PoolClosed
 
 from keyledger.domain.secret import Secret
-from keyledger.errors import ShredIncomplete, StorageError
+from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -973,6 +975,11 @@ class _Translated:
             return
         if isinstance(error, psycopg.errors.UniqueViolation):
             raise IntegrityError(str(error)) from None
+        if isinstance(error, PoolClosed | ConnectionPoolClosedError) or isinstance(
+            error.__cause__,
+            PoolClosed,  # (the library wraps the pool's error)
+        ):
+            raise StorageError(STORE_CLOSED) from None
         if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError)):
             raise StorageError(
                 f"PostgreSQL unavailable or lock timeout: {_first_line(error)}"

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from eventsourcing.persistence import (
+    ConnectionPoolClosedError,
     IntegrityError,
     InterfaceError,
     PersistenceError,
@@ -37,7 +38,7 @@ from eventsourcing.sqlite import (
 )
 from eventsourcing.utils import Environment
 
-from keyledger.errors import ShredIncomplete, StorageError
+from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -129,6 +130,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # Every live thread's writer, by the id of its _ThreadWriter (see thread_writer).
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
+        self._closed = False
 
     @contextmanager
     def writer(self) -> Iterator[SQLiteConnection]:
@@ -151,6 +153,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         It is closed when its thread ends (a server that starts a thread per request
         would otherwise keep two file descriptors open for every thread it ever ran),
         and when the datastore closes."""
+        if self._closed:
+            raise StorageError(STORE_CLOSED)
         holder: _ThreadWriter | None = getattr(self._writers, "holder", None)
         if holder is None:
             created = self.pool._create_connection()
@@ -177,6 +181,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             return len(self._all_writers)
 
     def close(self) -> None:
+        self._closed = True
         with self._writers_lock:
             for conn in self._all_writers.values():
                 conn.close()
@@ -344,8 +349,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             conn = datastore.thread_writer().raw
         except InterfaceError as error:  # this thread's first writer could not be opened
             raise _translate(error) from None
-        cur = conn.cursor()
         try:
+            cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             result = write(cur)
             conn.commit()
@@ -421,6 +426,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         try:
             with self.datastore.transaction(commit=False) as curs:
                 yield curs
+        except ConnectionPoolClosedError:
+            raise StorageError(STORE_CLOSED) from None
         except (sqlite3.Error, PersistenceError) as error:
             raise StorageError(f"SQLite read failed: {error}") from None
 
@@ -447,6 +454,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                     raise _translate(error) from None
         except InterfaceError as error:  # this thread's writer could not be opened
             raise _translate(error) from None
+        except ConnectionPoolClosedError:  # (the memory store's writes take the pool)
+            raise StorageError(STORE_CLOSED) from None
 
 
 def _translate(error: BaseException) -> BaseException:
