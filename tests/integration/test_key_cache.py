@@ -120,3 +120,29 @@ def test_a_cached_key_expires_by_the_wall_clock_too(
     time.sleep(max(0.0, cached_at + 0.6 - time.monotonic()))
     with pytest.raises(DecryptionFailed, match=MasterKey(bytes.fromhex(new_key)).amk_id):
         cached.retrieve_for_tenant("acme", "s")
+
+
+def test_a_key_being_unwrapped_while_keys_are_forgotten_is_not_cached(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destruction forgets every unwrapped key; a key another thread was unwrapping at
+    that moment must not be cached once it is done (it would stay in memory for
+    KEYLEDGER_KEY_CACHE_SECONDS after its destruction)."""
+    service = make_service()
+    service.store_for_tenant("acme", "api-key", "v")
+    ledger = service._ledger
+    ledger.forget_data_keys()
+    key_material = ledger.key_material
+
+    def destroyed_meanwhile(*args: object) -> tuple[str, bytes] | None:
+        found = key_material(*args)  # type: ignore[arg-type]
+        ledger.forget_data_keys()  # another thread's destruction, mid-unwrap
+        return found
+
+    monkeypatch.setattr(ledger, "key_material", destroyed_meanwhile)
+    assert service.retrieve_for_tenant("acme", "api-key").value == "v"
+    assert len(ledger._data_keys._items._items) == 0  # nothing kept
+
+    monkeypatch.setattr(ledger, "key_material", key_material)
+    assert service.retrieve_for_tenant("acme", "api-key").value == "v"
+    assert len(ledger._data_keys._items._items) == 1  # an undisturbed unwrap is cached

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -122,6 +123,8 @@ class Ledger(Application[UUID]):
         self._data_keys: ExpiringCache[tuple[str, int, str], DataKey] = ExpiringCache(
             key_cache_seconds
         )
+        self._data_keys_lock = threading.Lock()
+        self._data_keys_generation = 0  # bumped by forget_data_keys (see data_key)
 
     def construct_mapper(self) -> Mapper[UUID]:
         """The library's mapper, tagging every event with the audit key (event_tags)."""
@@ -356,8 +359,12 @@ class Ledger(Application[UUID]):
         return data_key, row
 
     def forget_data_keys(self) -> None:
-        """Drop every unwrapped data key from memory (after keys were destroyed)."""
-        self._data_keys.clear()
+        """Drop every unwrapped data key from memory (after keys were destroyed). A key
+        another thread was unwrapping meanwhile is not cached when it is done (see
+        ``data_key``): it would otherwise stay in memory after its destruction."""
+        with self._data_keys_lock:
+            self._data_keys_generation += 1
+            self._data_keys.clear()
 
     def delete_key_material(self, rows: list[tuple[str, int, str | None]]) -> None:
         """Delete stray key material (orphaned, or of destroyed versions): no event, since
@@ -393,6 +400,7 @@ class Ledger(Application[UUID]):
         cached = self._data_keys.get(cache_key)
         if cached is not None:
             return cached
+        generation = self._data_keys_generation
         if self.master_keys.current is None:
             self.current_master_key()
         material = self.key_material(tenant_id, key.version, key.key_id)
@@ -413,7 +421,9 @@ class Ledger(Application[UUID]):
                 f"key material of version {key.version} of tenant {tenant_id!r} does not "
                 "match its fingerprint"
             )
-        self._data_keys.put(cache_key, data_key)
+        with self._data_keys_lock:  # (a cache miss: rare, keys are kept for minutes)
+            if generation == self._data_keys_generation:  # no forget_data_keys meanwhile
+                self._data_keys.put(cache_key, data_key)
         return data_key
 
     def key_material(self, tenant_id: str, version: int, key_id: str) -> tuple[str, bytes] | None:
