@@ -347,11 +347,26 @@ class _RaisingLock:
         return True
 
 
-class _InterruptedWait(threading.Condition):
-    """A condition whose wait is interrupted (Ctrl-C reaches a waiting leader)."""
+class _InterruptedWait:
+    """A leader's wake-up whose wait is interrupted (Ctrl-C reaches a waiting leader)."""
 
-    def wait(self, timeout: float | None = None) -> bool:
-        raise KeyboardInterrupt
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking:
+            raise KeyboardInterrupt
+        return False
+
+    def release(self) -> None:
+        pass
+
+    def locked(self) -> bool:
+        return True
+
+
+def _news_lock() -> threading.Lock:
+    """A leader's wake-up as the committer makes it: locked, no news."""
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 def test_a_leader_interrupted_while_waiting_fails_its_batch_and_hands_leadership_on(
@@ -360,11 +375,12 @@ def test_a_leader_interrupted_while_waiting_fails_its_batch_and_hands_leadership
     monkeypatch.setattr(group_commit, "ARRIVAL_WAIT", 5.0)
     monkeypatch.setattr(group_commit, "RETURN_GRACE", 0.0)  # nobody waits for the leader
     writer, committer, go, other = _with_announced_caller(2)
-    committer._arrived = _InterruptedWait(committer._lock)
+    committer._arrived = _InterruptedWait()  # type: ignore[assignment]
 
     with pytest.raises(KeyboardInterrupt):
         committer.submit(1)
-    committer._arrived = threading.Condition(committer._lock)
+    assert not committer._lock.locked()  # the leader waited without holding it
+    committer._arrived = _news_lock()
     go.set()
     other.join(timeout=30)
 

@@ -94,7 +94,7 @@ class _Arrival(Generic[T]):
             committer._arriving.discard(thread)
             if committer._leader_waiting:
                 with committer._lock:
-                    committer._arrived.notify()
+                    committer._signal_leader()
 
 
 class GroupCommitter(Generic[T]):
@@ -121,7 +121,12 @@ class GroupCommitter(Generic[T]):
         self._returning: set[int] = set()  # the last batch's callers, for RETURN_GRACE
         self._returned_at = 0.0
         self._prompt: set[int] = set()  # threads that came back within the grace last time
-        self._arrived = threading.Condition(self._lock)
+        # A waiting leader's wake-up: locked while there is no news, released by a caller
+        # that arrives or leaves. The leader waits on it without holding ``_lock`` (a
+        # Condition re-takes its lock after the wait, and Ctrl-C there leaves the waiter
+        # without the lock it believes it holds).
+        self._arrived = threading.Lock()
+        self._arrived.acquire()
         self._leader_waiting = False
         self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
 
@@ -143,7 +148,7 @@ class GroupCommitter(Generic[T]):
                 pending = _Pending(item, thread)
                 self._queue.append(pending)
                 if self._leader_waiting:
-                    self._arrived.notify()
+                    self._signal_leader()
                 if not self._leader_busy:
                     self._leader_busy = pending.lead = True
                     self._leader = thread
@@ -284,33 +289,42 @@ class GroupCommitter(Generic[T]):
         expected = len(self._arriving) + self._returning_counted(time.monotonic())
         return 0 < len(self._queue) <= expected and len(self._queue) < self._max_batch
 
+    def _signal_leader(self) -> None:
+        """(Lock held.) Wake the leader waiting in ``_await_arrivals`` to look again."""
+        if self._arrived.locked():
+            self._arrived.release()
+
     def _await_arrivals(self) -> None:
-        """Wait (lock held) while waiting is worth it, at most ``arrival_wait``."""
-        if self.arrival_wait <= 0 or not self._worth_waiting():
-            return
-        self.waits += 1
-        deadline = time.monotonic() + self.arrival_wait
-        self._leader_waiting = True
-        try:
-            while self._worth_waiting():
+        """Wait while waiting is worth it, at most ``arrival_wait``: each look under the
+        lock, each wait outside it (see ``_arrived``)."""
+        with self._lock:
+            if self.arrival_wait <= 0 or not self._worth_waiting():
+                return
+            self.waits += 1
+            deadline = time.monotonic() + self.arrival_wait
+            self._leader_waiting = True
+        while True:
+            with self._lock:
+                self._arrived.acquire(blocking=False)  # news seen from here on: cleared
+                if not self._worth_waiting():
+                    return
                 now = time.monotonic()
                 remaining = deadline - now
                 if remaining <= 0:
-                    break
+                    return
                 if self._returning_counted(now):  # look again when their grace is over
                     remaining = min(remaining, self._returned_at + RETURN_GRACE - now)
-                self._arrived.wait(remaining)
-        finally:
-            self._leader_waiting = False
+            self._arrived.acquire(timeout=remaining)  # released by news, or times out
 
     def _lead(self) -> None:
         batch: list[_Pending[T]] = []
         written = False
         try:
-            with self._lock:
-                try:
-                    self._await_arrivals()
-                finally:  # interrupted while waiting, too: this batch is ours to finish
+            try:
+                self._await_arrivals()
+            finally:  # interrupted while waiting, too: this batch is ours to finish
+                with self._lock:
+                    self._leader_waiting = False
                     batch = self._queue[: self._max_batch]
                     self._queue = self._queue[self._max_batch :]
                     for taken in batch:
