@@ -325,8 +325,8 @@ class GroupCommitter(Generic[T]):
             finally:  # interrupted while waiting, too: this batch is ours to finish
                 with self._lock:
                     self._leader_waiting = False
-                    batch = self._queue[: self._max_batch]
-                    self._queue = self._queue[self._max_batch :]
+                    n = self._max_batch  # (one statement: the batch leaves the queue at once)
+                    batch, self._queue = self._queue[:n], self._queue[n:]
                     for taken in batch:
                         taken.taker = threading.get_ident()
             errors = self._outcomes([p.item for p in batch])
