@@ -295,6 +295,18 @@ def _holding_writer(
     return writer
 
 
+def _writing_first(
+    release: threading.Event, batches: list[list[int]]
+) -> tuple[GroupCommitter[int], threading.Thread]:
+    """A committer that never waits for arrivals, and a thread whose item 1 it is
+    writing (held until ``release``)."""
+    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)  # 1 is being written
+    return committer, first
+
+
 def _prompt_then_held(committer: GroupCommitter[int]) -> None:
     """Write 0, come back at once (so it counts as prompt) with 1, whose batch a
     ``_holding_writer`` holds."""
@@ -546,10 +558,7 @@ def test_a_batch_whose_leader_stopped_before_waking_it_returns_its_outcome(
     monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
     release, done = threading.Event(), threading.Event()
     batches: list[list[int]] = []
-    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
-    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
-    first.start()
-    _until(lambda: committer._leader_busy)  # 1 is being written
+    committer, first = _writing_first(release, batches)
     outcome: dict[str, object] = {}
     leader = threading.Thread(
         target=_interrupted_leader, args=(committer, 2, outcome, done), daemon=True
@@ -629,10 +638,7 @@ def test_a_waiter_stopped_after_it_was_handed_the_lead_passes_it_on(
     next caller at once (no watchdog needed), and its item is not written."""
     release = threading.Event()
     batches: list[list[int]] = []
-    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
-    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
-    first.start()
-    _until(lambda: committer._leader_busy)
+    committer, _ = _writing_first(release, batches)
     outcome: dict[str, object] = {}
 
     stopped = threading.Thread(
@@ -664,10 +670,7 @@ def test_callers_of_a_batch_whose_leader_stopped_unanswered_fail_closed(
     monkeypatch.setattr(group_commit, "WATCHDOG", 0.05, raising=False)
     release, done = threading.Event(), threading.Event()
     batches: list[list[int]] = []
-    committer = GroupCommitter(_holding_writer(release, batches), arrival_wait=0)
-    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
-    first.start()
-    _until(lambda: committer._leader_busy)
+    committer, _ = _writing_first(release, batches)
     outcome: dict[str, object] = {}
 
     def leader() -> None:

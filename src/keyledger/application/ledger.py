@@ -158,10 +158,8 @@ class Ledger(Application[UUID]):
         except AggregateNotFoundError:
             cache.evict(aggregate_id)
             return None
-        except ConnectionPoolClosedError:
-            raise StorageError(STORE_CLOSED) from None
-        except PersistenceError as error:
-            if self.closed:
+        except (ConnectionPoolClosedError, PersistenceError) as error:
+            if self.closed:  # (SQLite's pool says so; PostgreSQL's error wraps the pool's)
                 raise StorageError(STORE_CLOSED) from None
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise StorageError(f"cannot load from the store: {reason}") from None

@@ -25,7 +25,6 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import (
-    ConnectionPoolClosedError,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -975,11 +974,8 @@ class _Translated:
             return
         if isinstance(error, psycopg.errors.UniqueViolation):
             raise IntegrityError(str(error)) from None
-        if isinstance(error, PoolClosed | ConnectionPoolClosedError) or isinstance(
-            error.__cause__,
-            PoolClosed,  # (the library wraps the pool's error)
-        ):
-            raise StorageError(STORE_CLOSED) from None
+        if isinstance(error, PoolClosed) or isinstance(error.__cause__, PoolClosed):
+            raise StorageError(STORE_CLOSED) from None  # (the library wraps the pool's error)
         if isinstance(error, (OperationalError, InterfaceError, psycopg.OperationalError)):
             raise StorageError(
                 f"PostgreSQL unavailable or lock timeout: {_first_line(error)}"
