@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -841,3 +842,124 @@ def test_a_diagnosis_reads_no_value_and_writes_nothing(uncached: SecretService) 
         uncached.diagnose_tenant_secret_key_drift(tenant_id)
 
     assert (state(uncached, ACME), state(uncached, GLOBEX)) == before
+
+
+# -- repairs and diagnoses racing other clients --------------------------------------------
+
+
+def test_a_repair_keeps_a_value_stored_afresh_after_its_diagnosis(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drift error tells clients to store a fresh value: one stored between the
+    repair's diagnosis and its deletions is not unrecoverable and must survive."""
+    from keyledger.application import repair as repair_module
+
+    service = make_service(settings=UNCACHED)
+    client = make_service()
+    service.store_for_tenant(ACME, "db-password", "lost")  # on version 1
+    service.rotate_key_for_tenant(ACME)
+    Database(service).delete_material(ACME, version=1)
+    real_diagnose = repair_module.diagnose
+    stored: list[int] = []
+
+    def diagnose_then_a_client_stores(*args: Any) -> DriftReport:
+        report = real_diagnose(*args)
+        if not stored:  # right after the repair planned its deletions
+            stored.append(client.store_for_tenant(ACME, "db-password", "fresh").key_version)
+        return report
+
+    monkeypatch.setattr(repair_module, "diagnose", diagnose_then_a_client_stores)
+    result = service.repair_tenant_secret_key_drift(ACME, confirm_delete_unrecoverable_data=True)
+
+    assert stored == [2]
+    assert (result.would_delete_secrets, result.deleted_secrets) == (1, 0)
+    assert result.key_versions == [1]
+    assert service.retrieve_for_tenant(ACME, "db-password").value == "fresh"
+    assert [e.action for e in audit(service, ACME)].count("delete") == 0
+    assert service.diagnose_tenant_secret_key_drift(ACME).ok
+
+
+def test_a_repair_that_destroys_the_active_version_leaves_the_healthy_secrets_drift_free(
+    uncached: SecretService,
+) -> None:
+    """Secrets on a healthy retired version outlive the unusable active one: the repair
+    gives the tenant a fresh active version and re-encrypts them onto it, instead of
+    auditing each as a failed re-encryption and leaving the tenant in error."""
+    uncached.store_for_tenant(ACME, "old", "on-v1")
+    uncached.rotate_key_for_tenant(ACME)
+    uncached.store_for_tenant(ACME, "new", "on-v2")
+    Database(uncached).delete_material(ACME, version=2)
+    seen = len(audit(uncached, ACME))
+
+    result = uncached.repair_tenant_secret_key_drift(ACME, confirm_delete_unrecoverable_data=True)
+
+    assert (result.secret_names, result.key_versions, result.deleted_secrets) == (["new"], [2], 1)
+    assert problems_of(result.remaining_issues) == Counter()
+    assert {k.version: k.status for k in uncached.list_keys(ACME)} == {
+        1: "retired",
+        2: "destroyed",
+        3: "active",
+    }
+    assert [(s.name, s.key_version) for s in uncached.list_for_tenant(ACME)] == [("old", 3)]
+    assert uncached.retrieve_for_tenant(ACME, "old").value == "on-v1"
+    new = audit(uncached, ACME)[seen:]
+    assert [e.result for e in new if e.action == "update"] == ["success"]
+    assert Counter(e.action for e in new if e.action != "read") == {
+        "repair": 1,
+        "delete": 1,
+        "destroy_key": 1,
+        "rotate_key": 1,
+        "update": 1,
+    }
+
+
+def test_a_diagnosis_during_rotations_elsewhere_reports_no_drift(
+    make_service: MakeService,
+) -> None:
+    """The key read model and the keyring are compared at one stream position: a key
+    rotated between reading one and loading the other is not drift (before 0.11.0, a
+    third to a half of these diagnoses reported read_model_inconsistent_with_stream)."""
+    service = make_service()
+    other = make_service()
+    service.store_for_tenant(ACME, "s", "v")
+    stop = threading.Event()
+    rotations = 0
+
+    def rotate_until_stopped() -> None:
+        nonlocal rotations
+        while not stop.is_set():
+            other.rotate_key_for_tenant(ACME)
+            rotations += 1
+
+    rotator = threading.Thread(target=rotate_until_stopped)
+    rotator.start()
+    try:
+        found = [problems(service.diagnose_tenant_secret_key_drift(ACME)) for _ in range(60)]
+    finally:
+        stop.set()
+        rotator.join()
+
+    assert rotations > 10
+    assert [count for count in found if count] == []
+
+
+def test_a_dry_run_on_a_key_inventory_that_contradicts_the_stream_plans_by_the_stream(
+    service: SecretService,
+) -> None:
+    """A dry run must announce what the confirmed repair does; the repair rebuilds a read
+    model that contradicts the stream first, so the plan goes by the stream's keys."""
+    for name in ("a", "b"):
+        service.store_for_tenant(ACME, name, "v")
+    Database(service).execute("UPDATE kl_keys SET status='destroyed' WHERE tenant_id=?", (ACME,))
+
+    dry = service.repair_tenant_secret_key_drift(ACME, dry_run=True)
+    real = service.repair_tenant_secret_key_drift(ACME, confirm_delete_unrecoverable_data=True)
+
+    assert "read_model_inconsistent_with_stream" in codes(dry.issues_before)
+    assert (dry.secret_names, dry.key_versions) == ([], [])
+    assert (real.secret_names, real.deleted_secrets) == ([], 0)
+    assert values(service, ACME) == {"a": "v", "b": "v"}
+
+
+def problems_of(issues: list[Any]) -> Counter[str]:
+    return Counter(issue.code for issue in issues if issue.severity != "info")

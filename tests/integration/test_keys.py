@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -191,6 +192,24 @@ def test_reencrypt_all_leaves_deleted_secrets_out(acme: SecretService) -> None:
 
     assert acme.reencrypt_all() == ReencryptResult(success=1, failed=0)
     assert {k.version: k.secret_count for k in acme.list_keys()} == {1: 0, 2: 1}
+
+
+def test_reencrypt_all_moves_a_secret_revived_elsewhere_that_this_process_saw_deleted(
+    make_service: Callable[..., SecretService],
+) -> None:
+    """This process deleted "x" (its cache says so); another revived it. The catalog
+    lists it live, so re-encryption must load it afresh and move it, not skip it."""
+    here, elsewhere = make_service(), make_service()
+    here.store_for_tenant("acme", "x", "1")
+    here.store_for_tenant("acme", "y", "1")
+    here.delete_for_tenant("acme", "x")
+    elsewhere.store_for_tenant("acme", "x", "revived")
+    here.rotate_key_for_tenant("acme")
+
+    assert here.reencrypt_all_for_tenant("acme") == ReencryptResult(success=2, failed=0)
+    with tenant("acme"):
+        assert key_versions(here) == {"x": 2, "y": 2}
+        assert here.retrieve("x").value == "revived"
 
 
 def test_reencrypt_all_on_a_tenant_without_secrets_does_nothing(acme: SecretService) -> None:

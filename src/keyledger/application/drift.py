@@ -13,6 +13,7 @@ from typing import Any
 
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import audit_position
+from keyledger.domain.ids import keyring_id
 from keyledger.errors import DecryptionFailed
 from keyledger.infrastructure.crypto import DataKey
 from keyledger.models import DriftIssue, DriftReport
@@ -64,9 +65,22 @@ class Diagnosis:
         self.issues: list[DriftIssue] = []
         self._probes: dict[int, Probe] = {}
         self._load()
+        # The keyring as it was in the snapshot the read models were read from.
+        self.keyring = ledger.keyring_at(tenant_id, self.keyring_version)
 
     def _load(self) -> None:
+        """The key inventory, the key material and the catalog from one snapshot, with
+        the keyring's version in it: a key event updates the inventory in its own
+        transaction, so the keyring at that version is what the inventory must say
+        (a rotation committed meanwhile is not mistaken for drift)."""
+        store = self.ledger.store
         with self.ledger.reading() as cur:
+            cur.execute(
+                f"SELECT MAX(originator_version) FROM {store.events_table_name} "
+                "WHERE originator_id=?",
+                (store.id_param(keyring_id(self.tenant_id)),),
+            )
+            self.keyring_version = int(cur.fetchone()[0] or 0)
             cur.execute(
                 "SELECT version, key_id, amk_id, status FROM kl_keys WHERE tenant_id=? "
                 "ORDER BY version",
@@ -82,12 +96,13 @@ class Diagnosis:
                 MaterialRow(row[0], row[1], row[2], bytes(row[3])) for row in cur.fetchall()
             ]
             cur.execute(
-                "SELECT name, key_version, envelope_version FROM kl_catalog "
+                "SELECT name, key_version, envelope_version, version FROM kl_catalog "
                 "WHERE tenant_id=? AND deleted=0 ORDER BY name",
                 (self.tenant_id,),
             )
+            # (name, key version, envelope's key version, value version)
             self.secrets = [
-                (row[0], row[1], row[2])
+                (row[0], row[1], row[2], row[3])
                 for row in cur.fetchall()
                 if self.names is None or row[0] in self.names
             ]
@@ -180,8 +195,11 @@ class Diagnosis:
             )
 
     def _check_key_inventory(self) -> None:
-        """The key read model must say what the tenant's keyring aggregate says."""
-        keyring = self.ledger.keyring(self.tenant_id, fresh=True)
+        """The key read model must say what the tenant's keyring aggregate says. When it
+        does not, the other checks go by the stream's inventory (the truth), so that what
+        the diagnosis marks for deletion, a dry run's plan included, does not depend on a
+        read model the repair rebuilds first."""
+        keyring = self.keyring
         from_stream = (
             {}
             if keyring is None
@@ -203,6 +221,7 @@ class Diagnosis:
                 read_model="keys",
                 versions=differing,
             )
+            self.keys = from_stream
 
     def active_key(self) -> KeyRow | None:
         return next((k for k in self.keys.values() if k.status == "active"), None)
@@ -261,7 +280,7 @@ class Diagnosis:
         )
 
     def _check_secret_key_statuses(self) -> None:
-        for name, key_version, _ in self.secrets:
+        for name, key_version, _, _ in self.secrets:
             key = self.keys.get(key_version)
             if key is not None and key.status == "compromised":
                 self._on_compromised(name, key_version)
@@ -289,7 +308,7 @@ class Diagnosis:
         )
 
     def _check_secrets(self) -> None:
-        for name, key_version, envelope_version in self.secrets:
+        for name, key_version, envelope_version, value_version in self.secrets:
             key = self.keys.get(key_version)
             if envelope_version is None or envelope_version != key_version:
                 self.add(
@@ -299,6 +318,7 @@ class Diagnosis:
                     f"the envelope of secret {name!r} cannot be parsed",
                     secret_name=name,
                     key_version=key_version,
+                    value_version=value_version,
                 )
             elif key is None or key.status == "destroyed":
                 self.add(
@@ -309,6 +329,7 @@ class Diagnosis:
                     + ("does not exist" if key is None else "was destroyed"),
                     secret_name=name,
                     key_version=key_version,
+                    value_version=value_version,
                 )
             elif key.status == "compromised":
                 self._on_compromised(name, key_version)
@@ -321,6 +342,7 @@ class Diagnosis:
                     f"unwrapped: {probe.reason}",
                     secret_name=name,
                     key_version=key_version,
+                    value_version=value_version,
                     amk_id=probe.amk_id,
                     unknown_master_key=probe.unknown_amk,
                 )

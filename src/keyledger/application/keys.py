@@ -131,7 +131,9 @@ class KeyCommands:
         for name in names:
             secret = self.ledger.secret(tenant_id, name, fresh=fresh)
             if secret is None or secret.deleted:
-                continue
+                if not fresh:  # the catalog listed it live: the cached copy may be stale
+                    raise Conflict
+                continue  # deleted since it was listed
             if active is not None and secret.key_version == active.version:
                 ok += 1
                 continue

@@ -153,18 +153,24 @@ class Ledger(Application[UUID]):
             cached = cache.get(aggregate_id)
             if cached is not None:
                 return cached
-        try:
-            aggregate: T = self.repository.get(aggregate_id)
-        except AggregateNotFoundError:
+        aggregate: T | None = self._get(aggregate_id)
+        if aggregate is None:
             cache.evict(aggregate_id)
+            return None
+        cache.put(aggregate_id, aggregate)
+        return aggregate
+
+    def _get(self, aggregate_id: UUID, version: int | None = None) -> Any:
+        """The aggregate from the store (at ``version``, if given); None if not found."""
+        try:
+            return self.repository.get(aggregate_id, version=version)
+        except AggregateNotFoundError:
             return None
         except (ConnectionPoolClosedError, PersistenceError) as error:
             if self.closed:  # (SQLite's pool says so; PostgreSQL's error wraps the pool's)
                 raise StorageError(STORE_CLOSED) from None
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise StorageError(f"cannot load from the store: {reason}") from None
-        cache.put(aggregate_id, aggregate)
-        return aggregate
 
     def secret(self, tenant_id: str, name: str, *, fresh: bool = False) -> Secret | None:
         """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
@@ -177,6 +183,13 @@ class Ledger(Application[UUID]):
     def keyring(self, tenant_id: str, *, fresh: bool = False) -> TenantKeyring | None:
         """The tenant's keyring (read-only; see ``for_update``)."""
         return self._load(self._keyrings, keyring_id(tenant_id), fresh)
+
+    def keyring_at(self, tenant_id: str, version: int) -> TenantKeyring | None:
+        """The tenant's keyring as it was at ``version`` (None below 1), not cached."""
+        if version < 1:
+            return None
+        keyring: TenantKeyring | None = self._get(keyring_id(tenant_id), version)
+        return keyring
 
     @staticmethod
     def for_update(aggregate: T) -> T:

@@ -25,10 +25,13 @@ from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.models import DriftIssue, RepairResult
 
 
-def _plan(issues: list[DriftIssue]) -> tuple[list[str], list[int]]:
-    secrets = sorted(
-        {i.secret_name for i in issues if i.repair_action == DELETE_SECRET and i.secret_name}
-    )
+def _plan(issues: list[DriftIssue]) -> tuple[dict[str, int | None], list[int]]:
+    """(each secret to delete: the value version found unrecoverable; versions to destroy)."""
+    secrets = {
+        i.secret_name: i.details.get("value_version")
+        for i in sorted(issues, key=lambda i: i.secret_name or "")
+        if i.repair_action == DELETE_SECRET and i.secret_name
+    }
     versions = sorted(
         {
             i.key_version
@@ -50,18 +53,20 @@ def repair(
     actor: Actor,
 ) -> RepairResult:
     """Repair one tenant's drift; see the module docstring for the rules."""
-    before = diagnose(ledger, tenant_id).issues
-    if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in before):
+    report = diagnose(ledger, tenant_id)
+    if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in report.issues):
         # Plan deletions only on read models that agree with the stream.
         rebuild_read_models(ledger)
-        before = diagnose(ledger, tenant_id).issues
+        report = diagnose(ledger, tenant_id)
+    before = report.issues
+    live = int(report.summary["active_secret_count"])
     secrets, versions = _plan(before)
     result = {
         "tenant_id": tenant_id,
         "issues_before": before,
         "would_delete_secrets": len(secrets),
         "would_delete_tenant_encryption_keys": len(versions),
-        "secret_names": secrets,
+        "secret_names": list(secrets),
         "key_versions": versions,
     }
     if dry_run:
@@ -86,14 +91,14 @@ def repair(
             deleted_tenant_encryption_keys=0,
             **result,
         )
-    _record(ledger, tenant_id, before, secrets, versions, actor)
+    deleted = _record(ledger, tenant_id, before, secrets, versions, live, actor)
     removed = _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
     if versions or removed:  # once, after every step: an incomplete shred stops none of them
         ledger.shred()
     return RepairResult(
         dry_run=False,
         remaining_issues=diagnose(ledger, tenant_id).issues,
-        deleted_secrets=len(secrets),
+        deleted_secrets=len(deleted),
         deleted_tenant_encryption_keys=len(versions),
         **result,
     )
@@ -103,36 +108,60 @@ def _record(
     ledger: Ledger,
     tenant_id: str,
     issues: list[DriftIssue],
-    secrets: list[str],
+    secrets: dict[str, int | None],
     versions: list[int],
+    live: int,
     actor: Actor,
-) -> None:
-    """One transaction: the repair entry, each secret deleted, each version destroyed."""
+) -> list[str]:
+    """One transaction: the repair entry, each secret deleted, each version destroyed,
+    and, when the active version is among them and some of the ``live`` secrets remain
+    (on healthy retired versions), a fresh active version, so that they are re-encrypted
+    onto it at once and the tenant is left without drift. Returns the names deleted.
+
+    A secret is deleted only while its value is the one the diagnosis found unrecoverable
+    (same value version): a value stored afresh since, as the drift error tells clients
+    to do, is kept. The secrets and the keyring are written with the versions they were
+    loaded at, so a change in between makes the attempt start again on fresh state."""
     who = actor_dict(actor)
     codes = sorted({issue.code for issue in issues})
+    deleted_names: list[str] = []
 
     def attempt(n: int) -> None:
         keyring = ledger.keyring(tenant_id, fresh=n > 0)
         if keyring is None:
             return
         changed = ledger.for_update(keyring)
+        active = changed.active
         for version in versions:
             if changed.keys[version].status != "destroyed":
                 changed.destroy(version, "drift repair: unusable", who)
         deleted: list[Secret] = []
-        for name in secrets:
+        for name, value_version in secrets.items():
             secret = ledger.secret(tenant_id, name, fresh=n > 0)
-            if secret is not None and not secret.deleted:
-                doomed = ledger.for_update(secret)
-                doomed.delete(who)
-                deleted.append(doomed)
-        changed.record_repair(codes, secrets, versions, who)
+            if secret is None or secret.deleted:
+                continue
+            if value_version is not None and secret.value_version != value_version:
+                continue  # stored afresh since the diagnosis: not unrecoverable
+            doomed = ledger.for_update(secret)
+            doomed.delete(who)
+            deleted.append(doomed)
+        names = [secret.name for secret in deleted]
+        changed.record_repair(codes, names, versions, who)
         unit = WriteUnit(material_deletions=[(tenant_id, v, None) for v in versions])
+        fresh_key = None
+        if active is not None and active.version in versions and live > len(deleted):
+            fresh_key, row = ledger.new_data_key(tenant_id, changed.next_version)
+            changed.rotate(fresh_key.fingerprint, row.amk_id, who)
+            unit.key_material.append(row)
         ledger.commit(changed, *deleted, unit=unit)
+        if fresh_key is not None:
+            ledger.remember_data_key(fresh_key)
+        deleted_names[:] = names
 
     ledger.retrying(attempt)
     if versions:
         ledger.forget_data_keys()  # the store is shredded at the end of the repair
+    return deleted_names
 
 
 def _fix_without_deleting(
