@@ -7,7 +7,7 @@ validates and delegates like the rest of the facade.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from keyledger.application.verification import verify
 from keyledger.context import current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput, TenantRequired
 from keyledger.models import AuditEntry, Checkpoint, SealResult, TenantState, VerifyReport
-from keyledger.validation import check_aware, check_bool, check_count, check_identifier
+from keyledger.validation import check_aware, check_count, check_identifier, check_positions
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -100,10 +100,14 @@ class AuditInvestigation:
         )
 
     def seal_audit(
-        self, *, user_id: str | None = None, accept_untagged: bool = False
+        self, *, user_id: str | None = None, accept_untagged: Iterable[int] = ()
     ) -> SealResult:
-        """Append checkpoints sealing every event not sealed yet (see docs/audit.md)."""
-        accept = check_bool("accept_untagged", accept_untagged)
+        """Append checkpoints sealing every event not sealed yet (see docs/audit.md).
+
+        ``accept_untagged``: the stream positions of untagged events that were
+        investigated and are to be sealed as they are (``verify_audit`` lists them);
+        an untagged event at any other position stops the seal."""
+        accept = check_positions("accept_untagged", accept_untagged)
         return seal(self._ledger, actor_dict(make_actor(user_id)), accept_untagged=accept)
 
     def verify_audit(

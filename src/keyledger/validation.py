@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,6 +133,19 @@ def check_days(field: str, value: Any) -> int:
     if days > MAX_DAYS:
         raise InvalidInput(f"{field} must be at most {MAX_DAYS} (100 years)")
     return days
+
+
+def check_positions(field: str, value: object) -> frozenset[int]:
+    """Stream positions: an iterable (not a str, bytes or bool) of positive ints."""
+    if isinstance(value, str | bytes | bool) or not isinstance(value, Iterable):
+        raise InvalidInput(f"{field} must be a collection of stream positions")
+    positions = frozenset(value)
+    for position in positions:
+        if isinstance(position, bool) or not isinstance(position, int) or position < 1:
+            raise InvalidInput(f"{field} must hold positive stream positions")
+        if position > MAX_COUNT:
+            raise InvalidInput(f"{field} positions must be at most {MAX_COUNT}")
+    return positions
 
 
 def check_bool(field: str, value: object) -> bool:

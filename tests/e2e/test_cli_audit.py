@@ -634,10 +634,14 @@ def test_an_untagged_event_stops_the_seal_until_accepted(database: Path) -> None
     assert stopped.stderr.startswith(f"Stopped at position {head}: the event carries no tag")
     verified = exits(1, "audit", "verify")
     assert table(verified.stdout)[2][:2] == [str(head), "untagged"]
-    accepted = ok("audit", "seal", "--accept-untagged")
+    elsewhere = exits(1, "audit", "seal", "--accept-untagged", str(head + 1))
+    assert elsewhere.stderr.startswith(f"Stopped at position {head}: the event carries no tag")
+    accepted = ok("audit", "seal", "--accept-untagged", str(head))
     # The event, and the checkpoint after it: a checkpoint is sealed by the next one.
     assert accepted.stdout.splitlines()[-1] == "Sealed 2 events in 1 checkpoints"
     ok("audit", "verify")
+    refused = exits(2, "audit", "seal", "--accept-untagged", "0")
+    assert "Invalid value for '--accept-untagged'" in refused.stderr
 
 
 def test_anchor_shows_a_stream_cut_short(database: Path, tmp_path: Path) -> None:
@@ -793,4 +797,37 @@ def test_an_investigation_on_postgresql(postgres_url: str, tmp_path: Path) -> No
     verified = ok("audit", "verify", "--anchor", str(anchor))
     assert verified.stdout.splitlines()[0].startswith(
         f"Intact: {len(entries) + 1} events checked, {len(entries)} sealed in 1 checkpoints"
+    )
+
+
+def test_investigations_of_a_stream_with_an_undecodable_event_fail_with_one_line(
+    database: Path,
+) -> None:
+    """After `audit verify` reports a modified event, the commands an investigator runs
+    next name the position in one "Error:" line, with no traceback."""
+    two_tenants()
+    head = len(all_entries())
+    tamper(database, head, b'{"timestamp"', b"{garbage!!!")
+    verified = exits(1, "audit", "verify")
+    assert str(head) in verified.stdout
+    for command in (
+        ("audit", "export", "--all-tenants", "--format", "jsonl"),
+        ("audit", "replay", "globex", "--position", str(head)),
+    ):
+        failed = exits(1, *command)
+        assert failed.stderr == (
+            f"Error: the event at position {head} cannot be decoded: its stored bytes were "
+            "altered; run `keyledger audit verify`\n"
+        ), command
+
+
+def test_an_audit_query_whose_catch_up_meets_an_undecodable_event_fails_with_one_line(
+    database: Path,
+) -> None:
+    two_tenants()  # no audit query yet: the audit model has not caught up
+    tamper(database, 2, b'{"timestamp"', b"{garbage!!!")
+    failed = exits(1, "audit", "log", "acme")
+    assert failed.stderr == (
+        "Error: the event at position 2 cannot be decoded: its stored bytes were "
+        "altered; run `keyledger audit verify`\n"
     )

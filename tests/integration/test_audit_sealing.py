@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_created_schemas, drop_schema
-from keyledger import SecretService, tenant
+from keyledger import AuditTampered, SecretService, tenant
 from keyledger.application import sealing, stream
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import Checkpoint
@@ -277,6 +277,31 @@ def test_deleting_the_newest_checkpoints_and_what_they_sealed_is_caught_on_sqlit
     assert [(f.kind, f.position) for f in report.findings] == [("deleted", 3)]
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_forked_child_seals_by_itself_too(make_service: MakeService) -> None:
+    """The sealer thread started before a fork does not exist in the child: the child's
+    first request must start its own, not set an event that nobody waits for."""
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=5))
+    with tenant("acme"):
+        for index in range(6):
+            service.store(f"parent-{index}", "value")
+    assert service._ledger.sealer.wait_idle(10)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 1
+        try:
+            with tenant("acme"):
+                for index in range(20):
+                    service.store(f"child-{index}", "value")
+            sealed = service._ledger.sealer.wait_idle(10)
+            code = 0 if sealed and service.unsealed_events() < 5 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert service.verify_audit().intact
+
+
 def test_a_master_key_holder_cannot_reseal_after_the_chain_moved_to_an_audit_key(
     make_service: MakeService,
 ) -> None:
@@ -297,7 +322,13 @@ def test_a_master_key_holder_cannot_reseal_after_the_chain_moved_to_an_audit_key
     # The forger builds the next checkpoint by hand (keyledger's own seal stops at the
     # owner's checkpoint, whose key it lacks) and appends it.
     ledger = forger._ledger
-    head = sealing.chain_head(ledger)
+    with pytest.raises(AuditTampered, match="not configured"):
+        sealing.chain_head(ledger)  # it cannot check the owner's checkpoint either
+    newest = stream.newest_seal_row(ledger)
+    assert newest is not None
+    decoded = sealing.decode_checkpoint(ledger, newest)
+    assert decoded is not None
+    head = sealing.ChainHead(decoded.originator_version, decoded.to_position, decoded.digest)
     rows = next(stream.rows_after(ledger, head.to_position))
     key = ledger.audit_keys.current
     assert key is not None

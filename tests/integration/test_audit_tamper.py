@@ -31,7 +31,14 @@ import pytest
 from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID, drop_schema
-from keyledger import MasterKeyUnavailable, SecretDisabled, SecretService, tenant
+from keyledger import (
+    AuditTampered,
+    InvalidInput,
+    MasterKeyUnavailable,
+    SecretDisabled,
+    SecretService,
+    tenant,
+)
 from keyledger.context import make_actor
 from keyledger.domain.ids import SEAL_CHAIN_ID
 from keyledger.infrastructure.event_tags import TRAILER_BYTES
@@ -630,7 +637,9 @@ def test_an_event_written_without_any_key_is_untagged_and_stops_the_seal(
     with pytest.raises(MasterKeyUnavailable):
         keyless.seal_audit()
 
-    accepted = keyed.seal_audit(accept_untagged=True)
+    with pytest.raises(InvalidInput, match="stream positions"):
+        keyed.seal_audit(accept_untagged=True)  # type: ignore[arg-type]
+    accepted = keyed.seal_audit(accept_untagged=[untagged.position])
     assert accepted.stopped_at is None
     assert accepted.checkpoints[-1].to_position > untagged.position
     assert keyed.unsealed_events() == 1  # only the newest checkpoint itself
@@ -664,3 +673,37 @@ def test_a_corrupt_newest_checkpoint_never_fails_a_write_through_the_automatic_s
             assert sealing_often.list_for_tenant("acme")[-1].name == "other"
         report = sealing_often.verify_audit()
     assert "checkpoint_invalid" in {f.kind for f in _at(report, position)}
+
+
+def test_a_forged_newest_checkpoint_stops_every_seal_instead_of_silencing_it(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint written without the audit key and claiming to cover positions far
+    ahead would make each later seal seal nothing; sealing must refuse after it."""
+    path = tmp_path / "k.db"
+    master_key = secrets.token_hex(32)
+    with _open(f"sqlite:///{path}", master_key) as service:
+        service.store_for_tenant("acme", "db", "v1")
+        assert len(service.seal_audit().checkpoints) == 1
+    raw = SQLiteRaw(path)
+    try:
+        rows = raw.rows()
+        newest = rows[max(rows)]
+        assert newest.originator_id == SEAL_CHAIN_ID
+        body = newest.state[:-TRAILER_BYTES]  # no key: the forger cannot tag it
+        forged_body = re.sub(rb'"to_position":\d+', b'"to_position":1000000000000', body)
+        assert forged_body != body
+        forged = newest._replace(
+            position=max(rows) + 1, version=newest.version + 1, state=forged_body
+        )
+        raw.apply(insert=[forged])
+    finally:
+        raw.close()
+
+    with _open(f"sqlite:///{path}", master_key) as service:
+        service.store_for_tenant("acme", "db", "v2")
+        with pytest.raises(AuditTampered, match="valid tag"):
+            service.seal_audit()
+        with pytest.raises(AuditTampered):
+            service.unsealed_events()
+        assert not service.verify_audit().intact

@@ -9,6 +9,7 @@ each checkpoint is one append, and the next seal starts from the newest committe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,19 +40,31 @@ class BackgroundSealer:
         self._quiet = quiet_seconds
         self._max_delay = max_delay_seconds
         self._last_activity = 0.0
+        self._closed = False
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """No thread yet, new synchronisation objects, owned by this process."""
+        self._pid = os.getpid()
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
-        self._closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def request(self) -> None:
-        """Ask for a seal soon; returns at once."""
+        """Ask for a seal soon; returns at once.
+
+        A forked child inherits this object but not its thread (nor, safely, its lock,
+        which another thread may have held at the fork): its first request starts
+        afresh. A thread that ended (it survives any Exception, not a SystemExit) is
+        replaced."""
+        if self._pid != os.getpid():
+            self._start_afresh()
         with self._lock:
             if self._closed:
                 return
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="keyledger-auto-seal", daemon=True
                 )

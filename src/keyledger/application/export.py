@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
-from keyledger.application.stream import rows_after
+from keyledger.application.stream import decoded, rows_after
 from keyledger.projections.audit_mapping import audit_facts
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def audit_records(
     called after each page with the last stream position the page covered."""
     for page in rows_after(ledger, after_position, tenant_id=tenant_id):
         for row in page:
-            event: Any = ledger.mapper.to_domain_event(row.stored())
+            event: Any = decoded(ledger, row)
             facts = audit_facts(event)
             if facts is None or (tenant_id is not None and facts.tenant_id != tenant_id):
                 continue

@@ -24,6 +24,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from keyledger.application.stream import undecodable
 from keyledger.errors import StorageError
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
@@ -62,17 +63,21 @@ def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
 
 
 def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
-    """(position, event) of rows of (position, originator_id, version, topic, state)."""
+    """(position, event) of rows of (position, originator_id, version, topic, state);
+    ``AuditTampered`` naming the first row whose bytes do not decode."""
     to_domain_event = ledger.mapper.to_domain_event
-    return [
-        (
-            row[0],
-            decode_read(bytes(row[4]))
-            if row[3] == READ_TOPIC
-            else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))),
-        )
-        for row in rows
-    ]
+    decoded: list[tuple[int, object]] = []
+    for row in rows:
+        try:
+            event = (
+                decode_read(bytes(row[4]))
+                if row[3] == READ_TOPIC
+                else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4])))
+            )
+        except Exception:  # whatever the library raises on bytes it cannot read
+            raise undecodable(int(row[0])) from None
+        decoded.append((row[0], event))
+    return decoded
 
 
 def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tuple[int, object]]:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from keyledger.application.stream import row_at_or_before, tenant_rows
+from keyledger.application.stream import decoded, row_at_or_before, tenant_rows
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
@@ -42,7 +42,7 @@ def state_as_of(
     reads: dict[str, _Reads] = {}
     applied, last_position, last_time = 0, 0, None
     for row in tenant_rows(ledger, tenant_id, upto=position):
-        event: Any = ledger.mapper.to_domain_event(row.stored())
+        event: Any = decoded(ledger, row)
         if at is not None and event.timestamp > at:
             continue
         if getattr(event, "tenant_id", tenant_id) != tenant_id:
@@ -90,7 +90,7 @@ def _time_at(ledger: Ledger, position: int | None) -> datetime | None:
     row = row_at_or_before(ledger, position)
     if row is None:
         return None
-    event: Any = ledger.mapper.to_domain_event(row.stored())
+    event: Any = decoded(ledger, row)
     return event.timestamp  # type: ignore[no-any-return]
 
 

@@ -2,10 +2,12 @@
 
 ``seal`` appends checkpoints until the stream is covered, ``SEGMENT_EVENTS`` events each.
 Before it vouches for an event it checks the event's own tag (``event_tags``): an event
-whose tag does not verify stops the seal there, and so, unless the caller accepts them
-after investigating, does an untagged event (written by a process without any audit key,
-or forged). Sealing reads outside any lock; the checkpoint append is an ordinary versioned
-write, so two sealers never fork the chain: the loser reloads and seals what remains.
+whose tag does not verify stops the seal there, and so does an untagged event (written by
+a process without any audit key, or forged) unless the caller, after investigating it,
+accepts its position: accepting positions, not "every untagged event", keeps an event
+forged after the investigation from being sealed with the investigated ones. Sealing
+reads outside any lock; the checkpoint append is an ordinary versioned write, so two
+sealers never fork the chain: the loser reloads and seals what remains.
 
 Byte layouts (integers 8-byte big-endian)::
 
@@ -164,16 +166,38 @@ class ChainHead:
 
 
 def chain_head(ledger: Ledger) -> ChainHead:
+    """The newest checkpoint, checked before anything is sealed after it.
+
+    A seal covers the events after the head's ``to_position`` and chains to its digest,
+    so a forged head (a row written without the audit key, claiming to cover positions
+    far ahead, say) would make every later seal a silent no-op, or chain the new
+    checkpoints to a digest nobody vouched for. The head must carry a valid tag of a
+    configured audit key, its digest must recompute, and it must cover only positions
+    before its own: otherwise ``AuditTampered``, and nothing is sealed."""
     row = newest_seal_row(ledger)
     if row is None:
         return ChainHead(0, 0, ZERO_DIGEST)
     checkpoint = decode_checkpoint(ledger, row)
+    where = f"the newest checkpoint, at position {row.position},"
+    advice = "run `keyledger audit verify`; nothing can be sealed after it"
     if checkpoint is None:
+        raise AuditTampered(f"{where} is malformed: {advice}")
+    key_id = bytes.fromhex(checkpoint.key_id)
+    status = tag_status(ledger.audit_keys, row)
+    key = ledger.audit_keys.get(key_id)
+    if status == "unknown_key" or key is None:
         raise AuditTampered(
-            f"the newest checkpoint, at position {row.position}, is malformed: "
-            "run `keyledger audit verify`; nothing can be sealed after it"
+            f"{where} was sealed with audit key {checkpoint.key_id}, which is not "
+            "configured, so it cannot be checked: configure that key (KEYLEDGER_AUDIT_KEY, "
+            "or the master key it derives from as a previous master key), or " + advice
         )
-    independent = ledger.audit_keys.is_independent(bytes.fromhex(checkpoint.key_id))
+    if status != "ok":
+        raise AuditTampered(f"{where} does not carry a valid tag ({status}): {advice}")
+    if checkpoint_digest(key, checkpoint) != checkpoint.digest:
+        raise AuditTampered(f"{where} does not match its digest: {advice}")
+    if not checkpoint.after_position <= checkpoint.to_position < row.position:
+        raise AuditTampered(f"{where} claims to cover positions it cannot: {advice}")
+    independent = ledger.audit_keys.is_independent(key_id)
     return ChainHead(
         checkpoint.originator_version, checkpoint.to_position, checkpoint.digest, independent
     )
@@ -220,10 +244,11 @@ def seal(
     ledger: Ledger,
     actor: ActorDict,
     *,
-    accept_untagged: bool = False,
+    accept_untagged: frozenset[int] = frozenset(),
     max_checkpoints: int | None = None,
 ) -> SealResult:
-    """Append checkpoints covering every event not sealed yet (see the module doc)."""
+    """Append checkpoints covering every event not sealed yet (see the module doc);
+    untagged events are vouched for only at the positions in ``accept_untagged``."""
     key = ledger.audit_keys.current
     if key is None:
         raise MasterKeyUnavailable(
@@ -266,17 +291,18 @@ _STOP_REASONS = {
     "unknown_key": "the event is tagged with an audit key that is not configured, or with "
     "a master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
     "untagged": "the event carries no tag (written without an audit key, or forged); "
-    "investigate, then seal with accept_untagged",
+    "investigate it, then seal accepting its position (accept_untagged)",
 }
 
 
 def _vouched(
-    keys: AuditKeyring, page: list[Row], accept_untagged: bool, independent_only: bool
+    keys: AuditKeyring, page: list[Row], accept_untagged: frozenset[int], independent_only: bool
 ) -> tuple[list[Row], tuple[int, str] | None]:
-    """The leading rows of ``page`` a seal may cover, and where and why it must stop."""
+    """The leading rows of ``page`` a seal may cover, and where and why it must stop
+    (an untagged event is covered only at a position the operator accepted)."""
     for index, row in enumerate(page):
         status = tag_status(keys, row, independent_only=independent_only)
-        if status == "ok" or (status == "untagged" and accept_untagged):
+        if status == "ok" or (status == "untagged" and row.position in accept_untagged):
             continue
         return page[:index], (row.position, _STOP_REASONS[status])
     return page, None

@@ -15,6 +15,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 
 from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
+from keyledger.errors import AuditTampered
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -34,6 +35,23 @@ class Row:
 
     def stored(self) -> StoredEvent:
         return StoredEvent(self.originator_id, self.version, self.topic, self.state)
+
+
+def undecodable(position: int) -> AuditTampered:
+    """The error for a stored event whose bytes no longer decode."""
+    return AuditTampered(
+        f"the event at position {position} cannot be decoded: its stored bytes were "
+        "altered; run `keyledger audit verify`"
+    )
+
+
+def decoded(ledger: Ledger, row: Row) -> Any:
+    """The domain event stored in ``row`` (``AuditTampered`` when it does not decode:
+    investigations read streams that may have been tampered with)."""
+    try:
+        return ledger.mapper.to_domain_event(row.stored())
+    except Exception:  # whatever the library raises on bytes it cannot read
+        raise undecodable(row.position) from None
 
 
 def _row(raw: Any) -> Row:

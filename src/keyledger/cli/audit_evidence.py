@@ -55,18 +55,22 @@ def checkpoint_row(checkpoint: Checkpoint) -> tuple[str, ...]:
 @audit_group.command("seal")
 @click.option(
     "--accept-untagged",
-    is_flag=True,
-    help="Also seal events that carry no tag (only after investigating them).",
+    "accept_untagged",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="POSITION",
+    help="Seal the untagged event at this stream position as it is (after investigating "
+    "it; `audit verify` lists them). Repeat for several.",
 )
 @json_option
 @pass_cli
-def seal(cli: CliContext, accept_untagged: bool) -> None:
+def seal(cli: CliContext, accept_untagged: tuple[int, ...]) -> None:
     """Append checkpoints that seal every event of the stream not sealed yet.
 
     Needs the audit key (KEYLEDGER_AUDIT_KEY, or derived from the master key). Sealing
-    stops at an event whose tag does not verify, or that has no tag unless
-    --accept-untagged: it names the position and exits 1. The checkpoints are recorded
-    with --user as the actor.
+    stops at an event whose tag does not verify, or that has no tag unless its position
+    was given with --accept-untagged: it names the position and exits 1. The checkpoints
+    are recorded with --user as the actor.
     """
     result = cli.service.seal_audit(user_id=cli.user, accept_untagged=accept_untagged)
     if cli.json_output:
