@@ -54,6 +54,10 @@ class SecretKeyDriftError(DecryptionFailed):
         super().__init__(message)
         self.report = report
 
+    def __reduce__(self) -> tuple[type[SecretKeyDriftError], tuple[str, DriftReport]]:
+        # Exceptions pickle as cls(*args): the report must travel too (multiprocessing).
+        return type(self), (str(self.args[0]), self.report)
+
 
 class ConfirmationRequired(KeyledgerError):
     """A destructive operation was asked for without its explicit confirmation."""

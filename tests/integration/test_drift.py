@@ -10,6 +10,7 @@ around keyledger with plain SQL, or a service started with the wrong master key.
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
 import sqlite3
 import threading
@@ -276,6 +277,8 @@ def test_reading_a_secret_whose_key_was_deleted_raises_a_drift_error_with_the_re
     assert "secret_envelope_unwrap_failed" in codes(report)
     assert {i.secret_name for i in report.issues if i.secret_name} == {"stripe-key"}
     assert "stripe-key" in str(raised.value)
+    copy = pickle.loads(pickle.dumps(raised.value))  # noqa: S301 (our own bytes, just made)
+    assert (type(copy), str(copy), copy.report) == (SecretKeyDriftError, str(raised.value), report)
     [failure] = [e for e in audit(uncached, ACME) if e.result == "failure"]
     assert (failure.action, failure.secret_name) == ("read", "stripe-key")
     assert failure.details["error"] == "SecretKeyDriftError"

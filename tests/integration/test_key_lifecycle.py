@@ -25,6 +25,7 @@ from keyledger import (
     ReencryptResult,
     SecretKeyDriftError,
     SecretService,
+    StorageError,
     TenantKeyInfo,
     TenantRequired,
     super_admin,
@@ -735,3 +736,36 @@ def test_a_rewrap_covers_a_version_another_process_created(
         1: amk_id(new_key),
         2: amk_id(new_key),
     }
+
+
+def test_a_rewrap_that_fails_at_commit_leaves_no_plain_data_key_in_its_traceback(
+    tmp_path: Any,
+) -> None:
+    """Error trackers record the local variables of every frame of a traceback: a
+    rewrap whose commit fails (the write lock held elsewhere) must not hold the
+    unwrapped data key in any of them."""
+    old_key, new_key = secrets.token_hex(32), secrets.token_hex(32)
+    path = tmp_path / "k.db"
+    with SecretService.create(f"sqlite:///{path}", master_key=old_key) as first:
+        first.store_for_tenant("acme", "db", "value")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    (wrapped,) = blocker.execute("SELECT wrapped FROM kl_key_material").fetchone()
+    plain = MasterKey(bytes.fromhex(old_key)).unwrap("acme", 1, bytes(wrapped))
+    settings = KeyledgerSettings(lock_timeout_seconds=1)
+    with SecretService.create(
+        f"sqlite:///{path}", master_key=new_key, previous_master_keys=[old_key], settings=settings
+    ) as service:
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StorageError) as raised:
+                service.rewrap_master_key()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    frames, trace = [], raised.value.__traceback__.tb_next  # after this test's own frame
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    assert len(frames) > 3
+    holding = [f.f_code.co_qualname for f in frames if plain in f.f_locals.values()]
+    assert holding == []

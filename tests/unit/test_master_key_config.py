@@ -442,3 +442,37 @@ def test_a_malformed_setting_is_invalid_input_naming_the_variable_not_its_value(
     with pytest.raises(InvalidInput) as caught:
         SecretService.create("memory:")
     assert str(caught.value) == f"invalid configuration: {variable}"
+
+
+def test_a_master_key_variable_and_a_key_file_naming_different_keys_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A stale KEYLEDGER_MASTER_KEY beside a new key file must not silently win: the
+    rotation runbook would then re-wrap nothing and report success."""
+    key_file = tmp_path / "amk.hex"
+    key_file.write_text(KEY_B + "\n", encoding="ascii")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(key_file))
+    with pytest.raises(InvalidMasterKey, match="name different master keys") as raised:
+        SecretService.create("memory:")
+    assert KEY_A not in str(raised.value)
+    assert KEY_B not in str(raised.value)
+
+    key_file.write_text(KEY_A.upper() + "\n", encoding="ascii")  # the same key: fine
+    with SecretService.create("memory:") as service:
+        roundtrip(service)
+        assert active_amk_ids(service) == [amk_id(KEY_A)]
+
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(tmp_path / "missing.hex"))
+    with pytest.raises(InvalidMasterKey, match="cannot read"):
+        SecretService.create("memory:")
+
+
+def test_the_current_master_key_listed_again_as_previous_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f"{KEY_B},{KEY_A}")
+    with pytest.raises(InvalidMasterKey, match="also listed") as raised:
+        SecretService.create("memory:")
+    assert KEY_A not in str(raised.value)

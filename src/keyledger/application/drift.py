@@ -153,10 +153,12 @@ class Diagnosis:
                 unknown_amk=True,
             )
         try:
-            raw = amk.unwrap(self.tenant_id, version, row.wrapped)
+            fingerprint = DataKey(
+                self.tenant_id, version, amk.unwrap(self.tenant_id, version, row.wrapped)
+            ).fingerprint  # (no plain key held in a local)
         except DecryptionFailed:
             return Probe(False, f"it does not unwrap with master key {row.amk_id}", row.amk_id)
-        if DataKey(self.tenant_id, version, raw).fingerprint != key.key_id:
+        if fingerprint != key.key_id:
             return Probe(False, "its material does not match its fingerprint", row.amk_id)
         return Probe(True, amk_id=row.amk_id)
 

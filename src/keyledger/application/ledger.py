@@ -359,12 +359,14 @@ class Ledger(Application[UUID]):
         amk = self.current_master_key()
         raw = generate_data_key()
         data_key = DataKey(tenant_id, version, raw)
+        wrapped = amk.wrap(tenant_id, version, raw)
+        del raw  # no plain key among the locals of a frame that goes on (see _rewrapped)
         row = KeyMaterialRow(
             tenant_id=tenant_id,
             version=version,
             key_id=data_key.fingerprint,
             amk_id=amk.amk_id,
-            wrapped=amk.wrap(tenant_id, version, raw),
+            wrapped=wrapped,
             created_at=to_micros(self.clock()),
         )
         return data_key, row

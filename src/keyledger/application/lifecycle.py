@@ -26,6 +26,7 @@ from keyledger.errors import (
     KeyInUse,
     MasterKeyUnavailable,
 )
+from keyledger.infrastructure.crypto import MasterKey
 from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
 from keyledger.models import CleanupKeyOutcome, CleanupResult, TenantKeyInfo
 from keyledger.projections.timeutil import to_micros
@@ -228,11 +229,10 @@ class KeyLifecycle:
                     failures.append(f"{where}: wrapped by unknown master key {row.amk_id}")
                     continue
                 try:
-                    raw = old.unwrap(tenant_id, row.version, row.wrapped)
+                    wrapped = _rewrapped(old, amk, tenant_id, row.version, row.wrapped)
                 except DecryptionFailed:
                     failures.append(f"{where}: does not unwrap with master key {row.amk_id}")
                     continue
-                wrapped = amk.wrap(tenant_id, row.version, raw)
                 unit.material_rewraps.append(
                     KeyMaterialRow(
                         tenant_id, row.version, row.key_id, amk_id, wrapped, row.created_at
@@ -244,3 +244,13 @@ class KeyLifecycle:
             return len(unit.material_rewraps), current, failures
 
         return self.ledger.retrying(attempt)
+
+
+def _rewrapped(
+    old: MasterKey, new: MasterKey, tenant_id: str, version: int, wrapped: bytes
+) -> bytes:
+    """``wrapped`` unwrapped with ``old`` and wrapped with ``new``. The plain data key
+    lives only in this frame, never in one that goes on to commit: an error there, with
+    its traceback's local variables recorded (error trackers do), shows no key."""
+    raw = old.unwrap(tenant_id, version, wrapped)
+    return new.wrap(tenant_id, version, raw)

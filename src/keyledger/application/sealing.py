@@ -22,6 +22,7 @@ The first checkpoint's previous digest is 32 zero bytes.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def tag_status(keys: AuditKeyring, row: Row, *, independent_only: bool = False) 
     if key is None or (independent_only and not keys.is_independent(key_id)):
         return "unknown_key"
     expected = event_tag(key, row.originator_id, row.version, row.topic, body)
-    return "ok" if expected == tag else "mismatch"
+    return "ok" if hmac.compare_digest(expected, tag) else "mismatch"
 
 
 _CHECKPOINT_FIELDS: dict[str, type] = {
@@ -155,6 +156,16 @@ def decode_checkpoint(ledger: Ledger, row: Row) -> AuditSeal.Checkpoint | None:
     return event
 
 
+class UncheckableHead(Exception):
+    """The newest checkpoint was sealed with an audit key this process does not have:
+    a seal stops at it (``stopped_at``), as it stops at any event it cannot vouch for."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ChainHead:
     """The newest checkpoint (sequence 0 and position 0 when nothing is sealed yet)."""
@@ -173,7 +184,9 @@ def chain_head(ledger: Ledger) -> ChainHead:
     far ahead, say) would make every later seal a silent no-op, or chain the new
     checkpoints to a digest nobody vouched for. The head must carry a valid tag of a
     configured audit key, its digest must recompute, and it must cover only positions
-    before its own: otherwise ``AuditTampered``, and nothing is sealed."""
+    before its own: otherwise ``AuditTampered``, and nothing is sealed (``UncheckableHead``
+    when its key is not configured: a seal then stops there, as at any event it cannot
+    vouch for)."""
     row = newest_seal_row(ledger)
     if row is None:
         return ChainHead(0, 0, ZERO_DIGEST)
@@ -186,14 +199,16 @@ def chain_head(ledger: Ledger) -> ChainHead:
     status = tag_status(ledger.audit_keys, row)
     key = ledger.audit_keys.get(key_id)
     if status == "unknown_key" or key is None:
-        raise AuditTampered(
-            f"{where} was sealed with audit key {checkpoint.key_id}, which is not "
-            "configured, so it cannot be checked: configure that key (KEYLEDGER_AUDIT_KEY, "
-            "or the master key it derives from as a previous master key), or " + advice
+        raise UncheckableHead(
+            row.position,
+            f"the newest checkpoint was sealed with audit key {checkpoint.key_id}, which "
+            "is not configured, so nothing can be sealed after it: configure that key "
+            "(KEYLEDGER_AUDIT_KEY, or the master key it derives from as a previous master "
+            "key)",
         )
     if status != "ok":
         raise AuditTampered(f"{where} does not carry a valid tag ({status}): {advice}")
-    if checkpoint_digest(key, checkpoint) != checkpoint.digest:
+    if not hmac.compare_digest(checkpoint_digest(key, checkpoint), checkpoint.digest):
         raise AuditTampered(f"{where} does not match its digest: {advice}")
     if not checkpoint.after_position <= checkpoint.to_position < row.position:
         raise AuditTampered(f"{where} claims to cover positions it cannot: {advice}")
@@ -257,7 +272,18 @@ def seal(
     made: list[Checkpoint] = []
     sealed = 0
     while max_checkpoints is None or len(made) < max_checkpoints:
-        head = chain_head(ledger)
+        try:
+            head = chain_head(ledger)
+        except UncheckableHead as uncheckable:
+            logger.warning(
+                "audit seal stopped at position %d: %s", uncheckable.position, uncheckable.reason
+            )
+            return SealResult(
+                checkpoints=made,
+                sealed_events=sealed,
+                stopped_at=uncheckable.position,
+                stopped_reason=uncheckable.reason,
+            )
         page = next(rows_after(ledger, head.to_position, page_size=SEGMENT_EVENTS), [])
         if len(page) < SEGMENT_EVENTS and all(r.originator_id == SEAL_CHAIN_ID for r in page):
             break  # only checkpoints since: the next seal covers them (never seal seals)
@@ -329,7 +355,10 @@ def append_anchor(path: Path | None, checkpoint: Checkpoint) -> None:
 
 def unsealed_count(ledger: Ledger) -> int:
     """How many events lie after the newest checkpoint."""
-    head = chain_head(ledger)
+    try:
+        head = chain_head(ledger)
+    except UncheckableHead as uncheckable:
+        raise AuditTampered(uncheckable.reason) from None
     table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
         cur.execute(f"SELECT COUNT(*) FROM {table} WHERE {position} > ?", (head.to_position,))

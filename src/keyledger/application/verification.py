@@ -22,6 +22,7 @@ chain rewritten.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,7 +170,7 @@ class _Verifier:
                 sequence,
             )
             return None
-        if checkpoint_digest(key, checkpoint) != checkpoint.digest:
+        if not hmac.compare_digest(checkpoint_digest(key, checkpoint), checkpoint.digest):
             self.found(
                 "checkpoint_invalid", position, "the checkpoint's digest does not verify", sequence
             )
@@ -199,7 +200,7 @@ class _Verifier:
         expected = segment.tags.get(row.position)
         if expected is None:
             segment.suspects.append((row, "inserted"))
-        elif sealed_tag(segment.key, row) == expected:
+        elif hmac.compare_digest(sealed_tag(segment.key, row), expected):
             segment.seen.add(row.position)
         else:
             segment.suspects.append((row, "modified"))
@@ -219,7 +220,9 @@ class _Verifier:
         if len(segment.suspects) * len(missing) <= REORDER_SEARCH_LIMIT:
             for row, _ in segment.suspects:
                 for position in sorted(open_positions):
-                    if _tag_at(segment.key, row, position) == segment.tags[position]:
+                    if hmac.compare_digest(
+                        _tag_at(segment.key, row, position), segment.tags[position]
+                    ):
                         moved[row.position] = position
                         open_positions.discard(position)
                         break

@@ -11,10 +11,18 @@ from keyledger.infrastructure.settings import KeyledgerSettings
 def _current_key_text(
     master_key: str | None, settings: KeyledgerSettings
 ) -> tuple[str | None, str]:
+    """The current AMK's text and where it came from.
+
+    An explicit argument wins over the environment. ``KEYLEDGER_MASTER_KEY`` and
+    ``KEYLEDGER_MASTER_KEY_FILE`` may both be set only to the same key: a stale variable
+    left beside a new key file would otherwise silently win, and a master-key rotation
+    would re-wrap nothing while reporting success. ``SMRT_SECRET_MASTER_KEY`` is the
+    fallback name, read only when neither is set (SPEC section 1)."""
     if master_key is not None:
         return master_key, "master_key argument"
+    sources: list[tuple[str, str]] = []
     if settings.master_key is not None:
-        return settings.master_key.get_secret_value(), "KEYLEDGER_MASTER_KEY"
+        sources.append((settings.master_key.get_secret_value(), "KEYLEDGER_MASTER_KEY"))
     if settings.master_key_file is not None:
         try:
             text = settings.master_key_file.read_text(encoding="ascii")
@@ -22,7 +30,14 @@ def _current_key_text(
             raise InvalidMasterKey(
                 f"KEYLEDGER_MASTER_KEY_FILE: cannot read {settings.master_key_file}"
             ) from None
-        return text, "KEYLEDGER_MASTER_KEY_FILE"
+        sources.append((text, "KEYLEDGER_MASTER_KEY_FILE"))
+    if len(sources) > 1 and len({parse_master_key(t, source) for t, source in sources}) > 1:
+        raise InvalidMasterKey(
+            "KEYLEDGER_MASTER_KEY and KEYLEDGER_MASTER_KEY_FILE name different master keys: "
+            "set only one (a previous master key goes in KEYLEDGER_PREVIOUS_MASTER_KEYS)"
+        )
+    if sources:
+        return sources[0]
     if settings.smrt_master_key is not None:
         return settings.smrt_master_key.get_secret_value(), "SMRT_SECRET_MASTER_KEY"
     return None, ""
@@ -33,7 +48,9 @@ def load_master_keyring(
     master_key: str | None = None,
     previous_master_keys: list[str] | None = None,
 ) -> MasterKeyring:
-    """The current AMK (None when unconfigured) and the previous AMKs, all validated."""
+    """The current AMK (None when unconfigured) and the previous AMKs, all validated.
+    The current key must not also be listed as a previous one (a rotation that forgot to
+    change the current key)."""
     text, source = _current_key_text(master_key, settings)
     current = MasterKey(parse_master_key(text, source)) if text is not None else None
     if previous_master_keys is None:
@@ -44,6 +61,12 @@ def load_master_keyring(
         MasterKey(parse_master_key(text, f"KEYLEDGER_PREVIOUS_MASTER_KEYS[{index}]"))
         for index, text in enumerate(previous_master_keys)
     ]
+    if current is not None and any(key.amk_id == current.amk_id for key in previous):
+        raise InvalidMasterKey(
+            f"the current master key ({source}) is also listed in "
+            "KEYLEDGER_PREVIOUS_MASTER_KEYS: a rotation sets a new current key and lists "
+            "the old one as previous"
+        )
     return MasterKeyring(current, previous)
 
 
