@@ -100,7 +100,12 @@ class AuditInvestigation:
         )
 
     def seal_audit(
-        self, *, user_id: str | None = None, accept_untagged: Iterable[int] = ()
+        self,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+        accept_untagged: Iterable[int] = (),
     ) -> SealResult:
         """Append checkpoints sealing every event not sealed yet (see docs/audit.md).
 
@@ -108,7 +113,8 @@ class AuditInvestigation:
         investigated and are to be sealed as they are (``verify_audit`` lists them);
         an untagged event at any other position stops the seal."""
         accept = check_positions("accept_untagged", accept_untagged)
-        return seal(self._ledger, actor_dict(make_actor(user_id)), accept_untagged=accept)
+        actor = actor_dict(make_actor(user_id, ip_address, user_agent))
+        return seal(self._ledger, actor, accept_untagged=accept)
 
     def verify_audit(
         self, *, from_position: int = 0, anchor: builtins.list[Checkpoint] | None = None

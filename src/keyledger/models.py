@@ -205,6 +205,9 @@ class SealResult(_Frozen):
     sealed_events: int
     stopped_at: int | None
     stopped_reason: str | None
+    # Why a checkpoint could not be appended to KEYLEDGER_AUDIT_ANCHOR_FILE (the seal
+    # itself stands); None when every one was, or no anchor file is configured.
+    anchor_error: str | None = None
 
 
 TamperKind = Literal[

@@ -167,6 +167,11 @@ class SecretService(AuditInvestigation):
             tenant_id, actor, name, value, category, description, expires_at, clear_expiry, metadata
         )
 
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest value a store accepts, in bytes (KEYLEDGER_MAX_VALUE_BYTES)."""
+        return self._settings.max_value_bytes
+
     def _store(
         self,
         tenant_id: str,
@@ -412,29 +417,43 @@ class SecretService(AuditInvestigation):
         return self._lifecycle.compromise(tenant_id, version, reason, actor)
 
     def cleanup_retired_keys(
-        self, older_than_days: int = 90, *, user_id: str | None = None
+        self,
+        older_than_days: int = 90,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
     ) -> CleanupResult:
         """Destroy retired versions retired N+ days ago, across tenants, unless still in use."""
         days = check_days("older_than_days", older_than_days)
-        return self._lifecycle.cleanup_retired(days, make_actor(user_id))
+        return self._lifecycle.cleanup_retired(days, make_actor(user_id, ip_address, user_agent))
 
     def erase_tenant(
-        self, tenant_id: str, *, confirm: bool = False, user_id: str | None = None
+        self,
+        tenant_id: str,
+        *,
+        confirm: bool = False,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
     ) -> builtins.list[int]:
         """Destroy all the tenant's key versions: every value it stored becomes unrecoverable."""
         tenant_id = check_identifier("tenant_id", tenant_id)
+        actor = make_actor(user_id, ip_address, user_agent)
         # Anything but True is no confirmation (ConfirmationRequired, SPEC section 6).
-        return self._lifecycle.erase_tenant(tenant_id, confirm is True, make_actor(user_id))
+        return self._lifecycle.erase_tenant(tenant_id, confirm is True, actor)
 
     def rewrap_master_key(
         self,
         *,
         user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> RewrapResult:
         """Re-wrap every tenant's usable key versions under the current master key."""
         check_callback("progress", progress)
-        return self._lifecycle.rewrap(make_actor(user_id), progress)
+        return self._lifecycle.rewrap(make_actor(user_id, ip_address, user_agent), progress)
 
     def count_key_material(self) -> int:
         """How many usable key versions have material (for progress bars)."""
@@ -471,14 +490,24 @@ class SecretService(AuditInvestigation):
         *,
         dry_run: bool = False,
         confirm_delete_unrecoverable_data: bool = False,
+        confirmed_plan: RepairResult | None = None,
         user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
     ) -> RepairResult:
-        """Repair drift; deleting anything needs ``confirm_delete_unrecoverable_data``."""
+        """Repair drift; deleting anything needs ``confirm_delete_unrecoverable_data``.
+
+        ``confirmed_plan``: the dry run whose plan was confirmed (a person read it, say).
+        The repair diagnoses again before it deletes; if it would now delete a secret or a
+        key version that plan did not name, it raises ``ConfirmationRequired`` and
+        changes nothing, so what was confirmed bounds what is deleted."""
         tenant_id = check_identifier("tenant_id", tenant_id)
         # Checked, never coerced: dry_run=1 or "yes" must not turn into a real repair.
         # Anything but True confirms nothing: ConfirmationRequired (SPEC section 7).
         dry = check_bool("dry_run", dry_run)
         confirm = confirm_delete_unrecoverable_data is True
+        if confirmed_plan is not None and not isinstance(confirmed_plan, RepairResult):
+            raise InvalidInput("confirmed_plan must be the RepairResult of a dry run")
         return repair(
             self._ledger,
             self._lifecycle,
@@ -486,7 +515,8 @@ class SecretService(AuditInvestigation):
             tenant_id,
             dry_run=dry,
             confirm=confirm,
-            actor=make_actor(user_id),
+            confirmed=confirmed_plan,
+            actor=make_actor(user_id, ip_address, user_agent),
         )
 
     def keys_due(self, tenant_id: str | None = None) -> builtins.list[KeyDue]:
@@ -518,12 +548,19 @@ class SecretService(AuditInvestigation):
         return due
 
     def rotate_due_keys(
-        self, tenant_id: str | None = None, *, user_id: str | None = None
+        self,
+        tenant_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
     ) -> builtins.list[TenantKeyInfo]:
         """Rotate every due key version of ``keys_due``'s scope (all tenants inside
         super_admin())."""
+        make_actor(user_id, ip_address, user_agent)  # checked before the first rotation
         due = self.keys_due(tenant_id)
-        return [self.rotate_key_for_tenant(key.tenant_id, user_id=user_id) for key in due]
+        actor = {"user_id": user_id, "ip_address": ip_address, "user_agent": user_agent}
+        return [self.rotate_key_for_tenant(key.tenant_id, **actor) for key in due]
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
         """Key versions of the current (or given) tenant; all tenants inside super_admin()."""

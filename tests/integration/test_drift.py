@@ -25,6 +25,7 @@ from keyledger import (
     ConfirmationRequired,
     DecryptionFailed,
     DriftReport,
+    InvalidInput,
     MasterKeyUnavailable,
     RepairResult,
     SecretKeyDriftError,
@@ -966,3 +967,31 @@ def test_a_dry_run_on_a_key_inventory_that_contradicts_the_stream_plans_by_the_s
 
 def problems_of(issues: list[Any]) -> Counter[str]:
     return Counter(issue.code for issue in issues if issue.severity != "info")
+
+
+def test_a_repair_bounded_by_a_confirmed_plan_refuses_to_delete_what_it_did_not_name(
+    uncached: SecretService,
+) -> None:
+    """`drift repair` shows a dry run and asks; the tenant may change before the answer.
+    The repair given that plan deletes nothing beyond it (and nothing at all then)."""
+    fill(uncached)
+    database = Database(uncached)
+    database.delete_material(ACME, version=1)
+    plan = uncached.repair_tenant_secret_key_drift(ACME, dry_run=True)
+    assert (plan.secret_names, plan.key_versions) == (["api-token", "db-password"], [1])
+    database.delete_material(ACME, version=2)  # meanwhile, the active version goes too
+    before = state(uncached, ACME)
+
+    with pytest.raises(ConfirmationRequired, match="did not name"):
+        uncached.repair_tenant_secret_key_drift(
+            ACME, confirm_delete_unrecoverable_data=True, confirmed_plan=plan
+        )
+
+    assert state(uncached, ACME) == before
+    fresh_plan = uncached.repair_tenant_secret_key_drift(ACME, dry_run=True)
+    result = uncached.repair_tenant_secret_key_drift(
+        ACME, confirm_delete_unrecoverable_data=True, confirmed_plan=fresh_plan
+    )
+    assert result.deleted_secrets == 4
+    with pytest.raises(InvalidInput):
+        uncached.repair_tenant_secret_key_drift(ACME, confirmed_plan="yes")  # type: ignore[arg-type]

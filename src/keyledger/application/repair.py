@@ -51,8 +51,10 @@ def repair(
     dry_run: bool,
     confirm: bool,
     actor: Actor,
+    confirmed: RepairResult | None = None,
 ) -> RepairResult:
-    """Repair one tenant's drift; see the module docstring for the rules."""
+    """Repair one tenant's drift; see the module docstring for the rules. ``confirmed``:
+    a dry run whose plan bounds what may be deleted (see the service)."""
     report = diagnose(ledger, tenant_id)
     if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in report.issues):
         # Plan deletions only on read models that agree with the stream.
@@ -77,6 +79,16 @@ def repair(
             deleted_tenant_encryption_keys=0,
             **result,
         )
+    if confirmed is not None and (secrets or versions):
+        unconfirmed = sorted(set(secrets) - set(confirmed.secret_names))
+        versions_unconfirmed = sorted(set(versions) - set(confirmed.key_versions))
+        if confirmed.tenant_id != tenant_id or unconfirmed or versions_unconfirmed:
+            raise ConfirmationRequired(
+                f"the repair of tenant {tenant_id!r} would now also delete "
+                f"{len(unconfirmed)} secret(s) and {len(versions_unconfirmed)} key "
+                "version(s) that the confirmed plan did not name; nothing was changed: "
+                "review a new dry run"
+            )
     if (secrets or versions) and not confirm:
         raise ConfirmationRequired(
             f"repairing tenant {tenant_id!r} deletes {len(secrets)} unrecoverable secret(s) "

@@ -271,6 +271,7 @@ def seal(
         )
     made: list[Checkpoint] = []
     sealed = 0
+    anchor_error: str | None = None
     while max_checkpoints is None or len(made) < max_checkpoints:
         try:
             head = chain_head(ledger)
@@ -283,6 +284,7 @@ def seal(
                 sealed_events=sealed,
                 stopped_at=uncheckable.position,
                 stopped_reason=uncheckable.reason,
+                anchor_error=anchor_error,
             )
         page = next(rows_after(ledger, head.to_position, page_size=SEGMENT_EVENTS), [])
         if len(page) < SEGMENT_EVENTS and all(r.originator_id == SEAL_CHAIN_ID for r in page):
@@ -297,7 +299,7 @@ def seal(
             if ledger.anchor_file is not None:  # where it landed, for the anchor
                 at = position_of(ledger, SEAL_CHAIN_ID, checkpoint.originator_version)
                 made.append(checkpoint_model(checkpoint, at))
-                append_anchor(ledger.anchor_file, made[-1])
+                anchor_error = append_anchor(ledger.anchor_file, made[-1]) or anchor_error
             else:
                 made.append(checkpoint_model(checkpoint, None))
             sealed += len(covered)
@@ -305,11 +307,21 @@ def seal(
             position, reason = stop
             logger.warning("audit seal stopped at position %d: %s", position, reason)
             return SealResult(
-                checkpoints=made, sealed_events=sealed, stopped_at=position, stopped_reason=reason
+                checkpoints=made,
+                sealed_events=sealed,
+                stopped_at=position,
+                stopped_reason=reason,
+                anchor_error=anchor_error,
             )
         if len(page) < SEGMENT_EVENTS:
             break
-    return SealResult(checkpoints=made, sealed_events=sealed, stopped_at=None, stopped_reason=None)
+    return SealResult(
+        checkpoints=made,
+        sealed_events=sealed,
+        stopped_at=None,
+        stopped_reason=None,
+        anchor_error=anchor_error,
+    )
 
 
 _STOP_REASONS = {
@@ -334,15 +346,17 @@ def _vouched(
     return page, None
 
 
-def append_anchor(path: Path | None, checkpoint: Checkpoint) -> None:
-    """Append ``checkpoint`` to the anchor file (KEYLEDGER_AUDIT_ANCHOR_FILE), durably.
+def append_anchor(path: Path | None, checkpoint: Checkpoint) -> str | None:
+    """Append ``checkpoint`` to the anchor file (KEYLEDGER_AUDIT_ANCHOR_FILE), durably;
+    returns why it could not (None: written, or no anchor file).
 
     The file is what ``audit verify --anchor`` reads; kept where the database's
     administrators cannot write, it reveals rows cut from the newest end of the stream.
-    A failure to write it is logged and never undoes the seal.
+    A failure to write it never undoes the seal: it is logged, and reported in the
+    ``SealResult`` (the CLI exits 1), so that a scheduled seal notices.
     """
     if path is None:
-        return
+        return None
     line = checkpoint.model_dump_json() + "\n"
     try:
         with path.open("a", encoding="utf-8") as out:
@@ -351,6 +365,8 @@ def append_anchor(path: Path | None, checkpoint: Checkpoint) -> None:
             os.fsync(out.fileno())
     except OSError as error:
         logger.warning("audit anchor file %s not written: %s", path, error.strerror)
+        return f"the anchor file {path} was not written: {error.strerror}"
+    return None
 
 
 def unsealed_count(ledger: Ledger) -> int:

@@ -72,15 +72,18 @@ def seal(cli: CliContext, accept_untagged: tuple[int, ...]) -> None:
     was given with --accept-untagged: it names the position and exits 1. The checkpoints
     are recorded with --user as the actor.
     """
-    result = cli.service.seal_audit(user_id=cli.user, accept_untagged=accept_untagged)
+    result = cli.service.seal_audit(**cli.actor, accept_untagged=accept_untagged)
     if cli.json_output:
         emit_json(to_data(result))
     else:
         if result.checkpoints:
             emit_table(CHECKPOINT_HEADERS, [checkpoint_row(c) for c in result.checkpoints])
         click.echo(f"Sealed {result.sealed_events} events in {len(result.checkpoints)} checkpoints")
+    if result.anchor_error is not None:  # sealed, but the anchor is behind: say so, exit 1
+        click.echo(f"Error: {result.anchor_error}", err=True)
     if result.stopped_at is not None:
         click.echo(f"Stopped at position {result.stopped_at}: {result.stopped_reason}", err=True)
+    if result.stopped_at is not None or result.anchor_error is not None:
         click.get_current_context().exit(1)
 
 

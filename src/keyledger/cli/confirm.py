@@ -7,6 +7,8 @@ error that says how to confirm in advance, not a bare "Aborted!".
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -16,8 +18,10 @@ def confirm(question: str, *, yes: bool) -> None:
         return
     click.echo(f"{question} [y/N]: ", nl=False, err=True)
     try:
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise EOFError
         answer = input()
-    except EOFError:
+    except (EOFError, RuntimeError):  # RuntimeError: "input(): lost sys.stdin"
         click.echo(err=True)
         raise click.ClickException(
             "no answer to the confirmation (standard input is closed); nothing was changed. "

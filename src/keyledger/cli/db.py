@@ -159,4 +159,7 @@ def shred(cli: CliContext) -> None:
     snapshot; PostgreSQL: the role does not own kl_key_material: run it as the owner).
     """
     cli.service.shred_key_material()
-    click.echo("Shredded: deleted key material is gone from the store's files.", err=True)
+    if cli.json_output:
+        emit_json({"shredded": True})
+    else:
+        click.echo("Shredded: deleted key material is gone from the store's files.", err=True)

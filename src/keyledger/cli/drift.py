@@ -161,7 +161,7 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
     Exits 1 when errors remain after the repair.
     """
     service = cli.service
-    plan = service.repair_tenant_secret_key_drift(tenant_id, dry_run=True, user_id=cli.user)
+    plan = service.repair_tenant_secret_key_drift(tenant_id, dry_run=True, **cli.actor)
     if dry_run:
         if cli.json_output:
             emit_json(to_data(plan))
@@ -176,8 +176,10 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
             f"Delete {deletion_plan(plan)} of tenant {tenant_id!r}? This cannot be undone.",
             yes=yes,
         )
+    # What was shown and confirmed bounds what is deleted: the repair diagnoses again,
+    # and refuses if the tenant changed meanwhile so that it would delete more.
     result = service.repair_tenant_secret_key_drift(
-        tenant_id, confirm_delete_unrecoverable_data=confirm, user_id=cli.user
+        tenant_id, confirm_delete_unrecoverable_data=confirm, confirmed_plan=plan, **cli.actor
     )
     if cli.json_output:
         emit_json(to_data(result))

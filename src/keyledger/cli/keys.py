@@ -242,7 +242,7 @@ def cleanup_retired(cli: CliContext, older_than_days: int, yes: bool) -> None:
         "days ago, in every tenant? Versions still in use are skipped.",
         yes=yes,
     )
-    result = cli.service.cleanup_retired_keys(older_than_days, user_id=cli.user)
+    result = cli.service.cleanup_retired_keys(older_than_days, **cli.actor)
     if cli.json_output:
         emit_json(to_data(result))
         return

@@ -39,10 +39,10 @@ def rewrap_with_progress(cli: CliContext) -> RewrapResult:
     """Re-wrap every tenant's key material, with a progress bar on a terminal."""
     service = cli.service
     if not is_terminal("stderr"):
-        return service.rewrap_master_key(user_id=cli.user)
+        return service.rewrap_master_key(**cli.actor)
     total = service.count_key_material()
     with click.progressbar(length=total, label="Re-wrapping", file=sys.stderr) as bar:
-        return service.rewrap_master_key(user_id=cli.user, progress=bar.update)
+        return service.rewrap_master_key(**cli.actor, progress=bar.update)
 
 
 @master_key_group.command("rewrap")

@@ -27,7 +27,10 @@ class AwareDateTime(click.ParamType[datetime]):
             self.fail(
                 f"{value!r} has no timezone: add 'Z' or an offset such as '+00:00'", param, ctx
             )
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:59-05:00 is past the last UTC instant
+            self.fail(f"{value!r} is out of range in UTC", param, ctx)
 
 
 class KeyValue(click.ParamType[tuple[str, str]]):

@@ -62,7 +62,8 @@ def timestamp(value: datetime | None) -> str:
     """A UTC timestamp to the second, or ``-``."""
     if value is None:
         return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    utc = value.astimezone(UTC)  # (%Y does not pad years before 1000)
+    return f"{utc.year:04d}-" + utc.strftime("%m-%dT%H:%M:%SZ")
 
 
 def text(value: object) -> str:
@@ -81,4 +82,5 @@ def emit_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def is_terminal(stream: Literal["stdin", "stdout", "stderr"]) -> bool:
     """True when a person, not a pipe or file, is on ``stream``."""
-    return bool(getattr(sys, stream).isatty())
+    handle = getattr(sys, stream)
+    return handle is not None and bool(handle.isatty())  # None: the stream was closed

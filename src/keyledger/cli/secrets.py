@@ -21,9 +21,10 @@ from keyledger.cli.render import (
 )
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import make_actor
+from keyledger.errors import InvalidInput
 from keyledger.models import SecretInfo
 from keyledger.service import StatusFilter
-from keyledger.validation import check_identifier
+from keyledger.validation import check_identifier, check_metadata, check_optional_text
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
 name_argument = click.argument("name")
@@ -34,14 +35,25 @@ def secrets_group() -> None:
     """Store, read, list and change a tenant's secrets."""
 
 
-def read_value(binary: bool) -> str | bytes:
-    """The value from stdin (a pipe) or a hidden, confirmed prompt; never from argv."""
+def read_value(binary: bool, limit: int) -> str | bytes:
+    """The value from stdin (a pipe) or a hidden, confirmed prompt; never from argv.
+    At most ``limit`` bytes are taken from a pipe: a longer value is refused after
+    reading one byte more, not after reading all of it."""
+    if sys.stdin is None:
+        raise click.ClickException(
+            "no value to store: standard input is closed; pipe the value in, or run the "
+            "command on a terminal to be asked for it"
+        )
     if is_terminal("stdin"):
         if binary:
             raise click.UsageError("--binary reads the value from stdin: pipe or redirect it in")
         value: str = click.prompt("Value", hide_input=True, confirmation_prompt=True, err=True)
         return value
-    raw = sys.stdin.buffer.read()
+    # Enough for a value at the limit plus the line ending dropped below; one byte more
+    # proves the value too large (the service checks the exact size of the rest).
+    raw = sys.stdin.buffer.read(limit + 3)
+    if len(raw) > limit + 2:
+        raise InvalidInput(f"value is more than {limit + 2} bytes; the limit is {limit}")
     if binary:
         return raw
     try:
@@ -108,8 +120,12 @@ def put(
     entries = metadata_from_pairs(metadata)
     check_identifier("tenant_id", tenant_id)
     check_identifier("name", name)
+    # Checked before the value is asked for, so that nobody types a value twice in vain.
+    check_optional_text("category", category, 200)
+    check_optional_text("description", description)
+    check_metadata(entries)
     service = cli.service
-    value = read_value(binary)
+    value = read_value(binary, service.max_value_bytes)
     info = service.store_for_tenant(
         tenant_id,
         name,

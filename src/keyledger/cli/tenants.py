@@ -31,7 +31,7 @@ def erase(cli: CliContext, tenant_id: str, yes: bool) -> None:
         "this cannot be undone.",
         yes=yes,
     )
-    versions = cli.service.erase_tenant(tenant_id, confirm=True, user_id=cli.user)
+    versions = cli.service.erase_tenant(tenant_id, confirm=True, **cli.actor)
     if cli.json_output:
         emit_json({"tenant_id": tenant_id, "destroyed_key_versions": versions})
     elif versions:

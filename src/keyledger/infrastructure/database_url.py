@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ _POSTGRES_OPTIONS: dict[str, tuple[str, type]] = {
     "schema": ("POSTGRES_SCHEMA", str),
     "pool_size": ("POSTGRES_POOL_SIZE", int),
     "max_overflow": ("POSTGRES_MAX_OVERFLOW", int),
-    "connect_timeout": ("POSTGRES_CONNECT_TIMEOUT", float),
+    "connect_timeout": ("POSTGRES_CONNECT_TIMEOUT", int),
     "lock_timeout": ("POSTGRES_LOCK_TIMEOUT", int),
     "max_waiting": ("POSTGRES_MAX_WAITING", int),
     "conn_max_age": ("POSTGRES_CONN_MAX_AGE", float),
@@ -77,6 +78,12 @@ def sqlite_db_name(database_url: str | SecretStr) -> str:
         parts = None
     if parts is None or parts.scheme != "sqlite" or parts.netloc or not parts.path:
         raise InvalidInput(_UNSUPPORTED)
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        # Not silently dropped: "?mode=ro" would otherwise open the file for writing.
+        raise InvalidInput(
+            "a SQLite URL takes no options (?...) or fragment (#...): keyledger sets the "
+            "connection's options itself; percent-encode ? and # in the path (%3F, %23)"
+        )
     path = Path(unquote(parts.path[1:]))
     if path.parent and not path.parent.exists():
         # An "@" suggests a mistyped server URL with a password in it: do not echo that.
@@ -171,6 +178,19 @@ def _postgres_env(database_url: str, lock_timeout_seconds: int) -> dict[str, str
     return env
 
 
+# The largest value each numeric URL option accepts: beyond these a setting is a typo (a
+# pool of millions of connections is spun up before failing; PostgreSQL refuses a lock
+# timeout over 24 days only when the first connection is made).
+_OPTION_LIMITS: dict[str, float] = {
+    "pool_size": 1000,
+    "max_overflow": 1000,
+    "connect_timeout": 3600,
+    "lock_timeout": 86_400,
+    "max_waiting": 1_000_000,
+    "conn_max_age": 7 * 86_400,
+}
+
+
 def _checked_option(option: str, value: str, kind: type) -> str:
     if kind is str:
         return value
@@ -179,6 +199,11 @@ def _checked_option(option: str, value: str, kind: type) -> str:
     except ValueError:
         expected = "an integer" if kind is int else "a number"
         raise InvalidInput(f"URL option {option} must be {expected}") from None
+    if not math.isfinite(number):
+        raise InvalidInput(f"URL option {option} must be a finite number")
     if number < 0 or (option in ("lock_timeout", "pool_size") and number == 0):
         raise InvalidInput(f"URL option {option} must be positive")
+    limit = _OPTION_LIMITS.get(option)
+    if limit is not None and number > limit:
+        raise InvalidInput(f"URL option {option} must be at most {limit:g}")
     return value

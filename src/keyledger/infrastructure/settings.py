@@ -28,11 +28,11 @@ class KeyledgerSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("SMRT_SECRET_MASTER_KEY")
     )
     previous_master_keys: SecretStr | None = None
-    max_value_bytes: int = Field(default=65536, gt=0)
-    key_cache_seconds: float = Field(default=300.0, ge=0)
-    lock_timeout_seconds: int = Field(default=30, gt=0)
+    max_value_bytes: int = Field(default=65536, gt=0, le=64 * 2**20)
+    key_cache_seconds: float = Field(default=300.0, ge=0, le=86_400, allow_inf_nan=False)
+    lock_timeout_seconds: int = Field(default=30, gt=0, le=86_400)
     create_tables: bool = True
-    key_max_age_days: float = Field(default=90.0, gt=0)
+    key_max_age_days: float = Field(default=90.0, gt=0, allow_inf_nan=False)
     # NIST SP 800-38D caps random 96-bit nonces at 2^32 encryptions per key; rotate well before.
     key_max_encryptions: int = Field(default=2**30, gt=0)
     # The audit key (64 hex characters); without it, one is derived from the master key.
