@@ -11,33 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from keyledger.cli import main
+# The fresh SQLite store and master key of every test, and the in-process invocations.
+from test_cli import database, ok, run  # noqa: F401 (database: an autouse fixture)
 
-MASTER_KEY = "7c1e0d2a9b7d3e4f" * 4
 IP = "203.0.113.7"
-
-
-@pytest.fixture(autouse=True)
-def database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    for name in list(os.environ):
-        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
-            monkeypatch.delenv(name)
-    url = f"sqlite:///{tmp_path / 'cli.db'}"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
-    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
-    return url
-
-
-def run(*args: str, stdin: str | bytes | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), input=stdin)
-
-
-def ok(*args: str, stdin: str | bytes | None = None) -> Result:
-    result = run(*args, stdin=stdin)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def failed(code: int, *args: str, stdin: str | bytes | None = None) -> Result:

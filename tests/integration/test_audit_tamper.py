@@ -647,14 +647,20 @@ def test_an_event_written_without_any_key_is_untagged_and_stops_the_seal(
     assert sealed.intact, _describe(sealed)
 
 
-def test_a_corrupt_newest_checkpoint_never_fails_a_write_through_the_automatic_seal(
-    tmp_path: Path,
-) -> None:
+def _sealed_once(tmp_path: Path) -> tuple[Path, str]:
+    """A SQLite store with one secret and one checkpoint (its newest row); its master key."""
     path = tmp_path / "k.db"
     master_key = secrets.token_hex(32)
     with _open(f"sqlite:///{path}", master_key) as service:
         service.store_for_tenant("acme", "db", "v1")
         assert len(service.seal_audit().checkpoints) == 1
+    return path, master_key
+
+
+def test_a_corrupt_newest_checkpoint_never_fails_a_write_through_the_automatic_seal(
+    tmp_path: Path,
+) -> None:
+    path, master_key = _sealed_once(tmp_path)
     raw = SQLiteRaw(path)
     try:
         position = max(raw.rows())
@@ -680,11 +686,7 @@ def test_a_forged_newest_checkpoint_stops_every_seal_instead_of_silencing_it(
 ) -> None:
     """A checkpoint written without the audit key and claiming to cover positions far
     ahead would make each later seal seal nothing; sealing must refuse after it."""
-    path = tmp_path / "k.db"
-    master_key = secrets.token_hex(32)
-    with _open(f"sqlite:///{path}", master_key) as service:
-        service.store_for_tenant("acme", "db", "v1")
-        assert len(service.seal_audit().checkpoints) == 1
+    path, master_key = _sealed_once(tmp_path)
     raw = SQLiteRaw(path)
     try:
         rows = raw.rows()
