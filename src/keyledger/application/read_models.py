@@ -66,18 +66,30 @@ def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
     """(position, event) of rows of (position, originator_id, version, topic, state);
     ``AuditTampered`` naming the first row whose bytes do not decode."""
     to_domain_event = ledger.mapper.to_domain_event
-    decoded: list[tuple[int, object]] = []
-    for row in rows:
-        try:
-            event = (
+    try:  # one comprehension, inline: replays decode every event through here
+        return [
+            (
+                row[0],
                 decode_read(bytes(row[4]))
                 if row[3] == READ_TOPIC
-                else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4])))
+                else to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4]))),
             )
-        except Exception:  # whatever the library raises on bytes it cannot read
-            raise undecodable(int(row[0])) from None
-        decoded.append((row[0], event))
-    return decoded
+            for row in rows
+        ]
+    except Exception:  # whatever the library raises on bytes it cannot read
+        for row in rows:  # which one, for the error (rare: a tampered stream)
+            try:
+                _decode(to_domain_event, row)
+            except Exception:
+                raise undecodable(int(row[0])) from None
+        raise
+
+
+def _decode(to_domain_event: Any, row: Any) -> object:
+    """One row's event, as ``_decoded``'s comprehension decodes it."""
+    if row[3] == READ_TOPIC:
+        return decode_read(bytes(row[4]))
+    return to_domain_event(StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4])))
 
 
 def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tuple[int, object]]:
