@@ -24,6 +24,7 @@ from keyledger import (
     super_admin,
     tenant,
 )
+from keyledger.application import stream
 from keyledger.models import TenantState
 
 EVERYTHING = 1_000_000
@@ -303,7 +304,13 @@ def test_no_value_appears_anywhere_in_a_replayed_state(history: History) -> None
                 assert leaked == [], (name, tenant_id)
 
 
-def test_replay_up_to_the_head_equals_the_live_read_model(history: History) -> None:
+@pytest.mark.parametrize("page_size", [1000, 2], ids=["one page", "pages of two events"])
+def test_replay_up_to_the_head_equals_the_live_read_model(
+    history: History, monkeypatch: pytest.MonkeyPatch, page_size: int
+) -> None:
+    """Replay reads a tenant a page at a time in primary-key order (bounded memory): with
+    pages of two events every aggregate and every read spans several pages."""
+    monkeypatch.setattr(stream, "PAGE_SIZE", page_size)
     service = history.service
     now = head(service)
     for tenant_id in ("acme", "globex"):

@@ -1,8 +1,9 @@
 """Point-in-time replay: a tenant's secrets and keys as they were, from the stream alone.
 
-The tenant's events are one range scan of the events table (ids carry the tenant prefix,
-see ``domain/ids.py``); they are decoded and applied in stream order through the domain's
-own ``mutate`` methods, exactly as the aggregates were built when those events were new.
+The tenant's events are one range scan of the events table's primary key, read a page at
+a time (ids carry the tenant prefix, see ``domain/ids.py``); each aggregate's events are
+decoded and applied in version order through the domain's own ``mutate`` methods, exactly
+as the aggregates were built when those events were new.
 Reads count into access counts as the catalog counts them (reset when a deleted name is
 stored again). No read model, snapshot or cache is consulted, and no value is decrypted.
 
@@ -12,58 +13,83 @@ of a position" takes the events at or before that position.
 
 from __future__ import annotations
 
+from array import array
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from keyledger.application.stream import decoded, row_at_or_before, tenant_rows
+from keyledger.application.stream import decoded, row_at_or_before, tenant_pages_by_aggregate
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
 from keyledger.models import KeyVersionAsOf, SecretInfo, SecretStatus, TenantState
+from keyledger.projections.timeutil import optional_datetime, to_micros
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
 
 
 class _Reads:
-    __slots__ = ("count", "last")
+    """One secret name's reads, as (position, time) pairs in two compact arrays."""
+
+    __slots__ = ("positions", "times")
 
     def __init__(self) -> None:
-        self.count = 0
-        self.last: datetime | None = None
+        self.positions = array("q")
+        self.times = array("q")  # microseconds since the epoch
+
+    def counted_after(self, revived_at: int) -> tuple[int, datetime | None]:
+        """(how many reads came after position ``revived_at``, the time of the last)."""
+        count, last_position, last_time = 0, 0, 0
+        for position, time in zip(self.positions, self.times, strict=True):
+            if position > revived_at:
+                count += 1
+                if position > last_position:
+                    last_position, last_time = position, time
+        return count, (optional_datetime(last_time) if count else None)
 
 
 def state_as_of(
     ledger: Ledger, tenant_id: str, *, at: datetime | None, position: int | None
 ) -> TenantState:
-    """The tenant's state after the events selected by ``at`` or ``position``."""
+    """The tenant's state after the events selected by ``at`` or ``position``.
+
+    The events are read in primary-key order, a page at a time (each aggregate's events
+    in version order, which is all its state depends on), so memory does not grow with
+    the tenant's history. Reads are kept as (position, time) per name and counted at the
+    end, after the position where their name was last stored again after a deletion."""
     aggregates: dict[UUID, Any] = {}
     reads: dict[str, _Reads] = {}
+    revived: dict[str, int] = {}  # name -> position of its last revival
     applied, last_position, last_time = 0, 0, None
-    for row in tenant_rows(ledger, tenant_id, upto=position):
-        event: Any = decoded(ledger, row)
-        if at is not None and event.timestamp > at:
-            continue
-        if getattr(event, "tenant_id", tenant_id) != tenant_id:
-            continue  # another tenant whose 48-bit prefix collides with this one's
-        applied, last_position, last_time = applied + 1, row.position, event.timestamp
-        if isinstance(event, AuditRecord.SecretRead):
-            counter = reads.setdefault(event.secret_name, _Reads())
-            counter.count += 1
-            counter.last = event.timestamp
-        elif isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated):
-            aggregates[row.originator_id] = event.mutate(None)
-        elif isinstance(event, Secret.Event | TenantKeyring.Event):
-            aggregate = aggregates.get(row.originator_id)
-            if aggregate is not None:
-                if isinstance(event, Secret.SecretStored) and event.revived:
-                    reads.pop(event.name, None)
-                aggregates[row.originator_id] = event.mutate(aggregate)
+    for page in tenant_pages_by_aggregate(ledger, tenant_id, upto=position):
+        for row in page:
+            event: Any = decoded(ledger, row)
+            if at is not None and event.timestamp > at:
+                continue
+            if getattr(event, "tenant_id", tenant_id) != tenant_id:
+                continue  # another tenant whose 48-bit prefix collides with this one's
+            applied += 1
+            if row.position > last_position:
+                last_position, last_time = row.position, event.timestamp
+            if isinstance(event, AuditRecord.SecretRead):
+                counter = reads.get(event.secret_name)
+                if counter is None:
+                    counter = reads[event.secret_name] = _Reads()
+                counter.positions.append(row.position)
+                counter.times.append(to_micros(event.timestamp))
+            elif isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated):
+                aggregates[row.originator_id] = event.mutate(None)
+            elif isinstance(event, Secret.Event | TenantKeyring.Event):
+                aggregate = aggregates.get(row.originator_id)
+                if aggregate is not None:
+                    if isinstance(event, Secret.SecretStored) and event.revived:
+                        revived[event.name] = row.position
+                    aggregates[row.originator_id] = event.mutate(aggregate)
     instant = at or _time_at(ledger, position) or last_time
     secrets = sorted(
         (
-            _secret(a, reads.get(a.name), instant)
+            _secret(a, _counted(reads.get(a.name), revived.get(a.name, 0)), instant)
             for a in aggregates.values()
             if isinstance(a, Secret) and not a.deleted
         ),
@@ -82,6 +108,10 @@ def state_as_of(
     )
 
 
+def _counted(reads: _Reads | None, revived_at: int) -> tuple[int, datetime | None]:
+    return (0, None) if reads is None else reads.counted_after(revived_at)
+
+
 def _time_at(ledger: Ledger, position: int | None) -> datetime | None:
     """When the stream stood at ``position``: the time of its event there (or just before),
     whichever tenant it belongs to, so expiry is judged at that instant."""
@@ -94,7 +124,9 @@ def _time_at(ledger: Ledger, position: int | None) -> datetime | None:
     return event.timestamp  # type: ignore[no-any-return]
 
 
-def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> SecretInfo:
+def _secret(
+    secret: Secret, reads: tuple[int, datetime | None], instant: datetime | None
+) -> SecretInfo:
     status = (
         effective_status(secret.disabled, secret.expired, secret.expires_at, instant)
         if instant is not None
@@ -111,8 +143,8 @@ def _secret(secret: Secret, reads: _Reads | None, instant: datetime | None) -> S
         expires_at=secret.expires_at,
         created_at=secret.created_at,
         updated_at=secret.updated_at,
-        access_count=reads.count if reads else 0,
-        last_accessed_at=reads.last if reads else None,
+        access_count=reads[0],
+        last_accessed_at=reads[1],
     )
 
 

@@ -114,6 +114,43 @@ def rows_after(
             return
 
 
+def tenant_pages_by_aggregate(
+    ledger: Ledger, tenant_id: str, *, upto: int | None = None, page_size: int | None = None
+) -> Iterator[list[Row]]:
+    """Pages of ``tenant_id``'s rows (position <= ``upto``) in primary-key order: each
+    aggregate's events together, in version order; aggregates in id order, not in
+    stream order. One keyset-paged range scan of the primary key: memory stays bounded
+    by a page whatever the tenant's history (``tenant_rows`` holds all of it to sort it
+    by position)."""
+    table, position = _columns(ledger)
+    low, high = tenant_id_range(tenant_id)
+    where = "originator_id BETWEEN :low AND :high"
+    page_size = page_size or PAGE_SIZE
+    params: dict[str, Any] = {
+        "low": ledger.store.id_param(low),
+        "high": ledger.store.id_param(high),
+        "limit": page_size,
+    }
+    if upto is not None:
+        where += f" AND {position} <= :upto"
+        params["upto"] = upto
+    select = f"SELECT {position}, originator_id, originator_version, topic, state FROM {table}"
+    order = "ORDER BY originator_id, originator_version LIMIT :limit"
+    statement = f"{select} WHERE {where} {order}"
+    after = f"{select} WHERE {where} AND (originator_id, originator_version) > (:id, :version)"
+    while True:
+        with ledger.reading() as cur:
+            cur.execute(statement, params)
+            page = [_row(raw) for raw in cur.fetchall()]
+        if page:
+            yield page
+        if len(page) < page_size:
+            return
+        params["id"] = ledger.store.id_param(page[-1].originator_id)
+        params["version"] = page[-1].version
+        statement = f"{after} {order}"
+
+
 def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> list[Row]:
     """Every row of ``tenant_id`` (position <= ``upto``), in stream order: one range scan
     of the primary key, sorted by position."""
