@@ -284,8 +284,14 @@ class _Verifier:
             self._check_version(row, versions)
 
     def _check_version(self, row: Row, versions: dict[UUID, tuple[int, int]]) -> None:
+        """Version continuity of ``row``'s aggregate in the unsealed tail. Only versions
+        after the first are remembered: most of a tail is one-event aggregates (reads),
+        and for an aggregate first met at a later version its previous version is looked
+        up by primary key, so remembering first versions would only save that lookup,
+        at memory that grew with the tail."""
         before = versions.get(row.originator_id)
-        versions[row.originator_id] = (row.version, row.position)
+        if row.version > 1:
+            versions[row.originator_id] = (row.version, row.position)
         if before is None:
             if row.version > 1:
                 earlier = position_of(self.ledger, row.originator_id, row.version - 1)
