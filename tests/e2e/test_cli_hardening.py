@@ -99,6 +99,7 @@ def test_a_bad_category_is_refused_before_the_value_is_read() -> None:
     ("query", "message"),
     [
         ("connect_timeout=2.5", "URL option connect_timeout must be an integer"),
+        ("connect_timeout=0", "URL option connect_timeout must be positive"),
         ("conn_max_age=nan", "URL option conn_max_age must be a finite number"),
         ("pool_size=99999999999999999999", "URL option pool_size must be at most 1000"),
         ("lock_timeout=3000000", "URL option lock_timeout must be at most 86400"),

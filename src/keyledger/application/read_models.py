@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from keyledger.application.stream import undecodable
 from keyledger.errors import StorageError
@@ -150,8 +150,12 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
     return reached, int(head)
 
 
-def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
-    """Project every event after the audit model's position; returns events applied."""
+def catch_up_audit(
+    ledger: Ledger, progress: Progress | None = None, stop: Callable[[], bool] | None = None
+) -> int:
+    """Project every event after the audit model's position; returns events applied.
+    ``stop()`` is asked between pages (each its own transaction): a worker told to stop
+    leaves after the page it is applying, not after its whole backlog."""
     reached, head = audit_position(ledger)
     if reached >= head:
         _forget_appended(ledger, reached)
@@ -159,17 +163,24 @@ def catch_up_audit(ledger: Ledger, progress: Progress | None = None) -> int:
     projector = AuditProjector()
     applied = 0
     while True:
-        with ledger.store.projecting() as cur:
-            reached = _tracked_position(cur)
-            items = _catch_up_page(ledger, cur, reached, head)
-            projector.apply(cur, items)
+        try:
+            with ledger.store.projecting() as cur:
+                reached = _tracked_position(cur)
+                items = _catch_up_page(ledger, cur, reached, head)
+                projector.apply(cur, items)
+        except IntegrityError:  # rows already there: kl_tracking was set back by hand
+            raise StorageError(
+                "the audit read model cannot catch up: it already holds rows after its "
+                "tracked position (kl_tracking was changed outside keyledger); run "
+                "`keyledger projections rebuild audit`"
+            ) from None
         if items:
             reached = items[-1][0]
         _forget_appended(ledger, reached)
         applied += len(items)
         if progress and items:
             progress(len(items))
-        if len(items) < PAGE_SIZE:
+        if len(items) < PAGE_SIZE or (stop is not None and stop()):
             return applied
 
 
@@ -383,7 +394,7 @@ def follow(
     """
     applied = 0
     while not stop():
-        count = catch_up_audit(ledger, on_progress)
+        count = catch_up_audit(ledger, on_progress, stop)
         applied += count
         if not count:
             if seal_when_idle:

@@ -11,6 +11,7 @@ from keyledger.application.ledger import Ledger
 from keyledger.infrastructure.pg_functions import (
     FUNCTIONS,
     GENERIC_PLANS_SETTING,
+    append_only_statements,
     function_bodies,
 )
 from keyledger.projections.schema import has_table
@@ -108,14 +109,31 @@ def _has_column(cur: Any, table: str, column: str, postgres: bool) -> bool:
     return cur.fetchone() is not None
 
 
+# The body of the refusing trigger function, as the server keeps it (pg_proc.prosrc).
+_REFUSING_BODY = append_only_statements("events")[0].split("$$")[1]
+# pg_trigger.tgtype bits: ROW 1, BEFORE 2, DELETE 8, UPDATE 16, TRUNCATE 32.
+_TRIGGER_TYPES = {"kl_events_append_only": 1 | 2 | 8 | 16, "kl_events_no_truncate": 2 | 32}
+
+
 def _has_trigger(cur: Any, table: str, name: str) -> bool:
-    """Whether the trigger exists on this schema's table (not on a namesake elsewhere)."""
+    """Whether the trigger is in force on this schema's table (not on a namesake
+    elsewhere): enabled for ordinary sessions (not disabled, nor only for replication),
+    firing before the operations it refuses, and calling this schema's refusing function
+    with the body ``db init`` gives it (not one replaced to let rows through)."""
     cur.execute(
-        "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(?) AND tgname=? "
-        "AND NOT tgisinternal AND tgenabled <> 'D'",
+        "SELECT t.tgtype, p.prosrc FROM pg_trigger AS t "
+        "JOIN pg_proc AS p ON p.oid = t.tgfoid "
+        "JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        "WHERE t.tgrelid = to_regclass(?) AND t.tgname=? AND NOT t.tgisinternal "
+        "AND t.tgenabled IN ('O', 'A') AND n.nspname = current_schema() "
+        "AND p.proname = 'kl_refuse_event_change'",
         (table, name),
     )
-    return cur.fetchone() is not None
+    row = cur.fetchone()
+    if row is None:
+        return False
+    wanted = _TRIGGER_TYPES[name]
+    return int(row[0]) & wanted == wanted and row[1] == _REFUSING_BODY
 
 
 def _function_definition(cur: Any, name: str) -> tuple[str, bool] | None:

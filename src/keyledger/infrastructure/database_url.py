@@ -201,7 +201,7 @@ def _checked_option(option: str, value: str, kind: type) -> str:
         raise InvalidInput(f"URL option {option} must be {expected}") from None
     if not math.isfinite(number):
         raise InvalidInput(f"URL option {option} must be a finite number")
-    if number < 0 or (option in ("lock_timeout", "pool_size") and number == 0):
+    if number < 0 or (option in ("lock_timeout", "pool_size", "connect_timeout") and number == 0):
         raise InvalidInput(f"URL option {option} must be positive")
     limit = _OPTION_LIMITS.get(option)
     if limit is not None and number > limit:

@@ -299,8 +299,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             if positions is not None:
                 return positions
             if self._unit_pipeline:
-                with _translated(), self._session(self._begin_write_statement) as conn:
-                    return send(conn, begin=False)
+                return self._begin_first(
+                    lambda conn: send(conn, begin=False),
+                    committed=lambda: self._committed(events[0]) if events else None,
+                    lost_after_commit="PostgreSQL connection lost after the write was committed",
+                )
         # Units that decide on what they read under the lock (require_unused), and
         # schemas without the function: one statement at a time.
         with self.writing() as cur:
@@ -428,6 +431,34 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if written:
             raise StorageError(lost_after_commit)
         return None
+
+    def _begin_first(
+        self,
+        send: Callable[[Connection[Any]], T],
+        *,
+        committed: Callable[[], bool | None],
+        lost_after_commit: str,
+    ) -> T:
+        """``send(conn)`` on a connection whose BEGIN (with the write lock) succeeded: the
+        rest of the write, ending in its COMMIT. A connection lost after the BEGIN is
+        settled as in ``_in_one_round_trip``: the answer to the COMMIT may be what was
+        lost, so whether the write is in the stream is looked up, never presumed."""
+        with _translated(), self._session(self._begin_write_statement) as conn:
+            backend = conn.info.backend_pid
+            try:
+                return send(conn)
+            except psycopg.OperationalError:
+                if not (conn.broken or conn.closed):
+                    raise  # the server answered (a lock timeout, say): nothing was written
+        self.datastore.pool.check()
+        written = committed() if self._backend_gone(backend) else None
+        if written is None:
+            raise StorageError(
+                "PostgreSQL connection lost: the write may or may not have been committed"
+            )
+        if written:
+            raise StorageError(lost_after_commit)
+        raise StorageError("PostgreSQL connection lost before the write was committed")
 
     @staticmethod
     def _abandon(conn: Connection[Any]) -> None:
@@ -807,14 +838,27 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             )
 
     def wait_for_events(self, seconds: float) -> None:
-        """LISTEN on the events channel (the library NOTIFYs it on every append)."""
+        """LISTEN on the events channel (the library NOTIFYs it on every append).
+
+        A connection dropped while waiting (the server restarted, an administrator
+        terminated it) ends the wait early instead of failing: the pool drops it, and the
+        caller's next catch-up, on a fresh connection, finds whatever was appended (or
+        reports the server down)."""
         with _translated(), self._connection() as conn:
-            conn.execute(SQL("LISTEN {}").format(Identifier(self.channel_name)))
+            channel = SQL("{}").format(Identifier(self.channel_name))
             try:
+                conn.execute(SQL("LISTEN ") + channel)
                 for _ in conn.notifies(timeout=seconds, stop_after=1):
                     break
+            except psycopg.OperationalError:
+                if not (conn.closed or conn.broken):
+                    raise
+                self.datastore.pool.check()
+                return
             finally:
-                conn.execute(SQL("UNLISTEN {}").format(Identifier(self.channel_name)))
+                if not (conn.closed or conn.broken):
+                    with suppress(psycopg.Error):
+                        conn.execute(SQL("UNLISTEN ") + channel)
 
     @contextmanager
     def reading(self) -> Iterator[PgCursor]:
@@ -952,11 +996,12 @@ def _has_pending_input(conn: Connection[Any]) -> bool:
     """Whether an idle connection has something to read: the server closed it (or sent a
     notice) while it sat in the pool. Work is then only sent after a BEGIN proved the
     connection alive, so that a dead one is replaced without any doubt about what ran."""
-    try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    try:  # poll, not select: select refuses descriptors past 1023 (a busy server's)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)
 
 
 class _Translated:
