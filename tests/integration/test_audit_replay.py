@@ -304,13 +304,13 @@ def test_no_value_appears_anywhere_in_a_replayed_state(history: History) -> None
                 assert leaked == [], (name, tenant_id)
 
 
-@pytest.mark.parametrize("page_size", [1000, 2], ids=["one page", "pages of two events"])
+@pytest.mark.parametrize("page_size", [10_000, 2], ids=["one page", "pages of two events"])
 def test_replay_up_to_the_head_equals_the_live_read_model(
     history: History, monkeypatch: pytest.MonkeyPatch, page_size: int
 ) -> None:
     """Replay reads a tenant a page at a time in primary-key order (bounded memory): with
     pages of two events every aggregate and every read spans several pages."""
-    monkeypatch.setattr(stream, "PAGE_SIZE", page_size)
+    monkeypatch.setattr(stream, "TENANT_PAGE_SIZE", page_size)
     service = history.service
     now = head(service)
     for tenant_id in ("acme", "globex"):
