@@ -410,9 +410,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         a BEGIN first, which proves a connection alive before any work.
 
         A single call cannot tell "dead before the send" from "died after the commit", so
-        a lost connection is settled: its server process is ended first (else nothing is
-        known: StorageError), then ``committed()`` says whether the write is in the stream
-        (True: StorageError ``lost_after_commit``; None: unknown, StorageError)."""
+        a lost connection is settled (``_settle_lost``)."""
         with _translated(), self._pooled() as conn:
             if _has_pending_input(conn):
                 return None
@@ -422,15 +420,8 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             except psycopg.OperationalError:
                 if not conn.broken:  # lost, not closed by ``_abandon``
                     raise  # the server answered (a lock timeout, say): nothing was written
-        self.datastore.pool.check()
-        written = committed() if self._backend_gone(backend) else None
-        if written is None:
-            raise StorageError(
-                "PostgreSQL connection lost: the write may or may not have been committed"
-            )
-        if written:
-            raise StorageError(lost_after_commit)
-        return None
+        self._settle_lost(backend, committed, lost_after_commit)
+        return None  # nothing was written: the caller sends a BEGIN first
 
     def _begin_first(
         self,
@@ -441,7 +432,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     ) -> T:
         """``send(conn)`` on a connection whose BEGIN (with the write lock) succeeded: the
         rest of the write, ending in its COMMIT. A connection lost after the BEGIN is
-        settled as in ``_in_one_round_trip``: the answer to the COMMIT may be what was
+        settled (``_settle_lost``): the answer to the COMMIT may be what was
         lost, so whether the write is in the stream is looked up, never presumed."""
         with _translated(), self._session(self._begin_write_statement) as conn:
             backend = conn.info.backend_pid
@@ -450,6 +441,16 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             except psycopg.OperationalError:
                 if not (conn.broken or conn.closed):
                     raise  # the server answered (a lock timeout, say): nothing was written
+        self._settle_lost(backend, committed, lost_after_commit)
+        raise StorageError("PostgreSQL connection lost before the write was committed")
+
+    def _settle_lost(
+        self, backend: int, committed: Callable[[], bool | None], lost_after_commit: str
+    ) -> None:
+        """After the connection of server process ``backend`` was lost mid-write: return
+        when the write is known not to be in the stream; else ``StorageError``, saying
+        whether it was committed (``lost_after_commit``) or cannot be known. The process
+        is ended first (else nothing is known), then ``committed()`` looks the write up."""
         self.datastore.pool.check()
         written = committed() if self._backend_gone(backend) else None
         if written is None:
@@ -458,7 +459,6 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             )
         if written:
             raise StorageError(lost_after_commit)
-        raise StorageError("PostgreSQL connection lost before the write was committed")
 
     @staticmethod
     def _abandon(conn: Connection[Any]) -> None:
@@ -845,7 +845,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         caller's next catch-up, on a fresh connection, finds whatever was appended (or
         reports the server down)."""
         with _translated(), self._connection() as conn:
-            channel = SQL("{}").format(Identifier(self.channel_name))
+            channel = Identifier(self.channel_name)
             try:
                 conn.execute(SQL("LISTEN ") + channel)
                 for _ in conn.notifies(timeout=seconds, stop_after=1):
