@@ -20,7 +20,13 @@ from keyledger.application.verification import verify
 from keyledger.context import current_scope, is_super_admin, make_actor
 from keyledger.errors import InvalidInput, TenantRequired
 from keyledger.models import AuditEntry, Checkpoint, SealResult, TenantState, VerifyReport
-from keyledger.validation import check_aware, check_count, check_identifier, check_positions
+from keyledger.validation import (
+    check_aware,
+    check_callback,
+    check_count,
+    check_identifier,
+    check_positions,
+)
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -96,7 +102,7 @@ class AuditInvestigation:
             since=check_aware("since", since),
             until=check_aware("until", until),
             after_position=check_count("after_position", after_position) or 0,
-            progress=progress,
+            progress=_checked_progress(progress),
         )
 
     def seal_audit(
@@ -120,6 +126,12 @@ class AuditInvestigation:
         self, *, from_position: int = 0, anchor: builtins.list[Checkpoint] | None = None
     ) -> VerifyReport:
         """Check the stream against its checkpoints, event tags and an optional anchor."""
+        if anchor is not None:
+            if isinstance(anchor, str | bytes) or not isinstance(anchor, Iterable):
+                raise InvalidInput("anchor must be a list of Checkpoint (audit_checkpoints())")
+            anchor = list(anchor)
+            if not all(isinstance(item, Checkpoint) for item in anchor):
+                raise InvalidInput("anchor must be a list of Checkpoint (audit_checkpoints())")
         return verify(
             self._ledger,
             from_position=check_count("from_position", from_position) or 0,
@@ -133,3 +145,9 @@ class AuditInvestigation:
     def unsealed_events(self) -> int:
         """How many events lie after the newest checkpoint."""
         return unsealed_count(self._ledger)
+
+
+def _checked_progress(progress: Any) -> Any:
+    """``progress`` once checked to be None or callable (before any work)."""
+    check_callback("progress", progress)
+    return progress

@@ -56,7 +56,14 @@ class SecretInfo(_Frozen):
 
 
 class Secret(SecretInfo):
-    """A retrieved secret. ``value`` is masked in repr and str."""
+    """A retrieved secret. ``value`` is masked in repr and str. In JSON mode
+    (``model_dump(mode="json")``, ``model_dump_json``) a bytes value is URL-safe base64
+    (RFC 4648 section 5): bytes need not be UTF-8, and decoding them as text would fail
+    with an error that quotes them."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
 
     value: str | bytes = Field(repr=False)
 

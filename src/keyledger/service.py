@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Literal
@@ -14,6 +14,7 @@ from keyledger.application.ledger import Ledger
 from keyledger.application.lifecycle import KeyLifecycle, RewrapResult
 from keyledger.application.queries import Queries
 from keyledger.application.read_models import (
+    audit_lag,
     audit_position,
     catch_up_audit,
     follow,
@@ -348,6 +349,10 @@ class SecretService(AuditInvestigation):
         if action not in ("disable", "enable", "delete"):
             raise InvalidInput(f"unknown action {action!r}")
         tenant_id = check_identifier("tenant_id", tenant_id)
+        if not isinstance(actor, Actor):
+            raise InvalidInput(f"actor must be a keyledger Actor, not {type(actor).__name__}")
+        # Checked like every actor the API builds: what is recorded stays in the stream.
+        actor = make_actor(actor.user_id, actor.ip_address, actor.user_agent)
         return self._secrets.change(tenant_id, check_identifier("name", name), action, actor)
 
     # -- keys ---------------------------------------------------------------------------
@@ -639,8 +644,8 @@ class SecretService(AuditInvestigation):
         check_callback("progress", progress)
         chosen: builtins.list[str] | None = None
         if names is not None:
-            if isinstance(names, str):
-                raise InvalidInput("names must be a collection of read-model names, not a str")
+            if isinstance(names, str | bytes) or not isinstance(names, Iterable):
+                raise InvalidInput("names must be a collection of read-model names")
             chosen = builtins.list(names)
             if not all(isinstance(name, str) for name in chosen):
                 raise InvalidInput("names must be a collection of read-model names")
@@ -696,3 +701,8 @@ class SecretService(AuditInvestigation):
         """Per read model: (position reached, stream head). Inline models are always current."""
         reached, head = audit_position(self._ledger)
         return {"catalog": (head, head), "keys": (head, head), "audit": (reached, head)}
+
+    def read_model_lag(self) -> dict[str, int]:
+        """Per read model: how many events it has still to apply (positions can have gaps,
+        so this is not head minus position). Inline models are always current."""
+        return {"catalog": 0, "keys": 0, "audit": audit_lag(self._ledger)}

@@ -23,27 +23,51 @@ MAX_DAYS = 36_525
 # Unicode category Cc, which is exactly C0 and DEL plus C1, and lone surrogates. A str
 # holding a lone surrogate cannot be encoded; they come from undecodable bytes
 # (surrogateescape, e.g. a command-line argument) or bad input.
-_REFUSED_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL = "\x00-\x1f\x7f-\x9f\ud800-\udfff"
+# Line and paragraph separators (Zl, Zp: line breaks to str.splitlines and to many
+# viewers) and the bidirectional embeddings, overrides and isolates, which make text
+# display in another order than it is stored ("Trojan Source", CVE-2021-42574).
+_BREAKS_AND_BIDI = "\u2028-\u202e\u2066-\u2069"
+# Every format character (Unicode category Cf, as of Unicode 14.0, Python 3.11's),
+# together with the above: invisible, so two names that differ only by one look the same
+# in every listing (a zero-width space, a soft hyphen, a byte-order mark).
+_INVISIBLE = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f"
+)
+# Refused in every text field, found in one scan (identifiers are checked on every call):
+_REFUSED_IN_TEXT = re.compile(f"[{_CONTROL}{_BREAKS_AND_BIDI}]")
+# ... and in identifiers (tenant ids, secret names), every invisible character too.
+_REFUSED_IN_IDENTIFIERS = re.compile(f"[{_CONTROL}{_INVISIBLE}]")
 
 
-def _check_chars(field: str, text: str) -> None:
-    found = _REFUSED_CHARS.search(text)
+def _check_chars(field: str, text: str, refused: re.Pattern[str] = _REFUSED_IN_TEXT) -> None:
+    found = refused.search(text)
     if found is None:
         return
-    if "\ud800" <= found.group() <= "\udfff":
+    char = found.group()
+    if "\ud800" <= char <= "\udfff":
         raise InvalidInput(f"{field} is not valid Unicode text (it holds a lone surrogate)")
-    raise InvalidInput(f"{field} must not contain control characters")
+    if char <= "\x9f":
+        raise InvalidInput(f"{field} must not contain control characters")
+    raise InvalidInput(
+        f"{field} must not contain invisible, line-separating or direction-changing "
+        f"characters (U+{ord(char):04X})"
+    )
 
 
 def check_identifier(field: str, value: object) -> str:
-    """A tenant id or secret name: non-empty, <= 200 chars, no control chars, no edge spaces."""
+    """A tenant id or secret name: non-empty, <= 200 chars, no control or invisible
+    characters, no edge spaces."""
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
     if not value:
         raise InvalidInput(f"{field} must not be empty")
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidInput(f"{field} is longer than {MAX_IDENTIFIER_LENGTH} characters")
-    _check_chars(field, value)
+    _check_chars(field, value, _REFUSED_IN_IDENTIFIERS)
     if value != value.strip():
         raise InvalidInput(f"{field} must not have leading or trailing whitespace")
     return value
@@ -100,13 +124,13 @@ def check_metadata(value: object) -> dict[str, str] | None:
 def check_value(value: object, max_bytes: int) -> bytes:
     """A secret value (str or bytes) as bytes, at most ``max_bytes`` long."""
     if isinstance(value, str):
-        try:
-            raw = value.encode("utf-8")
-        except UnicodeEncodeError:  # its message would quote part of the value
+        encoded = _utf8(value)
+        if encoded is None:  # raised here, not in the handler: see _utf8
             raise InvalidInput(
                 "value is not valid Unicode text (it holds a lone surrogate); "
                 "store arbitrary data as bytes"
-            ) from None
+            )
+        raw = encoded
     elif isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
     else:
@@ -114,6 +138,16 @@ def check_value(value: object, max_bytes: int) -> bytes:
     if len(raw) > max_bytes:
         raise InvalidInput(f"value is {len(raw)} bytes; the limit is {max_bytes}")
     return raw
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` in UTF-8, None if it cannot be encoded. The ``UnicodeEncodeError`` stays
+    in here: it holds the whole text (``.object``), and an error raised while handling it
+    would keep it as its ``__context__``, ``from None`` or not."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 def check_count(field: str, value: Any, *, allow_none: bool = False) -> int | None:
@@ -139,13 +173,13 @@ def check_positions(field: str, value: object) -> frozenset[int]:
     """Stream positions: an iterable (not a str, bytes or bool) of positive ints."""
     if isinstance(value, str | bytes | bool) or not isinstance(value, Iterable):
         raise InvalidInput(f"{field} must be a collection of stream positions")
-    positions = frozenset(value)
-    for position in positions:
+    items = list(value)
+    for position in items:
         if isinstance(position, bool) or not isinstance(position, int) or position < 1:
             raise InvalidInput(f"{field} must hold positive stream positions")
         if position > MAX_COUNT:
             raise InvalidInput(f"{field} positions must be at most {MAX_COUNT}")
-    return positions
+    return frozenset(items)
 
 
 def check_bool(field: str, value: object) -> bool:

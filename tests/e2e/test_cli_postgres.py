@@ -83,8 +83,10 @@ def as_json(*args: str) -> Any:
 
 
 def lag(status: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Events each read model is behind the stream head."""
-    return {name: model["head"] - model["position"] for name, model in status.items()}
+    """Events each read model is behind the stream head (and what it says it is)."""
+    behind = {name: model["head"] - model["position"] for name, model in status.items()}
+    assert behind == {name: model["behind"] for name, model in status.items()}
+    return behind
 
 
 def tables_in(schema: str) -> list[str]:
@@ -308,6 +310,63 @@ def test_projections_run_once_brings_the_lagging_audit_model_to_the_head(url: st
     assert lines[0].split() == ["READ", "MODEL", "POSITION", "HEAD", "BEHIND"]
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(READ_MODELS)
     assert all(line.split()[1:] == ["4", "4", "0"] for line in lines[1:])
+
+
+@pytest.mark.postgres
+def test_a_read_model_column_missing_is_named_with_the_rebuild_that_restores_it(
+    url: str, schema: str
+) -> None:
+    """db init never alters a table: the way forward for a read-model column an older
+    table lacks is a rebuild, which the messages say, and which works."""
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("ALTER TABLE {}.kl_catalog DROP COLUMN access_count").format(
+                sql.Identifier(schema)
+            )
+        )
+
+    checked = run("db", "check")
+    initialised = run("db", "init")
+
+    for failed in (checked, initialised):
+        assert failed.exit_code == 1
+        assert "missing kl_catalog.access_count" in failed.stderr
+        assert "`keyledger projections rebuild`" in failed.stderr
+    ok("projections", "rebuild")
+    ok("db", "check")
+    assert [s["name"] for s in as_json("secrets", "list", "acme")] == ["a"]
+
+
+@pytest.mark.postgres
+def test_projections_status_counts_the_events_behind_not_the_gaps_between_positions(
+    url: str, schema: str
+) -> None:
+    """A write rolled back (a lost race, say) has used up a position: positions have gaps,
+    and the lag operators monitor is the events still to apply."""
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")
+    ok("projections", "run", "--once")
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as conn:
+        sequence = conn.execute(
+            "SELECT pg_get_serial_sequence(%s, 'notification_id')",
+            (f"{schema}.keyledger_events",),
+        ).fetchone()
+        assert sequence is not None
+        assert sequence[0] is not None
+        for _ in range(50):  # 50 positions used up by writes that rolled back
+            conn.execute("SELECT nextval(%s)", (sequence[0],))
+    ok("secrets", "put", "acme", "b", stdin="v")  # one event after the gap
+
+    audit = as_json("projections", "status")["audit"]
+
+    assert audit["head"] - audit["position"] > 50
+    assert audit["behind"] == 1
+    line = next(
+        line for line in ok("projections", "status").stdout.splitlines() if line.startswith("audit")
+    )
+    assert line.split()[-1] == "1"
 
 
 @pytest.mark.postgres

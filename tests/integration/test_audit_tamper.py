@@ -37,8 +37,10 @@ from keyledger import (
     MasterKeyUnavailable,
     SecretDisabled,
     SecretService,
+    super_admin,
     tenant,
 )
+from keyledger.application import ledger as ledger_module
 from keyledger.context import make_actor
 from keyledger.domain.ids import SEAL_CHAIN_ID
 from keyledger.infrastructure.event_tags import TRAILER_BYTES
@@ -709,3 +711,32 @@ def test_a_forged_newest_checkpoint_stops_every_seal_instead_of_silencing_it(
         with pytest.raises(AuditTampered):
             service.unsealed_events()
         assert not service.verify_audit().intact
+
+
+def test_an_undecodable_event_never_fails_a_committed_write_through_the_bulk_catch_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every few thousand appends a writer catches the audit model up; an event whose
+    bytes were altered stops that catch-up. The write before it has committed: it must
+    not be reported failed (its caller would retry it). Audit queries still say why."""
+    path = tmp_path / "k.db"
+    master_key = secrets.token_hex(32)
+    with _open(f"sqlite:///{path}", master_key) as service:
+        service.store_for_tenant("acme", "db", "v1")
+        service.store_for_tenant("acme", "other", "v")
+    raw = SQLiteRaw(path)
+    try:
+        position = max(raw.rows())
+        row = raw.rows()[position]
+        raw.apply(delete=[position], insert=[row._replace(state=b"x" + row.state[1:])])
+    finally:
+        raw.close()
+    monkeypatch.setattr(ledger_module, "AUDIT_CATCH_UP_EVERY", 2)
+
+    with _open(f"sqlite:///{path}", master_key) as service:
+        for n in range(2, 6):
+            service.store_for_tenant("acme", "db", f"v{n}")  # must not raise
+        assert service.retrieve_for_tenant("acme", "db").value == "v5"
+        assert service.list_for_tenant("acme")[0].version == 5
+        with super_admin(), pytest.raises(AuditTampered, match=f"position {position}"):
+            service.get_audit_logs()

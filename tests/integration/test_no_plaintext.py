@@ -9,7 +9,8 @@ import secrets
 import sqlite3
 import stat
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from keyledger import (
     tenant,
 )
 from keyledger.infrastructure.crypto import MasterKey
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 SNAPSHOT_STORES = 105  # more than the snapshotting interval of secrets (100)
 
@@ -336,3 +338,72 @@ def test_an_existing_sqlite_file_keeps_the_mode_its_owner_gave_it(
     service.store_for_tenant("acme", "db", "value")
     service.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def _reported(error: BaseException) -> str:
+    """What an error tracker records of ``error``: its traceback with every frame's locals
+    (keyledger's frames: the test's own holds the value it stored)."""
+    frames = [
+        (frame, line)
+        for frame, line in traceback.walk_tb(error.__traceback__)
+        if frame.f_code.co_filename != __file__
+    ]
+    stack = traceback.StackSummary.extract(iter(frames), capture_locals=True)
+    return "".join(stack.format()) + repr(error)
+
+
+@contextmanager
+def _storing(tmp_path: Path, master_key: str, value: str) -> Iterator[SecretService]:
+    """A SQLite service (1 s lock timeout) holding ``value`` as t1's secret "api"."""
+    service = SecretService.create(
+        f"sqlite:///{tmp_path / 'kl.db'}",
+        master_key=master_key,
+        settings=KeyledgerSettings(lock_timeout_seconds=1),
+    )
+    try:
+        service.store_for_tenant("t1", "api", value)
+        yield service
+    finally:
+        service.close()
+
+
+def _failing_for_the_lock(tmp_path: Path, call: Callable[[], object]) -> KeyledgerError:
+    """The error of ``call`` while another connection holds SQLite's write lock (as
+    another process writing would)."""
+    blocker = sqlite3.connect(tmp_path / "kl.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(KeyledgerError) as raised:
+            call()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    return raised.value
+
+
+def test_a_retrieve_whose_read_cannot_be_recorded_reports_no_plaintext(
+    tmp_path: Path, master_key: str
+) -> None:
+    """The value is withheld (fail closed), and so is it from the failure's traceback: the
+    frame that decrypted it is in there, and error trackers record frame locals."""
+    value = "sk_live_" + secrets.token_hex(16)
+    with _storing(tmp_path, master_key, value) as service:
+        service.retrieve_for_tenant("t1", "api")  # cached: the next read decrypts at once
+        error = _failing_for_the_lock(tmp_path, lambda: service.retrieve_for_tenant("t1", "api"))
+
+    report = _reported(error)
+    assert "retrieve" in report  # the retrieving frames are in it, locals and all
+    assert value not in report
+
+
+def test_a_reencryption_whose_commit_fails_reports_no_plaintext(
+    tmp_path: Path, master_key: str
+) -> None:
+    value = "sk_live_" + secrets.token_hex(16)
+    with _storing(tmp_path, master_key, value) as service, tenant("t1"):
+        service.rotate_key()
+        error = _failing_for_the_lock(tmp_path, service.reencrypt_all)
+
+    report = _reported(error)
+    assert "reencrypt" in report
+    assert value not in report

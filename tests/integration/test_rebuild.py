@@ -21,6 +21,7 @@ from keyledger import (
     tenant,
 )
 from keyledger.application import read_models
+from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.projections.schema import REBUILT_TABLES, read_model_table_statements
 
 MakeService = Callable[..., SecretService]
@@ -502,3 +503,61 @@ def test_a_rebuild_that_fails_for_another_reason_says_so(
     with pytest.raises(StorageError, match=r"^store unavailable: the server went away$"):
         service.rebuild_read_models()
     assert answers(service) == before  # the live read models are untouched
+
+
+@pytest.mark.parametrize("dropped", [("kl_catalog",), ("kl_audit", "kl_tracking"), REBUILT_TABLES])
+def test_a_read_model_dropped_by_hand_is_restored_by_a_rebuild_without_creating_tables(
+    make_service: Callable[..., SecretService], dropped: tuple[str, ...]
+) -> None:
+    """SPEC section 4: read models can be dropped and rebuilt at any time; production
+    services open the store with KEYLEDGER_CREATE_TABLES=false (docs/postgresql.md)."""
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    operator = make_service(settings=KeyledgerSettings(create_tables=False))
+    with operator._ledger.store.projecting() as cur:
+        for table in dropped:
+            cur.execute(f"DROP TABLE {table}")
+
+    operator.rebuild_read_models()
+
+    assert answers(service) == before
+    assert operator.check_schema().present
+
+
+def test_on_postgresql_the_switch_renames_indexes_built_before_it(
+    make_service: Callable[..., SecretService], backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch holds the write lock, which every retrieve needs: the audit model's
+    indexes are built on the copy before it (seconds on a large model), not in it."""
+    if backend != "postgres":
+        pytest.skip("SQLite cannot rename an index: its switch builds them")
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    store = service._ledger.store
+    real_switch = read_models._switch
+    found_at_switch: list[set[str]] = []
+
+    def indexes() -> set[str]:
+        with store.projecting() as cur:
+            cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
+            return {row[0] for row in cur.fetchall() if row[0].startswith("kl_audit_by")}
+
+    def switch(*args: Any) -> int:
+        found_at_switch.append(indexes())
+        return real_switch(*args)
+
+    monkeypatch.setattr(read_models, "_switch", switch)
+    service.rebuild_read_models()
+
+    assert found_at_switch == [
+        {
+            "kl_audit_by_tenant",
+            "kl_audit_by_secret",
+            "kl_audit_by_tenant_rebuild_all",
+            "kl_audit_by_secret_rebuild_all",
+        }
+    ]
+    assert indexes() == {"kl_audit_by_tenant", "kl_audit_by_secret"}
+    assert answers(service) == before

@@ -455,3 +455,43 @@ def test_every_call_on_a_closed_service_is_a_storage_error_saying_so(
     for call in calls.values():
         with super_admin(), pytest.raises(StorageError, match="closed"):
             call()
+
+
+def test_last_accessed_at_never_goes_back_when_an_earlier_read_commits_later(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads are timed before they queue for the write lock: a read timed first can
+    commit second (its thread descheduled, its batch behind another, another process).
+    The catalog keeps the time of the latest read (SPEC section 3), rebuilt alike."""
+    service.store_for_tenant("acme", "token", "v")
+    ledger = service._ledger
+    commit_read = ledger.commit_read
+    timed = threading.Event()
+    later_done = threading.Event()
+
+    def held_back(read: Any) -> None:
+        if threading.current_thread().name == "timed-first":
+            timed.set()
+            assert later_done.wait(timeout=30)  # the later read commits meanwhile
+        commit_read(read)
+
+    monkeypatch.setattr(ledger, "commit_read", held_back)
+    first: dict[str, Any] = {}
+    thread = threading.Thread(
+        name="timed-first",
+        target=lambda: first.update(secret=service.retrieve_for_tenant("acme", "token")),
+    )
+    thread.start()
+    assert timed.wait(timeout=30)
+    second = service.retrieve_for_tenant("acme", "token")
+    later_done.set()
+    thread.join(timeout=30)
+
+    assert first["secret"].last_accessed_at < second.last_accessed_at  # as timed
+    assert first["secret"].access_count == 2  # as committed
+    (info,) = service.list_for_tenant("acme")
+    assert info.access_count == 2
+    assert info.last_accessed_at == second.last_accessed_at
+    service.rebuild_read_models()
+    (rebuilt,) = service.list_for_tenant("acme")
+    assert rebuilt.last_accessed_at == second.last_accessed_at

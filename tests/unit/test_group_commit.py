@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -811,3 +815,132 @@ def test_a_caller_handed_the_lead_by_a_leader_stopped_before_waking_it_leads(
     assert not second.is_alive()
     assert not third.is_alive()
     assert [item for batch in batches for item in batch] == [1, 2, 3]
+
+
+# -- failures stay with their own caller; interruptions and forks -------------------------
+
+
+def _failing_second_batch(
+    release: threading.Event,
+) -> Callable[[list[int]], Sequence[BaseException | None]]:
+    """Holds the batch [1] until ``release``; every later batch fails as a whole."""
+
+    def writer(items: list[int]) -> Sequence[BaseException | None]:
+        if items == [1]:
+            release.wait(timeout=30)
+            return [None]
+        raise ConnectionError("store down")
+
+    return writer
+
+
+def test_callers_of_a_failed_batch_each_get_their_own_error_without_the_others_frames() -> None:
+    """One exception object raised in several threads collects every caller's frames:
+    an error tracker reporting one caller's failure would record the locals of the
+    others (another tenant's decrypted value among them)."""
+    release = threading.Event()
+    committer = GroupCommitter(_failing_second_batch(release), arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)
+    errors: dict[int, BaseException] = {}
+    reported: dict[int, str] = {}
+    both_raised = threading.Barrier(2, timeout=30)
+
+    def call(item: int) -> None:
+        marker = f"value-of-caller-{item}"  # a local the report of this frame shows
+        try:
+            committer.submit(item)
+        except ConnectionError as error:
+            both_raised.wait()  # the other raised too before this reports
+            report = traceback.TracebackException.from_exception(error, capture_locals=True)
+            text = "".join(report.format())
+            both_raised.wait()  # (each report taken before either is shared)
+            errors[item], reported[item] = error, text
+        assert marker
+
+    callers = [threading.Thread(target=call, args=(item,)) for item in (2, 3)]
+    for caller in callers:
+        caller.start()
+    _until(lambda: len(committer._queue) == 2)  # both wait for the batch after [1]
+    release.set()
+    for caller in (first, *callers):
+        caller.join(timeout=30)
+
+    assert set(errors) == {2, 3}
+    assert errors[2] is not errors[3]
+    assert all(str(error) == "store down" for error in errors.values())
+    assert "value-of-caller-3" not in reported[2]
+    assert "value-of-caller-2" not in reported[3]
+
+
+def test_a_leader_interrupted_in_its_write_fails_the_others_closed_not_with_its_interrupt() -> None:
+    """Ctrl-C in the leader's write is the leader's own: the other callers of its batch
+    get a typed ``StorageError`` (``LeaderLost``: the write may have been made)."""
+    release = threading.Event()
+
+    def writer(items: list[int]) -> Sequence[BaseException | None]:
+        if items == [1]:
+            release.wait(timeout=30)
+            return [None]
+        raise KeyboardInterrupt  # lands in the batch [2, 3], led by 2's thread
+
+    committer = GroupCommitter(writer, arrival_wait=0)
+    first = threading.Thread(target=committer.submit, args=(1,), daemon=True)
+    first.start()
+    _until(lambda: committer._leader_busy)
+    outcomes: dict[int, BaseException] = {}
+
+    def call(item: int) -> None:
+        try:
+            committer.submit(item)
+        except BaseException as error:
+            outcomes[item] = error
+
+    second = threading.Thread(target=call, args=(2,))
+    second.start()
+    _until(lambda: len(committer._queue) == 1)
+    third = threading.Thread(target=call, args=(3,))
+    third.start()
+    _until(lambda: len(committer._queue) == 2)
+    release.set()
+    for thread in (first, second, third):
+        thread.join(timeout=30)
+
+    assert isinstance(outcomes[2], KeyboardInterrupt)  # the leader's own interruption
+    assert isinstance(outcomes[3], group_commit.LeaderLost)
+    assert isinstance(outcomes[3], StorageError)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_batch_is_being_written_can_submit() -> None:
+    """The leader writing at the fork does not exist in the child: the child's first
+    caller must lead its own batch, not wait for that leader forever."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+    committer, first = _writing_first(release, batches)
+    reader, writer_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        pid = os.fork()
+    if pid == 0:  # the child: submit from its only thread, report how it went
+        os.close(reader)
+        signal.alarm(10)  # a child that hangs is ended, and says nothing
+        try:
+            committer.submit(2)
+            said = b"done" if batches == [[2]] else repr(batches).encode()
+        except BaseException as error:
+            said = repr(error).encode()
+        os.write(writer_end, said)
+        os._exit(0)
+    os.close(writer_end)
+    try:
+        with os.fdopen(reader, "rb") as answer:
+            said = answer.read()
+    finally:
+        os.waitpid(pid, 0)
+        release.set()
+        first.join(timeout=30)
+
+    assert said == b"done"  # the child wrote its own item, alone
+    assert batches == [[1]]  # the parent wrote only its own

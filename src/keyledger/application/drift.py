@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyledger.application.ledger import Ledger
-from keyledger.application.read_models import audit_position
+from keyledger.application.read_models import audit_lag, audit_position
 from keyledger.domain.ids import keyring_id
 from keyledger.errors import DecryptionFailed
 from keyledger.infrastructure.crypto import DataKey
@@ -190,7 +190,7 @@ class Diagnosis:
                 "projection_behind",
                 "info",
                 CATCH_UP,
-                f"the audit read model is {head - reached} events behind the stream",
+                f"the audit read model is {audit_lag(self.ledger)} events behind the stream",
                 read_model="audit",
                 position=reached,
                 head=head,

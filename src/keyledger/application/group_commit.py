@@ -24,12 +24,15 @@ the wait off). A lone thread never waits.
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from keyledger.errors import StorageError
 
@@ -110,11 +113,19 @@ class GroupCommitter(Generic[T]):
         self._max_batch = max_batch
         # Seconds a leader waits at most for callers on their way; 0: never waits.
         self.arrival_wait = ARRIVAL_WAIT if arrival_wait is None else arrival_wait
+        self.rescues = 0  # leaderships taken back from a leader that stopped (for tests)
+        self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
+        self._start_afresh()
+        _COMMITTERS.add(self)
+
+    def _start_afresh(self) -> None:
+        """No batch, no leader, nobody on the way: a new committer, or one in a forked
+        child, where the threads that queued, led or were on their way do not exist (and
+        the locks may have been held by them at the fork)."""
         self._lock = threading.Lock()
         self._queue: list[_Pending[T]] = []
         self._leader_busy = False
         self._leader: int | None = None  # the thread that leads (its ident), while busy
-        self.rescues = 0  # leaderships taken back from a leader that stopped (for tests)
         # Threads on their way to submit (idents). Sets are changed without the lock:
         # add and discard are atomic, and a leader re-checks after every wake-up.
         self._arriving: set[int] = set()
@@ -128,7 +139,6 @@ class GroupCommitter(Generic[T]):
         self._arrived = threading.Lock()
         self._arrived.acquire()
         self._leader_waiting = False
-        self.waits = 0  # how often a leader waited for arrivals (for tests and tuning)
 
     def arriving(self) -> _Arrival[T]:
         """Announce that this thread will ``submit`` within the block (or leave it)."""
@@ -184,13 +194,22 @@ class GroupCommitter(Generic[T]):
 
     def _outcomes(self, items: list[T]) -> Sequence[BaseException | None]:
         """Each item's error from one ``write`` (the failure of the write itself for all
-        of them when it raised or answered for another number of items)."""
+        of them when it raised or answered for another number of items).
+
+        Each item of a batch gets its own copy of a shared failure, without traceback,
+        cause or context: one exception object raised in several threads would collect
+        every caller's frames in its traceback, and a caller's error report would show
+        the locals of the others (another tenant's request among them). An interruption
+        (``KeyboardInterrupt``, ``SystemExit``) is not an outcome of the write: it stops
+        the leader alone, and ``_lead`` fails the others closed."""
         try:
             errors = self._write(items)
             if len(errors) != len(items):
                 raise RuntimeError(f"{len(errors)} outcomes for {len(items)} writes")
-        except BaseException as failure:
-            return [failure] * len(items)
+        except Exception as failure:
+            if len(items) == 1:
+                return [failure]
+            return [_private_copy(failure) for _ in items]
         return errors
 
     def _end_turn(self, threads: set[int]) -> None:
@@ -318,7 +337,7 @@ class GroupCommitter(Generic[T]):
 
     def _lead(self) -> None:
         batch: list[_Pending[T]] = []
-        written = False
+        writing = False  # from here on the batch may have been written
         try:
             try:
                 self._await_arrivals()
@@ -329,8 +348,8 @@ class GroupCommitter(Generic[T]):
                     batch, self._queue = self._queue[:n], self._queue[n:]
                     for taken in batch:
                         taken.taker = threading.get_ident()
+            writing = True
             errors = self._outcomes([p.item for p in batch])
-            written = True
             for pending, error in zip(batch, errors, strict=True):
                 pending.error, pending.finished = error, True
         finally:  # whatever happened, leadership passes on and every caller wakes
@@ -339,13 +358,36 @@ class GroupCommitter(Generic[T]):
                 if not pending.finished:  # interrupted: before the write, or after it
                     interrupted = (
                         LeaderLost(_LOST)
-                        if written
+                        if writing
                         else StorageError("interrupted before the batch was written")
                     )
                     pending.error, pending.finished = interrupted, True
                 if pending.wake.locked():
                     pending.wake.release()
 
+
+def _private_copy(failure: Exception) -> Exception:
+    """A copy of ``failure`` for one caller: same class, message and attributes; no
+    traceback, cause or context (see ``GroupCommitter._outcomes``)."""
+    try:
+        private = copy.copy(failure)
+    except Exception:  # a class that cannot be rebuilt from its arguments
+        private = StorageError(f"the batch holding this write failed: {failure}")
+    private.__traceback__ = private.__cause__ = private.__context__ = None
+    private.__suppress_context__ = True
+    return private
+
+
+_COMMITTERS: weakref.WeakSet[GroupCommitter[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for committer in list(_COMMITTERS):
+        committer._start_afresh()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _LEAD_CODE = GroupCommitter._lead.__code__
 _SUBMIT_CODE = GroupCommitter.submit.__code__

@@ -146,19 +146,27 @@ class KeyCommands:
                     raise DecryptionFailed(
                         f"secret {name!r} names missing key version {secret.key_version}"
                     )
-                value = self.ledger.data_key(tenant_id, old).decrypt(name, secret.envelope)
+                old_key = self.ledger.data_key(tenant_id, old)
+                envelope = _reencrypted(old_key, target, name, secret.envelope)
             except (DecryptionFailed, MasterKeyUnavailable) as error:
                 written.append(_failure(tenant_id, name, secret.key_version, error, who))
                 bad += 1
                 continue
             moved = self.ledger.for_update(secret)
-            moved.reencrypt(target.encrypt(name, value), target.version, who)
+            moved.reencrypt(envelope, target.version, who)
             written.append(moved)
             ok += 1
         if written:
             unit = WriteUnit(expected={keyring.id: keyring.version})
             self.ledger.commit(*written, unit=unit)
         return ok, bad
+
+
+def _reencrypted(old: DataKey, new: DataKey, name: str, envelope: bytes) -> bytes:
+    """``envelope`` decrypted with ``old`` and encrypted with ``new``. The plaintext lives
+    only in this frame, never in one that is still running when the batch commits (a
+    failed commit's traceback would show it to error trackers)."""
+    return new.encrypt(name, old.decrypt(name, envelope))
 
 
 def _failure(

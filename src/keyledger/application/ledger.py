@@ -314,8 +314,13 @@ class Ledger(Application[UUID]):
         self._appended_since_catch_up = 0
         try:
             catch_up_audit(self)
-        except (StorageError, PersistenceError) as error:  # the write itself succeeded:
-            logger.warning("audit read model catch-up deferred: %s", error)  # a query retries
+        except (KeyledgerError, PersistenceError) as error:  # the write itself succeeded:
+            # never reported as its failure (its caller would retry a committed write).
+            # An audit query catches up again and raises what stopped this one (a
+            # tampered event: AuditTampered, naming its position).
+            logger.warning(
+                "audit read model catch-up deferred: %s: %s", type(error).__name__, error
+            )
 
     def seal_automatically(self, max_checkpoints: int = AUTO_SEAL_CHECKPOINTS) -> None:
         """Seal unsealed events as the system actor, at most ``max_checkpoints`` segments

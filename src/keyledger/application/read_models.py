@@ -30,10 +30,12 @@ from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import (
+    INDEX_NAMES,
     REBUILT_TABLES,
     has_table,
     index_statements,
     read_model_table_statements,
+    tracking_table_statement,
 )
 
 if TYPE_CHECKING:
@@ -148,6 +150,17 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
         cur.execute(f"SELECT MAX({position}) FROM {table}")
         head = cur.fetchone()[0] or 0
     return reached, int(head)
+
+
+def audit_lag(ledger: Ledger) -> int:
+    """How many events the audit model has still to apply. Not the difference of the
+    positions: on PostgreSQL every rolled-back write (a lost race, say) uses up a
+    position, so the stream has gaps, and the difference overstates the lag."""
+    table, position = ledger.store.events_table_name, ledger.store.position_column
+    with ledger.reading() as cur:
+        reached = _tracked_position(cur)
+        cur.execute(f"SELECT COUNT(*) FROM {table} WHERE {position} > ?", (reached,))
+        return int(cur.fetchone()[0])
 
 
 def catch_up_audit(
@@ -303,6 +316,7 @@ def _replay_and_switch(
     # The bulk, in batches, while the live read models keep answering.
     replayed = _replay_in_batches(store, replay_page, progress)
     while True:
+        _index_copies(store, tables, suffix)
         try:
             tail = _switch(store, tables, suffix, replay_page)
         except _TooFarBehind:  # the copies were reset meanwhile: not under the write lock
@@ -333,6 +347,21 @@ def _replay_in_batches(
             return replayed
 
 
+def _index_copies(store: Any, tables: frozenset[str], suffix: str) -> None:
+    """On PostgreSQL, index the copies before the switch, under names with ``suffix``:
+    the switch then only renames them. Built in the switch (as on SQLite, which cannot
+    rename an index), they held the write lock, and so every write, for seconds on a
+    large audit model (about 6 us a row): past a writer's lock timeout at a few million."""
+    if store.dialect != "postgres" or "kl_audit" not in tables:
+        return
+    with store.projecting() as cur:
+        for statement in index_statements():
+            cur.execute(_renamed(statement, _AUDIT_AND_INDEXES, suffix))
+
+
+_AUDIT_AND_INDEXES = frozenset({"kl_audit", *INDEX_NAMES})
+
+
 def _switch(
     store: Any,
     tables: frozenset[str],
@@ -349,16 +378,24 @@ def _switch(
                 raise _TooFarBehind  # rolls the transaction back
             tail += len(items)
         position = _tracked_position(cur, "kl_tracking" + suffix)
+        # A live table may be missing (dropped by hand, on a store opened without
+        # creating tables): the rebuild restores it (SPEC section 4).
         for table in sorted(tables - {"kl_tracking"}):
-            cur.execute(f"DROP TABLE {table}")
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
             cur.execute(f"ALTER TABLE {table}{suffix} RENAME TO {table}")
         for table in REBUILT_TABLES:
             cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
         if "kl_audit" in tables:
+            cur.execute(tracking_table_statement(store.dialect))
             cur.execute(
-                "UPDATE kl_tracking SET position=? WHERE name=?", (position, AUDIT_TRACKING_NAME)
+                "INSERT INTO kl_tracking (name, position) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (AUDIT_TRACKING_NAME, position),
             )
-        for statement in index_statements():
+            if store.dialect == "postgres":  # indexed before the switch: renamed only
+                for name in INDEX_NAMES:
+                    cur.execute(f"ALTER INDEX IF EXISTS {name}{suffix} RENAME TO {name}")
+        for statement in index_statements():  # (on PostgreSQL: present, nothing to do)
             cur.execute(statement)
     return tail
 

@@ -329,7 +329,8 @@ _STOP_REASONS = {
     "unknown_key": "the event is tagged with an audit key that is not configured, or with "
     "a master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
     "untagged": "the event carries no tag (written without an audit key, or forged); "
-    "investigate it, then seal accepting its position (accept_untagged)",
+    "investigate it, then seal accepting its position (`keyledger audit seal "
+    "--accept-untagged POSITION`, or seal_audit(accept_untagged=[POSITION]))",
 }
 
 

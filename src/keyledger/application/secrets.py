@@ -229,8 +229,8 @@ class SecretCommands:
             if not fresh:
                 raise Conflict
             self._refuse(secret, keyring, status, who)
-        try:
-            value = self._decrypt(secret, keyring)
+        try:  # held out of sight until the read is recorded (see _Withheld)
+            value = _Withheld(self._decrypt(secret, keyring))
         except (DecryptionFailed, MasterKeyUnavailable) as error:
             if not fresh:
                 raise Conflict from None
@@ -259,7 +259,7 @@ class SecretCommands:
         self.ledger.commit_read(read)
         # The read's own instant (read.at), when it counted, as the datetime it came from.
         accessed = read.view.timestamp if read.last_accessed_at is not None else None
-        return secret_model(secret, now, read.access_count or 0, accessed, value)
+        return secret_model(secret, now, read.access_count or 0, accessed, value.value)
 
     def _explain(self, error: KeyledgerError, tenant_id: str, name: str) -> KeyledgerError:
         """A decryption failure that a drift diagnosis explains becomes SecretKeyDriftError."""
@@ -371,3 +371,19 @@ def _versions(secret: Secret, keyring: TenantKeyring | None) -> dict[UUID, int]:
     if keyring is not None:
         versions[keyring.id] = keyring.version
     return versions
+
+
+class _Withheld:
+    """A decrypted value between its decryption and the commit of its read event.
+
+    If that commit fails, its traceback holds the frame that decrypted, and error
+    trackers record a frame's locals by their ``repr``: this holder's shows nothing, so
+    a report of a failed read never carries the value the caller did not get."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str | bytes) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<withheld>"

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from keyledger.application.schema_check import SchemaStatus
-from keyledger.cli.errors import configuration_error
 from keyledger.cli.render import emit_json, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import InvalidInput
@@ -32,10 +30,7 @@ def db_group() -> None:
 @contextmanager
 def schema_service(cli: CliContext) -> Iterator[SecretService]:
     """A service on the CLI's store that never creates tables on its own."""
-    try:
-        settings = KeyledgerSettings(create_tables=False)
-    except ValidationError as error:
-        raise configuration_error(error) from None
+    settings = KeyledgerSettings(create_tables=False)  # InvalidInput names what is wrong
     service = SecretService.create(cli.database_url, settings=settings)
     try:
         yield service
@@ -49,7 +44,7 @@ def _absent_sqlite_file(database_url: str | None) -> Path | None:
     if database_url is None:
         try:
             database_url = KeyledgerSettings().database_url.get_secret_value()
-        except ValidationError:
+        except InvalidInput:
             return None  # opening the store reports it
     if not database_url.startswith("sqlite:") or database_url == "sqlite:///:memory:":
         return None
@@ -90,6 +85,17 @@ def _not_ready(status: SchemaStatus) -> str:
     return f"the {status.store} schema is not ready: {'; '.join(problems)}"
 
 
+def _rebuild_hint(status: SchemaStatus) -> str:
+    """How to add the missing columns of a read-model table, which ``db init`` never
+    alters: a rebuild makes the table anew with the current columns."""
+    if any("." in item.split(" ", 1)[0] for item in status.missing):
+        return (
+            "; a read-model table lacks a column: `keyledger projections rebuild` "
+            "(as the tables' owner) makes it anew with the current columns"
+        )
+    return ""
+
+
 @db_group.command("init")
 @json_option
 @pass_cli
@@ -118,6 +124,7 @@ def init(cli: CliContext) -> None:
     if not after.ok:
         raise click.ClickException(
             f"{_not_ready(after)} after init (existing tables are never altered)"
+            + _rebuild_hint(after)
         )
 
 
@@ -146,7 +153,9 @@ def check(cli: CliContext) -> None:
     else:
         emit_status(status)
     if not status.ok:
-        raise click.ClickException(f"{_not_ready(status)}; run `keyledger db init`")
+        raise click.ClickException(
+            f"{_not_ready(status)}; run `keyledger db init`" + _rebuild_hint(status)
+        )
 
 
 @db_group.command("shred")

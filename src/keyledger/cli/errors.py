@@ -11,10 +11,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from keyledger.errors import KeyledgerError
-from keyledger.infrastructure.settings import invalid_configuration
 
 
 @contextmanager
@@ -25,11 +23,6 @@ def library_errors() -> Iterator[None]:
     except KeyledgerError as error:
         # The library's messages name tenants, secrets and key versions, never values or keys.
         raise click.ClickException(str(error) or type(error).__name__) from None
-
-
-def configuration_error(error: ValidationError) -> click.ClickException:
-    """Name the misconfigured environment variables without echoing their values."""
-    return click.ClickException(str(invalid_configuration(error)))
 
 
 class KeyledgerGroup(click.Group):

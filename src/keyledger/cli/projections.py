@@ -61,10 +61,16 @@ def rebuild(cli: CliContext, name: str | None) -> None:
 def status(cli: CliContext) -> None:
     """Show how far each read model has projected the stream (BEHIND is the lag)."""
     positions = cli.service.read_model_status()
+    lag = cli.service.read_model_lag()  # events to apply (positions may have gaps)
     if cli.json_output:
-        emit_json({name: {"position": p, "head": h} for name, (p, h) in positions.items()})
+        emit_json(
+            {
+                name: {"position": p, "head": h, "behind": lag[name]}
+                for name, (p, h) in positions.items()
+            }
+        )
     else:
-        rows = [(name, str(p), str(h), str(h - p)) for name, (p, h) in positions.items()]
+        rows = [(name, str(p), str(h), str(lag[name])) for name, (p, h) in positions.items()]
         emit_table(("READ MODEL", "POSITION", "HEAD", "BEHIND"), rows)
 
 
@@ -123,8 +129,7 @@ def run(cli: CliContext, idle_seconds: float, once: bool, seal: bool) -> None:
     if once:
         applied = service.catch_up_read_models()
     else:
-        behind = {name: h - p for name, (p, h) in service.read_model_status().items()}
-        lag = ", ".join(f"{name} {count}" for name, count in behind.items())
+        lag = ", ".join(f"{name} {count}" for name, count in service.read_model_lag().items())
         click.echo(f"Following the event stream (events behind: {lag}).", err=True)
         total = 0
 

@@ -6,10 +6,9 @@ from contextlib import AbstractContextManager
 from typing import TypedDict
 
 import click
-from pydantic import ValidationError
 
 from keyledger._version import __version__
-from keyledger.cli.errors import KeyledgerGroup, configuration_error
+from keyledger.cli.errors import KeyledgerGroup
 from keyledger.context import TenantScope, tenant
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.service import SecretService
@@ -44,10 +43,7 @@ class CliContext:
     def service(self) -> SecretService:
         """The service, opened now if this is its first use."""
         if self._service is None:
-            try:
-                settings = KeyledgerSettings()
-            except ValidationError as error:
-                raise configuration_error(error) from None
+            settings = KeyledgerSettings()  # InvalidInput names what is wrong
             self._service = SecretService.create(self.database_url, settings=settings)
         return self._service
 

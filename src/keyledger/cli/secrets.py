@@ -56,15 +56,21 @@ def read_value(binary: bool, limit: int) -> str | bytes:
         raise InvalidInput(f"value is more than {limit + 2} bytes; the limit is {limit}")
     if binary:
         return raw
-    try:
-        decoded = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise click.UsageError("stdin is not UTF-8 text: use --binary to store bytes") from None
+    decoded = _utf8_text(raw)
+    if decoded is None:  # (raised outside the handler: its error holds the whole value)
+        raise click.UsageError("stdin is not UTF-8 text: use --binary to store bytes")
     # `echo value | keyledger secrets put ...` means "value": drop the one line ending echo adds.
     for ending in ("\r\n", "\n"):
         if decoded.endswith(ending):
             return decoded[: -len(ending)]
     return decoded
+
+
+def _utf8_text(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 # Words after NAME, and unknown options, are taken rather than refused by click (whose

@@ -85,6 +85,8 @@ def sqlite_db_name(database_url: str | SecretStr) -> str:
             "connection's options itself; percent-encode ? and # in the path (%3F, %23)"
         )
     path = Path(unquote(parts.path[1:]))
+    if "\x00" in str(path):
+        raise InvalidInput("the SQLite database path holds a NUL character (%00)")
     if path.parent and not path.parent.exists():
         # An "@" suggests a mistyped server URL with a password in it: do not echo that.
         where = "" if "@" in str(path.parent) else f": {path.parent}"
@@ -127,6 +129,7 @@ def _postgres_parts(database_url: str) -> _PostgresTarget:
     No message here quotes the URL or any part of it: whatever a parser took for the host,
     port or path may be the tail of a password.
     """
+    target: _PostgresTarget | None = None
     try:
         parts = urlsplit(database_url)
         target = _PostgresTarget(
@@ -137,8 +140,10 @@ def _postgres_parts(database_url: str) -> _PostgresTarget:
             path=parts.path,
             query=parts.query,
         )
-    except ValueError:  # the port, or "Invalid IPv6 URL"
-        raise InvalidInput(_MALFORMED_POSTGRES) from None
+    except ValueError:  # the port, or "Invalid IPv6 URL": its message quotes the URL
+        pass
+    if target is None:  # raised outside the handler, so without the ValueError as context
+        raise InvalidInput(_MALFORMED_POSTGRES)
     # A "/", "?" or "#" in the password ends the netloc early and pushes the rest of the
     # password, and its "@", into the path, query or fragment.
     if "#" in database_url or "@" in parts.path + parts.query:

@@ -24,13 +24,7 @@ def _current_key_text(
     if settings.master_key is not None:
         sources.append((settings.master_key.get_secret_value(), "KEYLEDGER_MASTER_KEY"))
     if settings.master_key_file is not None:
-        try:
-            text = settings.master_key_file.read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError):
-            raise InvalidMasterKey(
-                f"KEYLEDGER_MASTER_KEY_FILE: cannot read {settings.master_key_file}"
-            ) from None
-        sources.append((text, "KEYLEDGER_MASTER_KEY_FILE"))
+        sources.append((_key_file_text(settings), "KEYLEDGER_MASTER_KEY_FILE"))
     if len(sources) > 1 and len({parse_master_key(t, source) for t, source in sources}) > 1:
         raise InvalidMasterKey(
             "KEYLEDGER_MASTER_KEY and KEYLEDGER_MASTER_KEY_FILE name different master keys: "
@@ -41,6 +35,28 @@ def _current_key_text(
     if settings.smrt_master_key is not None:
         return settings.smrt_master_key.get_secret_value(), "SMRT_SECRET_MASTER_KEY"
     return None, ""
+
+
+def _key_file_text(settings: KeyledgerSettings) -> str:
+    """The text of KEYLEDGER_MASTER_KEY_FILE (a leading UTF-8 byte-order mark dropped).
+
+    A failure names neither the path (a key pasted into the variable by mistake would be
+    printed) nor the file's bytes, and is raised outside the handler: an exception
+    ``from None`` still keeps its context, and a ``UnicodeDecodeError`` there holds the
+    whole file."""
+    assert settings.master_key_file is not None
+    reason = ""
+    try:
+        raw = settings.master_key_file.read_bytes()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raw = b""
+    if not reason:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+        if raw.isascii():
+            return raw.decode("ascii")
+        reason = "the file is not ASCII text"
+    raise InvalidMasterKey(f"KEYLEDGER_MASTER_KEY_FILE: cannot read the file it names: {reason}")
 
 
 def load_master_keyring(

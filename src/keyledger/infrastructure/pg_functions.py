@@ -100,7 +100,8 @@ def append_read_statement(table: str, channel: str) -> str:
 LANGUAGE plpgsql {_SETTINGS} AS $fn$
 BEGIN
 {_checked_append(table, channel, "read_position")}
-    UPDATE kl_catalog SET access_count = kl_catalog.access_count + 1, last_accessed_at = p_at
+    UPDATE kl_catalog SET access_count = kl_catalog.access_count + 1,
+        last_accessed_at = GREATEST(kl_catalog.last_accessed_at, p_at)
     WHERE kl_catalog.tenant_id = p_tenant AND kl_catalog.name = p_name
     RETURNING kl_catalog.access_count INTO read_count;
 END
@@ -156,7 +157,8 @@ BEGIN
         END LOOP;
         FOR k IN 1 .. COALESCE(cardinality(tenants), 0) LOOP
             UPDATE kl_catalog
-            SET access_count = kl_catalog.access_count + counts[k], last_accessed_at = ats[k]
+            SET access_count = kl_catalog.access_count + counts[k],
+                last_accessed_at = GREATEST(kl_catalog.last_accessed_at, ats[k])
             WHERE kl_catalog.tenant_id = tenants[k] AND kl_catalog.name = names[k]
             RETURNING kl_catalog.access_count INTO count_now;
             IF FOUND THEN
@@ -187,7 +189,8 @@ BEGIN
     FROM inserted AS i JOIN unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
     WITH updated AS (
         UPDATE kl_catalog
-        SET access_count = kl_catalog.access_count + v.n, last_accessed_at = v.at
+        SET access_count = kl_catalog.access_count + v.n,
+            last_accessed_at = GREATEST(kl_catalog.last_accessed_at, v.at)
         FROM unnest(tenants, names, counts, ats) AS v(tenant_id, name, n, at)
         WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name
         RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count

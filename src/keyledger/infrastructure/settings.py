@@ -16,7 +16,10 @@ DEFAULT_DATABASE_URL = "sqlite:///keyledger.db"
 class KeyledgerSettings(BaseSettings):
     """Everything keyledger reads from the environment (prefix ``KEYLEDGER_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="KEYLEDGER_", frozen=True, extra="ignore")
+    # Validation errors never quote the input: it may be a key or a URL with a password.
+    model_config = SettingsConfigDict(
+        env_prefix="KEYLEDGER_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # A URL may hold a password: masked in reprs and dumps, read with get_secret_value().
     database_url: SecretStr = Field(default=SecretStr(DEFAULT_DATABASE_URL), repr=False)
@@ -47,6 +50,17 @@ class KeyledgerSettings(BaseSettings):
     # same process (application/group_commit.py); 0: it never waits.
     group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
 
+    def __init__(self, **values: Any) -> None:
+        """Settings from the environment and ``values``; ``InvalidInput`` naming the
+        misconfigured variables (never their values) when any is wrong."""
+        problem: InvalidInput | None = None
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            problem = invalid_configuration(error)
+        if problem is not None:  # raised outside the handler: no context to carry
+            raise problem
+
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # SecretStr pickles its value in clear: the master key and the database password
         # would be in the bytes. Settings are read where they are used, never shipped.
@@ -61,10 +75,7 @@ def invalid_configuration(error: ValidationError) -> InvalidInput:
 
 def load_settings(**overrides: Any) -> KeyledgerSettings:
     """The settings from the environment (and ``overrides``); ``InvalidInput`` if wrong."""
-    try:
-        return KeyledgerSettings(**overrides)
-    except ValidationError as error:
-        raise invalid_configuration(error) from None
+    return KeyledgerSettings(**overrides)
 
 
 def _env_name(loc: tuple[Any, ...]) -> str:

@@ -120,6 +120,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     """The library's datastore with keyledger's connection pool and per-thread writers."""
 
     def __init__(self, db_name: str, *, lock_timeout: int | None = None) -> None:
+        # What close() (and so __del__) needs comes first: a failure below leaves an
+        # object that is still collected quietly.
+        self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
+        self._writers_lock = threading.Lock()
+        self._closed = False
         _create_private(db_name)
         self.pool = KeyledgerSQLiteConnectionPool(
             db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
@@ -127,10 +132,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
         self._writers = threading.local()
-        # Every live thread's writer, by the id of its _ThreadWriter (see thread_writer).
-        self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
-        self._writers_lock = threading.Lock()
-        self._closed = False
+        # _all_writers (set first): every live thread's writer, by the id of its
+        # _ThreadWriter (see thread_writer).
 
     @contextmanager
     def writer(self) -> Iterator[SQLiteConnection]:
@@ -186,7 +189,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             for conn in self._all_writers.values():
                 conn.close()
             self._all_writers.clear()
-        super().close()
+        if hasattr(self, "pool"):  # (none when the file could not be created)
+            super().close()
 
 
 def _thread_ended(
@@ -330,7 +334,10 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             "WHERE originator_id=?), 0)=?"
         )
         return {
-            n: "UPDATE kl_catalog SET access_count=access_count+1, last_accessed_at=? "
+            # The latest read's time (see catalog._LATEST), in SQLite's two-argument MAX
+            # (times are positive: a NULL, never read, loses to any).
+            n: "UPDATE kl_catalog SET access_count=access_count+1, "
+            "last_accessed_at=MAX(IFNULL(last_accessed_at, 0), ?) "
             f"WHERE tenant_id=? AND name=? AND {' AND '.join([check] * n)} "
             "RETURNING access_count"
             for n in (1, 2)

@@ -240,9 +240,10 @@ class CatalogProjector:
     def apply_read(cur: Cursor, read: CountedRead) -> None:
         """Project one read, and give it the count it made."""
         cur.execute(
-            "UPDATE kl_catalog SET access_count=access_count+1, last_accessed_at=? "
+            "UPDATE kl_catalog SET access_count=access_count+1, "
+            f"last_accessed_at={_LATEST.format(at='?')} "
             "WHERE tenant_id=? AND name=? RETURNING access_count",
-            (read.at, read.tenant_id, read.secret_name),
+            (read.at, read.at, read.tenant_id, read.secret_name),
         )
         row = cur.fetchone()
         if row is not None:
@@ -265,7 +266,7 @@ class CatalogProjector:
     def reads_update(
         reads: Sequence[ReadFacts | CountedRead], dialect: str = "sqlite"
     ) -> tuple[str, list[Any]]:
-        """One UPDATE for reads in stream order: counts added, the last read's time kept.
+        """One UPDATE for reads in stream order: counts added, the latest read's time kept.
 
         On PostgreSQL a large batch travels as four arrays, so the statement text is the
         same for every size: psycopg parses it once instead of once per size (parsing long
@@ -279,7 +280,7 @@ class CatalogProjector:
         params = [v for (tenant, name), (n, at) in totals.items() for v in (tenant, name, n, at)]
         return (
             "UPDATE kl_catalog SET access_count = kl_catalog.access_count + v.column3, "
-            f"last_accessed_at = v.column4 FROM (VALUES {rows}) AS v "
+            f"last_accessed_at = {_LATEST.format(at='v.column4')} FROM (VALUES {rows}) AS v "
             "WHERE kl_catalog.tenant_id = v.column1 AND kl_catalog.name = v.column2 "
             "RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count",
             params,
@@ -420,7 +421,7 @@ def _read_totals(reads: Sequence[ReadFacts | CountedRead]) -> dict[tuple[str, st
     for read in reads:
         total = totals.setdefault((read.tenant_id, read.secret_name), [0, 0])
         total[0] += 1
-        total[1] = read.at
+        total[1] = max(total[1], read.at)
     return totals
 
 
@@ -432,11 +433,19 @@ def _columns(totals: dict[tuple[str, str], list[int]]) -> list[list[Any]]:
     return columns
 
 
+# A read's time replaces the catalog's only when it is later: reads are timed before they
+# queue for the write lock, so one timed earlier can commit after one timed later, and
+# last_accessed_at is the time of the latest read (SPEC section 3), never going back.
+# (Written for both SQLite and PostgreSQL; a NULL, never read, takes the read's time.)
+_LATEST = (
+    "CASE WHEN kl_catalog.last_accessed_at > {at} THEN kl_catalog.last_accessed_at ELSE {at} END"
+)
+
 ARRAY_BATCH_MIN = 16  # larger PostgreSQL batches go as arrays (see reads_update)
 
 _PG_READS_UPDATE = (
     "UPDATE kl_catalog SET access_count = kl_catalog.access_count + v.n, "
-    "last_accessed_at = v.at "
+    "last_accessed_at = GREATEST(kl_catalog.last_accessed_at, v.at) "
     "FROM unnest(?::text[], ?::text[], ?::bigint[], ?::bigint[]) AS v(tenant_id, name, n, at) "
     "WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name "
     "RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count"

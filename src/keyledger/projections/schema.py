@@ -87,6 +87,7 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS kl_audit_by_tenant ON kl_audit (tenant_id, position)",
     "CREATE INDEX IF NOT EXISTS kl_audit_by_secret ON kl_audit (tenant_id, secret_name, position)",
 )
+INDEX_NAMES = ("kl_audit_by_tenant", "kl_audit_by_secret")
 
 _SUPPORT = (
     # Wrapped TDEKs live here, apart from the immutable stream, so destroying one is real.
@@ -112,6 +113,14 @@ def schema_statements(dialect: Dialect) -> list[str]:
         *index_statements(),
         *(statement.format(**_TYPES[dialect]) for statement in _SUPPORT),
     ]
+
+
+def tracking_table_statement(dialect: Dialect) -> str:
+    """The CREATE TABLE IF NOT EXISTS of kl_tracking (no rows)."""
+    (statement,) = (
+        s for s in read_model_table_statements(dialect) if "TABLE IF NOT EXISTS kl_tracking" in s
+    )
+    return statement
 
 
 def read_model_table_statements(dialect: Dialect, suffix: str = "") -> list[str]:
