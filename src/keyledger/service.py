@@ -565,7 +565,23 @@ class SecretService(AuditInvestigation):
         make_actor(user_id, ip_address, user_agent)  # checked before the first rotation
         due = self.keys_due(tenant_id)
         actor = {"user_id": user_id, "ip_address": ip_address, "user_agent": user_agent}
-        return [self.rotate_key_for_tenant(key.tenant_id, **actor) for key in due]
+        rotated = (self.rotate_due_key(key, **actor) for key in due)
+        return [info for info in rotated if info is not None]
+
+    def rotate_due_key(
+        self,
+        due: KeyDue,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+    ) -> TenantKeyInfo | None:
+        """Rotate the tenant of one ``keys_due`` entry while that version is still its
+        active one; None when another rotation came first (an overlapping run)."""
+        if not isinstance(due, KeyDue):
+            raise InvalidInput(f"due must be a KeyDue (from keys_due()), not {type(due).__name__}")
+        tenant_id, actor = self._explicit(due.tenant_id, user_id, ip_address, user_agent)
+        return self._keys.rotate_from(tenant_id, due.version, actor)
 
     def list_keys(self, tenant_id: str | None = None) -> builtins.list[TenantKeyInfo]:
         """Key versions of the current (or given) tenant; all tenants inside super_admin()."""

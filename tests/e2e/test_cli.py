@@ -509,7 +509,7 @@ def test_projections_status_shows_every_read_model_at_the_head() -> None:
     ok("projections", "rebuild")
     status = as_json("projections", "status")
     assert {"catalog", "audit"} <= set(status)
-    assert all(model == {"position": 2, "head": 2} for model in status.values())
+    assert all(model == {"position": 2, "head": 2, "behind": 0} for model in status.values())
     lines = ok("projections", "status").stdout.splitlines()
     assert lines[0].split() == ["READ", "MODEL", "POSITION", "HEAD", "BEHIND"]
     assert all(line.split()[1:] == ["2", "2", "0"] for line in lines[1:])

@@ -149,3 +149,17 @@ def test_a_seal_whose_anchor_file_cannot_be_written_exits_1_and_still_seals(
 
 def test_db_shred_answers_in_json_mode() -> None:
     assert json.loads(ok("--json", "db", "shred").stdout) == {"shredded": True}
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_timestamp_finer_than_microseconds_is_refused_not_rounded_down(option: str) -> None:
+    """Rounded down, --since 12:00:00.0000001 would take in an event at 12:00:00.000000,
+    before the instant given, and --until would leave out one before it."""
+    ok("secrets", "put", "acme", "a", stdin="v")
+    result = failed(2, "audit", "log", "acme", option, "2026-11-30T12:00:00.0000001Z")
+    assert "more than 6 fractional digits" in result.stderr
+    exported = failed(
+        2, "audit", "export", "--tenant", "acme", option, "2030-01-01T00:00:00.1234567Z"
+    )
+    assert "more than 6 fractional digits" in exported.stderr
+    ok("audit", "log", "acme", option, "2026-11-30T12:00:00.123456Z")  # microseconds: fine

@@ -9,6 +9,7 @@ by time and by position.
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -371,3 +372,78 @@ def test_an_aware_instant_in_another_zone_means_the_same_instant(history: Histor
     assert (
         history.service.state_as_of("acme", at=elsewhere).secrets == by_time(history, "v2").secrets
     )
+
+
+# -- one write, one instant: replay never splits a write ------------------------------------
+
+
+def _audit(service: SecretService, tenant_id: str) -> list[Any]:
+    with super_admin():
+        return sorted(service.get_audit_logs(tenant_id=tenant_id), key=lambda e: e.position)
+
+
+def test_replay_never_shows_half_of_a_write_that_appended_several_events(
+    service: SecretService,
+) -> None:
+    """Compromising the active key appends the compromise and the rotation away from it
+    in one write; a tenant's first store appends its first key and its secret. Replayed
+    at any of their events, by time or by position, the write is whole: never a tenant
+    without an active key, never a key without the secret stored with it."""
+    service.store_for_tenant("acme", "db", "v1")
+    service.compromise_key_for_tenant("acme", 1, "leaked")
+    created_key, created, compromised, rotated = _audit(service, "acme")
+    assert (created_key.action, compromised.action, rotated.action) == (
+        "create_key",
+        "compromise_key",
+        "rotate_key",
+    )
+
+    for entry in (created_key, created):
+        for state in (
+            service.state_as_of("acme", at=entry.timestamp),
+            service.state_as_of("acme", position=entry.position),
+        ):
+            assert keys_of(state) == {1: "active"}
+            assert list(secrets_of(state)) == ["db"]
+    for entry in (compromised, rotated):
+        for state in (
+            service.state_as_of("acme", at=entry.timestamp),
+            service.state_as_of("acme", position=entry.position),
+        ):
+            assert keys_of(state) == {1: "compromised", 2: "active"}
+    by_position = service.state_as_of("acme", position=compromised.position)
+    assert by_position.as_of_position == compromised.position  # as asked
+    assert by_position.position == rotated.position  # the write's last event
+
+
+def test_replayed_last_access_is_the_latest_read_even_when_appended_earlier(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read timed first can be appended second; the live catalog keeps the latest
+    time, and so does a replay."""
+    service.store_for_tenant("acme", "db", "v1")
+    ledger = service._ledger
+    commit_read = ledger.commit_read
+    timed = threading.Event()
+    later_done = threading.Event()
+
+    def held_back(read: Any) -> None:
+        if threading.current_thread().name == "timed-first":
+            timed.set()
+            assert later_done.wait(timeout=30)
+        commit_read(read)
+
+    monkeypatch.setattr(ledger, "commit_read", held_back)
+    first = threading.Thread(
+        name="timed-first", target=lambda: service.retrieve_for_tenant("acme", "db")
+    )
+    first.start()
+    assert timed.wait(timeout=30)
+    service.retrieve_for_tenant("acme", "db")
+    later_done.set()
+    first.join(timeout=30)
+    (live,) = service.list_for_tenant("acme")
+
+    replayed = secrets_of(service.state_as_of("acme", at=datetime.now(UTC)))["db"]
+
+    assert (replayed.access_count, replayed.last_accessed_at) == (2, live.last_accessed_at)

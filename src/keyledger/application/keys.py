@@ -31,12 +31,29 @@ class KeyCommands:
 
     def rotate(self, tenant_id: str, actor: Actor) -> TenantKeyInfo:
         """Create version N+1 as active and retire N, in one event; never two active."""
+        info = self._rotate(tenant_id, actor, None)
+        assert info is not None  # (only a conditional rotation can be without effect)
+        return info
+
+    def rotate_from(self, tenant_id: str, version: int, actor: Actor) -> TenantKeyInfo | None:
+        """Rotate only while ``version`` is still the active one, as decided on the
+        keyring the write commits against; None (no rotation) when another rotation came
+        first (two runs of ``keys rotate --due`` at once, say)."""
+        return self._rotate(tenant_id, actor, version)
+
+    def _rotate(self, tenant_id: str, actor: Actor, only_from: int | None) -> TenantKeyInfo | None:
         who = actor_dict(actor)
         action = "rotate_key"  # a tenant's first version is audited as create_key
 
-        def attempt(n: int) -> int:
+        def attempt(n: int) -> int | None:
             nonlocal action
             keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
+            if only_from is not None:
+                active = keyring.active if keyring is not None else None
+                if active is None or active.version != only_from:
+                    if n == 0:
+                        raise Conflict  # decided on fresh state only
+                    return None
             action = "create_key" if keyring is None else "rotate_key"
             if keyring is None:
                 data_key, row = self.ledger.new_data_key(tenant_id, 1)
@@ -55,6 +72,8 @@ class KeyCommands:
         except MasterKeyUnavailable as error:  # no master key to wrap a new version with
             record_failure(self.ledger, tenant_id, None, action, error, None, who)
             raise unavailable(error, f"cannot rotate the key of tenant {tenant_id!r}") from None
+        if version is None:
+            return None
         return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
 
     def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring, *, fresh: bool) -> None:

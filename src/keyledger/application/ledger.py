@@ -36,6 +36,7 @@ from keyledger.application.caches import ExpiringCache, LRUCache
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.ids import keyring_id, secret_id
+from keyledger.domain.instant import one_instant
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import (
@@ -51,7 +52,11 @@ from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, g
 from keyledger.infrastructure.event_tags import TaggingMapper
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
-from keyledger.infrastructure.unit_writer import KeyledgerRecorder, delete_key_material
+from keyledger.infrastructure.unit_writer import (
+    SHRED_PENDING,
+    KeyledgerRecorder,
+    delete_key_material,
+)
 from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError, WriteUnit
 from keyledger.projections.timeutil import to_micros
 
@@ -340,10 +345,12 @@ class Ledger(Application[UUID]):
 
     def retrying(self, attempt: Callable[[int], T], first: int = 0) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter),
-        from ``n = first`` (a caller that made attempt 0 itself passes 1)."""
+        from ``n = first`` (a caller that made attempt 0 itself passes 1). The events of
+        one attempt share one timestamp (``one_instant``)."""
         for n in range(first, MAX_ATTEMPTS):
             try:
-                return attempt(n)
+                with one_instant():
+                    return attempt(n)
             except Conflict:
                 if n:
                     time.sleep(random.uniform(0, 0.002 * min(n, 10)))
@@ -396,14 +403,32 @@ class Ledger(Application[UUID]):
         It runs after the deletion committed, so a store failure here (a lock timeout
         behind a long transaction, a dropped connection) is ``ShredIncomplete``, never a
         ``StorageError``, which would say that nothing was written."""
+        pending = self._shreds_pending()
         try:
             self.store.shred()
+            if pending:  # what this shred covered (later deletions stay counted)
+                with self.store.projecting() as cur:
+                    cur.execute(
+                        "UPDATE kl_tracking SET position = position - ? WHERE name = ?",
+                        (pending, SHRED_PENDING),
+                    )
         except StorageError as error:
             raise ShredIncomplete(
                 f"the operation is done, but the store could not be shredded ({error}): "
                 "the key material it deleted or replaced may stay in the database files "
                 "until `keyledger db shred` succeeds"
             ) from None
+
+    def shred_pending(self) -> bool:
+        """Whether a write deleted or replaced key material that no shred has yet
+        removed from the store's files (its process stopped before it could shred)."""
+        return self._shreds_pending() > 0
+
+    def _shreds_pending(self) -> int:
+        with self.reading() as cur:
+            cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (SHRED_PENDING,))
+            row = cur.fetchone()
+        return int(row[0]) if row is not None else 0
 
     def remember_data_key(self, data_key: DataKey) -> None:
         self._data_keys.put((data_key.tenant_id, data_key.version, data_key.fingerprint), data_key)

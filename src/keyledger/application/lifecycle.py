@@ -117,6 +117,7 @@ class KeyLifecycle:
         destroyed = sum(o.outcome == "destroyed" for o in outcomes)
         if destroyed:
             self.ledger.forget_data_keys()
+        if destroyed or self.ledger.shred_pending():  # (pending: a run stopped before it)
             self.ledger.shred()  # ShredIncomplete names `keyledger db shred` to finish it
         return CleanupResult(destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes)
 
@@ -191,12 +192,14 @@ class KeyLifecycle:
         rewrapped = current = 0
         failures: list[str] = []
         for tenant_id, rows in rows_by_tenant.items():
-            done, fresh_ok, failed = self._rewrap_tenant(tenant_id, rows, amk.amk_id, who)
+            done, fresh_ok, failed = self._rewrap_tenant(tenant_id, amk.amk_id, who)
             rewrapped, current = rewrapped + done, current + fresh_ok
             failures += failed
             if progress:
                 progress(len(rows))
-        if shred and rewrapped:  # the copies wrapped by the old master key leave the files
+        # The copies wrapped by the old master key leave the files (also those of a run
+        # stopped between its commit and its shred).
+        if shred and (rewrapped or self.ledger.shred_pending()):
             self.ledger.shred()
         return RewrapResult(
             amk_id=amk.amk_id,
@@ -207,7 +210,7 @@ class KeyLifecycle:
         )
 
     def _rewrap_tenant(
-        self, tenant_id: str, rows: list[KeyMaterialRow], amk_id: str, who: ActorDict
+        self, tenant_id: str, amk_id: str, who: ActorDict
     ) -> tuple[int, int, list[str]]:
         amk = self.ledger.current_master_key()
 
@@ -216,10 +219,16 @@ class KeyLifecycle:
             changed = self.ledger.for_update(keyring)
             unit = WriteUnit()
             current, failures = 0, list[str]()
-            for row in rows:
+            # The tenant's material as it is now, not as the run found it at its start:
+            # a version destroyed meanwhile (an erasure, a cleanup) or re-wrapped by
+            # another run is not re-wrapped again (the keyring's version, checked at the
+            # commit, keeps the two in step).
+            for row in self.queries.usable_key_material(tenant_id):
                 key = keyring.keys.get(row.version)
                 if key is None or key.key_id != row.key_id:
                     continue  # orphaned material: left to the drift repair
+                if key.status not in ("active", "retired"):
+                    continue  # compromised or destroyed since: nothing to re-wrap
                 if row.amk_id == amk_id and key.amk_id == amk_id:
                     current += 1
                     continue

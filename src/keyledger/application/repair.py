@@ -105,7 +105,8 @@ def repair(
         )
     deleted = _record(ledger, tenant_id, before, secrets, versions, live, actor)
     removed = _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
-    if versions or removed:  # once, after every step: an incomplete shred stops none of them
+    # Once, after every step: an incomplete shred stops none of them.
+    if versions or removed or ledger.shred_pending():
         ledger.shred()
     return RepairResult(
         dry_run=False,

@@ -18,7 +18,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from keyledger.application.stream import decoded, row_at_or_before, tenant_pages_by_aggregate
+from keyledger.application.stream import (
+    decoded,
+    row_at,
+    row_at_or_before,
+    rows_after,
+    tenant_pages_by_aggregate,
+)
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
@@ -39,14 +45,17 @@ class _Reads:
         self.times = array("q")  # microseconds since the epoch
 
     def counted_after(self, revived_at: int) -> tuple[int, datetime | None]:
-        """(how many reads came after position ``revived_at``, the time of the last)."""
-        count, last_position, last_time = 0, 0, 0
+        """(how many reads came after position ``revived_at``, the time of the latest).
+
+        The latest by time, not by position: reads are timed before they queue for the
+        write lock, so a read timed earlier can be appended later, and the catalog keeps
+        the latest time (``projections.catalog._LATEST``)."""
+        count, latest = 0, 0
         for position, time in zip(self.positions, self.times, strict=True):
             if position > revived_at:
                 count += 1
-                if position > last_position:
-                    last_position, last_time = position, time
-        return count, (optional_datetime(last_time) if count else None)
+                latest = max(latest, time)
+        return count, (optional_datetime(latest) if count else None)
 
 
 def state_as_of(
@@ -58,6 +67,9 @@ def state_as_of(
     in version order, which is all its state depends on), so memory does not grow with
     the tenant's history. Reads are kept as (position, time) per name and counted at the
     end, after the position where their name was last stored again after a deletion."""
+    requested = position
+    if position is not None:
+        position = _end_of_write(ledger, position)
     aggregates: dict[UUID, Any] = {}
     reads: dict[str, _Reads] = {}
     revived: dict[str, int] = {}  # name -> position of its last revival
@@ -100,7 +112,7 @@ def state_as_of(
     return TenantState(
         tenant_id=tenant_id,
         as_of=at,
-        as_of_position=position,
+        as_of_position=requested,
         position=last_position,
         events_applied=applied,
         secrets=secrets,
@@ -110,6 +122,26 @@ def state_as_of(
 
 def _counted(reads: _Reads | None, revived_at: int) -> tuple[int, datetime | None]:
     return (0, None) if reads is None else reads.counted_after(revived_at)
+
+
+def _end_of_write(ledger: Ledger, position: int) -> int:
+    """The last position of the write that appended the event at ``position``.
+
+    A write's events follow each other in the stream and share one timestamp
+    (``domain/instant.py``): a replay up to an event in the middle of one (the compromise
+    of an active key, before the rotation away from it) would show a state the store was
+    never in. Reads of a group commit are separate writes, each with its own time."""
+    row = row_at(ledger, position)
+    if row is None:
+        return position
+    instant = decoded(ledger, row).timestamp
+    end = position
+    for page in rows_after(ledger, position, page_size=64):
+        for following in page:
+            if following.position != end + 1 or decoded(ledger, following).timestamp != instant:
+                return end
+            end = following.position
+    return end
 
 
 def _time_at(ledger: Ledger, position: int | None) -> datetime | None:

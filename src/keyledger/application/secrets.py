@@ -11,6 +11,7 @@ from keyledger.application.ledger import Conflict, Ledger
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict, secret_id
+from keyledger.domain.instant import one_instant
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import (
@@ -103,7 +104,8 @@ class SecretCommands:
         who = actor_dict(actor)
         try:
             try:  # attempt 0 inline: the common case, without the retry loop's layers
-                return self._store_once(tenant_id, name, value, options, who, fresh=False)
+                with one_instant():  # (as the retry loop's attempts: see domain/instant)
+                    return self._store_once(tenant_id, name, value, options, who, fresh=False)
             except Conflict:
                 pass
             return self.ledger.retrying(

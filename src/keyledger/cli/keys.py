@@ -81,10 +81,13 @@ def rotate_due(cli: CliContext) -> None:
         every_due = service.keys_due()
     for due in every_due:
         try:
-            rotated.append((due, service.rotate_key_for_tenant(due.tenant_id, **cli.actor)))
+            info = service.rotate_due_key(due, **cli.actor)
         except KeyledgerError as error:  # its failure is audited; the next tenant's turn
             failed += 1
             click.echo(f"Error: {error}", err=True)
+            continue
+        if info is not None:  # (None: another run rotated it first)
+            rotated.append((due, info))
     if cli.json_output:
         emit_json([to_data(info) for _, info in rotated])
     else:

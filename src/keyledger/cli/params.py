@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import click
+
+_FINER_THAN_MICROSECONDS = re.compile(r"[.,]\d{7,}")
 
 
 class AwareDateTime(click.ParamType[datetime]):
@@ -19,6 +22,16 @@ class AwareDateTime(click.ParamType[datetime]):
         if isinstance(value, datetime):
             parsed = value
         else:
+            if _FINER_THAN_MICROSECONDS.search(str(value)):
+                # fromisoformat would drop the extra digits (round down): a --since would
+                # then take in events before the instant given, an --until leave out
+                # events before it. Instants are kept to the microsecond.
+                self.fail(
+                    f"{value!r} has more than 6 fractional digits: instants are kept to "
+                    "the microsecond",
+                    param,
+                    ctx,
+                )
             try:
                 parsed = datetime.fromisoformat(str(value))
             except ValueError:

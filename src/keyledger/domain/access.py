@@ -17,6 +17,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
 from keyledger.domain.ids import ActorDict, audit_record_id
+from keyledger.domain.instant import event_timestamp
 
 E = TypeVar("E", bound=Aggregate.Created)
 
@@ -60,7 +61,7 @@ class AuditRecord(Aggregate):
         return event_class(
             originator_id=audit_record_id(fields["tenant_id"]),
             originator_version=1,
-            timestamp=event_class.create_timestamp(),
+            timestamp=event_timestamp(),  # the write's instant, inside one
             originator_topic=_TOPIC,
             **fields,
         )

@@ -10,6 +10,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from keyledger.domain.ids import ActorDict, keyring_id
+from keyledger.domain.instant import event_timestamp
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,14 @@ class TenantKeyring(Aggregate):
     class TenantKeyCreated(Aggregate.Created):
         """The tenant's first key version (version 1) was created."""
 
+        create_timestamp = staticmethod(event_timestamp)  # the write's instant
         tenant_id: str
         key_id: str
         amk_id: str
         actor: ActorDict
 
     class Event(Aggregate.Event):
+        create_timestamp = staticmethod(event_timestamp)  # the write's instant
         tenant_id: str
         actor: ActorDict
 

@@ -10,6 +10,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
 from keyledger.domain.ids import ActorDict, secret_id
+from keyledger.domain.instant import event_timestamp
 
 
 def effective_status(
@@ -32,6 +33,7 @@ class Secret(Aggregate):
     """
 
     class Event(Aggregate.Event):
+        create_timestamp = staticmethod(event_timestamp)  # the write's instant
         tenant_id: str
         name: str
         actor: ActorDict
@@ -39,6 +41,7 @@ class Secret(Aggregate):
     class SecretCreated(Aggregate.Created):
         """The name was stored for the first time."""
 
+        create_timestamp = staticmethod(event_timestamp)  # the write's instant
         tenant_id: str
         name: str
         envelope: bytes

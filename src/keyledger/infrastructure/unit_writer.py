@@ -75,6 +75,8 @@ def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> N
             "WHERE tenant_id=? AND version=? AND key_id=?",
             (row.amk_id, row.wrapped, row.tenant_id, row.version, row.key_id),
         )
+    if unit.material_rewraps:  # (deletions note it in delete_key_material)
+        note_shred_pending(cur)
     for row in unit.key_material:
         cur.execute(
             "INSERT INTO kl_key_material (tenant_id, version, key_id, amk_id, wrapped, "
@@ -103,6 +105,25 @@ def delete_key_material(cur: Cursor, rows: Sequence[tuple[str, int, str | None]]
             "AND (CAST(? AS TEXT) IS NULL OR key_id=?)",
             (tenant_id, version, key_id, key_id),
         )
+    if rows:
+        note_shred_pending(cur)
+
+
+# The row of kl_tracking that counts writes whose deleted or replaced key material may
+# still be in the store's files: set in the transaction that deletes or replaces it,
+# taken off by a shred that succeeded. A process killed between its commit and its shred
+# leaves it set, and the next cleanup or rewrap (or `db shred`) shreds, although it has
+# nothing to delete itself.
+SHRED_PENDING = "shred_pending"
+
+
+def note_shred_pending(cur: Cursor) -> None:
+    """(In the deleting transaction.) One more write awaiting a shred."""
+    cur.execute(
+        "INSERT INTO kl_tracking (name, position) VALUES (?, 1) "
+        "ON CONFLICT (name) DO UPDATE SET position = kl_tracking.position + 1",
+        (SHRED_PENDING,),
+    )
 
 
 def check_expected(unit: WriteUnit, versions_of: VersionsOf) -> None:
