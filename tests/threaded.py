@@ -45,3 +45,34 @@ def timed(label: str, call: Callable[[], Any], limit: float) -> Outcome:
     thread.join(limit)
     outcome.hung = thread.is_alive()
     return outcome
+
+
+def reads_out_of_order(
+    service: Any, monkeypatch: Any, tenant_id: str, name: str
+) -> tuple[Any, Any]:
+    """Two retrieves of one secret, the first timed first but committed second (its thread
+    held between deciding and committing while the second goes through), as a thread
+    descheduled there, or another process, would do. Returns (first, second) results."""
+    ledger = service._ledger
+    commit_read = ledger.commit_read
+    timed = threading.Event()
+    later_done = threading.Event()
+
+    def held_back(read: Any) -> None:
+        if threading.current_thread().name == "timed-first":
+            timed.set()
+            assert later_done.wait(timeout=30)  # the later read commits meanwhile
+        commit_read(read)
+
+    monkeypatch.setattr(ledger, "commit_read", held_back)
+    first: dict[str, Any] = {}
+    thread = threading.Thread(
+        name="timed-first",
+        target=lambda: first.update(result=service.retrieve_for_tenant(tenant_id, name)),
+    )
+    thread.start()
+    assert timed.wait(timeout=30)
+    second = service.retrieve_for_tenant(tenant_id, name)
+    later_done.set()
+    thread.join(timeout=30)
+    return first["result"], second

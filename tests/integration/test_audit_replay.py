@@ -9,7 +9,6 @@ by time and by position.
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from keyledger import (
 )
 from keyledger.application import stream
 from keyledger.models import TenantState
+from threaded import reads_out_of_order
 
 EVERYTHING = 1_000_000
 
@@ -422,26 +422,7 @@ def test_replayed_last_access_is_the_latest_read_even_when_appended_earlier(
     """A read timed first can be appended second; the live catalog keeps the latest
     time, and so does a replay."""
     service.store_for_tenant("acme", "db", "v1")
-    ledger = service._ledger
-    commit_read = ledger.commit_read
-    timed = threading.Event()
-    later_done = threading.Event()
-
-    def held_back(read: Any) -> None:
-        if threading.current_thread().name == "timed-first":
-            timed.set()
-            assert later_done.wait(timeout=30)
-        commit_read(read)
-
-    monkeypatch.setattr(ledger, "commit_read", held_back)
-    first = threading.Thread(
-        name="timed-first", target=lambda: service.retrieve_for_tenant("acme", "db")
-    )
-    first.start()
-    assert timed.wait(timeout=30)
-    service.retrieve_for_tenant("acme", "db")
-    later_done.set()
-    first.join(timeout=30)
+    reads_out_of_order(service, monkeypatch, "acme", "db")
     (live,) = service.list_for_tenant("acme")
 
     replayed = secrets_of(service.state_as_of("acme", at=datetime.now(UTC)))["db"]

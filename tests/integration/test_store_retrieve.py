@@ -29,6 +29,7 @@ from keyledger.errors import StorageError
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteConnectionPool
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
+from threaded import reads_out_of_order
 
 NEXT_YEAR = datetime.now(UTC) + timedelta(days=365)
 LAST_YEAR = datetime.now(UTC) - timedelta(days=365)
@@ -464,31 +465,11 @@ def test_last_accessed_at_never_goes_back_when_an_earlier_read_commits_later(
     commit second (its thread descheduled, its batch behind another, another process).
     The catalog keeps the time of the latest read (SPEC section 3), rebuilt alike."""
     service.store_for_tenant("acme", "token", "v")
-    ledger = service._ledger
-    commit_read = ledger.commit_read
-    timed = threading.Event()
-    later_done = threading.Event()
 
-    def held_back(read: Any) -> None:
-        if threading.current_thread().name == "timed-first":
-            timed.set()
-            assert later_done.wait(timeout=30)  # the later read commits meanwhile
-        commit_read(read)
+    first, second = reads_out_of_order(service, monkeypatch, "acme", "token")
 
-    monkeypatch.setattr(ledger, "commit_read", held_back)
-    first: dict[str, Any] = {}
-    thread = threading.Thread(
-        name="timed-first",
-        target=lambda: first.update(secret=service.retrieve_for_tenant("acme", "token")),
-    )
-    thread.start()
-    assert timed.wait(timeout=30)
-    second = service.retrieve_for_tenant("acme", "token")
-    later_done.set()
-    thread.join(timeout=30)
-
-    assert first["secret"].last_accessed_at < second.last_accessed_at  # as timed
-    assert first["secret"].access_count == 2  # as committed
+    assert first.last_accessed_at < second.last_accessed_at  # as timed
+    assert first.access_count == 2  # as committed
     (info,) = service.list_for_tenant("acme")
     assert info.access_count == 2
     assert info.last_accessed_at == second.last_accessed_at
