@@ -11,7 +11,6 @@ from keyledger.application.ledger import Conflict, Ledger
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict, secret_id
-from keyledger.domain.instant import one_instant
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import (
@@ -104,8 +103,7 @@ class SecretCommands:
         who = actor_dict(actor)
         try:
             try:  # attempt 0 inline: the common case, without the retry loop's layers
-                with one_instant():  # (as the retry loop's attempts: see domain/instant)
-                    return self._store_once(tenant_id, name, value, options, who, fresh=False)
+                return self._store_once(tenant_id, name, value, options, who, fresh=False)
             except Conflict:
                 pass
             return self.ledger.retrying(
@@ -149,6 +147,9 @@ class SecretCommands:
         fresh: bool,
     ) -> SecretInfo:
         keyring, written_keyring, data_key, material = self._active_data_key(tenant_id, who, fresh)
+        # A keyring written with the secret (its first key, or a rotation to an active
+        # one): both events of the write take one instant (domain/instant.py).
+        instant = written_keyring.modified_on if written_keyring is not None else None
         envelope = data_key.encrypt(name, value)
         # A name not in the cache is presumed new: if it exists after all, appending its
         # version 1 conflicts, and the retry loads it. New names thus cost one transaction.
@@ -167,6 +168,7 @@ class SecretCommands:
                 metadata=options.metadata or {},
                 expires_at=None if options.clear_expiry else options.expires_at,
                 actor=who,
+                timestamp=instant,
             )
         else:
             secret = self.ledger.for_update(cached)
@@ -187,6 +189,7 @@ class SecretCommands:
                 expires_at=expires_at,
                 now=self.ledger.clock(),
                 actor=who,
+                timestamp=instant,
             )
         unit = WriteUnit(key_material=material)
         if keyring is not None and written_keyring is None:

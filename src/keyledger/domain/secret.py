@@ -145,15 +145,16 @@ class Secret(Aggregate):
         metadata: dict[str, str],
         expires_at: datetime | None,
         actor: ActorDict,
+        timestamp: datetime | None = None,
     ) -> Secret:
-        """Store a name for the first time.
+        """Store a name for the first time (``timestamp``: as ``store``'s).
 
         The same aggregate and pending ``SecretCreated`` as the library's
         ``cls._create(cls.SecretCreated, **fields)`` (a test holds them equal, attribute
         by attribute), built directly: the library's generic path (keyword filtering,
         dataclass init, ``mutate``) costs a store five times as much.
         """
-        now = cls.SecretCreated.create_timestamp()
+        now = timestamp or cls.SecretCreated.create_timestamp()
         aggregate_id = secret_id(tenant_id, name)
         event = object.__new__(cls.SecretCreated)
         event.__dict__.update(
@@ -206,12 +207,15 @@ class Secret(Aggregate):
         expires_at: datetime | None,
         now: datetime,
         actor: ActorDict,
+        timestamp: datetime | None = None,
     ) -> None:
-        """Store a new value version; a deleted name is revived as a fresh secret."""
+        """Store a new value version; a deleted name is revived as a fresh secret.
+        ``timestamp``: the event's (that of another event of the same write), else now."""
         revived = self.deleted
         renewed = expires_at is None or expires_at > now
         self.trigger_event(
             self.SecretStored,
+            timestamp=timestamp,
             tenant_id=self.tenant_id,
             name=self.name,
             envelope=envelope,
