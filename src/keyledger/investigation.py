@@ -92,6 +92,7 @@ class AuditInvestigation:
         docs/audit.md). One tenant by name (an operator tool), or every tenant: a
         cross-tenant read, so only inside ``super_admin()``. ``progress(position)`` is
         called after each page with the last stream position it covered."""
+        check_callback("progress", progress)
         if tenant_id is None and not is_super_admin():
             raise TenantRequired(
                 "exporting every tenant's audit log needs super_admin(); or name a tenant"
@@ -102,7 +103,7 @@ class AuditInvestigation:
             since=check_aware("since", since),
             until=check_aware("until", until),
             after_position=check_count("after_position", after_position) or 0,
-            progress=_checked_progress(progress),
+            progress=progress,
         )
 
     def seal_audit(
@@ -127,11 +128,11 @@ class AuditInvestigation:
     ) -> VerifyReport:
         """Check the stream against its checkpoints, event tags and an optional anchor."""
         if anchor is not None:
-            if isinstance(anchor, str | bytes) or not isinstance(anchor, Iterable):
+            iterable = isinstance(anchor, Iterable) and not isinstance(anchor, str | bytes)
+            given = list(anchor) if iterable else None
+            if given is None or not all(isinstance(item, Checkpoint) for item in given):
                 raise InvalidInput("anchor must be a list of Checkpoint (audit_checkpoints())")
-            anchor = list(anchor)
-            if not all(isinstance(item, Checkpoint) for item in anchor):
-                raise InvalidInput("anchor must be a list of Checkpoint (audit_checkpoints())")
+            anchor = given
         return verify(
             self._ledger,
             from_position=check_count("from_position", from_position) or 0,
@@ -145,9 +146,3 @@ class AuditInvestigation:
     def unsealed_events(self) -> int:
         """How many events lie after the newest checkpoint."""
         return unsealed_count(self._ledger)
-
-
-def _checked_progress(progress: Any) -> Any:
-    """``progress`` once checked to be None or callable (before any work)."""
-    check_callback("progress", progress)
-    return progress

@@ -148,7 +148,9 @@ class SecretCommands:
     ) -> SecretInfo:
         keyring, written_keyring, data_key, material = self._active_data_key(tenant_id, who, fresh)
         # A keyring written with the secret (its first key, or a rotation to an active
-        # one): both events of the write take one instant (domain/instant.py).
+        # one): both events of the write take one instant (domain/instant.py). Passed on
+        # explicitly: the first attempt runs outside one_instant(), which every store
+        # would pay for, though few write a keyring.
         instant = written_keyring.modified_on if written_keyring is not None else None
         envelope = data_key.encrypt(name, value)
         # A name not in the cache is presumed new: if it exists after all, appending its

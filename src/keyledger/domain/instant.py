@@ -10,6 +10,8 @@ one, an event takes the time it is created, as the library's events do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 
@@ -23,21 +25,13 @@ def event_timestamp() -> datetime:
     return _instant.get() or datetime_now_with_tzinfo()
 
 
-class OneInstant:
-    """``with one_instant():`` events created inside share one timestamp (a plain class:
-    a generator-based context manager costs several times as much, on every store)."""
-
-    __slots__ = ("_token",)
-
-    def __enter__(self) -> datetime:
-        now = _instant.get() or datetime_now_with_tzinfo()  # nested: the outer write's
-        self._token = _instant.set(now)
-        return now
-
-    def __exit__(self, *exc_info: object) -> None:
-        _instant.reset(self._token)
-
-
-def one_instant() -> OneInstant:
-    """A block whose new events all take the instant it was entered."""
-    return OneInstant()
+@contextmanager
+def one_instant() -> Iterator[None]:
+    """A block whose new events all take the instant it was entered (nested: the outer
+    block's). Not on the store's first attempt, the hot path: there the one write that
+    appends two events passes the first one's timestamp on (``SecretCommands``)."""
+    token = _instant.set(_instant.get() or datetime_now_with_tzinfo())
+    try:
+        yield
+    finally:
+        _instant.reset(token)
