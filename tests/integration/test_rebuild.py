@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -525,13 +526,84 @@ def test_a_read_model_dropped_by_hand_is_restored_by_a_rebuild_without_creating_
     assert operator.check_schema().present
 
 
+def _sqlite_audit_indexes(service: SecretService, table: str = "kl_audit") -> list[tuple[str, ...]]:
+    """The column lists of ``table``'s indexes (SQLite), sorted."""
+    with service._ledger.store.projecting() as cur:
+        cur.execute("SELECT name FROM pragma_index_list(?) WHERE origin = 'c'", (table,))
+        names = [row[0] for row in cur.fetchall()]
+        found = []
+        for name in names:
+            cur.execute("SELECT name FROM pragma_index_info(?) ORDER BY seqno", (name,))
+            found.append(tuple(row[0] for row in cur.fetchall()))
+    return sorted(found)
+
+
+AUDIT_INDEX_COLUMNS = [("tenant_id", "position"), ("tenant_id", "secret_name", "position")]
+
+
+def test_on_sqlite_the_switch_builds_no_index(
+    make_service: Callable[..., SecretService], backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's write lock covers the whole file, and it cannot rename an index: the copy
+    is indexed from its start, so the switch (which every write waits for) builds none,
+    and the live model keeps exactly one index of each kind, rebuild after rebuild."""
+    if backend != "sqlite":
+        pytest.skip("SQLite files' own way: PostgreSQL indexes the copy before the switch")
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    real_switch = read_models._switch
+    at_switch: list[list[tuple[str, ...]]] = []
+    created_in_switch: list[str] = []
+
+    def switch(store: Any, *args: Any) -> int:
+        at_switch.append(_sqlite_audit_indexes(service, "kl_audit_rebuild_all"))
+        real_writing = store.writing
+
+        @contextmanager
+        def writing() -> Iterator[Any]:
+            with real_writing() as cur:
+                real_execute = cur.execute
+
+                def execute(statement: str, *params: Any) -> Any:
+                    if "CREATE INDEX" in statement.upper():
+                        created_in_switch.append(statement)
+                    return real_execute(statement, *params)
+
+                monkeypatch.setattr(cur, "execute", execute)
+                yield cur
+
+        monkeypatch.setattr(store, "writing", writing)
+        try:
+            return real_switch(store, *args)
+        finally:
+            monkeypatch.setattr(store, "writing", real_writing)
+
+    monkeypatch.setattr(read_models, "_switch", switch)
+    for _ in range(3):
+        service.rebuild_read_models()
+        assert _sqlite_audit_indexes(service) == AUDIT_INDEX_COLUMNS
+    assert at_switch == [AUDIT_INDEX_COLUMNS] * 3
+    assert created_in_switch == []
+    assert answers(service) == before
+    reopened = make_service()  # creating tables again adds no second index of a kind
+    assert _sqlite_audit_indexes(reopened) == AUDIT_INDEX_COLUMNS
+    with reopened._ledger.store.projecting() as cur:
+        cur.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM kl_audit WHERE tenant_id = 'acme' "
+            "AND secret_name = 'x' ORDER BY position"
+        )
+        plan = " ".join(str(row[-1]) for row in cur.fetchall())
+    assert "USING INDEX" in plan
+
+
 def test_on_postgresql_the_switch_renames_indexes_built_before_it(
     make_service: Callable[..., SecretService], backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The switch holds the write lock, which every retrieve needs: the audit model's
     indexes are built on the copy before it (seconds on a large model), not in it."""
     if backend != "postgres":
-        pytest.skip("SQLite cannot rename an index: its switch builds them")
+        pytest.skip("SQLite cannot rename an index: its copy is indexed from the start")
     service = make_service()
     varied_scenario(service)
     before = answers(service)

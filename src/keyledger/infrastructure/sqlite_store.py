@@ -47,7 +47,7 @@ from keyledger.infrastructure.unit_writer import (
     write_unit_rest,
 )
 from keyledger.infrastructure.write_unit import StaleStateError, WriteUnit
-from keyledger.projections.schema import schema_statements
+from keyledger.projections.schema import schema_statements, sqlite_index_statements
 
 STATEMENT_CACHE_SIZE = 256
 
@@ -243,10 +243,14 @@ class _CreatesTablesUnderWriteLock:
                 curs.execute("BEGIN IMMEDIATE")
                 for statement in self.create_table_statements:
                     curs.execute(statement)
+                self._create_indexes(curs)
                 conn.commit()
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
+
+    def _create_indexes(self, curs: Any) -> None:
+        """Indexes whose names depend on what is there (none by default)."""
 
 
 class KeyledgerSQLiteSnapshotRecorder(_CreatesTablesUnderWriteLock, SQLiteAggregateRecorder):
@@ -264,6 +268,10 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             *super().construct_create_table_statements(),
             *schema_statements("sqlite"),
         ]
+
+    def _create_indexes(self, curs: Any) -> None:
+        for statement in sqlite_index_statements(curs):
+            curs.execute(statement)
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> str:

@@ -83,11 +83,12 @@ _TABLES = (
     ),
 )
 
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS kl_audit_by_tenant ON kl_audit (tenant_id, position)",
-    "CREATE INDEX IF NOT EXISTS kl_audit_by_secret ON kl_audit (tenant_id, secret_name, position)",
-)
-INDEX_NAMES = ("kl_audit_by_tenant", "kl_audit_by_secret")
+# The audit model's secondary indexes, by name: their columns.
+_AUDIT_INDEXES = {
+    "kl_audit_by_tenant": ("tenant_id", "position"),
+    "kl_audit_by_secret": ("tenant_id", "secret_name", "position"),
+}
+INDEX_NAMES = tuple(_AUDIT_INDEXES)
 
 _SUPPORT = (
     # Wrapped TDEKs live here, apart from the immutable stream, so destroying one is real.
@@ -107,10 +108,11 @@ REBUILT_TABLES = (*READ_MODEL_TABLES, "kl_tracking")
 
 
 def schema_statements(dialect: Dialect) -> list[str]:
-    """The statements that create every keyledger table (idempotent)."""
+    """The statements that create every keyledger table (idempotent); on PostgreSQL with
+    the audit indexes (on SQLite they come from ``sqlite_index_statements``)."""
     return [
         *read_model_table_statements(dialect),
-        *index_statements(),
+        *(index_statements() if dialect == "postgres" else []),
         *(statement.format(**_TYPES[dialect]) for statement in _SUPPORT),
     ]
 
@@ -129,8 +131,38 @@ def read_model_table_statements(dialect: Dialect, suffix: str = "") -> list[str]
 
 
 def index_statements() -> list[str]:
-    """The read models' secondary indexes (created after a rebuild's switch)."""
-    return list(_INDEXES)
+    """The audit model's secondary indexes, by their names (PostgreSQL)."""
+    return [
+        f"CREATE INDEX IF NOT EXISTS {name} ON kl_audit ({', '.join(columns)})"
+        for name, columns in _AUDIT_INDEXES.items()
+    ]
+
+
+def sqlite_index_statements(cur: Any, table: str = "kl_audit", name_suffix: str = "") -> list[str]:
+    """The audit indexes that ``table`` lacks on SQLite, judged by their columns.
+
+    SQLite cannot rename an index, so a rebuild's copy keeps the names it was indexed
+    under after the switch renames the table: the live model's indexes may be called
+    ``kl_audit_by_tenant_rebuild_all`` (or ``..._2``, the next rebuild of that set). Each
+    missing index gets the first such name no other schema object has.
+    """
+    cur.execute("SELECT name FROM pragma_index_list(?) WHERE origin = 'c'", (table,))
+    present = set()
+    for (index,) in cur.fetchall():
+        cur.execute("SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,))
+        present.add(tuple(row[0] for row in cur.fetchall()))
+    cur.execute("SELECT name FROM sqlite_master")
+    taken = {row[0] for row in cur.fetchall()}
+    statements = []
+    for base, columns in _AUDIT_INDEXES.items():
+        if columns in present:
+            continue
+        name, n = base + name_suffix, 2
+        while name in taken:
+            name, n = f"{base}{name_suffix}_{n}", n + 1
+        taken.add(name)
+        statements.append(f"CREATE INDEX {name} ON {table} ({', '.join(columns)})")
+    return statements
 
 
 def has_table(cur: Any, table: str, postgres: bool) -> bool:
