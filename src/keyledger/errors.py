@@ -5,7 +5,7 @@ Messages name the tenant, the secret or the key version; never a value, a key or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keyledger.models import DriftReport
@@ -54,9 +54,12 @@ class SecretKeyDriftError(DecryptionFailed):
         super().__init__(message)
         self.report = report
 
-    def __reduce__(self) -> tuple[type[SecretKeyDriftError], tuple[str, DriftReport]]:
-        # Exceptions pickle as cls(*args): the report must travel too (multiprocessing).
-        return type(self), (str(self.args[0]), self.report)
+    def __reduce__(
+        self,
+    ) -> tuple[type[SecretKeyDriftError], tuple[str, DriftReport], dict[str, Any]]:
+        # Exceptions pickle as cls(*args): the report must travel too (multiprocessing),
+        # and so must the rest of the instance's state (``add_note``'s notes, say).
+        return type(self), (str(self.args[0]), self.report), dict(vars(self))
 
 
 class ConfirmationRequired(KeyledgerError):
@@ -85,6 +88,7 @@ class ShredIncomplete(KeyledgerError):
 
 
 __all__ = [
+    "AuditTampered",
     "ConfirmationRequired",
     "DecryptionFailed",
     "InvalidInput",

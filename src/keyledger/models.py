@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -58,14 +67,47 @@ class SecretInfo(_Frozen):
 class Secret(SecretInfo):
     """A retrieved secret. ``value`` is masked in repr and str. In JSON mode
     (``model_dump(mode="json")``, ``model_dump_json``) a bytes value is URL-safe base64
-    (RFC 4648 section 5): bytes need not be UTF-8, and decoding them as text would fail
-    with an error that quotes them."""
+    (RFC 4648 section 5), marked ``"value_encoding": "base64"``: bytes need not be UTF-8
+    (decoding them as text would fail with an error that quotes them), and the mark lets
+    ``model_validate_json`` give bytes back, where a JSON string alone reads as text."""
 
     model_config = ConfigDict(
-        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+        frozen=True,
+        extra="forbid",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+        hide_input_in_errors=True,  # a validation error never quotes the value
     )
 
     value: str | bytes = Field(repr=False)
+
+    @model_serializer(mode="wrap")
+    def _mark_bytes(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if info.mode_is_json() and isinstance(self.value, bytes) and "value" in data:
+            data[VALUE_ENCODING] = "base64"
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unmark_bytes(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or VALUE_ENCODING not in data:
+            return data
+        data = dict(data)
+        encoding, value = data.pop(VALUE_ENCODING), data.get("value")
+        if encoding != "base64" or not isinstance(value, str):
+            raise ValueError(f'{VALUE_ENCODING} must be "base64", with a string value')
+        try:
+            decoded: bytes | None = base64.urlsafe_b64decode(value.encode("ascii"))
+        except ValueError:
+            decoded = None
+        if decoded is None:  # (raised here: no context that could quote the value)
+            raise ValueError("value is not URL-safe base64")
+        data["value"] = decoded
+        return data
+
+
+VALUE_ENCODING = "value_encoding"
 
 
 class TenantKeyInfo(_Frozen):

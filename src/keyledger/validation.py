@@ -39,8 +39,11 @@ _INVISIBLE = (
 )
 # Refused in every text field, found in one scan (identifiers are checked on every call):
 _REFUSED_IN_TEXT = re.compile(f"[{_CONTROL}{_BREAKS_AND_BIDI}]")
-# ... and in identifiers (tenant ids, secret names), every invisible character too.
+# ... and in new identifiers (tenant ids, secret names), every invisible character too.
 _REFUSED_IN_IDENTIFIERS = re.compile(f"[{_CONTROL}{_INVISIBLE}]")
+# What releases before 0.12 refused in identifiers and in text: only controls and lone
+# surrogates. Names they stored stay addressable, and text they stored stays findable.
+_REFUSED_BEFORE_0_12 = re.compile(f"[{_CONTROL}]")
 # In ASCII text (str.isascii() reads a flag: no scan) only the C0 controls and DEL can
 # occur of all these: one short range to test instead of some twenty.
 _REFUSED_IN_ASCII = re.compile("[\x00-\x1f\x7f]")
@@ -62,21 +65,48 @@ def _check_chars(field: str, text: str, refused: re.Pattern[str] = _REFUSED_IN_T
 
 
 def check_identifier(field: str, value: object) -> str:
-    """A tenant id or secret name: non-empty, <= 200 chars, no control or invisible
-    characters, no edge spaces."""
+    """A tenant id or secret name that may already exist: non-empty, <= 200 chars, no
+    control characters, no edge spaces.
+
+    Invisible characters are refused only where a name would be new (``new_identifier``):
+    releases before 0.12 accepted them, and the tenants and secrets they made must stay
+    reachable (to read, delete, erase and audit them)."""
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
     if not value:
         raise InvalidInput(f"{field} must not be empty")
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidInput(f"{field} is longer than {MAX_IDENTIFIER_LENGTH} characters")
-    _check_chars(field, value, _REFUSED_IN_IDENTIFIERS)
+    _check_chars(field, value, _REFUSED_BEFORE_0_12)
     if value != value.strip():
         raise InvalidInput(f"{field} must not have leading or trailing whitespace")
     return value
 
 
-def check_optional_text(field: str, value: object, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+def is_new_identifier(value: str) -> bool:
+    """Whether a name that passed ``check_identifier`` may also name something new: it
+    holds no invisible, line-separating or direction-changing character, so it looks
+    like no other name in any listing."""
+    return value.isascii() or _REFUSED_IN_IDENTIFIERS.search(value) is None
+
+
+def check_new_identifier(field: str, value: str) -> None:
+    """``InvalidInput`` for a name that ``is_new_identifier`` refuses."""
+    _check_chars(field, value, _REFUSED_IN_IDENTIFIERS)
+
+
+def check_filter_text(field: str, value: object, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """Text a query filters on (an actor's user id, say): what ``check_optional_text``
+    takes, and also what releases before 0.12 stored (filtering writes nothing)."""
+    return check_optional_text(field, value, max_length, _REFUSED_BEFORE_0_12)
+
+
+def check_optional_text(
+    field: str,
+    value: object,
+    max_length: int = MAX_TEXT_LENGTH,
+    refused: re.Pattern[str] = _REFUSED_IN_TEXT,
+) -> str | None:
     """Free text (category, description, user agent...): None or a bounded string."""
     if value is None:
         return None
@@ -84,7 +114,7 @@ def check_optional_text(field: str, value: object, max_length: int = MAX_TEXT_LE
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
     if len(value) > max_length:
         raise InvalidInput(f"{field} is longer than {max_length} characters")
-    _check_chars(field, value)
+    _check_chars(field, value, refused)
     return value
 
 

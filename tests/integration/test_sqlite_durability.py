@@ -259,6 +259,34 @@ def test_a_store_blocked_by_the_write_lock_fails_with_storage_error_and_writes_n
         assert [info.name for info in service.list_for_tenant(TENANT)] == ["token"]
 
 
+def test_opening_a_complete_store_for_reading_does_not_wait_for_the_write_lock(
+    db_file: Path, master_key: str
+) -> None:
+    """A read-only command (listing, an audit query) opened while a long write runs
+    answers at once: the schema is looked at before the write lock is asked for."""
+    url = f"sqlite:///{db_file}"
+    settings = KeyledgerSettings(lock_timeout_seconds=LOCK_TIMEOUT)
+    with SecretService.create(url, master_key=master_key, settings=settings) as service:
+        service.store_for_tenant(TENANT, "token", "first")
+
+    holder = sqlite3.connect(db_file, isolation_level=None, timeout=30)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        opened, error = _run_with_limit(
+            lambda: SecretService.create(url, master_key=master_key, settings=settings), 10
+        )
+        assert error is None, repr(error)
+        assert opened is not None
+        try:
+            assert [info.name for info in opened.list_for_tenant(TENANT)] == ["token"]
+            assert [key.version for key in opened.list_keys(TENANT)] == [1]
+        finally:
+            opened.close()
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def test_a_snapshot_that_cannot_be_written_does_not_fail_the_committed_store(
     db_file: Path,
     master_key: str,

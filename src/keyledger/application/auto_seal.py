@@ -12,7 +12,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from types import MethodType
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,10 @@ class BackgroundSealer:
     A requested seal waits for a quiet moment (no ``activity()`` for ``QUIET_SECONDS``),
     at most ``MAX_DELAY_SECONDS``: sealing is never urgent, and sealing while writers are
     busy would only compete with them for the interpreter and the write lock.
+
+    A bound method ``seal`` is held weakly, so that the thread does not keep its object
+    (the ledger, with its connections) alive: an application that never closes its
+    service still has it collected, and the thread then ends.
     """
 
     def __init__(
@@ -36,7 +42,12 @@ class BackgroundSealer:
         quiet_seconds: float = QUIET_SECONDS,
         max_delay_seconds: float = MAX_DELAY_SECONDS,
     ) -> None:
-        self._seal = seal
+        self._seal: Callable[[], Callable[[], None] | None]
+        if isinstance(seal, MethodType):
+            self._seal = weakref.WeakMethod(seal)
+            weakref.finalize(seal.__self__, self.close, 0)
+        else:
+            self._seal = lambda: seal
         self._quiet = quiet_seconds
         self._max_delay = max_delay_seconds
         self._last_activity = 0.0
@@ -81,12 +92,13 @@ class BackgroundSealer:
         return self._idle.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after the seal it may be running."""
+        """Stop the thread after the seal it may be running (waiting ``timeout`` seconds
+        for it; not when called on the thread itself)."""
         with self._lock:
             self._closed = True
             thread = self._thread
         self._wake.set()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def _run(self) -> None:
@@ -100,10 +112,15 @@ class BackgroundSealer:
             if self._closed:
                 self._idle.set()
                 return
+            seal = self._seal()
+            if seal is None:  # its object was collected (and the finalizer closes this)
+                self._idle.set()
+                return
             try:
-                self._seal()
+                seal()
             except Exception:  # the thread must survive any one failure
                 logger.exception("automatic audit seal failed")
+            del seal  # not held while the thread waits
             if not self._wake.is_set():
                 self._idle.set()
 

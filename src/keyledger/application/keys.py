@@ -16,6 +16,7 @@ from keyledger.errors import DecryptionFailed, KeyledgerError, MasterKeyUnavaila
 from keyledger.infrastructure.crypto import DataKey
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.models import ReencryptResult, TenantKeyInfo
+from keyledger.validation import check_new_identifier
 
 REENCRYPT_BATCH = 200
 
@@ -56,6 +57,7 @@ class KeyCommands:
                     return None
             action = "create_key" if keyring is None else "rotate_key"
             if keyring is None:
+                check_new_identifier("tenant_id", tenant_id)
                 data_key, row = self.ledger.new_data_key(tenant_id, 1)
                 rotated = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
             else:
@@ -168,6 +170,8 @@ class KeyCommands:
                 old_key = self.ledger.data_key(tenant_id, old)
                 envelope = _reencrypted(old_key, target, name, secret.envelope)
             except (DecryptionFailed, MasterKeyUnavailable) as error:
+                if not fresh:  # decided on cached secrets, which may name a version
+                    raise Conflict from None  # destroyed since: look again, one by one
                 written.append(_failure(tenant_id, name, secret.key_version, error, who))
                 bad += 1
                 continue

@@ -27,6 +27,7 @@ from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
 from keyledger.models import Secret as SecretModel
 from keyledger.models import SecretInfo, trusted
 from keyledger.projections.timeutil import optional_datetime
+from keyledger.validation import check_new_identifier, is_new_identifier
 
 
 def actor_dict(actor: Actor) -> ActorDict:
@@ -125,6 +126,7 @@ class SecretCommands:
         """(keyring read, keyring written, active data key, material to insert)."""
         keyring = self.ledger.keyring(tenant_id, fresh=fresh)
         if keyring is None:
+            check_new_identifier("tenant_id", tenant_id)
             data_key, row = self.ledger.new_data_key(tenant_id, 1)
             created = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
             return None, created, data_key, [row]
@@ -134,7 +136,12 @@ class SecretCommands:
             data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
             rotated.rotate(data_key.fingerprint, row.amk_id, who)
             return keyring, rotated, data_key, [row]
-        return keyring, None, self.ledger.data_key(tenant_id, active), []
+        try:
+            return keyring, None, self.ledger.data_key(tenant_id, active), []
+        except (DecryptionFailed, MasterKeyUnavailable):
+            if not fresh:  # failures are decided on fresh state only: the cached keyring
+                raise Conflict from None  # may name a version destroyed since (a cleanup)
+            raise
 
     def _store_once(
         self,
@@ -155,11 +162,12 @@ class SecretCommands:
         envelope = data_key.encrypt(name, value)
         # A name not in the cache is presumed new: if it exists after all, appending its
         # version 1 conflicts, and the retry loads it. New names thus cost one transaction.
-        if fresh:
+        if fresh or not is_new_identifier(name):  # (such a name must exist: see below)
             cached = self.ledger.secret(tenant_id, name, fresh=True)
         else:
             cached = self.ledger.cached_secret(tenant_id, name)
         if cached is None:
+            check_new_identifier("name", name)
             secret = Secret.create(
                 tenant_id=tenant_id,
                 name=name,
@@ -297,10 +305,21 @@ class SecretCommands:
     def _refuse_missing(
         self, tenant_id: str, name: str, secret: Secret | None, who: ActorDict
     ) -> None:
+        self._refuse_unknown_lookalikes(tenant_id, name)
         expected = {secret_id(tenant_id, name): secret.version if secret is not None else 0}
         error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
         record_failure(self.ledger, tenant_id, name, "read", error, None, who, expected=expected)
         raise error
+
+    def _refuse_unknown_lookalikes(self, tenant_id: str, name: str) -> None:
+        """A failure is audited under the names asked for. A name that could not name
+        anything new (``is_new_identifier``) and names nothing is refused instead
+        (``InvalidInput``, nothing written): such names reach the stream only where a
+        release before 0.12 made them, never from a mistyped or hostile request."""
+        if not is_new_identifier(name):
+            check_new_identifier("name", name)
+        if not is_new_identifier(tenant_id) and self.ledger.keyring(tenant_id) is None:
+            check_new_identifier("tenant_id", tenant_id)
 
     def _refuse(
         self, secret: Secret, keyring: TenantKeyring | None, status: str, who: ActorDict
@@ -334,6 +353,7 @@ class SecretCommands:
             if secret is None or secret.deleted:
                 if n == 0:
                     raise Conflict
+                self._refuse_unknown_lookalikes(tenant_id, name)
                 expected = {secret_id(tenant_id, name): secret.version if secret else 0}
                 error = SecretNotFound(f"no secret {name!r} in tenant {tenant_id!r}")
                 record_failure(self.ledger, tenant_id, name, action, error, None, who, expected)

@@ -14,8 +14,12 @@ from eventsourcing.utils import get_topic
 from pydantic import SecretStr
 
 from keyledger.errors import InvalidInput
-from keyledger.infrastructure.postgres_store import KeyledgerPostgresFactory
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteFactory
+
+# The PostgreSQL factory by its topic: importing it imports psycopg and its pool (a tenth
+# of a second or more), which a SQLite deployment never needs. A test holds it equal to
+# ``get_topic(KeyledgerPostgresFactory)``.
+POSTGRES_FACTORY_TOPIC = "keyledger.infrastructure.postgres_store:KeyledgerPostgresFactory"
 
 _POSTGRES_OPTIONS: dict[str, tuple[str, type]] = {
     # URL query option -> (library setting, value type)
@@ -157,7 +161,7 @@ def _postgres_env(database_url: str, lock_timeout_seconds: int) -> dict[str, str
     if not dbname:
         raise InvalidInput("PostgreSQL URL names no database (postgresql://.../dbname)")
     env = {
-        "PERSISTENCE_MODULE": get_topic(KeyledgerPostgresFactory),
+        "PERSISTENCE_MODULE": POSTGRES_FACTORY_TOPIC,
         "POSTGRES_DBNAME": dbname,
         "POSTGRES_HOST": parts.host or "127.0.0.1",
         "POSTGRES_PORT": str(parts.port or 5432),

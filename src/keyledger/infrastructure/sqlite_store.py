@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -74,6 +75,7 @@ def _bind_none_and_bytes_directly() -> None:
 
 _bind_none_and_bytes_directly()
 SHRED_PATIENCE_SECONDS = 5.0  # how long a shred waits for readers of older snapshots
+CLOSE_WAIT = 10.0  # how long close() waits for calls in progress before leaving it to them
 T = TypeVar("T")
 
 
@@ -125,6 +127,12 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
         self._closed = False
+        # Calls using a connection now (see ``using``): sqlite3 crashes the process when a
+        # connection is closed under a statement another thread is running.
+        self._users = 0
+        self._users_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._close_left_to_last_user = False
         _create_private(db_name)
         self.pool = KeyledgerSQLiteConnectionPool(
             db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
@@ -134,6 +142,33 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._writers = threading.local()
         # _all_writers (set first): every live thread's writer, by the id of its
         # _ThreadWriter (see thread_writer).
+
+    def enter(self) -> None:
+        """A call starts using this datastore's connections (``StorageError`` once it is
+        closed); it must ``leave`` when it is done with them."""
+        with self._users_lock:
+            if self._closed:
+                raise StorageError(STORE_CLOSED)
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            last = self._closed and not self._users
+        if last:
+            self._idle.set()
+            if self._close_left_to_last_user:
+                self._close_left_to_last_user = False
+                self._close_connections()
+
+    @contextmanager
+    def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
+        self.enter()
+        try:
+            with super().get_connection(commit=commit) as conn:
+                yield conn
+        finally:
+            self.leave()
 
     @contextmanager
     def writer(self) -> Iterator[SQLiteConnection]:
@@ -148,7 +183,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             with self.get_connection(commit=True) as conn:
                 yield conn
             return
-        yield self.thread_writer()
+        self.enter()
+        try:
+            yield self.thread_writer()
+        finally:
+            self.leave()
 
     def thread_writer(self) -> KeyledgerSQLiteConnection:
         """This thread's own writer connection (files only: see ``writer``).
@@ -184,7 +223,22 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             return len(self._all_writers)
 
     def close(self) -> None:
-        self._closed = True
+        """Refuse new calls, wait (up to ``CLOSE_WAIT`` seconds) for the calls in progress,
+        then close every connection. Calls still running then (a write waiting for another
+        process's lock, say) keep theirs: the last of them to finish closes them."""
+        with self._users_lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._users > 0
+        if busy and not self._idle.wait(CLOSE_WAIT):
+            with self._users_lock:
+                if self._users:
+                    self._close_left_to_last_user = True
+                    return
+        self._close_connections()
+
+    def _close_connections(self) -> None:
         with self._writers_lock:
             for conn in self._all_writers.values():
                 conn.close()
@@ -240,6 +294,10 @@ class _CreatesTablesUnderWriteLock:
         with datastore.writer() as conn:
             curs = conn.cursor()
             try:
+                # Looked at first, without the write lock: opening a complete store (a
+                # read-only command while a long write runs, say) must not wait for it.
+                if self._schema_complete(curs):
+                    return
                 curs.execute("BEGIN IMMEDIATE")
                 for statement in self.create_table_statements:
                     curs.execute(statement)
@@ -251,6 +309,34 @@ class _CreatesTablesUnderWriteLock:
 
     def _create_indexes(self, curs: Any) -> None:
         """Indexes whose names depend on what is there (none by default)."""
+
+    def _schema_complete(self, curs: Any) -> bool:
+        """Whether every statement of ``create_table_statements`` would do nothing."""
+        curs.execute("SELECT name FROM sqlite_master")
+        present = {row[0] for row in curs.fetchall()}
+        rows: set[str] = set()
+        for statement in self.create_table_statements:
+            created = _CREATED.match(statement)
+            tracked = _TRACKING_ROW.match(statement)
+            if created is not None:
+                if created.group(1) not in present:
+                    return False
+            elif tracked is not None:
+                rows.add(tracked.group(1))
+            else:  # a statement this check does not know: run them all
+                return False
+        if rows:
+            curs.execute("SELECT name FROM kl_tracking")
+            if not rows <= {row[0] for row in curs.fetchall()}:
+                return False
+        return self._indexes_complete(curs)
+
+    def _indexes_complete(self, curs: Any) -> bool:
+        return True
+
+
+_CREATED = re.compile(r"\s*CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)")
+_TRACKING_ROW = re.compile(r"\s*INSERT INTO kl_tracking \(name, position\) VALUES \('(\w+)', 0\)")
 
 
 class KeyledgerSQLiteSnapshotRecorder(_CreatesTablesUnderWriteLock, SQLiteAggregateRecorder):
@@ -272,6 +358,9 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     def _create_indexes(self, curs: Any) -> None:
         for statement in sqlite_index_statements(curs):
             curs.execute(statement)
+
+    def _indexes_complete(self, curs: Any) -> bool:
+        return not sqlite_index_statements(curs)
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> str:
@@ -360,19 +449,23 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         if datastore.pool.is_sqlite_memory_mode:
             with self.writing() as curs:
                 return write(curs)
+        datastore.enter()
         try:
-            conn = datastore.thread_writer().raw
-        except InterfaceError as error:  # this thread's first writer could not be opened
-            raise _translate(error) from None
-        try:
-            cur = conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            result = write(cur)
-            conn.commit()
-            return result
-        except BaseException as error:
-            conn.rollback()
-            raise _translate(error) from None
+            try:
+                conn = datastore.thread_writer().raw
+            except InterfaceError as error:  # this thread's first writer could not be opened
+                raise _translate(error) from None
+            try:
+                cur = conn.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                result = write(cur)
+                conn.commit()
+                return result
+            except BaseException as error:
+                conn.rollback()
+                raise _translate(error) from None
+        finally:
+            datastore.leave()
 
     def _appended_positions(self, cur: Any, events: Sequence[StoredEvent]) -> list[int]:
         """The library's append (a sqlite3 cursor serves as well as its wrapper): the

@@ -1,0 +1,87 @@
+"""``SecretService.close()`` while other threads are in the middle of calls.
+
+sqlite3 crashes the whole process (SIGSEGV) when a connection is closed under a statement
+another thread is running, so the scenario runs in a child process: a crash is its exit
+status, not the test run's end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keyledger import SecretService, tenant
+
+CHILD = r"""
+import json, sys, threading, time
+from keyledger import SecretService, StorageError, tenant
+
+url, master_key, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+stored, refusals, others = [], set(), []
+for rnd in range(rounds):
+    service = SecretService.create(url, master_key=master_key)
+    with tenant("acme"):
+        service.store("seed", "seed-value")
+
+    def work(k: int) -> None:
+        with tenant("acme"):
+            for i in range(10**6):
+                try:
+                    if k % 2:
+                        service.retrieve("seed")
+                        service.list(limit=5)
+                    else:
+                        service.store(f"r{rnd}-w{k}-{i}", f"v{rnd}-{k}-{i}")
+                        stored.append(f"r{rnd}-w{k}-{i}")
+                except StorageError as error:
+                    refusals.add(str(error))
+                    return
+                except BaseException as error:
+                    others.append(repr(error))
+                    return
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.15)
+    service.close()
+    for thread in threads:
+        thread.join()
+print(json.dumps({"stored": stored, "refusals": sorted(refusals), "others": others}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_closing_a_service_in_use_by_other_threads_fails_their_calls_cleanly(
+    backend: str, tmp_path: Path, master_key: str
+) -> None:
+    url = "memory:" if backend == "memory" else f"sqlite:///{tmp_path}/busy.db"
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, url, master_key, "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout)
+    assert outcome["others"] == []
+    assert outcome["refusals"] == ["the store is closed: SecretService.close() was called"]
+    assert outcome["stored"]
+    if backend == "sqlite":  # every store that returned is there, with its value
+        service = SecretService.create(url, master_key=master_key)
+        try:
+            with tenant("acme"):
+                for name in outcome["stored"]:
+                    rnd, worker, i = name[1:].split("-")
+                    expected = f"v{rnd}-{worker[1:]}-{i}"
+                    assert service.retrieve(name).value == expected
+        finally:
+            service.close()
