@@ -106,6 +106,17 @@ _ENVIRONMENT = (
 _TEST_KEY = object()  # sentinel: "the test's master_key"
 
 
+def cli_environment(monkeypatch: pytest.MonkeyPatch, database_url: str, master_key: str) -> str:
+    """For a CLI test: ``database_url`` and ``master_key`` in the environment, and no
+    other KEYLEDGER_ (or SMRT_SECRET_) variable; returns the URL."""
+    for name in list(os.environ):
+        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", database_url)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", master_key)
+    return database_url
+
+
 @pytest.fixture(autouse=True)
 def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test picks up a master key or database from the developer's shell."""

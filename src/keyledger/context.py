@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from keyledger.errors import TenantRequired
-from keyledger.validation import check_identifier, check_optional_text
+from keyledger.validation import check_identifier, check_label, check_optional_text
 
 SYSTEM_ACTOR = "system"
 
@@ -39,8 +39,8 @@ def make_actor(
 ) -> Actor:
     """Validate and build an actor; a missing user id is recorded as ``system``."""
     return Actor(
-        user_id=check_optional_text("user_id", user_id) or SYSTEM_ACTOR,
-        ip_address=check_optional_text("ip_address", ip_address),
+        user_id=check_label("user_id", user_id) or SYSTEM_ACTOR,
+        ip_address=check_label("ip_address", ip_address),
         user_agent=check_optional_text("user_agent", user_agent),
     )
 

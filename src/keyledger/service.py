@@ -50,6 +50,7 @@ from keyledger.validation import (
     check_days,
     check_filter_text,
     check_identifier,
+    check_label,
     check_metadata,
     check_optional_text,
     check_value,
@@ -190,7 +191,7 @@ class SecretService(AuditInvestigation):
         check_value(value, self._settings.max_value_bytes)
         check_bool("clear_expiry", clear_expiry)
         options = StoreOptions(
-            category=check_optional_text("category", category, 200),
+            category=check_label("category", category, 200),
             description=check_optional_text("description", description),
             expires_at=check_aware("expires_at", expires_at),
             clear_expiry=clear_expiry,
@@ -259,7 +260,7 @@ class SecretService(AuditInvestigation):
             statuses.add("expired")
         return self._queries.list_secrets(
             tenant_id,
-            category=check_optional_text("category", category, 200),
+            category=check_filter_text("category", category, 200),
             statuses=sorted(statuses),
             limit=check_count("limit", limit, allow_none=True),
             offset=check_count("offset", offset) or 0,

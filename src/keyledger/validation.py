@@ -118,6 +118,13 @@ def check_optional_text(
     return value
 
 
+def check_label(field: str, value: object, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """Free text that names or identifies something (an actor's user id or address, a
+    category): ``check_optional_text``, and no invisible character either, so that no
+    two look alike (``ops\u200b-alice`` is not ``ops-alice``, yet shows as it)."""
+    return check_optional_text(field, value, max_length, _REFUSED_IN_IDENTIFIERS)
+
+
 def check_aware(field: str, value: object) -> datetime | None:
     """None or a timezone-aware datetime, returned in UTC; naive datetimes are refused."""
     if value is None:
@@ -131,9 +138,12 @@ def check_aware(field: str, value: object) -> datetime | None:
     if value.tzinfo is None or offset is None:
         raise InvalidInput(f"{field} must be timezone-aware (naive datetimes are ambiguous)")
     try:
-        return value.astimezone(UTC)
+        utc = value.astimezone(UTC)
     except OverflowError:  # e.g. 9999-12-31 23:00-05:00 is past the last representable day
         raise InvalidInput(f"{field} is out of range once converted to UTC") from None
+    if type(utc) is not datetime:  # a subclass (pandas.Timestamp, pendulum): a plain one
+        utc = datetime(*utc.timetuple()[:6], utc.microsecond, tzinfo=UTC)
+    return utc
 
 
 def check_metadata(value: object) -> dict[str, str] | None:

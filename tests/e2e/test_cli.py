@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from conftest import cli_environment
 from keyledger import SecretService, __version__
 from keyledger.cli import main
 
@@ -25,13 +26,7 @@ LIST_HEADER = "NAME  STATUS  CATEGORY  VERSION  KEY  EXPIRES  READS  UPDATED"
 @pytest.fixture(autouse=True)
 def database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """A fresh SQLite file and a master key in the environment, nothing else of ours."""
-    for name in list(os.environ):
-        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
-            monkeypatch.delenv(name)
-    url = f"sqlite:///{tmp_path / 'cli.db'}"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", url)
-    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
-    return url
+    return cli_environment(monkeypatch, f"sqlite:///{tmp_path / 'cli.db'}", MASTER_KEY)
 
 
 def run(*args: str, stdin: str | bytes | None = None) -> Result:

@@ -338,7 +338,7 @@ def test_trail_is_the_whole_history_of_one_secret_oldest_first() -> None:
 def test_trail_of_a_secret_without_entries_is_one_error_line() -> None:
     put("acme", "db")
     result = fails("audit", "trail", "acme", "nothing")
-    assert result.stderr == "Error: no audit entries for secret nothing of tenant acme\n"
+    assert result.stderr == "Error: no audit entries for secret 'nothing' of tenant 'acme'\n"
     # Another tenant's secret of the same name is not this tenant's history.
     fails("audit", "trail", "globex", "db")
 
@@ -616,7 +616,9 @@ def test_seal_stops_at_an_event_it_cannot_vouch_for(database: Path) -> None:
     head = len(all_entries())
     tamper(database, head - 1, b'"user_id":"system"', b'"user_id":"mallet"')
     result = exits(1, "audit", "seal")
-    assert result.stderr.startswith(f"Stopped at position {head - 1}: the event's tag does not")
+    assert result.stderr.startswith(
+        f"Error: sealing stopped at position {head - 1}: the event's tag does not"
+    )
     assert result.stdout.splitlines()[-1] == f"Sealed {head - 2} events in 1 checkpoints"
     data = json.loads(exits(1, "--json", "audit", "seal").stdout)
     assert (data["stopped_at"], data["sealed_events"]) == (head - 1, 0)
@@ -631,11 +633,15 @@ def test_an_untagged_event_stops_the_seal_until_accepted(database: Path) -> None
     with closing(sqlite3.connect(database)) as conn, conn:  # the trailer is 28 bytes
         conn.execute(strip_tag, (head,))
     stopped = exits(1, "audit", "seal")
-    assert stopped.stderr.startswith(f"Stopped at position {head}: the event carries no tag")
+    assert stopped.stderr.startswith(
+        f"Error: sealing stopped at position {head}: the event carries no tag"
+    )
     verified = exits(1, "audit", "verify")
     assert table(verified.stdout)[2][:2] == [str(head), "untagged"]
     elsewhere = exits(1, "audit", "seal", "--accept-untagged", str(head + 1))
-    assert elsewhere.stderr.startswith(f"Stopped at position {head}: the event carries no tag")
+    assert elsewhere.stderr.startswith(
+        f"Error: sealing stopped at position {head}: the event carries no tag"
+    )
     accepted = ok("audit", "seal", "--accept-untagged", str(head))
     # The event, and the checkpoint after it: a checkpoint is sealed by the next one.
     assert accepted.stdout.splitlines()[-1] == "Sealed 2 events in 1 checkpoints"

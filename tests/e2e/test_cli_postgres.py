@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, cli_environment
 from keyledger import SecretService
 from keyledger.cli import main
 from keyledger.cli.projections import READ_MODELS, stop_on_signals
@@ -56,13 +56,7 @@ WAIT_SECONDS = 15.0
 @pytest.fixture
 def url(schema: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The schema's URL in KEYLEDGER_DATABASE_URL, a master key, nothing else of ours."""
-    for name in list(os.environ):
-        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
-            monkeypatch.delenv(name)
-    database_url = f"{POSTGRES_URL}?schema={schema}"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", database_url)
-    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
-    return database_url
+    return cli_environment(monkeypatch, f"{POSTGRES_URL}?schema={schema}", MASTER_KEY)
 
 
 def run(*args: str, stdin: str | None = None) -> Result:

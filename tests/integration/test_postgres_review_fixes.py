@@ -171,3 +171,52 @@ def test_a_worker_told_to_stop_leaves_after_the_page_it_applies(
     assert applied == 2
     reached, head = read_models.audit_position(service._ledger)
     assert head - reached == 4  # 6 events (key, 5 secrets): one page of 2 applied
+
+
+def _waiting_for_a_lock(schema: str) -> bool:
+    with _admin(schema) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE NOT l.granted AND n.nspname = %s",
+            (schema,),
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_rebuilds_switch_waits_for_a_reader_of_the_key_inventory_without_deadlock(
+    service: SecretService, schema: str
+) -> None:
+    """The key inventory and the drift diagnosis read kl_keys, then kl_catalog, in one
+    transaction; the switch replaces both. It takes them in that same order, so a reader
+    holding kl_keys finishes its transaction and the switch goes on after it."""
+    service.store_for_tenant("acme", "s", "v")
+    reader = psycopg.connect(POSTGRES_URL, options=f"-csearch_path={schema}", connect_timeout=5)
+    outcome: dict[str, BaseException | None] = {}
+
+    def rebuild() -> None:
+        try:
+            service.rebuild_read_models(names=["catalog"])
+            outcome["rebuild"] = None
+        except BaseException as error:
+            outcome["rebuild"] = error
+
+    try:
+        reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reader.execute("SELECT count(*) FROM kl_keys").fetchone()
+        rebuilding = threading.Thread(target=rebuild)
+        rebuilding.start()
+        deadline = time.monotonic() + 20
+        while not _waiting_for_a_lock(schema) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_for_a_lock(schema), "the switch never waited for the reader"
+        time.sleep(0.2)
+        counted = reader.execute("SELECT count(*) FROM kl_catalog").fetchone()
+        reader.commit()
+    finally:
+        reader.close()
+    rebuilding.join(30)
+
+    assert counted == (1,)
+    assert outcome == {"rebuild": None}
+    assert [s.name for s in service.list_for_tenant("acme")] == ["s"]

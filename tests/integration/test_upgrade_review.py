@@ -26,6 +26,7 @@ def an_older_release(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         patched.setattr(keys, "check_new_identifier", lambda field, value: None)
         patched.setattr("keyledger.service.check_optional_text", _any_text)
         patched.setattr("keyledger.context.check_optional_text", _any_text)
+        patched.setattr("keyledger.context.check_label", _any_text)
         yield
 
 

@@ -337,11 +337,20 @@ class Ledger(Application[UUID]):
 
         actor = {"user_id": "system", "ip_address": None, "user_agent": None}
         try:
-            seal(self, actor, max_checkpoints=max_checkpoints)
+            result = seal(self, actor, max_checkpoints=max_checkpoints)
         except KeyledgerError as error:
             logger.warning("automatic audit seal deferred: %s", error)
         except Exception:  # the write it follows has committed: it must not look failed
             logger.exception("automatic audit seal failed")
+        else:  # (nobody reads this result: what it says goes to the log)
+            if result.stopped_at is not None:
+                logger.warning(
+                    "audit seal stopped at position %d: %s",
+                    result.stopped_at,
+                    result.stopped_reason,
+                )
+            if result.anchor_error is not None:
+                logger.warning("audit seal: %s", result.anchor_error)
 
     def retrying(self, attempt: Callable[[int], T], first: int = 0) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter),

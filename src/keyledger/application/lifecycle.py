@@ -105,7 +105,13 @@ class KeyLifecycle:
     def cleanup_retired(self, older_than_days: int, actor: Actor) -> CleanupResult:
         """Destroy retired versions retired at or before now - N days, unless still in use."""
         who = actor_dict(actor)
-        cutoff = to_micros(self.ledger.clock() - timedelta(days=older_than_days))
+        # N = 0 is every retired version (SPEC section 3), whatever its time says: a host
+        # whose clock runs ahead records a retirement "in the future" of this one's.
+        cutoff = (
+            to_micros(self.ledger.clock() - timedelta(days=older_than_days))
+            if older_than_days
+            else None
+        )
         outcomes: list[CleanupKeyOutcome] = []
         for tenant_id, version in self.queries.retired_keys(cutoff):
             outcome, reason = self._destroy_retired(tenant_id, version, who)

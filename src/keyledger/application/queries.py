@@ -210,13 +210,14 @@ class Queries:
             for row in rows
         ]
 
-    def retired_keys(self, retired_before: int) -> list[tuple[str, int]]:
-        """(tenant, version) of every retired version retired at or before the instant."""
+    def retired_keys(self, retired_before: int | None) -> list[tuple[str, int]]:
+        """(tenant, version) of every retired version retired at or before the instant
+        (None: every retired version)."""
         with self.ledger.reading() as cur:
             cur.execute(
                 "SELECT tenant_id, version FROM kl_keys WHERE status='retired' "
-                "AND retired_at <= ? ORDER BY tenant_id, version",
-                (retired_before,),
+                "AND (CAST(? AS BIGINT) IS NULL OR retired_at <= ?) ORDER BY tenant_id, version",
+                (retired_before, retired_before),
             )
             return [(row[0], row[1]) for row in cur.fetchall()]
 

@@ -385,9 +385,15 @@ def _switch(
                 raise _TooFarBehind  # rolls the transaction back
             tail += len(items)
         position = _tracked_position(cur, "kl_tracking" + suffix)
+        replaced = [t for t in _SWITCH_ORDER if t in tables]
+        assert set(replaced) == tables - {"kl_tracking"}  # (a new read model: order it)
+        if store.dialect == "postgres":  # every lock first, in the order readers take them
+            present = [t for t in replaced if has_table(cur, t, postgres=True)]
+            if present:
+                cur.execute(f"LOCK TABLE {', '.join(present)} IN ACCESS EXCLUSIVE MODE")
         # A live table may be missing (dropped by hand, on a store opened without
         # creating tables): the rebuild restores it (SPEC section 4).
-        for table in sorted(tables - {"kl_tracking"}):
+        for table in replaced:
             cur.execute(f"DROP TABLE IF EXISTS {table}")
             cur.execute(f"ALTER TABLE {table}{suffix} RENAME TO {table}")
         for table in REBUILT_TABLES:
@@ -409,6 +415,12 @@ def _switch(
         for statement in indexes:
             cur.execute(statement)
     return tail
+
+
+# The read models a switch replaces, in the order every reader that reads several of them
+# in one transaction takes them (the key inventory and the drift diagnosis read kl_keys,
+# then kl_catalog): dropping them in another order deadlocked with those readers.
+_SWITCH_ORDER = ("kl_keys", "kl_catalog", "kl_audit")
 
 
 def _lost(ledger: Ledger, table: str) -> bool:

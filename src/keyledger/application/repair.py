@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyledger.application.drift import DELETE_KEY, DELETE_MATERIAL, DELETE_SECRET, diagnose
-from keyledger.application.ledger import Ledger
+from keyledger.application.ledger import Conflict, Ledger
 from keyledger.application.lifecycle import KeyLifecycle
 from keyledger.application.read_models import catch_up_audit, rebuild_read_models
 from keyledger.application.secrets import actor_dict
@@ -151,10 +151,16 @@ def _record(
         deleted: list[Secret] = []
         for name, value_version in secrets.items():
             secret = ledger.secret(tenant_id, name, fresh=n > 0)
-            if secret is None or secret.deleted:
-                continue
-            if value_version is not None and secret.value_version != value_version:
-                continue  # stored afresh since the diagnosis: not unrecoverable
+            skip = (
+                secret is None
+                or secret.deleted
+                or (value_version is not None and secret.value_version != value_version)
+            )
+            if skip and n == 0:  # decided on a cached copy, which may be stale (another
+                raise Conflict  # process stored or re-created it): look again
+            if skip:
+                continue  # gone, or stored afresh since the diagnosis: not unrecoverable
+            assert secret is not None
             doomed = ledger.for_update(secret)
             doomed.delete(who)
             deleted.append(doomed)

@@ -7,8 +7,10 @@ as the aggregates were built when those events were new.
 Reads count into access counts as the catalog counts them (reset when a deleted name is
 stored again). No read model, snapshot or cache is consulted, and no value is decrypted.
 
-"As of a time" takes the events whose timestamp is at or before it, in stream order; "as
-of a position" takes the events at or before that position.
+"As of a time" takes, of each aggregate, its events up to the first one timed after it
+(every event timed at or before it, unless clocks of different hosts disagree: an
+aggregate's later version can then carry an earlier time, and applying it on a gap is
+impossible); "as of a position" takes the events at or before that position.
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ def state_as_of(
     reads: dict[str, _Reads] = {}
     revived: dict[str, int] = {}  # name -> position of its last revival
     applied, last_position, last_time = 0, 0, None
+    stopped: set[UUID] = set()  # aggregates that met an event timed after ``at``
     for page in tenant_pages_by_aggregate(ledger, tenant_id, upto=position):
         for row in page:
             event: Any = decoded(ledger, row)
-            if at is not None and event.timestamp > at:
+            if at is not None and (event.timestamp > at or row.originator_id in stopped):
+                stopped.add(row.originator_id)  # (its later versions cannot apply alone)
                 continue
             if getattr(event, "tenant_id", tenant_id) != tenant_id:
                 continue  # another tenant whose 48-bit prefix collides with this one's

@@ -23,7 +23,6 @@ The first checkpoint's previous digest is 32 zero bytes.
 from __future__ import annotations
 
 import hmac
-import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,8 +54,6 @@ _EVENT_LABEL = b"keyledger:sealed-event:v1\x00"
 _CHECKPOINT_LABEL = b"keyledger:checkpoint:v1\x00"
 
 TagStatus = Literal["ok", "untagged", "mismatch", "unknown_key"]
-
-logger = logging.getLogger(__name__)
 
 
 def _u64(value: int) -> bytes:
@@ -276,9 +273,6 @@ def seal(
         try:
             head = chain_head(ledger)
         except UncheckableHead as uncheckable:
-            logger.warning(
-                "audit seal stopped at position %d: %s", uncheckable.position, uncheckable.reason
-            )
             return SealResult(
                 checkpoints=made,
                 sealed_events=sealed,
@@ -305,7 +299,6 @@ def seal(
             sealed += len(covered)
         if stop is not None:
             position, reason = stop
-            logger.warning("audit seal stopped at position %d: %s", position, reason)
             return SealResult(
                 checkpoints=made,
                 sealed_events=sealed,
@@ -353,8 +346,8 @@ def append_anchor(path: Path | None, checkpoint: Checkpoint) -> str | None:
 
     The file is what ``audit verify --anchor`` reads; kept where the database's
     administrators cannot write, it reveals rows cut from the newest end of the stream.
-    A failure to write it never undoes the seal: it is logged, and reported in the
-    ``SealResult`` (the CLI exits 1), so that a scheduled seal notices.
+    A failure to write it never undoes the seal: it is reported in the ``SealResult``
+    (the CLI exits 1, an automatic seal logs it), so that a scheduled seal notices.
     """
     if path is None:
         return None
@@ -365,7 +358,6 @@ def append_anchor(path: Path | None, checkpoint: Checkpoint) -> str | None:
             out.flush()
             os.fsync(out.fileno())
     except OSError as error:
-        logger.warning("audit anchor file %s not written: %s", path, error.strerror)
         return f"the anchor file {path} was not written: {error.strerror}"
     return None
 

@@ -366,6 +366,13 @@ def verify(
     """Check the stream from ``from_position`` on (see the module doc)."""
     verifier = _Verifier(ledger)
     verifier.load_chain()
+    if from_position:  # checkpoints whose segments end before it are out of scope (their
+        ends = {s.sequence: s.to for s in verifier.segments}  # keys may be retired since)
+        verifier.findings = [
+            f
+            for f in verifier.findings
+            if f.checkpoint is None or ends.get(f.checkpoint, from_position) >= from_position
+        ]
     head = head_position(ledger)
     segments = [s for s in verifier.segments if s.to >= from_position]
     last_sealed = verifier.segments[-1].to if verifier.segments else 0

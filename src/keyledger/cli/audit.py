@@ -160,7 +160,7 @@ def trail(cli: CliContext, tenant_id: str, name: str) -> None:
     with cli.scope(tenant_id):
         entries = cli.service.audit_trail(name)
     if not entries:
-        raise click.ClickException(f"no audit entries for secret {name} of tenant {tenant_id}")
+        raise click.ClickException(f"no audit entries for secret {name!r} of tenant {tenant_id!r}")
     if cli.json_output:
         emit_json([to_data(entry) for entry in entries])
     else:

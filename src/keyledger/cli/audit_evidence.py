@@ -79,11 +79,13 @@ def seal(cli: CliContext, accept_untagged: tuple[int, ...]) -> None:
         if result.checkpoints:
             emit_table(CHECKPOINT_HEADERS, [checkpoint_row(c) for c in result.checkpoints])
         click.echo(f"Sealed {result.sealed_events} events in {len(result.checkpoints)} checkpoints")
-    if result.anchor_error is not None:  # sealed, but the anchor is behind: say so, exit 1
-        click.echo(f"Error: {result.anchor_error}", err=True)
+    problems = []  # sealed as far as it could: say what stopped it, on one line, exit 1
     if result.stopped_at is not None:
-        click.echo(f"Stopped at position {result.stopped_at}: {result.stopped_reason}", err=True)
-    if result.stopped_at is not None or result.anchor_error is not None:
+        problems.append(f"sealing stopped at position {result.stopped_at}: {result.stopped_reason}")
+    if result.anchor_error is not None:  # sealed, but the anchor is behind
+        problems.append(result.anchor_error)
+    if problems:
+        click.echo(f"Error: {'; '.join(problems)}", err=True)
         click.get_current_context().exit(1)
 
 

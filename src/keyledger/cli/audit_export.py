@@ -22,6 +22,7 @@ from keyledger.cli.render import (
     emit_table,
     is_terminal,
     json_option,
+    shown,
     text,
     timestamp,
     to_data,
@@ -86,7 +87,7 @@ def state_heading(state: TenantState) -> str:
     """``Tenant T as of <time or position> (position P, N events)``."""
     when = timestamp(state.as_of) if state.as_of else f"position {state.as_of_position}"
     return (
-        f"Tenant {state.tenant_id} as of {when} "
+        f"Tenant {shown(state.tenant_id)} as of {when} "
         f"(position {state.position}, {state.events_applied} events)"
     )
 

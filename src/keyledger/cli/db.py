@@ -159,6 +159,7 @@ def check(cli: CliContext) -> None:
 
 
 @db_group.command("shred")
+@json_option
 @pass_cli
 def shred(cli: CliContext) -> None:
     """Drop deleted key material from the store's files (crypto-shredding) now.

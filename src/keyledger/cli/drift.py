@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import click
 
 from keyledger.cli.confirm import confirm as ask
-from keyledger.cli.render import emit_json, emit_table, json_option, text, to_data
+from keyledger.cli.render import emit_json, emit_table, json_option, shell_word, text, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
 from keyledger.models import DriftIssue, DriftReport, RepairResult
@@ -189,7 +189,7 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
     if remaining:
         raise click.ClickException(
             f"{remaining} drift error(s) remain in tenant {tenant_id!r}; "
-            f"see `keyledger drift diagnose {tenant_id}`"
+            f"see `keyledger drift diagnose {shell_word(tenant_id)}`"
         )
 
 

@@ -16,6 +16,7 @@ from keyledger.cli.render import (
     emit_table,
     is_terminal,
     json_option,
+    shell_word,
     text,
     timestamp,
     to_data,
@@ -132,7 +133,7 @@ def reencrypt(cli: CliContext, tenant_id: str) -> None:
     if result.failed:
         raise click.ClickException(
             f"{result.failed} secret(s) of tenant {tenant_id!r} could not be re-encrypted; "
-            f"see `keyledger audit log {tenant_id} --action update --result failure`"
+            f"see `keyledger audit log {shell_word(tenant_id)} --action update --result failure`"
         )
 
 
@@ -211,7 +212,7 @@ def compromise(cli: CliContext, tenant_id: str, version: int, reason: str, yes: 
     if info.secret_count:
         click.echo(
             f"{info.secret_count} secret(s) are still under it and cannot be read: store "
-            f"their values afresh (`keyledger drift diagnose {tenant_id}` lists them)."
+            f"their values afresh (`keyledger drift diagnose {shell_word(tenant_id)}` lists them)."
         )
 
 

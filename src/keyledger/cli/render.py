@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -71,13 +73,61 @@ def text(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def shown(value: str) -> str:
+    """``value`` for a terminal: every character that prints nothing or changes how the
+    rest prints (a zero-width space, a soft hyphen, a direction override, a line
+    separator; anything ``str.isprintable`` rejects but the plain space) as its escape,
+    as ``repr`` shows it. Names stored by releases before 0.12 can hold them, and in a
+    table a direction override would reorder the rest of its row (CVE-2021-42574)."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else _escaped(c) for c in value)
+
+
+def shell_word(value: str) -> str:
+    """``value`` as one word of a command line to copy: quoted, and with what
+    ``shown`` escapes in bash's ``$'...'`` form, so the hint shows what it runs."""
+    if value.isprintable():
+        return shlex.quote(value)
+    quoted = "".join(
+        _escaped(c) if not c.isprintable() else "\\" + c if c in "\\'" else c for c in value
+    )
+    return f"$'{quoted}'"
+
+
+def _width(cell: str) -> int:
+    """Terminal columns: two for a wide (East Asian) character, none for a combining one."""
+    if cell.isascii():
+        return len(cell)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in cell
+    )
+
+
 def emit_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Left-aligned columns separated by two spaces, headers first."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    for row in (headers, *rows):
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    """Left-aligned columns separated by two spaces, headers first; cells ``shown``."""
+    cells = [[shown(cell) for cell in row] for row in (headers, *rows)]
+    widths = [0] * len(headers)
+    for row in cells:
+        widths = [max(w, _width(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in cells:
+        click.echo(
+            "  ".join(
+                cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)
+            ).rstrip()
+        )
 
 
 def is_terminal(stream: Literal["stdin", "stdout", "stderr"]) -> bool:

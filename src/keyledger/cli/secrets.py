@@ -24,7 +24,7 @@ from keyledger.context import make_actor
 from keyledger.errors import InvalidInput
 from keyledger.models import SecretInfo
 from keyledger.service import StatusFilter
-from keyledger.validation import check_identifier, check_metadata, check_optional_text
+from keyledger.validation import check_identifier, check_label, check_metadata, check_optional_text
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
 name_argument = click.argument("name")
@@ -127,7 +127,7 @@ def put(
     check_identifier("tenant_id", tenant_id)
     check_identifier("name", name)
     # Checked before the value is asked for, so that nobody types a value twice in vain.
-    check_optional_text("category", category, 200)
+    check_label("category", category, 200)
     check_optional_text("description", description)
     check_metadata(entries)
     service = cli.service

@@ -17,20 +17,28 @@ from datetime import datetime
 
 from eventsourcing.domain import datetime_now_with_tzinfo
 
-_instant: ContextVar[datetime | None] = ContextVar("keyledger_write_instant", default=None)
+# The instant of the write under way: a one-item list, empty until its first event takes
+# the time (so a write that loads fresh state first is timed after what it loaded).
+_instant: ContextVar[list[datetime] | None] = ContextVar("keyledger_write_instant", default=None)
 
 
 def event_timestamp() -> datetime:
     """The timestamp of an event being created: the write's instant, or now."""
-    return _instant.get() or datetime_now_with_tzinfo()
+    held = _instant.get()
+    if held is None:
+        return datetime_now_with_tzinfo()
+    if not held:
+        held.append(datetime_now_with_tzinfo())
+    return held[0]
 
 
 @contextmanager
 def one_instant() -> Iterator[None]:
-    """A block whose new events all take the instant it was entered (nested: the outer
-    block's). Not on the store's first attempt, the hot path: there the one write that
-    appends two events passes the first one's timestamp on (``SecretCommands``)."""
-    token = _instant.set(_instant.get() or datetime_now_with_tzinfo())
+    """A block whose new events all take one instant: the time its first event is
+    created, after the block loaded what it decides on (nested: the outer block's). Not
+    on the store's first attempt, the hot path: there the one write that appends two
+    events passes the first one's timestamp on (``SecretCommands``)."""
+    token = _instant.set(_instant.get() or [])
     try:
         yield
     finally:
