@@ -127,10 +127,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
         self._closed = False
-        # Calls using a connection now (see ``using``): sqlite3 crashes the process when a
-        # connection is closed under a statement another thread is running.
-        self._users = 0
-        self._users_lock = threading.Lock()
+        # One item per call using a connection now (see ``enter``): sqlite3 crashes the
+        # process when a connection is closed under a statement another thread is
+        # running. (list.append and list.pop are atomic: no lock on every call.)
+        self._calls: list[None] = []
+        self._closing_lock = threading.Lock()
         self._idle = threading.Event()
         self._close_left_to_last_user = False
         _create_private(db_name)
@@ -146,20 +147,21 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     def enter(self) -> None:
         """A call starts using this datastore's connections (``StorageError`` once it is
         closed); it must ``leave`` when it is done with them."""
-        with self._users_lock:
-            if self._closed:
-                raise StorageError(STORE_CLOSED)
-            self._users += 1
+        self._calls.append(None)
+        if self._closed:  # (set before close() looks at the calls: it sees this one)
+            self.leave()
+            raise StorageError(STORE_CLOSED)
 
     def leave(self) -> None:
-        with self._users_lock:
-            self._users -= 1
-            last = self._closed and not self._users
-        if last:
-            self._idle.set()
-            if self._close_left_to_last_user:
-                self._close_left_to_last_user = False
-                self._close_connections()
+        self._calls.pop()
+        if not self._closed or self._calls:
+            return
+        self._idle.set()
+        with self._closing_lock:
+            closing = self._close_left_to_last_user
+            self._close_left_to_last_user = False
+        if closing:
+            self._close_connections()
 
     @contextmanager
     def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
@@ -226,14 +228,13 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         """Refuse new calls, wait (up to ``CLOSE_WAIT`` seconds) for the calls in progress,
         then close every connection. Calls still running then (a write waiting for another
         process's lock, say) keep theirs: the last of them to finish closes them."""
-        with self._users_lock:
+        with self._closing_lock:
             if self._closed:
                 return
             self._closed = True
-            busy = self._users > 0
-        if busy and not self._idle.wait(CLOSE_WAIT):
-            with self._users_lock:
-                if self._users:
+        if self._calls and not self._idle.wait(CLOSE_WAIT):
+            with self._closing_lock:
+                if self._calls:  # a call that leaves now finds the task under this lock
                     self._close_left_to_last_user = True
                     return
         self._close_connections()
