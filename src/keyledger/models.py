@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -67,9 +68,11 @@ class SecretInfo(_Frozen):
 class Secret(SecretInfo):
     """A retrieved secret. ``value`` is masked in repr and str. In JSON mode
     (``model_dump(mode="json")``, ``model_dump_json``) a bytes value is URL-safe base64
-    (RFC 4648 section 5), marked ``"value_encoding": "base64"``: bytes need not be UTF-8
-    (decoding them as text would fail with an error that quotes them), and the mark lets
-    ``model_validate_json`` give bytes back, where a JSON string alone reads as text."""
+    (RFC 4648 section 5), marked ``"value_encoding": "base64url"``: bytes need not be
+    UTF-8 (decoding them as text would fail with an error that quotes them), and the mark
+    lets ``model_validate_json`` give bytes back, where a JSON string alone reads as text.
+    Validation also takes ``"base64"`` (the standard alphabet, as ``keyledger secrets get
+    --json`` writes it), and refuses any character outside the marked alphabet."""
 
     model_config = ConfigDict(
         frozen=True,
@@ -85,7 +88,7 @@ class Secret(SecretInfo):
     def _mark_bytes(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
         data = handler(self)
         if info.mode_is_json() and isinstance(self.value, bytes) and "value" in data:
-            data[VALUE_ENCODING] = "base64"
+            data[VALUE_ENCODING] = "base64url"
         return data
 
     @model_validator(mode="before")
@@ -95,19 +98,22 @@ class Secret(SecretInfo):
             return data
         data = dict(data)
         encoding, value = data.pop(VALUE_ENCODING), data.get("value")
-        if encoding != "base64" or not isinstance(value, str):
-            raise ValueError(f'{VALUE_ENCODING} must be "base64", with a string value')
-        try:
-            decoded: bytes | None = base64.urlsafe_b64decode(value.encode("ascii"))
-        except ValueError:
-            decoded = None
-        if decoded is None:  # (raised here: no context that could quote the value)
-            raise ValueError("value is not URL-safe base64")
-        data["value"] = decoded
+        alphabet = _BASE64_ALPHABETS.get(encoding) if isinstance(encoding, str) else None
+        if alphabet is None or not isinstance(value, str):
+            raise ValueError(
+                f'{VALUE_ENCODING} must be "base64url" or "base64", with a string value'
+            )
+        if alphabet.fullmatch(value) is None or len(value) % 4:
+            raise ValueError(f"value is not {encoding} (RFC 4648), padded")
+        data["value"] = base64.b64decode(value.replace("-", "+").replace("_", "/"))
         return data
 
 
 VALUE_ENCODING = "value_encoding"
+_BASE64_ALPHABETS = {
+    "base64url": re.compile(r"[A-Za-z0-9_-]*={0,2}"),
+    "base64": re.compile(r"[A-Za-z0-9+/]*={0,2}"),
+}
 
 
 class TenantKeyInfo(_Frozen):

@@ -3,6 +3,7 @@ JSON round trips of results, errors that cross process boundaries, import cost."
 
 from __future__ import annotations
 
+import base64
 import gc
 import inspect
 import json
@@ -67,6 +68,14 @@ def test_a_secret_with_a_bytes_value_survives_a_json_round_trip(master_key: str)
         assert Secret.model_validate(secret.model_dump()) == secret
     assert json.loads(text.model_dump_json())["value"] == "sk_live_AAFiaW5h"
     assert "value_encoding" not in json.loads(text.model_dump_json())
+    dumped = json.loads(binary.model_dump_json())
+    assert dumped["value_encoding"] == "base64url"
+    as_the_cli_writes_it = {  # (keyledger secrets get --json: the standard alphabet)
+        **dumped,
+        "value": base64.b64encode(b"\x00\x01binary-key\xff").decode(),
+        "value_encoding": "base64",
+    }
+    assert Secret.model_validate(as_the_cli_writes_it) == binary
 
 
 def test_a_bad_value_encoding_is_refused_without_quoting_the_value() -> None:
@@ -84,7 +93,13 @@ def test_a_bad_value_encoding_is_refused_without_quoting_the_value() -> None:
         "access_count": 1,
         "last_accessed_at": None,
     }
-    for encoding, value in (("base64", "sk_live_not*base64"), ("hex", "c2VjcmV0")):
+    for encoding, value in (
+        ("base64url", "sk_live_not*base64"),
+        ("base64url", "AAAA+///"),  # the standard alphabet, under the URL-safe label
+        ("base64", "AAAA-___"),
+        ("base64url", "AAA"),  # unpadded
+        ("hex", "c2VjcmV0"),
+    ):
         with pytest.raises(ValueError, match=r"value_encoding|base64") as raised:
             Secret.model_validate_json(
                 json.dumps({**fields, "value": value, "value_encoding": encoding})

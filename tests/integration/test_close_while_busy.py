@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,60 @@ def test_closing_a_service_in_use_by_other_threads_fails_their_calls_cleanly(
                     assert service.retrieve(name).value == expected
         finally:
             service.close()
+
+
+def test_close_from_the_thread_of_a_call_in_progress_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """A signal handler (or a callback) closing the service runs on the thread whose call
+    it interrupted: that call ends only after close() returns, then closes the store."""
+    from keyledger.infrastructure.sqlite_store import CLOSE_WAIT, KeyledgerSQLiteDatastore
+
+    datastore = KeyledgerSQLiteDatastore(str(tmp_path / "own.db"))
+    datastore.enter()
+    started = time.monotonic()
+    datastore.close()
+    waited = time.monotonic() - started
+    datastore.leave()
+
+    assert waited < CLOSE_WAIT / 2
+    assert datastore.pool.closed
+
+
+FORKED = r"""
+import os, sys, threading, time
+from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
+
+datastore = KeyledgerSQLiteDatastore(sys.argv[1])
+inside, done = threading.Event(), threading.Event()
+
+def in_a_call() -> None:
+    datastore.enter()
+    inside.set()
+    done.wait()
+    datastore.leave()
+
+thread = threading.Thread(target=in_a_call)
+thread.start()
+inside.wait()
+child = os.fork()
+if child == 0:  # the thread in its call does not exist here
+    started = time.monotonic()
+    datastore.close()
+    os._exit(0 if time.monotonic() - started < 2 and datastore.pool.closed else 3)
+_, status = os.waitpid(child, 0)
+done.set()
+thread.join()
+datastore.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_closes_without_waiting_for_its_parents_calls(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, str(tmp_path / "forked.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from conftest import MakeService
-from keyledger import SecretService, tenant
+from keyledger import SecretService, super_admin, tenant
 from keyledger.domain import instant
 
 
@@ -115,3 +115,20 @@ def test_a_datetime_subclass_is_taken_as_the_plain_datetime_it_is(service: Secre
     assert type(stored.expires_at) is datetime
     (listed,) = service.list_for_tenant("acme")
     assert listed.expires_at == datetime(2030, 1, 3, 3, 4, 5, 6, tzinfo=UTC)
+
+
+def test_the_events_of_a_reencryption_batch_share_one_time(service: SecretService) -> None:
+    """A batch is one write (docs/audit.md): replayed by position, all of it or none."""
+    for i in range(5):
+        service.store_for_tenant("acme", f"s{i}", "v")
+    service.rotate_key_for_tenant("acme")
+
+    assert service.reencrypt_all_for_tenant("acme").success == 5
+
+    with super_admin():
+        moved = service.get_audit_logs(tenant_id="acme", action="update")
+    assert len(moved) == 5
+    assert len({entry.timestamp for entry in moved}) == 1
+    first = min(entry.position for entry in moved)
+    replayed = service.state_as_of("acme", position=first)
+    assert {s.key_version for s in replayed.secrets} == {2}

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from conftest import MakeService
 from keyledger import InvalidInput, SecretService, super_admin, tenant
 from keyledger.application import keys, secrets
 
@@ -102,3 +103,33 @@ def test_rotating_the_key_of_a_new_invisible_tenant_is_refused(service: SecretSe
     with tenant("new\u200btenant"), pytest.raises(InvalidInput, match="invisible"):
         service.rotate_key()
     assert service.list_keys("new\u200btenant") == []
+
+
+def test_a_store_that_fails_audits_no_new_invisible_name(make_service: MakeService) -> None:
+    """Without a master key a store fails and is audited as failed; under a name that
+    could not be created it is refused instead, and nothing is written."""
+    keyed = make_service()
+    keyed.store_for_tenant("acme", "plain", "v")
+    keyless = make_service(master_key=None)
+    before = _stream_length(keyed)
+
+    for tenant_id, name in (("acme", "db\u200bpassword"), ("new\u200btenant", "name")):
+        with pytest.raises(InvalidInput, match="invisible"):
+            keyless.store_for_tenant(tenant_id, name, "v")
+
+    assert _stream_length(keyed) == before
+
+
+def test_a_deleted_invisible_name_is_not_stored_again(
+    legacy: SecretService,
+) -> None:
+    """Deleted, it names nothing: storing it again would create a new secret under it."""
+    service = legacy
+    assert service.delete_for_tenant("acme", LEGACY_NAME) is True
+    before = _stream_length(service)
+
+    with pytest.raises(InvalidInput, match="invisible"):
+        service.store_for_tenant("acme", LEGACY_NAME, "again")
+
+    assert _stream_length(service) == before
+    assert [s.name for s in service.list_for_tenant("acme")] == ["plain"]

@@ -10,6 +10,7 @@ from keyledger.application.secrets import actor_dict, record_failure, unavailabl
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict
+from keyledger.domain.instant import one_instant
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import DecryptionFailed, KeyledgerError, MasterKeyUnavailable
@@ -121,7 +122,8 @@ class KeyCommands:
         for start in range(0, len(todo), REENCRYPT_BATCH):
             batch = todo[start : start + REENCRYPT_BATCH]
             try:
-                ok, bad = self._batch(tenant_id, batch, who, fresh=False)
+                with one_instant():  # (a batch is one write: its events share a time)
+                    ok, bad = self._batch(tenant_id, batch, who, fresh=False)
             except Conflict:
                 ok, bad = self._one_by_one(tenant_id, batch, who)
             success, failed = success + ok, failed + bad

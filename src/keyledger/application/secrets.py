@@ -114,6 +114,8 @@ class SecretCommands:
         except (MasterKeyUnavailable, DecryptionFailed) as error:
             existing = self.ledger.secret(tenant_id, name, fresh=True)
             action = "create" if existing is None or existing.deleted else "update"
+            if action == "create":  # a name that could not be created is refused, not
+                self._refuse_unknown_lookalikes(tenant_id, name)  # audited
             record_failure(self.ledger, tenant_id, name, action, error, None, who)
             if isinstance(error, MasterKeyUnavailable):
                 context = f"cannot store secret {name!r} of tenant {tenant_id!r}"
@@ -181,6 +183,8 @@ class SecretCommands:
                 timestamp=instant,
             )
         else:
+            if cached.deleted:  # stored again: a new secret under that name
+                check_new_identifier("name", name)
             secret = self.ledger.for_update(cached)
             keep = not secret.deleted
             expires_at = options.expires_at

@@ -74,25 +74,22 @@ def text(value: object) -> str:
 
 
 def _escaped(char: str) -> str:
+    """``\\uXXXX`` (or ``\\UXXXXXXXX``): what both Python and bash's ``$'...'`` read as
+    that character (bash reads ``\\xXX`` as a byte, not as U+00XX)."""
     code = ord(char)
-    return (
-        f"\\x{code:02x}"
-        if code < 0x100
-        else f"\\u{code:04x}"
-        if code < 0x10000
-        else f"\\U{code:08x}"
-    )
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def shown(value: str) -> str:
     """``value`` for a terminal: every character that prints nothing or changes how the
     rest prints (a zero-width space, a soft hyphen, a direction override, a line
     separator; anything ``str.isprintable`` rejects but the plain space) as its escape,
-    as ``repr`` shows it. Names stored by releases before 0.12 can hold them, and in a
-    table a direction override would reorder the rest of its row (CVE-2021-42574)."""
-    if value.isprintable():
+    and a backslash doubled, so that no two names show alike. Names stored by releases
+    before 0.12 can hold such characters, and in a table a direction override would
+    reorder the rest of its row (CVE-2021-42574)."""
+    if value.isprintable() and "\\" not in value:
         return value
-    return "".join(c if c.isprintable() else _escaped(c) for c in value)
+    return "".join("\\\\" if c == "\\" else c if c.isprintable() else _escaped(c) for c in value)
 
 
 def shell_word(value: str) -> str:
@@ -106,12 +103,19 @@ def shell_word(value: str) -> str:
     return f"$'{quoted}'"
 
 
+_NO_WIDTH = frozenset(("Mn", "Me", "Cf"))  # marks drawn on the character before, formats
+
+
 def _width(cell: str) -> int:
-    """Terminal columns: two for a wide (East Asian) character, none for a combining one."""
+    """Terminal columns: two for a wide (East Asian) character, none for a mark."""
     if cell.isascii():
         return len(cell)
     return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        0
+        if unicodedata.category(c) in _NO_WIDTH
+        else 2
+        if unicodedata.east_asian_width(c) in "WF"
+        else 1
         for c in cell
     )
 

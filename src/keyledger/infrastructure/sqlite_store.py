@@ -130,10 +130,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # One item per call using a connection now (see ``enter``): sqlite3 crashes the
         # process when a connection is closed under a statement another thread is
         # running. (list.append and list.pop are atomic: no lock on every call.)
-        self._calls: list[None] = []
-        self._closing_lock = threading.Lock()
-        self._idle = threading.Event()
-        self._close_left_to_last_user = False
+        self._start_afresh()
+        _DATASTORES.add(self)
         _create_private(db_name)
         self.pool = KeyledgerSQLiteConnectionPool(
             db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
@@ -144,16 +142,25 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # _all_writers (set first): every live thread's writer, by the id of its
         # _ThreadWriter (see thread_writer).
 
+    def _start_afresh(self) -> None:
+        """No call in progress: a new datastore, or one in a forked child, where the
+        threads whose calls were in progress in the parent do not exist."""
+        # The ident of each thread in a call that uses a connection (see ``enter``).
+        self._calls: list[int] = []
+        self._closing_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._close_left_to_last_user = False
+
     def enter(self) -> None:
         """A call starts using this datastore's connections (``StorageError`` once it is
         closed); it must ``leave`` when it is done with them."""
-        self._calls.append(None)
+        self._calls.append(threading.get_ident())  # (atomic: no lock on every call)
         if self._closed:  # (set before close() looks at the calls: it sees this one)
             self.leave()
             raise StorageError(STORE_CLOSED)
 
     def leave(self) -> None:
-        self._calls.pop()
+        self._calls.remove(threading.get_ident())
         if not self._closed or self._calls:
             return
         self._idle.set()
@@ -232,7 +239,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             if self._closed:
                 return
             self._closed = True
-        if self._calls and not self._idle.wait(CLOSE_WAIT):
+        # A call of this very thread (close() from a signal handler, or a callback) ends
+        # only after close() returns: no wait for it, the call closes when it leaves.
+        mine = threading.get_ident() in self._calls
+        if self._calls and (mine or not self._idle.wait(CLOSE_WAIT)):
             with self._closing_lock:
                 if self._calls:  # a call that leaves now finds the task under this lock
                     self._close_left_to_last_user = True
@@ -246,6 +256,17 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             self._all_writers.clear()
         if hasattr(self, "pool"):  # (none when the file could not be created)
             super().close()
+
+
+_DATASTORES: weakref.WeakSet[KeyledgerSQLiteDatastore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for datastore in list(_DATASTORES):
+        datastore._start_afresh()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_ended(

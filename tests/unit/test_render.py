@@ -1,0 +1,51 @@
+"""What the CLI prints of names and text: unambiguous, copyable, aligned."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from keyledger.cli.render import _width, shell_word, shown
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("plain", "plain"),
+        ("秘密の鍵", "秘密の鍵"),
+        ("db\u200bpass", "db\\u200bpass"),
+        ("str\u00adipe", "str\\u00adipe"),
+        ("acme\u202etxt.exe", "acme\\u202etxt.exe"),
+        ("db\\u200bpass", "db\\\\u200bpass"),  # a literal backslash is not an escape
+        ("tab\there", "tab\\u0009here"),
+    ],
+)
+def test_shown_escapes_what_prints_nothing_or_reorders_text(value: str, expected: str) -> None:
+    assert shown(value) == expected
+
+
+def test_two_names_never_show_alike() -> None:
+    names = ["db\u200bpass", "db\\u200bpass", "dbpass", "db\\\\u200bpass"]
+    assert len({shown(name) for name in names}) == len(names)
+
+
+@pytest.mark.parametrize(
+    "value", ["acme", "o'neil", "acme\u00a0corp", "ac\u200bme", "a\\b\u202ec", "秘密 鍵"]
+)
+def test_a_shell_word_is_the_value_in_bash(value: str) -> None:
+    done = subprocess.run(
+        ["bash", "-c", f"printf %s {shell_word(value)}"],
+        capture_output=True,
+        env={"LC_ALL": "C.UTF-8"},
+        check=True,
+    )
+    assert done.stdout.decode("utf-8") == value
+
+
+@pytest.mark.parametrize(
+    ("cell", "columns"),
+    [("plain", 5), ("秘密の鍵", 8), ("ที่นี่", 2), ("नमस्ते", 4), ("e\u0301", 1)],
+)
+def test_width_counts_terminal_columns(cell: str, columns: int) -> None:
+    assert _width(cell) == columns
