@@ -34,6 +34,7 @@ def build_ledger(
         seal_every=settings.audit_seal_every,
         anchor_file=settings.audit_anchor_file,
         group_commit_wait=settings.group_commit_wait_ms / 1000,
+        cache_bytes=settings.cache_megabytes * 2**20,
     )
     if is_legacy_stream(ledger):
         ledger.close()

@@ -41,10 +41,19 @@ class AuditInvestigation:
     _ledger: Ledger
     _queries: Queries
 
-    def audit_trail(self, name: str, *, tenant_id: str | None = None) -> builtins.list[AuditEntry]:
+    def audit_trail(
+        self,
+        name: str,
+        *,
+        tenant_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> builtins.list[AuditEntry]:
         """Every audit entry of one secret, oldest first: versions stored, reads, denials,
         failures, status changes, re-encryptions, deletion. Tenant-scoped; ``tenant_id``
-        only inside ``super_admin()``."""
+        only inside ``super_admin()``. ``limit`` and ``offset`` page through a long
+        history (a secret read every second for a year has 31 million entries): oldest
+        first, new entries only ever come after the last page, so pages do not shift."""
         if tenant_id is not None:
             if not is_super_admin():
                 raise InvalidInput("tenant_id is only accepted inside super_admin()")
@@ -59,8 +68,8 @@ class AuditInvestigation:
             user_id=None,
             since=None,
             until=None,
-            limit=NO_LIMIT,
-            offset=0,
+            limit=NO_LIMIT if limit is None else check_count("limit", limit) or 0,
+            offset=check_count("offset", offset) or 0,
             ascending=True,
         )
 

@@ -13,12 +13,24 @@ V = TypeVar("V")
 
 
 class LRUCache(Generic[K, V]):
-    """A thread-safe bounded mapping that forgets the least recently used entries."""
+    """A thread-safe bounded mapping that forgets the least recently used entries: past
+    ``maxsize`` entries, and (given ``weigh``, an item's approximate size in bytes) past
+    ``max_weight`` bytes in all."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(
+        self,
+        maxsize: int,
+        *,
+        max_weight: int | None = None,
+        weigh: Callable[[V], int] | None = None,
+    ) -> None:
         self._maxsize = maxsize
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
+        self._weigh = weigh if max_weight is not None else None
+        self._max_weight = max_weight or 0
+        self._weights: dict[K, int] = {}
+        self.weight = 0  # the items' total weight (0 without ``weigh``)
 
     def get(self, key: K) -> V | None:
         # Under the lock, hits too: OrderedDict.move_to_end calls back into Python (a
@@ -30,19 +42,36 @@ class LRUCache(Generic[K, V]):
             return item
 
     def put(self, key: K, item: V) -> None:
+        weigh = self._weigh
+        weight = weigh(item) if weigh is not None else 0
         with self._lock:
             self._items[key] = item
             self._items.move_to_end(key)
-            while len(self._items) > self._maxsize:
-                self._items.popitem(last=False)
+            if weigh is not None:
+                self.weight += weight - self._weights.get(key, 0)
+                self._weights[key] = weight
+            while len(self._items) > self._maxsize or (
+                weigh is not None and self.weight > self._max_weight and len(self._items) > 1
+            ):
+                self._forget(self._items.popitem(last=False)[0])
+
+    def _forget(self, key: K) -> None:
+        if self._weigh is not None:
+            self.weight -= self._weights.pop(key, 0)
 
     def evict(self, key: K) -> None:
         with self._lock:
-            self._items.pop(key, None)
+            if self._items.pop(key, None) is not None:
+                self._forget(key)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._weights.clear()
+            self.weight = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class ExpiringCache(Generic[K, V]):

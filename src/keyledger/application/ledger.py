@@ -62,6 +62,9 @@ from keyledger.projections.timeutil import to_micros
 
 MAX_ATTEMPTS = 50
 AGGREGATE_CACHE_SIZE = 20_000
+# What the cached secrets may hold in all, by their values' and texts' sizes (a count
+# alone let 20,000 secrets of 64 KiB values hold 2 GB); KEYLEDGER_CACHE_MEGABYTES.
+AGGREGATE_CACHE_BYTES = 256 * 2**20
 SNAPSHOT_INTERVAL = 100
 AUDIT_CATCH_UP_EVERY = 2000
 APPENDED_KEPT = 4 * AUDIT_CATCH_UP_EVERY  # at most this many appended events are kept
@@ -76,6 +79,15 @@ T = TypeVar("T")
 
 class Conflict(Exception):
     """A write lost a race (stale cache or concurrent writer): reload and decide again."""
+
+
+def _secret_weight(secret: Secret) -> int:
+    """About what a cached secret holds, in bytes: its envelope and its texts (each
+    character counted once; an object's own overhead is the constant)."""
+    weight = 1024 + len(secret.envelope) + len(secret.name) + len(secret.description or "")
+    for key, value in secret.metadata.items():
+        weight += len(key) + len(value)
+    return weight
 
 
 class Ledger(Application[UUID]):
@@ -96,6 +108,7 @@ class Ledger(Application[UUID]):
         seal_every: int = 0,
         anchor_file: Path | None = None,
         group_commit_wait: float | None = None,
+        cache_bytes: int = AGGREGATE_CACHE_BYTES,
     ) -> None:
         self.anchor_file = anchor_file
         self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
@@ -111,7 +124,9 @@ class Ledger(Application[UUID]):
             raise StorageError(f"cannot open the store: {reason}") from None
         self.master_keys = master_keys
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._secrets: LRUCache[UUID, Secret] = LRUCache(AGGREGATE_CACHE_SIZE)
+        self._secrets: LRUCache[UUID, Secret] = LRUCache(
+            AGGREGATE_CACHE_SIZE, max_weight=cache_bytes, weigh=_secret_weight
+        )
         self._keyrings: LRUCache[UUID, TenantKeyring] = LRUCache(AGGREGATE_CACHE_SIZE)
         self._appended_since_catch_up = 0
         self._appended_since_seal = 0

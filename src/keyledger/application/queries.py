@@ -185,15 +185,21 @@ class Queries:
 
     def key_infos(self, tenant_id: str | None) -> list[TenantKeyInfo]:
         """Key versions of one tenant (or all, ordered by tenant), with live secret counts."""
+        # The counts in one pass over the catalog (the tenant's range of it), not one
+        # per key version: a tenant rotated a hundred times over 50,000 secrets took
+        # half a second to list. kl_keys comes first: the order a rebuild's switch locks.
+        only = "" if tenant_id is None else " AND tenant_id=?"
         sql = (
             "SELECT k.tenant_id, k.version, k.status, k.amk_id, k.created_at, k.retired_at, "
-            "(SELECT COUNT(*) FROM kl_catalog c WHERE c.tenant_id=k.tenant_id "
-            " AND c.key_version=k.version AND c.deleted=0) FROM kl_keys k"
+            "COALESCE(c.n, 0) FROM kl_keys k LEFT JOIN (SELECT tenant_id, key_version, "
+            f"COUNT(*) AS n FROM kl_catalog WHERE deleted=0{only} "
+            "GROUP BY tenant_id, key_version) c "
+            "ON c.tenant_id=k.tenant_id AND c.key_version=k.version"
         )
         params: tuple[str, ...] = ()
         if tenant_id is not None:
             sql += " WHERE k.tenant_id=?"
-            params = (tenant_id,)
+            params = (tenant_id, tenant_id)
         with self.ledger.reading() as cur:
             cur.execute(sql + " ORDER BY k.tenant_id, k.version", params)
             rows = cur.fetchall()

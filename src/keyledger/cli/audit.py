@@ -148,18 +148,28 @@ def trail_row(entry: AuditEntry) -> tuple[str, ...]:
 @audit_group.command("trail")
 @click.argument("tenant_id", metavar="TENANT")
 @click.argument("name")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    help="At most this many entries (default: the whole history).",
+)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, help="Skip this many oldest entries."
+)
 @json_option
 @pass_cli
-def trail(cli: CliContext, tenant_id: str, name: str) -> None:
+def trail(cli: CliContext, tenant_id: str, name: str, limit: int | None, offset: int) -> None:
     """Show the whole history of secret NAME of TENANT, oldest first.
 
     Every version stored, read, denial, failure, status change, re-encryption (marked
     "(re-encrypt)") and the deletion, with who did it from where. VERSION is the secret's
-    version the entry is about, KEY the key version.
+    version the entry is about, KEY the key version. A secret read often has a long
+    history (about 3 KB of memory an entry): page through it with --limit and --offset.
     """
     with cli.scope(tenant_id):
-        entries = cli.service.audit_trail(name)
-    if not entries:
+        entries = cli.service.audit_trail(name, limit=limit, offset=offset)
+    if not entries and not offset and limit != 0:
         raise click.ClickException(f"no audit entries for secret {name!r} of tenant {tenant_id!r}")
     if cli.json_output:
         emit_json([to_data(entry) for entry in entries])

@@ -33,6 +33,8 @@ class KeyledgerSettings(BaseSettings):
     previous_master_keys: SecretStr | None = None
     max_value_bytes: int = Field(default=65536, gt=0, le=64 * 2**20)
     key_cache_seconds: float = Field(default=300.0, ge=0, le=86_400, allow_inf_nan=False)
+    # What the secrets cached in memory may hold in all (their values and texts), in MiB.
+    cache_megabytes: int = Field(default=256, ge=1, le=1_048_576)
     lock_timeout_seconds: int = Field(default=30, gt=0, le=86_400)
     create_tables: bool = True
     key_max_age_days: float = Field(default=90.0, gt=0, allow_inf_nan=False)
