@@ -25,49 +25,46 @@ class LRUCache(Generic[K, V]):
         weigh: Callable[[V], int] | None = None,
     ) -> None:
         self._maxsize = maxsize
-        self._items: OrderedDict[K, V] = OrderedDict()
+        # Each item with its weight (0 unweighed): one lookup of the key a call.
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._weigh = weigh if max_weight is not None else None
         self._max_weight = max_weight or 0
-        self._weights: dict[K, int] = {}
         self.weight = 0  # the items' total weight (0 without ``weigh``)
 
     def get(self, key: K) -> V | None:
         # Under the lock, hits too: OrderedDict.move_to_end calls back into Python (a
         # UUID key's __eq__), and a clear() in another thread meanwhile crashes CPython.
         with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            return entry[0]
 
     def put(self, key: K, item: V) -> None:
         weigh = self._weigh
         weight = weigh(item) if weigh is not None else 0
         with self._lock:
-            self._items[key] = item
-            self._items.move_to_end(key)
-            if weigh is not None:
-                self.weight += weight - self._weights.get(key, 0)
-                self._weights[key] = weight
-            while len(self._items) > self._maxsize or (
-                weigh is not None and self.weight > self._max_weight and len(self._items) > 1
+            items = self._items
+            replaced = items.get(key)
+            items[key] = (item, weight)
+            items.move_to_end(key)
+            self.weight += weight - (replaced[1] if replaced is not None else 0)
+            while len(items) > self._maxsize or (
+                weigh is not None and self.weight > self._max_weight and len(items) > 1
             ):
-                self._forget(self._items.popitem(last=False)[0])
-
-    def _forget(self, key: K) -> None:
-        if self._weigh is not None:
-            self.weight -= self._weights.pop(key, 0)
+                self.weight -= items.popitem(last=False)[1][1]
 
     def evict(self, key: K) -> None:
         with self._lock:
-            if self._items.pop(key, None) is not None:
-                self._forget(key)
+            entry = self._items.pop(key, None)
+            if entry is not None:
+                self.weight -= entry[1]
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self._weights.clear()
             self.weight = 0
 
     def __len__(self) -> int:

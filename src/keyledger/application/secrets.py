@@ -164,12 +164,13 @@ class SecretCommands:
         envelope = data_key.encrypt(name, value)
         # A name not in the cache is presumed new: if it exists after all, appending its
         # version 1 conflicts, and the retry loads it. New names thus cost one transaction.
-        if fresh or not is_new_identifier(name):  # (such a name must exist: see below)
+        if fresh or not (name.isascii() or is_new_identifier(name)):  # (it must exist)
             cached = self.ledger.secret(tenant_id, name, fresh=True)
         else:
             cached = self.ledger.cached_secret(tenant_id, name)
         if cached is None:
-            check_new_identifier("name", name)
+            if not name.isascii():  # (an ASCII name is always a possible new one)
+                check_new_identifier("name", name)
             secret = Secret.create(
                 tenant_id=tenant_id,
                 name=name,

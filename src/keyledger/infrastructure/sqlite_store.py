@@ -471,7 +471,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         if datastore.pool.is_sqlite_memory_mode:
             with self.writing() as curs:
                 return write(curs)
-        datastore.enter()
+        datastore.enter()  # (its leave() is in the finally below)
         try:
             try:
                 conn = datastore.thread_writer().raw
