@@ -71,8 +71,9 @@ class Secret(SecretInfo):
     (RFC 4648 section 5), marked ``"value_encoding": "base64url"``: bytes need not be
     UTF-8 (decoding them as text would fail with an error that quotes them), and the mark
     lets ``model_validate_json`` give bytes back, where a JSON string alone reads as text.
-    Validation also takes ``"base64"`` (the standard alphabet, as ``keyledger secrets get
-    --json`` writes it), and refuses any character outside the marked alphabet."""
+    Validation also takes the marks ``keyledger secrets get --json`` writes: ``"base64"``
+    (the standard alphabet) for bytes and ``"utf-8"`` for text; it refuses any character
+    outside the marked alphabet."""
 
     model_config = ConfigDict(
         frozen=True,
@@ -98,10 +99,12 @@ class Secret(SecretInfo):
             return data
         data = dict(data)
         encoding, value = data.pop(VALUE_ENCODING), data.get("value")
+        if encoding == "utf-8" and isinstance(value, str):
+            return data  # text, as it is
         alphabet = _BASE64_ALPHABETS.get(encoding) if isinstance(encoding, str) else None
         if alphabet is None or not isinstance(value, str):
             raise ValueError(
-                f'{VALUE_ENCODING} must be "base64url" or "base64", with a string value'
+                f'{VALUE_ENCODING} must be "base64url", "base64" or "utf-8", with a string value'
             )
         if alphabet.fullmatch(value) is None or len(value) % 4:
             raise ValueError(f"value is not {encoding} (RFC 4648), padded")

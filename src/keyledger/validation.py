@@ -29,6 +29,11 @@ _CONTROL = "\x00-\x1f\x7f-\x9f\ud800-\udfff"
 # viewers) and the bidirectional embeddings, overrides and isolates, which make text
 # display in another order than it is stored ("Trojan Source", CVE-2021-42574).
 _BREAKS_AND_BIDI = "\u2028-\u202e\u2066-\u2069"
+# Default-ignorable code points that are not format characters: str.isprintable() takes
+# them, yet they show nothing, so "ops\u034f-alice" looks like "ops-alice".
+DEFAULT_IGNORABLE_SHOWN_AS_NOTHING = (
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef"
+)
 # Every format character (Unicode category Cf, as of Unicode 14.0, Python 3.11's),
 # together with the above: invisible, so two names that differ only by one look the same
 # in every listing (a zero-width space, a soft hyphen, a byte-order mark).
@@ -37,6 +42,11 @@ _INVISIBLE = (
     "\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
     "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
     "\U000e0020-\U000e007f"
+    # ... and the other default-ignorable code points that show nothing (Unicode's
+    # Default_Ignorable_Code_Point, less what is above): the combining grapheme joiner,
+    # Hangul fillers, Khmer inherent vowels, Mongolian variation selectors, variation
+    # selectors (U+FE00-FE0F, U+E0100-E01EF), the halfwidth Hangul filler.
+    f"{DEFAULT_IGNORABLE_SHOWN_AS_NOTHING}"
 )
 # Refused in every text field, found in one scan (identifiers are checked on every call):
 _REFUSED_IN_TEXT = re.compile(f"[{_CONTROL}{_BREAKS_AND_BIDI}]")

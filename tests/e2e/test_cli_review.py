@@ -165,3 +165,14 @@ def test_verify_from_a_position_after_a_master_key_rotation_needs_no_retired_key
 
     assert report.intact, report.findings
     assert report.checked_events > 0
+
+
+def test_an_empty_page_of_a_trail_is_no_error_but_a_trail_of_nothing_is() -> None:
+    run("secrets", "put", "acme", "s", stdin="v")
+
+    page = run("audit", "trail", "acme", "s", "--offset", "5")
+    missing = run("audit", "trail", "acme", "nosuch", "--offset", "1")
+
+    assert page.exit_code == 0
+    assert missing.exit_code == 1
+    assert missing.stderr == "Error: no audit entries for secret 'nosuch' of tenant 'acme'\n"

@@ -76,6 +76,11 @@ def test_a_secret_with_a_bytes_value_survives_a_json_round_trip(master_key: str)
         "value_encoding": "base64",
     }
     assert Secret.model_validate(as_the_cli_writes_it) == binary
+    text_as_the_cli_writes_it = {
+        **json.loads(text.model_dump_json()),
+        "value_encoding": "utf-8",
+    }
+    assert Secret.model_validate(text_as_the_cli_writes_it) == text
 
 
 def test_a_bad_value_encoding_is_refused_without_quoting_the_value() -> None:

@@ -143,3 +143,37 @@ def test_a_forked_child_closes_without_waiting_for_its_parents_calls(tmp_path: P
         timeout=60,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+FORKED_IN_A_CALL = r"""
+import os, sys
+from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
+
+datastore = KeyledgerSQLiteDatastore(sys.argv[1])
+datastore.enter()  # this thread is in a call when it forks (a signal handler's fork)
+child = os.fork()
+if child == 0:
+    try:
+        datastore.leave()  # its call ends in the child, where it was never counted
+        datastore.close()
+    except BaseException as error:
+        print(repr(error), file=sys.stderr)
+        os._exit(3)
+    os._exit(0 if datastore.pool.closed else 4)
+_, status = os.waitpid(child, 0)
+datastore.leave()
+datastore.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_call_in_progress_when_its_thread_forks_ends_cleanly_in_the_child(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED_IN_A_CALL, str(tmp_path / "forked.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -74,6 +74,8 @@ def test_names_an_older_release_stored_stay_reachable(legacy: SecretService) -> 
     "write",
     [
         lambda s: s.store_for_tenant("acme", "new\u200bname", "v"),
+        lambda s: s.store_for_tenant("acme", "ops\u034f-alice", "v"),  # (not a format char)
+        lambda s: s.store_for_tenant("acme", "x", "v", category="api\ufe0f"),
         lambda s: s.store_for_tenant("new\u200btenant", "name", "v"),
         lambda s: s.store_for_tenant(LEGACY_TENANT, "new\u2066name", "v"),
         lambda s: s.retrieve_for_tenant("acme", "missing\u200b"),
@@ -83,6 +85,8 @@ def test_names_an_older_release_stored_stay_reachable(legacy: SecretService) -> 
     ],
     ids=[
         "new name",
+        "new name with a combining grapheme joiner",
+        "category with a variation selector",
         "new tenant",
         "new name in a legacy tenant",
         "read of an unknown name",

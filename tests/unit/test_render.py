@@ -49,3 +49,11 @@ def test_a_shell_word_is_the_value_in_bash(value: str) -> None:
 )
 def test_width_counts_terminal_columns(cell: str, columns: int) -> None:
     assert _width(cell) == columns
+
+
+@pytest.mark.parametrize(
+    "char", ["\u034f", "\u115f", "\u17b4", "\u180b", "\u3164", "\ufe0f", "\uffa0", "\U000e0100"]
+)
+def test_printable_characters_that_show_nothing_are_escaped_too(char: str) -> None:
+    assert char not in shown(f"ops{char}-alice")
+    assert char not in shell_word(f"ops{char}-alice").replace("\\", "")

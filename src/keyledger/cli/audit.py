@@ -169,7 +169,9 @@ def trail(cli: CliContext, tenant_id: str, name: str, limit: int | None, offset:
     """
     with cli.scope(tenant_id):
         entries = cli.service.audit_trail(name, limit=limit, offset=offset)
-    if not entries and not offset and limit != 0:
+        paged = bool(offset) or limit == 0  # (an empty page: has the secret any entry?)
+        none = not entries and (not paged or not cli.service.audit_trail(name, limit=1))
+    if none:
         raise click.ClickException(f"no audit entries for secret {name!r} of tenant {tenant_id!r}")
     if cli.json_output:
         emit_json([to_data(entry) for entry in entries])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 import sys
 import unicodedata
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from keyledger.cli.root import CliContext
 from keyledger.models import Secret
+from keyledger.validation import DEFAULT_IGNORABLE_SHOWN_AS_NOTHING
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,19 +89,25 @@ def shown(value: str) -> str:
     and a backslash doubled, so that no two names show alike. Names stored by releases
     before 0.12 can hold such characters, and in a table a direction override would
     reorder the rest of its row (CVE-2021-42574)."""
-    if value.isprintable() and "\\" not in value:
+    if value.isprintable() and "\\" not in value and _SHOWN_AS_NOTHING.search(value) is None:
         return value
-    return "".join("\\\\" if c == "\\" else c if c.isprintable() else _escaped(c) for c in value)
+    return "".join("\\\\" if c == "\\" else c if _plain(c) else _escaped(c) for c in value)
+
+
+# Printable to str.isprintable(), yet shown as nothing (validation.py has the list).
+_SHOWN_AS_NOTHING = re.compile(f"[{DEFAULT_IGNORABLE_SHOWN_AS_NOTHING}]")
+
+
+def _plain(char: str) -> bool:
+    return char.isprintable() and _SHOWN_AS_NOTHING.match(char) is None
 
 
 def shell_word(value: str) -> str:
     """``value`` as one word of a command line to copy: quoted, and with what
     ``shown`` escapes in bash's ``$'...'`` form, so the hint shows what it runs."""
-    if value.isprintable():
+    if value.isprintable() and _SHOWN_AS_NOTHING.search(value) is None:
         return shlex.quote(value)
-    quoted = "".join(
-        _escaped(c) if not c.isprintable() else "\\" + c if c in "\\'" else c for c in value
-    )
+    quoted = "".join(_escaped(c) if not _plain(c) else "\\" + c if c in "\\'" else c for c in value)
     return f"$'{quoted}'"
 
 

@@ -160,7 +160,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             raise StorageError(STORE_CLOSED)
 
     def leave(self) -> None:
-        self._calls.remove(threading.get_ident())
+        try:
+            self._calls.remove(threading.get_ident())
+        except ValueError:  # a call begun before a fork, ending in the child (whose
+            return  # count started afresh): it was never counted here
         if not self._closed or self._calls:
             return
         self._idle.set()
