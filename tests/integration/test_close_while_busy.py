@@ -135,14 +135,18 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def test_a_forked_child_closes_without_waiting_for_its_parents_calls(tmp_path: Path) -> None:
+def _run_forking(script: str, tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", FORKED, str(tmp_path / "forked.db")],
+        [sys.executable, "-c", script, str(tmp_path / "forked.db")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_forked_child_closes_without_waiting_for_its_parents_calls(tmp_path: Path) -> None:
+    _run_forking(FORKED, tmp_path)
 
 
 FORKED_IN_A_CALL = r"""
@@ -170,10 +174,4 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def test_a_call_in_progress_when_its_thread_forks_ends_cleanly_in_the_child(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", FORKED_IN_A_CALL, str(tmp_path / "forked.db")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    _run_forking(FORKED_IN_A_CALL, tmp_path)
