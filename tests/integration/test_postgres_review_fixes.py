@@ -220,3 +220,57 @@ def test_a_rebuilds_switch_waits_for_a_reader_of_the_key_inventory_without_deadl
     assert counted == (1,)
     assert outcome == {"rebuild": None}
     assert [s.name for s in service.list_for_tenant("acme")] == ["s"]
+
+
+def test_a_read_that_overlaps_a_rebuilds_switch_sees_the_read_models_whole(
+    service: SecretService, schema: str
+) -> None:
+    """A drift diagnosis reads the stream, then kl_keys and kl_catalog, in one snapshot.
+    A switch committed between its first statement and its read of kl_keys left it a
+    renamed-in kl_keys with no row visible (false drift). Reads now lock the read models
+    before their snapshot: the switch waits for the diagnosis, which sees the old tables."""
+    for i in range(5):
+        service.store_for_tenant("acme", f"s{i}", "v")
+    service.rotate_key_for_tenant("acme")
+    paused, resume = threading.Event(), threading.Event()
+    real_execute = postgres_store.PgCursor.execute
+
+    def execute(self: Any, statement: str, params: Any = ()) -> Any:
+        done = real_execute(self, statement, params)
+        if (
+            threading.current_thread().name == "diagnosis"
+            and "MAX(originator_version)" in statement
+        ):
+            paused.set()
+            resume.wait(20)
+        return done
+
+    outcome: dict[str, Any] = {}
+
+    def diagnose() -> None:
+        outcome["report"] = service.diagnose_tenant_secret_key_drift("acme")
+
+    def rebuild() -> None:
+        try:
+            outcome["rebuilt"] = service.rebuild_read_models(names=["catalog", "keys"])
+        except BaseException as error:
+            outcome["rebuilt"] = error
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(postgres_store.PgCursor, "execute", execute)
+        diagnosis = threading.Thread(target=diagnose, name="diagnosis")
+        diagnosis.start()
+        assert paused.wait(20)
+        rebuilding = threading.Thread(target=rebuild)
+        rebuilding.start()
+        deadline = time.monotonic() + 20
+        while not _waiting_for_a_lock(schema) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_for_a_lock(schema), "the switch did not wait for the read"
+        resume.set()
+        diagnosis.join(30)
+        rebuilding.join(30)
+
+    assert outcome["report"].ok, outcome["report"].issues
+    assert isinstance(outcome["rebuilt"], int)
+    assert service.diagnose_tenant_secret_key_drift("acme").ok

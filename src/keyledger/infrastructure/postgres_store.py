@@ -180,8 +180,9 @@ class _PostgresSchemaMixin:
         return _Pooled(self)
 
     @contextmanager
-    def _session(self, first: bytes) -> Iterator[Connection[Any]]:
-        """A connection whose ``first`` statement (a BEGIN) succeeded.
+    def _session(self, first: bytes, fallback: bytes | None = None) -> Iterator[Connection[Any]]:
+        """A connection whose ``first`` statement (a BEGIN) succeeded, or, where ``first``
+        met a missing table, its ``fallback``.
 
         A pooled connection the server has dropped fails on its first statement, before
         any work was sent: it is discarded, the pool checks its idle connections, and the
@@ -191,7 +192,13 @@ class _PostgresSchemaMixin:
             stack = ExitStack()
             conn = stack.enter_context(self._connection())
             try:
-                conn.execute(first)
+                try:
+                    conn.execute(first)
+                except psycopg.errors.UndefinedTable:
+                    if fallback is None:
+                        raise
+                    conn.execute(b"ROLLBACK")
+                    conn.execute(fallback)
             except psycopg.OperationalError:
                 broken = conn.closed or conn.broken
                 stack.close()  # a broken connection is discarded by the pool
@@ -862,7 +869,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     @contextmanager
     def reading(self) -> Iterator[PgCursor]:
-        with _translated(), self._session(_BEGIN_READ) as conn:
+        # The read models locked before the snapshot is taken (LOCK takes none): a read
+        # then waits for a rebuild's switch to commit and sees its tables whole, where a
+        # snapshot from before the switch found a renamed-in table with no row visible.
+        # (A read model dropped by hand: read without the lock; its reads fail alone.)
+        with _translated(), self._session(_BEGIN_READ_LOCKED, _BEGIN_READ) as conn:
             try:
                 yield PgCursor(conn.cursor(row_factory=tuple_row))
             finally:
@@ -915,6 +926,10 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
 
 _BEGIN_READ = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# In the order a rebuild's switch locks them (application/read_models.py _SWITCH_ORDER).
+_BEGIN_READ_LOCKED = (
+    _BEGIN_READ + b"; LOCK TABLE kl_keys, kl_catalog, kl_audit IN ACCESS SHARE MODE"
+)
 # A lone read's call, on libpq's prepared-statement interface (see pg_prepared).
 _CREATED_ROW_TYPES = [kind for _, kind in CREATED_ROW_PARAMETERS]
 _STORE_CREATED_CALL = PreparedCall(
