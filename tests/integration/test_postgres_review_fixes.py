@@ -184,6 +184,16 @@ def _waiting_for_a_lock(schema: str) -> bool:
     return bool(row and row[0])
 
 
+def _soon_waiting_for_a_lock(schema: str, seconds: float = 20) -> bool:
+    """Whether a session of ``schema`` waits for a lock within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not _waiting_for_a_lock(schema):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_a_rebuilds_switch_waits_for_a_reader_of_the_key_inventory_without_deadlock(
     service: SecretService, schema: str
 ) -> None:
@@ -206,10 +216,7 @@ def test_a_rebuilds_switch_waits_for_a_reader_of_the_key_inventory_without_deadl
         reader.execute("SELECT count(*) FROM kl_keys").fetchone()
         rebuilding = threading.Thread(target=rebuild)
         rebuilding.start()
-        deadline = time.monotonic() + 20
-        while not _waiting_for_a_lock(schema) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _waiting_for_a_lock(schema), "the switch never waited for the reader"
+        assert _soon_waiting_for_a_lock(schema), "the switch never waited for the reader"
         time.sleep(0.2)
         counted = reader.execute("SELECT count(*) FROM kl_catalog").fetchone()
         reader.commit()
@@ -263,10 +270,7 @@ def test_a_read_that_overlaps_a_rebuilds_switch_sees_the_read_models_whole(
         assert paused.wait(20)
         rebuilding = threading.Thread(target=rebuild)
         rebuilding.start()
-        deadline = time.monotonic() + 20
-        while not _waiting_for_a_lock(schema) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _waiting_for_a_lock(schema), "the switch did not wait for the read"
+        assert _soon_waiting_for_a_lock(schema), "the switch did not wait for the read"
         resume.set()
         diagnosis.join(30)
         rebuilding.join(30)
