@@ -79,7 +79,8 @@ def check_identifier(field: str, value: object) -> str:
     """A tenant id or secret name that may already exist: non-empty, <= 200 chars, no
     control characters, no edge spaces.
 
-    Invisible characters are refused only where a name would be new (``new_identifier``):
+    Invisible characters are refused only where a name would be new
+    (``check_new_identifier``):
     releases before 0.12 accepted them, and the tenants and secrets they made must stay
     reachable (to read, delete, erase and audit them)."""
     if not isinstance(value, str):

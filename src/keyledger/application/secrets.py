@@ -164,13 +164,12 @@ class SecretCommands:
         envelope = data_key.encrypt(name, value)
         # A name not in the cache is presumed new: if it exists after all, appending its
         # version 1 conflicts, and the retry loads it. New names thus cost one transaction.
-        if fresh or not (name.isascii() or is_new_identifier(name)):  # (it must exist)
+        if fresh or not is_new_identifier(name):  # (such a name must exist: see below)
             cached = self.ledger.secret(tenant_id, name, fresh=True)
         else:
             cached = self.ledger.cached_secret(tenant_id, name)
         if cached is None:
-            if not name.isascii():  # (an ASCII name is always a possible new one)
-                check_new_identifier("name", name)
+            check_new_identifier("name", name)
             secret = Secret.create(
                 tenant_id=tenant_id,
                 name=name,
@@ -321,8 +320,7 @@ class SecretCommands:
         anything new (``is_new_identifier``) and names nothing is refused instead
         (``InvalidInput``, nothing written): such names reach the stream only where a
         release before 0.12 made them, never from a mistyped or hostile request."""
-        if not is_new_identifier(name):
-            check_new_identifier("name", name)
+        check_new_identifier("name", name)
         if not is_new_identifier(tenant_id) and self.ledger.keyring(tenant_id) is None:
             check_new_identifier("tenant_id", tenant_id)
 

@@ -127,9 +127,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
         self._closed = False
-        # One item per call using a connection now (see ``enter``): sqlite3 crashes the
-        # process when a connection is closed under a statement another thread is
-        # running. (list.append and list.pop are atomic: no lock on every call.)
+        # The calls using a connection now (see ``enter``): sqlite3 crashes the process
+        # when a connection is closed under a statement another thread is running.
         self._start_afresh()
         _DATASTORES.add(self)
         _create_private(db_name)
@@ -139,13 +138,14 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
         self._writers = threading.local()
-        # _all_writers (set first): every live thread's writer, by the id of its
-        # _ThreadWriter (see thread_writer).
+        # (_all_writers, set first: every live thread's writer, by the id of its
+        # _ThreadWriter; see thread_writer.)
 
     def _start_afresh(self) -> None:
         """No call in progress: a new datastore, or one in a forked child, where the
         threads whose calls were in progress in the parent do not exist."""
-        # The ident of each thread in a call that uses a connection (see ``enter``).
+        # The ident of each thread in a call that uses a connection (see ``enter``;
+        # list.append and list.remove are atomic: no lock on every call).
         self._calls: list[int] = []
         self._closing_lock = threading.Lock()
         self._idle = threading.Event()
