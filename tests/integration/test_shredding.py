@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +27,7 @@ from psycopg import sql
 from conftest import POSTGRES_URL, RUN_ID, MakeService, own_schema
 from keyledger import DecryptionFailed, SecretService, ShredIncomplete, StorageError
 from keyledger.cli import main
-from keyledger.infrastructure import sqlite_store
+from keyledger.infrastructure import unit_writer
 from keyledger.infrastructure.settings import KeyledgerSettings
 
 
@@ -119,7 +119,7 @@ def test_a_reader_holding_an_old_sqlite_snapshot_makes_the_shred_incomplete(
     make_service: MakeService, monkeypatch: pytest.MonkeyPatch, master_key: str
 ) -> None:
     """Until ``keyledger db shred`` runs once the reader has gone."""
-    monkeypatch.setattr(sqlite_store, "SHRED_PATIENCE_SECONDS", 0.2)
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 0.2)
     service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=1))
     service.store_for_tenant("doomed", "s", "v")
     service.store_for_tenant("kept", "s", "v")
@@ -246,7 +246,7 @@ def test_a_shred_waiting_for_a_reader_lets_writers_go_on(
 ) -> None:
     """Each checkpoint try runs without a busy handler: between tries the write lock is
     free, so a writer with a short lock timeout is not starved by a waiting shred."""
-    monkeypatch.setattr(sqlite_store, "SHRED_PATIENCE_SECONDS", 3.0)
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 3.0)
     eraser = make_service()  # the default 30 s lock timeout: no bound on its own waits
     writer = make_service(settings=KeyledgerSettings(lock_timeout_seconds=1))
     eraser.store_for_tenant("doomed", "s", "v")
@@ -280,10 +280,12 @@ def test_a_shred_waiting_for_a_reader_lets_writers_go_on(
 @pytest.mark.postgres
 @pytest.mark.parametrize("on_disk", ["postgres"], indirect=True)
 def test_a_snapshot_open_elsewhere_makes_the_postgresql_shred_incomplete(
-    service: SecretService, master_key: str
+    service: SecretService, master_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """VACUUM FULL copies row versions that an open snapshot may still see into the new
-    file; its VERBOSE report says so, and keyledger raises instead of claiming success."""
+    file; its VERBOSE report says so, and keyledger raises instead of claiming success
+    once its patience is over."""
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 0.2)
     service.store_for_tenant("doomed", "s", "v")
     service.store_for_tenant("kept", "s", "v")
     doomed = wrapped_material(service, "doomed")
@@ -299,6 +301,54 @@ def test_a_snapshot_open_elsewhere_makes_the_postgresql_shred_incomplete(
         other.execute("ROLLBACK")
     service.shred_key_material()
     assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+
+
+@pytest.mark.parametrize(
+    "on_disk", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_snapshot_that_ends_while_the_shred_waits_lets_it_finish(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's short read overlapping the erasure is the common case (a busy
+    store always has one): the shred tries again while it lasts, on both stores."""
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 10.0)
+    service.store_for_tenant("doomed", "s", "v")
+    service.store_for_tenant("kept", "s", "v")
+    doomed = wrapped_material(service, "doomed")
+    end_snapshot = open_snapshot(service)
+    timer = threading.Timer(0.5, end_snapshot)
+    timer.start()
+    try:
+        service.erase_tenant("doomed", confirm=True)  # no ShredIncomplete
+    finally:
+        timer.join()
+    assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+    assert service.retrieve_for_tenant("kept", "s").value == "v"
+
+
+def open_snapshot(service: SecretService) -> Callable[[], None]:
+    """A transaction of another connection holding a snapshot taken now (it sees the key
+    material as it is); the returned function ends it."""
+    schema = service._ledger.env.get("POSTGRES_SCHEMA")
+    if schema:
+        pg = psycopg.connect(POSTGRES_URL, autocommit=True)
+        pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        pg.execute("SELECT 1").fetchone()
+
+        def end_pg() -> None:
+            pg.execute("ROLLBACK")
+            pg.close()
+
+        return end_pg
+    lite = sqlite3.connect(str(service._ledger.env.get("SQLITE_DBNAME")), check_same_thread=False)
+    lite.execute("BEGIN")
+    lite.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
+
+    def end_sqlite() -> None:
+        lite.rollback()
+        lite.close()
+
+    return end_sqlite
 
 
 @pytest.mark.postgres

@@ -43,6 +43,7 @@ from psycopg_pool import PoolClosed
 
 from keyledger.domain.secret import Secret
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
+from keyledger.infrastructure import unit_writer
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -810,8 +811,28 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         a role that does not own the table gets a mere notice ("skipping"), and no new
         file; and row versions that a snapshot open elsewhere may still see are copied
         into the new file (its VERBOSE report: "N dead row versions cannot be removed
-        yet"). Either is ``ShredIncomplete``.
+        yet"). Either is ``ShredIncomplete``. Such a snapshot is most often a short read
+        of another process: the rewrite is tried again for a while
+        (``SHRED_PATIENCE_SECONDS``, as on SQLite), each try holding the table's lock
+        only for its own rewrite, so readers and writers go on between tries.
         """
+        deadline = time.monotonic() + unit_writer.SHRED_PATIENCE_SECONDS
+        while True:
+            kept = self._vacuum_key_material()
+            if not kept:
+                return
+            if time.monotonic() >= deadline:
+                raise ShredIncomplete(
+                    "the operation is done, but a transaction open elsewhere may still "
+                    "see the key material it deleted or replaced, so VACUUM FULL kept "
+                    "those rows in kl_key_material's new file: run `keyledger db shred` "
+                    "once long transactions have ended"
+                )
+            time.sleep(SHRED_RETRY_SECONDS)
+
+    def _vacuum_key_material(self) -> int:
+        """One ``VACUUM FULL`` of the key-material table: the dead row versions it kept
+        (``ShredIncomplete`` when it was skipped)."""
         filenode = "SELECT pg_relation_filenode('kl_key_material')"
         kept: list[int] = []
 
@@ -836,13 +857,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 "or replaced stays in the table's pages until the table's owner runs "
                 "`keyledger db shred` (see docs/postgresql.md, roles)"
             )
-        if any(kept):
-            raise ShredIncomplete(
-                "the operation is done, but a transaction open elsewhere may still see "
-                "the key material it deleted or replaced, so VACUUM FULL kept those rows "
-                "in kl_key_material's new file: run `keyledger db shred` once long "
-                "transactions have ended"
-            )
+        return sum(kept)
 
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append).
@@ -1047,6 +1062,7 @@ class _Translated:
 _translated = _Translated
 
 # VACUUM (FULL, VERBOSE)'s report of rows it had to keep for snapshots still open.
+SHRED_RETRY_SECONDS = 0.05  # between two tries of a shred kept from finishing
 _KEPT_DEAD_ROWS = re.compile(r"(\d+) dead row versions cannot be removed yet")
 
 

@@ -40,6 +40,7 @@ from eventsourcing.sqlite import (
 from eventsourcing.utils import Environment
 
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
+from keyledger.infrastructure import unit_writer
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -74,7 +75,6 @@ def _bind_none_and_bytes_directly() -> None:
 
 
 _bind_none_and_bytes_directly()
-SHRED_PATIENCE_SECONDS = 5.0  # how long a shred waits for readers of older snapshots
 CLOSE_WAIT = 10.0  # how long close() waits for calls in progress before leaving it to them
 T = TypeVar("T")
 
@@ -526,7 +526,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         it is tried again for a while, then ``ShredIncomplete``. Each try runs without a
         busy handler, so it never holds the write lock while it waits: writers go on
         between tries."""
-        deadline = time.monotonic() + SHRED_PATIENCE_SECONDS
+        deadline = time.monotonic() + unit_writer.SHRED_PATIENCE_SECONDS
         with self._datastore.writer() as conn:
             cursor = conn.cursor()
             cursor.execute("PRAGMA busy_timeout")

@@ -115,6 +115,10 @@ def delete_key_material(cur: Cursor, rows: Sequence[tuple[str, int, str | None]]
 # leaves it set, and the next cleanup or rewrap (or `db shred`) shreds, although it has
 # nothing to delete itself.
 SHRED_PENDING = "shred_pending"
+# How long a shred tries again while readers of older snapshots keep it from finishing
+# (SQLite: a reader keeps the WAL from being truncated; PostgreSQL: VACUUM FULL keeps the
+# row versions a snapshot may still see).
+SHRED_PATIENCE_SECONDS = 5.0
 
 
 def note_shred_pending(cur: Cursor) -> None:
