@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint typecheck test demo bench bench-instructions clean
+.PHONY: venv lint typecheck test test-compat demo bench bench-instructions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/pytest -q
 
+# The newer Pythons keyledger supports, each in a .venv-X.Y of its own (skipped when the
+# interpreter is not installed). CI runs the quick form: the unit tests on 3.12, and on
+# 3.13 everything but the PostgreSQL and slow (multi-process) tests. FULL=1 runs the
+# whole suite on both.
+test-compat:
+ifeq ($(FULL),1)
+	scripts/test-compat.sh python3.12
+	scripts/test-compat.sh python3.13
+else
+	scripts/test-compat.sh python3.12 tests/unit
+	scripts/test-compat.sh python3.13 -m "not postgres and not slow"
+endif
+
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
@@ -37,4 +50,4 @@ bench-instructions: $(STAMP)
 	$(BIN)/python bench/instructions.py --out docs/benchmarks-instructions.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* .mypy_cache .pytest_cache .ruff_cache
