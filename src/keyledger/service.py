@@ -616,8 +616,14 @@ class SecretService(AuditInvestigation):
         limit: int = 100,
         offset: int = 0,
         tenant_id: str | None = None,
+        before_position: int | None = None,
     ) -> builtins.list[AuditEntry]:
-        """Audit entries, newest first; ``tenant_id`` (or all tenants) only in super_admin()."""
+        """Audit entries, newest first; ``tenant_id`` (or all tenants) only in super_admin().
+
+        ``before_position``: only entries before that stream position. Paging with it (the
+        last entry's ``position`` of one page for the next) is stable while entries are
+        appended, where ``offset`` pages shift by every entry added since the first page.
+        """
         if is_super_admin():
             scope_tenant = None if tenant_id is None else check_identifier("tenant_id", tenant_id)
         else:
@@ -638,6 +644,7 @@ class SecretService(AuditInvestigation):
             until=check_aware("until", until),
             limit=check_count("limit", limit) or 0,
             offset=check_count("offset", offset) or 0,
+            before_position=check_count("before_position", before_position, allow_none=True),
         )
 
     # -- operator tools -------------------------------------------------------------------

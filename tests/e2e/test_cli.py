@@ -444,6 +444,8 @@ def test_audit_log_filters() -> None:
     assert [e["action"] for e in audit("acme", "--user-id", "bob")] == ["read"]
     assert [e["action"] for e in audit("acme", "--action", "create_key")] == ["create_key"]
     assert len(audit("acme", "--limit", "1", "--offset", "1")) == 1
+    newest, *older = audit("acme")
+    assert audit("acme", "--before-position", str(newest["position"])) == older
     assert audit("acme", "--since", "2999-01-01T00:00:00Z") == []
     assert audit("acme", "--until", "2000-01-01T00:00:00+00:00") == []
     assert {e["tenant_id"] for e in audit("acme")} == {"acme"}
@@ -456,6 +458,7 @@ def test_audit_log_filters() -> None:
         (("--action", "bogus"), "--action"),
         (("--result", "maybe"), "--result"),
         (("--limit", "-1"), "--limit"),
+        (("--before-position", "-1"), "--before-position"),
     ],
 )
 def test_bad_audit_filters_are_usage_errors(options: tuple[str, ...], fragment: str) -> None:

@@ -340,6 +340,35 @@ def test_limit_and_offset_page_through_the_log(busy: SecretService) -> None:
     assert busy.get_audit_logs(offset=len(everything)) == []
 
 
+def test_pages_by_position_do_not_shift_while_entries_are_added(busy: SecretService) -> None:
+    """Each page starts before the last position of the one before; reads recorded
+    between two pages (newest first, so at the top) move no entry into a later page."""
+    everything = busy.get_audit_logs()
+    pages: list[list[AuditEntry]] = []
+    before: int | None = None
+    while True:
+        page = busy.get_audit_logs(limit=2, before_position=before, secret_name="a")
+        if not page:
+            break
+        pages.append(page)
+        before = page[-1].position
+        busy.retrieve("a")  # a new entry of the filtered secret, newer than every page
+
+    paged = [entry for page in pages for entry in page]
+    assert paged == [e for e in everything if e.secret_name == "a"]
+    assert len({e.position for e in paged}) == len(paged)
+    assert busy.get_audit_logs(before_position=everything[-1].position) == []
+    assert busy.get_audit_logs(before_position=0) == []
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_a_before_position_that_is_not_a_position_is_invalid_input(
+    acme: SecretService, bad: object
+) -> None:
+    with pytest.raises(InvalidInput, match="before_position"):
+        acme.get_audit_logs(before_position=bad)  # type: ignore[arg-type]
+
+
 def test_the_default_limit_is_one_hundred_entries(acme: SecretService) -> None:
     acme.store("token", "v")
     for _ in range(105):

@@ -134,6 +134,7 @@ class Queries:
         limit: int,
         offset: int,
         ascending: bool = False,
+        before_position: int | None = None,
     ) -> list[AuditEntry]:
         filters = {
             "tenant_id=:tenant": tenant_id,
@@ -143,6 +144,7 @@ class Queries:
             "user_id=:user": user_id,
             "timestamp>=:since": since,
             "timestamp<:until": until,
+            "position<:before": before_position,
         }
         catch_up_audit(self.ledger)
         where = [clause for clause, value in filters.items() if value is not None]
@@ -160,6 +162,7 @@ class Queries:
             "user": user_id,
             "since": None if since is None else to_micros(since),
             "until": None if until is None else to_micros(until),
+            "before": before_position,
             "limit": limit,
             "offset": offset,
         }

@@ -81,6 +81,12 @@ def emit_csv(entries: list[AuditEntry]) -> None:
 @click.option("--until", type=AWARE_DATETIME, help="Before this time (exclusive), ISO 8601.")
 @click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--before-position",
+    type=click.IntRange(min=0),
+    help="Only entries before this stream position: the last POSITION of a page gives "
+    "the next page, which does not shift as entries are added (--offset pages do).",
+)
 @click.option("--csv", "csv_output", is_flag=True, help="CSV with a header row (not with --json).")
 @json_option
 @pass_cli
@@ -96,6 +102,7 @@ def log(
     until: datetime | None,
     limit: int,
     offset: int,
+    before_position: int | None,
     csv_output: bool,
 ) -> None:
     """Show the audit entries of TENANT, or of every tenant, newest first."""
@@ -115,6 +122,7 @@ def log(
             until=until,
             limit=limit,
             offset=offset,
+            before_position=before_position,
         )
     if csv_output:
         emit_csv(entries)
