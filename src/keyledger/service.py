@@ -228,8 +228,13 @@ class SecretService(AuditInvestigation):
         include_expired: bool = False,
         limit: int | None = None,
         offset: int = 0,
+        after_name: str | None = None,
     ) -> builtins.list[SecretInfo]:
-        """Secrets of the tenant by name, never values; expired ones filtered before paging."""
+        """Secrets of the tenant by name, never values; expired ones filtered before paging.
+
+        ``after_name``: only names after it (by code point). Paging with it (the last
+        name of one page for the next) is stable while secrets are stored and deleted,
+        where ``offset`` pages shift."""
         tenant_id, _ = self._scope()
         return self.list_for_tenant(
             tenant_id,
@@ -238,6 +243,7 @@ class SecretService(AuditInvestigation):
             include_expired=include_expired,
             limit=limit,
             offset=offset,
+            after_name=after_name,
         )
 
     def list_for_tenant(
@@ -249,6 +255,7 @@ class SecretService(AuditInvestigation):
         include_expired: bool = False,
         limit: int | None = None,
         offset: int = 0,
+        after_name: str | None = None,
     ) -> builtins.list[SecretInfo]:
         """``list`` for an explicit tenant."""
         tenant_id = check_identifier("tenant_id", tenant_id)
@@ -264,6 +271,7 @@ class SecretService(AuditInvestigation):
             statuses=sorted(statuses),
             limit=check_count("limit", limit, allow_none=True),
             offset=check_count("offset", offset) or 0,
+            after_name=None if after_name is None else check_identifier("after_name", after_name),
         )
 
     def exists(self, name: str) -> bool:

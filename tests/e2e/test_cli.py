@@ -248,6 +248,7 @@ def catalog() -> None:
         (("--include-expired",), ["a", "c", "d"]),
         (("--category", "api", "--status", "all"), ["a", "c", "d"]),
         (("--status", "all", "--limit", "2", "--offset", "1"), ["b", "c"]),
+        (("--status", "all", "--limit", "2", "--after", "a"), ["b", "c"]),
     ],
 )
 def test_list_filters_and_pages(options: tuple[str, ...], expected: list[str]) -> None:

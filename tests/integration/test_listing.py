@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from keyledger import SecretInfo, SecretService, tenant
+from keyledger import InvalidInput, SecretInfo, SecretService, tenant
 
 NOW = datetime.now(UTC)
 LAST_YEAR = NOW - timedelta(days=365)
@@ -112,6 +112,31 @@ def test_list_pages_with_limit_and_offset(acme: SecretService) -> None:
     assert pages == [["s0", "s1", "s2"], ["s3", "s4", "s5"], ["s6"], []]
     assert names(acme.list(offset=5)) == ["s5", "s6"]
     assert acme.list(limit=0) == []
+
+
+def test_pages_after_a_name_do_not_shift_while_secrets_come_and_go(acme: SecretService) -> None:
+    """Each page starts after the last name of the one before: secrets stored or deleted
+    before it between two pages move nothing into or out of a later page."""
+    for i in range(7):
+        acme.store(f"s{i}", "v")
+    pages: list[list[str]] = []
+    after: str | None = None
+    while page := names(acme.list(limit=3, after_name=after)):
+        pages.append(page)
+        after = page[-1]
+        acme.store(f"a{len(pages)}", "v")  # sorts before every page
+        acme.delete("s0")
+
+    assert pages == [["s0", "s1", "s2"], ["s3", "s4", "s5"], ["s6"]]
+    assert names(acme.list(after_name="s6")) == []
+    assert names(acme.list(after_name="b", limit=1)) == ["s1"]  # any name, not only listed ones
+
+
+def test_after_name_is_checked_like_a_name(acme: SecretService) -> None:
+    with pytest.raises(InvalidInput, match="after_name"):
+        acme.list(after_name="")
+    with pytest.raises(InvalidInput, match="after_name"):
+        acme.list(after_name=3)  # type: ignore[arg-type]
 
 
 def test_expired_secrets_are_filtered_before_paging_not_after(acme: SecretService) -> None:

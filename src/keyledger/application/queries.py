@@ -60,11 +60,14 @@ class Queries:
         statuses: Sequence[str],
         limit: int | None,
         offset: int,
+        after_name: str | None = None,
     ) -> list[SecretInfo]:
         now = self.ledger.clock()
         where = ["tenant_id=:tenant", "deleted=0"]
         if category is not None:
             where.append("category=:category")
+        if after_name is not None:
+            where.append("name>:after")
         where.append("(" + " OR ".join(_STATUS_CONDITIONS[s] for s in statuses) + ")")
         sql = (
             f"SELECT {_CATALOG_COLUMNS} FROM kl_catalog WHERE {' AND '.join(where)} "
@@ -73,6 +76,7 @@ class Queries:
         params = {
             "tenant": tenant_id,
             "category": category,
+            "after": after_name,
             "now": to_micros(now),
             "limit": NO_LIMIT if limit is None else limit,
             "offset": offset,

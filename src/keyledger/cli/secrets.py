@@ -209,6 +209,13 @@ def list_row(info: SecretInfo) -> tuple[str, ...]:
 @click.option("--include-expired", is_flag=True, help="Add expired secrets to the listing.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most this many.")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--after",
+    "after_name",
+    metavar="NAME",
+    help="Only names after NAME: the last name of a page gives the next, which does not "
+    "shift as secrets are stored or deleted (--offset pages do).",
+)
 @json_option
 @pass_cli
 def list_secrets(
@@ -219,6 +226,7 @@ def list_secrets(
     include_expired: bool,
     limit: int | None,
     offset: int,
+    after_name: str | None,
 ) -> None:
     """List the secrets of TENANT by name (never their values)."""
     infos = cli.service.list_for_tenant(
@@ -228,6 +236,7 @@ def list_secrets(
         include_expired=include_expired or status == "all",
         limit=limit,
         offset=offset,
+        after_name=after_name,
     )
     if cli.json_output:
         emit_json([to_data(info) for info in infos])
