@@ -83,6 +83,11 @@ def current_scope() -> TenantScope:
     return scope
 
 
+def current_scope_or_none() -> TenantScope | None:
+    """The ambient tenant scope, if any."""
+    return _scope.get()
+
+
 def is_super_admin() -> bool:
     """True inside ``super_admin()``."""
     return _super_admin.get()

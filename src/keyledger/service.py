@@ -25,7 +25,13 @@ from keyledger.application.repair import repair
 from keyledger.application.schema_check import SchemaStatus, check_schema
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
-from keyledger.context import Actor, current_scope, is_super_admin, make_actor
+from keyledger.context import (
+    Actor,
+    current_scope,
+    current_scope_or_none,
+    is_super_admin,
+    make_actor,
+)
 from keyledger.errors import InvalidInput, InvalidMasterKey
 from keyledger.infrastructure.settings import KeyledgerSettings, load_settings
 from keyledger.investigation import AuditInvestigation
@@ -571,11 +577,15 @@ class SecretService(AuditInvestigation):
         user_agent: str | None = None,
     ) -> builtins.list[TenantKeyInfo]:
         """Rotate every due key version of ``keys_due``'s scope (all tenants inside
-        super_admin())."""
-        make_actor(user_id, ip_address, user_agent)  # checked before the first rotation
+        super_admin()). Without an actor given, the rotations are recorded with the
+        ambient ``tenant(...)`` block's actor, if there is one, as every call that takes
+        its tenant from there is."""
+        explicit = make_actor(user_id, ip_address, user_agent)  # checked before any rotation
+        ambient = current_scope_or_none()
+        if user_id is None and ip_address is None and user_agent is None and ambient is not None:
+            explicit = ambient.actor
         due = self.keys_due(tenant_id)
-        actor = {"user_id": user_id, "ip_address": ip_address, "user_agent": user_agent}
-        rotated = (self.rotate_due_key(key, **actor) for key in due)
+        rotated = (self._keys.rotate_from(key.tenant_id, key.version, explicit) for key in due)
         return [info for info in rotated if info is not None]
 
     def rotate_due_key(

@@ -181,6 +181,7 @@ def test_db_init_creates_everything_is_safe_to_run_twice_and_check_then_passes(
         "present": True,
         "missing": [],
         "append_only_enforced": True,
+        "warnings": [],
         "ok": True,
     }
 

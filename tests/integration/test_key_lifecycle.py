@@ -613,6 +613,24 @@ def test_keys_due_is_scoped_like_the_key_inventory(make_service: MakeService) ->
     assert statuses(service, ACME) == {1: "active"}
 
 
+def test_rotate_due_keys_records_the_ambient_actor_unless_one_is_given(
+    make_service: MakeService,
+) -> None:
+    """Like every call that takes its tenant from tenant(...): its actor too."""
+    service = make_service(settings=KeyledgerSettings(key_max_age_days=1e-9))
+    service.store_for_tenant(ACME, "a", "a")
+    service.store_for_tenant(GLOBEX, "g", "g")
+
+    with tenant(ACME, user_id="alice", ip_address="203.0.113.7"):
+        service.rotate_due_keys()
+    with tenant(GLOBEX, user_id="alice"):
+        service.rotate_due_keys(user_id="policy")
+
+    (acme,) = audit(service, ACME, action="rotate_key")
+    assert (acme.user_id, acme.ip_address) == ("alice", "203.0.113.7")
+    assert [e.user_id for e in audit(service, GLOBEX, action="rotate_key")] == ["policy"]
+
+
 def test_a_key_is_due_after_the_encryption_budget_and_rotate_due_rotates_only_those(
     make_service: MakeService,
 ) -> None:

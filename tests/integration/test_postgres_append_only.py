@@ -182,3 +182,48 @@ def test_schema_init_reinstalls_a_dropped_append_only_guard(
         with pytest.raises(psycopg.Error, match="append-only"):
             raw.execute(_tamper(schema, statement))
     assert _rows(raw, schema) == before
+
+
+# -- functions and operators planted in the schema (search_path hijacking) -----------------
+
+# Built-ins with polymorphic arguments lose to a function of the exact argument types in any
+# schema on the search path; these traps would run in place of the server functions' calls
+# (a role that may create objects in the schema could plant them, running its code with the
+# rights of whoever calls keyledger's functions, its table owner included).
+TRAPS = (
+    "CREATE FUNCTION {s}.kl_trap_step(bigint[], bigint) RETURNS bigint[] LANGUAGE plpgsql "
+    "AS $$ BEGIN RAISE EXCEPTION 'planted array_agg ran'; END $$",
+    "CREATE AGGREGATE {s}.array_agg(bigint) (SFUNC = {s}.kl_trap_step, STYPE = bigint[])",
+    "CREATE FUNCTION {s}.cardinality(uuid[]) RETURNS integer LANGUAGE plpgsql "
+    "AS $$ BEGIN RAISE EXCEPTION 'planted cardinality ran'; END $$",
+    "CREATE FUNCTION {s}.array_append(bigint[], bigint) RETURNS bigint[] LANGUAGE plpgsql "
+    "AS $$ BEGIN RAISE EXCEPTION 'planted array_append ran'; END $$",
+)
+
+
+def test_functions_planted_in_the_schema_do_not_run_in_keyledgers_server_functions(
+    service: SecretService, raw: psycopg.Connection[Any], schema: str
+) -> None:
+    for trap in TRAPS:
+        raw.execute(sql.SQL(trap).format(s=sql.Identifier(schema)))
+
+    service.rotate_key_for_tenant("tenant-a")  # a unit of several events: kl_append_unit_v1
+    service.store_for_tenant("tenant-a", "api-key", "value-a3")
+    assert service.retrieve_for_tenant("tenant-a", "api-key").value == "value-a3"
+    with super_admin():
+        assert [k.version for k in service.list_keys("tenant-a")] == [1, 2]
+
+
+def test_schema_check_warns_when_other_roles_may_create_objects_in_the_schema(
+    service: SecretService, raw: psycopg.Connection[Any], schema: str
+) -> None:
+    assert service.check_schema().warnings == []
+
+    raw.execute(sql.SQL("GRANT CREATE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(schema)))
+    status = service.check_schema()
+
+    assert status.ok  # a warning: the schema is complete
+    (warning,) = status.warnings
+    assert f"schema {schema!r} (PUBLIC)" in warning
+    raw.execute(sql.SQL("REVOKE CREATE ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(schema)))
+    assert service.check_schema().warnings == []

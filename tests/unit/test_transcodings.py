@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -95,19 +97,29 @@ def test_threads_encoding_one_shared_state_at_once_all_succeed() -> None:
 
 
 class MarkedTranscoder(JSONTranscoder):
-    """A transcoder named by TRANSCODER_TOPIC (test_a_transcoder_topic_is_honoured)."""
+    """A transcoder the process environment names (test_the_process_environment_...)."""
 
 
-def test_a_transcoder_topic_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The library's TRANSCODER_TOPIC still chooses the transcoder; only its default, the
-    plain JSON transcoder, is replaced by the one with a reused encoder."""
+def test_the_process_environment_does_not_choose_the_store_or_its_format(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The library reads its settings from the process environment too, its own names
+    and keyledger-prefixed ones, ahead of what keyledger passes: the database URL names
+    the store, and events are stored one way."""
     from keyledger import SecretService
 
-    with SecretService.create("memory:", master_key="ab" * 32) as service:
-        assert type(service._ledger.mapper.transcoder) is ReusedEncoderTranscoder
+    monkeypatch.setenv("KEYLEDGER_SQLITE_DBNAME", str(tmp_path / "elsewhere.db"))
+    monkeypatch.setenv("SQLITE_DBNAME", str(tmp_path / "elsewhere2.db"))
     monkeypatch.setenv("TRANSCODER_TOPIC", f"{__name__}:MarkedTranscoder")
-    with SecretService.create("memory:", master_key="ab" * 32) as service:
-        transcoder = service._ledger.mapper.transcoder
-        assert type(transcoder) is MarkedTranscoder
-        service.store_for_tenant("t", "n", "v")  # its transcodings are registered
+    monkeypatch.setenv("COMPRESSOR_TOPIC", "zlib")
+    named = tmp_path / "named.db"
+    with SecretService.create(f"sqlite:///{named}", master_key="ab" * 32) as service:
+        assert type(service._ledger.mapper.transcoder) is ReusedEncoderTranscoder
+        service.store_for_tenant("t", "n", "v")
         assert service.retrieve_for_tenant("t", "n").value == "v"
+
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["named.db"]
+    with sqlite3.connect(named) as conn:
+        states = [bytes(row[0]) for row in conn.execute("SELECT state FROM stored_events")]
+    assert states
+    assert all(state.startswith(b'{"timestamp":') for state in states)  # JSON, uncompressed

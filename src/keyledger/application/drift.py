@@ -15,7 +15,7 @@ from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import audit_lag, audit_position
 from keyledger.domain.ids import keyring_id
 from keyledger.errors import DecryptionFailed
-from keyledger.infrastructure.crypto import DataKey
+from keyledger.infrastructure.crypto import DataKey, stored_wrapped
 from keyledger.models import DriftIssue, DriftReport
 
 NONE = "none"
@@ -93,7 +93,8 @@ class Diagnosis:
                 (self.tenant_id,),
             )
             self.material = [
-                MaterialRow(row[0], row[1], row[2], bytes(row[3])) for row in cur.fetchall()
+                MaterialRow(row[0], row[1], row[2], stored_wrapped(row[3]))
+                for row in cur.fetchall()
             ]
             cur.execute(
                 "SELECT name, key_version, envelope_version, version FROM kl_catalog "

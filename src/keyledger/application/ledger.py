@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, EventSourcingError
 from eventsourcing.persistence import (
     ConnectionPoolClosedError,
     IntegrityError,
@@ -30,6 +30,7 @@ from eventsourcing.persistence import (
     PersistenceError,
     Transcoder,
 )
+from eventsourcing.utils import Environment, EnvType, TopicError
 
 from keyledger.application.auto_seal import BackgroundSealer
 from keyledger.application.caches import ExpiringCache, LRUCache
@@ -41,6 +42,7 @@ from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import (
     STORE_CLOSED,
+    AuditTampered,
     DecryptionFailed,
     KeyledgerError,
     MasterKeyUnavailable,
@@ -48,7 +50,13 @@ from keyledger.errors import (
     StorageError,
 )
 from keyledger.infrastructure.audit_keys import AuditKey
-from keyledger.infrastructure.crypto import DataKey, MasterKey, MasterKeyring, generate_data_key
+from keyledger.infrastructure.crypto import (
+    DataKey,
+    MasterKey,
+    MasterKeyring,
+    generate_data_key,
+    stored_wrapped,
+)
 from keyledger.infrastructure.event_tags import TaggingMapper
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
@@ -88,6 +96,22 @@ def _secret_weight(secret: Secret) -> int:
     for key, value in secret.metadata.items():
         weight += len(key) + len(value)
     return weight
+
+
+# What replaying stored events raises when their rows were altered, deleted or reordered:
+# the library's decoding and version errors (``EventSourcingError``, ``TopicError``), and
+# the domain's ``apply`` methods meeting events they cannot follow (a topic swapped for
+# another aggregate's event, a version the keyring never had).
+UNREPLAYABLE = (
+    EventSourcingError,
+    TopicError,
+    AssertionError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
 
 
 class Ledger(Application[UUID]):
@@ -146,6 +170,18 @@ class Ledger(Application[UUID]):
         self._data_keys_lock = threading.Lock()
         self._data_keys_generation = 0  # bumped by forget_data_keys (see data_key)
 
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        """The library's environment without the process environment merged in: the
+        store is what the database URL and keyledger's settings say. The library would
+        let ``KEYLEDGER_SQLITE_DBNAME``, ``KEYLEDGER_POSTGRES_SCHEMA`` (unchecked) and its
+        other variables override them, and ``COMPRESSOR_TOPIC`` or ``CIPHER_TOPIC`` change
+        how events are stored, silently (found by review)."""
+        settings = dict(type(self).env)
+        if type(self).is_snapshotting_enabled or type(self).snapshotting_intervals:
+            settings["IS_SNAPSHOTTING_ENABLED"] = "y"
+        settings.update(env or {})
+        return Environment(name, settings)
+
     def construct_mapper(self) -> Mapper[UUID]:
         """The library's mapper, tagging every event with the audit key (event_tags)."""
         return TaggingMapper(
@@ -153,8 +189,8 @@ class Ledger(Application[UUID]):
         )
 
     def construct_transcoder(self) -> Transcoder:
-        """The library's transcoder (TRANSCODER_TOPIC may name another); its default, the
-        JSON transcoder, with its encoder built once (``ReusedEncoderTranscoder``)."""
+        """The library's JSON transcoder, with its encoder built once
+        (``ReusedEncoderTranscoder``)."""
         transcoder = self.factory.transcoder()
         if type(transcoder) is JSONTranscoder:
             transcoder = ReusedEncoderTranscoder()
@@ -191,6 +227,13 @@ class Ledger(Application[UUID]):
                 raise StorageError(STORE_CLOSED) from None
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise StorageError(f"cannot load from the store: {reason}") from None
+        except KeyledgerError:
+            raise
+        except UNREPLAYABLE:  # the stored events were altered (see event_shapes)
+            raise AuditTampered(
+                f"the stored events of aggregate {aggregate_id} cannot be replayed: some "
+                "were altered, deleted or reordered; run `keyledger audit verify`"
+            ) from None
 
     def secret(self, tenant_id: str, name: str, *, fresh: bool = False) -> Secret | None:
         """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
@@ -501,7 +544,7 @@ class Ledger(Application[UUID]):
                 (tenant_id, version, key_id),
             )
             row = cur.fetchone()
-        return None if row is None else (row[0], bytes(row[1]))
+        return None if row is None else (row[0], stored_wrapped(row[1]))
 
     # -- reading the read models ----------------------------------------------------------
 

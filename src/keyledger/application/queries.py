@@ -10,6 +10,7 @@ from typing import Any
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.secret import effective_status
+from keyledger.infrastructure.crypto import stored_wrapped
 from keyledger.infrastructure.write_unit import KeyMaterialRow
 from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
 from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
@@ -246,7 +247,7 @@ class Queries:
                 (tenant_id, tenant_id),
             )
             return [
-                KeyMaterialRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5])
+                KeyMaterialRow(row[0], row[1], row[2], row[3], stored_wrapped(row[4]), row[5])
                 for row in cur.fetchall()
             ]
 

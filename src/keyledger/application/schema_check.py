@@ -30,6 +30,9 @@ class SchemaStatus(BaseModel):
     present: bool
     missing: list[str]
     append_only_enforced: bool | None  # None: not applicable (SQLite)
+    # What is in place but unsafe (PostgreSQL: a schema other roles may create objects
+    # in); ``ok`` does not depend on it.
+    warnings: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -68,13 +71,41 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
             if postgres and store.events_table_name not in missing
             else (False if postgres else None)
         )
+        warnings = _open_schema_warnings(cur) if postgres else []
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",
         events_table=store.events_table_name,
         present=not missing,
         missing=missing,
         append_only_enforced=append_only,
+        warnings=warnings,
     )
+
+
+def _open_schema_warnings(cur: Any) -> list[str]:
+    """A warning when roles other than the schema's owner may create objects in it (the
+    schema ``public`` before PostgreSQL 15, or a grant): such a role could put there a
+    function or operator that the server functions, or keyledger's statements, would
+    resolve to instead of the built-in one, and run its code with their rights."""
+    cur.execute(
+        "SELECT n.nspname, COALESCE(pg_catalog.string_agg(DISTINCT "
+        "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE r.rolname END, ', '), '') "
+        "FROM pg_catalog.pg_namespace AS n "
+        "CROSS JOIN LATERAL pg_catalog.aclexplode("
+        "COALESCE(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) AS a "
+        "LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = a.grantee "
+        "WHERE n.nspname = pg_catalog.current_schema() AND a.privilege_type = 'CREATE' "
+        "AND a.grantee <> n.nspowner GROUP BY n.nspname"
+    )
+    row = cur.fetchone()
+    if row is None:
+        return []
+    return [
+        f"roles other than its owner may create objects in schema {row[0]!r} ({row[1]}): "
+        "one could shadow a function keyledger uses and run code with its rights; "
+        f"revoke that (REVOKE CREATE ON SCHEMA {row[0]} FROM ...) or give keyledger a "
+        "schema of its own (docs/postgresql.md, roles)"
+    ]
 
 
 def is_legacy_stream(ledger: Ledger) -> bool:

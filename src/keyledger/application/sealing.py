@@ -106,7 +106,10 @@ def checkpoint_digest(key: AuditKey, checkpoint: AuditSeal.Checkpoint) -> bytes:
 def tag_status(keys: AuditKeyring, row: Row, *, independent_only: bool = False) -> TagStatus:
     """Whether ``row`` carries a valid event tag (see ``event_tags``). With
     ``independent_only`` (the chain has moved to KEYLEDGER_AUDIT_KEY), a tag made with a
-    master-key-derived key does not count: it is reported as ``unknown_key``."""
+    master-key-derived key does not count: it is reported as ``unknown_key``. A row whose
+    columns hold no event is a ``mismatch``: never sealed, whatever is accepted."""
+    if row.malformed:
+        return "mismatch"
     body, tag, key_id = split_trailer(row.state)
     if tag is None or key_id is None:
         return "untagged"

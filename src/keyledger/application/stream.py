@@ -16,6 +16,7 @@ from eventsourcing.persistence import StoredEvent
 
 from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
 from keyledger.errors import AuditTampered
+from keyledger.infrastructure.event_shapes import INT64_MAX
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -36,6 +37,9 @@ class Row:
     version: int
     topic: str
     state: bytes
+    # The row's columns do not hold an event (an id, version, topic or state of another
+    # type or out of range: altered by hand); the fields above are then placeholders.
+    malformed: bool = False
 
     def stored(self) -> StoredEvent:
         return StoredEvent(self.originator_id, self.version, self.topic, self.state)
@@ -52,6 +56,8 @@ def undecodable(position: int) -> AuditTampered:
 def decoded(ledger: Ledger, row: Row) -> Any:
     """The domain event stored in ``row`` (``AuditTampered`` when it does not decode:
     investigations read streams that may have been tampered with)."""
+    if row.malformed:
+        raise undecodable(row.position)
     try:
         return ledger.mapper.to_domain_event(row.stored())
     except Exception:  # whatever the library raises on bytes it cannot read
@@ -59,10 +65,25 @@ def decoded(ledger: Ledger, row: Row) -> Any:
 
 
 def _row(raw: Any) -> Row:
-    originator = raw[1]
-    if not isinstance(originator, UUID):  # SQLite stores ids as 32 hex characters
-        originator = UUID(bytes=bytes.fromhex(originator))
-    return Row(int(raw[0]), originator, int(raw[2]), raw[3], bytes(raw[4]))
+    """The row of (position, originator_id, version, topic, state); one whose columns
+    were altered to other types or values out of range is ``malformed`` (the position is
+    the table's key: always an integer)."""
+    position = int(raw[0])
+    originator, version, topic, state = raw[1], raw[2], raw[3], raw[4]
+    try:
+        if not isinstance(originator, UUID):  # SQLite stores ids as 32 hex characters
+            originator = UUID(bytes=bytes.fromhex(originator))
+    except (TypeError, ValueError):
+        originator = None
+    if (
+        originator is None
+        or type(version) is not int
+        or not 0 <= version <= INT64_MAX
+        or type(topic) is not str
+        or not isinstance(state, bytes | bytearray | memoryview)
+    ):
+        return Row(position, UUID(int=0), 0, "", b"", malformed=True)
+    return Row(position, originator, version, topic, bytes(state))
 
 
 def _columns(ledger: Ledger) -> tuple[str, str]:

@@ -265,6 +265,9 @@ class _Verifier:
 
     def check_tail(self, rows: Iterable[Row], versions: dict[UUID, tuple[int, int]]) -> None:
         for row in rows:
+            if row.malformed:
+                self.found("modified", row.position, MALFORMED)
+                continue
             status = tag_status(self.keys, row, independent_only=self.independent_seen)
             if status == "untagged":
                 self.found("untagged", row.position, "an unsealed event without a tag")
@@ -354,6 +357,12 @@ class _Verifier:
                     f"checkpoint {anchored.sequence} differs from its anchored digest",
                     anchored.sequence,
                 )
+
+
+MALFORMED = (
+    "the row's columns hold no event (an id, version, topic or state of another type, "
+    "or out of range): altered in the database"
+)
 
 
 def _tag_at(key: AuditKey, row: Row, position: int) -> bytes:

@@ -76,6 +76,8 @@ def emit_status(status: SchemaStatus) -> None:
     width = max(len(label) for label, _ in lines) + 1
     for label, value in lines:
         click.echo(f"{label + ':':<{width}} {value}")
+    for warning in status.warnings:
+        click.echo(f"Warning: {warning}", err=True)
 
 
 def _not_ready(status: SchemaStatus) -> str:

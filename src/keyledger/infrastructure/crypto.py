@@ -210,6 +210,14 @@ class DataKey:
         return raw.decode() if kind == b"s" else raw
 
 
+def stored_wrapped(value: object) -> bytes:
+    """A wrapped data key as a database row holds it. A value of another type (a restore
+    that wrote the key as hex or base64 text) is no key: empty bytes, which never unwrap,
+    so it fails as undecryptable material does (``DecryptionFailed``, or the drift issue
+    of a key that cannot be unwrapped)."""
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else b""
+
+
 def generate_data_key() -> bytes:
     """A fresh random 256-bit TDEK."""
     return AESGCM.generate_key(bit_length=256)

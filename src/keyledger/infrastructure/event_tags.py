@@ -24,6 +24,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic
 
 from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey
+from keyledger.infrastructure.event_shapes import check_shape
 
 TAG_BYTES = 16
 MAGIC = b"\xffKLT"
@@ -116,4 +117,6 @@ class TaggingMapper(Mapper[Any]):
                 topic=stored_event.topic,
                 state=state[:-TRAILER_BYTES],
             )
-        return super().to_domain_event(stored_event)
+        event = super().to_domain_event(stored_event)
+        check_shape(event)  # (a stored event may have been altered: see event_shapes)
+        return event

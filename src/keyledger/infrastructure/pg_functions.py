@@ -136,10 +136,10 @@ DECLARE
     count_now bigint;
 BEGIN
     LOCK TABLE {table} IN EXCLUSIVE MODE;
-    IF cardinality(ids) <= {SMALL_BATCH} THEN
+    IF pg_catalog.cardinality(ids) <= {SMALL_BATCH} THEN
         -- A few reads: primary-key statements, one per read, planned once per connection,
         -- cost the server less than the joins below (which win for larger batches).
-        FOR k IN 1 .. COALESCE(cardinality(expected_ids), 0) LOOP
+        FOR k IN 1 .. COALESCE(pg_catalog.cardinality(expected_ids), 0) LOOP
             IF COALESCE((SELECT MAX(originator_version) FROM {table}
                          WHERE originator_id = expected_ids[k]), 0) <> expected_versions[k]
             THEN
@@ -150,21 +150,21 @@ BEGIN
         stale := false;
         PERFORM pg_notify('{channel}', '');
         positions := '{{}}';
-        FOR k IN 1 .. COALESCE(cardinality(ids), 0) LOOP
+        FOR k IN 1 .. COALESCE(pg_catalog.cardinality(ids), 0) LOOP
             INSERT INTO {table} (originator_id, originator_version, topic, state)
             VALUES (ids[k], 1, topics[k], states[k]) RETURNING notification_id INTO appended;
-            positions := positions || appended;
+            positions := pg_catalog.array_append(positions, appended);
         END LOOP;
-        FOR k IN 1 .. COALESCE(cardinality(tenants), 0) LOOP
+        FOR k IN 1 .. COALESCE(pg_catalog.cardinality(tenants), 0) LOOP
             UPDATE kl_catalog
             SET access_count = kl_catalog.access_count + counts[k],
                 last_accessed_at = GREATEST(kl_catalog.last_accessed_at, ats[k])
             WHERE kl_catalog.tenant_id = tenants[k] AND kl_catalog.name = names[k]
             RETURNING kl_catalog.access_count INTO count_now;
             IF FOUND THEN
-                counted_tenants := counted_tenants || tenants[k];
-                counted_names := counted_names || names[k];
-                counted := counted || count_now;
+                counted_tenants := pg_catalog.array_append(counted_tenants, tenants[k]);
+                counted_names := pg_catalog.array_append(counted_names, names[k]);
+                counted := pg_catalog.array_append(counted, count_now);
             END IF;
         END LOOP;
         RETURN;
@@ -185,8 +185,9 @@ BEGIN
         ORDER BY u.n
         RETURNING originator_id, notification_id
     )
-    SELECT array_agg(i.notification_id ORDER BY u.n) INTO positions
-    FROM inserted AS i JOIN unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
+    SELECT pg_catalog.array_agg(i.notification_id ORDER BY u.n) INTO positions
+    FROM inserted AS i
+    JOIN pg_catalog.unnest(ids) WITH ORDINALITY AS u(id, n) ON u.id = i.originator_id;
     WITH updated AS (
         UPDATE kl_catalog
         SET access_count = kl_catalog.access_count + v.n,
@@ -195,7 +196,8 @@ BEGIN
         WHERE kl_catalog.tenant_id = v.tenant_id AND kl_catalog.name = v.name
         RETURNING kl_catalog.tenant_id, kl_catalog.name, kl_catalog.access_count
     )
-    SELECT array_agg(tenant_id), array_agg(name), array_agg(access_count)
+    SELECT pg_catalog.array_agg(tenant_id), pg_catalog.array_agg(name),
+        pg_catalog.array_agg(access_count)
     INTO counted_tenants, counted_names, counted FROM updated;
 END
 $fn$"""
@@ -224,7 +226,8 @@ BEGIN
         ORDER BY u.n
         RETURNING notification_id
     )
-    SELECT array_agg(notification_id ORDER BY notification_id) INTO positions FROM inserted;
+    SELECT pg_catalog.array_agg(notification_id ORDER BY notification_id) INTO positions
+    FROM inserted;
     RETURN COALESCE(positions, '{{}}');
 END
 $fn$"""

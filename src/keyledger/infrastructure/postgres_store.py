@@ -43,7 +43,7 @@ from psycopg_pool import PoolClosed
 
 from keyledger.domain.secret import Secret
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
-from keyledger.infrastructure import unit_writer
+from keyledger.infrastructure import pg_fork, unit_writer
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -865,13 +865,22 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         A connection dropped while waiting (the server restarted, an administrator
         terminated it) ends the wait early instead of failing: the pool drops it, and the
         caller's next catch-up, on a fresh connection, finds whatever was appended (or
-        reports the server down)."""
+        reports the server down). The wait is taken in slices of at most
+        ``LISTEN_SLICE_SECONDS``, and ends after the slice in which the store was closed:
+        the connection goes back to the (closed) pool, which closes it, instead of staying
+        open for the rest of an idle wait."""
+        deadline = time.monotonic() + seconds
         with _translated(), self._connection() as conn:
             channel = Identifier(self.channel_name)
             try:
                 conn.execute(SQL("LISTEN ") + channel)
-                for _ in conn.notifies(timeout=seconds, stop_after=1):
-                    break
+                while not self.datastore.pool.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    timeout = min(left, LISTEN_SLICE_SECONDS)
+                    if any(True for _ in conn.notifies(timeout=timeout, stop_after=1)):
+                        break
             except psycopg.OperationalError:
                 if not (conn.closed or conn.broken):
                     raise
@@ -1063,6 +1072,7 @@ _translated = _Translated
 
 # VACUUM (FULL, VERBOSE)'s report of rows it had to keep for snapshots still open.
 SHRED_RETRY_SECONDS = 0.05  # between two tries of a shred kept from finishing
+LISTEN_SLICE_SECONDS = 0.5  # how soon a worker's idle wait notices that the store closed
 _KEPT_DEAD_ROWS = re.compile(r"(\d+) dead row versions cannot be removed yet")
 
 
@@ -1117,3 +1127,4 @@ class KeyledgerPostgresFactory(PostgresFactory):
         kwargs = datastore.pool.kwargs
         assert isinstance(kwargs, dict)
         datastore.pool.kwargs = {**kwargs, "options": options}
+        pg_fork.track(datastore)  # a forked child gets connections of its own (pg_fork)

@@ -29,6 +29,7 @@ from eventsourcing.utils import get_topic
 from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.ids import ActorDict, audit_record_id
 from keyledger.infrastructure.audit_keys import AuditKey
+from keyledger.infrastructure.event_shapes import EventShapeError, is_int64
 from keyledger.infrastructure.event_tags import MAGIC, TRAILER_BYTES, event_tag
 from keyledger.projections.timeutil import to_micros
 
@@ -154,7 +155,7 @@ def decode_read(state: bytes) -> ReadView:
     if state[-len(MAGIC) :] == MAGIC:
         state = state[:-TRAILER_BYTES]
     fields = _decode(state.decode())
-    return ReadView(
+    view = ReadView(
         datetime.fromisoformat(fields["timestamp"]["_data_"]),
         fields["tenant_id"],
         fields["secret_name"],
@@ -162,3 +163,14 @@ def decode_read(state: bytes) -> ReadView:
         fields["key_version"],
         fields["actor"],
     )
+    # The fields of the library's decoding of this event, checked as event_shapes does
+    # (a stored event may have been altered); ``timestamp`` is a datetime already.
+    if not (
+        type(view.tenant_id) is str
+        and type(view.secret_name) is str
+        and is_int64(view.value_version)
+        and is_int64(view.key_version)
+        and type(view.actor) is dict
+    ):
+        raise EventShapeError("a SecretRead whose fields are not what the class declares")
+    return view

@@ -1,0 +1,139 @@
+"""Rows altered in the database give typed errors and findings, never a crash.
+
+Someone with write access to the store (or a bad restore) can change what a row holds: a
+field of an event's JSON renamed or retyped, a column set to another type (SQLite keeps
+whatever it is given), a wrapped data key written back as text. Reads, writes and audit
+queries must then fail with a keyledger error that says what happened (``AuditTampered``,
+``DecryptionFailed``), ``audit verify`` must name the row, and ``audit seal`` must not
+seal it. Found by fuzzing a store's rows; each case here is one of the fuzzer's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import MakeService
+from keyledger import AuditTampered, DecryptionFailed, super_admin, tenant
+from keyledger.cli import main
+
+Tamper = Callable[[str], None]
+
+
+@pytest.fixture
+def backend() -> str:
+    """SQLite only: its columns hold any type, and the test edits its file directly."""
+    return "sqlite"
+
+
+@pytest.fixture
+def tampered(make_service: MakeService) -> tuple[Path, Tamper]:
+    """A store with two secrets of tenant t1 (s1 read once, s2 disabled), closed; and a
+    function running one SQL statement on its file."""
+    service = make_service()
+    service.store_for_tenant("t1", "s1", "value-1")
+    service.retrieve_for_tenant("t1", "s1")
+    service.store_for_tenant("t1", "s2", "value-2")
+    service.disable_for_tenant("t1", "s2")
+    path = Path(str(service._ledger.env.get("SQLITE_DBNAME")))
+    service.close()
+
+    def run(statement: str) -> None:
+        with sqlite3.connect(path) as conn:
+            conn.execute(statement)
+
+    return path, run
+
+
+def event_position(path: Path, topic_end: str) -> int:
+    with sqlite3.connect(path) as conn:
+        row = conn.execute(
+            "SELECT rowid FROM stored_events WHERE topic LIKE ? ORDER BY rowid LIMIT 1",
+            ("%" + topic_end,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_renamed_field_fails_reads_and_audit_queries_as_tampering(
+    tampered: tuple[Path, Tamper], make_service: MakeService
+) -> None:
+    path, run = tampered
+    at = event_position(path, "SecretCreated")
+    run(
+        "UPDATE stored_events SET state = CAST(REPLACE(CAST(state AS TEXT), "
+        f"'\"name\"', '\"namf\"') AS BLOB) WHERE rowid = {at}"
+    )
+    service = make_service()
+
+    with pytest.raises(AuditTampered, match="audit verify"):
+        service.retrieve_for_tenant("t1", "s1")
+    with pytest.raises(AuditTampered, match=f"position {at}"), tenant("t1"):
+        service.get_audit_logs()
+    report = service.verify_audit()
+    assert not report.intact
+    assert (at, "modified") in {(f.position, f.kind) for f in report.findings}
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "originator_version = -1",
+        "originator_version = NULL",
+        "originator_version = 'x'",
+        "originator_version = 9223372036854775807 + 0.5",
+        "originator_id = 'zz'",
+        "originator_id = NULL",
+        "topic = 7",
+        "state = CAST(X'7B7D' AS TEXT)",
+        "state = NULL",
+    ],
+)
+def test_audit_verify_names_a_row_whose_columns_were_retyped(
+    tampered: tuple[Path, Tamper], make_service: MakeService, assignment: str
+) -> None:
+    path, run = tampered
+    at = event_position(path, "SecretRead")
+    run(f"UPDATE stored_events SET {assignment} WHERE rowid = {at}")
+    service = make_service()
+
+    report = service.verify_audit()
+
+    assert (at, "modified") in {(f.position, f.kind) for f in report.findings}
+    sealed = service.seal_audit()
+    assert sealed.stopped_at == at  # never sealed: sealing it would vouch for it
+    with pytest.raises(AuditTampered, match=f"position {at}"), super_admin():
+        list(service.export_audit())
+
+
+def test_the_cli_reports_a_tampered_row_in_one_error_line(
+    tampered: tuple[Path, Tamper], master_key: str
+) -> None:
+    path, run = tampered
+    at = event_position(path, "SecretCreated")
+    run(f"UPDATE stored_events SET state = CAST(X'00' AS BLOB) || state WHERE rowid = {at}")
+    env = {"KEYLEDGER_DATABASE_URL": f"sqlite:///{path}", "KEYLEDGER_MASTER_KEY": master_key}
+
+    for args in (["secrets", "get", "t1", "s1"], ["audit", "log", "t1"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("Error: "), result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_wrapped_key_written_back_as_text_is_undecryptable_material(
+    tampered: tuple[Path, Tamper], make_service: MakeService
+) -> None:
+    _, run = tampered
+    run("UPDATE kl_key_material SET wrapped = hex(wrapped)")
+    service = make_service()
+
+    with pytest.raises(DecryptionFailed):
+        service.retrieve_for_tenant("t1", "s1")
+    report = service.diagnose_tenant_secret_key_drift("t1")
+    assert "active_tenant_encryption_key_unwrap_failed" in {i.code for i in report.issues}

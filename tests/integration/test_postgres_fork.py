@@ -1,0 +1,143 @@
+"""A PostgreSQL service made before ``fork()`` works in the parent and in the child.
+
+Servers that load the application once and fork their workers (gunicorn ``--preload``,
+Celery's prefork pool, ``multiprocessing`` with the fork start method) hand every worker
+the parent's service, and with it the pool's open connections: the same server sessions.
+A child that used them, or merely closed them when it exited, answered the parent's
+queries, broke its prepared statements and ended its sessions; both could hang. The child
+must get connections of its own, and leave the parent's alone.
+
+Each scenario runs in a process of its own with a timeout: the failure it guards against
+is a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import POSTGRES_URL, MakeService, own_schema
+from keyledger import StorageError
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork"),
+]
+
+SCENARIO = textwrap.dedent(
+    """
+    import os, sys, threading
+    import psycopg
+    from keyledger import SecretService
+
+    url, mode = sys.argv[1], sys.argv[2]
+    service = SecretService.create(url, master_key="ab" * 32)
+    for i in range(20):
+        service.store_for_tenant("t", f"p{i}", f"v{i}")
+        service.retrieve_for_tenant("t", f"p{i}")
+
+    def backends():
+        with psycopg.connect(url.split("?")[0], autocommit=True) as conn:
+            return {row[0] for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")}
+
+    def work(tag, errors):
+        for i in range(60):
+            try:
+                service.store_for_tenant("t", f"{tag}{i}", f"w{i}")
+                assert service.retrieve_for_tenant("t", f"{tag}{i}").value == f"w{i}"
+                assert service.retrieve_for_tenant("t", f"p{i % 20}").value == f"v{i % 20}"
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}")
+
+    before = backends()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            errors = []
+            if mode == "both":
+                work("c", errors)
+            service.close()
+            code = 0 if not errors else 2
+            if errors:
+                print("child:", errors[:3], flush=True)
+        finally:
+            os._exit(code)
+    errors = []
+    if mode == "both":
+        work("a", errors)
+    _, status = os.waitpid(pid, 0)
+    after_child = backends()
+    work("b", errors)
+    print("child exit", os.waitstatus_to_exitcode(status))
+    print("parent errors", len(errors), errors[:3])
+    print("parent sessions kept", len(before & after_child), "of", len(before))
+    service.close()
+    """
+)
+
+
+def run_scenario(mode: str) -> str:
+    with own_schema("fork") as schema:
+        result = subprocess.run(
+            [sys.executable, "-c", SCENARIO, f"{POSTGRES_URL}?schema={schema}", mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_parent_and_child_both_use_a_service_made_before_the_fork() -> None:
+    out = run_scenario("both")
+
+    assert "child exit 0" in out, out
+    assert "parent errors 0 []" in out, out
+
+
+def test_a_child_that_exits_leaves_the_parents_sessions_open() -> None:
+    out = run_scenario("exit")
+
+    assert "child exit 0" in out, out
+    assert "parent errors 0 []" in out, out
+    kept = out.split("parent sessions kept ")[1].split()
+    assert kept[0] == kept[2], out
+    assert int(kept[0]) > 0, out
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_close_ends_a_projection_workers_idle_wait_and_its_connection(
+    make_service: MakeService, backend: str
+) -> None:
+    """``close()`` releases the store's connections: the one a worker LISTENs on too,
+    within a slice of its idle wait, not when the wait would have ended."""
+    service = make_service()
+    service.store_for_tenant("t", "s", "v")
+    ended: list[BaseException | None] = []
+
+    def follow() -> None:
+        try:
+            service.follow_read_models(stop=lambda: False, idle_seconds=30.0, seal=False)
+            ended.append(None)
+        except BaseException as error:  # the store closed under it
+            ended.append(error)
+
+    worker = threading.Thread(target=follow)
+    worker.start()
+    time.sleep(1.0)  # caught up: waiting on LISTEN
+    service.close()
+    worker.join(timeout=5)
+
+    assert not worker.is_alive()
+    assert ended != []
+    assert ended[0] is None or isinstance(ended[0], StorageError)
