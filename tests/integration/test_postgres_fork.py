@@ -141,3 +141,23 @@ def test_close_ends_a_projection_workers_idle_wait_and_its_connection(
     assert not worker.is_alive()
     assert ended != []
     assert ended[0] is None or isinstance(ended[0], StorageError)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_opening_and_closing_services_keeps_no_psycopg_type_classes(
+    make_service: MakeService, backend: str
+) -> None:
+    """psycopg caches the classes it makes for each registration of a composite type;
+    the library registered its type for every service opened (13 KB kept per service)."""
+    composite = pytest.importorskip("psycopg.types.composite")
+    cache_info = getattr(composite._make_dumper, "cache_info", None)
+    if cache_info is None:
+        pytest.skip("this psycopg makes its composite dumpers another way")
+    make_service().close()
+    before = cache_info().currsize
+    for _ in range(5):
+        service = make_service(fresh_store=True)
+        service.store_for_tenant("t", "s", "v")
+        service.close()
+
+    assert cache_info().currsize == before

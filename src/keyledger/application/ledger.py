@@ -140,10 +140,12 @@ class Ledger(Application[UUID]):
         self.closed = False  # set by close(): calls then fail with STORE_CLOSED
         try:
             super().__init__(env=env)
-        except PersistenceError as error:
+        except (PersistenceError, StorageError) as error:
             factory = getattr(self, "factory", None)
             if factory is not None:
                 factory.close()  # stop the pool's reconnecting threads
+            if isinstance(error, StorageError):  # (the recorder's schema creation failed)
+                raise
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise StorageError(f"cannot open the store: {reason}") from None
         self.master_keys = master_keys

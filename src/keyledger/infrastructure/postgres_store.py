@@ -241,12 +241,13 @@ class _PostgresSchemaMixin:
                 conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
                 for statement in self.sql_create_statements:
                     # The library's composite types have no IF NOT EXISTS: a savepoint
-                    # absorbs "already exists" (its snapshot recorder adapts rows to them).
+                    # absorbs "already exists".
                     with suppress(psycopg.errors.DuplicateObject), conn.transaction():
                         conn.execute(statement, prepare=False)
                 for text in self.extra_create_statements():
                     conn.execute(text.encode(), prepare=False)
-            self.datastore.register_type_adapters()
+        except (OperationalError, InterfaceError):
+            raise  # no connection (the server down, say): the caller says it cannot open
         except PersistenceError as error:
             raise StorageError(f"PostgreSQL schema creation failed: {error}") from None
 
@@ -1104,6 +1105,10 @@ class _Pooled:
         return None
 
 
+def _no_type_adapters() -> None:
+    """The datastore's ``register_type_adapters``: nothing (see KeyledgerPostgresFactory)."""
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -1128,3 +1133,9 @@ class KeyledgerPostgresFactory(PostgresFactory):
         assert isinstance(kwargs, dict)
         datastore.pool.kwargs = {**kwargs, "options": options}
         pg_fork.track(datastore)  # a forked child gets connections of its own (pg_fork)
+        # The library registers its composite type (stored_event_uuid) with psycopg for
+        # every datastore, and psycopg caches the classes it makes per registration, for
+        # good: 13 KB kept per service ever opened (found by review). Only the library's
+        # database-function inserts use the type, which keyledger replaces; so no
+        # registration (the type itself is still created, as the library's schema has it).
+        vars(datastore)["register_type_adapters"] = _no_type_adapters
