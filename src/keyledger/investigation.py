@@ -48,12 +48,15 @@ class AuditInvestigation:
         tenant_id: str | None = None,
         limit: int | None = None,
         offset: int = 0,
+        after_position: int | None = None,
     ) -> builtins.list[AuditEntry]:
         """Every audit entry of one secret, oldest first: versions stored, reads, denials,
         failures, status changes, re-encryptions, deletion. Tenant-scoped; ``tenant_id``
         only inside ``super_admin()``. ``limit`` and ``offset`` page through a long
         history (a secret read every second for a year has 31 million entries): oldest
-        first, new entries only ever come after the last page, so pages do not shift."""
+        first, new entries only ever come after the last page, so pages do not shift.
+        ``after_position`` (the last entry's position of the page before) reads the next
+        page without counting the ones before it, as ``offset`` does."""
         if tenant_id is not None:
             if not is_super_admin():
                 raise InvalidInput("tenant_id is only accepted inside super_admin()")
@@ -71,6 +74,7 @@ class AuditInvestigation:
             limit=NO_LIMIT if limit is None else check_count("limit", limit) or 0,
             offset=check_count("offset", offset) or 0,
             ascending=True,
+            after_position=check_count("after_position", after_position, allow_none=True),
         )
 
     def state_as_of(

@@ -30,6 +30,7 @@ from conftest import POSTGRES_URL, own_schema
 from keyledger import SecretService
 from keyledger._version import __version__
 from keyledger.application.export import EXPORT_FIELDS
+from keyledger.cli import audit as audit_cli
 from keyledger.cli import main
 
 MASTER_KEY = "5e1d2c3b4a596877" * 4
@@ -333,6 +334,36 @@ def test_trail_is_the_whole_history_of_one_secret_oldest_first() -> None:
     assert column(human, "IP")[1] == "192.0.2.7"
     assert column(human, "USER")[3] == "carol"
     assert set(column(human, "USER-AGENT")) == {f"keyledger-cli/{__version__}"}
+
+
+def test_a_long_trail_is_read_and_written_in_pages_with_the_same_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    put("acme", "db")
+    for _ in range(6):
+        get("acme", "db")
+    whole = as_json("audit", "trail", "acme", "db")
+    human = ok("audit", "trail", "acme", "db").stdout
+    reads: list[int] = []
+    original = SecretService.audit_trail
+
+    def counted(self: SecretService, *args: Any, **kwargs: Any) -> Any:
+        page = original(self, *args, **kwargs)
+        reads.append(len(page))
+        return page
+
+    monkeypatch.setattr(audit_cli, "TRAIL_PAGE", 2)
+    monkeypatch.setattr(SecretService, "audit_trail", counted)
+
+    assert (
+        ok("--json", "audit", "trail", "acme", "db").stdout
+        == json.dumps(whole, indent=2, ensure_ascii=False) + "\n"
+    )
+    assert max(reads) == 2  # never more than a page at a time
+    assert table(ok("audit", "trail", "acme", "db").stdout) == table(human)
+    assert as_json("audit", "trail", "acme", "db", "--offset", "2", "--limit", "3") == whole[2:5]
+    assert as_json("audit", "trail", "acme", "db", "--offset", "6") == whole[6:]
+    assert as_json("audit", "trail", "acme", "db", "--limit", "0") == []
 
 
 def test_trail_of_a_secret_without_entries_is_one_error_line() -> None:

@@ -104,6 +104,23 @@ def test_the_trail_of_a_secret_lists_its_whole_life_oldest_first(service: Secret
     assert timestamps == sorted(timestamps)
 
 
+def test_trail_pages_after_a_position_are_the_trail_in_order(service: SecretService) -> None:
+    service.store_for_tenant("acme", "db", "v")
+    for _ in range(5):
+        service.retrieve_for_tenant("acme", "db")
+    with tenant("acme"):
+        whole = service.audit_trail("db")
+        pages, after = [], None
+        while page := service.audit_trail("db", limit=2, after_position=after):
+            pages.append(page)
+            after = page[-1].position
+        with pytest.raises(InvalidInput, match="after_position"):
+            service.audit_trail("db", after_position=-1)
+
+    assert [len(page) for page in pages] == [2, 2, 2]
+    assert [entry for page in pages for entry in page] == whole
+
+
 def test_the_trail_is_the_tenants_own_and_super_admin_may_name_another(
     service: SecretService,
 ) -> None:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from keyledger.cli.render import _width, shell_word, shown
+from keyledger.cli.render import _width, emit_json, emit_json_pages, shell_word, shown
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,16 @@ def test_width_counts_terminal_columns(cell: str, columns: int) -> None:
 def test_printable_characters_that_show_nothing_are_escaped_too(char: str) -> None:
     assert char not in shown(f"ops{char}-alice")
     assert char not in shell_word(f"ops{char}-alice").replace("\\", "")
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [[], [[]], [[{"a": 1}]], [[{"a": 1}, {"b": [1, {"c": "é\u200b"}]}], [], [{"d": None}]]],
+)
+def test_json_written_in_pages_is_the_json_of_the_whole_list(
+    pages: list[list[object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    emit_json_pages(pages)
+    paged = capsys.readouterr().out
+    emit_json([item for page in pages for item in page])
+    assert paged == capsys.readouterr().out

@@ -140,6 +140,7 @@ class Queries:
         offset: int,
         ascending: bool = False,
         before_position: int | None = None,
+        after_position: int | None = None,
     ) -> list[AuditEntry]:
         filters = {
             "tenant_id=:tenant": tenant_id,
@@ -150,6 +151,7 @@ class Queries:
             "timestamp>=:since": since,
             "timestamp<:until": until,
             "position<:before": before_position,
+            "position>:after": after_position,
         }
         catch_up_audit(self.ledger)
         where = [clause for clause, value in filters.items() if value is not None]
@@ -168,6 +170,7 @@ class Queries:
             "since": None if since is None else to_micros(since),
             "until": None if until is None else to_micros(until),
             "before": before_position,
+            "after": after_position,
             "limit": limit,
             "offset": offset,
         }

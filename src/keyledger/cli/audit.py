@@ -7,8 +7,10 @@ verify) are attached to the same group in ``audit_evidence``.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import get_args
@@ -18,7 +20,16 @@ import click
 from keyledger.application.export import csv_cell
 from keyledger.cli.keys import one_target
 from keyledger.cli.params import AWARE_DATETIME
-from keyledger.cli.render import emit_json, emit_table, json_option, text, timestamp, to_data
+from keyledger.cli.render import (
+    emit_json,
+    emit_json_pages,
+    emit_table,
+    emit_table_pages,
+    json_option,
+    text,
+    timestamp,
+    to_data,
+)
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
 from keyledger.investigation import EXPORT_FIELDS
@@ -173,15 +184,42 @@ def trail(cli: CliContext, tenant_id: str, name: str, limit: int | None, offset:
     Every version stored, read, denial, failure, status change, re-encryption (marked
     "(re-encrypt)") and the deletion, with who did it from where. VERSION is the secret's
     version the entry is about, KEY the key version. A secret read often has a long
-    history (about 3 KB of memory an entry): page through it with --limit and --offset.
+    history: it is read and written TRAIL_PAGE entries at a time, so memory stays flat
+    whatever its length; --limit and --offset choose a part of it.
     """
     with cli.scope(tenant_id):
-        entries = cli.service.audit_trail(name, limit=limit, offset=offset)
+        pages = trail_pages(cli, name, limit, offset)
+        first = next(pages, [])
         paged = bool(offset) or limit == 0  # (an empty page: has the secret any entry?)
-        none = not entries and (not paged or not cli.service.audit_trail(name, limit=1))
-    if none:
-        raise click.ClickException(f"no audit entries for secret {name!r} of tenant {tenant_id!r}")
-    if cli.json_output:
-        emit_json([to_data(entry) for entry in entries])
-    else:
-        emit_table(TRAIL_HEADERS, [trail_row(entry) for entry in entries])
+        if not first and (not paged or not cli.service.audit_trail(name, limit=1)):
+            raise click.ClickException(
+                f"no audit entries for secret {name!r} of tenant {tenant_id!r}"
+            )
+        chained = itertools.chain([first], pages)
+        if cli.json_output:
+            emit_json_pages([to_data(entry) for entry in page] for page in chained)
+        else:
+            emit_table_pages(TRAIL_HEADERS, ([trail_row(e) for e in page] for page in chained))
+
+
+TRAIL_PAGE = 1000  # entries of a trail read (and held) at a time
+
+
+def trail_pages(
+    cli: CliContext, name: str, limit: int | None, offset: int
+) -> Iterator[list[AuditEntry]]:
+    """The chosen part of the trail, in pages read by position (each after the last)."""
+    left = limit
+    after: int | None = None
+    while left is None or left > 0:
+        size = TRAIL_PAGE if left is None else min(left, TRAIL_PAGE)
+        page = cli.service.audit_trail(
+            name, limit=size, offset=offset if after is None else 0, after_position=after
+        )
+        if not page:
+            return
+        yield page
+        if len(page) < size:
+            return
+        after = page[-1].position
+        left = None if left is None else left - len(page)

@@ -8,7 +8,7 @@ import re
 import shlex
 import sys
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -140,6 +140,42 @@ def emit_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
                 cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)
             ).rstrip()
         )
+
+
+def emit_table_pages(headers: Sequence[str], pages: Iterable[Sequence[Sequence[str]]]) -> None:
+    """``emit_table`` for rows that come in pages, each written before the next is read:
+    columns are as wide as the header and the rows so far need (a wider cell in a later
+    page widens its column from there on)."""
+    widths = [_width(shown(header)) for header in headers]
+    first = True
+    for page in pages:
+        cells = [[shown(cell) for cell in row] for row in page]
+        if first:
+            cells.insert(0, [shown(header) for header in headers])
+            first = False
+        for row in cells:
+            widths = [max(w, _width(cell)) for w, cell in zip(widths, row, strict=True)]
+        for row in cells:
+            click.echo(
+                "  ".join(
+                    cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+    if first:  # no page at all: the header alone, as emit_table writes it
+        emit_table(headers, [])
+
+
+def emit_json_pages(pages: Iterable[Sequence[object]]) -> None:
+    """``emit_json`` of the concatenated pages, each written before the next is read: the
+    same text as ``emit_json`` of one list."""
+    opened = False
+    for page in pages:
+        for item in page:
+            text = json.dumps(item, indent=2, ensure_ascii=False)
+            indented = "\n".join("  " + line for line in text.splitlines())
+            click.echo(("[\n" if not opened else ",\n") + indented, nl=False)
+            opened = True
+    click.echo("\n]" if opened else "[]")
 
 
 def is_terminal(stream: Literal["stdin", "stdout", "stderr"]) -> bool:
