@@ -99,17 +99,36 @@ def checker(hint: Any) -> Check:
     return _anything
 
 
-_SHAPES: dict[type, tuple[tuple[str, Check], ...]] = {}
+def exact_types(hint: Any) -> frozenset[type]:
+    """Types whose values satisfy ``hint`` without a closer look: the fast path of
+    ``check_shape`` (an ``int`` always gets one, for its range)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return frozenset({type(None)})
+    if origin is typing.Union or origin is types.UnionType:
+        return frozenset().union(*(exact_types(arg) for arg in args))
+    if origin is dict and all(arg is Any for arg in args):
+        return frozenset({dict})
+    if isinstance(hint, type) and hint is not int and origin is None:
+        return frozenset({hint})
+    return frozenset()
+
+
+Field = tuple[str, frozenset[type], Check]
+_SHAPES: dict[type, tuple[Field, ...]] = {}
 _MISSING = object()
 
 
-def _shape(cls: type) -> tuple[tuple[str, Check], ...]:
+def _shape(cls: type) -> tuple[Field, ...]:
     shape = _SHAPES.get(cls)
     if shape is None:
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
         shape = _SHAPES[cls] = tuple(
-            (field.name, checker(hints.get(field.name, Any))) for field in fields
+            (field.name, exact_types(hint), checker(hint))
+            for field in fields
+            if (hint := hints.get(field.name, Any)) is not Any
+            and not isinstance(hint, typing.TypeVar)
         )
     return shape
 
@@ -118,8 +137,10 @@ def check_shape(event: object) -> None:
     """Raise ``EventShapeError`` unless ``event`` holds every field its class declares,
     each of its declared type."""
     state = vars(event)
-    for name, check in _shape(type(event)):
+    for name, exact, check in _shape(type(event)):
         value = state.get(name, _MISSING)
+        if type(value) in exact:
+            continue
         if value is _MISSING:
             raise EventShapeError(f"{type(event).__name__} has no {name!r}")
         if not check(value):
