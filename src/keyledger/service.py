@@ -577,12 +577,14 @@ class SecretService(AuditInvestigation):
         user_agent: str | None = None,
     ) -> builtins.list[TenantKeyInfo]:
         """Rotate every due key version of ``keys_due``'s scope (all tenants inside
-        super_admin()). Without an actor given, the rotations are recorded with the
-        ambient ``tenant(...)`` block's actor, if there is one, as every call that takes
-        its tenant from there is."""
+        super_admin()). When the scope is the ambient ``tenant(...)`` block's tenant and
+        no actor is given, the rotations are recorded with the block's actor, as every
+        call that takes its tenant from there is; a named tenant or every tenant, with
+        the actor given (``system`` by default), as the calls that name their tenant."""
         explicit = make_actor(user_id, ip_address, user_agent)  # checked before any rotation
         ambient = current_scope_or_none()
-        if user_id is None and ip_address is None and user_agent is None and ambient is not None:
+        no_actor = user_id is None and ip_address is None and user_agent is None
+        if no_actor and tenant_id is None and ambient is not None and not is_super_admin():
             explicit = ambient.actor
         due = self.keys_due(tenant_id)
         rotated = (self._keys.rotate_from(key.tenant_id, key.version, explicit) for key in due)

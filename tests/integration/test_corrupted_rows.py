@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import MakeService
-from keyledger import AuditTampered, DecryptionFailed, super_admin, tenant
+from keyledger import AuditTampered, DecryptionFailed, SecretDisabled, super_admin, tenant
+from keyledger.application import ledger as ledger_module
 from keyledger.cli import main
 
 Tamper = Callable[[str], None]
@@ -137,3 +138,38 @@ def test_a_wrapped_key_written_back_as_text_is_undecryptable_material(
         service.retrieve_for_tenant("t1", "s1")
     report = service.diagnose_tenant_secret_key_drift("t1")
     assert "active_tenant_encryption_key_unwrap_failed" in {i.code for i in report.issues}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('"disabled":true', '"disabled":false'),  # a plausible edit: the flag turned off
+        ('"envelope":', '"envelopf":'),  # a field gone
+        ('"metadata":{}', '"metadata":[]'),  # a field of another type
+    ],
+)
+def test_a_snapshot_altered_in_the_database_is_replayed_past(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, old: str, new: str
+) -> None:
+    """Snapshots are not part of the stream (audit verify never sees them): one whose tag
+    does not verify is not used; the secret is replayed from its events."""
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 5)
+    service = make_service()
+    for i in range(4):
+        service.store_for_tenant("t1", "s1", f"value-{i}")
+    service.disable_for_tenant("t1", "s1")  # version 5: snapshotted, disabled
+    path = Path(str(service._ledger.env.get("SQLITE_DBNAME")))
+    service.close()
+    with sqlite3.connect(path) as conn:
+        changed = conn.execute(
+            "UPDATE stored_snapshots SET state = CAST(REPLACE(CAST(state AS TEXT), ?, ?) "
+            "AS BLOB) WHERE instr(CAST(state AS TEXT), ?) > 0",
+            (old, new, old),
+        ).rowcount
+    assert changed == 1
+
+    service = make_service()
+    with pytest.raises(SecretDisabled):
+        service.retrieve_for_tenant("t1", "s1")
+    service.enable_for_tenant("t1", "s1")
+    assert service.retrieve_for_tenant("t1", "s1").value == "value-3"

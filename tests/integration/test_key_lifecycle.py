@@ -625,9 +625,12 @@ def test_rotate_due_keys_records_the_ambient_actor_unless_one_is_given(
         service.rotate_due_keys()
     with tenant(GLOBEX, user_id="alice"):
         service.rotate_due_keys(user_id="policy")
+    with tenant(GLOBEX, user_id="alice"):  # a named tenant: the actor given, or system
+        service.rotate_due_keys(ACME)
 
-    (acme,) = audit(service, ACME, action="rotate_key")
-    assert (acme.user_id, acme.ip_address) == ("alice", "203.0.113.7")
+    in_block, named = sorted(audit(service, ACME, action="rotate_key"), key=lambda e: e.position)
+    assert (in_block.user_id, in_block.ip_address) == ("alice", "203.0.113.7")
+    assert named.user_id == "system"
     assert [e.user_id for e in audit(service, GLOBEX, action="rotate_key")] == ["policy"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -77,6 +78,30 @@ def test_rotate_key_makes_a_new_active_version_and_retires_the_previous_one(
     assert old.retired_at is not None
     assert old.retired_at >= old.created_at
     assert current == new
+
+
+def test_concurrent_rotations_each_return_their_new_version_as_active(
+    service: SecretService,
+) -> None:
+    """SPEC: rotate_key returns the new active version, as the rotation made it, even
+    when another thread has rotated again before it reads the result back."""
+    service.store_for_tenant("acme", "s", "v")
+    returned: list[TenantKeyInfo] = []
+
+    def rotate() -> None:
+        for _ in range(15):
+            returned.append(service.rotate_key_for_tenant("acme"))
+
+    threads = [threading.Thread(target=rotate) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(returned) == 90
+    assert {info.status for info in returned} == {"active"}
+    assert {info.retired_at for info in returned} == {None}
+    assert sorted(info.version for info in returned) == list(range(2, 92))
 
 
 def test_key_versions_are_contiguous_with_exactly_one_active(acme: SecretService) -> None:

@@ -20,10 +20,13 @@ import textwrap
 import threading
 import time
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from conftest import POSTGRES_URL, MakeService, own_schema
 from keyledger import StorageError
+from keyledger.application import ledger as ledger_module
 
 pytestmark = [
     pytest.mark.postgres,
@@ -57,12 +60,30 @@ SCENARIO = textwrap.dedent(
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {error}")
 
+    if mode == "closed":
+        service.close()
     before = backends()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             errors = []
+            if mode == "closed":
+                try:
+                    service.retrieve_for_tenant("t", "p1")
+                    print("child: a closed service worked", flush=True)
+                except Exception as error:
+                    code = 0 if "closed" in str(error) else 3
+                    print("child:", type(error).__name__, error, flush=True)
+                os._exit(code)
+            leaked = [
+                fd for fd in map(int, os.listdir("/proc/self/fd"))
+                if fd > 2 and os.path.realpath(f"/proc/self/fd/{fd}") == "/dev/null"
+                and os.get_inheritable(fd)
+            ]
+            if leaked:
+                print("child: inheritable /dev/null descriptors", leaked, flush=True)
+                os._exit(4)
             if mode == "both":
                 work("c", errors)
             service.close()
@@ -75,6 +96,9 @@ SCENARIO = textwrap.dedent(
     if mode == "both":
         work("a", errors)
     _, status = os.waitpid(pid, 0)
+    if mode == "closed":
+        print("child exit", os.waitstatus_to_exitcode(status))
+        sys.exit(0)
     after_child = backends()
     work("b", errors)
     print("child exit", os.waitstatus_to_exitcode(status))
@@ -96,6 +120,13 @@ def run_scenario(mode: str) -> str:
         )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def test_a_service_closed_before_the_fork_stays_closed_in_the_child() -> None:
+    out = run_scenario("closed")
+
+    assert "child exit 0" in out, out
+    assert "StorageError" in out, out
 
 
 def test_parent_and_child_both_use_a_service_made_before_the_fork() -> None:
@@ -145,19 +176,29 @@ def test_close_ends_a_projection_workers_idle_wait_and_its_connection(
 
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_opening_and_closing_services_keeps_no_psycopg_type_classes(
-    make_service: MakeService, backend: str
+    make_service: MakeService, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg caches the classes it makes for each registration of a composite type;
-    the library registered its type for every service opened (13 KB kept per service)."""
+    the library registered its type for every service opened (13 KB kept per service).
+    Snapshots are taken (every 5 versions here) and inserted with that type."""
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 5)
     composite = pytest.importorskip("psycopg.types.composite")
     cache_info = getattr(composite._make_dumper, "cache_info", None)
     if cache_info is None:
         pytest.skip("this psycopg makes its composite dumpers another way")
     make_service().close()
     before = cache_info().currsize
-    for _ in range(5):
-        service = make_service(fresh_store=True)
-        service.store_for_tenant("t", "s", "v")
+    for i in range(5):  # the same store, opened again and again (a test suite, a CLI)
+        service = make_service()
+        for n in range(6):  # past a snapshot: the snapshot recorder inserts with the type
+            service.store_for_tenant("t", "s", f"v{i}-{n}")
+        schema = str(service._ledger.env.get("POSTGRES_SCHEMA"))
         service.close()
 
     assert cache_info().currsize == before
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        taken = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, "keyledger_snapshots"))
+        ).fetchone()
+    assert taken is not None
+    assert taken[0] >= 5  # each service's snapshots were inserted

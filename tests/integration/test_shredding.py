@@ -326,6 +326,38 @@ def test_a_snapshot_that_ends_while_the_shred_waits_lets_it_finish(
     assert service.retrieve_for_tenant("kept", "s").value == "v"
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("on_disk", ["postgres"], indirect=True)
+def test_the_postgresql_shred_rewrites_the_table_once_more_when_the_snapshot_ends(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rewrite locks the table against readers of key material: waiting for the
+    snapshot to end is a look at pg_stat_activity, not another rewrite."""
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 10.0)
+    recorder = service._ledger.recorder
+    rewrites: list[int] = []
+    rewrite = recorder._vacuum_key_material
+
+    def counted() -> int:
+        kept = rewrite()
+        rewrites.append(kept)
+        return kept
+
+    monkeypatch.setattr(recorder, "_vacuum_key_material", counted)
+    service.store_for_tenant("doomed", "s", "v")
+    end_snapshot = open_snapshot(service)
+    timer = threading.Timer(1.0, end_snapshot)
+    timer.start()
+    try:
+        service.erase_tenant("doomed", confirm=True)
+    finally:
+        timer.join()
+
+    assert len(rewrites) == 2
+    assert rewrites[0] > 0
+    assert rewrites[1] == 0
+
+
 def open_snapshot(service: SecretService) -> Callable[[], None]:
     """A transaction of another connection holding a snapshot taken now (it sees the key
     material as it is); the returned function ends it."""

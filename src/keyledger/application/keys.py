@@ -11,7 +11,7 @@ from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict
 from keyledger.domain.instant import one_instant
-from keyledger.domain.keyring import TenantKeyring
+from keyledger.domain.keyring import KeyVersion, TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.errors import DecryptionFailed, KeyledgerError, MasterKeyUnavailable
 from keyledger.infrastructure.crypto import DataKey
@@ -47,7 +47,7 @@ class KeyCommands:
         who = actor_dict(actor)
         action = "rotate_key"  # a tenant's first version is audited as create_key
 
-        def attempt(n: int) -> int | None:
+        def attempt(n: int) -> KeyVersion | None:
             nonlocal action
             keyring = self.ledger.keyring(tenant_id, fresh=n > 0)
             if only_from is not None:
@@ -68,7 +68,7 @@ class KeyCommands:
                 rotated.rotate(data_key.fingerprint, row.amk_id, who)
             self.ledger.commit(rotated, unit=WriteUnit(key_material=[row]))
             self.ledger.remember_data_key(data_key)
-            return data_key.version
+            return rotated.keys[data_key.version]
 
         try:
             version = self.ledger.retrying(attempt)
@@ -77,7 +77,17 @@ class KeyCommands:
             raise unavailable(error, f"cannot rotate the key of tenant {tenant_id!r}") from None
         if version is None:
             return None
-        return next(k for k in self.queries.key_infos(tenant_id) if k.version == version)
+        # The new version as the rotation committed it: the read model may already show
+        # a later rotation (or a cleanup) of another process or thread.
+        return TenantKeyInfo(
+            tenant_id=tenant_id,
+            version=version.version,
+            status="active",
+            amk_id=version.amk_id,
+            created_at=version.created_at,
+            retired_at=None,
+            secret_count=0,  # nothing is encrypted under a version before it exists
+        )
 
     def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring, *, fresh: bool) -> None:
         """A rotation wraps its version under the configured master key: when that key

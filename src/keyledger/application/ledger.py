@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    ProjectorFunction,
+    project_aggregate,
+)
 from eventsourcing.domain import Aggregate, EventSourcingError
 from eventsourcing.persistence import (
     ConnectionPoolClosedError,
@@ -57,7 +62,7 @@ from keyledger.infrastructure.crypto import (
     generate_data_key,
     stored_wrapped,
 )
-from keyledger.infrastructure.event_tags import TaggingMapper
+from keyledger.infrastructure.event_tags import TaggingMapper, UnverifiedSnapshot
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
 from keyledger.infrastructure.unit_writer import (
@@ -221,7 +226,10 @@ class Ledger(Application[UUID]):
     def _get(self, aggregate_id: UUID, version: int | None = None) -> Any:
         """The aggregate from the store (at ``version``, if given); None if not found."""
         try:
-            return self.repository.get(aggregate_id, version=version)
+            try:
+                return self.repository.get(aggregate_id, version=version)
+            except UnverifiedSnapshot:  # (see TaggingMapper._vouch_for_snapshot)
+                return self._from_events(aggregate_id, version)
         except AggregateNotFoundError:
             return None
         except (ConnectionPoolClosedError, PersistenceError) as error:
@@ -236,6 +244,14 @@ class Ledger(Application[UUID]):
                 f"the stored events of aggregate {aggregate_id} cannot be replayed: some "
                 "were altered, deleted or reordered; run `keyledger audit verify`"
             ) from None
+
+    def _from_events(self, aggregate_id: UUID, version: int | None) -> Any:
+        """The aggregate replayed from its events alone, no snapshot consulted."""
+        events = self.repository.event_store.get(originator_id=aggregate_id, lte=version)
+        aggregate = project_aggregate(None, events)
+        if aggregate is None:
+            raise AggregateNotFoundError(aggregate_id)
+        return aggregate
 
     def secret(self, tenant_id: str, name: str, *, fresh: bool = False) -> Secret | None:
         """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
@@ -315,6 +331,22 @@ class Ledger(Application[UUID]):
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
+
+    def take_snapshot(
+        self,
+        aggregate_id: UUID,
+        version: int | None = None,
+        projector_func: ProjectorFunction[Any, Any] = project_aggregate,
+    ) -> None:
+        """The library's ``take_snapshot``, loading the aggregate as every load does
+        (``_get``: a snapshot that does not verify is replayed past, not built upon)."""
+        assert self.snapshots is not None  # (snapshotting is enabled for the ledger)
+        aggregate = self._get(aggregate_id, version)
+        if aggregate is None:
+            raise AggregateNotFoundError(aggregate_id)
+        snapshot_class = getattr(type(aggregate), "Snapshot", type(self).snapshot_class)
+        assert snapshot_class is not None
+        self.snapshots.put([snapshot_class.take(aggregate)])
 
     def _snapshot(self, secret: Secret) -> None:
         """Snapshot a secret after the write that took it to a multiple of

@@ -17,9 +17,11 @@ process without an audit key (no master key and no KEYLEDGER_AUDIT_KEY) are unta
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic
 
@@ -110,6 +112,7 @@ class TaggingMapper(Mapper[Any]):
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         state = stored_event.state
+        stored = stored_event
         if state[-len(MAGIC) :] == MAGIC:
             stored_event = StoredEvent(
                 originator_id=stored_event.originator_id,
@@ -119,4 +122,31 @@ class TaggingMapper(Mapper[Any]):
             )
         event = super().to_domain_event(stored_event)
         check_shape(event)  # (a stored event may have been altered: see event_shapes)
+        if isinstance(event, Snapshot):
+            self._vouch_for_snapshot(stored)
         return event
+
+    def _vouch_for_snapshot(self, stored: StoredEvent) -> None:
+        """A snapshot is used only when its tag verifies under the current audit key.
+
+        Snapshots are not part of the stream: ``audit verify`` and the checkpoints never
+        look at them, so an altered one (a secret's ``disabled`` flag turned off, say)
+        would change what keyledger decides unseen. One tagged under another key (before
+        an audit-key rotation), untagged, or altered is ``UnverifiedSnapshot``: the
+        aggregate is then replayed from its events instead (``Ledger._get``). Without an
+        audit key (no master key) nothing is tagged, and nothing can be checked."""
+        key = self.tag_key
+        if key is None:
+            return
+        body, tag, key_id = split_trailer(stored.state)
+        if tag is None or key_id != key.key_id:
+            raise UnverifiedSnapshot(stored.originator_id)
+        expected = event_tag(
+            key, stored.originator_id, stored.originator_version, stored.topic, body
+        )
+        if not hmac.compare_digest(expected, tag):
+            raise UnverifiedSnapshot(stored.originator_id)
+
+
+class UnverifiedSnapshot(Exception):
+    """A snapshot whose tag does not verify under the current audit key."""

@@ -90,13 +90,15 @@ def _after_fork_in_child() -> None:
                 fd = conn.pgconn.socket
             except Exception:  # closed: no socket left to protect  # noqa: S112
                 continue
-            os.dup2(devnull, fd)
+            os.dup2(devnull, fd, inheritable=False)  # (as libpq's socket: not for exec)
             _INHERITED.append(conn)
     finally:
         os.close(devnull)
     _CONNECTIONS.clear()
     for datastore in list(_DATASTORES):
         old = datastore.pool
+        if old.closed and getattr(old, "_opened", False):
+            continue  # the service was closed before the fork: it stays closed here too
         _INHERITED.append(old)
         datastore.pool = fresh_pool(old)
 

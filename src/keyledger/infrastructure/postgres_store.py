@@ -39,6 +39,7 @@ from eventsourcing.postgres import (
 from psycopg import Connection
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
+from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg_pool import PoolClosed
 
 from keyledger.domain.secret import Secret
@@ -246,6 +247,7 @@ class _PostgresSchemaMixin:
                         conn.execute(statement, prepare=False)
                 for text in self.extra_create_statements():
                     conn.execute(text.encode(), prepare=False)
+            self.datastore.register_type_adapters()
         except (OperationalError, InterfaceError):
             raise  # no connection (the server down, say): the caller says it cannot open
         except PersistenceError as error:
@@ -812,24 +814,44 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         a role that does not own the table gets a mere notice ("skipping"), and no new
         file; and row versions that a snapshot open elsewhere may still see are copied
         into the new file (its VERBOSE report: "N dead row versions cannot be removed
-        yet"). Either is ``ShredIncomplete``. Such a snapshot is most often a short read
-        of another process: the rewrite is tried again for a while
-        (``SHRED_PATIENCE_SECONDS``, as on SQLite), each try holding the table's lock
-        only for its own rewrite, so readers and writers go on between tries.
+        yet"). Either is ``ShredIncomplete``. Such a snapshot is most often another
+        process's short read, so the shred waits for it (``SHRED_PATIENCE_SECONDS``, as on
+        SQLite): it notes the transactions of the database that held a snapshot when the
+        rewrite kept rows, watches them in ``pg_stat_activity`` without locking anything,
+        and rewrites the table again once they have all ended. Each rewrite holds the
+        table's lock (readers of key material wait for it), so there is one rewrite per
+        wait, not one every few milliseconds.
         """
         deadline = time.monotonic() + unit_writer.SHRED_PATIENCE_SECONDS
-        while True:
-            kept = self._vacuum_key_material()
-            if not kept:
-                return
-            if time.monotonic() >= deadline:
+        while self._vacuum_key_material():
+            holders = self._snapshot_holders()
+            while time.monotonic() < deadline:
+                time.sleep(SHRED_RETRY_SECONDS)
+                holders &= self._snapshot_holders()
+                if not holders:
+                    break
+            else:
                 raise ShredIncomplete(
                     "the operation is done, but a transaction open elsewhere may still "
                     "see the key material it deleted or replaced, so VACUUM FULL kept "
                     "those rows in kl_key_material's new file: run `keyledger db shred` "
                     "once long transactions have ended"
                 )
-            time.sleep(SHRED_RETRY_SECONDS)
+
+    def _snapshot_holders(self) -> set[tuple[int, Any]]:
+        """The other sessions of this database in a transaction that holds a snapshot:
+        (pid, transaction start), so that a session's next transaction is another entry."""
+        with _translated(), self._connection() as conn:
+            rows = (
+                conn.cursor(row_factory=tuple_row)
+                .execute(
+                    "SELECT pid, xact_start FROM pg_catalog.pg_stat_activity "
+                    "WHERE datname = pg_catalog.current_database() "
+                    "AND pid <> pg_catalog.pg_backend_pid() AND backend_xmin IS NOT NULL"
+                )
+                .fetchall()
+            )
+        return {(row[0], row[1]) for row in rows}
 
     def _vacuum_key_material(self) -> int:
         """One ``VACUUM FULL`` of the key-material table: the dead row versions it kept
@@ -1105,8 +1127,42 @@ class _Pooled:
         return None
 
 
-def _no_type_adapters() -> None:
-    """The datastore's ``register_type_adapters``: nothing (see KeyledgerPostgresFactory)."""
+# Composite types registered in this process, by (host, port, database, qualified name):
+# psycopg keeps the classes it makes for each registration, so each type is registered
+# once and its registration reused by every later datastore (while the type's oid holds).
+_COMPOSITES: dict[tuple[Any, ...], CompositeInfo] = {}
+
+
+def _shared_type_adapters(datastore: Any) -> Callable[[], None]:
+    """The datastore's ``register_type_adapters``, as the library's, sharing one
+    registration of each type across the process's datastores."""
+
+    def register_type_adapters() -> None:
+        names = [n for n in datastore.db_type_names if n not in datastore.psycopg_type_adapters]
+        if not names:
+            return
+        with datastore.get_connection() as conn:
+            for name in names:
+                qualified = f"{datastore.schema}.{name}"
+                found = (
+                    conn.cursor(row_factory=tuple_row)
+                    .execute("SELECT to_regtype(%s)::oid", (qualified,))
+                    .fetchone()
+                )
+                if found is None or found[0] is None:
+                    continue  # not created yet (create_table registers it then)
+                key = (conn.info.host, conn.info.port, conn.info.dbname, qualified)
+                info = _COMPOSITES.get(key)
+                if info is None or info.oid != found[0]:  # first, or the type was remade
+                    info = CompositeInfo.fetch(conn, qualified)
+                    if info is None:
+                        continue
+                    _COMPOSITES[key] = info
+                register_composite(info, conn)
+                datastore.psycopg_type_adapters[name] = info
+                datastore.psycopg_python_types[name] = info.python_type
+
+    return register_type_adapters
 
 
 def _first_line(error: BaseException) -> str:
@@ -1133,9 +1189,8 @@ class KeyledgerPostgresFactory(PostgresFactory):
         assert isinstance(kwargs, dict)
         datastore.pool.kwargs = {**kwargs, "options": options}
         pg_fork.track(datastore)  # a forked child gets connections of its own (pg_fork)
-        # The library registers its composite type (stored_event_uuid) with psycopg for
-        # every datastore, and psycopg caches the classes it makes per registration, for
-        # good: 13 KB kept per service ever opened (found by review). Only the library's
-        # database-function inserts use the type, which keyledger replaces; so no
-        # registration (the type itself is still created, as the library's schema has it).
-        vars(datastore)["register_type_adapters"] = _no_type_adapters
+        # The library registers its composite type (stored_event_uuid, which its snapshot
+        # recorder inserts with) for every datastore, and psycopg caches the classes it
+        # makes per registration, for good: 13 KB kept per service ever opened (found by
+        # review). One registration per type per process instead (_shared_type_adapters).
+        vars(datastore)["register_type_adapters"] = _shared_type_adapters(datastore)

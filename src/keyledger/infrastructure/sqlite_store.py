@@ -75,6 +75,15 @@ def _bind_none_and_bytes_directly() -> None:
 
 
 _bind_none_and_bytes_directly()
+# _CLOSED_HERE: every cursor keyledger opens is closed where it was used, in the thread
+# that owns its connection, also when an exception leaves. A cursor left to the garbage
+# collector is finalised in whichever thread collects (an exception's traceback keeps its
+# frame, and the frame the cursor, in a reference cycle); finalising a cursor whose
+# statement is still in use resets it, which needs its connection's mutex. That
+# connection's thread holds the mutex while it waits in BEGIN IMMEDIATE for the write
+# lock; when the collecting thread was the one holding that lock, both waited until the
+# busy timeout ran out ("database is locked", every writer stalled; found by a 32-thread
+# stress review).
 CLOSE_WAIT = 10.0  # how long close() waits for calls in progress before leaving it to them
 T = TypeVar("T")
 
@@ -331,6 +340,8 @@ class _CreatesTablesUnderWriteLock:
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
+            finally:
+                curs.sqlite_cursor.close()  # (see _CLOSED_HERE)
 
     def _create_indexes(self, curs: Any) -> None:
         """Indexes whose names depend on what is there (none by default)."""
@@ -480,8 +491,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                 conn = datastore.thread_writer().raw
             except InterfaceError as error:  # this thread's first writer could not be opened
                 raise _translate(error) from None
+            cur = conn.cursor()
             try:
-                cur = conn.cursor()
                 cur.execute("BEGIN IMMEDIATE")
                 result = write(cur)
                 conn.commit()
@@ -489,6 +500,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
             except BaseException as error:
                 conn.rollback()
                 raise _translate(error) from None
+            finally:
+                cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
         finally:
             datastore.leave()
 
@@ -548,6 +561,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                     time.sleep(0.05)
             finally:
                 cursor.execute(f"PRAGMA busy_timeout={int(patience_ms)}")
+                cursor.sqlite_cursor.close()  # (see _CLOSED_HERE)
 
     @staticmethod
     def wait_for_events(seconds: float) -> None:
@@ -558,7 +572,10 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     def reading(self) -> Iterator[SQLiteCursor]:
         try:
             with self.datastore.transaction(commit=False) as curs:
-                yield curs
+                try:
+                    yield curs
+                finally:
+                    curs.sqlite_cursor.close()  # (see _CLOSED_HERE)
         except ConnectionPoolClosedError:
             raise StorageError(STORE_CLOSED) from None
         except (sqlite3.Error, PersistenceError) as error:
@@ -585,6 +602,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                 except BaseException as error:
                     conn.rollback()
                     raise _translate(error) from None
+                finally:
+                    curs.sqlite_cursor.close()  # (see _CLOSED_HERE)
         except InterfaceError as error:  # this thread's writer could not be opened
             raise _translate(error) from None
         except ConnectionPoolClosedError:  # (the memory store's writes take the pool)
