@@ -173,3 +173,24 @@ def test_a_snapshot_altered_in_the_database_is_replayed_past(
         service.retrieve_for_tenant("t1", "s1")
     service.enable_for_tenant("t1", "s1")
     assert service.retrieve_for_tenant("t1", "s1").value == "value-3"
+
+
+def test_a_snapshot_forged_into_the_event_stream_is_tampering(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 5)
+    service = make_service()
+    for i in range(5):
+        service.store_for_tenant("t1", "s1", f"value-{i}")  # version 5: snapshotted
+    service.disable_for_tenant("t1", "s1")  # version 6
+    path = Path(str(service._ledger.env.get("SQLITE_DBNAME")))
+    service.close()
+    with sqlite3.connect(path) as conn:  # version 6 replaced by a copy of the snapshot
+        conn.execute(
+            "UPDATE stored_events SET (topic, state) = (SELECT topic, state FROM "
+            "stored_snapshots) WHERE originator_version = 6 AND topic LIKE '%SecretDisabled'"
+        )
+
+    service = make_service()
+    with pytest.raises(AuditTampered):
+        service.retrieve_for_tenant("t1", "s1")

@@ -68,7 +68,9 @@ SCENARIO = textwrap.dedent(
         code = 1
         try:
             errors = []
-            if mode == "closed":
+            if mode == "child-close":
+                service.close()  # the child's own pool: not opened yet
+            if mode in ("closed", "child-close"):
                 try:
                     service.retrieve_for_tenant("t", "p1")
                     print("child: a closed service worked", flush=True)
@@ -96,7 +98,7 @@ SCENARIO = textwrap.dedent(
     if mode == "both":
         work("a", errors)
     _, status = os.waitpid(pid, 0)
-    if mode == "closed":
+    if mode in ("closed", "child-close"):
         print("child exit", os.waitstatus_to_exitcode(status))
         sys.exit(0)
     after_child = backends()
@@ -122,8 +124,9 @@ def run_scenario(mode: str) -> str:
     return result.stdout
 
 
-def test_a_service_closed_before_the_fork_stays_closed_in_the_child() -> None:
-    out = run_scenario("closed")
+@pytest.mark.parametrize("mode", ["closed", "child-close"])
+def test_a_service_closed_before_or_after_the_fork_stays_closed_in_the_child(mode: str) -> None:
+    out = run_scenario(mode)
 
     assert "child exit 0" in out, out
     assert "StorageError" in out, out

@@ -103,11 +103,14 @@ def _secret_weight(secret: Secret) -> int:
     return weight
 
 
-# What replaying stored events raises when their rows were altered, deleted or reordered:
+# What replaying stored events raises when their rows were altered, deleted or reordered
+# (a snapshot that does not verify is not among them when it comes from the snapshot
+# store: the aggregate is then replayed from its events instead, see _get):
 # the library's decoding and version errors (``EventSourcingError``, ``TopicError``), and
 # the domain's ``apply`` methods meeting events they cannot follow (a topic swapped for
 # another aggregate's event, a version the keyring never had).
 UNREPLAYABLE = (
+    UnverifiedSnapshot,  # (a snapshot in the event stream itself: a forged row)
     EventSourcingError,
     TopicError,
     AssertionError,

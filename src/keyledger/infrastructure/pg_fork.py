@@ -69,6 +69,20 @@ def track(datastore: Any) -> None:
     _DATASTORES.add(datastore)
 
 
+_CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()  # datastores their service closed
+
+
+def mark_closed(datastore: Any) -> None:
+    """``datastore``'s service is closing: its pool is never opened again, nor replaced
+    in a forked child."""
+    _CLOSED.add(datastore)
+
+
+def is_closed(datastore: Any) -> bool:
+    """Whether ``datastore``'s service was closed (``mark_closed``)."""
+    return datastore in _CLOSED
+
+
 def fresh_pool(old: Any) -> Any:
     """A new, unopened pool with ``old``'s settings."""
     arguments = {name: getattr(old, attribute) for name, attribute in POOL_PARAMETERS.items()}
@@ -97,7 +111,7 @@ def _after_fork_in_child() -> None:
     _CONNECTIONS.clear()
     for datastore in list(_DATASTORES):
         old = datastore.pool
-        if old.closed and getattr(old, "_opened", False):
+        if datastore in _CLOSED:
             continue  # the service was closed before the fork: it stays closed here too
         _INHERITED.append(old)
         datastore.pool = fresh_pool(old)

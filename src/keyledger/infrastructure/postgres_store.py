@@ -825,10 +825,13 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         deadline = time.monotonic() + unit_writer.SHRED_PATIENCE_SECONDS
         while self._vacuum_key_material():
             holders = self._snapshot_holders()
+            rewrite_at = time.monotonic() + SHRED_REWRITE_SECONDS
             while time.monotonic() < deadline:
                 time.sleep(SHRED_RETRY_SECONDS)
                 holders &= self._snapshot_holders()
-                if not holders:
+                # Holders that began after the deletion (they do not see its rows) are
+                # not told apart here: a rewrite every SHRED_REWRITE_SECONDS finds out.
+                if not holders or time.monotonic() >= rewrite_at:
                     break
             else:
                 raise ShredIncomplete(
@@ -839,13 +842,14 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                 )
 
     def _snapshot_holders(self) -> set[tuple[int, Any]]:
-        """The other sessions of this database in a transaction that holds a snapshot:
-        (pid, transaction start), so that a session's next transaction is another entry."""
+        """The other sessions of this database that hold a snapshot: (pid, its xmin), so
+        that a session's next transaction is another entry (``xact_start`` would not do:
+        the server hides it from roles that are not the session's own)."""
         with _translated(), self._connection() as conn:
             rows = (
                 conn.cursor(row_factory=tuple_row)
                 .execute(
-                    "SELECT pid, xact_start FROM pg_catalog.pg_stat_activity "
+                    "SELECT pid, backend_xmin::text FROM pg_catalog.pg_stat_activity "
                     "WHERE datname = pg_catalog.current_database() "
                     "AND pid <> pg_catalog.pg_backend_pid() AND backend_xmin IS NOT NULL"
                 )
@@ -1095,6 +1099,7 @@ _translated = _Translated
 
 # VACUUM (FULL, VERBOSE)'s report of rows it had to keep for snapshots still open.
 SHRED_RETRY_SECONDS = 0.05  # between two tries of a shred kept from finishing
+SHRED_REWRITE_SECONDS = 1.0  # at most one shred rewrite a second while it waits
 LISTEN_SLICE_SECONDS = 0.5  # how soon a worker's idle wait notices that the store closed
 _KEPT_DEAD_ROWS = re.compile(r"(\d+) dead row versions cannot be removed yet")
 
@@ -1125,6 +1130,22 @@ class _Pooled:
             return self._library.__exit__(kind, error, traceback)
         self._recorder.datastore.pool.putconn(self._conn)
         return None
+
+
+def _refused_once_closed(datastore: Any) -> Callable[[], AbstractContextManager[Any]]:
+    """The datastore's ``get_connection``, refusing once the factory closed it: a pool
+    that was never opened (a forked child's, see pg_fork) would open on first use, and a
+    closed service would work again."""
+    library_get_connection = datastore.get_connection
+
+    @contextmanager
+    def get_connection() -> Iterator[Any]:
+        if pg_fork.is_closed(datastore):
+            raise PoolClosed("the pool is closed")
+        with library_get_connection() as conn:
+            yield conn
+
+    return get_connection
 
 
 # Composite types registered in this process, by (host, port, database, qualified name):
@@ -1175,6 +1196,10 @@ class KeyledgerPostgresFactory(PostgresFactory):
     application_recorder_class = KeyledgerPostgresRecorder
     aggregate_recorder_class = KeyledgerPostgresSnapshotRecorder
 
+    def close(self) -> None:
+        pg_fork.mark_closed(self.datastore)  # (before its pool closes: see pg_fork)
+        super().close()
+
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         # Session settings for every connection the pool opens, the library's included:
@@ -1189,6 +1214,7 @@ class KeyledgerPostgresFactory(PostgresFactory):
         assert isinstance(kwargs, dict)
         datastore.pool.kwargs = {**kwargs, "options": options}
         pg_fork.track(datastore)  # a forked child gets connections of its own (pg_fork)
+        vars(datastore)["get_connection"] = _refused_once_closed(datastore)
         # The library registers its composite type (stored_event_uuid, which its snapshot
         # recorder inserts with) for every datastore, and psycopg caches the classes it
         # makes per registration, for good: 13 KB kept per service ever opened (found by
