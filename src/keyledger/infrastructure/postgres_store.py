@@ -1140,8 +1140,8 @@ def _refused_once_closed(datastore: Any) -> Callable[[], AbstractContextManager[
 
     @contextmanager
     def get_connection() -> Iterator[Any]:
-        if pg_fork.is_closed(datastore):
-            raise PoolClosed("the pool is closed")
+        if pg_fork.is_closed(datastore):  # (as the library reports the pool's error)
+            raise OperationalError("the pool is closed") from PoolClosed("the pool is closed")
         with library_get_connection() as conn:
             yield conn
 
