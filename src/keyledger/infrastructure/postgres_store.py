@@ -429,7 +429,9 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             try:
                 return send(conn)
             except psycopg.OperationalError:
-                if not conn.broken:  # lost, not closed by ``_abandon``
+                # Lost: psycopg marks the connection broken, or closed when libpq found
+                # the socket gone first ("connection socket closed", a timing matter).
+                if not (conn.broken or conn.closed):
                     raise  # the server answered (a lock timeout, say): nothing was written
         self._settle_lost(backend, committed, lost_after_commit)
         return None  # nothing was written: the caller sends a BEGIN first
