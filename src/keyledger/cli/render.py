@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import shlex
@@ -130,29 +131,19 @@ def _width(cell: str) -> int:
 
 def emit_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Left-aligned columns separated by two spaces, headers first; cells ``shown``."""
-    cells = [[shown(cell) for cell in row] for row in (headers, *rows)]
-    widths = [0] * len(headers)
-    for row in cells:
-        widths = [max(w, _width(cell)) for w, cell in zip(widths, row, strict=True)]
-    for row in cells:
-        click.echo(
-            "  ".join(
-                cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)
-            ).rstrip()
-        )
+    emit_table_pages(headers, [rows])
 
 
 def emit_table_pages(headers: Sequence[str], pages: Iterable[Sequence[Sequence[str]]]) -> None:
     """``emit_table`` for rows that come in pages, each written before the next is read:
     columns are as wide as the header and the rows so far need (a wider cell in a later
-    page widens its column from there on)."""
-    widths = [_width(shown(header)) for header in headers]
-    first = True
-    for page in pages:
-        cells = [[shown(cell) for cell in row] for row in page]
-        if first:
-            cells.insert(0, [shown(header) for header in headers])
-            first = False
+    page widens its column from there on). The header goes out with the first page, or
+    alone when there is none."""
+    widths = [0] * len(headers)
+    head: list[Sequence[str]] = [headers]
+    for page in itertools.chain(pages, [()]):
+        cells = [[shown(cell) for cell in row] for row in (*head, *page)]
+        head = []
         for row in cells:
             widths = [max(w, _width(cell)) for w, cell in zip(widths, row, strict=True)]
         for row in cells:
@@ -161,8 +152,6 @@ def emit_table_pages(headers: Sequence[str], pages: Iterable[Sequence[Sequence[s
                     cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)
                 ).rstrip()
             )
-    if first:  # no page at all: the header alone, as emit_table writes it
-        emit_table(headers, [])
 
 
 def emit_json_pages(pages: Iterable[Sequence[object]]) -> None:
