@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from keyledger import SecretService, tenant
+from worker_snippets import EXCLUSIVE_AFTER_KNOB
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,8 @@ RUN_TIMEOUT = 60.0
 
 # Each child opens its own service, signals readiness, waits for the common start signal
 # (so the workers really overlap), runs its part and prints one JSON line of results.
-WORKER = r"""
+WORKER = (
+    r"""
 import json, os, random, sys, time
 from pathlib import Path
 
@@ -39,6 +41,9 @@ args = json.loads(sys.argv[1])
 base = Path(args["dir"])
 who = args["who"]
 service = SecretService.create(args["url"])
+"""
+    + EXCLUSIVE_AFTER_KNOB
+    + r"""
 (base / f"ready-{who}").touch()
 deadline = time.monotonic() + 30
 while not (base / "go").exists():
@@ -85,6 +90,7 @@ with tenant(args["tenant"], user_id=who):
                     stale_reads.append(["unexpected value", seen.version])
             time.sleep(random.uniform(0, args["pause"]))
         out.update(shared=shared, own=own, failures=failures, stale_reads=stale_reads)
+        out["exclusive"] = len(held)
     elif mode == "crash":
         i = 0
         while True:
@@ -104,6 +110,7 @@ with tenant(args["tenant"], user_id=who):
 service.close()
 print(json.dumps(out), flush=True)
 """
+)
 
 
 class Workers:
@@ -247,9 +254,12 @@ def test_four_processes_rotating_one_tenant_leave_one_active_key_and_contiguous_
         assert service.retrieve("before-rotations").key_version == total + 1
 
 
+@pytest.mark.parametrize("exclusive_after", [None, 1], ids=["optimistic", "under-the-lock"])
 def test_four_processes_storing_one_name_and_their_own_names_lose_no_store(
-    workers: Workers, url: str, amk: str
+    workers: Workers, url: str, amk: str, exclusive_after: int | None
 ) -> None:
+    """``under-the-lock``: every retry after a lost race is made under the write lock
+    (from the fifth attempt in production), so that path meets real contention."""
     stores = 20
     with SecretService.create(url, master_key=amk) as service, tenant(TENANT):
         service.store("contended", "initial-value")
@@ -262,8 +272,11 @@ def test_four_processes_storing_one_name_and_their_own_names_lose_no_store(
         name="contended",
         initial="initial-value",
         n=stores,
+        exclusive_after=exclusive_after,
     )
     results = workers.results()
+    if exclusive_after is not None:
+        assert sum(result["exclusive"] for result in results) > 0
 
     # No store was given up (contention is retried, never reported as a failure), so
     # every process made all its stores, of the shared name and of its own.

@@ -13,8 +13,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -74,6 +74,10 @@ from keyledger.infrastructure.write_unit import KeyMaterialRow, StaleStateError,
 from keyledger.projections.timeutil import to_micros
 
 MAX_ATTEMPTS = 50
+# The attempts of a store, retrieve or state change from this one on are made with the
+# store's write lock taken first (see exclusively): a decision that lost this many races
+# is made where it cannot lose another.
+EXCLUSIVE_AFTER = 4
 AGGREGATE_CACHE_SIZE = 20_000
 # What the cached secrets may hold in all, by their values' and texts' sizes (a count
 # alone let 20,000 secrets of 64 KiB values hold 2 GB); KEYLEDGER_CACHE_MEGABYTES.
@@ -92,6 +96,16 @@ T = TypeVar("T")
 
 class Conflict(Exception):
     """A write lost a race (stale cache or concurrent writer): reload and decide again."""
+
+
+class _Exclusive(threading.local):
+    """What a thread's exclusive block (``Ledger.exclusively``) did that is undone or
+    finished when the block's transaction ends."""
+
+    active = False
+    positions: list[int]  # appended positions remembered (see Ledger.appended)
+    cached: list[UUID]  # aggregates cached as written
+    snapshots: list[Secret]  # snapshots due, taken once the block has committed
 
 
 def _secret_weight(secret: Secret) -> int:
@@ -179,6 +193,7 @@ class Ledger(Application[UUID]):
         )
         self._data_keys_lock = threading.Lock()
         self._data_keys_generation = 0  # bumped by forget_data_keys (see data_key)
+        self._exclusive = _Exclusive()
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """The library's environment without the process environment merged in: the
@@ -326,14 +341,53 @@ class Ledger(Application[UUID]):
             raise Conflict from None
         self._remember(positions, events)
         self._note_appended(len(events))
+        exclusive = self._exclusive
         for aggregate in aggregates:
+            if exclusive.active:
+                exclusive.cached.append(aggregate.id)
             if isinstance(aggregate, Secret):
                 self._secrets.put(aggregate.id, aggregate)
                 if aggregate.version % SNAPSHOT_INTERVAL == 0:
-                    self._snapshot(aggregate)
+                    if exclusive.active:  # (a snapshot is written on another connection)
+                        exclusive.snapshots.append(aggregate)
+                    else:
+                        self._snapshot(aggregate)
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
         return unit
+
+    @contextmanager
+    def exclusively(self) -> Iterator[None]:
+        """Run a block in one write transaction taken first, with the store's write lock
+        (``BEGIN IMMEDIATE``; the events table's lock on PostgreSQL): the state it reads
+        cannot move on before its writes commit, so they never conflict. For decisions
+        that kept losing the race to concurrent writers (see ``retrying``); every writer
+        of the store, in every process, waits while the block runs. The block's writes
+        commit when it ends, also when it raises, as each would have committed alone.
+        Where the store cannot hold such a transaction (a memory store, a pool of one
+        connection) the block runs as usual."""
+        exclusive = self._exclusive
+        if exclusive.active:  # (a block within this thread's block: already held)
+            yield
+            return
+        exclusive.positions, exclusive.cached, exclusive.snapshots = [], [], []
+        try:
+            with self.recorder.exclusively() as holding:  # type: ignore[attr-defined]
+                exclusive.active = holding
+                try:
+                    yield
+                finally:
+                    exclusive.active = False
+        except BaseException:
+            # The block raised, or its transaction did not commit (then its positions
+            # are free again on SQLite): what it remembered as appended and cached as
+            # written is forgotten; if it did commit, it is read back when needed.
+            for position in exclusive.positions:
+                self.appended.pop(position, None)
+            self._evict(*exclusive.cached)
+            raise
+        for secret in exclusive.snapshots:
+            self._snapshot(secret)
 
     def take_snapshot(
         self,
@@ -368,6 +422,8 @@ class Ledger(Application[UUID]):
     def read_coming(self) -> AbstractContextManager[None]:
         """Around a retrieve: its read is on its way to ``commit_read``, so a concurrent
         batch being formed waits briefly for it (see ``group_commit``)."""
+        if self._exclusive.active:  # (its read is written in this thread's transaction)
+            return nullcontext()
         return self._reads.arriving()
 
     def commit_read(self, read: PendingRead) -> None:
@@ -377,18 +433,27 @@ class Ledger(Application[UUID]):
         set; ``Conflict`` when the decision it records was made on state that has moved on.
         """
         try:
-            self._reads.submit(read)
+            if self._exclusive.active:  # into this thread's transaction, not a batch
+                (error,) = self.recorder.insert_reads([read])  # type: ignore[attr-defined]
+                if error is not None:
+                    raise error
+            else:
+                self._reads.submit(read)
         except (IntegrityError, StaleStateError):
             self._evict(*read.expected)
             raise Conflict from None
         if read.position is not None and len(self.appended) < APPENDED_KEPT:
             self.appended[read.position] = read.view  # _remember, for one event
+            if self._exclusive.active:
+                self._exclusive.positions.append(read.position)
         self._note_appended(1)
 
     def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:
         """Keep what this process appended for the audit catch-up (see ``appended``)."""
         if positions and len(self.appended) < APPENDED_KEPT:
             self.appended.update(zip(positions, events, strict=True))
+            if self._exclusive.active:
+                self._exclusive.positions.extend(positions)
 
     def _evict(self, *aggregate_ids: UUID) -> None:
         """Forget cached aggregates a write found stale (the retry reloads them)."""
@@ -409,8 +474,8 @@ class Ledger(Application[UUID]):
         # The audit model catches up before every audit query; catching up in bulk every
         # few thousand appends as well keeps that first query short.
         self._appended_since_catch_up += count
-        if self._appended_since_catch_up < AUDIT_CATCH_UP_EVERY:
-            return
+        if self._appended_since_catch_up < AUDIT_CATCH_UP_EVERY or self._exclusive.active:
+            return  # (an exclusive block's own transaction would keep a catch-up waiting)
         self._appended_since_catch_up = 0
         try:
             catch_up_audit(self)
@@ -447,12 +512,18 @@ class Ledger(Application[UUID]):
             if result.anchor_error is not None:
                 logger.warning("audit seal: %s", result.anchor_error)
 
-    def retrying(self, attempt: Callable[[int], T], first: int = 0) -> T:
+    def retrying(self, attempt: Callable[[int], T], first: int = 0, *, escalate: bool = False) -> T:
         """Run ``attempt(n)`` until it stops raising ``Conflict`` (bounded, with jitter),
         from ``n = first`` (a caller that made attempt 0 itself passes 1). The events of
-        one attempt share one timestamp (``one_instant``)."""
+        one attempt share one timestamp (``one_instant``). With ``escalate``, each
+        attempt from ``EXCLUSIVE_AFTER`` on runs ``exclusively``: for attempts that decide
+        on one secret and its keyring, whose fresh loads are short, since every writer
+        waits while they run."""
         for n in range(first, MAX_ATTEMPTS):
             try:
+                if escalate and n >= EXCLUSIVE_AFTER:
+                    with self.exclusively(), one_instant():
+                        return attempt(n)
                 with one_instant():
                     return attempt(n)
             except Conflict:

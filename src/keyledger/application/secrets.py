@@ -110,6 +110,7 @@ class SecretCommands:
             return self.ledger.retrying(
                 lambda n: self._store_once(tenant_id, name, value, options, who, fresh=True),
                 first=1,
+                escalate=True,
             )
         except (MasterKeyUnavailable, DecryptionFailed) as error:
             existing = self.ledger.secret(tenant_id, name, fresh=True)
@@ -226,7 +227,9 @@ class SecretCommands:
         except Conflict:
             pass
         return self.ledger.retrying(
-            lambda n: self._announced_retrieve(tenant_id, name, who, n), first=1
+            lambda n: self._announced_retrieve(tenant_id, name, who, n),
+            first=1,
+            escalate=True,
         )
 
     def _announced_retrieve(self, tenant_id: str, name: str, who: ActorDict, n: int) -> SecretModel:
@@ -366,7 +369,7 @@ class SecretCommands:
             self.ledger.commit(changed)
             return True
 
-        return self.ledger.retrying(attempt)
+        return self.ledger.retrying(attempt, escalate=True)
 
 
 def unavailable(error: MasterKeyUnavailable, context: str) -> MasterKeyUnavailable:

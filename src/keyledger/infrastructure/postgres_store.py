@@ -45,6 +45,7 @@ from psycopg_pool import PoolClosed
 from keyledger.domain.secret import Secret
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import pg_fork, unit_writer
+from keyledger.infrastructure.held_writes import HeldTransaction, in_savepoint
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -271,6 +272,10 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             *function_statements(self.events_table_name, self.channel_name),
         ]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = HeldTransaction()
+
     @staticmethod
     def id_param(aggregate_id: UUID) -> UUID:
         return aggregate_id
@@ -280,6 +285,9 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     ) -> Sequence[int] | None:
         unit: WriteUnit = kwargs.get("unit") or WriteUnit()
         events = list(stored_events)
+        held = self._held.cursor
+        if held is not None:  # this thread holds a write transaction (see exclusively)
+            return self._in_held(held, lambda cur: self._write_unit(cur, events, unit))
         function = self._store_function(events, unit)
         if function is not None:
             position = self._in_one_round_trip(
@@ -318,10 +326,42 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         # Units that decide on what they read under the lock (require_unused), and
         # schemas without the function: one statement at a time.
         with self.writing() as cur:
-            check_expected(unit, lambda ids: self._versions(cur, ids))
-            positions = self._append(cur, list(stored_events))
-            write_unit_rest(cur, unit, positions)
+            return self._write_unit(cur, events, unit)
+
+    def _write_unit(self, cur: PgCursor, events: list[StoredEvent], unit: WriteUnit) -> list[int]:
+        """A write unit one statement at a time, in a transaction that holds the lock."""
+        check_expected(unit, lambda ids: self._versions(cur, ids))
+        positions = self._append(cur, events)
+        write_unit_rest(cur, unit, positions)
         return positions
+
+    @contextmanager
+    def exclusively(self) -> Iterator[bool]:
+        """This thread's writes, until the block ends, in one transaction that takes the
+        events-table lock first (see held_writes): what the block reads cannot move on
+        before it commits. It commits when the block ends, also when the block raises
+        (what its writes made, as each would have committed alone). Yields False,
+        holding nothing, when the pool has a single connection (the block reads on
+        another) and when this thread holds one already."""
+        if self._held.cursor is not None or getattr(self.datastore.pool, "max_size", 0) < 2:
+            yield False
+            return
+        with _translated(), self._session(self._begin_write_statement) as conn:
+            self._held.cursor = PgCursor(conn.cursor(row_factory=tuple_row))
+            try:
+                yield True
+            except BaseException:
+                self._held.cursor = None
+                with suppress(psycopg.Error):  # (the block's error is the one raised)
+                    conn.execute("COMMIT")
+                raise
+            self._held.cursor = None
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _in_held(cur: PgCursor, write: Callable[[PgCursor], T]) -> T:
+        with _translated():
+            return in_savepoint(cur, write, errors=psycopg.Error)
 
     _unit_pipeline = True
 
@@ -577,6 +617,17 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         the batch goes the BEGIN-first way on another connection; found, the reads were
         recorded but their counts are lost with the answer, and the batch fails closed.
         """
+        held = self._held.cursor
+        if held is not None:  # this thread holds a write transaction (see exclusively)
+            return self._in_held(
+                held,
+                lambda cur: write_reads(
+                    cur,
+                    batch,
+                    versions_of=lambda ids: self._versions(cur, ids),
+                    append=lambda events: self._append(cur, events),
+                ),
+            )
         outcome = None
         if self._append_function:
 

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
@@ -41,6 +41,7 @@ from eventsourcing.utils import Environment
 
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import unit_writer
+from keyledger.infrastructure.held_writes import HeldTransaction, in_savepoint
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -385,6 +386,49 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     position_column = "rowid"
     dialect: Literal["sqlite", "postgres"] = "sqlite"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = HeldTransaction()
+
+    @contextmanager
+    def exclusively(self) -> Iterator[bool]:
+        """This thread's writes, until the block ends, in one ``BEGIN IMMEDIATE``
+        transaction taken first (see held_writes): what the block reads cannot move on
+        before it commits. It commits when the block ends, also when the block raises
+        (what its writes made, as each would have committed alone). Yields False, holding
+        nothing, on the shared-cache memory database (its pool's interlock would keep the
+        block's own reads waiting for its write) and when this thread holds one already.
+        """
+        datastore = self._datastore
+        if datastore.pool.is_sqlite_memory_mode or self._held.cursor is not None:
+            yield False
+            return
+        datastore.enter()  # (its leave() is in the finally below)
+        try:
+            try:
+                conn = datastore.thread_writer().raw
+            except InterfaceError as error:
+                raise _translate(error) from None
+            cur = conn.cursor()
+            try:
+                try:
+                    cur.execute("BEGIN IMMEDIATE")
+                except BaseException as error:
+                    raise _translate(error) from None
+                self._held.cursor = cur
+                try:
+                    yield True
+                except BaseException:
+                    self._held.cursor = None
+                    _end_held(conn, failed=True)
+                    raise
+                self._held.cursor = None
+                _end_held(conn, failed=False)
+            finally:
+                cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
+        finally:
+            datastore.leave()
+
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
@@ -481,6 +525,12 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         this thread's sqlite3 connection directly, with no context managers or cursor
         wrappers (a tenth of a retrieve's time); the shared-cache memory database goes
         through ``writing()`` and the pool's interlock it needs."""
+        held = self._held.cursor
+        if held is not None:  # this thread holds a write transaction (see exclusively)
+            try:
+                return in_savepoint(held, write, errors=sqlite3.Error)
+            except BaseException as error:
+                raise _translate(error) from None
         datastore = self._datastore
         if datastore.pool.is_sqlite_memory_mode:
             with self.writing() as curs:
@@ -618,6 +668,18 @@ def _translate(error: BaseException) -> BaseException:
     if isinstance(error, sqlite3.Error):
         return StorageError(f"SQLite error: {error}")
     return error
+
+
+def _end_held(conn: sqlite3.Connection, *, failed: bool) -> None:
+    """Commit a held transaction; rolled back when that fails, which is raised unless
+    the block itself failed (its error is the one its caller gets)."""
+    try:
+        conn.commit()
+    except BaseException as error:
+        with suppress(sqlite3.Error):
+            conn.rollback()
+        if not failed:
+            raise _translate(error) from None
 
 
 def _create_private(db_name: str) -> None:

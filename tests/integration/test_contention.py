@@ -1,0 +1,219 @@
+"""Decisions that keep losing the race to other writers are made under the write lock.
+
+Every write and recorded read is decided on state read without a lock and commits only
+if that state has not moved on. Before 0.15.0 a secret stored back to back by other
+writers could starve its readers: each retry was decided afresh and lost again, and
+after 50 attempts the retrieve failed with ``StorageError``. From the fifth attempt on,
+the decision is now made with the store's write lock taken first, where nobody can move
+the state on before it commits.
+
+Here the race is lost on purpose: another service (another process, as far as the store
+can tell) stores the secret between each decision and its commit, whenever it can.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from conftest import MakeService
+from keyledger import SecretDisabled, SecretService, StorageError, tenant
+from keyledger.application import ledger as ledger_module
+from keyledger.application.ledger import Ledger
+
+ACME = "acme"
+HOT = "hot"
+WAIT_FOR_THE_OTHER = 0.5  # seconds a decision waits for the other writer to commit
+
+
+class OtherWriter:
+    """Stores ``HOT`` from another service, in a thread of its own, after each load of
+    it by the service under test: a store that can commit does so before the decision
+    goes on; one that cannot (the write lock is held) commits after it."""
+
+    def __init__(self, other: SecretService) -> None:
+        self.other = other
+        self.threads: list[threading.Thread] = []
+        self.failures: list[BaseException] = []
+        self.disable_at: int | None = None  # the turn at which it disables instead
+
+    def store_meanwhile(self) -> None:
+        turn = len(self.threads) + 1
+        thread = threading.Thread(target=self._write, args=(turn,))
+        self.threads.append(thread)
+        thread.start()
+        thread.join(WAIT_FOR_THE_OTHER)
+
+    def _write(self, turn: int) -> None:
+        try:
+            if turn == self.disable_at:
+                self.other.disable_for_tenant(ACME, HOT)
+            else:
+                self.other.store_for_tenant(ACME, HOT, f"v{turn}")
+        except BaseException as error:  # reported by the test, not lost in the thread
+            self.failures.append(error)
+
+    def finish(self) -> None:
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads)
+        assert self.failures == []
+
+
+def ledger_of(service: SecretService) -> Ledger:
+    ledger = service._ledger  # (the hook goes where decisions load)
+    assert isinstance(ledger, Ledger)
+    return ledger
+
+
+def losing_the_race(load: Callable[..., Any], other: OtherWriter) -> Callable[..., Any]:
+    def load_then_lose_the_race(tenant_id: str, name: str, **kwargs: Any) -> Any:
+        loaded = load(tenant_id, name, **kwargs)
+        if name == HOT:
+            other.store_meanwhile()
+        return loaded
+
+    return load_then_lose_the_race
+
+
+@pytest.fixture
+def racing(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[SecretService, OtherWriter]]:
+    """The service under test, whose every load of ``HOT`` lets the other writer store
+    it once more before the decision commits."""
+    service = make_service()
+    other = OtherWriter(make_service())
+    service.store_for_tenant(ACME, HOT, "v0")
+    ledger = ledger_of(service)
+    for method in ("secret", "cached_secret"):  # (a store's first attempt uses its cache)
+        monkeypatch.setattr(ledger, method, losing_the_race(getattr(ledger, method), other))
+    yield service, other
+    other.finish()
+
+
+def success_trail(service: SecretService) -> list[tuple[str, int, str | None]]:
+    with tenant(ACME):
+        return [
+            (entry.action, entry.details["version"], entry.user_id)
+            for entry in service.audit_trail(HOT)
+            if entry.result == "success"
+        ]
+
+
+def test_a_retrieve_that_keeps_losing_to_a_writer_returns_the_value_current_when_it_read(
+    racing: tuple[SecretService, OtherWriter],
+) -> None:
+    service, other = racing
+
+    with tenant(ACME, user_id="reader"):
+        secret = service.retrieve(HOT)
+
+    # Attempts 0 to 3 lost the race; the fifth was decided under the lock, so the store
+    # started meanwhile could only commit after the read.
+    lost = ledger_module.EXCLUSIVE_AFTER
+    assert len(other.threads) == lost + 1
+    other.finish()
+    assert (secret.value, secret.version, secret.access_count) == (f"v{lost}", lost + 1, 1)
+    latest = other.other.retrieve_for_tenant(ACME, HOT)
+    assert (latest.value, latest.access_count) == (f"v{lost + 1}", 2)
+    # The audit log has the read once, between the version it read and the next one.
+    assert [(action, version) for action, version, _ in success_trail(service)] == [
+        ("create", 1),
+        *(("update", version) for version in range(2, lost + 2)),
+        ("read", lost + 1),
+        ("update", lost + 2),
+        ("read", lost + 2),
+    ]
+
+
+def test_a_store_that_keeps_losing_to_another_writer_commits_under_the_lock(
+    racing: tuple[SecretService, OtherWriter],
+) -> None:
+    service, other = racing
+
+    with tenant(ACME, user_id="racer"):
+        info = service.store(HOT, "mine")
+
+    other.finish()
+    lost = ledger_module.EXCLUSIVE_AFTER
+    assert len(other.threads) == lost + 1
+    assert info.version == lost + 2
+    # The store started during the locked attempt came after it, on top of it.
+    assert other.other.retrieve_for_tenant(ACME, HOT).version == lost + 3
+    writers = {version: user for action, version, user in success_trail(service)}
+    assert writers[info.version] == "racer"
+    assert sorted(writers) == list(range(1, lost + 4))
+
+
+def test_a_disable_that_keeps_losing_to_a_writer_commits_under_the_lock(
+    racing: tuple[SecretService, OtherWriter],
+) -> None:
+    service, other = racing
+
+    assert service.disable_for_tenant(ACME, HOT) is True
+
+    other.finish()
+    assert len(other.threads) == ledger_module.EXCLUSIVE_AFTER + 1
+    # The store that waited for the lock found the secret disabled and left it so.
+    with tenant(ACME):
+        assert service.list(status="disabled")[0].name == HOT
+        assert service.list(status="disabled")[0].version == ledger_module.EXCLUSIVE_AFTER + 2
+
+
+def test_a_refusal_decided_under_the_lock_is_audited_and_raised(
+    racing: tuple[SecretService, OtherWriter],
+) -> None:
+    """The locked attempt's writes commit also when it raises: here the denial it
+    recorded, for a secret disabled by the last write that won the race."""
+    service, other = racing
+    other.disable_at = ledger_module.EXCLUSIVE_AFTER
+
+    with tenant(ACME, user_id="reader"), pytest.raises(SecretDisabled):
+        service.retrieve(HOT)
+
+    other.finish()
+    with tenant(ACME):
+        reads = [
+            (entry.result, entry.user_id)
+            for entry in other.other.audit_trail(HOT)
+            if entry.action == "read"
+        ]
+    assert reads == [("denied", "reader")]
+
+
+def test_a_locked_attempt_whose_transaction_does_not_commit_leaves_no_trace(
+    racing: tuple[SecretService, OtherWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the locked attempt's writes landed is known only when its transaction
+    ends. When it does not commit, what the attempt cached and remembered is forgotten:
+    on SQLite the positions it was given are given to the next events, which must be
+    audited as themselves, not as the read that was rolled back."""
+    service, other = racing
+    recorder = ledger_of(service).recorder
+    hold = type(recorder).exclusively
+
+    @contextmanager
+    def not_committed(self: Any) -> Iterator[bool]:
+        with hold(self) as holding:
+            yield holding
+            self._held.cursor.execute("ROLLBACK")  # (what a failed COMMIT leaves)
+        raise StorageError("the transaction did not commit")
+
+    monkeypatch.setattr(type(recorder), "exclusively", not_committed)
+    with tenant(ACME, user_id="reader"), pytest.raises(StorageError):
+        service.retrieve(HOT)
+    other.finish()
+    monkeypatch.setattr(type(recorder), "exclusively", hold)
+
+    with tenant(ACME, user_id="writer"):
+        service.store("cold", "c")
+        cold = [(e.action, e.user_id) for e in service.get_audit_logs(secret_name="cold")]
+        hot_reads = [e.user_id for e in service.get_audit_logs(secret_name=HOT, action="read")]
+    assert cold == [("create", "writer")]
+    assert hot_reads == []
+    assert other.other.retrieve_for_tenant(ACME, HOT).access_count == 1
