@@ -90,6 +90,16 @@ _STORES: dict[str, Store] = {
 
 BACKENDS = [pytest.param(name, id=name, marks=store.marks) for name, store in _STORES.items()]
 
+
+def shared_store_url(backend: str, tmp_path: Path) -> str:
+    """The URL of the store ``make_service()`` opens, for a child process to open too;
+    skips the test on backends whose stores are private to one service (memory)."""
+    store = _STORES[backend]
+    if not store.shared:
+        pytest.skip(f"{backend}: a store is private to the service that opened it")
+    return store.url(tmp_path, "k")
+
+
 _ENVIRONMENT = (
     "KEYLEDGER_MASTER_KEY",
     "SMRT_SECRET_MASTER_KEY",

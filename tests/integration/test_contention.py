@@ -13,14 +13,19 @@ can tell) stores the secret between each decision and its commit, whenever it ca
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import MakeService
+from conftest import MakeService, shared_store_url
 from keyledger import SecretDisabled, SecretService, StorageError, tenant
 from keyledger.application import ledger as ledger_module
 from keyledger.application.ledger import Ledger
@@ -217,3 +222,48 @@ def test_a_locked_attempt_whose_transaction_does_not_commit_leaves_no_trace(
     assert cold == [("create", "writer")]
     assert hot_reads == []
     assert other.other.retrieve_for_tenant(ACME, HOT).access_count == 1
+
+
+HOLDER = r"""
+import sys, time
+from keyledger import SecretService
+
+service = SecretService.create(sys.argv[1])
+with service._ledger.exclusively():
+    service.store_for_tenant("acme", "hot", "never committed")
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_it_holds_the_write_lock_holds_no_writer_back(
+    make_service: MakeService, backend: str, tmp_path: Path, master_key: str
+) -> None:
+    """A locked attempt holds every writer back while it runs; a process killed in the
+    middle of one (SIGKILL) releases the lock with its transaction, which never commits."""
+    service = make_service()
+    url = shared_store_url(backend, tmp_path)
+    service.store_for_tenant(ACME, HOT, "v0")
+    env = {**os.environ, "KEYLEDGER_MASTER_KEY": master_key}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, url], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+        waiting = threading.Thread(target=service.store_for_tenant, args=(ACME, HOT, "v1"))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # held back by the lock
+        holder.send_signal(signal.SIGKILL)
+        waiting.join(20)
+        assert not waiting.is_alive()
+    finally:
+        holder.kill()
+        holder.wait(10)
+    secret = service.retrieve_for_tenant(ACME, HOT)
+    assert (secret.value, secret.version) == ("v1", 2)
+    with tenant(ACME):
+        stores = [e.action for e in service.audit_trail(HOT) if e.action != "read"]
+    assert stores == ["create", "update"]
