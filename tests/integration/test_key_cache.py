@@ -12,6 +12,7 @@ The cache's clock is replaced by one the test moves, so expiry is exact, not a r
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import BACKENDS
-from keyledger import DecryptionFailed, SecretService
+from keyledger import DecryptionFailed, SecretService, ShredIncomplete
 from keyledger.infrastructure.crypto import MasterKey
 from keyledger.infrastructure.settings import KeyledgerSettings
 
@@ -146,3 +147,32 @@ def test_a_key_being_unwrapped_while_keys_are_forgotten_is_not_cached(
     monkeypatch.setattr(ledger, "key_material", key_material)
     assert service.retrieve_for_tenant("acme", "api-key").value == "v"
     assert len(ledger._data_keys._items._items) == 1  # an undisturbed unwrap is cached
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+def test_a_key_destroyed_by_another_service_leaves_memory_when_this_one_next_uses_the_tenant(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destroying service drops every unwrapped key at once; another one drops a
+    destroyed version's key when it next decides anything for the tenant (the
+    destruction moved the keyring on, so that decision loads it), not minutes later
+    when its cache would have expired the key."""
+    monkeypatch.setenv("KEYLEDGER_KEY_CACHE_SECONDS", "300")
+    cached = make_service()
+    cached.store_for_tenant("acme", "s", "value")
+    assert cached.retrieve_for_tenant("acme", "s").value == "value"
+    ledger = cached._ledger
+    keyring = ledger.keyring("acme")
+    assert keyring is not None
+    version_1 = ("acme", 1, keyring.keys[1].key_id)
+    assert ledger._data_keys.get(version_1) is not None  # the unwrapped key, in memory
+
+    other = make_service()
+    other.rotate_key_for_tenant("acme")
+    other.reencrypt_all_for_tenant("acme")
+    with contextlib.suppress(ShredIncomplete):  # (destroyed; see test_stale_caches)
+        other.cleanup_retired_keys(older_than_days=0)
+    assert [key.status for key in other.list_keys("acme")] == ["destroyed", "active"]
+
+    assert cached.retrieve_for_tenant("acme", "s").value == "value"  # (on version 2)
+    assert ledger._data_keys.get(version_1) is None

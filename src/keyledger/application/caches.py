@@ -95,5 +95,8 @@ class ExpiringCache(Generic[K, V]):
         if self._ttl > 0:
             self._items.put(key, (self._clock() + self._ttl, item))
 
+    def evict(self, key: K) -> None:
+        self._items.evict(key)
+
     def clear(self) -> None:
         self._items.clear()

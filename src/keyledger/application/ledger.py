@@ -281,7 +281,24 @@ class Ledger(Application[UUID]):
 
     def keyring(self, tenant_id: str, *, fresh: bool = False) -> TenantKeyring | None:
         """The tenant's keyring (read-only; see ``for_update``)."""
-        return self._load(self._keyrings, keyring_id(tenant_id), fresh)
+        aggregate_id = keyring_id(tenant_id)
+        if not fresh:
+            cached = self._keyrings.get(aggregate_id)
+            if cached is not None:
+                return cached
+        keyring = self._load(self._keyrings, aggregate_id, fresh=True)
+        if keyring is not None:
+            self._forget_unusable_data_keys(keyring)
+        return keyring
+
+    def _forget_unusable_data_keys(self, keyring: TenantKeyring) -> None:
+        """Drop the unwrapped data keys of versions the keyring says are destroyed or
+        compromised: another process changed them, and this one learns it when it loads
+        the keyring (every write of the tenant's keys moves the keyring on, so its next
+        decision on the tenant does), not when its cache would have expired them."""
+        for key in keyring.keys.values():
+            if key.status not in ("active", "retired"):
+                self._data_keys.evict((keyring.tenant_id, key.version, key.key_id))
 
     def keyring_at(self, tenant_id: str, version: int) -> TenantKeyring | None:
         """The tenant's keyring as it was at ``version`` (None below 1), not cached."""
@@ -354,6 +371,7 @@ class Ledger(Application[UUID]):
                         self._snapshot(aggregate)
             elif isinstance(aggregate, TenantKeyring):
                 self._keyrings.put(aggregate.id, aggregate)
+                self._forget_unusable_data_keys(aggregate)
         return unit
 
     @contextmanager
