@@ -23,16 +23,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from conftest import MakeService, shared_store_url
+from conftest import BACKENDS, POSTGRES_URL, MakeService, shared_store_url
 from keyledger import SecretDisabled, SecretService, StorageError, tenant
 from keyledger.application import ledger as ledger_module
 from keyledger.application.ledger import Ledger
 
 ACME = "acme"
 HOT = "hot"
-WAIT_FOR_THE_OTHER = 0.5  # seconds a decision waits for the other writer to commit
+POSTGRES = [param for param in BACKENDS if param.id == "postgres"]
+LANDING = 30.0  # seconds a decision made without the lock waits for the other's store
+HELD_BACK = 0.2  # seconds a decision made under the lock gives it (it cannot land)
 
 
 class OtherWriter:
@@ -40,23 +43,31 @@ class OtherWriter:
     it by the service under test: a store that can commit does so before the decision
     goes on; one that cannot (the write lock is held) commits after it."""
 
-    def __init__(self, other: SecretService) -> None:
+    def __init__(self, other: SecretService, holding: Callable[[], bool]) -> None:
         self.other = other
+        self.holding = holding  # whether the decision under test holds the write lock
         self.threads: list[threading.Thread] = []
         self.failures: list[BaseException] = []
         self.disable_at: int | None = None  # the turn at which it disables instead
+        # The turn at which it compromises key version 1 and disables and enables the
+        # secret (which moves the secret on, still under version 1) instead.
+        self.compromise_at: int | None = None
 
     def store_meanwhile(self) -> None:
         turn = len(self.threads) + 1
         thread = threading.Thread(target=self._write, args=(turn,))
         self.threads.append(thread)
         thread.start()
-        thread.join(WAIT_FOR_THE_OTHER)
+        thread.join(HELD_BACK if self.holding() else LANDING)
 
     def _write(self, turn: int) -> None:
         try:
             if turn == self.disable_at:
                 self.other.disable_for_tenant(ACME, HOT)
+            elif turn == self.compromise_at:
+                self.other.compromise_key_for_tenant(ACME, 1, "leaked")
+                self.other.disable_for_tenant(ACME, HOT)
+                self.other.enable_for_tenant(ACME, HOT)
             else:
                 self.other.store_for_tenant(ACME, HOT, f"v{turn}")
         except BaseException as error:  # reported by the test, not lost in the thread
@@ -92,9 +103,9 @@ def racing(
     """The service under test, whose every load of ``HOT`` lets the other writer store
     it once more before the decision commits."""
     service = make_service()
-    other = OtherWriter(make_service())
-    service.store_for_tenant(ACME, HOT, "v0")
     ledger = ledger_of(service)
+    other = OtherWriter(make_service(), lambda: ledger.holding_exclusively)
+    service.store_for_tenant(ACME, HOT, "v0")
     for method in ("secret", "cached_secret"):  # (a store's first attempt uses its cache)
         monkeypatch.setattr(ledger, method, losing_the_race(getattr(ledger, method), other))
     yield service, other
@@ -267,3 +278,106 @@ def test_a_process_killed_while_it_holds_the_write_lock_holds_no_writer_back(
     with tenant(ACME):
         stores = [e.action for e in service.audit_trail(HOT) if e.action != "read"]
     assert stores == ["create", "update"]
+
+
+@pytest.mark.parametrize("backend", POSTGRES, indirect=True)
+def test_a_refusal_whose_audit_entry_was_lost_with_the_connection_is_not_reported_as_decided(
+    racing: tuple[SecretService, OtherWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal is raised only with its audit entry committed: when the locked
+    attempt's connection is lost before its COMMIT (terminated by the server here,
+    right after the denial was written), the caller gets StorageError, as on the
+    optimistic path, and the log has no denial."""
+    service, other = racing
+    other.disable_at = ledger_module.EXCLUSIVE_AFTER
+    ledger = ledger_of(service)
+    recorder: Any = ledger.recorder
+    commit = ledger.commit
+
+    def commit_then_lose_the_connection(*items: Any, **kwargs: Any) -> Any:
+        unit = commit(*items, **kwargs)
+        held = recorder._held.cursor
+        if held is not None:
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+                pid = held._cursor.connection.info.backend_pid
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return unit
+
+    monkeypatch.setattr(ledger, "commit", commit_then_lose_the_connection)
+    with tenant(ACME, user_id="reader"), pytest.raises(StorageError, match="lost"):
+        service.retrieve(HOT)
+    other.finish()
+
+    with tenant(ACME):
+        reads = [e.result for e in other.other.audit_trail(HOT) if e.action == "read"]
+    assert reads == []
+
+
+def test_a_decryption_failure_met_under_the_lock_is_decided_without_it(
+    racing: tuple[SecretService, OtherWriter],
+) -> None:
+    """Explaining a decryption failure diagnoses the tenant, too long to keep every
+    writer waiting: the locked attempt that meets one hands the decision to the next
+    attempt, made without the lock, and the one after that has the lock again. Here the
+    other writer compromised the secret's key version, then stored the secret again on
+    the replacement: the retrieve ends with such a value, neither failing nor starving."""
+    service, other = racing
+    other.compromise_at = ledger_module.EXCLUSIVE_AFTER
+
+    with tenant(ACME, user_id="reader"):
+        secret = service.retrieve(HOT)
+
+    other.finish()
+    # Turn 4 compromised version 1 (its failure record lost the race to the disable and
+    # enable); the locked attempt met the compromised key and let turn 5 store after
+    # it; an unlocked attempt lost to turn 6; a locked one read what turns 5 and 6
+    # stored (in the order they took the lock), on the replacement version.
+    assert (secret.key_version, secret.value in ("v5", "v6")) == (2, True)
+    with tenant(ACME):
+        mine = [(e.action, e.result) for e in service.audit_trail(HOT) if e.user_id == "reader"]
+    assert mine == [("read", "success")]
+
+
+@pytest.mark.parametrize("backend", POSTGRES, indirect=True)
+def test_a_locked_attempt_reads_on_a_connection_it_took_before_the_lock(
+    make_service: MakeService, backend: str, tmp_path: Path, master_key: str
+) -> None:
+    """With the pool's every connection taken, a locked attempt that asked the pool for
+    one more to read on would wait for a writer that waits for its lock (five seconds,
+    then StorageError: found by review before release). It takes that connection before
+    the lock. Here the pool has two connections, and while the locked attempt decides,
+    a store of the same service waits for the lock holding the other one."""
+    make_service()  # (creates the schema)
+    url = shared_store_url(backend, tmp_path) + "&pool_size=2&max_overflow=0"
+    service = SecretService.create(url, master_key=master_key)
+    try:
+        ledger = ledger_of(service)
+        other = OtherWriter(make_service(), lambda: ledger.holding_exclusively)
+        service.store_for_tenant(ACME, HOT, "v0")
+        same_process: list[threading.Thread] = []
+        load = ledger.secret
+
+        def load_then_lose_the_race(tenant_id: str, name: str, **kwargs: Any) -> Any:
+            loaded = load(tenant_id, name, **kwargs)
+            if name == HOT:
+                other.store_meanwhile()
+                if ledger.holding_exclusively:  # a writer of this service waits too
+                    thread = threading.Thread(
+                        target=service.store_for_tenant, args=(ACME, "cold", "c")
+                    )
+                    same_process.append(thread)
+                    thread.start()
+                    thread.join(HELD_BACK)
+            return loaded
+
+        vars(ledger)["secret"] = load_then_lose_the_race
+        secret = service.retrieve_for_tenant(ACME, HOT)
+        other.finish()
+        for thread in same_process:
+            thread.join(30)
+        assert len(same_process) == 1
+        assert not same_process[0].is_alive()
+        assert secret.value == f"v{ledger_module.EXCLUSIVE_AFTER}"
+        assert other.other.retrieve_for_tenant(ACME, "cold").value == "c"
+    finally:
+        service.close()

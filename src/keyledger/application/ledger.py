@@ -103,9 +103,16 @@ class _Exclusive(threading.local):
     finished when the block's transaction ends."""
 
     active = False
-    positions: list[int]  # appended positions remembered (see Ledger.appended)
+    appended: list[tuple[int, object]]  # for Ledger.appended, once the block committed
     cached: list[UUID]  # aggregates cached as written
     snapshots: list[Secret]  # snapshots due, taken once the block has committed
+
+
+class DecideUnlocked(Conflict):
+    """An attempt made under the write lock found a decision that reads too much to make
+    while every writer waits (explaining a decryption failure): the next attempt makes it
+    without the lock (and if that one loses its race, the one after has the lock again:
+    the state may have moved on to one it can decide under the lock)."""
 
 
 def _secret_weight(secret: Secret) -> int:
@@ -374,6 +381,11 @@ class Ledger(Application[UUID]):
                 self._forget_unusable_data_keys(aggregate)
         return unit
 
+    @property
+    def holding_exclusively(self) -> bool:
+        """Whether this thread runs an ``exclusively`` block that holds the lock."""
+        return self._exclusive.active
+
     @contextmanager
     def exclusively(self) -> Iterator[None]:
         """Run a block in one write transaction taken first, with the store's write lock
@@ -388,7 +400,7 @@ class Ledger(Application[UUID]):
         if exclusive.active:  # (a block within this thread's block: already held)
             yield
             return
-        exclusive.positions, exclusive.cached, exclusive.snapshots = [], [], []
+        exclusive.appended, exclusive.cached, exclusive.snapshots = [], [], []
         try:
             with self.recorder.exclusively() as holding:  # type: ignore[attr-defined]
                 exclusive.active = holding
@@ -397,13 +409,15 @@ class Ledger(Application[UUID]):
                 finally:
                     exclusive.active = False
         except BaseException:
-            # The block raised, or its transaction did not commit (then its positions
-            # are free again on SQLite): what it remembered as appended and cached as
-            # written is forgotten; if it did commit, it is read back when needed.
-            for position in exclusive.positions:
-                self.appended.pop(position, None)
+            # The block raised, or its transaction did not commit: what it cached as
+            # written is forgotten (read back if it did commit), and the events it
+            # appended are not remembered (on SQLite their positions may be another
+            # process's events by now).
             self._evict(*exclusive.cached)
             raise
+        for position, event in exclusive.appended:
+            if len(self.appended) < APPENDED_KEPT:
+                self.appended[position] = event
         for secret in exclusive.snapshots:
             self._snapshot(secret)
 
@@ -461,17 +475,19 @@ class Ledger(Application[UUID]):
             self._evict(*read.expected)
             raise Conflict from None
         if read.position is not None and len(self.appended) < APPENDED_KEPT:
-            self.appended[read.position] = read.view  # _remember, for one event
-            if self._exclusive.active:
-                self._exclusive.positions.append(read.position)
+            if self._exclusive.active:  # (remembered once the block has committed)
+                self._exclusive.appended.append((read.position, read.view))
+            else:
+                self.appended[read.position] = read.view  # _remember, for one event
         self._note_appended(1)
 
     def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:
         """Keep what this process appended for the audit catch-up (see ``appended``)."""
         if positions and len(self.appended) < APPENDED_KEPT:
-            self.appended.update(zip(positions, events, strict=True))
-            if self._exclusive.active:
-                self._exclusive.positions.extend(positions)
+            if self._exclusive.active:  # (remembered once the block has committed)
+                self._exclusive.appended.extend(zip(positions, events, strict=True))
+            else:
+                self.appended.update(zip(positions, events, strict=True))
 
     def _evict(self, *aggregate_ids: UUID) -> None:
         """Forget cached aggregates a write found stale (the retry reloads them)."""
@@ -537,13 +553,17 @@ class Ledger(Application[UUID]):
         attempt from ``EXCLUSIVE_AFTER`` on runs ``exclusively``: for attempts that decide
         on one secret and its keyring, whose fresh loads are short, since every writer
         waits while they run."""
+        unlocked = -1  # the attempt that DecideUnlocked sends back without the lock
         for n in range(first, MAX_ATTEMPTS):
             try:
-                if escalate and n >= EXCLUSIVE_AFTER:
+                if escalate and n >= EXCLUSIVE_AFTER and n != unlocked:
                     with self.exclusively(), one_instant():
                         return attempt(n)
                 with one_instant():
                     return attempt(n)
+            except DecideUnlocked:
+                unlocked = n + 1
+                continue
             except Conflict:
                 if n:
                     time.sleep(random.uniform(0, 0.002 * min(n, 10)))

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from keyledger.application.drift import diagnose
-from keyledger.application.ledger import Conflict, Ledger
+from keyledger.application.ledger import Conflict, DecideUnlocked, Ledger
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict, secret_id
@@ -256,6 +256,8 @@ class SecretCommands:
         except (DecryptionFailed, MasterKeyUnavailable) as error:
             if not fresh:
                 raise Conflict from None
+            if self.ledger.holding_exclusively:  # (a diagnosis reads the whole tenant)
+                raise DecideUnlocked from None
             raised = self._explain(error, tenant_id, name)
             record_failure(
                 self.ledger,

@@ -8,6 +8,10 @@ held, so that attempt commits. ``Ledger.exclusively`` opens such a transaction t
 its recorder's ``exclusively()``; until it ends, the recorder sends this thread's writes
 into it (``HeldTransaction.cursor``), each in a savepoint of its own, so that a write
 that fails leaves the others as they would be had each committed alone.
+
+The block reads on a connection of its own (``PinnedReader``), taken from the pool
+*before* the lock: one taken after it could wait for a pool whose every connection is
+held by writers waiting for that very lock.
 """
 
 from __future__ import annotations
@@ -16,15 +20,25 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from keyledger.errors import KeyledgerError, StorageError
+
 T = TypeVar("T")
 
 SAVEPOINT = "kl_write"
 
 
 class HeldTransaction(threading.local):
-    """The write transaction this thread holds (its cursor), if any."""
+    """The write transaction this thread holds (its cursor), if any, and the first event
+    written in it (looked up when its COMMIT's answer is lost)."""
 
     cursor: Any = None
+    first_event: Any = None
+
+
+class PinnedReader(threading.local):
+    """The connection this thread's reads use while it holds a write transaction."""
+
+    conn: Any = None
 
 
 def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Exception]) -> T:
@@ -43,3 +57,11 @@ def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Excepti
         raise
     cursor.execute(f"RELEASE SAVEPOINT {SAVEPOINT}")
     return result
+
+
+def commit_failure_replaces(error: BaseException) -> bool:
+    """Whether a held transaction's failed COMMIT is what its block's caller gets
+    instead of ``error``, the block's own: a refusal (not found, disabled, ...) was
+    audited in the transaction that failed, and is never reported as decided without
+    its audit entry. A storage failure, or anything else, stands."""
+    return isinstance(error, KeyledgerError) and not isinstance(error, StorageError)

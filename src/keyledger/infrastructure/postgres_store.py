@@ -45,7 +45,12 @@ from psycopg_pool import PoolClosed
 from keyledger.domain.secret import Secret
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import pg_fork, unit_writer
-from keyledger.infrastructure.held_writes import HeldTransaction, in_savepoint
+from keyledger.infrastructure.held_writes import (
+    HeldTransaction,
+    PinnedReader,
+    commit_failure_replaces,
+    in_savepoint,
+)
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -287,7 +292,11 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         events = list(stored_events)
         held = self._held.cursor
         if held is not None:  # this thread holds a write transaction (see exclusively)
-            return self._in_held(held, lambda cur: self._write_unit(cur, events, unit))
+            return self._in_held(
+                held,
+                lambda cur: self._write_unit(cur, events, unit),
+                events[0] if events else None,
+            )
         function = self._store_function(events, unit)
         if function is not None:
             position = self._in_one_round_trip(
@@ -338,28 +347,62 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     @contextmanager
     def exclusively(self) -> Iterator[bool]:
         """This thread's writes, until the block ends, in one transaction that takes the
-        events-table lock first (see held_writes): what the block reads cannot move on
-        before it commits. It commits when the block ends, also when the block raises
-        (what its writes made, as each would have committed alone). Yields False,
-        holding nothing, when the pool has a single connection (the block reads on
-        another) and when this thread holds one already."""
+        events-table lock first, and its reads on another pooled connection taken before
+        that (see held_writes): what the block reads cannot move on before it commits.
+        It commits when the block ends, also when the block raises (what its writes made,
+        as each would have committed alone). Yields False, holding nothing, when the
+        pool has a single connection and when this thread holds one already."""
         if self._held.cursor is not None or getattr(self.datastore.pool, "max_size", 0) < 2:
             yield False
             return
-        with _translated(), self._session(self._begin_write_statement) as conn:
-            self._held.cursor = PgCursor(conn.cursor(row_factory=tuple_row))
+        held, pinned = self._held, _pinned(self.datastore)
+        with (
+            _translated(),
+            self._connection() as reader,
+            self._session(self._begin_write_statement) as conn,
+        ):
+            backend = conn.info.backend_pid
+            held.cursor, held.first_event = PgCursor(conn.cursor(row_factory=tuple_row)), None
+            pinned.conn = reader
             try:
                 yield True
-            except BaseException:
-                self._held.cursor = None
-                with suppress(psycopg.Error):  # (the block's error is the one raised)
-                    conn.execute("COMMIT")
+            except BaseException as error:
+                held.cursor = pinned.conn = None
+                failure = self._end_held(conn, backend)
+                if failure is not None and commit_failure_replaces(error):
+                    raise failure from error
                 raise
-            self._held.cursor = None
-            conn.execute("COMMIT")
+            finally:
+                held.cursor = pinned.conn = None
+            failure = self._end_held(conn, backend)
+            if failure is not None:
+                raise failure
 
-    @staticmethod
-    def _in_held(cur: PgCursor, write: Callable[[PgCursor], T]) -> T:
+    def _end_held(self, conn: Connection[Any], backend: int) -> StorageError | None:
+        """COMMIT a held transaction: None, or why it did not (or may not have). A lost
+        answer is settled as every write's is (``_settle_lost``)."""
+        try:
+            conn.execute("COMMIT")
+            return None
+        except psycopg.Error as error:
+            if not (conn.broken or conn.closed):
+                return StorageError(f"PostgreSQL did not commit: {_first_line(error)}")
+        first = self._held.first_event
+        try:
+            self._settle_lost(
+                backend,
+                lambda: self._committed(first) if first is not None else False,
+                "PostgreSQL connection lost after the write was committed",
+            )
+        except StorageError as lost:
+            return lost
+        return StorageError("PostgreSQL connection lost before the write was committed")
+
+    def _in_held(
+        self, cur: PgCursor, write: Callable[[PgCursor], T], first: StoredEvent | None
+    ) -> T:
+        if self._held.first_event is None:
+            self._held.first_event = first
         with _translated():
             return in_savepoint(cur, write, errors=psycopg.Error)
 
@@ -627,6 +670,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
                     versions_of=lambda ids: self._versions(cur, ids),
                     append=lambda events: self._append(cur, events),
                 ),
+                batch[0].stored if batch else None,
             )
         outcome = None
         if self._append_function:
@@ -1185,16 +1229,31 @@ class _Pooled:
         return None
 
 
+def _pinned(datastore: Any) -> PinnedReader:
+    """The datastore's reader pinned per thread while it holds a write transaction (see
+    held_writes); made with the datastore's ``get_connection`` (the factory's)."""
+    pinned = vars(datastore).get("keyledger_pinned")
+    if pinned is None:
+        pinned = vars(datastore)["keyledger_pinned"] = PinnedReader()
+    assert isinstance(pinned, PinnedReader)
+    return pinned
+
+
 def _refused_once_closed(datastore: Any) -> Callable[[], AbstractContextManager[Any]]:
     """The datastore's ``get_connection``, refusing once the factory closed it: a pool
     that was never opened (a forked child's, see pg_fork) would open on first use, and a
     closed service would work again."""
     library_get_connection = datastore.get_connection
 
+    pinned = _pinned(datastore)
+
     @contextmanager
     def get_connection() -> Iterator[Any]:
         if pg_fork.is_closed(datastore):  # (as the library reports the pool's error)
             raise OperationalError("the pool is closed") from PoolClosed("the pool is closed")
+        if pinned.conn is not None:  # this thread holds a write transaction: its reads
+            yield pinned.conn
+            return
         with library_get_connection() as conn:
             yield conn
 

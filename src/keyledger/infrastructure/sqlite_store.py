@@ -41,7 +41,12 @@ from eventsourcing.utils import Environment
 
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import unit_writer
-from keyledger.infrastructure.held_writes import HeldTransaction, in_savepoint
+from keyledger.infrastructure.held_writes import (
+    HeldTransaction,
+    PinnedReader,
+    commit_failure_replaces,
+    in_savepoint,
+)
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -148,6 +153,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
         self._writers = threading.local()
+        self.pinned = PinnedReader()  # (see held_writes)
         # (_all_writers, set first: every live thread's writer, by the id of its
         # _ThreadWriter; see thread_writer.)
 
@@ -185,6 +191,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
 
     @contextmanager
     def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
+        pinned = self.pinned.conn
+        if pinned is not None and not commit:  # this thread holds a write transaction
+            yield pinned
+            return
         self.enter()
         try:
             with super().get_connection(commit=commit) as conn:
@@ -393,41 +403,47 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     @contextmanager
     def exclusively(self) -> Iterator[bool]:
         """This thread's writes, until the block ends, in one ``BEGIN IMMEDIATE``
-        transaction taken first (see held_writes): what the block reads cannot move on
-        before it commits. It commits when the block ends, also when the block raises
-        (what its writes made, as each would have committed alone). Yields False, holding
-        nothing, on the shared-cache memory database (its pool's interlock would keep the
-        block's own reads waiting for its write) and when this thread holds one already.
-        """
+        transaction taken first, and its reads on a pool connection taken before that
+        (see held_writes): what the block reads cannot move on before it commits. It
+        commits when the block ends, also when the block raises (what its writes made,
+        as each would have committed alone). Yields False, holding nothing, on the
+        shared-cache memory database (its pool's interlock would keep the block's reads
+        waiting for its write) and when this thread holds one already."""
         datastore = self._datastore
         if datastore.pool.is_sqlite_memory_mode or self._held.cursor is not None:
             yield False
             return
-        datastore.enter()  # (its leave() is in the finally below)
-        try:
-            try:
-                conn = datastore.thread_writer().raw
-            except InterfaceError as error:
-                raise _translate(error) from None
-            cur = conn.cursor()
+        with datastore.get_connection(commit=False) as reader:
+            datastore.enter()  # (its leave() is in the finally below)
             try:
                 try:
-                    cur.execute("BEGIN IMMEDIATE")
-                except BaseException as error:
+                    conn = datastore.thread_writer().raw
+                except InterfaceError as error:
                     raise _translate(error) from None
-                self._held.cursor = cur
+                cur = conn.cursor()
                 try:
-                    yield True
-                except BaseException:
-                    self._held.cursor = None
-                    _end_held(conn, failed=True)
-                    raise
-                self._held.cursor = None
-                _end_held(conn, failed=False)
+                    try:
+                        cur.execute("BEGIN IMMEDIATE")
+                    except BaseException as error:
+                        raise _translate(error) from None
+                    self._held.cursor, datastore.pinned.conn = cur, reader
+                    try:
+                        yield True
+                    except BaseException as error:
+                        self._held.cursor = datastore.pinned.conn = None
+                        failure = _end_held(conn)
+                        if failure is not None and commit_failure_replaces(error):
+                            raise failure from error
+                        raise
+                    self._held.cursor = datastore.pinned.conn = None
+                    failure = _end_held(conn)
+                    if failure is not None:
+                        raise failure
+                finally:
+                    self._held.cursor = datastore.pinned.conn = None
+                    cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
             finally:
-                cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
-        finally:
-            datastore.leave()
+                datastore.leave()
 
     def construct_create_table_statements(self) -> list[str]:
         return [
@@ -670,16 +686,15 @@ def _translate(error: BaseException) -> BaseException:
     return error
 
 
-def _end_held(conn: sqlite3.Connection, *, failed: bool) -> None:
-    """Commit a held transaction; rolled back when that fails, which is raised unless
-    the block itself failed (its error is the one its caller gets)."""
+def _end_held(conn: sqlite3.Connection) -> BaseException | None:
+    """Commit a held transaction: None, or (rolled back) why it did not commit."""
     try:
         conn.commit()
-    except BaseException as error:
+    except sqlite3.Error as error:
         with suppress(sqlite3.Error):
             conn.rollback()
-        if not failed:
-            raise _translate(error) from None
+        return _translate(error)
+    return None
 
 
 def _create_private(db_name: str) -> None:
