@@ -256,8 +256,8 @@ class SecretCommands:
         except (DecryptionFailed, MasterKeyUnavailable) as error:
             if not fresh:
                 raise Conflict from None
-            if self.ledger.holding_exclusively:  # (a diagnosis reads the whole tenant)
-                raise DecideUnlocked from None
+            if self.ledger.holding_exclusively and isinstance(error, DecryptionFailed):
+                raise DecideUnlocked from None  # (its diagnosis reads the whole tenant)
             raised = self._explain(error, tenant_id, name)
             record_failure(
                 self.ledger,

@@ -11,13 +11,23 @@ that fails leaves the others as they would be had each committed alone.
 
 The block reads on a connection of its own (``PinnedReader``), taken from the pool
 *before* the lock: one taken after it could wait for a pool whose every connection is
-held by writers waiting for that very lock.
+held by writers waiting for that very lock. And one block at a time per store in a
+process (``ExclusiveGate``): only one can hold the lock anyway, and blocks that each held
+a reader while waiting for the pool's next connection could use up the pool between them.
+
+A thread in a block must not open another transaction of its own: its reads go to the
+pinned connection one at a time, and a write elsewhere would wait for its own lock (or,
+on SQLite, roll the held transaction back). The recorders refuse such a write
+(``WRITE_OUTSIDE``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, TypeVar
 
 from keyledger.errors import KeyledgerError, StorageError
@@ -25,6 +35,10 @@ from keyledger.errors import KeyledgerError, StorageError
 T = TypeVar("T")
 
 SAVEPOINT = "kl_write"
+WRITE_OUTSIDE = (
+    "a write outside the write transaction this thread holds was refused (a keyledger "
+    "bug: please report it)"
+)
 
 
 class HeldTransaction(threading.local):
@@ -39,6 +53,40 @@ class PinnedReader(threading.local):
     """The connection this thread's reads use while it holds a write transaction."""
 
     conn: Any = None
+
+
+class ExclusiveGate:
+    """Lets one thread of the process at a time hold a store's write transaction."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _GATES.add(self)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._lock.release()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+
+
+# A forked child has only the thread that forked: a gate another thread held is free there.
+_GATES: weakref.WeakSet[ExclusiveGate] = weakref.WeakSet()
+
+
+def _reset_gates_in_child() -> None:
+    for gate in list(_GATES):
+        gate._reset()
+
+
+os.register_at_fork(after_in_child=_reset_gates_in_child)
 
 
 def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Exception]) -> T:

@@ -46,6 +46,8 @@ from keyledger.domain.secret import Secret
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import pg_fork, unit_writer
 from keyledger.infrastructure.held_writes import (
+    WRITE_OUTSIDE,
+    ExclusiveGate,
     HeldTransaction,
     PinnedReader,
     commit_failure_replaces,
@@ -280,6 +282,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held = HeldTransaction()
+        self._gate = ExclusiveGate()
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> UUID:
@@ -357,6 +360,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             return
         held, pinned = self._held, _pinned(self.datastore)
         with (
+            self._gate,
             _translated(),
             self._connection() as reader,
             self._session(self._begin_write_statement) as conn,
@@ -1030,6 +1034,8 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
 
     def writing(self) -> AbstractContextManager[PgCursor]:
         # BEGIN, the lock timeout, the table lock and the NOTIFY in one round trip.
+        if self._held.cursor is not None:  # (it would wait for this thread's own lock)
+            raise StorageError(WRITE_OUTSIDE)
         return self._transaction(self._begin_write_statement)
 
     @staticmethod
@@ -1042,6 +1048,8 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         # on meanwhile. Reading events by position stays safe without the table lock,
         # because writers commit positions in order (they hold it while appending).
         # Replays send many statements whose results nobody reads: pipeline them.
+        if self._held.cursor is not None:  # (see writing)
+            raise StorageError(WRITE_OUTSIDE)
         return self._transaction(_BEGIN_PROJECTING, pipelined=True)
 
     @contextmanager

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
@@ -42,6 +42,8 @@ from eventsourcing.utils import Environment
 from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import unit_writer
 from keyledger.infrastructure.held_writes import (
+    WRITE_OUTSIDE,
+    ExclusiveGate,
     HeldTransaction,
     PinnedReader,
     commit_failure_replaces,
@@ -192,7 +194,9 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     @contextmanager
     def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
         pinned = self.pinned.conn
-        if pinned is not None and not commit:  # this thread holds a write transaction
+        if pinned is not None:  # this thread holds a write transaction (held_writes)
+            if commit:
+                raise StorageError(WRITE_OUTSIDE)
             yield pinned
             return
         self.enter()
@@ -215,6 +219,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             with self.get_connection(commit=True) as conn:
                 yield conn
             return
+        if self.pinned.conn is not None:  # this thread holds a write transaction
+            raise StorageError(WRITE_OUTSIDE)
         self.enter()
         try:
             yield self.thread_writer()
@@ -399,6 +405,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held = HeldTransaction()
+        self._gate = ExclusiveGate()
 
     @contextmanager
     def exclusively(self) -> Iterator[bool]:
@@ -413,7 +420,7 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         if datastore.pool.is_sqlite_memory_mode or self._held.cursor is not None:
             yield False
             return
-        with datastore.get_connection(commit=False) as reader:
+        with self._gate, _pinnable_reader(datastore) as reader:
             datastore.enter()  # (its leave() is in the finally below)
             try:
                 try:
@@ -684,6 +691,21 @@ def _translate(error: BaseException) -> BaseException:
     if isinstance(error, sqlite3.Error):
         return StorageError(f"SQLite error: {error}")
     return error
+
+
+@contextmanager
+def _pinnable_reader(datastore: KeyledgerSQLiteDatastore) -> Iterator[SQLiteConnection]:
+    """A pool reader for a held transaction's reads; the pool's refusals as keyledger's
+    (only the taking is translated: the block's own errors pass as they are)."""
+    stack = ExitStack()
+    try:
+        reader = stack.enter_context(datastore.get_connection(commit=False))
+    except ConnectionPoolClosedError:
+        raise StorageError(STORE_CLOSED) from None
+    except PersistenceError as error:  # the pool's wait for a connection ran out, say
+        raise StorageError(f"SQLite store unavailable: {error}") from None
+    with stack:
+        yield reader
 
 
 def _end_held(conn: sqlite3.Connection) -> BaseException | None:
