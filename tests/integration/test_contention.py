@@ -30,6 +30,7 @@ from conftest import BACKENDS, POSTGRES_URL, MakeService, shared_store_url
 from keyledger import SecretDisabled, SecretService, StorageError, tenant
 from keyledger.application import ledger as ledger_module
 from keyledger.application.ledger import Ledger
+from keyledger.domain.ids import secret_id
 
 ACME = "acme"
 HOT = "hot"
@@ -465,3 +466,26 @@ def test_a_locked_attempt_reads_on_a_connection_of_its_own(
         assert other.other.retrieve_for_tenant(ACME, "cold").value == "c"
     finally:
         service.close()
+
+
+def test_a_snapshot_due_in_a_locked_attempt_is_taken_once_it_has_committed(
+    racing: tuple[SecretService, OtherWriter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A snapshot is written on a connection of its own, which the held transaction's
+    lock would keep waiting (SQLite: up to the busy timeout): the locked attempt's store
+    that reaches a snapshot version leaves the snapshot until it has committed."""
+    service, other = racing
+    version = ledger_module.EXCLUSIVE_AFTER + 2  # the version the locked store makes
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", version)
+    ledger = ledger_of(service)
+
+    with tenant(ACME):
+        assert service.store(HOT, "mine").version == version
+    other.finish()
+
+    assert "snapshot" not in caplog.text
+    assert ledger.snapshots is not None
+    (snapshot,) = ledger.snapshots.recorder.select_events(secret_id(ACME, HOT), desc=True)
+    assert snapshot.originator_version == version
