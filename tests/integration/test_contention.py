@@ -31,6 +31,7 @@ from keyledger import SecretDisabled, SecretService, StorageError, tenant
 from keyledger.application import ledger as ledger_module
 from keyledger.application.ledger import Ledger
 from keyledger.domain.ids import secret_id
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 ACME = "acme"
 HOT = "hot"
@@ -489,3 +490,123 @@ def test_a_snapshot_due_in_a_locked_attempt_is_taken_once_it_has_committed(
     assert ledger.snapshots is not None
     (snapshot,) = ledger.snapshots.recorder.select_events(secret_id(ACME, HOT), desc=True)
     assert snapshot.originator_version == version
+
+
+@contextmanager
+def held_by_another_thread(
+    service: SecretService, *, store: str | None = None, for_seconds: float = 30
+) -> Iterator[threading.Event]:
+    """Another thread runs a locked block (storing ``HOT`` as ``store``, if given) until
+    the yielded event is set or ``for_seconds`` pass; skips the test where the store
+    holds no write transaction (memory)."""
+    ledger = ledger_of(service)
+    inside, leave = threading.Event(), threading.Event()
+    holding = False
+
+    def hold() -> None:
+        nonlocal holding
+        with ledger.exclusively():
+            holding = ledger.holding_exclusively
+            if store is not None:
+                service.store_for_tenant(ACME, HOT, store)
+            inside.set()
+            leave.wait(for_seconds)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        if not holding:
+            pytest.skip("this store holds no write transaction (memory)")
+        yield leave
+    finally:
+        leave.set()
+        holder.join(30)
+
+
+def in_a_forked_child(work: Callable[[], object]) -> str:
+    """Run ``work`` in a forked child: "done", or the error it raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+            verdict = "done"
+        except BaseException as error:  # reported to the parent
+            verdict = f"{type(error).__name__}: {error}"
+        os.write(write, verdict.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    try:
+        return os.read(read, 1000).decode()
+    finally:
+        os.close(read)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_while_another_thread_holds_the_lock_can_write(
+    make_service: MakeService,
+) -> None:
+    """A child forked while a thread held SQLite's write lock inherited SQLite's record
+    of that lock and could never write (found by review). A fork now waits until no
+    other thread holds a locked attempt; the child writes, then the parent."""
+    service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=2))
+    service.store_for_tenant(ACME, HOT, "v0")
+    with held_by_another_thread(service, store="held", for_seconds=0.5):
+        verdict = in_a_forked_child(lambda: service.store_for_tenant(ACME, "child", "c"))
+
+    assert verdict == "done"
+    assert service.retrieve_for_tenant(ACME, HOT).value == "held"
+    assert service.retrieve_for_tenant(ACME, "child").value == "c"
+
+
+def test_an_interrupt_just_after_the_lock_was_taken_releases_it(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a signal handler's SystemExit) can land between the statement that
+    took the write lock and the block: the transaction is rolled back, not left holding
+    the lock for every writer of every process (found by review on SQLite)."""
+    service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=2))
+    other = make_service()
+    service.store_for_tenant(ACME, HOT, "v0")
+    ledger = ledger_of(service)
+    recorder: Any = ledger.recorder
+    held = recorder._held
+
+    class InterruptedOnce(type(held)):  # type: ignore[misc]
+        interrupted = False
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "cursor" and value is not None and not InterruptedOnce.interrupted:
+                InterruptedOnce.interrupted = True
+                raise KeyboardInterrupt
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(recorder, "_held", InterruptedOnce())
+    with pytest.raises(KeyboardInterrupt), ledger.exclusively():
+        pass
+    if not InterruptedOnce.interrupted:
+        pytest.skip("this store holds no write transaction (memory)")
+
+    other.store_for_tenant(ACME, HOT, "v1")  # another writer: not locked out
+    service.store_for_tenant(ACME, HOT, "v2")  # and this thread: not in a transaction
+    assert other.retrieve_for_tenant(ACME, HOT).value == "v2"
+
+
+def test_a_locked_attempt_waits_for_another_threads_one_no_longer_than_the_lock_timeout(
+    make_service: MakeService,
+) -> None:
+    """Locked attempts of one process take turns; the wait for a turn is bounded by the
+    store's lock timeout, as the wait for the lock itself is (found by review: the
+    tenth in line waited ten lock timeouts)."""
+    service = make_service(settings=KeyledgerSettings(lock_timeout_seconds=1))
+    service.store_for_tenant(ACME, HOT, "v0")
+    ledger = ledger_of(service)
+    with (
+        held_by_another_thread(service),
+        pytest.raises(StorageError, match="lock timeout"),
+        ledger.exclusively(),
+    ):
+        service.store_for_tenant(ACME, HOT, "v1")
+    assert service.retrieve_for_tenant(ACME, HOT).value == "v0"

@@ -403,8 +403,8 @@ class Ledger(Application[UUID]):
         exclusive.appended, exclusive.cached, exclusive.snapshots = [], [], []
         try:
             with self.recorder.exclusively() as holding:  # type: ignore[attr-defined]
-                exclusive.active = holding
                 try:
+                    exclusive.active = holding
                     yield
                 finally:
                     exclusive.active = False

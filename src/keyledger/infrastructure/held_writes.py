@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable
-from types import TracebackType
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from keyledger.errors import KeyledgerError, StorageError
@@ -56,37 +56,79 @@ class PinnedReader(threading.local):
 
 
 class ExclusiveGate:
-    """Lets one thread of the process at a time hold a store's write transaction."""
+    """Lets one thread of the process at a time hold a store's write transaction.
+
+    A ``fork()`` waits until no other thread holds it (``_before_fork``): a child forked
+    while a thread held SQLite's write lock inherits SQLite's in-process record of that
+    lock and can never write to the store (found by review). The child starts with every
+    gate free: it has only the thread that forked."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._owner: int | None = None
         _GATES.add(self)
 
-    def __enter__(self) -> None:
-        self._lock.acquire()
+    def enter(self, timeout: float) -> None:
+        """Take the gate, or ``StorageError`` after ``timeout`` seconds (the store's lock
+        timeout: a wait for another thread's locked attempt is a wait for the lock)."""
+        if not self._lock.acquire(timeout=timeout):
+            raise StorageError(
+                f"lock timeout: another thread's write under the store's lock took over "
+                f"{timeout:g} s"
+            )
+        self._owner = threading.get_ident()
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def leave(self) -> None:
+        self._owner = None
         self._lock.release()
+
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        self.enter(timeout)
+        try:
+            yield
+        finally:
+            self.leave()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
+        self._owner = None
 
 
-# A forked child has only the thread that forked: a gate another thread held is free there.
 _GATES: weakref.WeakSet[ExclusiveGate] = weakref.WeakSet()
+_TAKEN_FOR_FORK = threading.local()
 
 
-def _reset_gates_in_child() -> None:
+def _before_fork() -> None:
+    """Wait for every gate another thread holds, in a fixed order (two threads forking
+    at once take them alike); the forking thread's own gate, if it forks inside a
+    block, is left as it is."""
+    me = threading.get_ident()
+    taken = []
+    for gate in sorted(_GATES, key=id):
+        if gate._owner != me:
+            gate._lock.acquire()
+            taken.append(gate)
+    _TAKEN_FOR_FORK.gates = taken
+
+
+def _after_fork_in_parent() -> None:
+    for gate in getattr(_TAKEN_FOR_FORK, "gates", ()):
+        gate._lock.release()
+    _TAKEN_FOR_FORK.gates = []
+
+
+def _after_fork_in_child() -> None:
     for gate in list(_GATES):
         gate._reset()
+    _TAKEN_FOR_FORK.gates = []
 
 
-os.register_at_fork(after_in_child=_reset_gates_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Exception]) -> T:

@@ -216,6 +216,9 @@ class _PostgresSchemaMixin:
                     raise  # a lock timeout (or any live-connection error) is final
                 self.datastore.pool.check()
                 continue
+            except BaseException:  # (an interrupt during the BEGIN: the connection goes back)
+                stack.close()
+                raise
             with stack:
                 yield conn
             return
@@ -360,7 +363,7 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             return
         held, pinned = self._held, _pinned(self.datastore)
         with (
-            self._gate,
+            self._gate.held(self.datastore.lock_timeout or 30),
             _translated(),
             self._connection() as reader,
             self._session(self._begin_write_statement) as conn,

@@ -420,7 +420,8 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
         if datastore.pool.is_sqlite_memory_mode or self._held.cursor is not None:
             yield False
             return
-        with self._gate, _pinnable_reader(datastore) as reader:
+        lock_timeout = datastore.pool.lock_timeout or 30
+        with self._gate.held(lock_timeout), _pinnable_reader(datastore) as reader:
             datastore.enter()  # (its leave() is in the finally below)
             try:
                 try:
@@ -448,6 +449,9 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                         raise failure
                 finally:
                     self._held.cursor = datastore.pinned.conn = None
+                    if conn.in_transaction:  # (an interrupt between BEGIN and the block)
+                        with suppress(sqlite3.Error):
+                            conn.rollback()
                     cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
             finally:
                 datastore.leave()
