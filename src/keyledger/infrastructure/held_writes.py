@@ -49,6 +49,15 @@ class HeldTransaction(threading.local):
     first_event: Any = None
 
 
+class HoldsWrites:
+    """What a recorder keeps for the write transactions its threads hold."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = HeldTransaction()
+        self._gate = ExclusiveGate()
+
+
 class PinnedReader(threading.local):
     """The connection this thread's reads use while it holds a write transaction."""
 
@@ -68,8 +77,9 @@ class ExclusiveGate:
         self._owner: int | None = None
         _GATES.add(self)
 
-    def enter(self, timeout: float) -> None:
-        """Take the gate, or ``StorageError`` after ``timeout`` seconds (the store's lock
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """The gate, or ``StorageError`` after ``timeout`` seconds (the store's lock
         timeout: a wait for another thread's locked attempt is a wait for the lock)."""
         if not self._lock.acquire(timeout=timeout):
             raise StorageError(
@@ -77,18 +87,11 @@ class ExclusiveGate:
                 f"{timeout:g} s"
             )
         self._owner = threading.get_ident()
-
-    def leave(self) -> None:
-        self._owner = None
-        self._lock.release()
-
-    @contextmanager
-    def held(self, timeout: float) -> Iterator[None]:
-        self.enter(timeout)
         try:
             yield
         finally:
-            self.leave()
+            self._owner = None
+            self._lock.release()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
@@ -149,9 +152,33 @@ def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Excepti
     return result
 
 
-def commit_failure_replaces(error: BaseException) -> bool:
-    """Whether a held transaction's failed COMMIT is what its block's caller gets
-    instead of ``error``, the block's own: a refusal (not found, disabled, ...) was
-    audited in the transaction that failed, and is never reported as decided without
-    its audit entry. A storage failure, or anything else, stands."""
-    return isinstance(error, KeyledgerError) and not isinstance(error, StorageError)
+@contextmanager
+def holding(
+    held: HeldTransaction,
+    pinned: PinnedReader,
+    cursor: Any,
+    reader: Any,
+    commit: Callable[[], BaseException | None],
+) -> Iterator[bool]:
+    """The block of a recorder's ``exclusively()``, once its reader is taken and its
+    transaction open: this thread's writes go to ``cursor`` and its reads to ``reader``
+    until the block ends; then ``commit()`` (None, or why the transaction did not
+    commit), also when the block raised. A failed COMMIT is raised in place of the
+    block's own error when that was a refusal (not found, disabled, ...): it was audited
+    in the transaction that failed, and is never reported as decided without its audit
+    entry. A storage failure, or anything else, stands."""
+    held.cursor, pinned.conn = cursor, reader
+    try:
+        yield True
+    except BaseException as error:
+        held.cursor = pinned.conn = None
+        failure = commit()
+        refusal = isinstance(error, KeyledgerError) and not isinstance(error, StorageError)
+        if failure is not None and refusal:
+            raise failure from error
+        raise
+    finally:
+        held.cursor = pinned.conn = None
+    failure = commit()
+    if failure is not None:
+        raise failure

@@ -47,10 +47,9 @@ from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import pg_fork, unit_writer
 from keyledger.infrastructure.held_writes import (
     WRITE_OUTSIDE,
-    ExclusiveGate,
-    HeldTransaction,
+    HoldsWrites,
     PinnedReader,
-    commit_failure_replaces,
+    holding,
     in_savepoint,
 )
 from keyledger.infrastructure.pg_arrays import (
@@ -269,7 +268,7 @@ class KeyledgerPostgresSnapshotRecorder(_PostgresSchemaMixin, PostgresAggregateR
     """The library's snapshot recorder, creating its table under the schema lock."""
 
 
-class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorder):
+class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresApplicationRecorder):
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
     position_column = "notification_id"
@@ -281,11 +280,6 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             *append_only_statements(self.events_table_name),
             *function_statements(self.events_table_name, self.channel_name),
         ]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._held = HeldTransaction()
-        self._gate = ExclusiveGate()
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> UUID:
@@ -361,7 +355,6 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
         if self._held.cursor is not None or getattr(self.datastore.pool, "max_size", 0) < 2:
             yield False
             return
-        held, pinned = self._held, _pinned(self.datastore)
         with (
             self._gate.held(self.datastore.lock_timeout or 30),
             _translated(),
@@ -369,21 +362,15 @@ class KeyledgerPostgresRecorder(_PostgresSchemaMixin, PostgresApplicationRecorde
             self._session(self._begin_write_statement) as conn,
         ):
             backend = conn.info.backend_pid
-            held.cursor, held.first_event = PgCursor(conn.cursor(row_factory=tuple_row)), None
-            pinned.conn = reader
-            try:
-                yield True
-            except BaseException as error:
-                held.cursor = pinned.conn = None
-                failure = self._end_held(conn, backend)
-                if failure is not None and commit_failure_replaces(error):
-                    raise failure from error
-                raise
-            finally:
-                held.cursor = pinned.conn = None
-            failure = self._end_held(conn, backend)
-            if failure is not None:
-                raise failure
+            self._held.first_event = None
+            with holding(
+                self._held,
+                _pinned(self.datastore),
+                PgCursor(conn.cursor(row_factory=tuple_row)),
+                reader,
+                lambda: self._end_held(conn, backend),
+            ) as held:
+                yield held
 
     def _end_held(self, conn: Connection[Any], backend: int) -> StorageError | None:
         """COMMIT a held transaction: None, or why it did not (or may not have). A lost

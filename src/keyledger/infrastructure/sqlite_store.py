@@ -43,10 +43,9 @@ from keyledger.errors import STORE_CLOSED, ShredIncomplete, StorageError
 from keyledger.infrastructure import unit_writer
 from keyledger.infrastructure.held_writes import (
     WRITE_OUTSIDE,
-    ExclusiveGate,
-    HeldTransaction,
+    HoldsWrites,
     PinnedReader,
-    commit_failure_replaces,
+    holding,
     in_savepoint,
 )
 from keyledger.infrastructure.read_events import PendingRead
@@ -396,16 +395,11 @@ class KeyledgerSQLiteSnapshotRecorder(_CreatesTablesUnderWriteLock, SQLiteAggreg
     """The library's snapshot recorder, creating its table under the write lock."""
 
 
-class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRecorder):
+class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteApplicationRecorder):
     """Application recorder whose ``insert_events`` is the whole write unit."""
 
     position_column = "rowid"
     dialect: Literal["sqlite", "postgres"] = "sqlite"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._held = HeldTransaction()
-        self._gate = ExclusiveGate()
 
     @contextmanager
     def exclusively(self) -> Iterator[bool]:
@@ -434,21 +428,11 @@ class KeyledgerSQLiteRecorder(_CreatesTablesUnderWriteLock, SQLiteApplicationRec
                         cur.execute("BEGIN IMMEDIATE")
                     except BaseException as error:
                         raise _translate(error) from None
-                    self._held.cursor, datastore.pinned.conn = cur, reader
-                    try:
-                        yield True
-                    except BaseException as error:
-                        self._held.cursor = datastore.pinned.conn = None
-                        failure = _end_held(conn)
-                        if failure is not None and commit_failure_replaces(error):
-                            raise failure from error
-                        raise
-                    self._held.cursor = datastore.pinned.conn = None
-                    failure = _end_held(conn)
-                    if failure is not None:
-                        raise failure
+                    with holding(
+                        self._held, datastore.pinned, cur, reader, lambda: _end_held(conn)
+                    ) as held:
+                        yield held
                 finally:
-                    self._held.cursor = datastore.pinned.conn = None
                     if conn.in_transaction:  # (an interrupt between BEGIN and the block)
                         with suppress(sqlite3.Error):
                             conn.rollback()
