@@ -27,7 +27,8 @@ from psycopg import sql
 from conftest import POSTGRES_URL, RUN_ID, MakeService, own_schema
 from keyledger import DecryptionFailed, SecretService, ShredIncomplete, StorageError
 from keyledger.cli import main
-from keyledger.infrastructure import unit_writer
+from keyledger.infrastructure import postgres_store, unit_writer
+from keyledger.infrastructure.pg_vacuum_report import REPORTING_ROUTINE, ServerNotice
 from keyledger.infrastructure.settings import KeyledgerSettings
 
 
@@ -194,6 +195,18 @@ def _grant_documented_privileges(schema: str, role: str, *, own_key_material: bo
             conn.execute(sql.SQL("ALTER TABLE {}.kl_key_material OWNER TO {}").format(ident, who))
 
 
+def _app_service(
+    url: str, schema: str, role: str, master_key: str, own_key_material: bool
+) -> SecretService:
+    """The schema made by its owner (the superuser), then a service of the application
+    role with the documented grants."""
+    SecretService.create(url, master_key=master_key).close()  # creates the schema
+    _grant_documented_privileges(schema, role, own_key_material=own_key_material)
+    return SecretService.create(
+        _as_role(url, role), master_key=master_key, settings=KeyledgerSettings(create_tables=False)
+    )
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("own_key_material", [False, True], ids=["grants-only", "owns-material"])
 def test_an_application_role_shreds_only_if_it_owns_the_key_material_table(
@@ -201,14 +214,7 @@ def test_an_application_role_shreds_only_if_it_owns_the_key_material_table(
 ) -> None:
     with own_schema("roles") as schema:
         url = f"{POSTGRES_URL}?schema={schema}"
-        owner = SecretService.create(url, master_key=master_key)  # creates the schema
-        owner.close()
-        _grant_documented_privileges(schema, app_role, own_key_material=own_key_material)
-        app = SecretService.create(
-            _as_role(url, app_role),
-            master_key=master_key,
-            settings=KeyledgerSettings(create_tables=False),
-        )
+        app = _app_service(url, schema, app_role, master_key, own_key_material)
         try:
             app.store_for_tenant("doomed", "s", "v")
             app.store_for_tenant("kept", "s", "v")
@@ -301,6 +307,63 @@ def test_a_snapshot_open_elsewhere_makes_the_postgresql_shred_incomplete(
         other.execute("ROLLBACK")
     service.shred_key_material()
     assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+
+
+@pytest.mark.postgres
+def test_an_application_role_that_may_not_set_lc_messages_still_sees_kept_rows(
+    app_role: str, master_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role that is no superuser may not set lc_messages (the server refuses it): the
+    shred reads VACUUM FULL's report by the routine that sent it, and still finds the
+    rows a snapshot open elsewhere kept."""
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 0.2)
+    with own_schema("roles") as schema:
+        app = _app_service(f"{POSTGRES_URL}?schema={schema}", schema, app_role, master_key, True)
+        try:
+            with (
+                psycopg.connect(_as_role(POSTGRES_URL, app_role), autocommit=True) as conn,
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+            ):
+                conn.execute("SET lc_messages TO 'C'")
+            app.store_for_tenant("doomed", "s", "v")
+            app.store_for_tenant("kept", "s", "v")
+            doomed = wrapped_material(app, "doomed")
+            end_snapshot = open_snapshot(app)
+            try:
+                with pytest.raises(ShredIncomplete, match="transaction open elsewhere"):
+                    app.erase_tenant("doomed", confirm=True)
+                assert all(blob in stored_bytes(app) for blob in doomed)
+            finally:
+                end_snapshot()
+            app.shred_key_material()
+            assert [blob for blob in doomed if blob in stored_bytes(app)] == []
+        finally:
+            app.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("on_disk", ["postgres"], indirect=True)
+def test_a_vacuum_report_that_cannot_be_read_makes_the_shred_incomplete(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether VACUUM FULL kept rows is known only from its report: one that cannot be
+    read (tests/unit/test_pg_vacuum_report.py has the forms) is not taken for "none
+    kept", even with no snapshot open anywhere."""
+    service.store_for_tenant("doomed", "s", "v")
+    reports: list[list[ServerNotice]] = []
+
+    def unreadable(notices: list[ServerNotice]) -> None:
+        reports.append(list(notices))
+        return
+
+    monkeypatch.setattr(postgres_store, "kept_row_versions", unreadable)
+    with pytest.raises(ShredIncomplete, match="could not be read"):
+        service.erase_tenant("doomed", confirm=True)
+    assert wrapped_material(service, "doomed") == []  # the deletion is in force
+    [notices] = reports  # it was given the server's own report, read while it came
+    assert [n for n in notices if n.source_function == REPORTING_ROUTINE and n.message_detail]
+    with pytest.raises(DecryptionFailed):
+        service.retrieve_for_tenant("doomed", "s")
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,7 @@ from keyledger.infrastructure.pg_prepared import (
     int8,
     int8_value,
 )
+from keyledger.infrastructure.pg_vacuum_report import ServerNotice, kept_row_versions
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -950,16 +951,16 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
 
     def _vacuum_key_material(self) -> int:
         """One ``VACUUM FULL`` of the key-material table: the dead row versions it kept
-        (``ShredIncomplete`` when it was skipped)."""
+        (``ShredIncomplete`` when it was skipped, or when its report could not be read:
+        see pg_vacuum_report)."""
         filenode = "SELECT pg_relation_filenode('kl_key_material')"
-        kept: list[int] = []
+        notices: list[ServerNotice] = []
 
         def on_notice(notice: psycopg.errors.Diagnostic) -> None:
-            found = _KEPT_DEAD_ROWS.search(notice.message_detail or "")
-            if found:
-                kept.append(int(found.group(1)))
+            notices.append(ServerNotice.of(notice))  # (read now: psycopg frees it after)
 
         with _translated(), self._connection() as conn:
+            english = _messages_in_english(conn)
             conn.add_notice_handler(on_notice)
             try:
                 before = conn.execute(filenode).fetchone()
@@ -967,6 +968,9 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
                 after = conn.execute(filenode).fetchone()
             finally:
                 conn.remove_notice_handler(on_notice)
+                if english and not conn.broken:
+                    with suppress(psycopg.Error):  # (left set, it changes only messages)
+                        conn.execute("RESET lc_messages")
             role = conn.info.user
         if before == after:
             raise ShredIncomplete(
@@ -975,7 +979,15 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
                 "or replaced stays in the table's pages until the table's owner runs "
                 "`keyledger db shred` (see docs/postgresql.md, roles)"
             )
-        return sum(kept)
+        kept = kept_row_versions(notices)
+        if kept is None:
+            raise ShredIncomplete(
+                "the operation is done, but the report of VACUUM FULL of kl_key_material "
+                "could not be read, so whether it kept deleted key material for a "
+                "transaction open elsewhere is unknown: set lc_messages = 'C' for role "
+                f"{role!r} (or grant it SET on lc_messages) and run `keyledger db shred`"
+            )
+        return kept
 
     def wait_for_events(self, seconds: float) -> None:
         """LISTEN on the events channel (the library NOTIFYs it on every append).
@@ -1192,11 +1204,21 @@ class _Translated:
 
 _translated = _Translated
 
-# VACUUM (FULL, VERBOSE)'s report of rows it had to keep for snapshots still open.
 SHRED_RETRY_SECONDS = 0.05  # between two tries of a shred kept from finishing
 SHRED_REWRITE_SECONDS = 1.0  # at most one shred rewrite a second while it waits
 LISTEN_SLICE_SECONDS = 0.5  # how soon a worker's idle wait notices that the store closed
-_KEPT_DEAD_ROWS = re.compile(r"(\d+) dead row versions cannot be removed yet")
+
+
+def _messages_in_english(conn: Connection[Any]) -> bool:
+    """Set this session's ``lc_messages`` to C where the role may (a superuser, or a role
+    granted SET on it): True when it did. The report is read in any language
+    (pg_vacuum_report); in English, a report the server sends without its routine's
+    name can be read too."""
+    try:
+        conn.execute("SET lc_messages TO 'C'")
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
 
 
 class _Pooled:
