@@ -469,6 +469,55 @@ def test_a_locked_attempt_reads_on_a_connection_of_its_own(
         service.close()
 
 
+@pytest.mark.parametrize("backend", POSTGRES, indirect=True)
+def test_a_locked_attempt_takes_its_reader_before_the_lock(
+    make_service: MakeService, backend: str, tmp_path: Path, master_key: str
+) -> None:
+    """The order of the two connections a locked attempt takes. Had it taken the lock
+    first, a writer of the same service could take the pool's last connection and wait
+    for that lock, while the attempt waited for the pool to give it a reader: nothing
+    moves until a timeout fails one of them. Here such a writer starts the moment the
+    attempt holds the lock; the attempt holds both its connections by then, so the
+    writer waits for the pool, then stores once the attempt has committed."""
+    make_service()  # (creates the schema)
+    url = shared_store_url(backend, tmp_path) + "&pool_size=2&max_overflow=0&lock_timeout=3"
+    service = SecretService.create(url, master_key=master_key)
+    try:
+        ledger = ledger_of(service)
+        service.store_for_tenant(ACME, HOT, "v0")
+        recorder: Any = ledger.recorder
+        session = recorder._session
+        writers: list[threading.Thread] = []
+        failures: list[BaseException] = []
+
+        def store_cold() -> None:
+            try:
+                service.store_for_tenant(ACME, "cold", "c")
+            except BaseException as error:  # reported below, not lost in the thread
+                failures.append(error)
+
+        @contextmanager
+        def session_then_a_writer(first: bytes, fallback: bytes | None = None) -> Iterator[Any]:
+            with session(first, fallback) as conn:
+                if first == recorder._begin_write_statement and not writers:
+                    writers.append(threading.Thread(target=store_cold))
+                    writers[0].start()
+                    writers[0].join(HELD_BACK)  # it takes what the pool has, then waits
+                yield conn
+
+        vars(recorder)["_session"] = session_then_a_writer
+        with ledger.exclusively():
+            secret = service.retrieve_for_tenant(ACME, HOT)
+        writers[0].join(30)
+
+        assert secret.value == "v0"
+        assert not writers[0].is_alive()
+        assert failures == []
+        assert service.retrieve_for_tenant(ACME, "cold").value == "c"
+    finally:
+        service.close()
+
+
 def test_a_snapshot_due_in_a_locked_attempt_is_taken_once_it_has_committed(
     racing: tuple[SecretService, OtherWriter],
     monkeypatch: pytest.MonkeyPatch,
