@@ -13,14 +13,24 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from conftest import MakeService
-from keyledger import AuditTampered, DecryptionFailed, SecretDisabled, super_admin, tenant
+from keyledger import (
+    AuditTampered,
+    DecryptionFailed,
+    SecretDisabled,
+    SecretService,
+    super_admin,
+    tenant,
+)
 from keyledger.application import ledger as ledger_module
 from keyledger.cli import main
+from keyledger.domain.ids import secret_id
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 Tamper = Callable[[str], None]
 
@@ -173,6 +183,51 @@ def test_a_snapshot_altered_in_the_database_is_replayed_past(
         service.retrieve_for_tenant("t1", "s1")
     service.enable_for_tenant("t1", "s1")
     assert service.retrieve_for_tenant("t1", "s1").value == "value-3"
+
+
+def test_a_snapshot_tagged_before_an_audit_key_rotation_is_renewed_by_the_next_load(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a rotation of the audit key no snapshot verifies: the first load replays
+    the secret from its events and snapshots it afresh, under the new key, so that the
+    loads after it start from a snapshot again (before 0.15.1 every load replayed until
+    the secret's next multiple of SNAPSHOT_INTERVAL)."""
+    monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 5)
+    old_key, new_key = "1a" * 32, "2b" * 32
+    service = make_service(settings=KeyledgerSettings(audit_key=old_key))
+    for i in range(7):
+        service.store_for_tenant("t1", "s1", f"value-{i}")  # version 5: snapshotted
+    service.close()
+
+    def rotated() -> tuple[SecretService, list[int]]:
+        opened = make_service(
+            settings=KeyledgerSettings(audit_key=new_key, previous_audit_keys=old_key)
+        )
+        ledger = opened._ledger
+        replays: list[int] = []
+        replay = ledger._from_events
+
+        def counted(aggregate_id: Any, version: int | None) -> Any:
+            replays.append(version or 0)
+            return replay(aggregate_id, version)
+
+        monkeypatch.setattr(ledger, "_from_events", counted)
+        return opened, replays
+
+    service, replays = rotated()
+    assert service.retrieve_for_tenant("t1", "s1").value == "value-6"
+    assert replays == [0]  # replayed past the snapshot tagged under the old key
+    snapshots = service._ledger.snapshots
+    assert snapshots is not None
+    versions = [
+        e.originator_version for e in snapshots.recorder.select_events(secret_id("t1", "s1"))
+    ]
+    assert versions == [5, 7]
+    service.close()
+
+    service, replays = rotated()
+    assert service.retrieve_for_tenant("t1", "s1").value == "value-6"
+    assert replays == []  # started from the renewed snapshot
 
 
 def test_a_snapshot_forged_into_the_event_stream_is_tampering(

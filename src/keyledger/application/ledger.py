@@ -254,7 +254,10 @@ class Ledger(Application[UUID]):
             try:
                 return self.repository.get(aggregate_id, version=version)
             except UnverifiedSnapshot:  # (see TaggingMapper._vouch_for_snapshot)
-                return self._from_events(aggregate_id, version)
+                aggregate = self._from_events(aggregate_id, version)
+                if version is None:
+                    self._renew_snapshot(aggregate)
+                return aggregate
         except AggregateNotFoundError:
             return None
         except (ConnectionPoolClosedError, PersistenceError) as error:
@@ -448,6 +451,28 @@ class Ledger(Application[UUID]):
             logger.warning(
                 "snapshot of a secret at version %d deferred: %s",
                 secret.version,
+                type(error).__name__,
+            )
+
+    def _renew_snapshot(self, aggregate: Any) -> None:
+        """A new snapshot of a secret just replayed past one that did not verify (most
+        often one tagged before an audit-key rotation), so that the next load starts
+        from it instead of replaying again until the secret's next multiple of
+        SNAPSHOT_INTERVAL. Only where the secret has such a multiple behind it. A load is
+        no write: a snapshot that cannot be written (a read-only role, another process
+        renewing it at once) is left for the next load, and logged at debug level."""
+        if not isinstance(aggregate, Secret) or aggregate.version < SNAPSHOT_INTERVAL:
+            return
+        if self._exclusive.active:  # (written on another connection: after the commit)
+            self._exclusive.snapshots.append(aggregate)
+            return
+        assert self.snapshots is not None  # (snapshotting is enabled for the ledger)
+        try:
+            self.snapshots.put([Secret.Snapshot.take(aggregate)])
+        except Exception as error:
+            logger.debug(
+                "snapshot of a secret at version %d not renewed: %s",
+                aggregate.version,
                 type(error).__name__,
             )
 
