@@ -230,6 +230,39 @@ def test_a_snapshot_tagged_before_an_audit_key_rotation_is_renewed_by_the_next_l
     assert replays == []  # started from the renewed snapshot
 
 
+@pytest.mark.parametrize("source", ["its-own-first-event", "another-secrets-event"])
+def test_an_event_copied_into_the_snapshot_table_is_not_built_upon(
+    make_service: MakeService, source: str
+) -> None:
+    """The snapshot table is writable by whoever can write the database (on PostgreSQL,
+    by the application's own role). An event copied there at the secret's newest version
+    would, as a snapshot, bring back the value and flags of that event and hide every
+    later one (found by review: a disabled secret read back its first value, and another
+    secret's event read back that secret's value under this one's name)."""
+    service = make_service()
+    service.store_for_tenant("t1", "s1", "first")
+    service.store_for_tenant("t1", "s1", "second")
+    service.store_for_tenant("t1", "s2", "of-s2")
+    service.disable_for_tenant("t1", "s1")  # version 3
+    path = Path(str(service._ledger.env.get("SQLITE_DBNAME")))
+    service.close()
+    s1, s2 = secret_id("t1", "s1").hex, secret_id("t1", "s2").hex
+    copied = s1 if source == "its-own-first-event" else s2
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO stored_snapshots SELECT ?, 3, topic, state FROM stored_events "
+            "WHERE originator_id = ? AND originator_version = 1",
+            (s1, copied),
+        )
+
+    service = make_service()
+    with pytest.raises(SecretDisabled):
+        service.retrieve_for_tenant("t1", "s1")
+    service.enable_for_tenant("t1", "s1")
+    assert service.retrieve_for_tenant("t1", "s1").value == "second"
+    assert service.retrieve_for_tenant("t1", "s2").access_count == 1  # its first read
+
+
 def test_a_snapshot_forged_into_the_event_stream_is_tampering(
     make_service: MakeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:

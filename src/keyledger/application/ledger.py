@@ -29,6 +29,7 @@ from eventsourcing.application import (
 from eventsourcing.domain import Aggregate, EventSourcingError
 from eventsourcing.persistence import (
     ConnectionPoolClosedError,
+    EventStore,
     IntegrityError,
     JSONTranscoder,
     Mapper,
@@ -62,7 +63,11 @@ from keyledger.infrastructure.crypto import (
     generate_data_key,
     stored_wrapped,
 )
-from keyledger.infrastructure.event_tags import TaggingMapper, UnverifiedSnapshot
+from keyledger.infrastructure.event_tags import (
+    SnapshotMapper,
+    TaggingMapper,
+    UnverifiedSnapshot,
+)
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
 from keyledger.infrastructure.unit_writer import (
@@ -218,6 +223,16 @@ class Ledger(Application[UUID]):
         """The library's mapper, tagging every event with the audit key (event_tags)."""
         return TaggingMapper(
             transcoder=self.construct_transcoder(), tag_key=self.audit_keys.current
+        )
+
+    def construct_snapshot_store(self) -> EventStore[UUID]:
+        """The library's snapshot store, its rows read by ``SnapshotMapper``: only a
+        snapshot whose tag verifies is built upon."""
+        return self.factory.event_store(
+            mapper=SnapshotMapper(
+                transcoder=self.mapper.transcoder, tag_key=self.audit_keys.current
+            ),
+            recorder=self.factory.aggregate_recorder(purpose="snapshots"),
         )
 
     def construct_transcoder(self) -> Transcoder:
