@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import POSTGRES_URL, RUN_ID, drop_schema
+from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_schema
 from keyledger import (
     AuditTampered,
     InvalidInput,
@@ -42,12 +42,10 @@ from keyledger import (
 )
 from keyledger.application import ledger as ledger_module
 from keyledger.context import make_actor
-from keyledger.domain.ids import SEAL_CHAIN_ID
+from keyledger.domain.ids import SEAL_CHAIN_ID, secret_id
 from keyledger.infrastructure.event_tags import TRAILER_BYTES
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import Checkpoint, TamperFinding, VerifyReport
-
-MakeService = Callable[..., SecretService]
 
 TRIALS = 50
 KINDS = ("modify", "delete", "swap", "insert", "truncate")
@@ -740,3 +738,60 @@ def test_an_undecodable_event_never_fails_a_committed_write_through_the_bulk_cat
         assert service.list_for_tenant("acme")[0].version == 5
         with super_admin(), pytest.raises(AuditTampered, match=f"position {position}"):
             service.get_audit_logs()
+
+
+def _raw_of(service: SecretService) -> SQLiteRaw | PostgresRaw:
+    env = service._ledger.env
+    schema = env.get("POSTGRES_SCHEMA")
+    return PostgresRaw(schema) if schema else SQLiteRaw(Path(str(env.get("SQLITE_DBNAME"))))
+
+
+@pytest.mark.parametrize(
+    ("backend", "deleted"),
+    [
+        ("sqlite", "a-read"),
+        ("sqlite", "a-secrets-middle-version"),
+        pytest.param("postgres", "a-secrets-middle-version", marks=pytest.mark.postgres),
+    ],
+    indirect=["backend"],
+)
+def test_a_seal_stops_before_a_deletion_in_the_tail_instead_of_vouching_for_it(
+    make_service: MakeService, deleted: str
+) -> None:
+    """A deletion in the unsealed tail leaves a trace that verify reports: a gap in
+    SQLite's positions, a break in an aggregate's versions. A seal that covered the rows
+    after it would make the stream verify intact for good (found by review: the routine
+    seal of an idle worker did). It stops before the trace, which verify still reports."""
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    service.store_for_tenant("acme", "db", "v1")
+    assert service.seal_audit().stopped_at is None
+    service.store_for_tenant("acme", "db", "v2")  # version 2
+    service.retrieve_for_tenant("acme", "db")
+    service.store_for_tenant("acme", "db", "v3")  # version 3
+    service.retrieve_for_tenant("acme", "db")
+    raw = _raw_of(service)
+    try:
+        rows = sorted(raw.rows().values())
+        secret = secret_id("acme", "db")
+        if deleted == "a-read":
+            victim = next(r for r in rows if r.topic.endswith("SecretRead"))
+        else:
+            victim = next(r for r in rows if r.originator_id == secret and r.version == 2)
+        raw.apply(delete=[victim.position])
+    finally:
+        raw.close()
+    found = [(f.kind, f.position) for f in service.verify_audit().findings]
+    assert found
+    assert {kind for kind, _ in found} == {"deleted"}
+
+    result = service.seal_audit()
+
+    following = min(r.position for r in rows if r.position > victim.position)
+    assert result.stopped_at is not None
+    assert result.stopped_at <= max(following, *(p for _, p in found))
+    assert result.stopped_reason is not None
+    assert "missing" in result.stopped_reason
+    # (what it sealed ends before the trace: verify goes on finding it)
+    assert all(c.to_position < result.stopped_at for c in result.checkpoints)
+    assert [(f.kind, f.position) for f in service.verify_audit().findings] == found
+    assert service.seal_audit().stopped_at == result.stopped_at  # and stays stopped there

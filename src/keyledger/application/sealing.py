@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from uuid import UUID
 
+from keyledger.application.continuity import gap_detail, version_break
 from keyledger.application.ledger import Conflict
 from keyledger.application.stream import (
     Row,
@@ -287,6 +289,8 @@ def seal(
         if len(page) < SEGMENT_EVENTS and all(r.originator_id == SEAL_CHAIN_ID for r in page):
             break  # only checkpoints since: the next seal covers them (never seal seals)
         covered, stop = _vouched(ledger.audit_keys, page, accept_untagged, head.independent)
+        covered, broken = _continuous(ledger, head.to_position, covered)
+        stop = broken or stop
         if covered:
             checkpoint = _build(ledger, key, head, covered, actor)
             try:
@@ -341,6 +345,26 @@ def _vouched(
             continue
         return page[:index], (row.position, _STOP_REASONS[status])
     return page, None
+
+
+def _continuous(
+    ledger: Ledger, after: int, rows: list[Row]
+) -> tuple[list[Row], tuple[int, str] | None]:
+    """The leading rows that show no trace of a deleted or reordered event (a gap in
+    SQLite's positions, a break in an aggregate's versions: see continuity), and where
+    and why the seal must stop: sealed, the stream as a deletion left it would verify."""
+    contiguous = ledger.store.dialect == "sqlite"
+    versions: dict[UUID, tuple[int, int]] = {}
+    previous = after
+    for index, row in enumerate(rows):
+        if contiguous and row.position != previous + 1:
+            detail = gap_detail(previous + 1, row.position - 1)
+            return rows[:index], (row.position, f"{detail} (run audit verify)")
+        previous = row.position
+        found = version_break(row, versions, lambda i, v: position_of(ledger, i, v))
+        if found is not None:
+            return rows[:index], (row.position, f"{found[1]} (run audit verify)")
+    return rows, None
 
 
 def append_anchor(path: Path | None, checkpoint: Checkpoint) -> str | None:

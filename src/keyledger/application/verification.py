@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from keyledger.application.continuity import gap_detail, version_break
 from keyledger.application.sealing import (
     SEALED_TAG_BYTES,
     ZERO_DIGEST,
@@ -254,12 +255,7 @@ class _Verifier:
                 self.found("deleted", position, "a sealed event is missing", segment.sequence)
 
     def found_gap(self, first: int, last: int) -> None:
-        self.found(
-            "deleted",
-            first,
-            f"positions {first}..{last} are missing: SQLite numbers events without gaps, "
-            "so these events were deleted",
-        )
+        self.found("deleted", first, gap_detail(first, last))
 
     # -- 3. the tail --------------------------------------------------------------------
 
@@ -287,43 +283,10 @@ class _Verifier:
             self._check_version(row, versions)
 
     def _check_version(self, row: Row, versions: dict[UUID, tuple[int, int]]) -> None:
-        """Version continuity of ``row``'s aggregate in the unsealed tail. Only versions
-        after the first are remembered: most of a tail is one-event aggregates (reads),
-        and for an aggregate first met at a later version its previous version is looked
-        up by primary key, so remembering first versions would only save that lookup,
-        at memory that grew with the tail."""
-        before = versions.get(row.originator_id)
-        if row.version > 1:
-            versions[row.originator_id] = (row.version, row.position)
-        if before is None:
-            if row.version > 1:
-                earlier = position_of(self.ledger, row.originator_id, row.version - 1)
-                if earlier is None:
-                    self.found(
-                        "deleted",
-                        row.position,
-                        f"version {row.version - 1} of this event's aggregate is missing",
-                    )
-                elif earlier > row.position:
-                    self.found(
-                        "reordered",
-                        row.position,
-                        f"version {row.version - 1} of this aggregate comes later, at {earlier}",
-                    )
-            return
-        version, _ = before
-        if row.version <= version:
-            self.found(
-                "reordered",
-                row.position,
-                f"version {row.version} of this aggregate follows version {version}",
-            )
-        elif row.version > version + 1:
-            self.found(
-                "deleted",
-                row.position,
-                f"versions {version + 1}..{row.version - 1} of this aggregate are missing",
-            )
+        """Version continuity of ``row``'s aggregate in the unsealed tail (continuity)."""
+        found = version_break(row, versions, lambda i, v: position_of(self.ledger, i, v))
+        if found is not None:
+            self.found(found[0], row.position, found[1])
 
     # -- anchors ------------------------------------------------------------------------
 
