@@ -278,6 +278,8 @@ TamperKind = Literal[
     "checkpoint_missing",
     "unverifiable",
     "truncated",
+    "duplicated",
+    "key_dropped",
 ]
 
 

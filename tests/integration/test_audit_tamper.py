@@ -121,6 +121,19 @@ class SQLiteRaw:
             raise
         self.conn.execute("COMMIT")
 
+    def drop_events_key(self) -> None:
+        """Rebuild the events table without its primary key, rows and rowids kept."""
+        self.conn.executescript(
+            "BEGIN IMMEDIATE;"
+            "CREATE TABLE unkeyed (originator_id TEXT, originator_version INTEGER, "
+            "topic TEXT, state BLOB);"
+            "INSERT INTO unkeyed (rowid, originator_id, originator_version, topic, state) "
+            "SELECT rowid, originator_id, originator_version, topic, state FROM stored_events;"
+            "DROP TABLE stored_events;"
+            "ALTER TABLE unkeyed RENAME TO stored_events;"
+            "COMMIT;"
+        )
+
     def close(self) -> None:
         self.conn.close()
 
@@ -164,6 +177,16 @@ class PostgresRaw:
                     (row.position, row.originator_id, row.version, row.topic, row.state),
                 )
             self.conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(self.table))
+
+    def drop_events_key(self) -> None:
+        row = self.conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'p'",
+            (self.table.as_string(self.conn),),
+        ).fetchone()
+        assert row is not None
+        self.conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(self.table, sql.Identifier(row[0]))
+        )
 
     def burn_position(self) -> int:
         """Take a position from the sequence without using it, as a rolled-back append
@@ -795,3 +818,36 @@ def test_a_seal_stops_before_a_deletion_in_the_tail_instead_of_vouching_for_it(
     assert all(c.to_position < result.stopped_at for c in result.checkpoints)
     assert [(f.kind, f.position) for f in service.verify_audit().findings] == found
     assert service.seal_audit().stopped_at == result.stopped_at  # and stays stopped there
+
+
+@pytest.mark.parametrize("backend", TWO_SERVICE_BACKENDS, indirect=True)
+def test_an_event_stored_twice_once_the_primary_key_is_dropped_is_found_and_never_sealed(
+    make_service: MakeService,
+) -> None:
+    """A read stored again (its tag verifies: the bytes are the original's) counts
+    twice in the audit log and the access counts. The primary key makes that
+    impossible, so its absence is itself a finding; the copies are reported, and no
+    seal vouches for such a stream (found by review: verify said intact, before and
+    after a seal)."""
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    service.store_for_tenant("acme", "db", "v1")
+    service.retrieve_for_tenant("acme", "db")
+    raw = _raw_of(service)
+    try:
+        read = next(r for r in raw.rows().values() if r.topic.endswith("SecretRead"))
+        raw.drop_events_key()
+        copy_at = max(raw.rows()) + 1
+        raw.apply(insert=[read._replace(position=copy_at)])
+    finally:
+        raw.close()
+
+    report = service.verify_audit()
+    assert [(f.kind, f.position) for f in report.findings] == [
+        ("key_dropped", 0),
+        ("duplicated", copy_at),
+    ]
+    with pytest.raises(AuditTampered, match="primary key"):
+        service.seal_audit()
+    status = service.check_schema()
+    assert not status.ok
+    assert any("primary key" in item for item in status.missing)

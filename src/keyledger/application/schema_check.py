@@ -14,8 +14,9 @@ from keyledger.infrastructure.pg_functions import (
     append_only_statements,
     function_bodies,
 )
-from keyledger.projections.schema import has_table
+from keyledger.projections.schema import has_events_key, has_table
 
+EVENTS_KEY_MISSING = "primary key (originator_id, originator_version)"
 REQUIRED_TABLES = ("kl_catalog", "kl_audit", "kl_keys", "kl_tracking", "kl_key_material")
 REQUIRED_COLUMNS = {"kl_catalog": ("disabled", "expired", "deleted", "access_count")}
 
@@ -47,6 +48,9 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
     tables = (store.events_table_name, snapshots, *REQUIRED_TABLES)
     with ledger.reading() as cur:
         missing = [table for table in tables if not has_table(cur, table, postgres)]
+        events = store.events_table_name
+        if events not in missing and not has_events_key(cur, events, postgres):
+            missing.append(f"{events} {EVENTS_KEY_MISSING}")
         for table, columns in REQUIRED_COLUMNS.items():
             if table not in missing:
                 missing += [

@@ -34,6 +34,7 @@ from keyledger.application.continuity import gap_detail, version_break
 from keyledger.application.ledger import Conflict
 from keyledger.application.stream import (
     Row,
+    events_key_intact,
     iter_seal_rows,
     newest_seal_row,
     position_of,
@@ -271,6 +272,8 @@ def seal(
         raise MasterKeyUnavailable(
             "no audit key: set KEYLEDGER_AUDIT_KEY, or a master key to derive it from"
         )
+    if not events_key_intact(ledger):
+        raise AuditTampered(KEY_DROPPED + "; nothing can be sealed (run `keyledger audit verify`)")
     made: list[Checkpoint] = []
     sealed = 0
     anchor_error: str | None = None
@@ -323,6 +326,12 @@ def seal(
         anchor_error=anchor_error,
     )
 
+
+KEY_DROPPED = (
+    "the events table has lost its primary key (originator_id, originator_version), "
+    "which keyledger creates: an event can now be stored twice (a read replayed, say) "
+    "without any tag failing"
+)
 
 _STOP_REASONS = {
     "mismatch": "the event's tag does not verify: it was altered or forged (run audit verify)",

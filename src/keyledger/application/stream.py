@@ -17,6 +17,7 @@ from eventsourcing.persistence import StoredEvent
 from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
 from keyledger.errors import AuditTampered
 from keyledger.infrastructure.event_shapes import INT64_MAX
+from keyledger.projections.schema import has_events_key
 
 if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
@@ -88,6 +89,34 @@ def _row(raw: Any) -> Row:
 
 def _columns(ledger: Ledger) -> tuple[str, str]:
     return ledger.store.events_table_name, ledger.store.position_column
+
+
+def events_key_intact(ledger: Ledger) -> bool:
+    """Whether the events table keeps its primary key (see ``has_events_key``)."""
+    with ledger.reading() as cur:
+        return has_events_key(cur, ledger.store.events_table_name, ledger.store.dialect != "sqlite")
+
+
+def repeated_events(ledger: Ledger) -> list[tuple[int, UUID, int, int]]:
+    """Events stored more than once, as (position of a later copy, aggregate, version,
+    position of the first): only possible once the primary key is gone. One scan of the
+    whole table: run only then."""
+    table, position = _columns(ledger)
+    with ledger.reading() as cur:
+        cur.execute(
+            f"SELECT e.{position}, e.originator_id, e.originator_version, f.first "
+            f"FROM {table} AS e JOIN (SELECT originator_id, originator_version, "
+            f"MIN({position}) AS first FROM {table} GROUP BY originator_id, "
+            "originator_version HAVING COUNT(*) > 1) AS f "
+            "ON f.originator_id = e.originator_id AND f.originator_version = e.originator_version "
+            f"WHERE e.{position} > f.first ORDER BY e.{position}"
+        )
+        found = cur.fetchall()
+    return [(int(r[0]), _uuid(r[1]), int(r[2]), int(r[3])) for r in found]
+
+
+def _uuid(value: Any) -> UUID:
+    return value if isinstance(value, UUID) else UUID(hex=str(value))
 
 
 def head_position(ledger: Ledger) -> int:

@@ -30,6 +30,7 @@ from uuid import UUID
 
 from keyledger.application.continuity import gap_detail, version_break
 from keyledger.application.sealing import (
+    KEY_DROPPED,
     SEALED_TAG_BYTES,
     ZERO_DIGEST,
     checkpoint_digest,
@@ -39,9 +40,11 @@ from keyledger.application.sealing import (
 )
 from keyledger.application.stream import (
     Row,
+    events_key_intact,
     head_position,
     iter_seal_rows,
     position_of,
+    repeated_events,
     row_at,
     rows_after,
 )
@@ -345,6 +348,15 @@ def verify(
             for f in verifier.findings
             if f.checkpoint is None or ends.get(f.checkpoint, from_position) >= from_position
         ]
+    if not events_key_intact(ledger):
+        verifier.found("key_dropped", 0, KEY_DROPPED)
+        for position, originator_id, version, first in repeated_events(ledger):
+            verifier.found(
+                "duplicated",
+                position,
+                f"a second copy of version {version} of aggregate {originator_id}, "
+                f"first stored at position {first}",
+            )
     head = head_position(ledger)
     segments = [s for s in verifier.segments if s.to >= from_position]
     last_sealed = verifier.segments[-1].to if verifier.segments else 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from keyledger.application.schema_check import SchemaStatus
+from keyledger.application.schema_check import EVENTS_KEY_MISSING, SchemaStatus
 from keyledger.cli.render import emit_json, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import InvalidInput
@@ -155,6 +155,11 @@ def check(cli: CliContext) -> None:
     else:
         emit_status(status)
     if not status.ok:
+        if any(item.endswith(EVENTS_KEY_MISSING) for item in status.missing):
+            raise click.ClickException(  # (db init cannot give a table its key back)
+                f"{_not_ready(status)}; the events table was altered outside keyledger: "
+                "run `keyledger audit verify`, and restore the store from a backup"
+            )
         raise click.ClickException(
             f"{_not_ready(status)}; run `keyledger db init`" + _rebuild_hint(status)
         )

@@ -165,6 +165,33 @@ def sqlite_index_statements(cur: Any, table: str = "kl_audit", name_suffix: str 
     return statements
 
 
+EVENTS_KEY = ("originator_id", "originator_version")
+
+
+def has_events_key(cur: Any, table: str, postgres: bool) -> bool:
+    """Whether the events table still has a unique index on (originator_id,
+    originator_version), its primary key: without it, an event can be stored twice."""
+    if postgres:
+        cur.execute(
+            "SELECT 1 FROM pg_index AS i WHERE i.indrelid = to_regclass(?) "
+            "AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND ARRAY("
+            "SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+            "JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "ORDER BY k.n) = ARRAY[?, ?]",
+            (table, *EVENTS_KEY),
+        )
+        return cur.fetchone() is not None
+    cur.execute(
+        'SELECT l.name FROM pragma_index_list(?) AS l WHERE l."unique" AND NOT l.partial',
+        (table,),
+    )
+    for (index,) in cur.fetchall():
+        cur.execute("SELECT name FROM pragma_index_info(?) ORDER BY seqno", (index,))
+        if tuple(row[0] for row in cur.fetchall()) == EVENTS_KEY:
+            return True
+    return False
+
+
 def has_table(cur: Any, table: str, postgres: bool) -> bool:
     """Whether ``table`` exists (in the current schema, on PostgreSQL)."""
     if postgres:
