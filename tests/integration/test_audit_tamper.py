@@ -556,6 +556,10 @@ def test_a_checkpoint_whose_bytes_changed_is_checkpoint_invalid(
 RETYPED_FIELDS = {
     "key_id not hex": (rb'"key_id":"', rb'"key_id":"zz'),
     "after_position a string": (rb'"after_position":(\d+)', rb'"after_position":"\1"'),
+    # (out of the 8 unsigned bytes each is hashed as: verify crashed, found by review)
+    "after_position negative": (rb'"after_position":(\d+)', rb'"after_position":-1'),
+    "to_position negative": (rb'"to_position":(\d+)', rb'"to_position":-1'),
+    "event_count too large": (rb'"event_count":(\d+)', rb'"event_count":18446744073709551616'),
     "positions not bytes": (
         rb'"positions":\{"_type_":"bytes_b64","_data_":"([^"]*)"\}',
         rb'"positions":"\1"',

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,35 @@ def test_a_snapshot_forged_into_the_event_stream_is_tampering(
     service = make_service()
     with pytest.raises(AuditTampered):
         service.retrieve_for_tenant("t1", "s1")
+
+
+@pytest.mark.parametrize(
+    ("topic_end", "old", "new"),
+    [
+        ("SecretCreated", '"originator_topic":"keyledger.domain.secret:', '"originator_topic":"x'),
+        ("SecretDisabled", '"tenant_id":"t1"', '"tenant_id":"t9"'),
+        ("KeyRotated", '"retired_version":1', '"retired_version":-1'),
+    ],
+    ids=["unknown-topic", "moved-tenant", "unknown-key-version"],
+)
+def test_a_replay_of_altered_events_is_tampering_not_a_traceback(
+    tampered: tuple[Path, Tamper], make_service: MakeService, topic_end: str, old: str, new: str
+) -> None:
+    """Replay as of a time applies the events through the domain's own methods; an
+    altered one they cannot apply is AuditTampered like in every other reader (found by
+    review: TopicError, KeyError and OriginatorVersionError reached the CLI)."""
+    path, run = tampered
+    if topic_end == "KeyRotated":  # (the tampered store has none: one more)
+        service = make_service()
+        service.rotate_key_for_tenant("t1")
+        service.close()
+    at = event_position(path, topic_end)
+    run(
+        "UPDATE stored_events SET state = CAST(REPLACE(CAST(state AS TEXT), "
+        f"'{old}', '{new}') AS BLOB) WHERE rowid = {at}"
+    )
+    service = make_service()
+    later = datetime(2099, 1, 1, tzinfo=UTC)
+
+    with pytest.raises(AuditTampered, match="audit verify"):
+        service.state_as_of("t1", at=later)

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+from keyledger.application.ledger import UNREPLAYABLE
 from keyledger.application.stream import (
     decoded,
     row_at,
@@ -28,8 +29,10 @@ from keyledger.application.stream import (
     tenant_pages_by_aggregate,
 )
 from keyledger.domain.access import AuditRecord
+from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
+from keyledger.errors import AuditTampered
 from keyledger.models import KeyVersionAsOf, SecretInfo, SecretStatus, TenantState
 from keyledger.projections.timeutil import optional_datetime, to_micros
 
@@ -77,42 +80,52 @@ def state_as_of(
     revived: dict[str, int] = {}  # name -> position of its last revival
     applied, last_position, last_time = 0, 0, None
     stopped: set[UUID] = set()  # aggregates that met an event timed after ``at``
-    for page in tenant_pages_by_aggregate(ledger, tenant_id, upto=position):
-        for row in page:
-            event: Any = decoded(ledger, row)
-            if at is not None and (event.timestamp > at or row.originator_id in stopped):
-                stopped.add(row.originator_id)  # (its later versions cannot apply alone)
-                continue
-            if getattr(event, "tenant_id", tenant_id) != tenant_id:
-                continue  # another tenant whose 48-bit prefix collides with this one's
-            applied += 1
-            if row.position > last_position:
-                last_position, last_time = row.position, event.timestamp
-            if isinstance(event, AuditRecord.SecretRead):
-                counter = reads.get(event.secret_name)
-                if counter is None:
-                    counter = reads[event.secret_name] = _Reads()
-                counter.positions.append(row.position)
-                counter.times.append(to_micros(event.timestamp))
-            elif isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated):
-                aggregates[row.originator_id] = event.mutate(None)
-            elif isinstance(event, Secret.Event | TenantKeyring.Event):
-                aggregate = aggregates.get(row.originator_id)
-                if aggregate is not None:
-                    if isinstance(event, Secret.SecretStored) and event.revived:
-                        revived[event.name] = row.position
-                    aggregates[row.originator_id] = event.mutate(aggregate)
-    instant = at or _time_at(ledger, position) or last_time
-    secrets = sorted(
-        (
-            _secret(a, _counted(reads.get(a.name), revived.get(a.name, 0)), instant)
-            for a in aggregates.values()
-            if isinstance(a, Secret) and not a.deleted
-        ),
-        key=lambda s: s.name,
-    )
-    keyring = next((a for a in aggregates.values() if isinstance(a, TenantKeyring)), None)
-    keys = [] if keyring is None else [_key(k) for _, k in sorted(keyring.keys.items())]
+    at_position = 0  # (the event being applied, for the error below)
+    try:
+        for page in tenant_pages_by_aggregate(ledger, tenant_id, upto=position):
+            for row in page:
+                at_position = row.position
+                event: Any = decoded(ledger, row)
+                if at is not None and (event.timestamp > at or row.originator_id in stopped):
+                    stopped.add(row.originator_id)  # (its later versions cannot apply alone)
+                    continue
+                if getattr(event, "tenant_id", tenant_id) != tenant_id:
+                    _check_other_tenants(event, row.originator_id)
+                    continue  # another tenant whose 48-bit prefix collides with this one's
+                applied += 1
+                if row.position > last_position:
+                    last_position, last_time = row.position, event.timestamp
+                if isinstance(event, AuditRecord.SecretRead):
+                    counter = reads.get(event.secret_name)
+                    if counter is None:
+                        counter = reads[event.secret_name] = _Reads()
+                    counter.positions.append(row.position)
+                    counter.times.append(to_micros(event.timestamp))
+                elif isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated):
+                    aggregates[row.originator_id] = event.mutate(None)
+                elif isinstance(event, Secret.Event | TenantKeyring.Event):
+                    aggregate = aggregates.get(row.originator_id)
+                    if aggregate is not None:
+                        if isinstance(event, Secret.SecretStored) and event.revived:
+                            revived[event.name] = row.position
+                        aggregates[row.originator_id] = event.mutate(aggregate)
+        instant = at or _time_at(ledger, position) or last_time
+        secrets = sorted(
+            (
+                _secret(a, _counted(reads.get(a.name), revived.get(a.name, 0)), instant)
+                for a in aggregates.values()
+                if isinstance(a, Secret) and not a.deleted
+            ),
+            key=lambda s: s.name,
+        )
+        keyring = next((a for a in aggregates.values() if isinstance(a, TenantKeyring)), None)
+        keys = [] if keyring is None else [_key(k) for _, k in sorted(keyring.keys.items())]
+    except UNREPLAYABLE:  # an altered event the domain cannot apply (see event_shapes)
+        raise AuditTampered(
+            f"the events of tenant {tenant_id!r} cannot be replayed (at position "
+            f"{at_position}): some were altered, deleted or reordered; run "
+            "`keyledger audit verify`"
+        ) from None
     return TenantState(
         tenant_id=tenant_id,
         as_of=at,
@@ -122,6 +135,21 @@ def state_as_of(
         secrets=secrets,
         keys=keys,
     )
+
+
+def _check_other_tenants(event: Any, originator_id: UUID) -> None:
+    """An event naming another tenant is that tenant's (their 48-bit id prefixes
+    collide) only if its aggregate's id is the one that tenant's would have: a secret's
+    or keyring's event whose tenant was edited is not skipped as someone else's (its
+    aggregate would replay without it) but ``ValueError``, reported as tampering."""
+    if isinstance(event, Secret.Event | Secret.SecretCreated):
+        expected = secret_id(event.tenant_id, event.name)
+    elif isinstance(event, TenantKeyring.Event | TenantKeyring.TenantKeyCreated):
+        expected = keyring_id(event.tenant_id)
+    else:
+        return  # (a read record's id is its tenant's prefix and random bits)
+    if expected != originator_id:
+        raise ValueError("an event names a tenant its aggregate does not belong to")
 
 
 def _counted(reads: _Reads | None, revived_at: int) -> tuple[int, datetime | None]:

@@ -44,6 +44,7 @@ from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
 from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
 from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
+from keyledger.infrastructure.event_shapes import INT64_MAX
 from keyledger.infrastructure.event_tags import event_tag, split_trailer
 from keyledger.models import Checkpoint, SealResult
 
@@ -150,6 +151,9 @@ def decode_checkpoint(ledger: Ledger, row: Row) -> AuditSeal.Checkpoint | None:
         value = getattr(event, name, None)
         if not isinstance(value, kind) or isinstance(value, bool):
             return None
+    counts = (event.after_position, event.to_position, event.event_count)
+    if not all(0 <= n <= INT64_MAX for n in counts) or not event.originator_version >= 1:
+        return None  # (each is hashed as 8 unsigned bytes: an edited -1 would not be)
     try:
         bytes.fromhex(event.key_id)
     except ValueError:
