@@ -25,6 +25,7 @@ from keyledger import (
     DecryptionFailed,
     SecretDisabled,
     SecretService,
+    StorageError,
     super_admin,
     tenant,
 )
@@ -315,3 +316,24 @@ def test_a_replay_of_altered_events_is_tampering_not_a_traceback(
 
     with pytest.raises(AuditTampered, match="audit verify"):
         service.state_as_of("t1", at=later)
+
+
+def test_an_audit_model_set_ahead_of_the_stream_is_refused_not_silently_behind(
+    tampered: tuple[Path, Tamper], make_service: MakeService
+) -> None:
+    """The audit model's tracked position moved past the newest event would make every
+    later catch-up skip what is appended until the stream gets there (found by review:
+    new reads and stores never appeared in the audit log). Audit queries now refuse,
+    and a rebuild sets the model right."""
+    _, run = tampered
+    run("UPDATE kl_tracking SET position = position + 1000")
+    service = make_service()
+    service.retrieve_for_tenant("t1", "s1")  # (a write never fails for it: logged)
+
+    with tenant("t1"), pytest.raises(StorageError, match="rebuild audit"):
+        service.get_audit_logs()
+
+    service.rebuild_read_models(names=["audit"])
+    with tenant("t1"):
+        reads = [e for e in service.get_audit_logs() if e.action == "read"]
+    assert len(reads) == 2

@@ -171,7 +171,14 @@ def catch_up_audit(
     ``stop()`` is asked between pages (each its own transaction): a worker told to stop
     leaves after the page it is applying, not after its whole backlog."""
     reached, head = audit_position(ledger)
-    if reached >= head:
+    if reached > head:  # never by keyledger: it would hide every event up to ``reached``
+        raise StorageError(
+            f"the audit read model claims position {reached}, beyond the stream's newest "
+            f"event at {head} (kl_tracking was changed outside keyledger, or events were "
+            "deleted): audit queries would miss what follows; run `keyledger projections "
+            "rebuild audit` and `keyledger audit verify`"
+        )
+    if reached == head:
         _forget_appended(ledger, reached)
         return 0
     projector = AuditProjector()
