@@ -69,6 +69,12 @@ class ConfirmationRequired(KeyledgerError):
 class KeyInUse(KeyledgerError):
     """A key version cannot be destroyed: live secrets are still encrypted under it."""
 
+    @classmethod
+    def of(cls, tenant_id: str, version: int, users: int) -> KeyInUse:
+        return cls(
+            f"key version {version} of tenant {tenant_id!r} still encrypts {users} live secret(s)"
+        )
+
 
 class StorageError(KeyledgerError):
     """The store failed (locked too long, disk, connection); nothing was half written."""

@@ -121,6 +121,10 @@ class SQLiteRaw:
             raise
         self.conn.execute("COMMIT")
 
+    def run(self, statement: str) -> None:
+        """One statement on the store's other tables (``?`` parameters)."""
+        self.conn.execute(statement)
+
     def drop_events_key(self) -> None:
         """Rebuild the events table without its primary key, rows and rowids kept."""
         self.conn.executescript(
@@ -148,6 +152,15 @@ class PostgresRaw:
         self.conn.execute("SET lock_timeout = '10s'")
         self.conn.execute("SET statement_timeout = '30s'")
         self.table = sql.SQL("{}.keyledger_events").format(sql.Identifier(schema))
+        self.schema = schema
+
+    def run(self, statement: str) -> None:
+        """One statement on the store's other tables, in its schema."""
+        with self.conn.transaction():
+            self.conn.execute(
+                sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema))
+            )
+            self.conn.execute(statement.encode())
 
     def rows(self) -> dict[int, Stored]:
         cursor = self.conn.execute(
@@ -855,3 +868,38 @@ def test_an_event_stored_twice_once_the_primary_key_is_dropped_is_found_and_neve
     status = service.check_schema()
     assert not status.ok
     assert any("primary key" in item for item in status.missing)
+
+
+@pytest.mark.parametrize("backend", TWO_SERVICE_BACKENDS, indirect=True)
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE kl_catalog SET key_version = 2, envelope_version = 2 WHERE name = 'db'",
+        "DELETE FROM kl_catalog WHERE name = 'db'",
+    ],
+    ids=["row-moved-to-the-active-key", "row-deleted"],
+)
+def test_a_catalog_edited_to_hide_a_keys_user_does_not_get_the_key_destroyed(
+    make_service: MakeService, edit: str
+) -> None:
+    """The catalog is a read model anyone who can write the database can edit. Cleanup
+    destroyed a retired key version that the catalog no longer showed in use, although
+    a live secret's events still said it was (found by review): the value was lost for
+    good, and the audit log blamed the operator. The secrets' events decide."""
+    service = make_service(settings=KeyledgerSettings(audit_seal_every=0))
+    service.store_for_tenant("acme", "db", "precious")
+    service.rotate_key_for_tenant("acme")  # version 1 retired, still used by "db"
+    raw = _raw_of(service)
+    try:
+        raw.run(edit)
+    finally:
+        raw.close()
+
+    result = service.cleanup_retired_keys(older_than_days=0)
+
+    assert result.destroyed == 0
+    [outcome] = result.keys
+    assert (outcome.tenant_id, outcome.version, outcome.outcome) == ("acme", 1, "skipped")
+    assert outcome.reason is not None
+    assert "by its events, which the catalog does not show" in outcome.reason
+    assert service.retrieve_for_tenant("acme", "db").value == "precious"

@@ -300,6 +300,10 @@ class Ledger(Application[UUID]):
         """The secret (read-only: never mutate a returned aggregate; see ``for_update``)."""
         return self._load(self._secrets, secret_id(tenant_id, name), fresh)
 
+    def secret_by_id(self, aggregate_id: UUID, *, fresh: bool = False) -> Secret | None:
+        """A secret by its aggregate id (read-only, as ``secret``)."""
+        return self._load(self._secrets, aggregate_id, fresh)
+
     def cached_secret(self, tenant_id: str, name: str) -> Secret | None:
         """The cached secret, without asking the store (None: not cached)."""
         return self._secrets.get(secret_id(tenant_id, name))

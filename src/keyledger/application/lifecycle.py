@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
 from keyledger.application.secrets import actor_dict, record_failure, unavailable
+from keyledger.application.stream import secret_ids_in_stream
 from keyledger.context import Actor
 from keyledger.domain.ids import ActorDict
 from keyledger.domain.keyring import TenantKeyring
@@ -137,6 +138,16 @@ class KeyLifecycle:
                 return "skipped", "not in the tenant's keyring (run drift diagnose)"
             if key.status != "retired":
                 return "skipped", f"no longer retired ({key.status})"
+            if n == 0:  # (a retired version gains no users: checked once, outside the lock)
+                users = self._users_in_stream(tenant_id, version)
+                if users:
+                    reason = str(KeyInUse.of(tenant_id, version, users))
+                    if self.queries.key_users(tenant_id, version) != users:
+                        reason += (
+                            " by its events, which the catalog does not show: run "
+                            "`keyledger projections rebuild` and `keyledger audit verify`"
+                        )
+                    return "skipped", reason
             changed = self.ledger.for_update(keyring)
             changed.destroy(version, "cleanup of retired key versions", who)
             unit = WriteUnit(
@@ -150,6 +161,19 @@ class KeyLifecycle:
             return "destroyed", None
 
         return self.ledger.retrying(attempt)
+
+    def _users_in_stream(self, tenant_id: str, version: int) -> int:
+        """The live secrets of the tenant under key ``version``, by their events, not by
+        the catalog: the catalog is a read model that anyone who can write the database
+        can edit, and a row changed to another key version (or removed) would let the
+        destruction of a key still in use through (found by review)."""
+        users = 0
+        for aggregate_id in secret_ids_in_stream(self.ledger, tenant_id):
+            secret = self.ledger.secret_by_id(aggregate_id, fresh=True)  # (not cached:
+            # another process may have moved it to another key since)
+            if secret is not None and not secret.deleted and secret.key_version == version:
+                users += 1
+        return users
 
     # -- erasure ------------------------------------------------------------------------
 

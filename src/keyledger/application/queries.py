@@ -11,6 +11,7 @@ from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.secret import effective_status
 from keyledger.infrastructure.crypto import stored_wrapped
+from keyledger.infrastructure.unit_writer import key_users
 from keyledger.infrastructure.write_unit import KeyMaterialRow
 from keyledger.models import AuditEntry, SecretInfo, TenantKeyInfo
 from keyledger.projections.timeutil import from_micros, optional_datetime, to_micros
@@ -52,6 +53,11 @@ class Queries:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+
+    def key_users(self, tenant_id: str, version: int) -> int:
+        """The live secrets the catalog shows under key ``version`` of the tenant."""
+        with self.ledger.reading() as cur:
+            return key_users(cur, tenant_id, version)
 
     def list_secrets(
         self,

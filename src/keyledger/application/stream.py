@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 
 from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
+from keyledger.domain.secret import Secret
 from keyledger.errors import AuditTampered
 from keyledger.infrastructure.event_shapes import INT64_MAX
 from keyledger.projections.schema import has_events_key
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from keyledger.application.ledger import Ledger
 
 PAGE_SIZE = 1000
+CREATED_TOPIC = get_topic(Secret.SecretCreated)  # (what starts a secret aggregate)
 # Rows per page of a tenant read in primary-key order (replay): a page holds at most some
 # 10 MB; on PostgreSQL each page after the first costs a keyset query (about 6 ms here),
 # so pages much smaller than a typical tenant's history cost time.
@@ -203,6 +206,21 @@ def tenant_pages_by_aggregate(
         params["id"] = ledger.store.id_param(page[-1].originator_id)
         params["version"] = page[-1].version
         statement = f"{after} {order}"
+
+
+def secret_ids_in_stream(ledger: Ledger, tenant_id: str) -> list[UUID]:
+    """The id of every secret aggregate the stream holds for ``tenant_id`` (live or
+    deleted): its ``SecretCreated`` events, found by one range scan of the primary key
+    (which visits the tenant's read records too: a heavy read, for operator commands)."""
+    table = ledger.store.events_table_name
+    low, high = tenant_id_range(tenant_id)
+    with ledger.reading() as cur:
+        cur.execute(
+            f"SELECT originator_id FROM {table} WHERE originator_id BETWEEN ? AND ? "
+            "AND originator_version = 1 AND topic = ?",
+            (ledger.store.id_param(low), ledger.store.id_param(high), CREATED_TOPIC),
+        )
+        return [_uuid(raw[0]) for raw in cur.fetchall()]
 
 
 def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> list[Row]:

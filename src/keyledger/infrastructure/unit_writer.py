@@ -55,19 +55,21 @@ class KeyledgerRecorder(Protocol):
         """Block until new events may exist (NOTIFY on PostgreSQL) or ``seconds`` passed."""
 
 
+def key_users(cur: Cursor, tenant_id: str, version: int) -> int:
+    """The live secrets the catalog shows under key ``version`` of the tenant."""
+    cur.execute(
+        "SELECT COUNT(*) FROM kl_catalog WHERE tenant_id=? AND key_version=? AND deleted=0",
+        (tenant_id, version),
+    )
+    return int(cur.fetchone()[0])
+
+
 def write_unit_rest(cur: Cursor, unit: WriteUnit, positions: Sequence[int]) -> None:
     """Everything of ``unit`` after the event append, in the same transaction."""
     for tenant_id, version in unit.require_unused:
-        cur.execute(
-            "SELECT COUNT(*) FROM kl_catalog WHERE tenant_id=? AND key_version=? AND deleted=0",
-            (tenant_id, version),
-        )
-        in_use = int(cur.fetchone()[0])
+        in_use = key_users(cur, tenant_id, version)
         if in_use:
-            raise KeyInUse(
-                f"key version {version} of tenant {tenant_id!r} still encrypts "
-                f"{in_use} live secret(s)"
-            )
+            raise KeyInUse.of(tenant_id, version, in_use)
     delete_key_material(cur, unit.material_deletions)
     for row in unit.material_rewraps:
         cur.execute(
