@@ -22,6 +22,7 @@ from keyledger.application.read_models import (
     rebuilt_together,
 )
 from keyledger.application.repair import repair
+from keyledger.application.row_errors import read_model_errors
 from keyledger.application.schema_check import SchemaStatus, check_schema
 from keyledger.application.secrets import SecretCommands, StoreOptions
 from keyledger.composition import build_ledger
@@ -540,6 +541,7 @@ class SecretService(AuditInvestigation):
             actor=make_actor(user_id, ip_address, user_agent),
         )
 
+    @read_model_errors
     def keys_due(self, tenant_id: str | None = None) -> builtins.list[KeyDue]:
         """Active key versions past KEYLEDGER_KEY_MAX_AGE_DAYS or the encryption budget:
         of the current (or given) tenant; of all tenants inside super_admin() (SPEC: the

@@ -337,3 +337,46 @@ def test_an_audit_model_set_ahead_of_the_stream_is_refused_not_silently_behind(
     with tenant("t1"):
         reads = [e for e in service.get_audit_logs() if e.action == "read"]
     assert len(reads) == 2
+
+
+UNREADABLE_ROWS = {
+    "metadata-not-json": ("UPDATE kl_catalog SET metadata = '{'", "list"),
+    "created-at-text": ("UPDATE kl_catalog SET created_at = 'x'", "list"),
+    "expiry-out-of-range": ("UPDATE kl_catalog SET expires_at = 9223372036854775807", "list"),
+    "key-status-unknown": ("UPDATE kl_keys SET status = 'x'", "keys"),
+    "key-created-at-bytes": ("UPDATE kl_keys SET created_at = X'00'", "due"),
+    "audit-time-text": ("UPDATE kl_audit SET timestamp = 'x'", "logs"),
+    "tracked-position-text": ("UPDATE kl_tracking SET position = 'x'", "logs"),
+    "catalog-version-text": ("UPDATE kl_catalog SET key_version = 'x'", "drift"),
+}
+
+
+@pytest.mark.parametrize(("edit", "query"), UNREADABLE_ROWS.values(), ids=list(UNREADABLE_ROWS))
+def test_a_read_model_row_edited_to_an_unreadable_value_is_a_storage_error(
+    tampered: tuple[Path, Tamper], make_service: MakeService, edit: str, query: str
+) -> None:
+    """Read models are tables anyone who can write the database can edit; a value of
+    another type there surfaced as a raw JSONDecodeError, ValidationError, TypeError or
+    OverflowError (found by review). It is a StorageError naming the rebuild, which
+    sets it right."""
+    _, run = tampered
+    service = make_service()
+    with tenant("t1"):
+        service.get_audit_logs()  # (the audit model caught up: it has rows to edit)
+    service.close()
+    run(edit)
+    service = make_service()
+    calls = {
+        "list": lambda: service.list_for_tenant("t1", status=None),
+        "keys": lambda: service.list_keys("t1"),
+        "due": lambda: service.keys_due("t1"),
+        "logs": lambda: service.get_audit_logs(tenant_id="t1"),
+        "drift": lambda: service.diagnose_tenant_secret_key_drift("t1"),
+    }
+
+    with super_admin(), pytest.raises(StorageError, match="projections rebuild"):
+        calls[query]()
+    service.rebuild_read_models()
+    with super_admin():
+        calls[query]()
+    assert service.store_for_tenant("t1", "s1", "again").version == 2

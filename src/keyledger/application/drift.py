@@ -13,6 +13,7 @@ from typing import Any
 
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import audit_lag, audit_position
+from keyledger.application.row_errors import read_model_errors
 from keyledger.domain.ids import keyring_id
 from keyledger.errors import DecryptionFailed
 from keyledger.infrastructure.crypto import DataKey, stored_wrapped
@@ -423,6 +424,7 @@ class Diagnosis:
         )
 
 
+@read_model_errors
 def diagnose(ledger: Ledger, tenant_id: str, secret_names: list[str] | None = None) -> DriftReport:
     """Diagnose one tenant (optionally only some of its secrets)."""
     diagnosis = Diagnosis(ledger, tenant_id, secret_names)

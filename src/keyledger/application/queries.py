@@ -9,6 +9,7 @@ from typing import Any
 
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import catch_up_audit
+from keyledger.application.row_errors import read_model_errors
 from keyledger.domain.secret import effective_status
 from keyledger.infrastructure.crypto import stored_wrapped
 from keyledger.infrastructure.unit_writer import key_users
@@ -54,11 +55,13 @@ class Queries:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
+    @read_model_errors
     def key_users(self, tenant_id: str, version: int) -> int:
         """The live secrets the catalog shows under key ``version`` of the tenant."""
         with self.ledger.reading() as cur:
             return key_users(cur, tenant_id, version)
 
+    @read_model_errors
     def list_secrets(
         self,
         tenant_id: str,
@@ -93,6 +96,7 @@ class Queries:
             rows = cur.fetchall()
         return [_secret_info(row, now) for row in rows]
 
+    @read_model_errors
     def exists(self, tenant_id: str, name: str) -> bool:
         with self.ledger.reading() as cur:
             cur.execute(
@@ -101,6 +105,7 @@ class Queries:
             )
             return cur.fetchone() is not None
 
+    @read_model_errors
     def categories(self, tenant_id: str) -> list[str]:
         with self.ledger.reading() as cur:
             cur.execute(
@@ -110,6 +115,7 @@ class Queries:
             )
             return [row[0] for row in cur.fetchall()]
 
+    @read_model_errors
     def list_expiring(self, tenant_id: str, days: int) -> list[SecretInfo]:
         now = self.ledger.clock()
         with self.ledger.reading() as cur:
@@ -122,6 +128,7 @@ class Queries:
             rows = cur.fetchall()
         return [_secret_info(row, now) for row in rows]
 
+    @read_model_errors
     def live_secret_versions(self, tenant_id: str) -> list[tuple[str, int]]:
         """(name, key_version) of every live secret of the tenant, by name."""
         with self.ledger.reading() as cur:
@@ -132,6 +139,7 @@ class Queries:
             )
             return [(row[0], row[1]) for row in cur.fetchall()]
 
+    @read_model_errors
     def audit_logs(
         self,
         *,
@@ -200,6 +208,7 @@ class Queries:
             for row in rows
         ]
 
+    @read_model_errors
     def key_infos(self, tenant_id: str | None) -> list[TenantKeyInfo]:
         """Key versions of one tenant (or all, ordered by tenant), with live secret counts."""
         # The counts in one pass over the catalog (the tenant's range of it), not one
@@ -233,6 +242,7 @@ class Queries:
             for row in rows
         ]
 
+    @read_model_errors
     def retired_keys(self, retired_before: int | None) -> list[tuple[str, int]]:
         """(tenant, version) of every retired version retired at or before the instant
         (None: every retired version)."""
@@ -244,6 +254,7 @@ class Queries:
             )
             return [(row[0], row[1]) for row in cur.fetchall()]
 
+    @read_model_errors
     def usable_key_material(self, tenant_id: str | None = None) -> list[KeyMaterialRow]:
         """Material of every active or retired version (of one tenant), by tenant, version."""
         with self.ledger.reading() as cur:
@@ -260,6 +271,7 @@ class Queries:
                 for row in cur.fetchall()
             ]
 
+    @read_model_errors
     def active_key_usage(self, tenant_id: str | None) -> list[tuple[str, int, int, int]]:
         """(tenant, version, created_at, encryptions) of the active version of
         ``tenant_id`` (None: of every tenant).

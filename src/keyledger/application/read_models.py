@@ -24,6 +24,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
+from keyledger.application.row_errors import read_model_errors
 from keyledger.application.stream import undecodable
 from keyledger.errors import StorageError
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
@@ -143,6 +144,7 @@ def _tracked_position(cur: Any, table: str = "kl_tracking") -> int:
     return int(row[0]) if row else 0
 
 
+@read_model_errors
 def audit_position(ledger: Ledger) -> tuple[int, int]:
     """(position the audit model reached, position of the stream head)."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
@@ -153,6 +155,7 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
     return reached, int(head)
 
 
+@read_model_errors
 def audit_lag(ledger: Ledger) -> int:
     """How many events the audit model has still to apply. Not the difference of the
     positions: on PostgreSQL every rolled-back write (a lost race, say) uses up a
@@ -164,6 +167,7 @@ def audit_lag(ledger: Ledger) -> int:
         return int(cur.fetchone()[0])
 
 
+@read_model_errors
 def catch_up_audit(
     ledger: Ledger, progress: Progress | None = None, stop: Callable[[], bool] | None = None
 ) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
 from keyledger.application.drift import diagnose
 from keyledger.application.ledger import Conflict, DecideUnlocked, Ledger
+from keyledger.application.row_errors import UNREADABLE_ROW
 from keyledger.context import Actor
 from keyledger.domain.access import AuditRecord
 from keyledger.domain.ids import ActorDict, secret_id
@@ -28,6 +30,8 @@ from keyledger.models import Secret as SecretModel
 from keyledger.models import SecretInfo, trusted
 from keyledger.projections.timeutil import optional_datetime
 from keyledger.validation import check_new_identifier, is_new_identifier
+
+logger = logging.getLogger(__name__)
 
 
 def actor_dict(actor: Actor) -> ActorDict:
@@ -73,8 +77,19 @@ def info_fields(
 def secret_info(
     secret: Secret, now: datetime, access_count: int, last_accessed_at: int | None
 ) -> SecretInfo:
-    fields = info_fields(secret, now, access_count, optional_datetime(last_accessed_at))
-    return trusted(SecretInfo, fields)
+    """The info of a secret just stored, with the access count and time its catalog row
+    returned. The store has committed: a row edited to hold something unreadable there
+    must not make it look failed (its caller would store again), so such a count or time
+    is reported as none, and logged."""
+    try:
+        accessed = optional_datetime(last_accessed_at)
+    except UNREADABLE_ROW as error:
+        logger.warning("unreadable last access time in the catalog: %s", type(error).__name__)
+        accessed = None
+    if type(access_count) is not int:
+        logger.warning("unreadable access count in the catalog")
+        access_count = 0
+    return trusted(SecretInfo, info_fields(secret, now, access_count, accessed))
 
 
 def secret_model(
