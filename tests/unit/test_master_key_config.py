@@ -247,6 +247,21 @@ def test_a_missing_master_key_file_fails_at_creation(
         SecretService.create("memory:")
 
 
+@pytest.mark.parametrize("source", ["/dev/zero", "a-large-file"])
+def test_an_endless_or_huge_master_key_file_fails_at_creation_without_reading_it_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str
+) -> None:
+    """A path naming a device read until memory ran out (found by review: MemoryError
+    under a limit, the OOM killer without one): no more than a key's worth is read."""
+    path = Path(source)
+    if source == "a-large-file":
+        path = tmp_path / "amk.hex"
+        path.write_text(KEY_A + "\n" + " " * 5000, encoding="ascii")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(path))
+    with pytest.raises(InvalidMasterKey, match="more than 4096 bytes"):
+        SecretService.create("memory:")
+
+
 def test_a_binary_master_key_file_fails_at_creation(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -425,6 +440,36 @@ def test_a_wrong_master_key_does_not_damage_the_data_for_the_right_key(db_url: s
         service.retrieve(NAME)
     with SecretService.create(db_url, master_key=KEY_A) as service, tenant(TENANT):
         assert service.retrieve(NAME).value == VALUE
+
+
+@pytest.mark.parametrize("compromised", ["active", "retired"])
+def test_a_wrong_master_key_compromises_no_active_key_it_cannot_replace_rightly(
+    db_url: str, compromised: str
+) -> None:
+    """Replacing a compromised active version wraps the new one under the configured
+    master key: under a wrong one, every process with the right key could no longer
+    store to the tenant (found by review). Refused as a rotation is; a retired version
+    needs no replacement and is compromised all the same."""
+    store_with_key(db_url, KEY_A)
+    if compromised == "retired":
+        with SecretService.create(db_url, master_key=KEY_A) as service:
+            service.rotate_key_for_tenant(TENANT)
+    with SecretService.create(db_url, master_key=KEY_B) as service:
+        if compromised == "active":
+            with pytest.raises(MasterKeyUnavailable, match="wrong one"):
+                service.compromise_key_for_tenant(TENANT, 1, "suspected")
+        else:
+            assert service.compromise_key_for_tenant(TENANT, 1, "suspected").status == (
+                "compromised"
+            )
+    with SecretService.create(db_url, master_key=KEY_A) as service, tenant(TENANT):
+        statuses = {key.version: key.status for key in service.list_keys()}
+        if compromised == "active":
+            assert statuses == {1: "active"}
+        else:
+            assert statuses == {1: "compromised", 2: "active"}
+        service.store("fresh", "value-after")  # the right fleet stores on
+        assert service.retrieve("fresh").value == "value-after"
 
 
 @pytest.mark.parametrize(

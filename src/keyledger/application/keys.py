@@ -62,7 +62,7 @@ class KeyCommands:
                 data_key, row = self.ledger.new_data_key(tenant_id, 1)
                 rotated = TenantKeyring.create(tenant_id, data_key.fingerprint, row.amk_id, who)
             else:
-                self._refuse_on_an_unknown_master_key(keyring, fresh=n > 0)
+                refuse_an_unknown_master_key(self.ledger, keyring, fresh=n > 0, doing="rotate")
                 rotated = self.ledger.for_update(keyring)
                 data_key, row = self.ledger.new_data_key(tenant_id, rotated.next_version)
                 rotated.rotate(data_key.fingerprint, row.amk_id, who)
@@ -87,25 +87,6 @@ class KeyCommands:
             created_at=version.created_at,
             retired_at=None,
             secret_count=0,  # nothing is encrypted under a version before it exists
-        )
-
-    def _refuse_on_an_unknown_master_key(self, keyring: TenantKeyring, *, fresh: bool) -> None:
-        """A rotation wraps its version under the configured master key: when that key
-        cannot open the active version (wrapped under a master key that is neither the
-        current one nor a previous one), the configuration is most likely wrong, and a
-        rotation would leave the tenant's keys split between two master keys. The way on
-        when the old master key is lost for good is ``drift repair``, not a rotation."""
-        active, master_keys = keyring.active, self.ledger.master_keys
-        if active is None or master_keys.current is None or master_keys.knows(active.amk_id):
-            return  # (no master key at all: the rotation fails for that)
-        if not fresh:
-            raise Conflict  # decided on the cached keyring: look again (a rewrap, say)
-        raise MasterKeyUnavailable(
-            f"the active key version {active.version} is wrapped by master key "
-            f"{active.amk_id}, which is not configured: refusing to "
-            "rotate under a master key that may be the wrong one; add it to "
-            "KEYLEDGER_PREVIOUS_MASTER_KEYS (or, if it is lost for good, see `keyledger "
-            "drift diagnose`)"
         )
 
     def reencrypt_all(
@@ -208,3 +189,25 @@ def _failure(
     tenant_id: str, name: str, key_version: int, error: KeyledgerError, who: ActorDict
 ) -> AuditRecord.OperationFailed:
     return AuditRecord.failed(tenant_id, name, "update", type(error).__name__, key_version, who)
+
+
+def refuse_an_unknown_master_key(
+    ledger: Ledger, keyring: TenantKeyring, *, fresh: bool, doing: str
+) -> None:
+    """A new key version is wrapped under the configured master key: when that key
+    cannot open the active version (wrapped under a master key that is neither the
+    current one nor a previous one), the configuration is most likely wrong, and a new
+    version would leave the tenant's keys split between two master keys, the rest of the
+    fleet unable to use the active one. The way on when the old master key is lost for
+    good is ``drift repair``, not a new version (``doing``: what is refused)."""
+    active, master_keys = keyring.active, ledger.master_keys
+    if active is None or master_keys.current is None or master_keys.knows(active.amk_id):
+        return  # (no master key at all: making the version fails for that)
+    if not fresh:
+        raise Conflict  # decided on the cached keyring: look again (a rewrap, say)
+    raise MasterKeyUnavailable(
+        f"the active key version {active.version} is wrapped by master key "
+        f"{active.amk_id}, which is not configured: refusing to {doing} under a master "
+        "key that may be the wrong one; add it to KEYLEDGER_PREVIOUS_MASTER_KEYS (or, if "
+        "it is lost for good, see `keyledger drift diagnose`)"
+    )

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from keyledger.application.keys import refuse_an_unknown_master_key
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
 from keyledger.application.secrets import actor_dict, record_failure, unavailable
@@ -83,7 +84,10 @@ class KeyLifecycle:
             changed = self.ledger.for_update(keyring)
             changed.compromise(version, reason, who)
             unit = WriteUnit()
-            if key.status == "active":
+            if key.status == "active":  # (its replacement: wrapped under a known key)
+                refuse_an_unknown_master_key(
+                    self.ledger, keyring, fresh=True, doing="replace a compromised version"
+                )
                 data_key, row = self.ledger.new_data_key(tenant_id, changed.next_version)
                 changed.rotate(data_key.fingerprint, row.amk_id, who)
                 unit.key_material.append(row)

@@ -37,6 +37,9 @@ def _current_key_text(
     return None, ""
 
 
+KEY_FILE_MAX_BYTES = 4096  # a key is 64 hex characters, a line ending and maybe a BOM
+
+
 def _key_file_text(settings: KeyledgerSettings) -> str:
     """The text of KEYLEDGER_MASTER_KEY_FILE (a leading UTF-8 byte-order mark dropped).
 
@@ -47,10 +50,13 @@ def _key_file_text(settings: KeyledgerSettings) -> str:
     assert settings.master_key_file is not None
     reason = ""
     try:
-        raw = settings.master_key_file.read_bytes()
+        with settings.master_key_file.open("rb") as file:  # (a device or a pipe may be
+            raw = file.read(KEY_FILE_MAX_BYTES + 1)  # endless: read no more than a key
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raw = b""
+    if not reason and len(raw) > KEY_FILE_MAX_BYTES:
+        reason = f"it holds more than {KEY_FILE_MAX_BYTES} bytes, more than any master key"
     if not reason:
         raw = raw.removeprefix(b"\xef\xbb\xbf")
         if raw.isascii():
