@@ -192,7 +192,7 @@ def test_a_snapshot_tagged_before_an_audit_key_rotation_is_renewed_by_the_next_l
 ) -> None:
     """After a rotation of the audit key no snapshot verifies: the first load replays
     the secret from its events and snapshots it afresh, under the new key, so that the
-    loads after it start from a snapshot again (before 0.15.1 every load replayed until
+    loads after it start from a snapshot again (before 0.16.0 every load replayed until
     the secret's next multiple of SNAPSHOT_INTERVAL)."""
     monkeypatch.setattr(ledger_module, "SNAPSHOT_INTERVAL", 5)
     old_key, new_key = "1a" * 32, "2b" * 32
