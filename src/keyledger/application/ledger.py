@@ -477,17 +477,29 @@ class Ledger(Application[UUID]):
         """A new snapshot of a secret just replayed past one that did not verify (most
         often one tagged before an audit-key rotation), so that the next load starts
         from it instead of replaying again until the secret's next multiple of
-        SNAPSHOT_INTERVAL. Only where the secret has such a multiple behind it. A load is
-        no write: a snapshot that cannot be written (a read-only role, another process
-        renewing it at once) is left for the next load, and logged at debug level."""
+        SNAPSHOT_INTERVAL. Only where the secret has such a multiple behind it. The
+        skipped snapshot may sit at the secret's own version (last written at such a
+        multiple): it is deleted first. A load is no write: a snapshot
+        that cannot be written (a read-only role, another process renewing it at once,
+        a locked attempt holding the write lock) is left for the next load, logged at
+        debug level."""
         if not isinstance(aggregate, Secret) or aggregate.version < SNAPSHOT_INTERVAL:
             return
-        if self._exclusive.active:  # (written on another connection: after the commit)
-            self._exclusive.snapshots.append(aggregate)
+        if self._exclusive.active:  # (another connection would wait for this thread)
             return
         assert self.snapshots is not None  # (snapshotting is enabled for the ledger)
+        snapshot = Secret.Snapshot.take(aggregate)
         try:
-            self.snapshots.put([Secret.Snapshot.take(aggregate)])
+            try:
+                self.snapshots.put([snapshot])
+            except IntegrityError:  # the skipped one has this version: replace it
+                table = self.snapshots.recorder.events_table_name  # type: ignore[attr-defined]
+                with self.store.writing() as cur:
+                    cur.execute(
+                        f"DELETE FROM {table} WHERE originator_id=? AND originator_version=?",
+                        (self.store.id_param(aggregate.id), aggregate.version),
+                    )
+                self.snapshots.put([snapshot])
         except Exception as error:
             logger.debug(
                 "snapshot of a secret at version %d not renewed: %s",

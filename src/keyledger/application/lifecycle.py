@@ -7,6 +7,7 @@ version, and running it again completes it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Literal
@@ -118,8 +119,9 @@ class KeyLifecycle:
             else None
         )
         outcomes: list[CleanupKeyOutcome] = []
+        users_by_tenant: dict[str, Counter[int]] = {}
         for tenant_id, version in self.queries.retired_keys(cutoff):
-            outcome, reason = self._destroy_retired(tenant_id, version, who)
+            outcome, reason = self._destroy_retired(tenant_id, version, who, users_by_tenant)
             outcomes.append(
                 CleanupKeyOutcome(
                     tenant_id=tenant_id, version=version, outcome=outcome, reason=reason
@@ -133,7 +135,7 @@ class KeyLifecycle:
         return CleanupResult(destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes)
 
     def _destroy_retired(
-        self, tenant_id: str, version: int, who: ActorDict
+        self, tenant_id: str, version: int, who: ActorDict, users_by_tenant: dict[str, Counter[int]]
     ) -> tuple[Literal["destroyed", "skipped"], str | None]:
         def attempt(n: int) -> tuple[Literal["destroyed", "skipped"], str | None]:
             keyring = self._keyring(tenant_id)
@@ -143,15 +145,15 @@ class KeyLifecycle:
             if key.status != "retired":
                 return "skipped", f"no longer retired ({key.status})"
             if n == 0:  # (a retired version gains no users: checked once, outside the lock)
-                users = self._users_in_stream(tenant_id, version)
+                listed = self.queries.key_users(tenant_id, version)
+                if listed:
+                    return "skipped", str(KeyInUse.of(tenant_id, version, listed))
+                users = self._users_in_stream(tenant_id, users_by_tenant)[version]
                 if users:
-                    reason = str(KeyInUse.of(tenant_id, version, users))
-                    if self.queries.key_users(tenant_id, version) != users:
-                        reason += (
-                            " by its events, which the catalog does not show: run "
-                            "`keyledger projections rebuild` and `keyledger audit verify`"
-                        )
-                    return "skipped", reason
+                    return "skipped", str(KeyInUse.of(tenant_id, version, users)) + (
+                        " by its events, which the catalog does not show: run "
+                        "`keyledger projections rebuild` and `keyledger audit verify`"
+                    )
             changed = self.ledger.for_update(keyring)
             changed.destroy(version, "cleanup of retired key versions", who)
             unit = WriteUnit(
@@ -166,17 +168,21 @@ class KeyLifecycle:
 
         return self.ledger.retrying(attempt)
 
-    def _users_in_stream(self, tenant_id: str, version: int) -> int:
-        """The live secrets of the tenant under key ``version``, by their events, not by
-        the catalog: the catalog is a read model that anyone who can write the database
-        can edit, and a row changed to another key version (or removed) would let the
-        destruction of a key still in use through (found by review)."""
-        users = 0
-        for aggregate_id in secret_ids_in_stream(self.ledger, tenant_id):
-            secret = self.ledger.secret_by_id(aggregate_id, fresh=True)  # (not cached:
-            # another process may have moved it to another key since)
-            if secret is not None and not secret.deleted and secret.key_version == version:
-                users += 1
+    def _users_in_stream(self, tenant_id: str, known: dict[str, Counter[int]]) -> Counter[int]:
+        """The live secrets of the tenant by key version, by their events, not by the
+        catalog: the catalog is a read model that anyone who can write the database can
+        edit, and a row changed to another key version (or removed) would let the
+        destruction of a key still in use through (found by review). Asked only where
+        the catalog shows a retired version unused, once per tenant and cleanup
+        (``known``)."""
+        users = known.get(tenant_id)
+        if users is None:
+            users = known[tenant_id] = Counter()
+            for aggregate_id in secret_ids_in_stream(self.ledger, tenant_id):
+                secret = self.ledger.secret_by_id(aggregate_id, fresh=True)  # (not cached:
+                # another process may have moved it to another key since)
+                if secret is not None and secret.tenant_id == tenant_id and not secret.deleted:
+                    users[secret.key_version] += 1  # (an id prefix another tenant shares)
         return users
 
     # -- erasure ------------------------------------------------------------------------

@@ -122,6 +122,26 @@ def _uuid(value: Any) -> UUID:
     return value if isinstance(value, UUID) else UUID(hex=str(value))
 
 
+def positions_of(ledger: Ledger, wanted: list[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+    """Where each (aggregate, version) of ``wanted`` sits in the stream (absent: not
+    found): ``position_of`` for many, 100 primary-key lookups per statement, in one
+    read transaction."""
+    table, column = _columns(ledger)
+    found: dict[tuple[UUID, int], int] = {}
+    with ledger.reading() as cur:
+        for start in range(0, len(wanted), 100):
+            chunk = wanted[start : start + 100]
+            match = " OR ".join(["(originator_id=? AND originator_version=?)"] * len(chunk))
+            params = [v for i, n in chunk for v in (ledger.store.id_param(i), n)]
+            cur.execute(
+                f"SELECT originator_id, originator_version, {column} FROM {table} WHERE {match}",
+                params,
+            )
+            for raw in cur.fetchall():
+                found[(_uuid(raw[0]), int(raw[1]))] = int(raw[2])
+    return found
+
+
 def head_position(ledger: Ledger) -> int:
     """The position of the newest event (0 for an empty stream)."""
     table, position = _columns(ledger)
