@@ -381,3 +381,38 @@ def test_a_read_model_row_edited_to_an_unreadable_value_is_a_storage_error(
     with super_admin():
         calls[query]()
     assert service.store_for_tenant("t1", "s1", "again").version == 2
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    ["originator_id = 'not-an-aggregate-id'", "originator_version = 'two'"],
+    ids=["id-retyped", "version-retyped"],
+)
+def test_audit_verify_reports_retyped_copies_once_the_primary_key_is_gone(
+    tampered: tuple[Path, Tamper], make_service: MakeService, assignment: str
+) -> None:
+    """Two rows retyped alike share a (id, version) once the primary key is dropped: the
+    search for repeated events must report them as malformed rows, not crash on them
+    (found by re-reading the stream module: its id conversion raised ValueError)."""
+    path, run = tampered
+    at = event_position(path, "SecretRead")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE unkeyed (originator_id TEXT, originator_version INTEGER, "
+            "topic TEXT, state BLOB);"
+            "INSERT INTO unkeyed (rowid, originator_id, originator_version, topic, state) "
+            "SELECT rowid, originator_id, originator_version, topic, state FROM stored_events;"
+            "DROP TABLE stored_events;"
+            "ALTER TABLE unkeyed RENAME TO stored_events;"
+        )
+        copy_at = conn.execute(
+            "INSERT INTO stored_events (originator_id, originator_version, topic, state) "
+            f"SELECT originator_id, originator_version, topic, state FROM stored_events "
+            f"WHERE rowid = {at}"
+        ).lastrowid
+    run(f"UPDATE stored_events SET {assignment} WHERE rowid IN ({at}, {copy_at})")
+    service = make_service()
+
+    findings = {(f.position, f.kind) for f in service.verify_audit().findings}
+
+    assert {(0, "key_dropped"), (at, "modified"), (copy_at, "modified")} <= findings

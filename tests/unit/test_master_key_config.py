@@ -521,3 +521,29 @@ def test_the_current_master_key_listed_again_as_previous_is_refused(
     with pytest.raises(InvalidMasterKey, match="also listed") as raised:
         SecretService.create("memory:")
     assert KEY_A not in str(raised.value)
+
+
+@pytest.mark.parametrize("variable", ["KEYLEDGER_MASTER_KEY_FILE", "KEYLEDGER_AUDIT_ANCHOR_FILE"])
+def test_a_file_variable_set_but_empty_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Left empty (``KEYLEDGER_MASTER_KEY_FILE=`` in a compose file), the variable once
+    read as the working directory: "Is a directory" (found by review)."""
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(InvalidInput, match=f"{variable} \\(set but empty"):
+        SecretService.create("memory:")
+
+
+def test_a_malformed_previous_key_is_named_by_its_place_in_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blank entries count: the operator finds the entry the error names (found by
+    review: it was the index among the non-blank entries)."""
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f"{KEY_B},,{MALFORMED['non-hex']}")
+    with pytest.raises(InvalidMasterKey, match=r"KEYLEDGER_PREVIOUS_MASTER_KEYS\[2\]"):
+        SecretService.create("memory:")
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f"{KEY_B}, ,")
+    with SecretService.create("memory:"):  # blank entries alone are no keys, no error
+        pass

@@ -14,10 +14,14 @@ verification (found by review: the routine seal of an idle worker did exactly th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-from keyledger.application.stream import Row
+from keyledger.application.stream import Row, positions_of
 from keyledger.models import TamperKind
+
+if TYPE_CHECKING:
+    from keyledger.application.ledger import Ledger
 
 # (the position of version ``version`` of aggregate ``originator_id``, or None)
 EarlierLookup = Callable[[UUID, int], "int | None"]
@@ -58,3 +62,20 @@ def version_break(
     if row.version > version + 1:
         return "deleted", f"versions {version + 1}..{row.version - 1} of this aggregate are missing"
     return None
+
+
+def earlier_versions(
+    ledger: Ledger, rows: list[Row], versions: dict[UUID, tuple[int, int]]
+) -> EarlierLookup:
+    """The lookup ``version_break`` needs for ``rows`` (a page, in stream order), from
+    one batch of primary-key lookups: the previous version of each row whose aggregate
+    was not met in earlier pages (``versions``), instead of a read per row."""
+    wanted = list(
+        {
+            (row.originator_id, row.version - 1): None
+            for row in rows
+            if row.version > 1 and row.originator_id not in versions
+        }
+    )
+    found = positions_of(ledger, wanted) if wanted else {}
+    return lambda originator_id, version: found.get((originator_id, version))

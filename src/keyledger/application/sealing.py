@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
-from keyledger.application.continuity import gap_detail, version_break
+from keyledger.application.continuity import earlier_versions, gap_detail, version_break
 from keyledger.application.ledger import Conflict
 from keyledger.application.stream import (
     Row,
@@ -38,7 +38,6 @@ from keyledger.application.stream import (
     iter_seal_rows,
     newest_seal_row,
     position_of,
-    positions_of,
     rows_after,
 )
 from keyledger.domain.ids import SEAL_CHAIN_ID, ActorDict
@@ -369,17 +368,14 @@ def _continuous(
     and why the seal must stop: sealed, the stream as a deletion left it would verify."""
     contiguous = ledger.store.dialect == "sqlite"
     versions: dict[UUID, tuple[int, int]] = {}
-    # Each row's previous version, looked up at once (version_break asks for those of
-    # the aggregates it has not met at a later version yet in this page).
-    wanted = [(row.originator_id, row.version - 1) for row in rows if row.version > 1]
-    earlier = positions_of(ledger, wanted)
+    earlier = earlier_versions(ledger, rows, versions)
     previous = after
     for index, row in enumerate(rows):
         if contiguous and row.position != previous + 1:
             detail = gap_detail(previous + 1, row.position - 1)
             return rows[:index], (row.position, f"{detail} (run audit verify)")
         previous = row.position
-        found = version_break(row, versions, lambda i, v: earlier.get((i, v)))
+        found = version_break(row, versions, earlier)
         if found is not None:
             return rows[:index], (row.position, f"{found[1]} (run audit verify)")
     return rows, None

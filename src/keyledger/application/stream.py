@@ -73,21 +73,30 @@ def _row(raw: Any) -> Row:
     were altered to other types or values out of range is ``malformed`` (the position is
     the table's key: always an integer)."""
     position = int(raw[0])
-    originator, version, topic, state = raw[1], raw[2], raw[3], raw[4]
-    try:
-        if not isinstance(originator, UUID):  # SQLite stores ids as 32 hex characters
-            originator = UUID(bytes=bytes.fromhex(originator))
-    except (TypeError, ValueError):
-        originator = None
+    originator, version, topic, state = _id_or_none(raw[1]), raw[2], raw[3], raw[4]
     if (
         originator is None
-        or type(version) is not int
-        or not 0 <= version <= INT64_MAX
+        or not _is_version(version)
         or type(topic) is not str
         or not isinstance(state, bytes | bytearray | memoryview)
     ):
         return Row(position, UUID(int=0), 0, "", b"", malformed=True)
     return Row(position, originator, version, topic, bytes(state))
+
+
+def _id_or_none(value: Any) -> UUID | None:
+    """An aggregate id as stored (PostgreSQL: a UUID; SQLite: 32 hex characters), or
+    None for a value altered to anything else."""
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(bytes=bytes.fromhex(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_version(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= INT64_MAX
 
 
 def _columns(ledger: Ledger) -> tuple[str, str]:
@@ -115,11 +124,13 @@ def repeated_events(ledger: Ledger) -> list[tuple[int, UUID, int, int]]:
             f"WHERE e.{position} > f.first ORDER BY e.{position}"
         )
         found = cur.fetchall()
-    return [(int(r[0]), _uuid(r[1]), int(r[2]), int(r[3])) for r in found]
-
-
-def _uuid(value: Any) -> UUID:
-    return value if isinstance(value, UUID) else UUID(hex=str(value))
+    # (a copy whose id or version was altered to another type is malformed: reported
+    # as such by its own row, not here)
+    return [
+        (int(r[0]), originator, int(r[2]), int(r[3]))
+        for r in found
+        if (originator := _id_or_none(r[1])) is not None and _is_version(r[2])
+    ]
 
 
 def positions_of(ledger: Ledger, wanted: list[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
@@ -138,7 +149,7 @@ def positions_of(ledger: Ledger, wanted: list[tuple[UUID, int]]) -> dict[tuple[U
                 params,
             )
             for raw in cur.fetchall():
-                found[(_uuid(raw[0]), int(raw[1]))] = int(raw[2])
+                found[(UUID(str(raw[0])), int(raw[1]))] = int(raw[2])  # (as asked for)
     return found
 
 
@@ -240,7 +251,8 @@ def secret_ids_in_stream(ledger: Ledger, tenant_id: str) -> list[UUID]:
             "AND originator_version = 1 AND topic = ?",
             (ledger.store.id_param(low), ledger.store.id_param(high), CREATED_TOPIC),
         )
-        return [_uuid(raw[0]) for raw in cur.fetchall()]
+        ids = [_id_or_none(raw[0]) for raw in cur.fetchall()]
+    return [i for i in ids if i is not None]  # (an id altered to another value: no secret)
 
 
 def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> list[Row]:

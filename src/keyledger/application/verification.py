@@ -23,12 +23,11 @@ chain rewritten.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from keyledger.application.continuity import gap_detail, version_break
+from keyledger.application.continuity import earlier_versions, gap_detail, version_break
 from keyledger.application.sealing import (
     KEY_DROPPED,
     SEALED_TAG_BYTES,
@@ -43,7 +42,6 @@ from keyledger.application.stream import (
     events_key_intact,
     head_position,
     iter_seal_rows,
-    position_of,
     repeated_events,
     row_at,
     rows_after,
@@ -262,7 +260,8 @@ class _Verifier:
 
     # -- 3. the tail --------------------------------------------------------------------
 
-    def check_tail(self, rows: Iterable[Row], versions: dict[UUID, tuple[int, int]]) -> None:
+    def check_tail(self, rows: list[Row], versions: dict[UUID, tuple[int, int]]) -> None:
+        earlier = earlier_versions(self.ledger, rows, versions)
         for row in rows:
             if row.malformed:
                 self.found("modified", row.position, MALFORMED)
@@ -283,13 +282,10 @@ class _Verifier:
                     "tagged with an audit key that is not configured, or with a "
                     "master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
                 )
-            self._check_version(row, versions)
-
-    def _check_version(self, row: Row, versions: dict[UUID, tuple[int, int]]) -> None:
-        """Version continuity of ``row``'s aggregate in the unsealed tail (continuity)."""
-        found = version_break(row, versions, lambda i, v: position_of(self.ledger, i, v))
-        if found is not None:
-            self.found(found[0], row.position, found[1])
+            # Version continuity of the row's aggregate (continuity)
+            found = version_break(row, versions, earlier)
+            if found is not None:
+                self.found(found[0], row.position, found[1])
 
     # -- anchors ------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 from keyledger.errors import InvalidMasterKey
 from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.infrastructure.crypto import MasterKey, MasterKeyring, parse_master_key
@@ -75,13 +77,15 @@ def load_master_keyring(
     change the current key)."""
     text, source = _current_key_text(master_key, settings)
     current = MasterKey(parse_master_key(text, source)) if text is not None else None
-    if previous_master_keys is None:
-        raw = settings.previous_master_keys
-        joined = raw.get_secret_value() if raw is not None else ""
-        previous_master_keys = [part for part in joined.split(",") if part.strip()]
+    listed: list[str | None] = (
+        _listed(settings.previous_master_keys)
+        if previous_master_keys is None
+        else list(previous_master_keys)
+    )
     previous = [
         MasterKey(parse_master_key(text, f"KEYLEDGER_PREVIOUS_MASTER_KEYS[{index}]"))
-        for index, text in enumerate(previous_master_keys)
+        for index, text in enumerate(listed)
+        if text is not None
     ]
     if current is not None and any(key.amk_id == current.amk_id for key in previous):
         raise InvalidMasterKey(
@@ -99,10 +103,16 @@ def load_audit_keys(settings: KeyledgerSettings) -> tuple[AuditKey | None, list[
     if settings.audit_key is not None:
         text = settings.audit_key.get_secret_value()
         current = AuditKey(parse_master_key(text, "KEYLEDGER_AUDIT_KEY"))
-    joined = settings.previous_audit_keys
-    parts = [p for p in (joined.get_secret_value() if joined else "").split(",") if p.strip()]
     previous = [
         AuditKey(parse_master_key(text, f"KEYLEDGER_PREVIOUS_AUDIT_KEYS[{index}]"))
-        for index, text in enumerate(parts)
+        for index, text in enumerate(_listed(settings.previous_audit_keys))
+        if text is not None
     ]
     return current, previous
+
+
+def _listed(joined: SecretStr | None) -> list[str | None]:
+    """The keys of a comma-separated variable, at their places in it (a blank entry,
+    as of a trailing comma, is None): an error names the entry an operator counts to."""
+    text = joined.get_secret_value() if joined is not None else ""
+    return [part if part.strip() else None for part in text.split(",")] if text.strip() else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, SupportsIndex
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keyledger.errors import InvalidInput
@@ -52,6 +52,15 @@ class KeyledgerSettings(BaseSettings):
     # same process (application/group_commit.py); 0: it never waits.
     group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
 
+    @field_validator("master_key_file", "audit_anchor_file", mode="before")
+    @classmethod
+    def _a_path_is_not_blank(cls, value: Any) -> Any:
+        # ``Path("")`` is the working directory: a variable left empty would otherwise be
+        # read as a key file or appended to as an anchor, with a puzzling error.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("set but empty: name a file, or unset the variable")
+        return value
+
     def __init__(self, **values: Any) -> None:
         """Settings from the environment and ``values``; ``InvalidInput`` naming the
         misconfigured variables (never their values) when any is wrong."""
@@ -71,8 +80,15 @@ class KeyledgerSettings(BaseSettings):
 
 def invalid_configuration(error: ValidationError) -> InvalidInput:
     """``InvalidInput`` naming the misconfigured variables, never echoing their values."""
-    names = sorted({_env_name(item["loc"]) for item in error.errors()})
+    names = sorted({_env_name(item["loc"]) + _own_reason(item) for item in error.errors()})
     return InvalidInput(f"invalid configuration: {', '.join(names)}")
+
+
+def _own_reason(item: Any) -> str:
+    """The reason given by one of keyledger's validators (they never quote the value);
+    pydantic's own messages are left out: some quote the input."""
+    reason = str(item.get("ctx", {}).get("error", "")) if item["type"] == "value_error" else ""
+    return f" ({reason})" if reason else ""
 
 
 def load_settings(**overrides: Any) -> KeyledgerSettings:
