@@ -296,12 +296,19 @@ def test_calls_blocked_by_a_table_lock_fail_with_storage_error_within_seconds_an
 def test_a_blocked_call_gives_up_after_the_configured_lock_timeout_not_a_multiple_of_it(
     schema: str, amk: str
 ) -> None:
+    """Every kind of write: those the server writes in one call of a function (a store)
+    and those sent as a pipeline (a rotation, a status change: found by review, they
+    gave up after twice the timeout, the lock timeout taken for a lost connection)."""
     url = f"{POSTGRES_URL}?schema={schema}&lock_timeout=2"
     with SecretService.create(url, master_key=amk) as service:
         service.store_for_tenant(TENANT, "existing", "first")
         outcomes = _under_lock(
             schema,
-            {"store": lambda: service.store_for_tenant(TENANT, "existing", "second")},
+            {
+                "store": lambda: service.store_for_tenant(TENANT, "existing", "second"),
+                "rotate": lambda: service.rotate_key_for_tenant(TENANT),
+                "disable": lambda: service.disable_for_tenant(TENANT, "existing"),
+            },
             limit=10,
         )
 

@@ -313,8 +313,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
                 try:
                     return self._unit_in_pipeline(conn, events, unit, begin=begin)
                 except BaseException as error:
-                    if not (conn.broken or conn.closed):
-                        self._abandon(conn)
+                    if _answered(conn):  # (closed by the caller: see _abandon)
                         self._after_failed_unit(error)
                     raise
 
@@ -324,6 +323,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
                 lambda conn: send(conn, begin=True),
                 committed=lambda: self._committed(events[0]) if events else None,
                 lost_after_commit="PostgreSQL connection lost after the write was committed",
+                abandon_on_error=True,
             )
             if positions is not None:
                 return positions
@@ -332,6 +332,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
                     lambda conn: send(conn, begin=False),
                     committed=lambda: self._committed(events[0]) if events else None,
                     lost_after_commit="PostgreSQL connection lost after the write was committed",
+                    abandon_on_error=True,
                 )
         # Units that decide on what they read under the lock (require_unused), and
         # schemas without the function: one statement at a time.
@@ -491,6 +492,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
         *,
         committed: Callable[[], bool | None],
         lost_after_commit: str,
+        abandon_on_error: bool = False,
     ) -> T | None:
         """``send(conn)``, a write that commits in its one round trip, on a pooled
         connection with nothing waiting to be read (one the server closed while it sat
@@ -499,18 +501,23 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
         a BEGIN first, which proves a connection alive before any work.
 
         A single call cannot tell "dead before the send" from "died after the commit", so
-        a lost connection is settled (``_settle_lost``)."""
+        a lost connection is settled (``_settle_lost``). An error the server answered
+        with (a lock timeout, say) is final: nothing was written, and it is raised as
+        it is, once (with ``abandon_on_error``, after the connection is closed: see
+        ``_abandon``)."""
         with _translated(), self._pooled() as conn:
             if _has_pending_input(conn):
                 return None
             backend = conn.info.backend_pid
             try:
                 return send(conn)
-            except psycopg.OperationalError:
-                # Lost: psycopg marks the connection broken, or closed when libpq found
-                # the socket gone first ("connection socket closed", a timing matter).
-                if not (conn.broken or conn.closed):
-                    raise  # the server answered (a lock timeout, say): nothing was written
+            except BaseException as error:
+                if _answered(conn):
+                    if abandon_on_error:
+                        self._abandon(conn)
+                    raise
+                if not isinstance(error, psycopg.OperationalError):
+                    raise
         self._settle_lost(backend, committed, lost_after_commit)
         return None  # nothing was written: the caller sends a BEGIN first
 
@@ -520,18 +527,24 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
         *,
         committed: Callable[[], bool | None],
         lost_after_commit: str,
+        abandon_on_error: bool = False,
     ) -> T:
         """``send(conn)`` on a connection whose BEGIN (with the write lock) succeeded: the
         rest of the write, ending in its COMMIT. A connection lost after the BEGIN is
         settled (``_settle_lost``): the answer to the COMMIT may be what was
-        lost, so whether the write is in the stream is looked up, never presumed."""
+        lost, so whether the write is in the stream is looked up, never presumed. An
+        error the server answered with is raised as in ``_in_one_round_trip``."""
         with _translated(), self._session(self._begin_write_statement) as conn:
             backend = conn.info.backend_pid
             try:
                 return send(conn)
-            except psycopg.OperationalError:
-                if not (conn.broken or conn.closed):
-                    raise  # the server answered (a lock timeout, say): nothing was written
+            except BaseException as error:
+                if _answered(conn):
+                    if abandon_on_error:
+                        self._abandon(conn)
+                    raise
+                if not isinstance(error, psycopg.OperationalError):
+                    raise
         self._settle_lost(backend, committed, lost_after_commit)
         raise StorageError("PostgreSQL connection lost before the write was committed")
 
@@ -704,7 +717,11 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
         try:
             with self._connection() as conn:
                 with suppress(psycopg.Error):  # not ours to end, or already gone
-                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    conn.execute(  # (only a process of this database: a pid is reused)
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE pid = %s AND datname = current_database()",
+                        (pid,),
+                    )
                 deadline = time.monotonic() + wait
                 while conn.execute(
                     "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
@@ -1163,6 +1180,14 @@ def _text(value: bytes | None) -> str:
 
 def _uuid(value: UUID | str) -> UUID:
     return value if isinstance(value, UUID) else UUID(value)
+
+
+def _answered(conn: Connection[Any]) -> bool:
+    """Whether the connection of a failed call still stands: the server answered with
+    the error (a lock timeout, a stale decision), so it ended the transaction, and
+    nothing was written. Lost, psycopg marks it broken, or closed when libpq found the
+    socket gone first ("connection socket closed", a timing matter)."""
+    return not (conn.broken or conn.closed)
 
 
 def _has_pending_input(conn: Connection[Any]) -> bool:
