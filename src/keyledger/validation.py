@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -97,16 +98,26 @@ def check_identifier(field: str, value: object) -> str:
 
 def is_new_identifier(value: str) -> bool:
     """Whether a name that passed ``check_identifier`` may also name something new: it
-    holds no invisible, line-separating or direction-changing character, so it looks
-    like no other name in any listing."""
-    return value.isascii() or _REFUSED_IN_IDENTIFIERS.search(value) is None
+    holds no invisible, line-separating or direction-changing character, and it is in
+    Unicode normalization form NFC, so it looks like no other name in any listing
+    ("café" with its accent composed or decomposed: the same text, two names)."""
+    return value.isascii() or (
+        _REFUSED_IN_IDENTIFIERS.search(value) is None and unicodedata.is_normalized("NFC", value)
+    )
 
 
 def check_new_identifier(field: str, value: str) -> None:
     """``InvalidInput`` for a name that ``is_new_identifier`` refuses (none in ASCII,
     where ``check_identifier`` has refused the control characters already)."""
-    if not value.isascii():
-        _check_chars(field, value, _REFUSED_IN_IDENTIFIERS)
+    if value.isascii():
+        return
+    _check_chars(field, value, _REFUSED_IN_IDENTIFIERS)
+    if not unicodedata.is_normalized("NFC", value):
+        raise InvalidInput(
+            f"{field} must be in Unicode normalization form NFC: written another way, "
+            "the same text would look like another name (normalize it with "
+            "unicodedata.normalize('NFC', ...))"
+        )
 
 
 def check_optional_text(

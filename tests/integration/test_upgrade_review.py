@@ -137,3 +137,39 @@ def test_a_deleted_invisible_name_is_not_stored_again(
 
     assert _stream_length(service) == before
     assert [s.name for s in service.list_for_tenant("acme")] == ["plain"]
+
+
+DECOMPOSED = "cafe\u0301"  # "café" with its accent as a combining character (NFD)
+COMPOSED = "caf\u00e9"  # the same text composed (NFC): it looks the same in any listing
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s.store_for_tenant("acme", DECOMPOSED, "v"),
+        lambda s: s.store_for_tenant("t-" + DECOMPOSED, "name", "v"),
+        lambda s: s.retrieve_for_tenant("acme", DECOMPOSED),
+        lambda s: s.disable_for_tenant("acme", DECOMPOSED),
+    ],
+    ids=["new name", "new tenant", "read of an unknown name", "disable of an unknown name"],
+)
+def test_a_new_name_not_in_nfc_is_refused_beside_its_look_alike(
+    service: SecretService, write: object
+) -> None:
+    """Found by review: "café" composed and decomposed were two secrets that list alike."""
+    service.store_for_tenant("acme", COMPOSED, "composed")
+    before = _stream_length(service)
+    with pytest.raises(InvalidInput, match="NFC"):
+        write(service)  # type: ignore[operator]
+    assert _stream_length(service) == before
+    assert [s.name for s in service.list_for_tenant("acme")] == [COMPOSED]
+
+
+def test_a_name_not_in_nfc_stored_by_an_older_release_stays_reachable(
+    service: SecretService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with an_older_release(monkeypatch):
+        service.store_for_tenant("acme", DECOMPOSED, "v1")
+    assert service.retrieve_for_tenant("acme", DECOMPOSED).value == "v1"
+    assert service.store_for_tenant("acme", DECOMPOSED, "v2").version == 2
+    assert service.delete_for_tenant("acme", DECOMPOSED) is True
