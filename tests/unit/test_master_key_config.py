@@ -523,15 +523,21 @@ def test_the_current_master_key_listed_again_as_previous_is_refused(
     assert KEY_A not in str(raised.value)
 
 
-@pytest.mark.parametrize("variable", ["KEYLEDGER_MASTER_KEY_FILE", "KEYLEDGER_AUDIT_ANCHOR_FILE"])
+@pytest.mark.parametrize(
+    ("variable", "error"),
+    [
+        ("KEYLEDGER_MASTER_KEY_FILE", InvalidMasterKey),
+        ("KEYLEDGER_AUDIT_ANCHOR_FILE", InvalidInput),
+    ],
+)
 def test_a_file_variable_set_but_empty_is_named_as_such(
-    monkeypatch: pytest.MonkeyPatch, variable: str
+    monkeypatch: pytest.MonkeyPatch, variable: str, error: type[Exception]
 ) -> None:
     """Left empty (``KEYLEDGER_MASTER_KEY_FILE=`` in a compose file), the variable once
     read as the working directory: "Is a directory" (found by review)."""
     monkeypatch.setenv("KEYLEDGER_MASTER_KEY", KEY_A)
-    monkeypatch.setenv(variable, "")
-    with pytest.raises(InvalidInput, match=f"{variable} \\(set but empty"):
+    monkeypatch.setenv(variable, " ")
+    with pytest.raises(error, match=f"{variable}.*set but empty"):
         SecretService.create("memory:")
 
 

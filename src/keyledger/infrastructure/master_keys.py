@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import SecretStr
 
 from keyledger.errors import InvalidMasterKey
@@ -50,9 +52,13 @@ def _key_file_text(settings: KeyledgerSettings) -> str:
     ``from None`` still keeps its context, and a ``UnicodeDecodeError`` there holds the
     whole file."""
     assert settings.master_key_file is not None
+    if not settings.master_key_file.strip():
+        raise InvalidMasterKey(
+            "KEYLEDGER_MASTER_KEY_FILE is set but empty: name the key file, or unset it"
+        )
     reason = ""
     try:
-        with settings.master_key_file.open("rb") as file:  # (a device or a pipe may be
+        with Path(settings.master_key_file).open("rb") as file:  # (a device or a pipe may be
             raw = file.read(KEY_FILE_MAX_BYTES + 1)  # endless: read no more than a key
     except OSError as error:
         reason = error.strerror or type(error).__name__

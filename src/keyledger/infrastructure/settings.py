@@ -24,7 +24,9 @@ class KeyledgerSettings(BaseSettings):
     # A URL may hold a password: masked in reprs and dumps, read with get_secret_value().
     database_url: SecretStr = Field(default=SecretStr(DEFAULT_DATABASE_URL), repr=False)
     master_key: SecretStr | None = None
-    master_key_file: Path | None = None
+    # A path; kept as given so that one set but empty is refused as a master-key
+    # problem (``InvalidMasterKey``, master_keys.py), not read as the working directory.
+    master_key_file: str | None = None
     # The fallback name of teams migrating from the TypeScript package: used only when
     # neither KEYLEDGER_MASTER_KEY nor KEYLEDGER_MASTER_KEY_FILE is set.
     smrt_master_key: SecretStr | None = Field(
@@ -52,11 +54,11 @@ class KeyledgerSettings(BaseSettings):
     # same process (application/group_commit.py); 0: it never waits.
     group_commit_wait_ms: float = Field(default=1.0, ge=0, le=100)
 
-    @field_validator("master_key_file", "audit_anchor_file", mode="before")
+    @field_validator("audit_anchor_file", mode="before")
     @classmethod
     def _a_path_is_not_blank(cls, value: Any) -> Any:
         # ``Path("")`` is the working directory: a variable left empty would otherwise be
-        # read as a key file or appended to as an anchor, with a puzzling error.
+        # appended to as an anchor, with a puzzling error.
         if isinstance(value, str) and not value.strip():
             raise ValueError("set but empty: name a file, or unset the variable")
         return value
