@@ -33,7 +33,7 @@ from keyledger.context import (
     is_super_admin,
     make_actor,
 )
-from keyledger.errors import InvalidInput, InvalidMasterKey
+from keyledger.errors import InvalidInput, InvalidMasterKey, StorageError
 from keyledger.infrastructure.settings import KeyledgerSettings, load_settings
 from keyledger.investigation import AuditInvestigation
 from keyledger.models import (
@@ -718,12 +718,16 @@ class SecretService(AuditInvestigation):
         idle_seconds: float = 1.0,
         on_progress: Callable[[int], None] | None = None,
         seal: bool = True,
+        on_retry: Callable[[StorageError, float], None] | None = None,
     ) -> int:
         """Keep the lagging read models current until ``stop()`` (the projection worker);
-        with ``seal``, seal the audit stream whenever idle."""
+        with ``seal``, seal the audit stream whenever idle. A ``StorageError`` (a lost
+        connection) is tried again three times in a row, after 1, 2 and 4 seconds, each
+        announced to ``on_retry(error, seconds)``; then it is raised."""
         if not callable(stop):
             raise InvalidInput(f"stop must be callable, not {type(stop).__name__}")
         check_callback("on_progress", on_progress)
+        check_callback("on_retry", on_retry)
         check_bool("seal", seal)
         if (
             isinstance(idle_seconds, bool)
@@ -738,6 +742,7 @@ class SecretService(AuditInvestigation):
             idle_seconds=idle_seconds,
             on_progress=on_progress,
             seal_when_idle=seal,
+            on_retry=on_retry,
         )
 
     def catch_up_read_models(self) -> int:

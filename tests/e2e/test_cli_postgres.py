@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from conftest import POSTGRES_URL, cli_environment
-from keyledger import SecretService
+from keyledger import SecretService, super_admin
 from keyledger.cli import main
 from keyledger.cli.projections import READ_MODELS, stop_on_signals
 from keyledger.infrastructure.settings import KeyledgerSettings
@@ -683,7 +683,8 @@ def test_a_worker_whose_database_goes_away_exits_1_with_one_error_line(
             wait_until_listening(worker, app_name, service)
             proxy.cut()
             try:
-                stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+                # (three tries more, each waiting 5 s for a connection, 7 s of pauses)
+                stdout, stderr = worker.communicate(timeout=WAIT_SECONDS + 30)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"the worker carries on without its database: {backends(app_name)}")
     finally:
@@ -695,4 +696,67 @@ def test_a_worker_whose_database_goes_away_exits_1_with_one_error_line(
     assert lines[0].startswith("Following the event stream"), stderr
     assert lines[-1].startswith("Error: "), stderr
     assert [line for line in lines if "Error" in line] == [lines[-1]], stderr
-    assert all(line.startswith(("Following ", "Applied ")) for line in lines[:-1]), stderr
+    # (it tried again three times first, saying so: a lost connection alone is no reason
+    # to stop, see the next test)
+    retries = [line for line in lines if line.startswith("Warning: ")]
+    assert [line.rsplit(" in ", 1)[-1] for line in retries] == ["1 s.", "2 s.", "4 s."], stderr
+    assert all(line.startswith(("Following ", "Applied ", "Warning: ")) for line in lines[:-1])
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_worker_whose_connection_is_terminated_mid_catch_up_goes_on(
+    url: str, schema: str
+) -> None:
+    """Found by review: a connection the server ended while the worker caught up (not
+    while it waited in LISTEN) ended the worker. Its catch-up is held on a lock of the
+    audit table, its connection terminated there; the worker says it tries again, does,
+    and applies every event once."""
+    ok("db", "init")
+    ok("secrets", "put", "acme", "a", stdin="v")
+    app_name = f"kl-worker-{schema}"
+    with (
+        SecretService.create(
+            url, master_key=MASTER_KEY, settings=KeyledgerSettings(create_tables=False)
+        ) as service,
+        worker_process(url, app_name, "--idle-seconds", "0.2") as worker,
+    ):
+        wait_until_listening(worker, app_name, service)
+        with (
+            psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin,
+            admin.transaction(),
+        ):
+            # (the audit table's rows may be read, not written, until the block ends)
+            admin.execute(
+                sql.SQL("LOCK TABLE {}.kl_audit IN SHARE MODE").format(sql.Identifier(schema))
+            )
+            service.store_for_tenant("acme", "during", "v")  # wakes the worker
+            deadline = time.monotonic() + WAIT_SECONDS
+            blocked: list[int] = []
+            while not blocked and time.monotonic() < deadline:
+                blocked = [
+                    int(pid)
+                    for (pid,) in admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock'",
+                        (app_name,),
+                    ).fetchall()
+                ]
+                time.sleep(0.02)
+            assert blocked, f"the worker's catch-up never waited: {backends(app_name)}"
+            for pid in blocked:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        service.store_for_tenant("acme", "after", "v")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while audit_lag(service) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert audit_lag(service) == 0, "the worker did not catch up"
+        assert worker.poll() is None, ("the worker exited", worker.communicate())
+        worker.send_signal(signal.SIGTERM)
+        _stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+        with super_admin():
+            names = [e.secret_name for e in service.get_audit_logs(tenant_id="acme")]
+    assert worker.returncode == 0, stderr
+    assert "Error" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("Warning: ")], stderr
+    assert sorted(n for n in names if n) == ["a", "after", "during"]  # each applied once

@@ -17,6 +17,7 @@ together; the audit model alone is the other.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Collection
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -452,8 +453,13 @@ def follow(
     idle_seconds: float = 1.0,
     on_progress: Callable[[int], None] | None = None,
     seal_when_idle: bool = True,
+    on_retry: Callable[[StorageError, float], None] | None = None,
 ) -> int:
     """Keep the lagging read models current until ``stop()``; returns events applied.
+
+    A ``StorageError`` (a lost connection, say) is tried again after a pause, up to
+    ``FOLLOW_RETRIES`` times in a row, each announced to ``on_retry(error, seconds)``;
+    then it is raised.
 
     Whenever it is idle, the worker also seals the audit stream (when it has an audit
     key), so the unsealed tail stays as short as the idle interval.
@@ -464,11 +470,40 @@ def follow(
     where its last commit left it and never applies an event twice.
     """
     applied = 0
+    failures = 0
     while not stop():
-        count = catch_up_audit(ledger, on_progress, stop)
-        applied += count
-        if not count:
-            if seal_when_idle:
+        try:
+            count = catch_up_audit(ledger, on_progress, stop)
+            applied += count
+            if not count and seal_when_idle:
                 ledger.seal_automatically()
+        except StorageError as error:
+            # A connection the server ended mid-catch-up (an administrator's
+            # pg_terminate_backend, a failover) is no reason to stop: the catch-up rolled
+            # back, and the next one starts where the last commit left off. A database
+            # that stays away ends the worker (found by review: one lost connection did).
+            failures += 1
+            if failures > FOLLOW_RETRIES:
+                raise
+            delay = FOLLOW_RETRY_DELAY * 2 ** (failures - 1)
+            if on_retry is not None:
+                on_retry(error, delay)
+            _pause(delay, stop)
+            continue
+        failures = 0
+        if not count:
             wait(idle_seconds)
     return applied
+
+
+# How often in a row ``follow`` tries again after a StorageError, and its first pause in
+# seconds (doubled each time: 1, 2, 4 s, so a database away for about 7 s ends the worker).
+FOLLOW_RETRIES = 3
+FOLLOW_RETRY_DELAY = 1.0
+
+
+def _pause(seconds: float, stop: Callable[[], bool]) -> None:
+    """Sleep ``seconds``, looking at ``stop()`` ten times a second."""
+    deadline = time.monotonic() + seconds
+    while not stop() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))

@@ -15,6 +15,7 @@ from keyledger.application.read_models import READ_MODELS as READ_MODEL_SOURCES
 from keyledger.application.read_models import rebuilt_together
 from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
 from keyledger.cli.root import CliContext, pass_cli
+from keyledger.errors import StorageError
 
 # The read models, in the order the library builds them.
 READ_MODELS = tuple(READ_MODEL_SOURCES)
@@ -138,9 +139,16 @@ def run(cli: CliContext, idle_seconds: float, once: bool, seal: bool) -> None:
             total += count
             click.echo(f"Applied {count} events ({total} since start).", err=True)
 
+        def retrying(error: StorageError, seconds: float) -> None:
+            click.echo(f"Warning: {error}; trying again in {seconds:g} s.", err=True)
+
         with stop_on_signals() as stop:
             applied = service.follow_read_models(
-                stop=stop, idle_seconds=idle_seconds, on_progress=progress, seal=seal
+                stop=stop,
+                idle_seconds=idle_seconds,
+                on_progress=progress,
+                seal=seal,
+                on_retry=retrying,
             )
         click.echo("Stopped.", err=True)
     if cli.json_output:
