@@ -483,7 +483,7 @@ def follow(
             # back, and the next one starts where the last commit left off. A database
             # that stays away ends the worker (found by review: one lost connection did).
             failures += 1
-            if failures > FOLLOW_RETRIES:
+            if failures > FOLLOW_RETRIES or ledger.closed:  # (closed: the end, not a loss)
                 raise
             delay = FOLLOW_RETRY_DELAY * 2 ** (failures - 1)
             if on_retry is not None:
