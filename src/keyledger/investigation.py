@@ -129,9 +129,10 @@ class AuditInvestigation:
     ) -> SealResult:
         """Append checkpoints sealing every event not sealed yet (see docs/audit.md).
 
-        ``accept_untagged``: the stream positions of untagged events that were
-        investigated and are to be sealed as they are (``verify_audit`` lists them);
-        an untagged event at any other position stops the seal."""
+        ``accept_untagged``: the stream positions of events that were investigated and
+        are to be sealed as they are: untagged, or tagged with an audit key that is not
+        configured (``verify_audit`` lists them); such an event at any other position
+        stops the seal."""
         accept = check_positions("accept_untagged", accept_untagged)
         actor = actor_dict(make_actor(user_id, ip_address, user_agent))
         return seal(self._ledger, actor, accept_untagged=accept)

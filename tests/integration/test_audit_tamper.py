@@ -33,6 +33,7 @@ from psycopg import sql
 from conftest import POSTGRES_URL, RUN_ID, MakeService, drop_schema
 from keyledger import (
     AuditTampered,
+    DecryptionFailed,
     InvalidInput,
     MasterKeyUnavailable,
     SecretDisabled,
@@ -903,3 +904,34 @@ def test_a_catalog_edited_to_hide_a_keys_user_does_not_get_the_key_destroyed(
     assert outcome.reason is not None
     assert "by its events, which the catalog does not show" in outcome.reason
     assert service.retrieve_for_tenant("acme", "db").value == "precious"
+
+
+@pytest.mark.parametrize("backend", TWO_SERVICE_BACKENDS, indirect=True)
+def test_a_failed_read_audited_under_a_wrong_master_key_can_be_accepted_into_a_seal(
+    make_service: MakeService,
+) -> None:
+    """A process with a mistyped master key audits its failed read with a tag made from
+    that key: unverifiable by the store's keys. Found by review: nothing but adding the
+    wrong key back let a seal pass it, so one mistake stopped sealing for good. It is
+    accepted like an untagged event, after investigation, at its position only."""
+    keyed = make_service()
+    keyed.store_for_tenant("acme", "db", "value-1")
+    assert keyed.seal_audit().stopped_at is None
+    wrong = make_service(master_key=secrets.token_hex(32))
+    with pytest.raises(DecryptionFailed):
+        wrong.retrieve_for_tenant("acme", "db", user_id="mallory")
+    with tenant("acme"):
+        failed = keyed.get_audit_logs(limit=1)[0]
+    assert (failed.action, failed.result, failed.user_id) == ("read", "failure", "mallory")
+    keyed.store_for_tenant("acme", "db", "value-2")
+
+    findings = [(f.kind, f.position) for f in keyed.verify_audit().findings]
+    assert findings == [("unverifiable", failed.position)]
+    stopped = keyed.seal_audit()
+    assert stopped.stopped_at == failed.position
+    assert "--accept-untagged" in (stopped.stopped_reason or "")
+    assert keyed.seal_audit(accept_untagged=[failed.position + 1]).stopped_at == failed.position
+
+    accepted = keyed.seal_audit(accept_untagged=[failed.position])
+    assert accepted.stopped_at is None
+    assert keyed.verify_audit(anchor=keyed.audit_checkpoints()).intact

@@ -206,6 +206,8 @@ class Ledger(Application[UUID]):
         self._data_keys_lock = threading.Lock()
         self._data_keys_generation = 0  # bumped by forget_data_keys (see data_key)
         self._exclusive = _Exclusive()
+        # The last automatic seal's stop (position, reason), logged once, not every turn.
+        self._seal_stop_logged: tuple[int | None, str | None] = (None, None)
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """The library's environment without the process environment merged in: the
@@ -593,12 +595,15 @@ class Ledger(Application[UUID]):
         except Exception:  # the write it follows has committed: it must not look failed
             logger.exception("automatic audit seal failed")
         else:  # (nobody reads this result: what it says goes to the log)
-            if result.stopped_at is not None:
+            stop = (result.stopped_at, result.stopped_reason)
+            if result.stopped_at is not None and stop != self._seal_stop_logged:
+                # (once per stop: the worker seals whenever it is idle, twice a second)
                 logger.warning(
                     "audit seal stopped at position %d: %s",
                     result.stopped_at,
                     result.stopped_reason,
                 )
+            self._seal_stop_logged = stop
             if result.anchor_error is not None:
                 logger.warning("audit seal: %s", result.anchor_error)
 

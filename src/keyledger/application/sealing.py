@@ -340,21 +340,30 @@ KEY_DROPPED = (
 _STOP_REASONS = {
     "mismatch": "the event's tag does not verify: it was altered or forged (run audit verify)",
     "unknown_key": "the event is tagged with an audit key that is not configured, or with "
-    "a master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY",
+    "a master-key-derived key after the chain moved to KEYLEDGER_AUDIT_KEY (a process "
+    "that ran with a wrong master key and no KEYLEDGER_AUDIT_KEY tags what it audits so); "
+    "investigate it, then seal accepting its position (`keyledger audit seal "
+    "--accept-untagged POSITION`, or seal_audit(accept_untagged=[POSITION]))",
     "untagged": "the event carries no tag (written without an audit key, or forged); "
     "investigate it, then seal accepting its position (`keyledger audit seal "
     "--accept-untagged POSITION`, or seal_audit(accept_untagged=[POSITION]))",
 }
 
 
+_ACCEPTABLE = {"untagged": True, "unknown_key": True}  # (never a tag that does not verify)
+
+
 def _vouched(
     keys: AuditKeyring, page: list[Row], accept_untagged: frozenset[int], independent_only: bool
 ) -> tuple[list[Row], tuple[int, str] | None]:
     """The leading rows of ``page`` a seal may cover, and where and why it must stop
-    (an untagged event is covered only at a position the operator accepted)."""
+    (an untagged event, or one tagged with a key that is not configured, is covered only
+    at a position the operator accepted: such events are what a process without the
+    store's keys audits, a wrong master key's failed reads among them; found by review,
+    one mistyped key stopped every seal for good)."""
     for index, row in enumerate(page):
         status = tag_status(keys, row, independent_only=independent_only)
-        if status == "ok" or (status == "untagged" and row.position in accept_untagged):
+        if status == "ok" or (_ACCEPTABLE.get(status) and row.position in accept_untagged):
             continue
         return page[:index], (row.position, _STOP_REASONS[status])
     return page, None

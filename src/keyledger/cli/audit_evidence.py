@@ -59,8 +59,9 @@ def checkpoint_row(checkpoint: Checkpoint) -> tuple[str, ...]:
     type=click.IntRange(min=1),
     multiple=True,
     metavar="POSITION",
-    help="Seal the untagged event at this stream position as it is (after investigating "
-    "it; `audit verify` lists them). Repeat for several.",
+    help="Seal the event at this stream position as it is, untagged or tagged with an "
+    "audit key that is not configured (after investigating it; `audit verify` lists "
+    "them). Repeat for several.",
 )
 @json_option
 @pass_cli
@@ -68,8 +69,9 @@ def seal(cli: CliContext, accept_untagged: tuple[int, ...]) -> None:
     """Append checkpoints that seal every event of the stream not sealed yet.
 
     Needs the audit key (KEYLEDGER_AUDIT_KEY, or derived from the master key). Sealing
-    stops at an event whose tag does not verify, or that has no tag unless its position
-    was given with --accept-untagged: it names the position and exits 1. The checkpoints
+    stops at an event whose tag does not verify, or that has no tag (or one made with an
+    audit key that is not configured) unless its position was given with
+    --accept-untagged: it names the position and exits 1. The checkpoints
     are recorded with --user as the actor.
     """
     result = cli.service.seal_audit(**cli.actor, accept_untagged=accept_untagged)
