@@ -624,6 +624,21 @@ def test_seal_then_verify_is_intact() -> None:
     ok("audit", "verify", "--from-position", str(head + 2))
 
 
+def test_verify_without_any_audit_key_is_a_setup_error_not_a_tampering_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: with no key it reported every event as unverifiable, NOT
+    INTACT, a false alarm; seal said what was missing."""
+    two_tenants()
+    ok("audit", "seal")
+    monkeypatch.delenv("KEYLEDGER_MASTER_KEY")
+    for command in (("audit", "verify"), ("audit", "seal")):
+        result = exits(1, *command)
+        assert result.stdout == ""
+        assert result.stderr.startswith("Error: no audit key"), result.stderr
+        assert "NOT INTACT" not in result.stderr
+
+
 @pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
 def test_verify_names_an_event_modified_in_the_database(database: Path, sealed: bool) -> None:
     two_tenants()

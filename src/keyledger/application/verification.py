@@ -47,6 +47,7 @@ from keyledger.application.stream import (
     rows_after,
 )
 from keyledger.domain.seal import AuditSeal, decode_positions
+from keyledger.errors import MasterKeyUnavailable
 from keyledger.infrastructure.audit_keys import AuditKey
 from keyledger.models import Checkpoint, TamperFinding, TamperKind, VerifyReport
 
@@ -334,7 +335,15 @@ def _tag_at(key: AuditKey, row: Row, position: int) -> bytes:
 def verify(
     ledger: Ledger, *, from_position: int = 0, anchor: list[Checkpoint] | None = None
 ) -> VerifyReport:
-    """Check the stream from ``from_position`` on (see the module doc)."""
+    """Check the stream from ``from_position`` on (see the module doc).
+    ``MasterKeyUnavailable`` without any audit key: every tag would be reported as
+    unverifiable, a false alarm of tampering where the setup is what is wrong (found by
+    review)."""
+    if ledger.audit_keys.empty:
+        raise MasterKeyUnavailable(
+            "no audit key: set KEYLEDGER_AUDIT_KEY, or the master key it is derived from "
+            "(a retired one in KEYLEDGER_PREVIOUS_MASTER_KEYS verifies what it tagged)"
+        )
     verifier = _Verifier(ledger)
     verifier.load_chain()
     if from_position:  # checkpoints whose segments end before it are out of scope (their

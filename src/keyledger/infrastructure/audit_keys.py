@@ -78,6 +78,11 @@ class AuditKeyring:
     def get(self, key_id: bytes) -> AuditKey | None:
         return self._by_id.get(key_id)
 
+    @property
+    def empty(self) -> bool:
+        """Whether no key at all is configured (nothing can be verified)."""
+        return not self._by_id
+
     def is_independent(self, key_id: bytes) -> bool:
         """Whether ``key_id`` names a KEYLEDGER_AUDIT_KEY (current or previous) rather than
         a key derived from a master key. Once a checkpoint is sealed with one, nothing after
