@@ -75,13 +75,38 @@ def test_a_closed_stdin_is_one_error_line_for_put_and_for_a_confirmation(tmp_pat
     assert names == ["kept"]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "keyledger secrets put acme kept {flag} </dev/null",
+        "printf '' | keyledger secrets put acme kept --binary {flag}",
+    ],
+    ids=["dev-null", "empty-pipe-binary"],
+)
+def test_an_empty_stdin_replaces_no_value_unless_allowed(tmp_path: Path, command: str) -> None:
+    """Found by review: a cron job's ``put`` with nothing on stdin stored an empty value
+    over the secret, exit 0."""
+    ok("secrets", "put", "acme", "kept", stdin="v")
+    refused = shell(command.format(flag=""), tmp_path)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        "Error: no value to store: standard input is empty; pipe the value in, or add "
+        "--allow-empty to store an empty value\n"
+    )
+    assert ok("secrets", "get", "acme", "kept").stdout == "v"
+    stored = shell(command.format(flag="--allow-empty"), tmp_path)
+    assert stored.returncode == 0, stored.stderr
+    secret = json.loads(ok("--json", "secrets", "get", "acme", "kept").stdout)
+    assert (secret["version"], secret["value"]) == (2, "")
+
+
 def test_a_value_over_the_limit_is_refused_without_reading_all_of_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("KEYLEDGER_MAX_VALUE_BYTES", "1024")
     big = shell("head -c 100000000 /dev/zero | keyledger secrets put acme big --binary", tmp_path)
     assert big.returncode == 1
-    assert big.stderr == "Error: value is more than 1026 bytes; the limit is 1024\n"
+    assert big.stderr == "Error: value is larger than the limit of 1024 bytes\n"
     at_limit = shell("head -c 1024 /dev/zero | keyledger secrets put acme fits --binary", tmp_path)
     assert at_limit.returncode == 0, at_limit.stderr
     over = shell("head -c 1025 /dev/zero | keyledger secrets put acme over --binary", tmp_path)

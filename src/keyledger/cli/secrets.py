@@ -35,10 +35,12 @@ def secrets_group() -> None:
     """Store, read, list and change a tenant's secrets."""
 
 
-def read_value(binary: bool, limit: int) -> str | bytes:
+def read_value(binary: bool, limit: int, *, allow_empty: bool = False) -> str | bytes:
     """The value from stdin (a pipe) or a hidden, confirmed prompt; never from argv.
     At most ``limit`` bytes are taken from a pipe: a longer value is refused after
-    reading one byte more, not after reading all of it."""
+    reading one byte more, not after reading all of it. Nothing on stdin (a cron job's
+    /dev/null, say) is refused unless ``allow_empty``: it would replace the value with
+    an empty one (found by review)."""
     if sys.stdin is None:
         raise click.ClickException(
             "no value to store: standard input is closed; pipe the value in, or run the "
@@ -53,7 +55,12 @@ def read_value(binary: bool, limit: int) -> str | bytes:
     # proves the value too large (the service checks the exact size of the rest).
     raw = sys.stdin.buffer.read(limit + 3)
     if len(raw) > limit + 2:
-        raise InvalidInput(f"value is more than {limit + 2} bytes; the limit is {limit}")
+        raise InvalidInput(f"value is larger than the limit of {limit} bytes")
+    if not raw and not allow_empty:
+        raise click.ClickException(
+            "no value to store: standard input is empty; pipe the value in, or add "
+            "--allow-empty to store an empty value"
+        )
     if binary:
         return raw
     decoded = _utf8_text(raw)
@@ -95,6 +102,11 @@ def _utf8_text(raw: bytes) -> str | None:
     help="Metadata entry (repeatable); given entries replace the old metadata.",
 )
 @click.option("--binary", is_flag=True, help="Store the bytes read from stdin as they are.")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Store an empty value when stdin is empty (refused without this flag).",
+)
 @json_option
 @pass_cli
 def put(
@@ -107,13 +119,14 @@ def put(
     clear_expiry: bool,
     metadata: tuple[tuple[str, str], ...],
     binary: bool,
+    allow_empty: bool,
 ) -> None:
     """Create or update secret NAME of TENANT.
 
     The value is read from stdin when it is piped in (one trailing newline is dropped unless
     --binary), otherwise from a hidden prompt. It is never taken from the command line.
-    The prompt asks again for an empty answer; store an empty value from a pipe:
-    `printf '' | keyledger secrets put TENANT NAME`.
+    Empty input is refused (a script's stdin may be empty by mistake); store an empty
+    value with `printf '' | keyledger secrets put TENANT NAME --allow-empty`.
     """
     if click.get_current_context().args:
         raise click.UsageError(
@@ -131,7 +144,7 @@ def put(
     check_optional_text("description", description)
     check_metadata(entries)
     service = cli.service
-    value = read_value(binary, service.max_value_bytes)
+    value = read_value(binary, service.max_value_bytes, allow_empty=allow_empty)
     info = service.store_for_tenant(
         tenant_id,
         name,
