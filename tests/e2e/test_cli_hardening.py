@@ -188,3 +188,16 @@ def test_a_timestamp_finer_than_microseconds_is_refused_not_rounded_down(option:
     )
     assert "more than 6 fractional digits" in exported.stderr
     ok("audit", "log", "acme", option, "2026-11-30T12:00:00.123456Z")  # microseconds: fine
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "command",
+    ["secrets get acme kept", "--json secrets list acme", "audit log acme", "master-key generate"],
+)
+def test_output_that_cannot_be_written_is_one_error_line(tmp_path: Path, command: str) -> None:
+    """Found by review: a full disk (here /dev/full) gave a traceback."""
+    ok("secrets", "put", "acme", "kept", stdin="v")
+    result = shell(f"keyledger {command} >/dev/full", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "Error: cannot write the output: No space left on device\n"

@@ -6,8 +6,10 @@ own ``UsageError`` and exit with status 2.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import click
@@ -32,3 +34,33 @@ class KeyledgerGroup(click.Group):
         """Run the chosen command with library errors translated."""
         with library_errors():
             return super().invoke(ctx)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's ``main``, with output that cannot be written (a full disk, /dev/full)
+        reported as one ``Error:`` line and exit status 1, not a traceback (found by
+        review). The output is flushed here, where that can still be reported: at the
+        interpreter's exit, Python prints its own warning instead. (A closed pipe, as
+        of ``| head``, is click's: it exits 1 quietly.)"""
+        code: Any = 0
+        try:
+            super().main(*args, **kwargs)
+        except SystemExit as exit_:
+            code = exit_.code
+        except OSError as error:
+            code = _unwritable(error)
+        try:
+            sys.stdout.flush()
+        except OSError as error:
+            code = _unwritable(error)
+        if kwargs.get("standalone_mode", True):
+            sys.exit(code)
+        return code
+
+
+def _unwritable(error: OSError) -> int:
+    """Report output that could not be written, its reason only (never the output)."""
+    with suppress(OSError):  # (stdout cannot take more: its buffer is dropped at exit)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives until the process ends)
+    reason = error.strerror or type(error).__name__
+    click.echo(f"Error: cannot write the output: {reason}", err=True)
+    return 1
