@@ -421,3 +421,34 @@ def test_a_forked_child_does_not_close_the_writers_it_inherited(tmp_path: Path) 
     assert verdict == b"open"
     assert datastore.open_writers() == 0  # the thread ended in the parent: closed there
     datastore.close()
+
+
+def test_opening_a_new_file_another_connection_holds_waits_for_it_not_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    """Switching a new file to WAL needs it to itself, and SQLite answers "database is
+    locked" at once instead of waiting: processes opening a new file together failed
+    within milliseconds (found by review). Now the switch waits, up to the lock timeout,
+    as every other lock does."""
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other_program (x)")  # a file still in rollback mode
+    holder.execute("BEGIN IMMEDIATE")  # its write lock, held (as a process creating the
+    holder.execute("INSERT INTO other_program VALUES (1)")  # file's tables holds it)
+    release = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        started = time.monotonic()
+        with SecretService.create(
+            f"sqlite:///{path}",
+            master_key=os.urandom(32).hex(),
+            settings=KeyledgerSettings(lock_timeout_seconds=10),
+        ) as service:
+            service.store_for_tenant("acme", "db", "v")
+            waited = time.monotonic() - started
+    finally:
+        release.join()
+        holder.close()
+    assert waited >= 0.4  # (it waited for the lock rather than failing)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

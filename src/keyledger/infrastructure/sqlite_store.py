@@ -112,7 +112,7 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
             raise InterfaceError(e) from e
         try:
             if not self.is_sqlite_memory_mode:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _enter_wal_mode(conn, self.lock_timeout or 30)
                 self.is_journal_mode_wal = True
             # A completed store or read must survive a power cut: fsync the WAL on commit.
             conn.execute("PRAGMA synchronous=FULL")
@@ -124,6 +124,25 @@ class KeyledgerSQLiteConnectionPool(SQLiteConnectionPool):
             raise InterfaceError(e) from e
         conn.row_factory = sqlite3.Row
         return KeyledgerSQLiteConnection(conn, max_age=self.max_age)
+
+
+def _enter_wal_mode(conn: sqlite3.Connection, lock_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while the file is locked, for up to the
+    lock timeout. Switching a new file to WAL needs it to itself, and SQLite answers
+    "database is locked" at once rather than waiting on the busy timeout: several
+    processes opening a new file together failed within milliseconds (found by review).
+    A file already in WAL mode answers without a lock."""
+    deadline = time.monotonic() + lock_timeout
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 class KeyledgerSQLiteConnection(SQLiteConnection):
