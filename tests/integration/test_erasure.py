@@ -444,3 +444,35 @@ def test_no_wrapped_key_of_an_erased_tenant_with_many_versions_survives_anywhere
         # Anyone holding the master key and the file could open these values again:
         assert opened(DOOMED, sealed, unwrapped_keys(master_key, survivors)) == []
         assert survivors == []
+
+
+def test_a_store_racing_an_erasure_is_retried_not_failed_as_drift(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyring and its material are two reads: an erasure committed between them
+    left the store with a keyring whose active material was gone. Found by review: the
+    store failed with DecryptionFailed and was audited as a failure, which reads as
+    drift. It is a stale decision: the store is tried again and succeeds on a new key."""
+    storer = make_service()
+    eraser = make_service()
+    storer.store_for_tenant(DOOMED, "s", "v1")
+    eraser.erase_tenant(DOOMED, confirm=True)
+    eraser.store_for_tenant(DOOMED, "other", "v")  # a new active version, 2
+    ledger = storer._ledger
+    looked_up = ledger.key_material
+    erased = []
+
+    def erasure_between_the_two_reads(tenant_id: str, version: int, key_id: str) -> Any:
+        if not erased:  # the erasure commits after the keyring was read, before this
+            erased.append(eraser.erase_tenant(DOOMED, confirm=True))
+        return looked_up(tenant_id, version, key_id)
+
+    monkeypatch.setattr(ledger, "key_material", erasure_between_the_two_reads)
+    info = storer.store_for_tenant(DOOMED, "s", "v2")
+
+    assert erased  # (the race was run)
+    assert info.key_version == 3
+    assert storer.retrieve_for_tenant(DOOMED, "s").value == "v2"
+    with super_admin():
+        failures = storer.get_audit_logs(tenant_id=DOOMED, result="failure")
+    assert failures == []

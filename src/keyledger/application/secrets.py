@@ -159,6 +159,13 @@ class SecretCommands:
         except (DecryptionFailed, MasterKeyUnavailable):
             if not fresh:  # failures are decided on fresh state only: the cached keyring
                 raise Conflict from None  # may name a version destroyed since (a cleanup)
+            # The keyring and its material are two reads: an erasure or cleanup committed
+            # between them leaves the material gone under a keyring read before. Once the
+            # keyring is seen unmoved after the material was looked for, the failure is
+            # real (found by review: a store racing an erasure failed, audited as drift).
+            again = self.ledger.keyring(tenant_id, fresh=True)
+            if again is None or again.version != keyring.version:
+                raise Conflict from None
             raise
 
     def _store_once(
