@@ -555,7 +555,11 @@ def test_a_malformed_master_key_is_one_error_line(monkeypatch: pytest.MonkeyPatc
 
 def test_invalid_configuration_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYLEDGER_MAX_VALUE_BYTES", "lots")
-    assert_error(run("secrets", "list", "acme"), "invalid configuration: KEYLEDGER_MAX_VALUE_BYTES")
+    assert_error(
+        run("secrets", "list", "acme"),
+        "invalid configuration: KEYLEDGER_MAX_VALUE_BYTES (input should be a valid integer, "
+        "unable to parse string as an integer)",
+    )
 
 
 def test_the_database_option_wins_over_the_environment(tmp_path: Path) -> None:

@@ -396,7 +396,8 @@ def test_rotate_needs_exactly_one_of_tenant_and_due(args: tuple[str, ...], fragm
 def test_an_invalid_rotation_policy_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0")
     assert fails("keys", "due").stderr == (
-        "Error: invalid configuration: KEYLEDGER_KEY_MAX_AGE_DAYS\n"
+        "Error: invalid configuration: KEYLEDGER_KEY_MAX_AGE_DAYS (input should be greater "
+        "than 0)\n"
     )
 
 

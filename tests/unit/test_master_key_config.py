@@ -18,6 +18,7 @@ from keyledger import (
     tenant,
 )
 from keyledger.infrastructure.crypto import MasterKey, parse_master_key
+from keyledger.infrastructure.settings import KeyledgerSettings
 
 TENANT = "tenant-config"
 NAME = "db-password"
@@ -486,7 +487,8 @@ def test_a_malformed_setting_is_invalid_input_naming_the_variable_not_its_value(
     monkeypatch.setenv(variable, bad)
     with pytest.raises(InvalidInput) as caught:
         SecretService.create("memory:")
-    assert str(caught.value) == f"invalid configuration: {variable}"
+    assert str(caught.value).startswith(f"invalid configuration: {variable} (input should be")
+    assert bad not in str(caught.value)
 
 
 def test_a_master_key_variable_and_a_key_file_naming_different_keys_are_refused(
@@ -553,3 +555,28 @@ def test_a_malformed_previous_key_is_named_by_its_place_in_the_variable(
     monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", f"{KEY_B}, ,")
     with SecretService.create("memory:"):  # blank entries alone are no keys, no error
         pass
+
+
+SETTING_NAMES = sorted(
+    "SMRT_SECRET_MASTER_KEY" if name == "smrt_master_key" else f"KEYLEDGER_{name.upper()}"
+    for name in KeyledgerSettings.model_fields
+)
+MARKED_BAD_VALUES = ["x-MARK-1", "-7777", "1e999", "nan", "99999999999999999999999", "[9-MARK]"]
+
+
+@pytest.mark.parametrize("variable", SETTING_NAMES)
+def test_no_reason_given_for_a_bad_setting_quotes_what_was_given(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """The reasons (what the variable must be) come from pydantic; it is asked never to
+    quote the input, and this holds it to that for every setting."""
+    refusals: list[tuple[str, str]] = []
+    for bad in MARKED_BAD_VALUES:
+        monkeypatch.setenv(variable, bad)
+        try:
+            KeyledgerSettings()
+        except InvalidInput as error:  # (a text setting takes any of them: no refusal)
+            refusals.append((bad, str(error)))
+    for bad, message in refusals:
+        assert bad not in message, message
+        assert message.startswith(f"invalid configuration: {variable} ("), message
