@@ -745,9 +745,16 @@ class SecretService(AuditInvestigation):
             on_retry=on_retry,
         )
 
-    def catch_up_read_models(self) -> int:
-        """Bring the lazily projected audit model up to the stream head; returns events."""
-        return catch_up_audit(self._ledger)
+    def catch_up_read_models(self, *, seal: bool = False) -> int:
+        """Bring the lazily projected audit model up to the stream head; returns events.
+        With ``seal``, then seal the audit stream as the projection worker does when idle
+        (where there is an audit key; a seal that stops is logged, never raised)."""
+        check_bool("seal", seal)
+        applied = catch_up_audit(self._ledger)
+        if seal:
+            self._ledger.seal_automatically()
+            applied += catch_up_audit(self._ledger)  # (its checkpoints: nothing left behind)
+        return applied
 
     def read_model_status(self) -> dict[str, tuple[int, int]]:
         """Per read model: (position reached, stream head). Inline models are always current."""

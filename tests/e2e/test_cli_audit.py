@@ -624,6 +624,17 @@ def test_seal_then_verify_is_intact() -> None:
     ok("audit", "verify", "--from-position", str(head + 2))
 
 
+def test_projections_run_once_seals_unless_told_not_to() -> None:
+    """Found by review: --once ignored --seal (on by default), the worker's idle seal."""
+    two_tenants()
+    ok("projections", "run", "--once", "--no-seal")
+    assert as_json("audit", "verify")["checkpoints"] == 0
+    ok("projections", "run", "--once")
+    report = as_json("audit", "verify")
+    assert (report["intact"], report["checkpoints"]) == (True, 1)
+    assert report["unsealed_events"] == 1  # the checkpoint itself
+
+
 def test_verify_without_any_audit_key_is_a_setup_error_not_a_tampering_report(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

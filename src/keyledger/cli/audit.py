@@ -184,7 +184,7 @@ def trail(cli: CliContext, tenant_id: str, name: str, limit: int | None, offset:
     Every version stored, read, denial, failure, status change, re-encryption (marked
     "(re-encrypt)") and the deletion, with who did it from where. VERSION is the secret's
     version the entry is about, KEY the key version. A secret read often has a long
-    history: it is read and written TRAIL_PAGE entries at a time, so memory stays flat
+    history: it is read and written 1,000 entries at a time, so memory stays flat
     whatever its length; --limit and --offset choose a part of it.
     """
     with cli.scope(tenant_id):

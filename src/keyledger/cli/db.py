@@ -24,7 +24,7 @@ from keyledger.service import SecretService
 
 @click.group("db")
 def db_group() -> None:
-    """Create and check the store's schema (tables, indexes, the append-only trigger)."""
+    """Create and check the store's schema; shred deleted key material from its files."""
 
 
 @contextmanager
@@ -179,4 +179,4 @@ def shred(cli: CliContext) -> None:
     if cli.json_output:
         emit_json({"shredded": True})
     else:
-        click.echo("Shredded: deleted key material is gone from the store's files.", err=True)
+        click.echo("Shredded: deleted key material is gone from the store's files.")

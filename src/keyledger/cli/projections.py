@@ -124,11 +124,13 @@ def run(cli: CliContext, idle_seconds: float, once: bool, seal: bool) -> None:
     Follows the event stream (LISTEN/NOTIFY on PostgreSQL, polling on SQLite) and applies
     new events until SIGINT or SIGTERM, printing progress on stderr. Each catch-up is one
     transaction, so a killed worker resumes where it stopped and applies nothing twice.
-    When idle, it seals the audit stream (``audit seal``) unless --no-seal.
+    When idle (and with --once, once caught up), it seals the audit stream, as
+    `keyledger audit seal` does, unless --no-seal.
     """
     service = cli.service
     if once:
-        applied = service.catch_up_read_models()
+        # (sealing as the worker does when idle; found by review: --once ignored --seal)
+        applied = service.catch_up_read_models(seal=seal)
     else:
         lag = ", ".join(f"{name} {count}" for name, count in service.read_model_lag().items())
         click.echo(f"Following the event stream (events behind: {lag}).", err=True)
