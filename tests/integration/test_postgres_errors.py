@@ -220,6 +220,31 @@ def test_a_password_in_the_database_url_never_appears_in_errors_or_logs(
     assert all(PASSWORD not in text for text in shown)
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (
+            f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/kl_no_such_db?connect_timeout=1",
+            'database "kl_no_such_db" does not exist',
+        ),
+        (
+            f"postgresql://kl_no_such_role:{PASSWORD}@127.0.0.1:5432/test?connect_timeout=1",
+            'role "kl_no_such_role" does not exist',
+        ),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/test?connect_timeout=1", "refused"),
+    ],
+    ids=["no-such-database", "no-such-role", "nothing-listening"],
+)
+def test_a_store_that_cannot_be_reached_says_why(amk: str, url: str, reason: str) -> None:
+    """Found by review: only the pool's "couldn't get a connection after 5.00 sec" was
+    shown, the server's reason dropped. The reason, never the password."""
+    with pytest.raises(StorageError) as raised:
+        SecretService.create(url, master_key=amk)
+    assert str(raised.value).startswith("cannot open the store: ")
+    assert reason in str(raised.value)
+    assert PASSWORD not in str(raised.value)
+
+
 def test_a_password_given_through_the_environment_never_appears_in_errors_or_reprs(
     amk: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

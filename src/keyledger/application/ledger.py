@@ -178,9 +178,14 @@ class Ledger(Application[UUID]):
             factory = getattr(self, "factory", None)
             if factory is not None:
                 factory.close()  # stop the pool's reconnecting threads
-            if isinstance(error, StorageError):  # (the recorder's schema creation failed)
-                raise
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            unreachable = getattr(factory, "unreachable_reason", None)
+            if "couldn't get a connection" in reason and unreachable is not None:
+                why = unreachable()  # (the pool's timeout says nothing of why)
+                reason = f"{reason}: {why}" if why else reason
+            elif isinstance(error, StorageError):  # (the recorder's schema creation failed)
+                raise
+            reason = reason.removeprefix("cannot open the store: ")
             raise StorageError(f"cannot open the store: {reason}") from None
         self.master_keys = master_keys
         self.clock = clock or (lambda: datetime.now(UTC))

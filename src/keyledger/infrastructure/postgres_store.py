@@ -1357,6 +1357,23 @@ class KeyledgerPostgresFactory(PostgresFactory):
         pg_fork.mark_closed(self.datastore)  # (before its pool closes: see pg_fork)
         super().close()
 
+    def unreachable_reason(self) -> str | None:
+        """Why a connection to the server cannot be made (one attempt, up to 5 s), from
+        the server or libpq: "database ... does not exist", an authentication failure.
+        The pool only says it got no connection in time (found by review). None when a
+        connection can be made. libpq's messages name host, port, user and database,
+        never the password."""
+        pool = self.datastore.pool
+        try:  # (the pool may take either as a function that makes it)
+            conninfo = pool.conninfo() if callable(pool.conninfo) else pool.conninfo
+            kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs or {}
+            psycopg.connect(conninfo, **{**kwargs, "connect_timeout": 5}).close()
+        except psycopg.Error as error:
+            return " ".join(_first_line(error).split())  # (libpq pads with spaces)
+        except Exception as error:  # a reason all the same, whatever raised it
+            return type(error).__name__
+        return None
+
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         # Session settings for every connection the pool opens, the library's included:
