@@ -173,6 +173,7 @@ def test_put_records_category_description_expiry_and_metadata() -> None:
     assert "value" not in info
     cleared = as_json("secrets", "put", "acme", "stripe", "--clear-expiry", stdin="sk2")
     assert (cleared["expires_at"], cleared["category"]) == (None, "api-keys")
+    assert (cleared["tenant_id"], cleared["name"]) == ("acme", "stripe")
 
 
 def test_a_naive_expiry_is_a_usage_error_and_stores_nothing() -> None:
@@ -355,7 +356,7 @@ def test_rotate_then_reencrypt_moves_every_secret_to_the_new_key() -> None:
     assert result.stderr == ""
     assert key_table("acme") == [(1, "retired", 0), (2, "active", 2)]
     assert ok("secrets", "get", "acme", "b").stdout == "2"
-    assert as_json("keys", "reencrypt", "acme") == {"success": 2, "failed": 0}
+    assert as_json("keys", "reencrypt", "acme") == {"tenant_id": "acme", "success": 2, "failed": 0}
 
 
 def test_reencrypt_shows_a_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

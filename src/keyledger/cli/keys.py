@@ -124,7 +124,7 @@ def reencrypt(cli: CliContext, tenant_id: str) -> None:
     """
     result = reencrypt_with_progress(cli, tenant_id)
     if cli.json_output:
-        emit_json(to_data(result))
+        emit_json({"tenant_id": tenant_id, **to_data(result)})
     else:
         click.echo(
             f"Re-encrypted tenant {tenant_id!r}: {result.success} on the active key, "

@@ -156,8 +156,8 @@ def put(
         metadata=entries,
         **cli.actor,
     )
-    if cli.json_output:
-        emit_json(to_data(info))
+    if cli.json_output:  # (the tenant too, as the status changes say it)
+        emit_json({"tenant_id": tenant_id, **to_data(info)})
     else:
         click.echo(
             f"Stored secret {name!r} in tenant {tenant_id!r} "
