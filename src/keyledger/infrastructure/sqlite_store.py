@@ -633,10 +633,11 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                         return
                     if time.monotonic() >= deadline:
                         raise ShredIncomplete(
-                            "the operation is done, but the SQLite write-ahead log, which "
-                            "may still hold copies of the key material it deleted or "
-                            "replaced, could not be truncated: a reader kept an older "
-                            "snapshot open; run `keyledger db shred` again"
+                            "the SQLite write-ahead log, which may still hold copies of "
+                            "deleted or replaced key material, could not be truncated: "
+                            "another connection kept it in use (a reader of an older "
+                            "snapshot, or a writer's transaction); what deleted the "
+                            "material is done; run `keyledger db shred` again"
                         )
                     time.sleep(0.05)
             finally:
