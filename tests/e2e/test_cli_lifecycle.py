@@ -179,6 +179,25 @@ def test_rotating_due_keys_goes_on_past_a_tenant_that_cannot_be_rotated(
     assert failure["result"] == "failure"
 
 
+def test_rotating_due_keys_lists_the_failures_in_json_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: --json listed the rotations only; the failures were on stderr."""
+    put("acme", "a", "1")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
+    put("globex", "g", "2")
+    monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0.000000001")
+
+    result = run("--json", "keys", "rotate", "--due")
+
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert [k["tenant_id"] for k in data["rotated"]] == ["globex"]
+    [failed] = data["failed"]
+    assert failed["tenant_id"] == "acme"
+    assert failed["error"].startswith("cannot rotate the key of tenant 'acme'")
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -367,7 +386,7 @@ def test_keys_due_lists_versions_over_the_encryption_budget_and_rotate_due_rotat
         *("TENANT", "VERSION", "CREATED", "AGE", "DAYS", "ENCRYPTIONS", "REASONS"),
     ]
     assert ok("keys", "rotate", "--due").stdout == "No key version is due for rotation.\n"
-    assert as_json("keys", "rotate", "--due") == []
+    assert as_json("keys", "rotate", "--due") == {"rotated": [], "failed": []}
     [entry] = audit_actions("acme", "rotate_key")
     assert entry["user_agent"].startswith("keyledger-cli/")
 
@@ -378,7 +397,7 @@ def test_keys_due_by_age_in_json_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     assert as_json("keys", "due") == []
     monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0.000000001")
     assert [d["tenant_id"] for d in as_json("keys", "due")] == ["acme", "globex"]
-    rotated = as_json("keys", "rotate", "--due")
+    rotated = as_json("keys", "rotate", "--due")["rotated"]
     assert [(k["tenant_id"], k["version"], k["status"]) for k in rotated] == [
         ("acme", 2, "active"),
         ("globex", 2, "active"),
@@ -958,7 +977,8 @@ def test_the_whole_lifecycle_on_postgresql(
     put("globex", "g", "two again")
     assert as_json_report("drift", "diagnose", "globex")["ok"] is True
     monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0.000000001")
-    assert [k["tenant_id"] for k in as_json("keys", "rotate", "--due")] == ["acme", "globex"]
+    rotated = as_json("keys", "rotate", "--due")["rotated"]
+    assert [k["tenant_id"] for k in rotated] == ["acme", "globex"]
     monkeypatch.delenv("KEYLEDGER_KEY_MAX_AGE_DAYS")
 
     # Erasure: the material is gone, the audit stays, a confirmed repair tidies the listing.

@@ -73,24 +73,25 @@ def rotate_due(cli: CliContext) -> None:
 
     A tenant that cannot be rotated (its active version under a master key that is not
     configured, say) does not stop the others: each failure is one ``Error:`` line on
-    stderr, the rotations go on, and the command exits 1 at the end.
+    stderr (and an entry of "failed" with --json), the rotations go on, and the command
+    exits 1 at the end.
     """
     service = cli.service
     rotated: list[tuple[KeyDue, TenantKeyInfo]] = []
-    failed = 0
+    failed: list[dict[str, str]] = []
     with super_admin():  # the inventory of every tenant: a cross-tenant read
         every_due = service.keys_due()
     for due in every_due:
         try:
             info = service.rotate_due_key(due, **cli.actor)
         except KeyledgerError as error:  # its failure is audited; the next tenant's turn
-            failed += 1
+            failed.append({"tenant_id": due.tenant_id, "error": str(error)})
             click.echo(f"Error: {error}", err=True)
             continue
         if info is not None:  # (None: another run rotated it first)
             rotated.append((due, info))
-    if cli.json_output:
-        emit_json([to_data(info) for _, info in rotated])
+    if cli.json_output:  # (the failures too: a script reads them here, not on stderr)
+        emit_json({"rotated": [to_data(info) for _, info in rotated], "failed": failed})
     else:
         if not rotated and not failed:
             click.echo("No key version is due for rotation.")
