@@ -116,14 +116,20 @@ _ENVIRONMENT = (
 _TEST_KEY = object()  # sentinel: "the test's master_key"
 
 
-def cli_environment(monkeypatch: pytest.MonkeyPatch, database_url: str, master_key: str) -> str:
+def cli_environment(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, master_key: str, *, create: bool = True
+) -> str:
     """For a CLI test: ``database_url`` and ``master_key`` in the environment, and no
-    other KEYLEDGER_ (or SMRT_SECRET_) variable; returns the URL."""
+    other KEYLEDGER_ (or SMRT_SECRET_) variable; returns the URL. With ``create``, the
+    store is made first, as `keyledger db init` makes it (the CLI's reading commands
+    refuse a SQLite file that does not exist)."""
     for name in list(os.environ):
         if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("KEYLEDGER_DATABASE_URL", database_url)
     monkeypatch.setenv("KEYLEDGER_MASTER_KEY", master_key)
+    if create:
+        SecretService.create(database_url, master_key=master_key).close()
     return database_url
 
 

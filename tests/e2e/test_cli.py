@@ -662,3 +662,47 @@ def test_the_installed_keyledger_script_does_put_get_list_and_audit(tmp_path: Pa
     assert usage.returncode == 2
     for proc in (put, missing, usage):
         assert MASTER_KEY not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("secrets", "list", "acme"),
+        ("secrets", "get", "acme", "s"),
+        ("keys", "due"),
+        ("audit", "log", "acme"),
+        ("drift", "diagnose", "--all-tenants"),
+        ("master-key", "rewrap"),
+    ],
+)
+def test_a_reading_command_on_a_sqlite_file_that_does_not_exist_creates_no_store(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Found by review: a mistyped path answered "nothing there" from a new, empty store
+    it had just created (a monitoring check of `keys due` staying green)."""
+    mistyped = tmp_path / "mistyped.db"
+    result = run("--database", f"sqlite:///{mistyped}", *command)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: no keyledger store at {mistyped}: check --database or "
+        "KEYLEDGER_DATABASE_URL (`keyledger db init` creates a new store, and so does the "
+        "first `secrets put`)\n"
+    )
+    assert not mistyped.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "stdin"),
+    [
+        (("secrets", "put", "acme", "s"), "v"),
+        (("keys", "rotate", "acme"), None),
+        (("db", "init"), None),
+    ],
+)
+def test_the_commands_that_start_a_store_create_its_sqlite_file(
+    tmp_path: Path, command: tuple[str, ...], stdin: str | None
+) -> None:
+    new = tmp_path / "new.db"
+    ok("--database", f"sqlite:///{new}", *command, stdin=stdin)
+    assert new.exists()
+    ok("--database", f"sqlite:///{new}", "secrets", "list", "acme")

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from conftest import POSTGRES_URL, own_schema
+from conftest import POSTGRES_URL, cli_environment, own_schema
 from keyledger.cli import main
 
 MASTER_KEY = "3c9e1f7a2b5d4e60" * 4
@@ -33,13 +33,9 @@ ISSUE_HEADERS = ["CODE", "SEVERITY", "SECRET", "VERSION", "REPAIR", "MESSAGE"]
 
 @pytest.fixture(autouse=True)
 def database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A fresh SQLite file and a master key in the environment, nothing else of ours."""
-    for name in list(os.environ):
-        if name.startswith(("KEYLEDGER_", "SMRT_SECRET_")):
-            monkeypatch.delenv(name)
+    """A fresh SQLite store and a master key in the environment, nothing else of ours."""
     path = tmp_path / "cli.db"
-    monkeypatch.setenv("KEYLEDGER_DATABASE_URL", f"sqlite:///{path}")
-    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
+    cli_environment(monkeypatch, f"sqlite:///{path}", MASTER_KEY)
     return path
 
 

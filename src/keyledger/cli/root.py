@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
+from shlex import quote as shell_quote
 from typing import TypedDict
 
 import click
@@ -10,6 +12,7 @@ import click
 from keyledger._version import __version__
 from keyledger.cli.errors import KeyledgerGroup
 from keyledger.context import TenantScope, tenant
+from keyledger.infrastructure.database_url import sqlite_db_name
 from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.service import SecretService
 
@@ -44,6 +47,8 @@ class CliContext:
         """The service, opened now if this is its first use."""
         if self._service is None:
             settings = KeyledgerSettings()  # InvalidInput names what is wrong
+            url = self.database_url or settings.database_url.get_secret_value()
+            _refuse_to_create_a_store_by_reading(url)
             self._service = SecretService.create(self.database_url, settings=settings)
         return self._service
 
@@ -64,6 +69,29 @@ class CliContext:
 
 
 pass_cli = click.make_pass_decorator(CliContext)
+
+# The commands that may make a new SQLite file: those that write what a new store starts
+# with (a secret, a tenant's first key) and `db init`. Any other command is refused on a
+# file that does not exist: opening it would create an empty store, and a mistyped path
+# would answer "nothing there" (a monitoring check of `keys due` staying green; found by
+# review). A PostgreSQL schema is made by `db init` or by the first process to open it.
+CREATING_COMMANDS = frozenset({"secrets put", "keys rotate", "db init"})
+
+
+def _refuse_to_create_a_store_by_reading(database_url: str) -> None:
+    if not database_url.startswith("sqlite:///") or database_url == "sqlite:///:memory:":
+        return
+    ctx = click.get_current_context(silent=True)
+    command = " ".join(ctx.command_path.split()[1:]) if ctx is not None else ""
+    if command in CREATING_COMMANDS:
+        return
+    path = Path(sqlite_db_name(database_url))
+    if not path.exists():
+        raise click.ClickException(
+            f"no keyledger store at {shell_quote(str(path))}: check --database or "
+            "KEYLEDGER_DATABASE_URL (`keyledger db init` creates a new store, and so does "
+            "the first `secrets put`)"
+        )
 
 
 @click.group(
