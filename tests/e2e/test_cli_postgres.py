@@ -56,7 +56,8 @@ WAIT_SECONDS = 15.0
 @pytest.fixture
 def url(schema: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The schema's URL in KEYLEDGER_DATABASE_URL, a master key, nothing else of ours."""
-    return cli_environment(monkeypatch, f"{POSTGRES_URL}?schema={schema}", MASTER_KEY)
+    url = f"{POSTGRES_URL}?schema={schema}"
+    return cli_environment(monkeypatch, url, MASTER_KEY, create=False)  # (db init's tests)
 
 
 def run(*args: str, stdin: str | None = None) -> Result:

@@ -440,6 +440,7 @@ def test_the_cli_refuses_huge_counts_in_one_error_line(tmp_path: Path, master_ke
         "KEYLEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
         "KEYLEDGER_MASTER_KEY": master_key,
     }
+    SecretService.create(env["KEYLEDGER_DATABASE_URL"], master_key=master_key).close()
     for args in (
         ("secrets", "list", "acme", "--limit", str(10**25)),
         ("audit", "log", "acme", "--limit", str(10**25)),
