@@ -210,3 +210,41 @@ def test_rotate_due_key_takes_an_entry_of_keys_due(service: SecretService) -> No
         service.rotate_due_key(("acme", 1))  # type: ignore[arg-type]
 
     assert [k.version for k in service.list_keys("acme")] == [1]
+
+
+def test_two_shreds_at_once_leave_no_debt_below_zero_to_swallow_the_next(
+    store_url: str, master_key: str
+) -> None:
+    """Each shred takes off what it saw owed: two at once took it off twice, the count
+    went below zero, and the next run killed before its shred left it at zero, owed
+    nothing: never shredded (found by review)."""
+    service = SecretService.create(store_url, master_key=master_key)
+    other = SecretService.create(store_url, master_key=master_key)
+    try:
+        service.store_for_tenant("acme", "token", "t")
+        service.rotate_key_for_tenant("acme")
+        service.reencrypt_all_for_tenant("acme")
+        service.close()
+        _killed_before_shredding(store_url, "cleanup", master_key, [])  # one shred owed
+        service = SecretService.create(store_url, master_key=master_key)
+        ledger = service._ledger
+        assert ledger.shred_pending()
+        store_shred = ledger.store.shred
+
+        def overlapped() -> None:  # the other shred runs while this one shreds
+            other._ledger.shred()
+            store_shred()
+
+        ledger.store.shred = overlapped  # type: ignore[method-assign]
+        ledger.shred()
+        assert ledger._shreds_pending() == 0  # (was -1)
+
+        service.rotate_key_for_tenant("acme")
+        service.reencrypt_all_for_tenant("acme")
+        service.close()
+        _killed_before_shredding(store_url, "cleanup", master_key, [])
+        service = SecretService.create(store_url, master_key=master_key)
+        assert service._ledger.shred_pending()  # the killed run's shred is still owed
+    finally:
+        service.close()
+        other.close()

@@ -687,9 +687,14 @@ class Ledger(Application[UUID]):
             self.store.shred()
             if pending:  # what this shred covered (later deletions stay counted)
                 with self.store.projecting() as cur:
+                    # Never below zero: two shreds at once each take off what both saw
+                    # owed, and a count gone negative swallowed the next run's debt, so
+                    # a later cleanup killed before its shred was never shredded (found
+                    # by review).
                     cur.execute(
-                        "UPDATE kl_tracking SET position = position - ? WHERE name = ?",
-                        (pending, SHRED_PENDING),
+                        "UPDATE kl_tracking SET position = CASE WHEN position > ? "
+                        "THEN position - ? ELSE 0 END WHERE name = ?",
+                        (pending, pending, SHRED_PENDING),
                     )
         except StorageError as error:
             raise ShredIncomplete(

@@ -126,8 +126,10 @@ SHRED_PATIENCE_SECONDS = 5.0
 def note_shred_pending(cur: Cursor) -> None:
     """(In the deleting transaction.) One more write awaiting a shred."""
     cur.execute(
-        "INSERT INTO kl_tracking (name, position) VALUES (?, 1) "
-        "ON CONFLICT (name) DO UPDATE SET position = kl_tracking.position + 1",
+        "INSERT INTO kl_tracking (name, position) VALUES (?, 1) ON CONFLICT (name) DO "
+        # (a count left below zero by a release before 0.17.1 counts as nothing owed)
+        "UPDATE SET position = CASE WHEN kl_tracking.position > 0 "
+        "THEN kl_tracking.position + 1 ELSE 1 END",
         (SHRED_PENDING,),
     )
 
