@@ -1001,3 +1001,39 @@ def test_a_repair_bounded_by_a_confirmed_plan_refuses_to_delete_what_it_did_not_
     assert result.deleted_secrets == 4
     with pytest.raises(InvalidInput):
         uncached.repair_tenant_secret_key_drift(ACME, confirmed_plan="yes")  # type: ignore[arg-type]
+
+
+def test_two_repairs_at_once_record_each_destruction_once(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the repair that lost the race destroyed nothing more, but its
+    repair entry and its result named the versions the other had destroyed (and the
+    secrets it had deleted), as if it had done it too."""
+    from keyledger.application import repair as repair_module
+
+    first = make_service(settings=KeyledgerSettings(key_cache_seconds=0))
+    second = make_service(settings=KeyledgerSettings(key_cache_seconds=0))
+    fill(first)
+    Database(first).delete_material(ACME)
+    record = repair_module._record
+    raced: list[object] = []
+
+    def after_the_other_repair(*args: Any, **kwargs: Any) -> Any:
+        if not raced:  # the other repair runs between this one's diagnosis and its write
+            raced.append(True)
+            second.repair_tenant_secret_key_drift(ACME, confirm_delete_unrecoverable_data=True)
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(repair_module, "_record", after_the_other_repair)
+    late = first.repair_tenant_secret_key_drift(ACME, confirm_delete_unrecoverable_data=True)
+
+    assert raced
+    assert (late.deleted_secrets, late.deleted_tenant_encryption_keys) == (0, 0)
+    assert (late.secret_names, late.key_versions) == ([], [])
+    entries = audit(first, ACME)
+    assert Counter(e.action for e in entries if e.action in ("destroy_key", "delete")) == {
+        "destroy_key": 2,
+        "delete": 4,
+    }
+    repairs = [e.details["destroyed_versions"] for e in entries if e.action == "repair"]
+    assert sorted(repairs) == [[], [1, 2]]

@@ -103,16 +103,18 @@ def repair(
             deleted_tenant_encryption_keys=0,
             **result,
         )
-    deleted = _record(ledger, tenant_id, before, secrets, versions, live, actor)
+    deleted, destroyed = _record(ledger, tenant_id, before, secrets, versions, live, actor)
     removed = _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
     # Once, after every step: an incomplete shred stops none of them.
     if versions or removed or ledger.shred_pending():
         ledger.shred()
+    # What this run did (another repair at once may have done part of the plan).
+    result |= {"secret_names": deleted, "key_versions": destroyed}
     return RepairResult(
         dry_run=False,
         remaining_issues=diagnose(ledger, tenant_id).issues,
         deleted_secrets=len(deleted),
-        deleted_tenant_encryption_keys=len(versions),
+        deleted_tenant_encryption_keys=len(destroyed),
         **result,
     )
 
@@ -125,7 +127,7 @@ def _record(
     versions: list[int],
     live: int,
     actor: Actor,
-) -> list[str]:
+) -> tuple[list[str], list[int]]:
     """One transaction: the repair entry, each secret deleted, each version destroyed,
     and, when the active version is among them and some of the ``live`` secrets remain
     (on healthy retired versions), a fresh active version, so that they are re-encrypted
@@ -134,10 +136,14 @@ def _record(
     A secret is deleted only while its value is the one the diagnosis found unrecoverable
     (same value version): a value stored afresh since, as the drift error tells clients
     to do, is kept. The secrets and the keyring are written with the versions they were
-    loaded at, so a change in between makes the attempt start again on fresh state."""
+    loaded at, so a change in between makes the attempt start again on fresh state.
+    Returns the names deleted and the versions destroyed by this run: a version another
+    repair destroyed meanwhile is neither destroyed nor recorded again (found by review:
+    two repairs at once each recorded and reported it)."""
     who = actor_dict(actor)
     codes = sorted({issue.code for issue in issues})
     deleted_names: list[str] = []
+    destroyed_versions: list[int] = []
 
     def attempt(n: int) -> None:
         keyring = ledger.keyring(tenant_id, fresh=n > 0)
@@ -145,9 +151,9 @@ def _record(
             return
         changed = ledger.for_update(keyring)
         active = changed.active
-        for version in versions:
-            if changed.keys[version].status != "destroyed":
-                changed.destroy(version, "drift repair: unusable", who)
+        destroyed = [v for v in versions if changed.keys[v].status != "destroyed"]
+        for version in destroyed:
+            changed.destroy(version, "drift repair: unusable", who)
         deleted: list[Secret] = []
         for name, value_version in secrets.items():
             secret = ledger.secret(tenant_id, name, fresh=n > 0)
@@ -165,10 +171,10 @@ def _record(
             doomed.delete(who)
             deleted.append(doomed)
         names = [secret.name for secret in deleted]
-        changed.record_repair(codes, names, versions, who)
+        changed.record_repair(codes, names, destroyed, who)
         unit = WriteUnit(material_deletions=[(tenant_id, v, None) for v in versions])
         fresh_key = None
-        if active is not None and active.version in versions and live > len(deleted):
+        if active is not None and active.version in destroyed and live > len(deleted):
             fresh_key, row = ledger.new_data_key(tenant_id, changed.next_version)
             changed.rotate(fresh_key.fingerprint, row.amk_id, who)
             unit.key_material.append(row)
@@ -176,11 +182,12 @@ def _record(
         if fresh_key is not None:
             ledger.remember_data_key(fresh_key)
         deleted_names[:] = names
+        destroyed_versions[:] = destroyed
 
     ledger.retrying(attempt)
     if versions:
         ledger.forget_data_keys()  # the store is shredded at the end of the repair
-    return deleted_names
+    return deleted_names, destroyed_versions
 
 
 def _fix_without_deleting(

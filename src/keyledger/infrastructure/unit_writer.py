@@ -127,7 +127,7 @@ def note_shred_pending(cur: Cursor) -> None:
     """(In the deleting transaction.) One more write awaiting a shred."""
     cur.execute(
         "INSERT INTO kl_tracking (name, position) VALUES (?, 1) ON CONFLICT (name) DO "
-        # (a count left below zero by a release before 0.17.1 counts as nothing owed)
+        # (a count left below zero by a release before 0.18.0 counts as nothing owed)
         "UPDATE SET position = CASE WHEN kl_tracking.position > 0 "
         "THEN kl_tracking.position + 1 ELSE 1 END",
         (SHRED_PENDING,),
