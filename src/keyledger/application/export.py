@@ -92,9 +92,8 @@ def audit_records(
 def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     """Write one JSON object per line; returns the number of records."""
     count = 0
-    for record in records:
-        out.write(json.dumps(record, sort_keys=False, default=str, separators=(",", ":")))
-        out.write("\n")
+    for record in records:  # (one write a line: a record is in the buffer whole or not)
+        out.write(json.dumps(record, sort_keys=False, default=str, separators=(",", ":")) + "\n")
         count += 1
     return count
 

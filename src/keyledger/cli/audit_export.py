@@ -5,10 +5,12 @@ Attached to the ``audit`` group of ``keyledger.cli.audit``.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import datetime
 from typing import IO, Any
 
@@ -138,6 +140,7 @@ class ExportRun:
         self.out: IO[str] | None = None
         self.bar: Any = None
         self.stop: Callable[[], bool] = lambda: False
+        self.between_records = False
         self._bar_position = start
 
     def __repr__(self) -> str:
@@ -145,6 +148,7 @@ class ExportRun:
 
     def _check(self) -> None:
         if self.stop():
+            self.between_records = True  # (a stop at once, a second Ctrl-C, is not)
             raise KeyboardInterrupt
 
     def track(self, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -171,6 +175,35 @@ class ExportRun:
             f"Exported {self.records} records; resume after position {self.covered} "
             f"with --from-position {self.covered}"
         )
+
+
+def settle_tail(run: ExportRun, out: IO[str], fmt: str, path: str) -> None:
+    """After a stop at once (a second Ctrl-C, which may land in the middle of a write):
+    cut a record the file holds only part of, and count one it holds whole, so that the
+    resume position printed is exact for the file as it is left (found by review: a
+    resumed export wrote a record again, after a line it had cut short). Every record
+    is one line: no field of either format holds a line break (JSON escapes them, and
+    keyledger's text fields refuse them)."""
+    with suppress(OSError, ValueError):
+        out.flush()
+    with open(path, "rb") as written:  # (``out`` was opened for writing only)
+        size = written.seek(0, os.SEEK_END)
+        written.seek(max(size - TAIL_BYTES, 0))
+        tail = written.read()
+    end = tail.rfind(b"\n") + 1
+    if end < len(tail):  # a last line without its line break: cut short
+        os.truncate(path, size - (len(tail) - end))
+    last = tail[:end].rstrip(b"\n").rsplit(b"\n", 1)[-1].decode("utf-8", "replace")
+    with suppress(ValueError, KeyError, IndexError, TypeError):
+        position = int(
+            json.loads(last)["position"] if fmt == "jsonl" else next(csv.reader([last]))[0]
+        )
+        if position > run.covered:  # written whole, not counted yet
+            run.covered = position
+            run.records += 1
+
+
+TAIL_BYTES = 1 << 20  # more than any one record (its fields are bounded in size)
 
 
 @contextmanager
@@ -262,7 +295,10 @@ def export(
                 if bar is not None:  # finished: the rest of the stream holds nothing to export
                     bar.update(max(bar.length - bar.pos, 0))
         except KeyboardInterrupt:
-            out.flush()
+            if run.between_records or output is None:
+                out.flush()
+            else:  # stopped at once: the record being written may be cut short or uncounted
+                settle_tail(run, out, fmt, output)
             click.echo(run.summary(), err=True)
             click.get_current_context().exit(INTERRUPTED)
     click.echo(run.summary(), err=True)
