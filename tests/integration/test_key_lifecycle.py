@@ -417,6 +417,28 @@ def test_reencrypting_without_a_master_key_raises_moves_nothing_and_is_audited(
     assert keyless.reencrypt_all_for_tenant(ACME) == ReencryptResult(success=1, failed=0)
 
 
+def test_reencrypting_under_a_wrong_master_key_raises_once_and_moves_nothing(
+    make_service: MakeService,
+) -> None:
+    """Found by review: with the wrong master key deployed, every secret failed on its
+    own, one audited failure apiece, as if each were damaged."""
+    service = make_service()
+    for name in ("a", "b", "c"):
+        service.store_for_tenant(ACME, name, "v")
+    service.rotate_key_for_tenant(ACME)
+    wrong = make_service(master_key=secrets.token_hex(32))
+    entries = audit(service, ACME)
+
+    with pytest.raises(MasterKeyUnavailable, match="is not configured"):
+        wrong.reencrypt_all_for_tenant(ACME, user_id="ops")
+
+    [*earlier, failed] = audit(service, ACME)
+    assert earlier == entries
+    assert (failed.action, failed.result, failed.secret_name) == ("update", "failure", None)
+    assert [s.key_version for s in service.list_for_tenant(ACME)] == [1, 1, 1]
+    assert service.reencrypt_all_for_tenant(ACME) == ReencryptResult(success=3, failed=0)
+
+
 def test_compromising_the_active_version_without_a_master_key_fails_changes_no_key_and_is_audited(
     make_service: MakeService,
 ) -> None:

@@ -103,6 +103,12 @@ class KeyCommands:
         if todo:  # no master key is a configuration fault, not a failure of each secret
             try:  # (SPEC section 1: the first operation that needs it raises)
                 self.ledger.current_master_key()
+                # ... and so is a master key that cannot open the active version (the
+                # wrong one deployed): each secret failed, one audited failure apiece
+                # (found by review).
+                refuse_an_unknown_master_key(
+                    self.ledger, keyring, fresh=True, doing="re-encrypt onto it"
+                )
             except MasterKeyUnavailable as error:
                 record_failure(self.ledger, tenant_id, None, "update", error, None, who)
                 context = f"cannot re-encrypt the secrets of tenant {tenant_id!r}"
