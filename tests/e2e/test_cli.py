@@ -138,6 +138,24 @@ def test_a_value_is_never_taken_from_the_command_line_nor_repeated(
     assert names("acme", "--status", "all") == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("secrets", "get", "acme", "stripe"),
+        ("secrets", "delete", "acme", "stripe"),
+        ("keys", "list", "acme"),
+        ("audit", "log", "acme"),
+        ("db", "check"),
+    ],
+)
+def test_no_command_repeats_a_word_it_did_not_expect(command: tuple[str, ...]) -> None:
+    """Found by review: click's "Got unexpected extra argument (sk_live_...)" echoed a
+    value typed after the arguments of any command but put."""
+    result = run(*command, "sk_live_ARGV")
+    assert_usage_error(result, "got more arguments than it takes (not repeated here")
+    assert "sk_live_ARGV" not in result.stderr + result.stdout
+
+
 def test_put_asks_for_a_hidden_confirmed_value_on_a_terminal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

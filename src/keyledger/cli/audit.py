@@ -18,6 +18,7 @@ from typing import get_args
 import click
 
 from keyledger.application.export import csv_cell
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.keys import one_target
 from keyledger.cli.params import AWARE_DATETIME
 from keyledger.cli.render import (
@@ -44,7 +45,7 @@ TRAIL_HEADERS = (
 )
 
 
-@click.group("audit")
+@click.group("audit", cls=KeyledgerSubgroup)
 def audit_group() -> None:
     """Query the audit stream; replay, export, seal and verify it."""
 

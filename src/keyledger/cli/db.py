@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from keyledger.application.schema_check import EVENTS_KEY_MISSING, SchemaStatus
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import InvalidInput
@@ -22,7 +23,7 @@ from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.service import SecretService
 
 
-@click.group("db")
+@click.group("db", cls=KeyledgerSubgroup)
 def db_group() -> None:
     """Create and check the store's schema; shred deleted key material from its files."""
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import click
 
 from keyledger.cli.confirm import confirm as ask
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, emit_table, json_option, shell_word, text, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
@@ -20,7 +21,7 @@ ISSUE_HEADERS = ("CODE", "SEVERITY", "SECRET", "VERSION", "REPAIR", "MESSAGE")
 SEVERITIES = ("error", "warning", "info")
 
 
-@click.group("drift")
+@click.group("drift", cls=KeyledgerSubgroup)
 def drift_group() -> None:
     """Diagnose and repair drift between tenants' secrets and their keys."""
 

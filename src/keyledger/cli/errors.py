@@ -27,6 +27,32 @@ def library_errors() -> Iterator[None]:
         raise click.ClickException(str(error) or type(error).__name__) from None
 
 
+class KeyledgerCommand(click.Command):
+    """A command whose usage errors never repeat words it did not expect: a value typed
+    after the arguments (``secrets get acme db sk_live_...``) would be echoed by click's
+    "Got unexpected extra argument (...)" into terminals and CI logs (found by review;
+    ``secrets put`` refused them without repeating them already)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            if not error.message.startswith("Got unexpected extra argument"):
+                raise
+            raise click.UsageError(
+                f"{ctx.command_path} got more arguments than it takes (not repeated "
+                "here: values are never taken from the command line, and one typed "
+                "there would land in logs); see --help",
+                ctx,
+            ) from None
+
+
+class KeyledgerSubgroup(click.Group):
+    """A group of ``KeyledgerCommand``s."""
+
+    command_class = KeyledgerCommand
+
+
 class KeyledgerGroup(click.Group):
     """A group that translates library errors raised by any command below it."""
 

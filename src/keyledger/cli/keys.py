@@ -11,6 +11,7 @@ import sys
 import click
 
 from keyledger.cli.confirm import confirm
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import (
     emit_json,
     emit_table,
@@ -31,7 +32,7 @@ optional_tenant_argument = click.argument("tenant_id", metavar="[TENANT]", requi
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 
 
-@click.group("keys")
+@click.group("keys", cls=KeyledgerSubgroup)
 def keys_group() -> None:
     """Rotate, re-encrypt, list, compromise and clean up tenants' data encryption keys."""
 

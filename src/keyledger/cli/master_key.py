@@ -8,13 +8,14 @@ import sys
 import click
 
 from keyledger.application.lifecycle import RewrapResult
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, is_terminal, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 
 MASTER_KEY_BYTES = 32
 
 
-@click.group("master-key")
+@click.group("master-key", cls=KeyledgerSubgroup)
 def master_key_group() -> None:
     """Application master key (AMK) helpers."""
 

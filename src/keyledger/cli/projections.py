@@ -13,6 +13,7 @@ import click
 
 from keyledger.application.read_models import READ_MODELS as READ_MODEL_SOURCES
 from keyledger.application.read_models import rebuilt_together
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import StorageError
@@ -22,7 +23,7 @@ READ_MODELS = tuple(READ_MODEL_SOURCES)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-@click.group("projections")
+@click.group("projections", cls=KeyledgerSubgroup)
 def projections_group() -> None:
     """Maintain the read models (listing, audit queries) built from the stream."""
 

@@ -8,6 +8,7 @@ from datetime import datetime
 import click
 
 from keyledger.cli.confirm import confirm
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.params import AWARE_DATETIME, KEY_VALUE, metadata_from_pairs
 from keyledger.cli.render import (
     emit_json,
@@ -30,7 +31,7 @@ tenant_argument = click.argument("tenant_id", metavar="TENANT")
 name_argument = click.argument("name")
 
 
-@click.group("secrets")
+@click.group("secrets", cls=KeyledgerSubgroup)
 def secrets_group() -> None:
     """Store, read, list and change a tenant's secrets."""
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import click
 
 from keyledger.cli.confirm import confirm
+from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, json_option
 from keyledger.cli.root import CliContext, pass_cli
 
 
-@click.group("tenants")
+@click.group("tenants", cls=KeyledgerSubgroup)
 def tenants_group() -> None:
     """Operations on a whole tenant."""
 
