@@ -344,6 +344,14 @@ def test_delete_of_an_unknown_secret_exits_1() -> None:
     )
 
 
+def test_delete_of_an_unknown_secret_asks_nothing_first() -> None:
+    """Found by review: it asked to confirm the deletion of a secret that was not there."""
+    ok("secrets", "put", "acme", "s", stdin="v")
+    unknown = run("secrets", "delete", "acme", "nope")  # no --yes, and no answer
+    assert_error(unknown, "no secret 'nope' in tenant 'acme'")
+    assert "Delete secret" not in unknown.stdout + unknown.stderr
+
+
 def test_change_in_json_mode() -> None:
     ok("secrets", "put", "acme", "s", stdin="v")
     assert as_json("secrets", "disable", "acme", "s") == {

@@ -287,6 +287,15 @@ def test_compromise_refusals_are_one_error_line() -> None:
     assert keys("acme") == [(1, "active", 1)]
 
 
+def test_a_compromise_without_a_reason_is_refused_before_asking() -> None:
+    """Found by review: the confirmation came first, then the refusal."""
+    put("acme", "a", "1")
+    blank = fails("keys", "compromise", "acme", "1", "--reason", "  ")  # no --yes, no answer
+    assert blank.stderr == "Error: a compromise needs a reason\n"
+    assert "compromised?" not in blank.stdout + blank.stderr
+    assert keys("acme") == [(1, "active", 1)]
+
+
 # -- keys cleanup-retired ----------------------------------------------------------------
 
 

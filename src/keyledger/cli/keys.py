@@ -24,8 +24,9 @@ from keyledger.cli.render import (
 )
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
-from keyledger.errors import KeyledgerError
+from keyledger.errors import InvalidInput, KeyledgerError
 from keyledger.models import CleanupKeyOutcome, KeyDue, ReencryptResult, TenantKeyInfo
+from keyledger.validation import check_optional_text
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
 optional_tenant_argument = click.argument("tenant_id", metavar="[TENANT]", required=False)
@@ -198,6 +199,8 @@ def compromise(cli: CliContext, tenant_id: str, version: int, reason: str, yes: 
     Secrets still under VERSION cannot be read until their values are stored afresh
     (`keyledger drift diagnose TENANT` lists them).
     """
+    if not (check_optional_text("reason", reason) or "").strip():  # (checked before it asks)
+        raise InvalidInput("a compromise needs a reason")
     confirm(
         f"Mark key version {version} of tenant {tenant_id!r} as compromised? "
         "Secrets under it cannot be read until they are stored afresh.",

@@ -297,5 +297,10 @@ def enable(cli: CliContext, tenant_id: str, name: str) -> None:
 @pass_cli
 def delete(cli: CliContext, tenant_id: str, name: str, yes: bool) -> None:
     """Delete secret NAME of TENANT from every listing and read."""
-    confirm(f"Delete secret {name!r} of tenant {tenant_id!r}?", yes=yes)
+    check_identifier("tenant_id", tenant_id)
+    check_identifier("name", name)
+    with cli.scope(tenant_id):  # (nothing to confirm for a secret that is not there: the
+        there = cli.service.exists(name)  # delete below is refused, and audited)
+    if there:
+        confirm(f"Delete secret {name!r} of tenant {tenant_id!r}?", yes=yes)
     change(cli, tenant_id, name, "delete", "Deleted")
