@@ -549,10 +549,10 @@ def test_erase_destroys_every_key_version_keeps_the_audit_and_leaves_others_alon
     assert ok("tenants", "erase", "acme", "--yes").stdout == (
         "Tenant 'acme' has no key version left to destroy.\n"
     )
-    assert as_json("tenants", "erase", "nobody", "--yes") == {
-        "tenant_id": "nobody",
-        "destroyed_key_versions": [],
-    }
+    # A tenant that never had a key (a mistyped one) is refused, before any question
+    # (found by review: it asked, then said there was nothing left to destroy, exit 0).
+    nobody = fails("tenants", "erase", "nobody")
+    assert nobody.stderr == "Error: tenant 'nobody' has no keys\n"
 
 
 def test_an_erased_tenant_is_cleaned_up_by_a_confirmed_repair() -> None:

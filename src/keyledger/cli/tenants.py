@@ -27,6 +27,8 @@ def erase(cli: CliContext, tenant_id: str, yes: bool) -> None:
     checkpoints the WAL, PostgreSQL vacuums the key-material table); the events and the
     audit stream stay complete. This cannot be undone. Safe to interrupt and rerun.
     """
+    if not cli.service.list_keys(tenant_id):  # (a mistyped tenant: nothing to confirm)
+        raise click.ClickException(f"tenant {tenant_id!r} has no keys")
     confirm(
         f"Erase tenant {tenant_id!r}? Every value it ever stored becomes unrecoverable; "
         "this cannot be undone.",
