@@ -629,11 +629,12 @@ class Proxy:
                 end.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_a_worker_whose_listen_connection_is_terminated_goes_on(url: str, schema: str) -> None:
-    """docs/postgresql.md: a connection the server ends while the worker waits in LISTEN
-    is not the database going away: the worker goes on, and applies what comes next."""
+@contextmanager
+def listening_worker(
+    url: str, schema: str
+) -> Iterator[tuple[SecretService, subprocess.Popen[str], str]]:
+    """A store with one secret, a service on it and a worker process that has caught up
+    and waits in LISTEN (its connections named by the third item)."""
     ok("db", "init")
     ok("secrets", "put", "acme", "a", stdin="v")
     app_name = f"kl-worker-{schema}"
@@ -644,6 +645,30 @@ def test_a_worker_whose_listen_connection_is_terminated_goes_on(url: str, schema
         worker_process(url, app_name, "--idle-seconds", "0.2") as worker,
     ):
         wait_until_listening(worker, app_name, service)
+        yield service, worker, app_name
+
+
+def applies_a_write_and_stops(service: SecretService, worker: subprocess.Popen[str]) -> str:
+    """Store one more secret, insist that the running worker applies it, stop it with
+    SIGTERM and insist that it exits 0; its stderr."""
+    service.store_for_tenant("acme", "after", "v")
+    deadline = time.monotonic() + WAIT_SECONDS
+    while audit_lag(service) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert audit_lag(service) == 0, "the worker did not apply the write"
+    assert worker.poll() is None, ("the worker exited", worker.communicate())
+    worker.send_signal(signal.SIGTERM)
+    _stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+    assert worker.returncode == 0, stderr
+    return stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_worker_whose_listen_connection_is_terminated_goes_on(url: str, schema: str) -> None:
+    """docs/postgresql.md: a connection the server ends while the worker waits in LISTEN
+    is not the database going away: the worker goes on, and applies what comes next."""
+    with listening_worker(url, schema) as (service, worker, app_name):
         with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
             row = admin.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
@@ -652,15 +677,7 @@ def test_a_worker_whose_listen_connection_is_terminated_goes_on(url: str, schema
             ).fetchone()
         assert row is not None
         assert row[0] >= 1
-        service.store_for_tenant("acme", "after", "v")
-        deadline = time.monotonic() + WAIT_SECONDS
-        while audit_lag(service) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert audit_lag(service) == 0, "the worker did not apply the write"
-        assert worker.poll() is None, ("the worker exited", worker.communicate())
-        worker.send_signal(signal.SIGTERM)
-        _stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
-    assert worker.returncode == 0, stderr
+        stderr = applies_a_write_and_stops(service, worker)
     assert "Error" not in stderr
 
 
@@ -715,16 +732,7 @@ def test_a_worker_whose_connection_is_terminated_mid_catch_up_goes_on(
     while it waited in LISTEN) ended the worker. Its catch-up is held on a lock of the
     audit table, its connection terminated there; the worker says it tries again, does,
     and applies every event once."""
-    ok("db", "init")
-    ok("secrets", "put", "acme", "a", stdin="v")
-    app_name = f"kl-worker-{schema}"
-    with (
-        SecretService.create(
-            url, master_key=MASTER_KEY, settings=KeyledgerSettings(create_tables=False)
-        ) as service,
-        worker_process(url, app_name, "--idle-seconds", "0.2") as worker,
-    ):
-        wait_until_listening(worker, app_name, service)
+    with listening_worker(url, schema) as (service, worker, app_name):
         with (
             psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin,
             admin.transaction(),
@@ -749,17 +757,9 @@ def test_a_worker_whose_connection_is_terminated_mid_catch_up_goes_on(
             assert blocked, f"the worker's catch-up never waited: {backends(app_name)}"
             for pid in blocked:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        service.store_for_tenant("acme", "after", "v")
-        deadline = time.monotonic() + WAIT_SECONDS
-        while audit_lag(service) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert audit_lag(service) == 0, "the worker did not catch up"
-        assert worker.poll() is None, ("the worker exited", worker.communicate())
-        worker.send_signal(signal.SIGTERM)
-        _stdout, stderr = worker.communicate(timeout=WAIT_SECONDS)
+        stderr = applies_a_write_and_stops(service, worker)
         with super_admin():
             names = [e.secret_name for e in service.get_audit_logs(tenant_id="acme")]
-    assert worker.returncode == 0, stderr
     assert "Error" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("Warning: ")], stderr
     assert sorted(n for n in names if n) == ["a", "after", "during"]  # each applied once

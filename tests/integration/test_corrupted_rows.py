@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_audit_tamper import SQLiteRaw
 
 from conftest import MakeService
 from keyledger import (
@@ -396,15 +397,12 @@ def test_audit_verify_reports_retyped_copies_once_the_primary_key_is_gone(
     (found by re-reading the stream module: its id conversion raised ValueError)."""
     path, run = tampered
     at = event_position(path, "SecretRead")
+    raw = SQLiteRaw(path)
+    try:
+        raw.drop_events_key()
+    finally:
+        raw.close()
     with sqlite3.connect(path) as conn:
-        conn.executescript(
-            "CREATE TABLE unkeyed (originator_id TEXT, originator_version INTEGER, "
-            "topic TEXT, state BLOB);"
-            "INSERT INTO unkeyed (rowid, originator_id, originator_version, topic, state) "
-            "SELECT rowid, originator_id, originator_version, topic, state FROM stored_events;"
-            "DROP TABLE stored_events;"
-            "ALTER TABLE unkeyed RENAME TO stored_events;"
-        )
         copy_at = conn.execute(
             "INSERT INTO stored_events (originator_id, originator_version, topic, state) "
             f"SELECT originator_id, originator_version, topic, state FROM stored_events "

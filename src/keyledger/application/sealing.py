@@ -350,7 +350,7 @@ _STOP_REASONS = {
 }
 
 
-_ACCEPTABLE = {"untagged": True, "unknown_key": True}  # (never a tag that does not verify)
+_ACCEPTABLE: frozenset[TagStatus] = frozenset({"untagged", "unknown_key"})  # (never "mismatch")
 
 
 def _vouched(
@@ -363,7 +363,7 @@ def _vouched(
     one mistyped key stopped every seal for good)."""
     for index, row in enumerate(page):
         status = tag_status(keys, row, independent_only=independent_only)
-        if status == "ok" or (_ACCEPTABLE.get(status) and row.position in accept_untagged):
+        if status == "ok" or (status in _ACCEPTABLE and row.position in accept_untagged):
             continue
         return page[:index], (row.position, _STOP_REASONS[status])
     return page, None

@@ -512,11 +512,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
             try:
                 return send(conn)
             except BaseException as error:
-                if _answered(conn):
-                    if abandon_on_error:
-                        self._abandon(conn)
-                    raise
-                if not isinstance(error, psycopg.OperationalError):
+                if not self._lost(conn, error, abandon=abandon_on_error):
                     raise
         self._settle_lost(backend, committed, lost_after_commit)
         return None  # nothing was written: the caller sends a BEGIN first
@@ -539,14 +535,20 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
             try:
                 return send(conn)
             except BaseException as error:
-                if _answered(conn):
-                    if abandon_on_error:
-                        self._abandon(conn)
-                    raise
-                if not isinstance(error, psycopg.OperationalError):
+                if not self._lost(conn, error, abandon=abandon_on_error):
                     raise
         self._settle_lost(backend, committed, lost_after_commit)
         raise StorageError("PostgreSQL connection lost before the write was committed")
+
+    def _lost(self, conn: Connection[Any], error: BaseException, *, abandon: bool) -> bool:
+        """Whether the failed send of a write lost its connection (then the write is
+        settled). An error the server answered with is final (with ``abandon``, the
+        connection is closed first: see ``_abandon``)."""
+        if _answered(conn):
+            if abandon:
+                self._abandon(conn)
+            return False
+        return isinstance(error, psycopg.OperationalError)
 
     def _settle_lost(
         self, backend: int, committed: Callable[[], bool | None], lost_after_commit: str
