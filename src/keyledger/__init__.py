@@ -1,7 +1,9 @@
 """keyledger: per-tenant secrets with envelope encryption on an event-sourced audit stream."""
 
 from keyledger._version import __version__
-from keyledger.context import super_admin, tenant
+from keyledger.application.lifecycle import RewrapResult
+from keyledger.application.schema_check import SchemaStatus
+from keyledger.context import Actor, TenantScope, super_admin, tenant
 from keyledger.errors import (
     AuditTampered,
     ConfirmationRequired,
@@ -19,23 +21,34 @@ from keyledger.errors import (
     StorageError,
     TenantRequired,
 )
+from keyledger.infrastructure.settings import KeyledgerSettings
 from keyledger.models import (
     AuditEntry,
+    Checkpoint,
+    CleanupKeyOutcome,
     CleanupResult,
     DriftIssue,
     DriftReport,
     KeyDue,
+    KeyVersionAsOf,
     ReencryptResult,
     RepairResult,
+    SealResult,
     Secret,
     SecretInfo,
+    TamperFinding,
     TenantKeyInfo,
+    TenantState,
+    VerifyReport,
 )
 from keyledger.service import SecretService
 
 __all__ = [
+    "Actor",
     "AuditEntry",
     "AuditTampered",
+    "Checkpoint",
+    "CleanupKeyOutcome",
     "CleanupResult",
     "ConfirmationRequired",
     "DecryptionFailed",
@@ -45,10 +58,15 @@ __all__ = [
     "InvalidMasterKey",
     "KeyDue",
     "KeyInUse",
+    "KeyVersionAsOf",
     "KeyledgerError",
+    "KeyledgerSettings",
     "MasterKeyUnavailable",
     "ReencryptResult",
     "RepairResult",
+    "RewrapResult",
+    "SchemaStatus",
+    "SealResult",
     "Secret",
     "SecretDisabled",
     "SecretExpired",
@@ -58,8 +76,12 @@ __all__ = [
     "SecretService",
     "ShredIncomplete",
     "StorageError",
+    "TamperFinding",
     "TenantKeyInfo",
     "TenantRequired",
+    "TenantScope",
+    "TenantState",
+    "VerifyReport",
     "__version__",
     "super_admin",
     "tenant",

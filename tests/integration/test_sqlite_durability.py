@@ -384,18 +384,23 @@ def test_a_datastore_nobody_closed_can_be_collected_while_its_writers_thread_liv
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_does_not_close_the_writers_it_inherited(tmp_path: Path) -> None:
-    """SQLite forbids using a connection in a forked child, and closing one there can roll
-    back or checkpoint into the parent's WAL: the parent's other threads' writers, whose
-    thread-locals the child drops, are kept open in the child, never closed."""
+def test_a_fork_closes_every_idle_connection_first_and_each_side_opens_its_own(
+    tmp_path: Path,
+) -> None:
+    """SQLite forbids a child to use connections, or SQLite's record of their locks,
+    inherited from its parent: a fork closes every connection of the file first (here
+    another thread's idle writer), so the child inherits none open; both sides then
+    write on connections of their own, the parent's other thread included."""
     datastore = KeyledgerSQLiteDatastore(str(tmp_path / "k.sqlite"))
-    ready, stop = threading.Event(), threading.Event()
+    ready, forked = threading.Event(), threading.Event()
     seen: dict[str, Any] = {}
 
     def other_thread() -> None:
         seen["writer"] = datastore.thread_writer()
         ready.set()
-        stop.wait(timeout=30)
+        forked.wait(timeout=30)
+        seen["after"] = datastore.thread_writer()
+        seen["after"].raw.execute("CREATE TABLE parent_side (x)")
 
     thread = threading.Thread(target=other_thread)
     thread.start()
@@ -404,22 +409,30 @@ def test_a_forked_child_does_not_close_the_writers_it_inherited(tmp_path: Path) 
     pid = os.fork()
     if pid == 0:  # the child: the other thread does not exist here
         try:
-            gc.collect()
-            seen["writer"].raw.total_changes  # noqa: B018 (raises once closed)
-            verdict = b"open" if datastore.open_writers() == 0 else b"still registered"
+            try:
+                seen["writer"].raw.total_changes  # noqa: B018 (raises once closed)
+                verdict = b"inherited an open writer"
+            except sqlite3.ProgrammingError:
+                datastore.thread_writer().raw.execute("CREATE TABLE child_side (x)")
+                verdict = b"own writer"
         except Exception as error:  # reported to the parent
-            verdict = type(error).__name__.encode()
+            verdict = repr(error).encode()
         os.write(write, verdict)
         os._exit(0)
+    forked.set()
     os.close(write)
     os.waitpid(pid, 0)
     verdict = os.read(read, 100)
     os.close(read)
-    stop.set()
     thread.join(timeout=30)
 
-    assert verdict == b"open"
-    assert datastore.open_writers() == 0  # the thread ended in the parent: closed there
+    assert verdict == b"own writer"
+    assert seen["after"] is not seen["writer"]
+    tables = {
+        row[0] for row in datastore.thread_writer().raw.execute("SELECT name FROM sqlite_master")
+    }
+    assert {"parent_side", "child_side"} <= tables
+    assert datastore.open_writers() == 1  # the other thread's ended with it: this one's
     datastore.close()
 
 

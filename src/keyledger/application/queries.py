@@ -31,6 +31,37 @@ _STATUS_CONDITIONS = {
 }
 
 
+# Usable material: of active and retired versions. Of one tenant, a search of the primary
+# key: the one statement for both (``? IS NULL OR tenant_id=?``) scanned the whole table
+# on SQLite, once per tenant in a rewrap (found by review).
+USABLE_KEY_MATERIAL = (
+    "SELECT m.tenant_id, m.version, m.key_id, m.amk_id, m.wrapped, m.created_at "
+    "FROM kl_key_material m JOIN kl_keys k ON k.tenant_id=m.tenant_id "
+    "AND k.version=m.version AND k.key_id=m.key_id "
+    "WHERE k.status IN ('active', 'retired')"
+)
+USABLE_KEY_MATERIAL_OF_TENANT = USABLE_KEY_MATERIAL + " AND m.tenant_id=?"
+_BY_TENANT_AND_VERSION = " ORDER BY m.tenant_id, m.version"
+
+
+def active_key_usage_sql(dialect: str, one_tenant: bool) -> str:
+    """The active versions' encryption counts (of one tenant: ``?``).
+
+    On PostgreSQL ``kl_keys.tenant_id`` sorts by code point (``COLLATE "C"``) and
+    ``kl_audit.tenant_id`` by the database's collation: compared as they are, the audit
+    index could not serve the count, and every active key scanned the whole audit model
+    (found by review: ``keys due`` took 8 s at 188,000 events, 102 s at 20,000 tenants).
+    """
+    tenant = 'k.tenant_id COLLATE "default"' if dialect == "postgres" else "k.tenant_id"
+    only = "AND k.tenant_id=? " if one_tenant else ""
+    return (
+        "SELECT k.tenant_id, k.version, k.created_at, (SELECT COUNT(*) FROM kl_audit a "
+        f"WHERE a.tenant_id={tenant} AND a.key_version=k.version "
+        "AND a.action IN ('create', 'update') AND a.result='success') "
+        f"FROM kl_keys k WHERE k.status='active' {only}ORDER BY k.tenant_id"
+    )
+
+
 def _secret_info(row: Any, now: datetime) -> SecretInfo:
     expires_at = optional_datetime(row[6])
     return SecretInfo(
@@ -258,14 +289,10 @@ class Queries:
     def usable_key_material(self, tenant_id: str | None = None) -> list[KeyMaterialRow]:
         """Material of every active or retired version (of one tenant), by tenant, version."""
         with self.ledger.reading() as cur:
-            cur.execute(
-                "SELECT m.tenant_id, m.version, m.key_id, m.amk_id, m.wrapped, m.created_at "
-                "FROM kl_key_material m JOIN kl_keys k ON k.tenant_id=m.tenant_id "
-                "AND k.version=m.version AND k.key_id=m.key_id "
-                "WHERE k.status IN ('active', 'retired') "
-                "AND (CAST(? AS TEXT) IS NULL OR m.tenant_id=?) ORDER BY m.tenant_id, m.version",
-                (tenant_id, tenant_id),
-            )
+            if tenant_id is None:
+                cur.execute(USABLE_KEY_MATERIAL + _BY_TENANT_AND_VERSION)
+            else:
+                cur.execute(USABLE_KEY_MATERIAL_OF_TENANT + _BY_TENANT_AND_VERSION, (tenant_id,))
             return [
                 KeyMaterialRow(row[0], row[1], row[2], row[3], stored_wrapped(row[4]), row[5])
                 for row in cur.fetchall()
@@ -280,13 +307,9 @@ class Queries:
         in the audit model (caught up first).
         """
         catch_up_audit(self.ledger)
-        only = "" if tenant_id is None else "AND k.tenant_id=? "
         with self.ledger.reading() as cur:
             cur.execute(
-                "SELECT k.tenant_id, k.version, k.created_at, (SELECT COUNT(*) FROM kl_audit a "
-                "WHERE a.tenant_id=k.tenant_id AND a.key_version=k.version "
-                "AND a.action IN ('create', 'update') AND a.result='success') "
-                f"FROM kl_keys k WHERE k.status='active' {only}ORDER BY k.tenant_id",
+                active_key_usage_sql(getattr(cur, "dialect", "sqlite"), tenant_id is not None),
                 () if tenant_id is None else (tenant_id,),
             )
             return [(row[0], row[1], row[2], int(row[3])) for row in cur.fetchall()]

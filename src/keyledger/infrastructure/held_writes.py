@@ -67,14 +67,12 @@ class PinnedReader(threading.local):
 class ExclusiveGate:
     """Lets one thread of the process at a time hold a store's write transaction.
 
-    A ``fork()`` waits until no other thread holds it (``_before_fork``): a child forked
-    while a thread held SQLite's write lock inherits SQLite's in-process record of that
-    lock and can never write to the store (found by review). The child starts with every
-    gate free: it has only the thread that forked."""
+    A forked child starts with every gate free: it has only the thread that forked. (On
+    SQLite a ``fork()`` first waits for every call in progress, a held block's included:
+    see ``sqlite_store._before_fork``.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owner: int | None = None
         _GATES.add(self)
 
     @contextmanager
@@ -86,52 +84,24 @@ class ExclusiveGate:
                 f"lock timeout: another thread's write under the store's lock took over "
                 f"{timeout:g} s"
             )
-        self._owner = threading.get_ident()
         try:
             yield
         finally:
-            self._owner = None
             self._lock.release()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._owner = None
 
 
 _GATES: weakref.WeakSet[ExclusiveGate] = weakref.WeakSet()
-_TAKEN_FOR_FORK = threading.local()
-
-
-def _before_fork() -> None:
-    """Wait for every gate another thread holds, in a fixed order (two threads forking
-    at once take them alike); the forking thread's own gate, if it forks inside a
-    block, is left as it is."""
-    me = threading.get_ident()
-    taken = []
-    for gate in sorted(_GATES, key=id):
-        if gate._owner != me:
-            gate._lock.acquire()
-            taken.append(gate)
-    _TAKEN_FOR_FORK.gates = taken
-
-
-def _after_fork_in_parent() -> None:
-    for gate in getattr(_TAKEN_FOR_FORK, "gates", ()):
-        gate._lock.release()
-    _TAKEN_FOR_FORK.gates = []
 
 
 def _after_fork_in_child() -> None:
     for gate in list(_GATES):
         gate._reset()
-    _TAKEN_FOR_FORK.gates = []
 
 
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def in_savepoint(cursor: Any, write: Callable[[Any], T], *, errors: type[Exception]) -> T:

@@ -162,6 +162,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
         self._closed = False
+        # Set while a fork() waits for the calls in progress (see fork_safely); held by
+        # the forking thread until the fork is done.
+        self._forking = False
+        self._fork_lock = threading.Lock()
         # The calls using a connection now (see ``enter``): sqlite3 crashes the process
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
@@ -194,6 +198,19 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         if self._closed:  # (set before close() looks at the calls: it sees this one)
             self.leave()
             raise StorageError(STORE_CLOSED)
+        if self._forking:  # (set before the fork looks at the calls: it sees this one)
+            self._wait_for_the_fork()
+
+    def _wait_for_the_fork(self) -> None:
+        """A call that starts while a fork() waits for the calls in progress starts after
+        the fork; one nested in a call of its thread goes on (the fork waits for it)."""
+        me = threading.get_ident()
+        if _in_a_call(me, also_here=self):
+            return
+        self._calls.remove(me)
+        with self._fork_lock:  # (held by the forking thread until the fork is done)
+            pass
+        self.enter()
 
     def leave(self) -> None:
         try:
@@ -304,16 +321,96 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         if hasattr(self, "pool"):  # (none when the file could not be created)
             super().close()
 
+    # -- fork() ------------------------------------------------------------------------
+
+    def _hold_calls_for_fork(self) -> None:
+        self._fork_lock.acquire()
+        self._forking = True
+
+    def _release_calls_after_fork(self) -> None:
+        self._forking = False
+        self._fork_lock.release()
+
+    def _close_connections_for_fork(self) -> None:
+        """Close every connection, to be opened again when next needed: a child then
+        inherits no open connection to the file, and no SQLite lock bookkeeping."""
+        with self._writers_lock:
+            for conn in self._all_writers.values():
+                conn.close()
+            self._all_writers.clear()
+        self._writers = threading.local()  # (each thread opens a new writer when it next writes)
+        old = self.pool
+        old.close()
+        self.pool = KeyledgerSQLiteConnectionPool(
+            db_name=old.db_name, lock_timeout=old.lock_timeout, pool_size=5, max_overflow=10
+        )
+
 
 _DATASTORES: weakref.WeakSet[KeyledgerSQLiteDatastore] = weakref.WeakSet()
 
 
+def _in_a_call(ident: int, also_here: KeyledgerSQLiteDatastore | None = None) -> bool:
+    """Whether thread ``ident`` is in a call of any datastore (in ``also_here``: in one
+    besides the call it is starting)."""
+    return any(
+        datastore._calls.count(ident) > (datastore is also_here) for datastore in list(_DATASTORES)
+    )
+
+
+_HELD_FOR_FORK: list[KeyledgerSQLiteDatastore] = []
+
+
+def _before_fork() -> None:
+    """Make a fork() safe for every SQLite file of the process: new calls wait, the calls
+    in progress end (up to ``CLOSE_WAIT`` seconds), then every connection is closed.
+
+    SQLite keeps the state of a process's connections to a file (its locks above all) in
+    memory that a child inherits but must not use (https://sqlite.org/howtocorrupt.html,
+    2.6): a child using inherited connections, or new ones beside that state, held no
+    real lock on the file, so the parent's last close deleted the WAL under it and its
+    commits were lost, and a child forked during another thread's write could never
+    write (both found by review). With no connection open, there is no such state.
+
+    A fork from inside a call (a callback of keyledger's, a signal handler) cannot wait
+    for that call, nor can a fork whose calls in progress outlast ``CLOSE_WAIT``: the
+    connections then stay open, and the child must not use a file-backed service."""
+    datastores = [
+        datastore
+        for datastore in list(_DATASTORES)
+        if not datastore._closed and not datastore.pool.is_sqlite_memory_mode
+    ]
+    for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
+        datastore._hold_calls_for_fork()
+        _HELD_FOR_FORK.append(datastore)
+    if not datastores or _in_a_call(threading.get_ident()):
+        return
+    deadline = time.monotonic() + CLOSE_WAIT
+    while any(datastore._calls for datastore in datastores):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
+    for datastore in datastores:
+        datastore._close_connections_for_fork()
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop()._release_calls_after_fork()
+
+
 def _after_fork_in_child() -> None:
+    _HELD_FOR_FORK.clear()
     for datastore in list(_DATASTORES):
         datastore._start_afresh()
+        datastore._forking = False
+        datastore._fork_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _thread_ended(

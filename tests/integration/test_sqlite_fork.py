@@ -1,0 +1,184 @@
+"""A service on a SQLite file, made before ``fork()``, used by parent and children.
+
+This is how gunicorn ``--preload``, Celery's prefork pool and ``multiprocessing``'s fork
+start method run an application that opens its service at import. SQLite forbids a child
+to use a connection, or SQLite's in-memory record of the locks on a file, inherited from
+its parent (https://sqlite.org/howtocorrupt.html, 2.6). Two ways that went wrong were
+found by review: a child's commits lost once the parent closed its service (the parent,
+believing itself the file's last user, deleted the WAL under the child), and a child
+forked during another thread's write that could never write. Each scenario runs in a
+fresh interpreter, which forks real children and reports what they saw.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
+
+PRELUDE = r"""
+import json, os, sqlite3, sys, threading, time, warnings
+from keyledger import SecretService
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+URL, KEY = sys.argv[1], sys.argv[2]
+
+
+def open_service():
+    return SecretService.create(
+        URL, master_key=KEY, settings=KeyledgerSettings(lock_timeout_seconds=2)
+    )
+
+
+def in_child(work):
+    # Fork; the child runs work() once the parent writes to the pipe, reports as JSON.
+    go_read, go_write = os.pipe()
+    said_read, said_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_write)
+        os.close(said_read)
+        os.read(go_read, 1)
+        try:
+            report = work()
+        except BaseException as error:
+            report = f"{type(error).__name__}: {error}"
+        os.write(said_write, json.dumps(report).encode())
+        os._exit(0)
+    os.close(go_read)
+    os.close(said_write)
+
+    def start_and_wait():
+        os.write(go_write, b"x")
+        os.close(go_write)
+        with os.fdopen(said_read, "rb") as said:
+            report = json.loads(said.read() or b'"no report"')
+        os.waitpid(pid, 0)
+        return report
+
+    return start_and_wait
+"""
+
+PARENT_CLOSES = (
+    PRELUDE
+    + r"""
+service = open_service()
+service.store_for_tenant("acme", "before-fork", "v0")  # used in the thread that forks
+service.retrieve_for_tenant("acme", "before-fork")
+
+
+def serve():
+    for n in range(5):
+        service.store_for_tenant("acme", f"child-{n}", f"c{n}")
+        assert service.retrieve_for_tenant("acme", f"child-{n}").value == f"c{n}"
+    return "served"
+
+
+run = in_child(serve)
+service.close()  # the parent is done (or exits) while its child serves
+child = run()
+with open_service() as fresh:  # what every process sees afterwards
+    names = sorted(info.name for info in fresh.list_for_tenant("acme"))
+    reads = [fresh.retrieve_for_tenant("acme", f"child-{n}").access_count for n in range(5)]
+check = sqlite3.connect(URL.removeprefix("sqlite:///")).execute("PRAGMA integrity_check")
+check = check.fetchall()
+print(json.dumps({"child": child, "names": names, "reads": reads, "check": check}))
+"""
+)
+
+
+def _run(script: str, tmp_path: Path, master_key: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'forked.db'}", master_key],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_a_child_keeps_what_it_writes_after_its_parent_closed_the_service(
+    tmp_path: Path, master_key: str
+) -> None:
+    report = _run(PARENT_CLOSES, tmp_path, master_key)
+
+    assert report["child"] == "served"
+    assert report["names"] == ["before-fork", *[f"child-{n}" for n in range(5)]]
+    assert report["reads"] == [2] * 5  # the child's audited read, and the check's
+    assert report["check"] == [["ok"]]
+
+
+FORKED_DURING_WRITES = (
+    PRELUDE
+    + r"""
+service = open_service()
+service.store_for_tenant("acme", "hot", "v")
+stop = threading.Event()
+parent_errors = []
+
+
+def write_on():
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            service.store_for_tenant("acme", f"parent-{n % 10}", f"p{n}")
+            service.retrieve_for_tenant("acme", "hot")
+        except Exception as error:
+            parent_errors.append(f"{type(error).__name__}: {error}")
+
+
+def serve(k):
+    def work():
+        outcomes = []
+        for attempt in range(2):  # requests, each in a thread of its own
+            outcome = {}
+
+            def request():
+                try:
+                    service.store_for_tenant("acme", f"child-{k}-{attempt}", "c")
+                    outcome["r"] = service.retrieve_for_tenant("acme", "hot").value
+                except Exception as error:
+                    outcome["r"] = f"{type(error).__name__}: {error}"
+
+            thread = threading.Thread(target=request)
+            thread.start()
+            thread.join()
+            outcomes.append(outcome["r"])
+        return outcomes
+
+    return work
+
+
+writer = threading.Thread(target=write_on)
+writer.start()
+runs = []
+for k in range(6):
+    time.sleep(0.03)
+    runs.append(in_child(serve(k)))  # forked while the writer thread writes
+stop.set()
+writer.join()
+children = [run() for run in runs]  # each child writes after the parent has stopped
+service.store_for_tenant("acme", "parent-after", "v")
+stored = sorted(info.name for info in service.list_for_tenant("acme") if "child" in info.name)
+print(json.dumps({"children": children, "parent_errors": parent_errors, "stored": stored}))
+"""
+)
+
+
+def test_a_child_forked_while_another_thread_writes_can_write(
+    tmp_path: Path, master_key: str
+) -> None:
+    report = _run(FORKED_DURING_WRITES, tmp_path, master_key)
+
+    assert report["children"] == [["v", "v"]] * 6
+    assert report["parent_errors"] == []  # the parent's writer thread wrote on
+    assert report["stored"] == sorted(f"child-{k}-{a}" for k in range(6) for a in range(2))
