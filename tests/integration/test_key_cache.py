@@ -142,11 +142,11 @@ def test_a_key_being_unwrapped_while_keys_are_forgotten_is_not_cached(
 
     monkeypatch.setattr(ledger, "key_material", destroyed_meanwhile)
     assert service.retrieve_for_tenant("acme", "api-key").value == "v"
-    assert len(ledger._data_keys._items._items) == 0  # nothing kept
+    assert len(ledger._data_keys) == 0  # nothing kept
 
     monkeypatch.setattr(ledger, "key_material", key_material)
     assert service.retrieve_for_tenant("acme", "api-key").value == "v"
-    assert len(ledger._data_keys._items._items) == 1  # an undisturbed unwrap is cached
+    assert len(ledger._data_keys) == 1  # an undisturbed unwrap is cached
 
 
 @pytest.mark.parametrize("backend", SHARED, indirect=True)

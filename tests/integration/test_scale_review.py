@@ -3,10 +3,14 @@ secrets, key-inventory counts, a long audit trail."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 
 from conftest import MakeService
 from keyledger import InvalidInput, SecretService, super_admin, tenant
+from keyledger.application import caches
 from keyledger.application.caches import LRUCache
 from keyledger.infrastructure.settings import KeyledgerSettings
 
@@ -80,3 +84,58 @@ def test_a_long_audit_trail_pages_oldest_first(service: SecretService) -> None:
     assert len(whole) == 10
     assert [e.position for page in pages for e in page] == [e.position for e in whole]
     assert [len(page) for page in pages] == [4, 4, 2]
+
+
+def _until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_an_expired_data_key_nobody_asks_for_again_leaves_memory(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``KEYLEDGER_KEY_CACHE_SECONDS`` is how long an unwrapped data key stays in memory:
+    it used to stay until someone asked for it again, or 10,000 other keys pushed it out
+    (found by review: a tenant erased by another process stayed decryptable from this
+    one's memory)."""
+    monkeypatch.setattr(caches._Sweeper, "INTERVAL", 0.05)
+    service = make_service(settings=KeyledgerSettings(key_cache_seconds=0.3))
+    service.store_for_tenant("victim", "db", "v")
+    service.retrieve_for_tenant("victim", "db")
+    data_keys = service._ledger._data_keys
+    assert len(data_keys) == 1
+
+    assert _until(lambda: len(data_keys) == 0)  # no call of this service meanwhile
+    service.store_for_tenant("victim", "db2", "w")  # used again: cached again
+    assert len(data_keys) == 1
+
+
+def test_the_events_kept_for_the_audit_catch_up_stay_within_the_cache_budget(
+    make_service: MakeService,
+) -> None:
+    """A count alone let 1,500 stores of 60 KiB values keep 90 MiB outside the cache
+    budget (found by review). Events past the budget are read back by the catch-up."""
+    service = make_service(settings=KeyledgerSettings(cache_megabytes=1))
+    value = b"x" * 60_000
+    for i in range(40):
+        service.store_for_tenant("acme", f"s{i}", value)
+
+    appended = service._ledger.appended
+    assert len(appended) < 10
+    assert appended.weight <= 2**20 // 4
+    with super_admin():
+        stored = service.get_audit_logs(tenant_id="acme", action="create", limit=100)
+    assert len(stored) == 40  # the audit model is complete all the same
+
+
+def test_a_secrets_non_ascii_texts_weigh_up_to_four_bytes_a_character(
+    service: SecretService,
+) -> None:
+    metadata = {f"k{i}": "é" * 1000 for i in range(8)}
+    service.store_for_tenant("acme", "s", "v", metadata=metadata)
+
+    assert service._ledger._secrets.weight >= 8 * 4 * 1000

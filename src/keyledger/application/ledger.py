@@ -39,7 +39,7 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment, EnvType, TopicError
 
 from keyledger.application.auto_seal import BackgroundSealer
-from keyledger.application.caches import ExpiringCache, LRUCache
+from keyledger.application.caches import AppendedEvents, ExpiringCache, LRUCache, text_weight
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.ids import keyring_id, secret_id
@@ -89,7 +89,8 @@ AGGREGATE_CACHE_SIZE = 20_000
 AGGREGATE_CACHE_BYTES = 256 * 2**20
 SNAPSHOT_INTERVAL = 100
 AUDIT_CATCH_UP_EVERY = 2000
-APPENDED_KEPT = 4 * AUDIT_CATCH_UP_EVERY  # at most this many appended events are kept
+APPENDED_KEPT = 4 * AUDIT_CATCH_UP_EVERY  # at most this many appended events are kept,
+APPENDED_SHARE = 4  # holding at most this fraction of the cache budget
 AUTO_SEAL_CHECKPOINTS = 10
 # The attributes of Secret and TenantKeyring that hold mutable values (see for_update).
 MUTABLE_ATTRIBUTES = ("_pending_events", "metadata", "keys")
@@ -121,11 +122,14 @@ class DecideUnlocked(Conflict):
 
 
 def _secret_weight(secret: Secret) -> int:
-    """About what a cached secret holds, in bytes: its envelope and its texts (each
-    character counted once; an object's own overhead is the constant)."""
-    weight = 1024 + len(secret.envelope) + len(secret.name) + len(secret.description or "")
+    """About what a cached secret holds, in bytes: its envelope and its texts (a
+    character of a non-ASCII text as up to 4 bytes: three secrets with such metadata
+    were weighed at 0.8 MiB while holding 3; found by review)."""
+    weight = 1024 + len(secret.envelope) + text_weight(secret.name)
+    if secret.description:
+        weight += text_weight(secret.description)
     for key, value in secret.metadata.items():
-        weight += len(key) + len(value)
+        weight += text_weight(key) + text_weight(value)
     return weight
 
 
@@ -199,7 +203,7 @@ class Ledger(Application[UUID]):
         # with them: the catch-up projects these as they are instead of reading them
         # back and decoding them (it still reads which positions exist, so events of
         # other processes in between are read and decoded as usual).
-        self.appended: dict[int, object] = {}
+        self.appended = AppendedEvents(APPENDED_KEPT, cache_bytes // APPENDED_SHARE)
         self.sealer = BackgroundSealer(self.seal_automatically)
         self.reads = ReadEncoder(self.audit_keys.current)
         self._reads: GroupCommitter[PendingRead] = GroupCommitter(
@@ -444,9 +448,7 @@ class Ledger(Application[UUID]):
             # process's events by now).
             self._evict(*exclusive.cached)
             raise
-        for position, event in exclusive.appended:
-            if len(self.appended) < APPENDED_KEPT:
-                self.appended[position] = event
+        self.appended.remember(exclusive.appended)
         for secret in exclusive.snapshots:
             self._snapshot(secret)
 
@@ -537,20 +539,20 @@ class Ledger(Application[UUID]):
         except (IntegrityError, StaleStateError):
             self._evict(*read.expected)
             raise Conflict from None
-        if read.position is not None and len(self.appended) < APPENDED_KEPT:
+        if read.position is not None:
             if self._exclusive.active:  # (remembered once the block has committed)
                 self._exclusive.appended.append((read.position, read.view))
             else:
-                self.appended[read.position] = read.view  # _remember, for one event
+                self.appended.remember_read(read.position, read.view)
         self._note_appended(1)
 
     def _remember(self, positions: Sequence[int] | None, events: list[Any]) -> None:
         """Keep what this process appended for the audit catch-up (see ``appended``)."""
-        if positions and len(self.appended) < APPENDED_KEPT:
+        if positions:
             if self._exclusive.active:  # (remembered once the block has committed)
                 self._exclusive.appended.extend(zip(positions, events, strict=True))
             else:
-                self.appended.update(zip(positions, events, strict=True))
+                self.appended.remember(zip(positions, events, strict=True))
 
     def _evict(self, *aggregate_ids: UUID) -> None:
         """Forget cached aggregates a write found stale (the retry reloads them)."""

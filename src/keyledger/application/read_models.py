@@ -110,7 +110,7 @@ def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tupl
         return _page(ledger, cur, after)
     if head > after:
         try:
-            return [(p, known[p]) for p in range(after + 1, min(after + PAGE_SIZE, head) + 1)]
+            return known.run(after + 1, min(after + PAGE_SIZE, head))
         except KeyError:  # another process appended in between: read which positions exist
             pass
     table, position = ledger.store.events_table_name, ledger.store.position_column
@@ -134,9 +134,7 @@ def _catch_up_page(ledger: Ledger, cur: Any, after: int, head: int) -> list[tupl
 
 def _forget_appended(ledger: Ledger, reached: int) -> None:
     """Drop remembered events the audit model has caught up with (by now or elsewhere)."""
-    known = ledger.appended
-    for p in [p for p in list(known) if p <= reached]:
-        known.pop(p, None)
+    ledger.appended.forget_through(reached)
 
 
 def _tracked_position(cur: Any, table: str = "kl_tracking") -> int:
