@@ -108,8 +108,11 @@ def test_close_from_the_thread_of_a_call_in_progress_does_not_wait_for_it(
 
 FORKED = r"""
 import os, sys, threading, time
+from keyledger import StorageError
+from keyledger.infrastructure import sqlite_store
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
 
+sqlite_store.CLOSE_WAIT = 0.5  # how long the fork waits for the other thread's call
 datastore = KeyledgerSQLiteDatastore(sys.argv[1])
 inside, done = threading.Event(), threading.Event()
 
@@ -123,10 +126,14 @@ thread = threading.Thread(target=in_a_call)
 thread.start()
 inside.wait()
 child = os.fork()
-if child == 0:  # the thread in its call does not exist here
+if child == 0:  # the thread in its call does not exist here; its connections stayed open
     started = time.monotonic()
     datastore.close()
-    os._exit(0 if time.monotonic() - started < 2 and datastore.pool.closed else 3)
+    try:
+        datastore.enter()
+        os._exit(4)
+    except StorageError:
+        os._exit(0 if time.monotonic() - started < 2 else 3)
 _, status = os.waitpid(child, 0)
 done.set()
 thread.join()
@@ -151,19 +158,24 @@ def test_a_forked_child_closes_without_waiting_for_its_parents_calls(tmp_path: P
 
 FORKED_IN_A_CALL = r"""
 import os, sys
+from keyledger import StorageError
 from keyledger.infrastructure.sqlite_store import KeyledgerSQLiteDatastore
 
 datastore = KeyledgerSQLiteDatastore(sys.argv[1])
 datastore.enter()  # this thread is in a call when it forks (a signal handler's fork)
 child = os.fork()
-if child == 0:
+if child == 0:  # its connections stayed open: the child refuses calls, says why
     try:
         datastore.leave()  # its call ends in the child, where it was never counted
         datastore.close()
     except BaseException as error:
         print(repr(error), file=sys.stderr)
         os._exit(3)
-    os._exit(0 if datastore.pool.closed else 4)
+    try:
+        datastore.enter()
+    except StorageError as error:
+        os._exit(0 if "forked" in str(error) else 5)
+    os._exit(4)
 _, status = os.waitpid(child, 0)
 datastore.leave()
 datastore.close()

@@ -176,3 +176,17 @@ def test_a_key_destroyed_by_another_service_leaves_memory_when_this_one_next_use
 
     assert cached.retrieve_for_tenant("acme", "s").value == "value"  # (on version 2)
     assert ledger._data_keys.get(version_1) is None
+
+
+def test_closing_a_service_drops_the_keys_it_unwrapped(make_service: MakeService) -> None:
+    """Keys of a closed service used to stay in memory until they expired (found by
+    review)."""
+    service = make_service()
+    service.store_for_tenant("acme", "api-key", "v")
+    assert service.retrieve_for_tenant("acme", "api-key").value == "v"
+    data_keys = service._ledger._data_keys
+    assert len(data_keys) == 1
+
+    service.close()
+
+    assert len(data_keys) == 0

@@ -182,3 +182,54 @@ def test_a_child_forked_while_another_thread_writes_can_write(
     assert report["children"] == [["v", "v"]] * 6
     assert report["parent_errors"] == []  # the parent's writer thread wrote on
     assert report["stored"] == sorted(f"child-{k}-{a}" for k in range(6) for a in range(2))
+
+
+CALL_OUTLASTS_THE_WAIT = (
+    PRELUDE
+    + r"""
+import sqlite3
+from keyledger.infrastructure import sqlite_store
+
+sqlite_store.CLOSE_WAIT = 0.5  # how long a fork waits for the calls in progress
+service = open_service()
+service.store_for_tenant("acme", "before", "v0")
+holder = sqlite3.connect(URL.removeprefix("sqlite:///"), isolation_level=None)
+holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+waiting = threading.Thread(target=service.store_for_tenant, args=("acme", "waiting", "w"))
+waiting.start()  # a call in progress, waiting for that lock, when the process forks
+time.sleep(0.2)
+
+
+def serve():
+    try:
+        service.store_for_tenant("acme", "child", "c")
+        return "stored"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+run = in_child(serve)
+holder.execute("COMMIT")
+waiting.join()
+child = run()
+service.close()  # the parent is done: nothing the child did may be lost with it
+with open_service() as fresh:
+    names = sorted(info.name for info in fresh.list_for_tenant("acme"))
+print(json.dumps({"child": child, "names": names}))
+"""
+)
+
+
+def test_a_child_whose_connections_could_not_be_closed_refuses_calls_not_loses_them(
+    tmp_path: Path, master_key: str
+) -> None:
+    """A fork waits a bounded time for the calls in progress: when one outlasts it, the
+    connections stay open, and the child refuses every call with a reason (found by
+    review: it wrote on them, and lost every write once the parent closed)."""
+    report = _run(CALL_OUTLASTS_THE_WAIT, tmp_path, master_key)
+
+    assert isinstance(report["child"], str)
+    assert report["child"].startswith("StorageError: ")
+    assert "forked" in report["child"]
+    assert "open a new SecretService in the child" in report["child"]
+    assert report["names"] == ["before", "waiting"]

@@ -8,7 +8,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -30,6 +30,7 @@ class LRUCache(Generic[K, V]):
         # Each item with its weight (0 unweighed): one lookup of the key a call.
         self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
+        _LRU_CACHES.add(self)
         self._weigh = weigh if max_weight is not None else None
         self._max_weight = max_weight or 0
         self.weight = 0  # the items' total weight (0 without ``weigh``)
@@ -142,8 +143,9 @@ class _Sweeper:
         self._running = False
 
     def watch(self, cache: ExpiringCache[K, V]) -> None:
-        if cache in self._caches and self._running:  # (the common case: no lock)
-            return
+        # (Always under the lock, which the thread's last pass holds while it decides to
+        # stop: a put seen as running without it could be left to a thread that stopped;
+        # found by review. A put is a cache miss: rare.)
         with self._lock:
             self._caches.add(cache)  # type: ignore[arg-type]
             if not self._running:
@@ -160,13 +162,14 @@ class _Sweeper:
                     return
 
     def after_fork_in_child(self) -> None:
-        """The thread does not exist in a child: start one if inherited entries are left."""
+        """The thread does not exist in a child, nor do the threads that held a cache's
+        lock at the fork: fresh locks, and a thread if inherited entries are left."""
         self._lock = threading.Lock()
         self._running = False
-        caches = [cache for cache in list(self._caches) if len(cache)]
-        for cache in caches:
+        for cache in list(self._caches):
             cache._lock = threading.Lock()
-            self.watch(cache)
+            if len(cache):
+                self.watch(cache)
 
 
 _SWEEPER = _Sweeper()
@@ -241,9 +244,14 @@ class AppendedEvents:
 _APPENDED: weakref.WeakSet[AppendedEvents] = weakref.WeakSet()
 
 
+_LRU_CACHES: weakref.WeakSet[LRUCache[Any, Any]] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     """Locks a parent's thread held at the fork are free in the child, which has only
     the thread that forked."""
+    for cache in list(_LRU_CACHES):
+        cache._lock = threading.Lock()
     for appended in list(_APPENDED):
         appended._forgetting = threading.Lock()
     _SWEEPER.after_fork_in_child()

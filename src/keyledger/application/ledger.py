@@ -792,5 +792,6 @@ class Ledger(Application[UUID]):
 
     def close(self) -> None:
         self.closed = True
+        self._data_keys.clear()  # (unwrapped keys leave memory with the service)
         self.sealer.close()
         self.factory.close()

@@ -162,14 +162,14 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._all_writers: dict[int, KeyledgerSQLiteConnection] = {}
         self._writers_lock = threading.Lock()
         self._closed = False
-        # Set while a fork() waits for the calls in progress (see fork_safely); held by
+        self._refusal = STORE_CLOSED  # why calls are refused once _closed is set
+        # Set while a fork() waits for the calls in progress (see _before_fork); held by
         # the forking thread until the fork is done.
         self._forking = False
         self._fork_lock = threading.Lock()
         # The calls using a connection now (see ``enter``): sqlite3 crashes the process
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
-        _DATASTORES.add(self)
         _create_private(db_name)
         self.pool = KeyledgerSQLiteConnectionPool(
             db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
@@ -180,6 +180,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.pinned = PinnedReader()  # (see held_writes)
         # (_all_writers, set first: every live thread's writer, by the id of its
         # _ThreadWriter; see thread_writer.)
+        with _REGISTRY.lock:  # (complete: a fork from now on sees all it uses)
+            _REGISTRY.datastores.add(self)
 
     def _start_afresh(self) -> None:
         """No call in progress: a new datastore, or one in a forked child, where the
@@ -197,7 +199,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._calls.append(threading.get_ident())  # (atomic: no lock on every call)
         if self._closed:  # (set before close() looks at the calls: it sees this one)
             self.leave()
-            raise StorageError(STORE_CLOSED)
+            raise StorageError(self._refusal)
         if self._forking:  # (set before the fork looks at the calls: it sees this one)
             self._wait_for_the_fork()
 
@@ -269,7 +271,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         would otherwise keep two file descriptors open for every thread it ever ran),
         and when the datastore closes."""
         if self._closed:
-            raise StorageError(STORE_CLOSED)
+            raise StorageError(self._refusal)
         holder: _ThreadWriter | None = getattr(self._writers, "holder", None)
         if holder is None:
             created = self.pool._create_connection()
@@ -323,14 +325,6 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
 
     # -- fork() ------------------------------------------------------------------------
 
-    def _hold_calls_for_fork(self) -> None:
-        self._fork_lock.acquire()
-        self._forking = True
-
-    def _release_calls_after_fork(self) -> None:
-        self._forking = False
-        self._fork_lock.release()
-
     def _close_connections_for_fork(self) -> None:
         """Close every connection, to be opened again when next needed: a child then
         inherits no open connection to the file, and no SQLite lock bookkeeping."""
@@ -345,24 +339,61 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             db_name=old.db_name, lock_timeout=old.lock_timeout, pool_size=5, max_overflow=10
         )
 
+    def _refuse_in_child(self) -> None:
+        """In a child forked with this datastore's connections open: refuse every call
+        (and never close them: that could roll back or checkpoint the parent's work)."""
+        self._refusal = FORKED_OPEN
+        self._closed = True
 
-_DATASTORES: weakref.WeakSet[KeyledgerSQLiteDatastore] = weakref.WeakSet()
+
+FORKED_OPEN = (
+    f"this service's SQLite connections were open when the process forked (another "
+    f"thread's call did not end within {CLOSE_WAIT:g} s, or the fork came from inside a "
+    f"keyledger call), and SQLite forbids a child to use them: open a new SecretService "
+    f"in the child"
+)
+
+
+class _Registry:
+    """Every SQLite datastore of the process (a fork must see each, complete)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.datastores: weakref.WeakSet[KeyledgerSQLiteDatastore] = weakref.WeakSet()
+
+    def all(self) -> list[KeyledgerSQLiteDatastore]:
+        with self.lock:  # (a WeakSet changing while it is listed raises)
+            return list(self.datastores)
+
+
+_REGISTRY = _Registry()
 
 
 def _in_a_call(ident: int, also_here: KeyledgerSQLiteDatastore | None = None) -> bool:
     """Whether thread ``ident`` is in a call of any datastore (in ``also_here``: in one
     besides the call it is starting)."""
     return any(
-        datastore._calls.count(ident) > (datastore is also_here) for datastore in list(_DATASTORES)
+        datastore._calls.count(ident) > (datastore is also_here) for datastore in _REGISTRY.all()
     )
 
 
-_HELD_FOR_FORK: list[KeyledgerSQLiteDatastore] = []
+class _Fork(threading.local):
+    """What this thread's fork() holds, and what its child must refuse."""
+
+    held: list[KeyledgerSQLiteDatastore]
+    left_open: list[KeyledgerSQLiteDatastore]
+
+    def __init__(self) -> None:
+        self.held, self.left_open = [], []
+
+
+_FORK = _Fork()
 
 
 def _before_fork() -> None:
     """Make a fork() safe for every SQLite file of the process: new calls wait, the calls
-    in progress end (up to ``CLOSE_WAIT`` seconds), then every connection is closed.
+    in progress end (up to ``CLOSE_WAIT`` seconds in all), then every connection is
+    closed.
 
     SQLite keeps the state of a process's connections to a file (its locks above all) in
     memory that a child inherits but must not use (https://sqlite.org/howtocorrupt.html,
@@ -371,39 +402,51 @@ def _before_fork() -> None:
     commits were lost, and a child forked during another thread's write could never
     write (both found by review). With no connection open, there is no such state.
 
-    A fork from inside a call (a callback of keyledger's, a signal handler) cannot wait
-    for that call, nor can a fork whose calls in progress outlast ``CLOSE_WAIT``: the
-    connections then stay open, and the child must not use a file-backed service."""
-    datastores = [
-        datastore
-        for datastore in list(_DATASTORES)
-        if not datastore._closed and not datastore.pool.is_sqlite_memory_mode
-    ]
-    for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
-        datastore._hold_calls_for_fork()
-        _HELD_FOR_FORK.append(datastore)
-    if not datastores or _in_a_call(threading.get_ident()):
-        return
+    A datastore whose connections cannot be closed in time (a call of another thread
+    outlasts the wait, the forking thread is in a call of its own, another thread's
+    fork holds it) stays as it is in the parent, and refuses every call in the child
+    (``FORKED_OPEN``): losing a child's writes silently is what this prevents."""
     deadline = time.monotonic() + CLOSE_WAIT
-    while any(datastore._calls for datastore in datastores):
-        if time.monotonic() > deadline:
-            return
+    fork = _FORK
+    fork.held, fork.left_open = [], []
+    datastores = [d for d in _REGISTRY.all() if not d._closed and not d.pool.is_sqlite_memory_mode]
+    for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
+        if datastore._fork_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            datastore._forking = True
+            fork.held.append(datastore)
+        else:
+            fork.left_open.append(datastore)
+    me = threading.get_ident()
+    waiting: list[KeyledgerSQLiteDatastore] = []
+    for datastore in fork.held:
+        (fork.left_open if me in datastore._calls else waiting).append(datastore)
+    while waiting:
+        waiting = [datastore for datastore in waiting if datastore._calls]
+        if not waiting or time.monotonic() > deadline:
+            break
         time.sleep(0.001)
-    for datastore in datastores:
-        datastore._close_connections_for_fork()
+    fork.left_open.extend(waiting)
+    for datastore in fork.held:
+        if datastore not in fork.left_open:
+            datastore._close_connections_for_fork()
 
 
 def _after_fork_in_parent() -> None:
-    while _HELD_FOR_FORK:
-        _HELD_FOR_FORK.pop()._release_calls_after_fork()
+    for datastore in _FORK.held:
+        datastore._forking = False
+        datastore._fork_lock.release()
+    _FORK.held, _FORK.left_open = [], []
 
 
 def _after_fork_in_child() -> None:
-    _HELD_FOR_FORK.clear()
-    for datastore in list(_DATASTORES):
+    _REGISTRY.lock = threading.Lock()  # (another thread may have held it at the fork)
+    for datastore in list(_REGISTRY.datastores):
         datastore._start_afresh()
         datastore._forking = False
         datastore._fork_lock = threading.Lock()
+    for datastore in _FORK.left_open:
+        datastore._refuse_in_child()
+    _FORK.held, _FORK.left_open = [], []
 
 
 os.register_at_fork(
