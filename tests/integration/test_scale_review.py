@@ -139,3 +139,22 @@ def test_a_secrets_non_ascii_texts_weigh_up_to_four_bytes_a_character(
     service.store_for_tenant("acme", "s", "v", metadata=metadata)
 
     assert service._ledger._secrets.weight >= 8 * 4 * 1000
+
+
+def test_the_keyrings_a_process_caches_stay_within_their_share_of_the_budget(
+    make_service: MakeService,
+) -> None:
+    """A count alone let a tenant rotated thousands of times be held in full, as many
+    times as there are such tenants (found by review)."""
+    service = make_service(settings=KeyledgerSettings(cache_megabytes=1))
+    service.store_for_tenant("rotated", "s", "v")
+    for _ in range(420):  # 421 versions: about 270 KB, over a quarter of 1 MiB alone
+        service.rotate_key_for_tenant("rotated")
+    keyrings = service._ledger._keyrings
+    assert len(keyrings) == 1  # alone over its share, the one in use is kept
+
+    service.store_for_tenant("other", "s", "w")
+
+    assert len(keyrings) == 1  # the rotated tenant's keyring made room
+    assert keyrings.weight <= 2**20 // 4
+    assert service.retrieve_for_tenant("rotated", "s").value == "v"  # reloaded
