@@ -30,7 +30,7 @@ class LRUCache(Generic[K, V]):
         # Each item with its weight (0 unweighed): one lookup of the key a call.
         self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
-        _LRU_CACHES.add(self)
+        _LOCK_HOLDERS.add(self)
         self._weigh = weigh if max_weight is not None else None
         self._max_weight = max_weight or 0
         self.weight = 0  # the items' total weight (0 without ``weigh``)
@@ -89,6 +89,7 @@ class ExpiringCache(Generic[K, V]):
         # By deadline (put order: one ttl for all), each item with its deadline.
         self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._lock = threading.Lock()
+        _LOCK_HOLDERS.add(self)
 
     def get(self, key: K) -> V | None:
         with self._lock:
@@ -162,12 +163,10 @@ class _Sweeper:
                     return
 
     def after_fork_in_child(self) -> None:
-        """The thread does not exist in a child, nor do the threads that held a cache's
-        lock at the fork: fresh locks, and a thread if inherited entries are left."""
+        """The thread does not exist in a child: one if inherited entries are left."""
         self._lock = threading.Lock()
         self._running = False
         for cache in list(self._caches):
-            cache._lock = threading.Lock()
             if len(cache):
                 self.watch(cache)
 
@@ -191,8 +190,8 @@ class AppendedEvents:
         self.weight = 0
         self._events: dict[int, object] = {}
         self._weights: dict[int, int] = {}  # of the weighed events, by position
-        self._forgetting = threading.Lock()
-        _APPENDED.add(self)
+        self._lock = threading.Lock()  # (taken to forget)
+        _LOCK_HOLDERS.add(self)
 
     def remember(self, appended: Iterable[tuple[int, object]]) -> None:
         events = self._events
@@ -202,9 +201,10 @@ class AppendedEvents:
             envelope = getattr(event, "envelope", None)
             if envelope is not None:
                 weight = 512 + len(envelope)
+                description = getattr(event, "description", None)
                 metadata = getattr(event, "metadata", None)
-                if metadata or getattr(event, "description", None):
-                    weight += event_weight(event) - 512 - len(envelope)
+                if description or metadata:  # (no call for the common bare secret)
+                    weight += texts_weight(description, metadata)
                 if self.weight + weight > self.max_weight:
                     return
                 self.weight += weight
@@ -219,7 +219,7 @@ class AppendedEvents:
     def forget_through(self, reached: int) -> None:
         """Drop the events at positions up to ``reached``."""
         events, weights = self._events, self._weights
-        with self._forgetting:
+        with self._lock:
             for position in [p for p in list(events) if p <= reached]:
                 events.pop(position, None)
                 weights.pop(position, None)
@@ -241,19 +241,14 @@ class AppendedEvents:
         return len(self._events)
 
 
-_APPENDED: weakref.WeakSet[AppendedEvents] = weakref.WeakSet()
-
-
-_LRU_CACHES: weakref.WeakSet[LRUCache[Any, Any]] = weakref.WeakSet()
+# Everything here with a ``_lock``: a lock a parent's thread held at a fork is renewed in
+# the child, which has only the thread that forked.
+_LOCK_HOLDERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """Locks a parent's thread held at the fork are free in the child, which has only
-    the thread that forked."""
-    for cache in list(_LRU_CACHES):
-        cache._lock = threading.Lock()
-    for appended in list(_APPENDED):
-        appended._forgetting = threading.Lock()
+    for holder in list(_LOCK_HOLDERS):
+        holder._lock = threading.Lock()
     _SWEEPER.after_fork_in_child()
 
 
@@ -265,13 +260,9 @@ def text_weight(text: str) -> int:
     return 49 + (len(text) if text.isascii() else 4 * len(text))
 
 
-def event_weight(event: object) -> int:
-    """About the bytes an event holds: its envelope and texts, and a constant."""
-    weight = 512 + len(getattr(event, "envelope", b""))
-    metadata = getattr(event, "metadata", None)
+def texts_weight(description: str | None, metadata: dict[str, str] | None) -> int:
+    """About the bytes a secret's description and metadata hold."""
+    weight = text_weight(description) if description else 0
     if metadata:
         weight += sum(text_weight(k) + text_weight(v) for k, v in metadata.items())
-    description = getattr(event, "description", None)
-    if description:
-        weight += text_weight(description)
     return weight

@@ -39,7 +39,13 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment, EnvType, TopicError
 
 from keyledger.application.auto_seal import BackgroundSealer
-from keyledger.application.caches import AppendedEvents, ExpiringCache, LRUCache, text_weight
+from keyledger.application.caches import (
+    AppendedEvents,
+    ExpiringCache,
+    LRUCache,
+    text_weight,
+    texts_weight,
+)
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
 from keyledger.domain.ids import keyring_id, secret_id
@@ -136,10 +142,8 @@ def _secret_weight(secret: Secret) -> int:
     character of a non-ASCII text as up to 4 bytes: three secrets with such metadata
     were weighed at 0.8 MiB while holding 3; found by review)."""
     weight = 1024 + len(secret.envelope) + text_weight(secret.name)
-    if secret.description:
-        weight += text_weight(secret.description)
-    for key, value in secret.metadata.items():
-        weight += text_weight(key) + text_weight(value)
+    if secret.description or secret.metadata:
+        weight += texts_weight(secret.description, secret.metadata)
     return weight
 
 

@@ -171,9 +171,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
         _create_private(db_name)
-        self.pool = KeyledgerSQLiteConnectionPool(
-            db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
-        )
+        self.pool = _new_pool(db_name, lock_timeout)
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
         self._writers = threading.local()
@@ -316,10 +314,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._close_connections()
 
     def _close_connections(self) -> None:
-        with self._writers_lock:
-            for conn in self._all_writers.values():
-                conn.close()
-            self._all_writers.clear()
+        self._close_writers()
         if hasattr(self, "pool"):  # (none when the file could not be created)
             super().close()
 
@@ -328,22 +323,28 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     def _close_connections_for_fork(self) -> None:
         """Close every connection, to be opened again when next needed: a child then
         inherits no open connection to the file, and no SQLite lock bookkeeping."""
+        self._close_writers()
+        self._writers = threading.local()  # (each thread opens a new writer when it next writes)
+        self.pool.close()
+        self.pool = _new_pool(self.pool.db_name, self.pool.lock_timeout)
+
+    def _close_writers(self) -> None:
         with self._writers_lock:
             for conn in self._all_writers.values():
                 conn.close()
             self._all_writers.clear()
-        self._writers = threading.local()  # (each thread opens a new writer when it next writes)
-        old = self.pool
-        old.close()
-        self.pool = KeyledgerSQLiteConnectionPool(
-            db_name=old.db_name, lock_timeout=old.lock_timeout, pool_size=5, max_overflow=10
-        )
 
     def _refuse_in_child(self) -> None:
         """In a child forked with this datastore's connections open: refuse every call
         (and never close them: that could roll back or checkpoint the parent's work)."""
         self._refusal = FORKED_OPEN
         self._closed = True
+
+
+def _new_pool(db_name: str, lock_timeout: int | None) -> KeyledgerSQLiteConnectionPool:
+    return KeyledgerSQLiteConnectionPool(
+        db_name=db_name, lock_timeout=lock_timeout, pool_size=5, max_overflow=10
+    )
 
 
 FORKED_OPEN = (
