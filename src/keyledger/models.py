@@ -305,3 +305,46 @@ class VerifyReport(_Frozen):
     unsealed_events: int
     anchored_checkpoints: int
     findings: list[TamperFinding]
+
+
+ReadModelTable = Literal["kl_catalog", "kl_keys", "kl_audit"]
+DifferenceKind = Literal["missing", "unexpected", "altered"]
+
+
+class TableComparison(_Frozen):
+    """One read-model table against its replay from the stream, at ``position``."""
+
+    table: ReadModelTable
+    position: int
+    rows: int  # the rows the stream gives up to ``position``
+    missing: int  # rows the stream gives that the table lacks
+    unexpected: int  # rows the table holds that the stream does not give
+    altered: int  # rows the table holds with other values than the stream gives
+
+
+class ReadModelDifference(_Frozen):
+    """One row where a read model departs from the stream, named by its key: a secret
+    (``tenant_id``, ``name``) in kl_catalog, a key version (``tenant_id``, ``version``)
+    in kl_keys, an audit entry (``position``) in kl_audit. ``columns``: for an altered
+    row, the columns whose values differ (never the values)."""
+
+    table: ReadModelTable
+    kind: DifferenceKind
+    tenant_id: str | None = None
+    name: str | None = None
+    version: int | None = None
+    position: int | None = None
+    columns: list[str] = Field(default_factory=list)
+
+
+class ReadModelCheck(_Frozen):
+    """The outcome of ``check_read_models``: ``consistent`` only when every compared table
+    equals its replay from the stream. ``differences`` lists up to ``examples_per_kind``
+    rows of each table and kind; the tables' counts are complete."""
+
+    consistent: bool
+    read_models: list[str]
+    events_replayed: int
+    examples_per_kind: int
+    tables: list[TableComparison]
+    differences: list[ReadModelDifference]

@@ -13,6 +13,7 @@ from keyledger.application.keys import KeyCommands
 from keyledger.application.ledger import Ledger
 from keyledger.application.lifecycle import KeyLifecycle, RewrapResult
 from keyledger.application.queries import Queries
+from keyledger.application.read_model_check import check_read_models
 from keyledger.application.read_models import (
     audit_lag,
     audit_position,
@@ -42,6 +43,7 @@ from keyledger.models import (
     CleanupResult,
     DriftReport,
     KeyDue,
+    ReadModelCheck,
     ReencryptResult,
     RepairResult,
     SecretInfo,
@@ -689,18 +691,20 @@ class SecretService(AuditInvestigation):
         events replayed. ``names``: some of "catalog", "audit", "keys" (None: every one);
         the catalog and the keys are always rebuilt together (one projector writes both)."""
         check_callback("progress", progress)
-        chosen: builtins.list[str] | None = None
-        if names is not None:
-            if isinstance(names, str | bytes) or not isinstance(names, Iterable):
-                raise InvalidInput("names must be a collection of read-model names")
-            chosen = builtins.list(names)
-            if not all(isinstance(name, str) for name in chosen):
-                raise InvalidInput("names must be a collection of read-model names")
-            try:
-                rebuilt_together(chosen)
-            except ValueError as error:
-                raise InvalidInput(str(error)) from None
-        return rebuild_read_models(self._ledger, progress, chosen)
+        return rebuild_read_models(self._ledger, progress, _read_model_names(names))
+
+    def check_read_models(
+        self,
+        *,
+        progress: Callable[[int], None] | None = None,
+        names: Collection[str] | None = None,
+    ) -> ReadModelCheck:
+        """Compare read models with a replay of the stream (built aside, then dropped),
+        row by row; changes no live row. ``names`` as for ``rebuild_read_models``.
+        ``consistent`` is False when a row is missing, unexpected or altered (edited
+        outside keyledger, say): ``rebuild_read_models`` then restores them."""
+        check_callback("progress", progress)
+        return check_read_models(self._ledger, progress, _read_model_names(names))
 
     def init_schema(self) -> SchemaStatus:
         """Create every table, index and trigger the store needs (idempotent)."""
@@ -765,3 +769,19 @@ class SecretService(AuditInvestigation):
         """Per read model: how many events it has still to apply (positions can have gaps,
         so this is not head minus position). Inline models are always current."""
         return {"catalog": 0, "keys": 0, "audit": audit_lag(self._ledger)}
+
+
+def _read_model_names(names: Collection[str] | None) -> builtins.list[str] | None:
+    """``names`` of read models as a list, checked (None: every one)."""
+    if names is None:
+        return None
+    if isinstance(names, str | bytes) or not isinstance(names, Iterable):
+        raise InvalidInput("names must be a collection of read-model names")
+    chosen = builtins.list(names)
+    if not all(isinstance(name, str) for name in chosen):
+        raise InvalidInput("names must be a collection of read-model names")
+    try:
+        rebuilt_together(chosen)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from None
+    return chosen

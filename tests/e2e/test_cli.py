@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -536,6 +537,53 @@ def test_projections_rebuild_shows_a_progress_bar_on_a_terminal(
     result = ok("projections", "rebuild")
     assert "Replaying" in result.stderr
     assert result.stdout == "Rebuilt the read models from 2 events.\n"
+
+
+def test_projections_check_exits_0_on_matching_read_models_and_1_on_edited_ones(
+    database: str,
+) -> None:
+    ok("secrets", "put", "acme", "s", stdin="v")
+    ok("secrets", "get", "acme", "s")
+    ok("audit", "log", "acme")  # the audit model caught up
+    lines = ok("projections", "check").stdout.splitlines()
+    assert lines[0] == "Consistent: catalog, audit and keys match a replay of 3 events."
+    assert lines[1].split() == ["TABLE", "POSITION", "ROWS", "MISSING", "UNEXPECTED", "ALTERED"]
+    assert [line.split() for line in lines[2:]] == [
+        ["kl_catalog", "3", "1", "0", "0", "0"],
+        ["kl_keys", "3", "1", "0", "0", "0"],
+        ["kl_audit", "3", "3", "0", "0", "0"],
+    ]
+    with sqlite3.connect(database.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE kl_catalog SET access_count = 5")
+        db.execute("DELETE FROM kl_audit WHERE position = 2")
+
+    result = run("projections", "check")
+
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "NOT CONSISTENT: 2 rows of catalog, audit and keys differ from the stream."
+    assert [line.split() for line in lines[-3:]] == [
+        ["TABLE", "KIND", "ROW", "COLUMNS"],
+        ["kl_catalog", "altered", "tenant", "'acme'", "secret", "'s'", "access_count"],
+        ["kl_audit", "missing", "position", "2", "-"],
+    ]
+    report = json.loads(run("--json", "projections", "check", "audit").stdout)
+    assert report["consistent"] is False
+    assert [t["table"] for t in report["tables"]] == ["kl_audit"]
+    assert report["differences"] == [
+        {
+            "table": "kl_audit",
+            "kind": "missing",
+            "tenant_id": None,
+            "name": None,
+            "version": None,
+            "position": 2,
+            "columns": [],
+        }
+    ]
+    ok("projections", "rebuild")
+    assert as_json("projections", "check")["consistent"] is True
 
 
 def test_projections_status_shows_every_read_model_at_the_head() -> None:

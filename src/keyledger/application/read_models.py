@@ -34,6 +34,7 @@ from keyledger.projections.catalog import CatalogProjector
 from keyledger.projections.schema import (
     INDEX_NAMES,
     REBUILT_TABLES,
+    Dialect,
     has_table,
     index_statements,
     read_model_table_statements,
@@ -137,7 +138,7 @@ def _forget_appended(ledger: Ledger, reached: int) -> None:
     ledger.appended.forget_through(reached)
 
 
-def _tracked_position(cur: Any, table: str = "kl_tracking") -> int:
+def tracked_position(cur: Any, table: str = "kl_tracking") -> int:
     cur.execute(f"SELECT position FROM {table} WHERE name=?", (AUDIT_TRACKING_NAME,))
     row = cur.fetchone()
     return int(row[0]) if row else 0
@@ -148,7 +149,7 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
     """(position the audit model reached, position of the stream head)."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
-        reached = _tracked_position(cur)
+        reached = tracked_position(cur)
         cur.execute(f"SELECT MAX({position}) FROM {table}")
         head = cur.fetchone()[0] or 0
     return reached, int(head)
@@ -161,7 +162,7 @@ def audit_lag(ledger: Ledger) -> int:
     position, so the stream has gaps, and the difference overstates the lag."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
-        reached = _tracked_position(cur)
+        reached = tracked_position(cur)
         cur.execute(f"SELECT COUNT(*) FROM {table} WHERE {position} > ?", (reached,))
         return int(cur.fetchone()[0])
 
@@ -189,7 +190,7 @@ def catch_up_audit(
     while True:
         try:
             with ledger.store.projecting() as cur:
-                reached = _tracked_position(cur)
+                reached = tracked_position(cur)
                 items = _catch_up_page(ledger, cur, reached, head)
                 projector.apply(cur, items)
         except IntegrityError:  # rows already there: kl_tracking was set back by hand
@@ -259,6 +260,64 @@ def _renamed(statement: str, tables: frozenset[str], suffix: str) -> str:
     return re.sub(pattern, r"\1" + suffix, statement)
 
 
+def read_model_tables(models: Collection[str]) -> frozenset[str]:
+    """The live tables of the read models ``models`` (kl_tracking among them for audit)."""
+    return frozenset(table for name in models for table in READ_MODELS[name])
+
+
+def copies_name(models: Collection[str]) -> str:
+    """The part of the copies' suffix that names the set of read models built aside."""
+    return "all" if len(models) == len(READ_MODELS) else next(iter(models))
+
+
+def create_copies(
+    cur: Any, dialect: Dialect, tables: frozenset[str], suffix: str, *, indexed: bool
+) -> None:
+    """(Re)create empty copies of the read-model tables, named with ``suffix``; with
+    ``indexed``, SQLite's audit copy gets its indexes from the start."""
+    drop_copies(cur, suffix)
+    for statement in read_model_table_statements(dialect, suffix):
+        cur.execute(statement)
+    if indexed and dialect == "sqlite" and "kl_audit" in tables:
+        # Indexed from the start: SQLite has one write lock for the whole file, so an
+        # index built in one go before the switch would hold it as long as one built
+        # in the switch. Kept up batch by batch, it costs each batch a little more.
+        for statement in sqlite_index_statements(cur, "kl_audit" + suffix, suffix):
+            cur.execute(statement)
+
+
+def drop_copies(cur: Any, suffix: str) -> None:
+    """Drop the copies named with ``suffix``, where they exist."""
+    for table in REBUILT_TABLES:
+        cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+
+
+def copy_replayer(ledger: Ledger, tables: frozenset[str], suffix: str) -> ReplayPage:
+    """What applies the next page of the stream to the copies of ``tables`` (their
+    position, kept in the copy of kl_tracking, advancing with the rows); returns it."""
+    renamed = tables | {"kl_tracking"}  # the copy of kl_tracking holds the replay position
+    tracking_copy = "kl_tracking" + suffix
+    projectors: list[Any] = []
+    if "kl_catalog" in tables:
+        projectors.append(CatalogProjector())
+    if "kl_audit" in tables:
+        projectors.append(AuditProjector())
+
+    def replay_page(cur: Any) -> list[tuple[int, object]]:
+        items = _page(ledger, cur, tracked_position(cur, tracking_copy))
+        if items:
+            shadow = _Renaming(cur, renamed, suffix)
+            for projector in projectors:
+                projector.apply(shadow, items)
+            cur.execute(
+                f"UPDATE {tracking_copy} SET position=? WHERE name=?",
+                (items[-1][0], AUDIT_TRACKING_NAME),
+            )
+        return items
+
+    return replay_page
+
+
 def rebuild_read_models(
     ledger: Ledger, progress: Progress | None = None, names: Collection[str] | None = None
 ) -> int:
@@ -274,45 +333,18 @@ def rebuild_read_models(
     """
     store = ledger.store
     models = rebuilt_together(names)
-    tables = frozenset(table for name in models for table in READ_MODELS[name])
-    suffix = REBUILD_SUFFIX + "_" + ("all" if len(models) == len(READ_MODELS) else models[0])
-    renamed = tables | {"kl_tracking"}  # the copy of kl_tracking holds the replay position
+    tables = read_model_tables(models)
+    suffix = REBUILD_SUFFIX + "_" + copies_name(models)
     tracking_copy = "kl_tracking" + suffix
-    projectors: list[Any] = []
-    if "kl_catalog" in tables:
-        projectors.append(CatalogProjector())
-    if "kl_audit" in tables:
-        projectors.append(AuditProjector())
-
-    def replay_page(cur: Any) -> list[tuple[int, object]]:
-        """Apply the next page to the copies; the position advances with the rows."""
-        items = _page(ledger, cur, _tracked_position(cur, tracking_copy))
-        if items:
-            shadow = _Renaming(cur, renamed, suffix)
-            for projector in projectors:
-                projector.apply(shadow, items)
-            cur.execute(
-                f"UPDATE {tracking_copy} SET position=? WHERE name=?",
-                (items[-1][0], AUDIT_TRACKING_NAME),
-            )
-        return items
-
+    replay_page = copy_replayer(ledger, tables, suffix)
     with store.projecting() as cur:
         for table in REBUILT_TABLES:
-            cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
             cur.execute(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX}")  # 0.7's, if left
-        for statement in read_model_table_statements(store.dialect, suffix):
-            cur.execute(statement)
-        if store.dialect == "sqlite" and "kl_audit" in tables:
-            # Indexed from the start: SQLite has one write lock for the whole file, so an
-            # index built in one go before the switch would hold it as long as one built
-            # in the switch. Kept up batch by batch, it costs each batch a little more.
-            for statement in sqlite_index_statements(cur, "kl_audit" + suffix, suffix):
-                cur.execute(statement)
+        create_copies(cur, store.dialect, tables, suffix, indexed=True)
     try:
         replayed = _replay_and_switch(ledger, tables, suffix, replay_page, progress)
     except StorageError:
-        if _lost(ledger, tracking_copy):
+        if table_lost(ledger, tracking_copy):
             raise StorageError(
                 f"the rebuild of {' and '.join(models)} lost its working tables: another "
                 "rebuild of the same read models switched them in first (they are current)"
@@ -331,24 +363,24 @@ def _replay_and_switch(
     """The bulk of a rebuild, then its switch; returns the events replayed."""
     store = ledger.store
     # The bulk, in batches, while the live read models keep answering.
-    replayed = _replay_in_batches(store, replay_page, progress)
+    replayed = replay_in_batches(store, replay_page, progress)
     while True:
         _index_copies(store, tables, suffix)
         try:
             tail = _switch(store, tables, suffix, replay_page)
-        except _TooFarBehind:  # the copies were reset meanwhile: not under the write lock
-            replayed += _replay_in_batches(store, replay_page, progress)
+        except TooFarBehind:  # the copies were reset meanwhile: not under the write lock
+            replayed += replay_in_batches(store, replay_page, progress)
             continue
         if progress and tail:
             progress(tail)
         return replayed + tail
 
 
-class _TooFarBehind(Exception):
+class TooFarBehind(Exception):
     """A switch found a full page still to replay (another rebuild reset the copies)."""
 
 
-def _replay_in_batches(
+def replay_in_batches(
     store: Any,
     replay_page: ReplayPage,
     progress: Progress | None,
@@ -392,9 +424,9 @@ def _switch(
         store.hold_maintainers(cur)
         while items := replay_page(cur):
             if len(items) == PAGE_SIZE and not tail:
-                raise _TooFarBehind  # rolls the transaction back
+                raise TooFarBehind  # rolls the transaction back
             tail += len(items)
-        position = _tracked_position(cur, "kl_tracking" + suffix)
+        position = tracked_position(cur, "kl_tracking" + suffix)
         replaced = [t for t in _SWITCH_ORDER if t in tables]
         assert set(replaced) == tables - {"kl_tracking"}  # (a new read model: order it)
         if store.dialect == "postgres":  # every lock first, in the order readers take them
@@ -406,8 +438,7 @@ def _switch(
         for table in replaced:
             cur.execute(f"DROP TABLE IF EXISTS {table}")
             cur.execute(f"ALTER TABLE {table}{suffix} RENAME TO {table}")
-        for table in REBUILT_TABLES:
-            cur.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+        drop_copies(cur, suffix)
         if "kl_audit" in tables:
             cur.execute(tracking_table_statement(store.dialect))
             cur.execute(
@@ -433,7 +464,7 @@ def _switch(
 _SWITCH_ORDER = ("kl_keys", "kl_catalog", "kl_audit")
 
 
-def _lost(ledger: Ledger, table: str) -> bool:
+def table_lost(ledger: Ledger, table: str) -> bool:
     """Whether ``table`` is gone (False when that cannot even be asked: the store's own
     error is the one to report then)."""
     try:

@@ -8,15 +8,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TypeVar
 
 import click
 
 from keyledger.application.read_models import READ_MODELS as READ_MODEL_SOURCES
 from keyledger.application.read_models import rebuilt_together
 from keyledger.cli.errors import KeyledgerSubgroup
-from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option
+from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import StorageError
+from keyledger.models import ReadModelCheck, ReadModelDifference, TableComparison
 
 # The read models, in the order the library builds them.
 READ_MODELS = tuple(READ_MODEL_SOURCES)
@@ -26,6 +28,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @click.group("projections", cls=KeyledgerSubgroup)
 def projections_group() -> None:
     """Maintain the read models (listing, audit queries) built from the stream."""
+
+
+T = TypeVar("T")
+
+
+def replaying(cli: CliContext, replay: Callable[[Callable[[int], None] | None], T]) -> T:
+    """``replay(progress)``, with a progress bar over the stream on a terminal."""
+    if not is_terminal("stderr"):
+        return replay(None)
+    head = max(head for _, head in cli.service.read_model_status().values())
+    with click.progressbar(length=head, label="Replaying", file=sys.stderr) as bar:
+        return replay(bar.update)
 
 
 @projections_group.command("rebuild")
@@ -39,14 +53,10 @@ def rebuild(cli: CliContext, name: str | None) -> None:
     one short transaction. The catalog and the keys come from one projector and are
     rebuilt together; the audit model is rebuilt alone when named.
     """
-    service = cli.service
     names = None if name is None else [name]
-    if is_terminal("stderr"):
-        head = max(head for _, head in service.read_model_status().values())
-        with click.progressbar(length=head, label="Replaying", file=sys.stderr) as bar:
-            replayed = service.rebuild_read_models(progress=bar.update, names=names)
-    else:
-        replayed = service.rebuild_read_models(names=names)
+    replayed = replaying(
+        cli, lambda progress: cli.service.rebuild_read_models(progress=progress, names=names)
+    )
     rebuilt = rebuilt_together(names)
     if cli.json_output:
         emit_json({"events_replayed": replayed, "read_models": rebuilt})
@@ -55,6 +65,69 @@ def rebuild(cli: CliContext, name: str | None) -> None:
     else:
         together = " (one projector builds both)" if len(rebuilt) > 1 else ""
         click.echo(f"Rebuilt {' and '.join(rebuilt)}{together} from {replayed} events.")
+
+
+@projections_group.command("check")
+@click.argument("name", required=False, type=click.Choice(READ_MODELS))
+@json_option
+@pass_cli
+def check(cli: CliContext, name: str | None) -> None:
+    """Compare the read models (or NAME) with a replay of the event stream, row by row.
+
+    The replay is built aside and dropped afterwards; no live row is changed. Exits 0
+    when every row matches, 1 when rows are missing, unexpected or altered (edited
+    outside keyledger, say): `keyledger projections rebuild` then restores them, and
+    `keyledger audit verify` checks the stream itself.
+    """
+    names = None if name is None else [name]
+    report = replaying(
+        cli, lambda progress: cli.service.check_read_models(progress=progress, names=names)
+    )
+    if cli.json_output:
+        emit_json(to_data(report))
+    else:
+        click.echo(check_summary(report))
+        emit_table(
+            ("TABLE", "POSITION", "ROWS", "MISSING", "UNEXPECTED", "ALTERED"),
+            [comparison_row(t) for t in report.tables],
+        )
+        if report.differences:
+            click.echo("")
+            emit_table(
+                ("TABLE", "KIND", "ROW", "COLUMNS"),
+                [
+                    (d.table, d.kind, difference_key(d), ", ".join(d.columns) or "-")
+                    for d in report.differences
+                ],
+            )
+    if not report.consistent:
+        click.get_current_context().exit(1)
+
+
+def check_summary(report: ReadModelCheck) -> str:
+    """The first line of ``projections check``."""
+    *most, last = report.read_models
+    models = f"{', '.join(most)} and {last}" if most else last
+    if report.consistent:
+        return f"Consistent: {models} match a replay of {report.events_replayed} events."
+    found = sum(t.missing + t.unexpected + t.altered for t in report.tables)
+    shown = len(report.differences)
+    listed = f" ({shown} listed)" if shown < found else ""
+    return f"NOT CONSISTENT: {found} rows of {models} differ from the stream{listed}."
+
+
+def comparison_row(t: TableComparison) -> tuple[str, ...]:
+    """One row of the tables' counts."""
+    return (t.table, *(str(n) for n in (t.position, t.rows, t.missing, t.unexpected, t.altered)))
+
+
+def difference_key(difference: ReadModelDifference) -> str:
+    """The row a difference names: a secret, a key version or an audit position."""
+    if difference.position is not None:
+        return f"position {difference.position}"
+    if difference.version is not None:
+        return f"tenant {difference.tenant_id!r} key version {difference.version}"
+    return f"tenant {difference.tenant_id!r} secret {difference.name!r}"
 
 
 @projections_group.command("status")

@@ -83,6 +83,30 @@ _TABLES = (
     ),
 )
 
+# Each read-model table's key columns, then its other columns, as the DDL above has them
+# (a test holds the two equal): what `projections check` compares, row by row.
+READ_MODEL_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "kl_catalog": (
+        ("tenant_id", "name"),
+        (
+            *("secret_id", "disabled", "expired", "deleted", "category", "description"),
+            *("metadata", "version", "key_version", "envelope_version", "expires_at"),
+            *("created_at", "updated_at", "access_count", "last_accessed_at"),
+        ),
+    ),
+    "kl_keys": (
+        ("tenant_id", "version"),
+        ("key_id", "amk_id", "status", "created_at", "retired_at"),
+    ),
+    "kl_audit": (
+        ("position",),
+        (
+            *("timestamp", "tenant_id", "secret_name", "action", "result", "user_id"),
+            *("ip_address", "user_agent", "key_version", "details"),
+        ),
+    ),
+}
+
 # The audit model's secondary indexes, by name: their columns.
 _AUDIT_INDEXES = {
     "kl_audit_by_tenant": ("tenant_id", "position"),
