@@ -48,15 +48,20 @@ class DecryptionFailed(KeyledgerError):
 
 
 class SecretKeyDriftError(DecryptionFailed):
-    """Decryption failed and a drift diagnosis found errors; ``report`` says which."""
+    """Decryption failed and a drift diagnosis found errors; ``report`` says which.
 
-    def __init__(self, message: str, report: DriftReport) -> None:
+    ``report`` is None only in an error rebuilt from its message alone, as ``cls(*args)``
+    (what Celery's JSON result backend does): keyledger always gives one."""
+
+    # Optional so that ``cls(*error.args)`` (``args`` is the message alone) rebuilds this
+    # error, not a plain Exception in its place; pickling carries the report (__reduce__).
+    def __init__(self, message: str, report: DriftReport | None = None) -> None:
         super().__init__(message)
         self.report = report
 
     def __reduce__(
         self,
-    ) -> tuple[type[SecretKeyDriftError], tuple[str, DriftReport], dict[str, Any]]:
+    ) -> tuple[type[SecretKeyDriftError], tuple[str, DriftReport | None], dict[str, Any]]:
         # Exceptions pickle as cls(*args): the report must travel too (multiprocessing),
         # and so must the rest of the instance's state (``add_note``'s notes, say).
         return type(self), (str(self.args[0]), self.report), dict(vars(self))
@@ -90,7 +95,14 @@ class ShredIncomplete(KeyledgerError):
     replaced key material: those bytes may stay in the database files until the store
     is shredded (``keyledger db shred``), once no reader holds an older snapshot, and on
     PostgreSQL by the owner of ``kl_key_material``. Not a ``StorageError``: something
-    *was* written."""
+    *was* written.
+
+    ``result`` is what the operation returns when it completes (``erase_tenant``'s
+    destroyed versions, ``cleanup_retired_keys``' or ``rewrap_master_key``'s result), or
+    None: a rerun finds nothing left to do and could no longer report it (found by
+    review)."""
+
+    result: Any = None
 
 
 __all__ = [

@@ -13,9 +13,12 @@ from pydantic import (
     Field,
     SerializationInfo,
     SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -30,7 +33,9 @@ AUDIT_ACTIONS = (
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A validation error never quotes its input: a ``Secret``'s dump given to another
+    # model (``SecretInfo.model_validate(secret.model_dump())``) holds the value.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 def trusted(model: type[M], fields: dict[str, Any]) -> M:
@@ -46,6 +51,39 @@ def trusted(model: type[M], fields: dict[str, Any]) -> M:
     setattr_(instance, "__pydantic_extra__", None)
     setattr_(instance, "__pydantic_private__", None)
     return instance
+
+
+def _describe_value_encoding(schema: dict[str, Any]) -> None:
+    """The optional ``value_encoding`` mark, added to ``Secret``'s JSON schema in both
+    modes: not a field, yet ``model_dump_json`` writes it for bytes and validation reads
+    it, and without it the schema (``additionalProperties`` false) would refuse Secret's
+    own JSON. (A function: a dict's ``properties`` would replace the fields'.)"""
+    schema.setdefault("properties", {})[VALUE_ENCODING] = {
+        "title": "Value Encoding",
+        "description": "How a string value encodes bytes (RFC 4648 base64url or base64), "
+        'or "utf-8" for text; absent, the value is text',
+        "enum": ["base64url", "base64", "utf-8"],
+        "type": "string",
+    }
+
+
+# What a validation error of a secret's model shows in place of its input.
+HIDDEN_INPUT = "<hidden>"
+
+
+def _without_inputs(error: ValidationError) -> ValidationError:
+    """``error`` with the same types, locations and messages, each input hidden."""
+    lines: list[InitErrorDetails] = [
+        # (A custom type: pydantic's own types would render their messages again, and
+        # refuse a type they do not know; each message is final here.)
+        {
+            "type": PydanticCustomError(line["type"], line["msg"]),
+            "loc": line["loc"],
+            "input": HIDDEN_INPUT,
+        }
+        for line in error.errors()
+    ]
+    return ValidationError.from_exception_data(error.title, lines)
 
 
 class SecretInfo(_Frozen):
@@ -64,6 +102,19 @@ class SecretInfo(_Frozen):
     access_count: int
     last_accessed_at: datetime | None
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _hide_inputs(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # ``hide_input_in_errors`` hides inputs only where this model is validated
+        # itself: inside another validator's (``TypeAdapter(list[SecretInfo])``, a
+        # FastAPI ``response_model``) the errors would quote a secret's dump, value and
+        # all (as an extra input, or in the dict a missing field is reported with).
+        try:
+            return handler(data)
+        except ValidationError as error:
+            hidden = _without_inputs(error)
+        raise hidden  # outside the handler: the original error is not its context
+
 
 class Secret(SecretInfo):
     """A retrieved secret. ``value`` is masked in repr and str. In JSON mode
@@ -81,12 +132,19 @@ class Secret(SecretInfo):
         ser_json_bytes="base64",
         val_json_bytes="base64",
         hide_input_in_errors=True,  # a validation error never quotes the value
+        json_schema_extra=_describe_value_encoding,
     )
 
     value: str | bytes = Field(repr=False)
 
+    # Unannotated on purpose: pydantic takes a wrap serializer's return annotation as the
+    # schema of what it returns, and ``-> Any`` published an empty serialization schema
+    # (FastAPI's ``response_model=Secret`` showed nothing). Without one, the schema is
+    # the model's fields, which is what the wrapped handler returns.
     @model_serializer(mode="wrap")
-    def _mark_bytes(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+    def _mark_bytes(  # type: ignore[no-untyped-def]
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ):
         data = handler(self)
         if info.mode_is_json() and isinstance(self.value, bytes) and "value" in data:
             data[VALUE_ENCODING] = "base64url"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from keyledger.application.drift import diagnose
 from keyledger.application.keys import KeyCommands
@@ -81,6 +82,11 @@ class SecretService(AuditInvestigation):
         self._secrets = SecretCommands(ledger)
         self._keys = KeyCommands(ledger, self._queries)
         self._lifecycle = KeyLifecycle(ledger, self._queries)
+        # A service never closed is closed when it is collected, or at interpreter exit
+        # (atexit runs finalizers while threads still run). Left to eventsourcing's
+        # Application.__del__ at finalization, closing a PostgreSQL pool joins worker
+        # threads frozen by then: on Python 3.13, about 5 s per thread at every exit.
+        self._finalizer = weakref.finalize(self, ledger.close)
 
     @classmethod
     def create(
@@ -90,7 +96,7 @@ class SecretService(AuditInvestigation):
         master_key: str | None = None,
         previous_master_keys: list[str] | None = None,
         settings: KeyledgerSettings | None = None,
-    ) -> SecretService:
+    ) -> Self:
         """Open a store. Malformed master keys raise ``InvalidMasterKey`` here, never later."""
         if database_url is not None and not isinstance(database_url, str):
             raise InvalidInput(f"database_url must be a str, not {type(database_url).__name__}")
@@ -111,7 +117,7 @@ class SecretService(AuditInvestigation):
     def __repr__(self) -> str:
         return f"SecretService(amk_ids={self._ledger.master_keys.known_ids!r})"
 
-    def __enter__(self) -> SecretService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -124,7 +130,9 @@ class SecretService(AuditInvestigation):
 
     def close(self) -> None:
         """Release the store's connections."""
-        self._ledger.close()
+        # The finalizer closes the ledger once; a second close() (or the finalizer
+        # after this one) does nothing.
+        self._finalizer()
 
     # -- scope --------------------------------------------------------------------------
 
@@ -448,7 +456,8 @@ class SecretService(AuditInvestigation):
         ip_address: str | None = None,
         user_agent: str | None = None,
     ) -> CleanupResult:
-        """Destroy retired versions retired N+ days ago, across tenants, unless still in use."""
+        """Destroy retired (and compromised) versions retired (or compromised) N+ days ago,
+        across tenants, unless a live secret still uses them."""
         days = check_days("older_than_days", older_than_days)
         return self._lifecycle.cleanup_retired(days, make_actor(user_id, ip_address, user_agent))
 
@@ -482,6 +491,11 @@ class SecretService(AuditInvestigation):
     def count_key_material(self) -> int:
         """How many usable key versions have material (for progress bars)."""
         return len(self._queries.usable_key_material())
+
+    def master_key_id(self) -> str:
+        """The id (a fingerprint, not the key) of the current master key, which new key
+        versions and a rewrap use; ``MasterKeyUnavailable`` when none is configured."""
+        return self._ledger.current_master_key().amk_id
 
     # -- drift --------------------------------------------------------------------------
 
@@ -680,6 +694,15 @@ class SecretService(AuditInvestigation):
         on PostgreSQL a role that does not own ``kl_key_material``: run this as its owner).
         Records nothing: no key fact changes."""
         self._ledger.shred()
+
+    def backup(self, target: str) -> None:
+        """Copy a SQLite store (memory too), one consistent snapshot taken while writers go
+        on, into the new file ``target`` (created readable by its owner only; an existing
+        file is refused). A plain copy of the database file can miss everything still in
+        its write-ahead log. ``StorageError`` on PostgreSQL: use its own tools."""
+        if not isinstance(target, str) or not target:
+            raise InvalidInput("target must be a file path (a non-empty str)")
+        self._ledger.store.backup(target)
 
     def rebuild_read_models(
         self,

@@ -76,6 +76,15 @@ def _check_chars(field: str, text: str, refused: re.Pattern[str] = _REFUSED_IN_T
     )
 
 
+def _exact_str(field: str, value: object) -> str:
+    """A str subclass's text as a plain str (``InvalidInput`` for anything else): results
+    would otherwise carry the caller's class (an ``enum.StrEnum`` member where
+    ``list()`` gives a str), and it may not exist where they are unpickled."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
+    return str.__str__(value)  # (not str(value): a subclass's __str__ may say otherwise)
+
+
 def check_identifier(field: str, value: object) -> str:
     """A tenant id or secret name that may already exist: non-empty, <= 200 chars, no
     control characters, no edge spaces.
@@ -84,8 +93,8 @@ def check_identifier(field: str, value: object) -> str:
     (``check_new_identifier``):
     releases before 0.12 accepted them, and the tenants and secrets they made must stay
     reachable (to read, delete, erase and audit them)."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
+    if type(value) is not str:  # (one test on the common path, a plain str)
+        value = _exact_str(field, value)
     if not value:
         raise InvalidInput(f"{field} must not be empty")
     if len(value) > MAX_IDENTIFIER_LENGTH:
@@ -129,8 +138,8 @@ def check_optional_text(
     """Free text (category, description, user agent...): None or a bounded string."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
+    if type(value) is not str:
+        value = _exact_str(field, value)
     if len(value) > max_length:
         raise InvalidInput(f"{field} is longer than {max_length} characters")
     _check_chars(field, value, refused)
@@ -179,8 +188,10 @@ def check_metadata(value: object) -> dict[str, str] | None:
         raise InvalidInput(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
     out: dict[str, str] = {}
     for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise InvalidInput("metadata must be a flat dict of str to str")
+        if type(key) is not str or type(item) is not str:
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise InvalidInput("metadata must be a flat dict of str to str")
+            key, item = str.__str__(key), str.__str__(item)  # plain str: see _exact_str
         check_optional_text("metadata key", key, MAX_IDENTIFIER_LENGTH)
         check_optional_text("metadata value", item)
         out[key] = item
@@ -201,7 +212,10 @@ def check_value(value: object, max_bytes: int) -> bytes:
             )
         raw = encoded
     elif isinstance(value, bytes | bytearray | memoryview):
-        raw = bytes(value)
+        try:
+            raw = bytes(value)
+        except ValueError:  # a released memoryview: no buffer left to read
+            raise InvalidInput("value is a released memoryview") from None
     else:
         raise InvalidInput(f"value must be str or bytes, not {type(value).__name__}")
     if len(raw) > max_bytes:

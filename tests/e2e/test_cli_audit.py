@@ -238,6 +238,29 @@ def test_log_filters_still_narrow_the_entries_of_one_tenant() -> None:
     assert column(human, "IP") == ["-", "10.1.2.3"]
 
 
+def test_a_log_cut_at_its_limit_says_so_and_where_the_older_entries_start() -> None:
+    """Newest first, a page cut at --limit leaves out the oldest entries, the start of an
+    incident: it used to look like the whole answer (found by review)."""
+    put("acme", "db")
+    for _ in range(4):
+        get("acme", "db")
+    entries = as_json("audit", "log", "acme")
+    assert len(entries) == 6  # create_key, create, four reads
+
+    cut = ok("--json", "audit", "log", "acme", "--limit", "4")
+
+    assert json.loads(cut.stdout) == entries[:4]
+    position = entries[3]["position"]
+    assert cut.stderr == (
+        f"More entries match: --before-position {position} shows the next, older page.\n"
+    )
+    rest = ok("--json", "audit", "log", "acme", "--before-position", str(position))
+    assert json.loads(rest.stdout) == entries[4:]
+    assert rest.stderr == ""  # the whole rest: no note
+    assert ok("audit", "log", "acme", "--limit", "6").stderr == ""
+    assert "More entries match" in ok("audit", "log", "acme", "--csv", "--limit", "1").stderr
+
+
 def test_log_all_tenants_lists_both_tenants_with_a_tenant_column() -> None:
     two_tenants()
     entries = audit_log("--all-tenants")
@@ -671,6 +694,8 @@ def test_seal_then_verify_is_intact() -> None:
     assert ok("audit", "seal").stdout == "Sealed 0 events in 0 checkpoints\n"
     checkpoints = [json.loads(line) for line in ok("audit", "anchor").stdout.splitlines()]
     assert [c["sealed_by"] for c in checkpoints] == ["auditor", "auditor"]
+    # Where each checkpoint landed, with no anchor file too (it said null: found by review).
+    assert again["checkpoints"][0]["position"] == checkpoints[1]["position"] == head + 3
     ok("audit", "verify", "--from-position", str(head + 2))
 
 

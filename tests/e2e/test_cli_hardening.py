@@ -150,7 +150,7 @@ def test_operator_commands_record_the_ip_and_user_agent_of_the_run() -> None:
     ok("secrets", "put", "acme", "db", stdin="v")
     ok("keys", "rotate", "acme")
     ok("--user", "alice", "--ip", IP, "audit", "seal")
-    ok("--user", "alice", "--ip", IP, "master-key", "rewrap")
+    ok("--user", "alice", "--ip", IP, "master-key", "rewrap", "--yes")
     ok("--user", "alice", "--ip", IP, "tenants", "erase", "acme", "--yes")
     entries = audit_entries("acme")
     erase = [e for e in entries if e["action"] in {"erase_tenant", "destroy_key"}]

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from conftest import POSTGRES_URL, cli_environment, own_schema
+from keyledger import SecretService
 from keyledger.cli import main
 
 MASTER_KEY = "3c9e1f7a2b5d4e60" * 4
@@ -312,9 +313,10 @@ def retire_two_versions() -> None:
 def test_cleanup_asks_for_confirmation_and_a_no_destroys_nothing() -> None:
     retire_two_versions()
     refused = run("keys", "cleanup-retired", "--older-than-days", "0", stdin="n\n")
-    assert_aborted(refused, "Destroy the key material of every key version retired 0 or more")
+    prompt = "Destroy the key material of every key version retired or compromised 0"
+    assert_aborted(refused, prompt)
     unanswered = run("keys", "cleanup-retired", "--older-than-days", "0", stdin="")
-    assert_unanswered(unanswered, "Destroy the key material of every key version retired 0")
+    assert_unanswered(unanswered, prompt)
     assert keys("acme")[0] == (1, "retired", 0)
 
 
@@ -329,7 +331,7 @@ def test_cleanup_destroys_unused_retired_versions_and_reports_the_skipped_ones()
         ["globex", "1", "skipped"],
     ]
     assert lines[3].endswith("key version 1 of tenant 'globex' still encrypts 1 live secret(s)")
-    assert lines[4] == "Destroyed 2 retired key version(s), skipped 1 still in use."
+    assert lines[4] == "Destroyed 2 retired or compromised key version(s), skipped 1 still in use."
     assert keys("acme") == [(1, "destroyed", 0), (2, "destroyed", 0), (3, "active", 1)]
     assert keys("globex") == [(1, "retired", 1), (2, "active", 0)]
     assert get("acme", "a") == "1"
@@ -345,7 +347,7 @@ def test_cleanup_respects_the_age_and_speaks_json() -> None:
         "keys": [],
     }
     assert ok("keys", "cleanup-retired", "-y").stdout == (
-        "Destroyed 0 retired key version(s), skipped 0 still in use.\n"
+        "Destroyed 0 retired or compromised key version(s), skipped 0 still in use.\n"
     )
     data = as_json("keys", "cleanup-retired", "--older-than-days", "0", "--yes")
     assert (data["destroyed"], data["skipped"]) == (2, 1)
@@ -441,18 +443,19 @@ def test_master_key_rotation_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None
     ]
     assert all(report["ok"] for report in before)
 
-    result = ok("master-key", "rewrap")
+    result = ok("master-key", "rewrap", "--yes")
     new_amk = as_json("keys", "list", "globex")[0]["amk_id"]
     assert result.stdout == (
         f"Re-wrapped 3 key version(s) under master key {new_amk}; 0 already current, 0 failed.\n"
     )
     assert result.stderr == ""
-    assert as_json("master-key", "rewrap") == {
+    assert as_json("master-key", "rewrap", "--yes") == {
         "amk_id": new_amk,
         "rewrapped": 0,
         "already_current": 3,
         "failed": 0,
         "failures": [],
+        "failed_versions": [],
     }
     after = as_json_reports("drift", "diagnose", "--all-tenants")
     assert [codes(r) for r in after] == [["secret_on_retired_key"], []]
@@ -469,7 +472,7 @@ def test_rewrap_without_the_old_master_key_lists_the_failures_and_exits_1(
     put("acme", "a", "one")
     old_amk = as_json("keys", "list", "acme")[0]["amk_id"]
     monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
-    result = fails("master-key", "rewrap")
+    result = fails("master-key", "rewrap", "--yes")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Re-wrapped 0 key version(s) under master key ")
     assert lines[0].endswith("; 0 already current, 1 failed.")
@@ -477,8 +480,11 @@ def test_rewrap_without_the_old_master_key_lists_the_failures_and_exits_1(
         f"  failed: tenant 'acme' key version 1: wrapped by unknown master key {old_amk}"
     ]
     assert result.stderr.startswith("Error: 1 key version(s) could not be re-wrapped: add the")
-    data = json.loads(run("--json", "master-key", "rewrap").stdout)
+    data = json.loads(run("--json", "master-key", "rewrap", "--yes").stdout)
     assert (data["rewrapped"], data["failed"]) == (0, 1)
+    assert data["failed_versions"] == [  # for scripts, without parsing the sentences
+        {"tenant_id": "acme", "version": 1, "amk_id": old_amk, "reason": "unknown_master_key"}
+    ]
     monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
     assert get("acme", "a") == "one"
 
@@ -488,7 +494,7 @@ def test_rewrap_shows_a_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPat
     put("acme", "a", "one")
     monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
     monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MASTER_KEY)
-    result = ok("master-key", "rewrap")
+    result = ok("master-key", "rewrap", "--yes")
     assert "Re-wrapping" in result.stderr
     assert result.stdout.startswith("Re-wrapped 1 key version(s) under master key ")
 
@@ -496,7 +502,7 @@ def test_rewrap_shows_a_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPat
 def test_rewrap_without_a_master_key_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
     put("acme", "a", "one")
     monkeypatch.delenv("KEYLEDGER_MASTER_KEY")
-    result = fails("master-key", "rewrap")
+    result = fails("master-key", "rewrap", "--yes")
     assert result.stderr.startswith("Error: no master key configured")
     assert result.stdout == ""
 
@@ -596,8 +602,10 @@ def test_diagnose_of_a_healthy_tenant_exits_0() -> None:
     report = as_json_report("drift", "diagnose", "acme")
     assert (report["tenant_id"], report["ok"], report["issues"]) == ("acme", True, [])
     assert report["summary"]["active_secret_count"] == 1
-    assert ok("drift", "diagnose", "never-stored").stdout == (
-        "Tenant 'never-stored': ok (0 error(s), 0 warning(s), 0 info).\n"
+    refused = fails("drift", "diagnose", "never-stored")  # a mistyped tenant is no "ok"
+    assert refused.stderr == (
+        "Error: no tenant 'never-stored' in this store (it has no key version and no audit "
+        "entry): check the name\n"
     )
 
 
@@ -853,13 +861,13 @@ def test_no_master_key_appears_in_any_lifecycle_output(monkeypatch: pytest.Monke
     results += [
         run("drift", "diagnose", "--all-tenants"),
         run("--json", "drift", "diagnose", "acme"),
-        run("master-key", "rewrap"),
+        run("master-key", "rewrap", "--yes"),
         run("drift", "repair", "acme", "--dry-run"),
         run("--json", "drift", "repair", "acme", "--dry-run"),
     ]
     monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MASTER_KEY)
     results += [
-        run("--json", "master-key", "rewrap"),
+        run("--json", "master-key", "rewrap", "--yes"),
         run("keys", "list", "--all-tenants"),
         run("keys", "due"),
         run("keys", "cleanup-retired", "--older-than-days", "0", "--yes"),
@@ -965,7 +973,7 @@ def test_the_whole_lifecycle_on_postgresql(
         ["active_tenant_encryption_key_amk_mismatch"],
         ["active_tenant_encryption_key_amk_mismatch"],
     ]
-    rewrapped = as_json("master-key", "rewrap")
+    rewrapped = as_json("master-key", "rewrap", "--yes")
     assert (rewrapped["rewrapped"], rewrapped["failed"]) == (2, 0)
     monkeypatch.delenv("KEYLEDGER_PREVIOUS_MASTER_KEYS")
     assert [codes(r) for r in as_json_reports("drift", "diagnose", "--all-tenants")] == [[], []]
@@ -1005,3 +1013,159 @@ def assert_aborted_after_plan(result: Result) -> None:
     assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
     assert "The repair would delete 1 unrecoverable secret(s) ('a')" in result.stdout
     assert "Aborted!" in result.stderr
+
+
+# -- Ctrl-C in the middle of a command that commits step by step ---------------------------
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, method: str, steps: int) -> None:
+    """Make ``SecretService.<method>`` stop with KeyboardInterrupt (a Ctrl-C) once its
+    progress has reported ``steps``: the steps before it are committed, as a real Ctrl-C
+    leaves them."""
+    real = getattr(SecretService, method)
+
+    def interrupted(self: SecretService, *args: Any, **kwargs: Any) -> Any:
+        progress = kwargs.get("progress")
+        seen = [0]
+
+        def report(n: int) -> None:
+            if progress is not None:
+                progress(n)
+            seen[0] += n
+            if seen[0] >= steps:
+                raise KeyboardInterrupt
+
+        return real(self, *args, **{**kwargs, "progress": report})
+
+    monkeypatch.setattr(SecretService, method, interrupted)
+
+
+def secrets_by_version(tenant_id: str) -> dict[int, int]:
+    return {k["version"]: k["secret_count"] for k in as_json("keys", "list", tenant_id)}
+
+
+def test_an_interrupted_reencrypt_says_it_is_partly_done_exits_130_and_a_rerun_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(5):
+        put("acme", f"s{i}", f"v{i}")
+    ok("keys", "rotate", "acme")
+    monkeypatch.setattr("keyledger.application.keys.REENCRYPT_BATCH", 2)
+    with monkeypatch.context() as patched:
+        interrupt_after(patched, "reencrypt_all", 2)  # after the first batch
+        stopped = run("keys", "reencrypt", "acme")
+
+    assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
+    assert stopped.stderr.strip() == (
+        "Interrupted: the re-encryption is partly done (2 secrets done). What it did is "
+        "committed; run the same command again to finish it."
+    )
+    assert secrets_by_version("acme") == {1: 3, 2: 2}
+    finished = as_json("keys", "reencrypt", "acme")
+    assert (finished["success"], finished["failed"]) == (5, 0)
+    assert secrets_by_version("acme") == {1: 0, 2: 5}
+
+
+def test_an_interrupted_rewrap_says_it_is_partly_done_exits_130_and_a_rerun_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for tenant_id in ("acme", "globex", "initech"):
+        put(tenant_id, "s", "v")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MASTER_KEY)
+    with monkeypatch.context() as patched:
+        interrupt_after(patched, "rewrap_master_key", 1)
+        stopped = run("master-key", "rewrap", "--yes")
+
+    assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
+    assert "Interrupted: the re-wrap is partly done (1 key versions done)" in stopped.stderr
+    assert "run the same command again to finish it" in stopped.stderr
+    finished = as_json("master-key", "rewrap", "--yes")
+    assert (finished["rewrapped"], finished["already_current"], finished["failed"]) == (2, 1, 0)
+
+
+# -- a mistyped tenant or secret is an error, not an "all clean" -------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("audit", "log", "acmee"),
+        ("audit", "replay", "acmee", "--position", "1"),
+        ("audit", "export", "--tenant", "acmee", "--format", "jsonl"),
+        ("keys", "list", "acmee"),
+        ("keys", "reencrypt", "acmee"),
+        ("drift", "diagnose", "acmee"),
+    ],
+    ids=lambda command: "-".join(command[:2]),
+)
+def test_a_tenant_the_store_never_heard_of_is_an_error(command: tuple[str, ...]) -> None:
+    """It answered "no entries", "0 re-encrypted", "ok" with exit 0 (found by review)."""
+    put("acme", "a", "1")
+
+    refused = fails(*command)
+
+    assert refused.stderr == (
+        "Error: no tenant 'acmee' in this store (it has no key version and no audit entry): "
+        "check the name\n"
+    )
+    assert [e["action"] for e in as_json("audit", "log", "acme")] == ["create", "create_key"]
+
+
+def test_a_tenant_known_by_its_audit_entries_alone_is_answered() -> None:
+    """A tenant whose only trace is a refused read (no key version yet) exists to an
+    investigation."""
+    assert run("secrets", "get", "probe", "missing").exit_code == 1  # audited: not found
+    [entry] = as_json("audit", "log", "probe")
+    assert (entry["action"], entry["result"]) == ("read", "failure")
+    assert as_json("keys", "list", "probe") == []
+
+
+def test_drift_diagnose_of_a_secret_the_tenant_does_not_have_is_an_error() -> None:
+    put("acme", "a", "1")
+    refused = fails("drift", "diagnose", "acme", "--secret", "a", "--secret", "b")
+    assert refused.stderr == "Error: no secret 'b' in tenant 'acme': check the name\n"
+
+
+def test_rewrap_asks_first_naming_the_versions_and_the_new_master_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It asked nothing (found by review): a new key kept nowhere else, once the old
+    copies are shredded, loses every secret."""
+    put("acme", "a", "one")
+    put("globex", "g", "two")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MASTER_KEY)
+    old_amk = as_json("keys", "list", "acme")[0]["amk_id"]
+    new_amk = as_json("master-key", "rewrap", "--yes")["amk_id"]  # (to learn its id)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", NEW_MASTER_KEY)
+
+    refused = run("master-key", "rewrap", stdin="n\n")
+
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(
+        f"Re-wrap the 2 key version(s) of every tenant under master key {old_amk} "
+        "(KEYLEDGER_MASTER_KEY)? Their copies under other master keys are then shredded"
+    )
+    assert {k["amk_id"] for k in as_json("keys", "list", "--all-tenants")} == {new_amk}
+    unanswered = run("master-key", "rewrap", stdin="")
+    assert unanswered.exit_code == 1
+    assert "Pass --yes to confirm in advance." in unanswered.stderr
+    done = ok("master-key", "rewrap", stdin="y\n")
+    assert f"Re-wrapped 2 key version(s) under master key {old_amk}" in done.stdout
+    assert get("acme", "a") == "one"
+
+
+def test_db_backup_copies_the_store_into_a_new_file(database: Path, tmp_path: Path) -> None:
+    put("acme", "a", "one")
+    target = tmp_path / "backup.db"
+
+    result = ok("db", "backup", str(target))
+
+    assert result.stdout == f"Backed up the store to {target}.\n"
+    restored = run("--database", f"sqlite:///{target}", "secrets", "get", "acme", "a")
+    assert restored.exit_code == 0
+    assert restored.stdout.strip() == "one"
+    again = fails("db", "backup", str(target))
+    assert again.stderr == f"Error: {target} exists: back up into a new file\n"

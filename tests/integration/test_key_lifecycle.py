@@ -332,7 +332,8 @@ def test_compromising_a_retired_version_keeps_the_active_one(service: SecretServ
     assert service.retrieve_for_tenant(ACME, "new").value == "new-value"
     with pytest.raises(DecryptionFailed):
         service.retrieve_for_tenant(ACME, "old")
-    assert service.cleanup_retired_keys(older_than_days=0).keys == []
+    cleanup = service.cleanup_retired_keys(older_than_days=0)  # "old" is still on it
+    assert [(o.version, o.outcome) for o in cleanup.keys] == [(1, "skipped")]
 
 
 def test_compromising_a_version_again_changes_nothing(service: SecretService) -> None:
@@ -512,6 +513,34 @@ def test_cleanup_destroys_an_unused_retired_version_and_its_material(
     [destroyed] = audit(service, ACME, action="destroy_key")
     assert (destroyed.key_version, destroyed.user_id) == (1, "janitor")
     assert service.retrieve_for_tenant(ACME, "token").value == "t"
+    assert problems(service, ACME) == []
+
+
+def test_cleanup_destroys_a_compromised_version_once_no_live_secret_uses_it(
+    service: SecretService,
+) -> None:
+    """Its material, wrapped by a master key that may leak later, decrypts the values the
+    stream keeps: the runbook says to destroy it (found by review: nothing could)."""
+    service.store_for_tenant(ACME, "token", "old-token")
+    service.store_for_tenant(ACME, "gone", "g")
+    service.compromise_key_for_tenant(ACME, 1, "leaked")
+
+    first = service.cleanup_retired_keys(older_than_days=0)
+
+    assert [(o.version, o.outcome) for o in first.keys] == [(1, "skipped")]
+    assert "still encrypts 2 live secret(s)" in str(first.keys[0].reason)
+    assert material_versions(service, ACME) == [1, 2]
+    service.store_for_tenant(ACME, "token", "new-token")  # stored afresh, on version 2
+    service.delete_for_tenant(ACME, "gone")
+
+    second = service.cleanup_retired_keys(older_than_days=0, user_id="responder")
+
+    assert [(o.version, o.outcome) for o in second.keys] == [(1, "destroyed")]
+    assert statuses(service, ACME) == {1: "destroyed", 2: "active"}
+    assert material_versions(service, ACME) == [2]
+    [destroyed] = audit(service, ACME, action="destroy_key")
+    assert (destroyed.key_version, destroyed.user_id) == (1, "responder")
+    assert service.retrieve_for_tenant(ACME, "token").value == "new-token"
     assert problems(service, ACME) == []
 
 

@@ -11,6 +11,7 @@ does not own the table, a SQLite reader holding an old snapshot) the caller is t
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 import threading
@@ -153,6 +154,63 @@ def test_a_reader_holding_an_old_sqlite_snapshot_makes_the_shred_incomplete(
 
     assert done.exit_code == 0, done.stderr
     assert [blob for blob in doomed if blob in stored_bytes(service)] == []
+
+
+def test_a_sqlite_checkpoint_that_fails_makes_the_shred_incomplete_not_a_raw_error(
+    make_service: MakeService, backend: str
+) -> None:
+    """A full disk or an I/O error in the checkpoint after an erasure committed (found by
+    review with a fault-injecting shim: a raw ``sqlite3.OperationalError``, and the CLI
+    printed a traceback). Here SQLite's authorizer refuses the checkpoint's PRAGMA."""
+    if backend != "sqlite":
+        pytest.skip("the SQLite checkpoint")
+    service = make_service()
+    service.store_for_tenant("doomed", "s", "v")
+    with service._ledger.store._datastore.writer() as conn:
+        raw = conn.raw
+
+    def no_checkpoint(action: int, arg1: str | None, *_: object) -> int:
+        refused = action == sqlite3.SQLITE_PRAGMA and arg1 == "wal_checkpoint"
+        return sqlite3.SQLITE_DENY if refused else sqlite3.SQLITE_OK
+
+    raw.set_authorizer(no_checkpoint)
+    with pytest.raises(ShredIncomplete, match="could not be shredded") as raised:
+        service.erase_tenant("doomed", confirm=True)
+    assert "not authorized" in str(raised.value)
+    assert wrapped_material(service, "doomed") == []  # the erasure is in force
+    assert service._ledger.shred_pending()
+    raw.set_authorizer(None)
+
+    service.shred_key_material()
+
+    assert not service._ledger.shred_pending()
+
+
+def test_an_erasure_whose_shred_is_incomplete_still_reports_what_it_destroyed(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, master_key: str, backend: str
+) -> None:
+    """It exited 1 with nothing but the error, and a rerun reported nothing destroyed, so
+    the destroyed versions were never reported (found by review)."""
+    if backend != "sqlite":
+        pytest.skip("a SQLite reader holds the old snapshot")
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 0.2)
+    service = make_service()
+    service.store_for_tenant("doomed", "s", "v")
+    service.rotate_key_for_tenant("doomed")
+    database = str(service._ledger.env.get("SQLITE_DBNAME"))
+    reader = sqlite3.connect(database)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
+    env = {"KEYLEDGER_DATABASE_URL": f"sqlite:///{database}", "KEYLEDGER_MASTER_KEY": master_key}
+
+    erased = CliRunner().invoke(main, ["--json", "tenants", "erase", "doomed", "--yes"], env=env)
+
+    reader.rollback()
+    reader.close()
+    assert erased.exit_code == 1
+    assert json.loads(erased.stdout) == {"tenant_id": "doomed", "destroyed_key_versions": [1, 2]}
+    assert erased.stderr.startswith("Error: the SQLite write-ahead log, which may still hold")
+    assert erased.stderr.count("\n") == 1
 
 
 # -- PostgreSQL roles (docs/postgresql.md) ------------------------------------------------

@@ -36,7 +36,7 @@ from eventsourcing.persistence import (
     PersistenceError,
     Transcoder,
 )
-from eventsourcing.utils import Environment, EnvType, TopicError
+from eventsourcing.utils import Environment, EnvType, TopicError, strtobool
 
 from keyledger.application.auto_seal import BackgroundSealer
 from keyledger.application.caches import (
@@ -74,6 +74,7 @@ from keyledger.infrastructure.event_tags import (
     TaggingMapper,
     UnverifiedSnapshot,
 )
+from keyledger.infrastructure.lost_tables import CATALOG_LOST
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
 from keyledger.infrastructure.unit_writer import (
@@ -233,6 +234,8 @@ class Ledger(Application[UUID]):
         self._exclusive = _Exclusive()
         # The last automatic seal's stop (position, reason), logged once, not every turn.
         self._seal_stop_logged: tuple[int | None, str | None] = (None, None)
+        if strtobool(self.env.get("CREATE_TABLE") or "y"):  # (it may create tables)
+            self.restore_lost_read_models()
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """The library's environment without the process environment merged in: the
@@ -801,6 +804,34 @@ class Ledger(Application[UUID]):
         self.store.create_table()
         if self.snapshots is not None:
             cast(KeyledgerRecorder, self.snapshots.recorder).create_table()
+        self.restore_lost_read_models()
+
+    def restore_lost_read_models(self) -> None:
+        """Rebuild the catalog and the key inventory from the stream when their tables
+        were created anew in a store that had events (``lost_tables``): before, such a
+        store answered "no secrets" and called itself healthy."""
+        if not self._catalog_lost():
+            return
+        from keyledger.application.read_models import rebuild_read_models  # (a cycle)
+
+        logger.warning(
+            "the catalog or key inventory table was created anew in a store that has "
+            "events: rebuilding both from the stream"
+        )
+        try:
+            rebuild_read_models(self, names=["catalog"])
+        except StorageError:
+            if self._catalog_lost():  # (not another process's rebuild, finished first)
+                raise
+
+    def _catalog_lost(self) -> bool:
+        try:
+            with self.reading() as cur:
+                cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
+                row = cur.fetchone()
+        except (StorageError, PersistenceError):  # no kl_tracking: a store opened without
+            return False  # creating tables, whose queries say what is missing
+        return row is not None and bool(row[0])
 
     def wait_for_events(self, seconds: float) -> None:
         """Block until new events may have been appended, or ``seconds`` passed."""

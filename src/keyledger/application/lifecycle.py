@@ -28,6 +28,7 @@ from keyledger.errors import (
     InvalidInput,
     KeyInUse,
     MasterKeyUnavailable,
+    ShredIncomplete,
 )
 from keyledger.infrastructure.crypto import MasterKey
 from keyledger.infrastructure.write_unit import KeyMaterialRow, WriteUnit
@@ -37,8 +38,36 @@ from keyledger.projections.timeutil import to_micros
 Progress = Callable[[int], None]
 
 
+RewrapFailureReason = Literal["unknown_master_key", "does_not_unwrap"]
+
+
+class RewrapFailure(BaseModel):
+    """A key version a rewrap could not re-wrap: the master key that wraps it is not
+    configured (``unknown_master_key``), or it does not unwrap with it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    version: int
+    amk_id: str
+    reason: RewrapFailureReason
+
+    @classmethod
+    def of(
+        cls, tenant_id: str, version: int, amk_id: str, reason: RewrapFailureReason
+    ) -> RewrapFailure:
+        return cls(tenant_id=tenant_id, version=version, amk_id=amk_id, reason=reason)
+
+    def describe(self) -> str:
+        where = f"tenant {self.tenant_id!r} key version {self.version}"
+        if self.reason == "unknown_master_key":
+            return f"{where}: wrapped by unknown master key {self.amk_id}"
+        return f"{where}: does not unwrap with master key {self.amk_id}"
+
+
 class RewrapResult(BaseModel):
-    """What a master-key rewrap did."""
+    """What a master-key rewrap did. ``failures`` says each failure in words,
+    ``failed_versions`` the same as data (found by review: scripts had to parse text)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,6 +76,11 @@ class RewrapResult(BaseModel):
     already_current: int
     failed: int
     failures: list[str]
+    failed_versions: list[RewrapFailure] = []
+
+
+# The statuses whose versions a cleanup destroys once no live secret uses them.
+CLEANED_UP = ("retired", "compromised")
 
 
 class KeyLifecycle:
@@ -109,7 +143,10 @@ class KeyLifecycle:
     # -- cleanup ------------------------------------------------------------------------
 
     def cleanup_retired(self, older_than_days: int, actor: Actor) -> CleanupResult:
-        """Destroy retired versions retired at or before now - N days, unless still in use."""
+        """Destroy retired versions retired at or before now - N days, unless still in use,
+        and compromised versions likewise: a compromised version's material, wrapped by a
+        master key that may leak later, is what decrypts the values the stream keeps
+        (found by review: nothing could destroy it, although the runbook said to)."""
         who = actor_dict(actor)
         # N = 0 is every retired version (SPEC section 3), whatever its time says: a host
         # whose clock runs ahead records a retirement "in the future" of this one's.
@@ -130,9 +167,12 @@ class KeyLifecycle:
         destroyed = sum(o.outcome == "destroyed" for o in outcomes)
         if destroyed:
             self.ledger.forget_data_keys()
+        result = CleanupResult(
+            destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes
+        )
         if destroyed or self.ledger.shred_pending():  # (pending: a run stopped before it)
-            self.ledger.shred()  # ShredIncomplete names `keyledger db shred` to finish it
-        return CleanupResult(destroyed=destroyed, skipped=len(outcomes) - destroyed, keys=outcomes)
+            shred_reporting(self.ledger, result)  # ShredIncomplete names `keyledger db shred`
+        return result
 
     def _destroy_retired(
         self, tenant_id: str, version: int, who: ActorDict, users_by_tenant: dict[str, Counter[int]]
@@ -142,7 +182,7 @@ class KeyLifecycle:
             key = keyring.keys.get(version)
             if key is None:  # the key inventory lists a version the stream does not have
                 return "skipped", "not in the tenant's keyring (run drift diagnose)"
-            if key.status != "retired":
+            if key.status not in CLEANED_UP:
                 return "skipped", f"no longer retired ({key.status})"
             if n == 0:  # (a retired version gains no users: checked once, outside the lock)
                 listed = self.queries.key_users(tenant_id, version)
@@ -209,7 +249,7 @@ class KeyLifecycle:
 
         versions = self.ledger.retrying(attempt)
         self.ledger.forget_data_keys()
-        self.ledger.shred()
+        shred_reporting(self.ledger, versions)
         return versions
 
     # -- master-key rewrap --------------------------------------------------------------
@@ -230,35 +270,37 @@ class KeyLifecycle:
         for row in self.queries.usable_key_material(tenant_id):
             rows_by_tenant.setdefault(row.tenant_id, []).append(row)
         rewrapped = current = 0
-        failures: list[str] = []
+        failures: list[RewrapFailure] = []
         for tenant_id, rows in rows_by_tenant.items():
             done, fresh_ok, failed = self._rewrap_tenant(tenant_id, amk.amk_id, who)
             rewrapped, current = rewrapped + done, current + fresh_ok
             failures += failed
             if progress:
                 progress(len(rows))
-        # The copies wrapped by the old master key leave the files (also those of a run
-        # stopped between its commit and its shred).
-        if shred and (rewrapped or self.ledger.shred_pending()):
-            self.ledger.shred()
-        return RewrapResult(
+        result = RewrapResult(
             amk_id=amk.amk_id,
             rewrapped=rewrapped,
             already_current=current,
             failed=len(failures),
-            failures=failures,
+            failures=[failure.describe() for failure in failures],
+            failed_versions=failures,
         )
+        # The copies wrapped by the old master key leave the files (also those of a run
+        # stopped between its commit and its shred).
+        if shred and (rewrapped or self.ledger.shred_pending()):
+            shred_reporting(self.ledger, result)
+        return result
 
     def _rewrap_tenant(
         self, tenant_id: str, amk_id: str, who: ActorDict
-    ) -> tuple[int, int, list[str]]:
+    ) -> tuple[int, int, list[RewrapFailure]]:
         amk = self.ledger.current_master_key()
 
-        def attempt(n: int) -> tuple[int, int, list[str]]:
+        def attempt(n: int) -> tuple[int, int, list[RewrapFailure]]:
             keyring = self._keyring(tenant_id)
             changed = self.ledger.for_update(keyring)
             unit = WriteUnit()
-            current, failures = 0, list[str]()
+            current, failures = 0, list[RewrapFailure]()
             # The tenant's material as it is now, not as the run found it at its start:
             # a version destroyed meanwhile (an erasure, a cleanup) or re-wrapped by
             # another run is not re-wrapped again (the keyring's version, checked at the
@@ -273,14 +315,22 @@ class KeyLifecycle:
                     current += 1
                     continue
                 old = self.ledger.master_keys.get(row.amk_id)
-                where = f"tenant {tenant_id!r} key version {row.version}"
-                if old is None:
-                    failures.append(f"{where}: wrapped by unknown master key {row.amk_id}")
-                    continue
-                try:
-                    wrapped = _rewrapped(old, amk, tenant_id, row.version, row.wrapped)
-                except DecryptionFailed:
-                    failures.append(f"{where}: does not unwrap with master key {row.amk_id}")
+                wrapped: bytes | None = None
+                reason: RewrapFailureReason = "unknown_master_key"
+                if old is not None:
+                    try:
+                        wrapped = _rewrapped(old, amk, tenant_id, row.version, row.wrapped)
+                    except DecryptionFailed:
+                        reason = "does_not_unwrap"
+                if wrapped is None:
+                    failures.append(
+                        RewrapFailure(
+                            tenant_id=tenant_id,
+                            version=row.version,
+                            amk_id=row.amk_id,
+                            reason=reason,
+                        )
+                    )
                     continue
                 unit.material_rewraps.append(
                     KeyMaterialRow(
@@ -293,6 +343,16 @@ class KeyLifecycle:
             return len(unit.material_rewraps), current, failures
 
         return self.ledger.retrying(attempt)
+
+
+def shred_reporting(ledger: Ledger, result: object) -> None:
+    """``ledger.shred()``; a ``ShredIncomplete`` carries ``result``, what the operation
+    completed before it, so that the caller can still report it."""
+    try:
+        ledger.shred()
+    except ShredIncomplete as error:
+        error.result = result
+        raise
 
 
 def _rewrapped(

@@ -275,11 +275,12 @@ class Queries:
 
     @read_model_errors
     def retired_keys(self, retired_before: int | None) -> list[tuple[str, int]]:
-        """(tenant, version) of every retired version retired at or before the instant
-        (None: every retired version)."""
+        """(tenant, version) of every retired or compromised version retired (or
+        compromised) at or before the instant (None: every such version)."""
         with self.ledger.reading() as cur:
             cur.execute(
-                "SELECT tenant_id, version FROM kl_keys WHERE status='retired' "
+                "SELECT tenant_id, version FROM kl_keys "
+                "WHERE status IN ('retired', 'compromised') "
                 "AND (CAST(? AS BIGINT) IS NULL OR retired_at <= ?) ORDER BY tenant_id, version",
                 (retired_before, retired_before),
             )

@@ -28,6 +28,7 @@ from eventsourcing.persistence import IntegrityError, StoredEvent
 from keyledger.application.row_errors import read_model_errors
 from keyledger.application.stream import undecodable
 from keyledger.errors import StorageError
+from keyledger.infrastructure.lost_tables import CATALOG_LOST
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
@@ -439,6 +440,9 @@ def _switch(
             cur.execute(f"DROP TABLE IF EXISTS {table}")
             cur.execute(f"ALTER TABLE {table}{suffix} RENAME TO {table}")
         drop_copies(cur, suffix)
+        if "kl_catalog" in tables:  # (the mark of a catalog created anew: lost_tables)
+            cur.execute(tracking_table_statement(store.dialect))
+            cur.execute("DELETE FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
         if "kl_audit" in tables:
             cur.execute(tracking_table_statement(store.dialect))
             cur.execute(

@@ -304,12 +304,12 @@ def seal(
                 ledger.commit(checkpoint)
             except Conflict:
                 continue  # another sealer extended the chain: seal what is left after it
-            if ledger.anchor_file is not None:  # where it landed, for the anchor
-                at = position_of(ledger, SEAL_CHAIN_ID, checkpoint.originator_version)
-                made.append(checkpoint_model(checkpoint, at))
+            # Where it landed: for the anchor, and for the caller (`audit seal --json`
+            # showed no position without an anchor file: found by review).
+            at = position_of(ledger, SEAL_CHAIN_ID, checkpoint.originator_version)
+            made.append(checkpoint_model(checkpoint, at))
+            if ledger.anchor_file is not None:
                 anchor_error = append_anchor(ledger.anchor_file, made[-1]) or anchor_error
-            else:
-                made.append(checkpoint_model(checkpoint, None))
             sealed += len(covered)
         if stop is not None:
             position, reason = stop

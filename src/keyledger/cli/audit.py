@@ -132,9 +132,20 @@ def log(
             user_id=user_id,
             since=since,
             until=until,
-            limit=limit,
+            limit=limit + 1 if limit else 0,  # one more: are there older entries?
             offset=offset,
             before_position=before_position,
+        )
+    if not entries and tenant_id is not None and not offset and before_position is None:
+        cli.refuse_unknown_tenant(tenant_id)  # (nothing found: a mistyped tenant?)
+    if limit and len(entries) > limit:
+        # A page cut at --limit used to look like the whole answer, and it is the oldest
+        # entries, the start of an incident, that it leaves out (found by review).
+        entries = entries[:limit]
+        click.echo(
+            f"More entries match: --before-position {entries[-1].position} shows the next, "
+            "older page.",
+            err=True,
         )
     if csv_output:
         emit_csv(entries)

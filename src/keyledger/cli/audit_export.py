@@ -113,6 +113,7 @@ def replay(cli: CliContext, tenant_id: str, at: datetime | None, position: int |
     """
     if (at is None) == (position is None):
         raise click.UsageError("give exactly one of --as-of and --position")
+    cli.refuse_unknown_tenant(tenant_id)
     state = cli.service.state_as_of(tenant_id, at=at, position=position)
     if cli.json_output:
         emit_json(to_data(state))
@@ -276,6 +277,8 @@ def export(
     """
     if (tenant_id is None) != all_tenants:
         raise click.UsageError("give --tenant TENANT or --all-tenants, exactly one")
+    if tenant_id is not None:
+        cli.refuse_unknown_tenant(tenant_id)
     run = ExportRun(from_position or 0)
     with super_admin() if all_tenants else nullcontext():  # a cross-tenant read
         records = cli.service.export_audit(

@@ -181,3 +181,24 @@ def shred(cli: CliContext) -> None:
         emit_json({"shredded": True})
     else:
         click.echo("Shredded: deleted key material is gone from the store's files.")
+
+
+@db_group.command("backup")
+@click.argument("target", type=click.Path(dir_okay=False, writable=True))
+@json_option
+@pass_cli
+def backup(cli: CliContext, target: str) -> None:
+    """Copy a SQLite store, one consistent snapshot, into the new file TARGET.
+
+    Writers go on meanwhile. Never copy the database file itself: in WAL mode recent
+    writes live in its -wal file, and a copy of the database alone can be an empty store.
+    TARGET is created readable by its owner only and is never written over. It holds the
+    wrapped keys and the ciphertexts: keep it as safe as the store, and as short-lived
+    as your erasure deadline allows (a tenant erased later is still in it). On
+    PostgreSQL, use its own tools (pg_dump, base backups).
+    """
+    cli.service.backup(target)
+    if cli.json_output:
+        emit_json({"backup": target})
+    else:
+        click.echo(f"Backed up the store to {target}.")

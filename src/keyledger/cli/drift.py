@@ -16,6 +16,7 @@ from keyledger.cli.render import emit_json, emit_table, json_option, shell_word,
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
 from keyledger.models import DriftIssue, DriftReport, RepairResult
+from keyledger.validation import check_identifier
 
 ISSUE_HEADERS = ("CODE", "SEVERITY", "SECRET", "VERSION", "REPAIR", "MESSAGE")
 SEVERITIES = ("error", "warning", "info")
@@ -81,6 +82,9 @@ def diagnose(
     if tenant_id is None and not all_tenants:
         raise click.UsageError("give TENANT or --all-tenants")
     service = cli.service
+    if tenant_id is not None:
+        cli.refuse_unknown_tenant(tenant_id)
+        refuse_unknown_secrets(cli, tenant_id, secret_names)
     tenant_ids = [tenant_id] if tenant_id is not None else all_tenant_ids(cli)
     names = list(secret_names) or None
     reports = [service.diagnose_tenant_secret_key_drift(t, names) for t in tenant_ids]
@@ -95,6 +99,24 @@ def diagnose(
         raise click.ClickException(
             f"drift errors in tenant(s) {', '.join(map(repr, failing))}; "
             "`keyledger drift repair TENANT --dry-run` shows the repair plan"
+        )
+
+
+def refuse_unknown_secrets(cli: CliContext, tenant_id: str, names: Sequence[str]) -> None:
+    """A --secret the tenant has no live secret of is an error, not an "ok" (found by
+    review: a mistyped name was reported free of drift)."""
+    if not names:
+        return
+    for name in names:
+        check_identifier("secret name", name)  # (a malformed name says so first)
+    known = {
+        info.name
+        for info in cli.service.list_for_tenant(tenant_id, status=None, include_expired=True)
+    }
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise click.ClickException(
+            f"no secret {unknown[0]!r} in tenant {tenant_id!r}: check the name"
         )
 
 

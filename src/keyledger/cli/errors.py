@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import click
 
-from keyledger.errors import KeyledgerError
+from keyledger.errors import KeyledgerError, ShredIncomplete
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -25,6 +27,18 @@ def library_errors() -> Iterator[None]:
     except KeyledgerError as error:
         # The library's messages name tenants, secrets and key versions, never values or keys.
         raise click.ClickException(str(error) or type(error).__name__) from None
+
+
+def despite_shred(call: Callable[[], T]) -> tuple[T, ShredIncomplete | None]:
+    """``(call(), None)``; when the operation completed but its shred did not, its result
+    and the ``ShredIncomplete``: the command reports what was done, then the error (it
+    reported nothing, and a rerun found nothing left to report: found by review)."""
+    try:
+        return call(), None
+    except ShredIncomplete as error:
+        if error.result is None:
+            raise
+        return cast(T, error.result), error
 
 
 class KeyledgerCommand(click.Command):

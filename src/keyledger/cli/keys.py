@@ -11,7 +11,9 @@ import sys
 import click
 
 from keyledger.cli.confirm import confirm
-from keyledger.cli.errors import KeyledgerSubgroup
+from keyledger.cli.errors import KeyledgerSubgroup, despite_shred
+from keyledger.cli.interrupts import both, resumable
+from keyledger.cli.params import yes_option
 from keyledger.cli.render import (
     emit_json,
     emit_table,
@@ -30,7 +32,6 @@ from keyledger.validation import check_optional_text
 
 tenant_argument = click.argument("tenant_id", metavar="TENANT")
 optional_tenant_argument = click.argument("tenant_id", metavar="[TENANT]", required=False)
-yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 
 
 @click.group("keys", cls=KeyledgerSubgroup)
@@ -83,15 +84,17 @@ def rotate_due(cli: CliContext) -> None:
     failed: list[dict[str, str]] = []
     with super_admin():  # the inventory of every tenant: a cross-tenant read
         every_due = service.keys_due()
-    for due in every_due:
-        try:
-            info = service.rotate_due_key(due, **cli.actor)
-        except KeyledgerError as error:  # its failure is audited; the next tenant's turn
-            failed.append({"tenant_id": due.tenant_id, "error": str(error)})
-            click.echo(f"Error: {error}", err=True)
-            continue
-        if info is not None:  # (None: another run rotated it first)
-            rotated.append((due, info))
+    with resumable("the rotation of due keys", "tenants") as done:
+        for due in every_due:
+            try:
+                info = service.rotate_due_key(due, **cli.actor)
+            except KeyledgerError as error:  # its failure is audited; the next tenant's turn
+                failed.append({"tenant_id": due.tenant_id, "error": str(error)})
+                click.echo(f"Error: {error}", err=True)
+                continue
+            done(1)
+            if info is not None:  # (None: another run rotated it first)
+                rotated.append((due, info))
     if cli.json_output:  # (the failures too: a script reads them here, not on stderr)
         emit_json({"rotated": [to_data(info) for _, info in rotated], "failed": failed})
     else:
@@ -108,12 +111,12 @@ def rotate_due(cli: CliContext) -> None:
 
 def reencrypt_with_progress(cli: CliContext, tenant_id: str) -> ReencryptResult:
     """Re-encrypt inside the CLI's tenant scope, with a progress bar on a terminal."""
-    with cli.scope(tenant_id):
+    with cli.scope(tenant_id), resumable("the re-encryption", "secrets") as done:
         if not is_terminal("stderr"):
-            return cli.service.reencrypt_all()
+            return cli.service.reencrypt_all(progress=done)
         total = cli.service.count_live_secrets(tenant_id)
         with click.progressbar(length=total, label="Re-encrypting", file=sys.stderr) as bar:
-            return cli.service.reencrypt_all(progress=bar.update)
+            return cli.service.reencrypt_all(progress=both(bar.update, done))
 
 
 @keys_group.command("reencrypt")
@@ -125,6 +128,7 @@ def reencrypt(cli: CliContext, tenant_id: str) -> None:
 
     Safe to interrupt and rerun. Exits 1 when some secrets could not be re-encrypted.
     """
+    cli.refuse_unknown_tenant(tenant_id)
     result = reencrypt_with_progress(cli, tenant_id)
     if cli.json_output:
         emit_json({"tenant_id": tenant_id, **to_data(result)})
@@ -171,6 +175,8 @@ def list_keys(cli: CliContext, tenant_id: str | None, all_tenants: bool) -> None
             infos = cli.service.list_keys()
     else:
         infos = cli.service.list_keys(tenant_id)
+        if not infos:
+            cli.refuse_unknown_tenant(tenant_id)
     if cli.json_output:
         emit_json([to_data(info) for info in infos])
     elif tenant_id is None:
@@ -235,32 +241,40 @@ def cleanup_row(outcome: CleanupKeyOutcome) -> tuple[str, ...]:
     type=click.IntRange(min=0),
     default=90,
     show_default=True,
-    help="Only versions retired at least this many days ago.",
+    help="Only versions retired (or compromised) at least this many days ago.",
 )
 @yes_option
 @json_option
 @pass_cli
 def cleanup_retired(cli: CliContext, older_than_days: int, yes: bool) -> None:
-    """Destroy the key material of old retired versions, across all tenants.
+    """Destroy the key material of old retired and compromised versions, in all tenants.
 
     Versions that live secrets still use are skipped and reported: run
-    `keyledger keys reencrypt TENANT` first. Safe to interrupt and rerun.
+    `keyledger keys reencrypt TENANT` first (secrets on a compromised version need new
+    values: store them again). `--older-than-days 0` destroys a compromised version at
+    once. Safe to interrupt and rerun.
     """
     confirm(
-        f"Destroy the key material of every key version retired {older_than_days} or more "
-        "days ago, in every tenant? Versions still in use are skipped.",
+        f"Destroy the key material of every key version retired or compromised "
+        f"{older_than_days} or more days ago, in every tenant? Versions still in use are "
+        "skipped.",
         yes=yes,
     )
-    result = cli.service.cleanup_retired_keys(older_than_days, **cli.actor)
+    with resumable("the cleanup", "key versions"):
+        result, incomplete = despite_shred(
+            lambda: cli.service.cleanup_retired_keys(older_than_days, **cli.actor)
+        )
     if cli.json_output:
         emit_json(to_data(result))
-        return
-    if result.keys:
-        emit_table(CLEANUP_HEADERS, [cleanup_row(outcome) for outcome in result.keys])
-    click.echo(
-        f"Destroyed {result.destroyed} retired key version(s), "
-        f"skipped {result.skipped} still in use."
-    )
+    else:
+        if result.keys:
+            emit_table(CLEANUP_HEADERS, [cleanup_row(outcome) for outcome in result.keys])
+        click.echo(
+            f"Destroyed {result.destroyed} retired or compromised key version(s), "
+            f"skipped {result.skipped} still in use."
+        )
+    if incomplete is not None:
+        raise incomplete
 
 
 DUE_HEADERS = ("TENANT", "VERSION", "CREATED", "AGE DAYS", "ENCRYPTIONS", "REASONS")

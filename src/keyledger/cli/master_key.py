@@ -8,7 +8,10 @@ import sys
 import click
 
 from keyledger.application.lifecycle import RewrapResult
-from keyledger.cli.errors import KeyledgerSubgroup
+from keyledger.cli.confirm import confirm
+from keyledger.cli.errors import KeyledgerSubgroup, despite_shred
+from keyledger.cli.interrupts import both, resumable
+from keyledger.cli.params import yes_option
 from keyledger.cli.render import emit_json, is_terminal, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
 
@@ -39,17 +42,19 @@ def generate(cli: CliContext) -> None:
 def rewrap_with_progress(cli: CliContext) -> RewrapResult:
     """Re-wrap every tenant's key material, with a progress bar on a terminal."""
     service = cli.service
-    if not is_terminal("stderr"):
-        return service.rewrap_master_key(**cli.actor)
-    total = service.count_key_material()
-    with click.progressbar(length=total, label="Re-wrapping", file=sys.stderr) as bar:
-        return service.rewrap_master_key(**cli.actor, progress=bar.update)
+    with resumable("the re-wrap", "key versions") as done:
+        if not is_terminal("stderr"):
+            return service.rewrap_master_key(**cli.actor, progress=done)
+        total = service.count_key_material()
+        with click.progressbar(length=total, label="Re-wrapping", file=sys.stderr) as bar:
+            return service.rewrap_master_key(**cli.actor, progress=both(bar.update, done))
 
 
 @master_key_group.command("rewrap")
+@yes_option
 @json_option
 @pass_cli
-def rewrap(cli: CliContext) -> None:
+def rewrap(cli: CliContext, yes: bool) -> None:
     """Re-wrap every tenant's key versions under the current master key.
 
     Rotating the master key: put the new key in KEYLEDGER_MASTER_KEY and the old one in
@@ -58,7 +63,16 @@ def rewrap(cli: CliContext) -> None:
     Secret values are never touched. Safe to interrupt and rerun. Exits 1 when some key
     versions could not be re-wrapped (their master key is not configured, or wrong).
     """
-    result = rewrap_with_progress(cli)
+    # It asks first (found by review: it asked nothing): once every version is wrapped by
+    # the new key and the old copies are shredded, a new key kept nowhere else loses
+    # every secret.
+    confirm(
+        f"Re-wrap the {cli.service.count_key_material()} key version(s) of every tenant "
+        f"under master key {cli.service.master_key_id()} (KEYLEDGER_MASTER_KEY)? Their "
+        "copies under other master keys are then shredded: keep the new key safe first.",
+        yes=yes,
+    )
+    result, incomplete = despite_shred(lambda: rewrap_with_progress(cli))
     if cli.json_output:
         emit_json(to_data(result))
     else:
@@ -68,6 +82,8 @@ def rewrap(cli: CliContext) -> None:
         )
         for failure in result.failures:
             click.echo(f"  failed: {failure}")
+    if incomplete is not None:
+        raise incomplete
     if result.failed:
         raise click.ClickException(
             f"{result.failed} key version(s) could not be re-wrapped: add the master key that "

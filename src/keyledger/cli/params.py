@@ -76,3 +76,7 @@ def metadata_from_pairs(pairs: tuple[tuple[str, str], ...]) -> dict[str, str] | 
 
 AWARE_DATETIME = AwareDateTime()
 KEY_VALUE = KeyValue()
+
+
+# Destructive commands ask first (cli/confirm.py); --yes answers in advance.
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")

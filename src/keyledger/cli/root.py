@@ -61,6 +61,23 @@ class CliContext:
         """A ``tenant(...)`` block for ``tenant_id`` with this run's actor."""
         return tenant(tenant_id, **self.actor)
 
+    def refuse_unknown_tenant(self, tenant_id: str) -> None:
+        """Refuse a tenant the store has never heard of: no key version, no audit entry.
+
+        Commands whose answer for a tenant is empty (no entries, no secrets, no drift,
+        nothing to re-encrypt) ask this first, so that a mistyped name is an error, not
+        an "all clean" with exit 0 in the middle of an investigation (found by review).
+        """
+        if self.service.list_keys(tenant_id):
+            return
+        with self.scope(tenant_id):
+            if self.service.get_audit_logs(limit=1):
+                return
+        raise click.ClickException(
+            f"no tenant {tenant_id!r} in this store (it has no key version and no audit "
+            "entry): check the name"
+        )
+
     def close(self) -> None:
         """Close the service if it was opened."""
         if self._service is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from keyledger.cli.confirm import confirm
-from keyledger.cli.errors import KeyledgerSubgroup
+from keyledger.cli.errors import KeyledgerSubgroup, despite_shred
 from keyledger.cli.render import emit_json, json_option
 from keyledger.cli.root import CliContext, pass_cli
 
@@ -34,7 +34,9 @@ def erase(cli: CliContext, tenant_id: str, yes: bool) -> None:
         "this cannot be undone.",
         yes=yes,
     )
-    versions = cli.service.erase_tenant(tenant_id, confirm=True, **cli.actor)
+    versions, incomplete = despite_shred(
+        lambda: cli.service.erase_tenant(tenant_id, confirm=True, **cli.actor)
+    )
     if cli.json_output:
         emit_json({"tenant_id": tenant_id, "destroyed_key_versions": versions})
     elif versions:
@@ -45,3 +47,5 @@ def erase(cli: CliContext, tenant_id: str, yes: bool) -> None:
         )
     else:
         click.echo(f"Tenant {tenant_id!r} has no key version left to destroy.")
+    if incomplete is not None:
+        raise incomplete

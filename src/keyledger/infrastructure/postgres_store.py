@@ -52,6 +52,7 @@ from keyledger.infrastructure.held_writes import (
     holding,
     in_savepoint,
 )
+from keyledger.infrastructure.lost_tables import settle_recreated
 from keyledger.infrastructure.pg_arrays import (
     array_elements,
     bytea_array,
@@ -246,11 +247,18 @@ class _PostgresSchemaMixin:
     def extra_create_statements(self) -> list[str]:
         return []
 
+    def _settle_recreated(self, conn: Connection[Any], present: set[str]) -> None:
+        """After creating tables, ``present`` the tables there before (see lost_tables)."""
+
     def create_table(self) -> None:
         try:
             with self._connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
                 conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(self.schema)))
+                tables = conn.cursor(row_factory=tuple_row).execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,)
+                )
+                present = {str(row[0]) for row in tables}
                 for statement in self.sql_create_statements:
                     # The library's composite types have no IF NOT EXISTS: a savepoint
                     # absorbs "already exists".
@@ -258,6 +266,7 @@ class _PostgresSchemaMixin:
                         conn.execute(statement, prepare=False)
                 for text in self.extra_create_statements():
                     conn.execute(text.encode(), prepare=False)
+                self._settle_recreated(conn, present)
             self.datastore.register_type_adapters()
         except (OperationalError, InterfaceError):
             raise  # no connection (the server down, say): the caller says it cannot open
@@ -281,6 +290,14 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
             *append_only_statements(self.events_table_name),
             *function_statements(self.events_table_name, self.channel_name),
         ]
+
+    def _settle_recreated(self, conn: Connection[Any], present: set[str]) -> None:
+        def run(statement: str, params: tuple[Any, ...]) -> list[Any]:
+            cur = conn.cursor(row_factory=tuple_row)
+            cur.execute(_to_psycopg(statement, False).encode(), params, prepare=False)
+            return cur.fetchall() if cur.description is not None else []
+
+        settle_recreated(run, present, self.events_table_name)
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> UUID:
@@ -915,6 +932,13 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
             v for e in events for v in (e.originator_id, e.originator_version, e.topic, e.state)
         ]
         return insert + "VALUES " + values, params
+
+    @staticmethod
+    def backup(target: str) -> None:
+        raise StorageError(
+            "a PostgreSQL store is backed up with PostgreSQL's tools (pg_dump, or base "
+            "backups with WAL archiving): see docs/postgresql.md"
+        )
 
     def shred(self) -> None:
         """Rewrite the key-material table so deleted rows leave its pages.

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, SupportsIndex
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, AliasPath, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keyledger.errors import InvalidInput
@@ -63,21 +63,46 @@ class KeyledgerSettings(BaseSettings):
             raise ValueError("set but empty: name a file, or unset the variable")
         return value
 
-    def __init__(self, **values: Any) -> None:
-        """Settings from the environment and ``values``; ``InvalidInput`` naming the
-        misconfigured variables (never their values) when any is wrong."""
-        problem: InvalidInput | None = None
-        try:
-            super().__init__(**values)
-        except ValidationError as error:
-            problem = invalid_configuration(error)
-        if problem is not None:  # raised outside the handler: no context to carry
-            raise problem
+    # Hidden from type checkers, which then check calls against the fields themselves
+    # (the signature pydantic's mypy plugin makes), not against ``**values: Any``.
+    if not TYPE_CHECKING:
+
+        def __init__(self, **values: Any) -> None:
+            """Settings from the environment and ``values``; ``InvalidInput`` naming the
+            misconfigured variables (never their values) when any is wrong, or the
+            keywords that name no setting."""
+            # ``extra="ignore"`` must stay for the environment, which may hold unrelated
+            # KEYLEDGER_ variables; but it would also drop a misspelled keyword silently
+            # (``max_value_byte=16`` kept the default).
+            unknown = _unknown_keywords(type(self), values)
+            if unknown:
+                raise InvalidInput(f"unknown KeyledgerSettings keyword(s): {', '.join(unknown)}")
+            problem: InvalidInput | None = None
+            try:
+                super().__init__(**values)
+            except ValidationError as error:
+                problem = invalid_configuration(error)
+            if problem is not None:  # raised outside the handler: no context to carry
+                raise problem
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         # SecretStr pickles its value in clear: the master key and the database password
         # would be in the bytes. Settings are read where they are used, never shipped.
         raise TypeError("keyledger settings hold secrets and cannot be pickled")
+
+
+def _unknown_keywords(settings: type[BaseSettings], values: dict[str, Any]) -> list[str]:
+    """The keywords of ``values`` that name no setting of ``settings``, sorted. A setting
+    is named by its validation aliases, or by its field name when it has none (given a
+    field with an alias, pydantic ignores its name too). Names beginning with "_" are
+    pydantic-settings' own options (``_env_file``, ``_secrets_dir``...)."""
+    names: set[str] = set()
+    for name, field in settings.model_fields.items():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias or name]
+        # (An AliasPath reads a key of the input, its first, and looks inside it.)
+        names.update(str(c.path[0] if isinstance(c, AliasPath) else c) for c in choices)
+    return sorted(key for key in values if key not in names and not key.startswith("_"))
 
 
 def invalid_configuration(error: ValidationError) -> InvalidInput:

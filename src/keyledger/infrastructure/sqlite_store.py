@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.persistence import (
@@ -48,6 +48,7 @@ from keyledger.infrastructure.held_writes import (
     holding,
     in_savepoint,
 )
+from keyledger.infrastructure.lost_tables import settle_recreated
 from keyledger.infrastructure.read_events import PendingRead
 from keyledger.infrastructure.unit_writer import (
     check_expected,
@@ -171,6 +172,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
         _create_private(db_name)
+        self.file = OpenedFile.at(db_name)
         self.pool = _new_pool(db_name, lock_timeout)
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
@@ -200,6 +202,9 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             raise StorageError(self._refusal)
         if self._forking:  # (set before the fork looks at the calls: it sees this one)
             self._wait_for_the_fork()
+        if self.file is not None and not self.file.in_place():
+            self.leave()
+            raise StorageError(self.file.gone())
 
     def _wait_for_the_fork(self) -> None:
         """A call that starts while a fork() waits for the calls in progress starts after
@@ -509,9 +514,12 @@ class _CreatesTablesUnderWriteLock:
                 if self._schema_complete(curs):
                     return
                 curs.execute("BEGIN IMMEDIATE")
+                curs.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                present = {row[0] for row in curs.fetchall()}
                 for statement in self.create_table_statements:
                     curs.execute(statement)
                 self._create_indexes(curs)
+                self._settle_recreated(curs, present)
                 conn.commit()
             except BaseException as error:
                 conn.rollback()
@@ -521,6 +529,9 @@ class _CreatesTablesUnderWriteLock:
 
     def _create_indexes(self, curs: Any) -> None:
         """Indexes whose names depend on what is there (none by default)."""
+
+    def _settle_recreated(self, curs: Any, present: set[str]) -> None:
+        """After creating tables, ``present`` the tables there before (see lost_tables)."""
 
     def _schema_complete(self, curs: Any) -> bool:
         """Whether every statement of ``create_table_statements`` would do nothing."""
@@ -582,6 +593,8 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                     conn = datastore.thread_writer().raw
                 except InterfaceError as error:
                     raise _translate(error) from None
+                if datastore.file is not None and not datastore.file.has_log():
+                    raise StorageError(datastore.file.gone())
                 cur = conn.cursor()
                 try:
                     try:
@@ -612,6 +625,13 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
 
     def _indexes_complete(self, curs: Any) -> bool:
         return not sqlite_index_statements(curs)
+
+    def _settle_recreated(self, curs: Any, present: set[str]) -> None:
+        def run(statement: str, params: tuple[Any, ...]) -> list[Any]:
+            curs.execute(statement, params)
+            return list(curs.fetchall())
+
+        settle_recreated(run, present, self.events_table_name)
 
     @staticmethod
     def id_param(aggregate_id: UUID) -> str:
@@ -712,15 +732,19 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                 conn = datastore.thread_writer().raw
             except InterfaceError as error:  # this thread's first writer could not be opened
                 raise _translate(error) from None
+            if datastore.file is not None and not datastore.file.has_log():
+                raise StorageError(datastore.file.gone())
             cur = conn.cursor()
+            committing = False
             try:
                 cur.execute("BEGIN IMMEDIATE")
                 result = write(cur)
+                committing = True
                 conn.commit()
                 return result
             except BaseException as error:
                 conn.rollback()
-                raise _translate(error) from None
+                raise _translate(error, committing=committing) from None
             finally:
                 cur.close()  # here, in this connection's thread (see _CLOSED_HERE)
         finally:
@@ -759,7 +783,14 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
         snapshot (another process's open transaction) keeps the checkpoint from finishing:
         it is tried again for a while, then ``ShredIncomplete``. Each try runs without a
         busy handler, so it never holds the write lock while it waits: writers go on
-        between tries."""
+        between tries. A store error (a full disk, an I/O error) is ``StorageError``,
+        which the ledger reports as ``ShredIncomplete``: the deletion itself committed."""
+        try:
+            self._checkpoint_truncated()
+        except (sqlite3.Error, InterfaceError) as error:
+            raise _translate(error) from None
+
+    def _checkpoint_truncated(self) -> None:
         deadline = time.monotonic() + unit_writer.SHRED_PATIENCE_SECONDS
         with self._datastore.writer() as conn:
             cursor = conn.cursor()
@@ -782,8 +813,37 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                         )
                     time.sleep(0.05)
             finally:
-                cursor.execute(f"PRAGMA busy_timeout={int(patience_ms)}")
+                with suppress(sqlite3.Error):  # (not to hide why the checkpoint failed)
+                    cursor.execute(f"PRAGMA busy_timeout={int(patience_ms)}")
                 cursor.sqlite_cursor.close()  # (see _CLOSED_HERE)
+
+    def backup(self, target: str) -> None:
+        """SQLite's online backup from a reader: a consistent snapshot of the database
+        and what its write-ahead log holds, while writers go on. A copy of the database
+        file alone can be an empty store: in WAL mode recent writes live in the log
+        (found by review). The new file is readable by its owner only, and is never
+        written over: it holds every wrapped key and every ciphertext."""
+        if os.path.lexists(target):
+            raise StorageError(f"{target} exists: back up into a new file")
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as error:
+            raise StorageError(
+                f"cannot create the backup file {target}: {error.strerror}"
+            ) from None
+        try:
+            with self._datastore.get_connection(commit=False) as conn:
+                copy = sqlite3.connect(target)
+                try:
+                    cast(KeyledgerSQLiteConnection, conn).raw.backup(copy)
+                finally:
+                    copy.close()
+        except BaseException as error:
+            with suppress(OSError):
+                os.unlink(target)  # (no half copy left looking like a store)
+            if isinstance(error, sqlite3.Error | InterfaceError):
+                raise _translate(error) from None
+            raise
 
     @staticmethod
     def wait_for_events(seconds: float) -> None:
@@ -832,14 +892,33 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
             raise StorageError(STORE_CLOSED) from None
 
 
-def _translate(error: BaseException) -> BaseException:
+def _translate(error: BaseException, *, committing: bool = False) -> BaseException:
     if isinstance(error, sqlite3.IntegrityError):
         return IntegrityError(error)
+    if committing and _is_io_error(error):
+        # The commit wrote the transaction to the write-ahead log, then its flush failed:
+        # SQLite recovers what reached the log when the store is next opened, so the
+        # write may be there after all (found by review, with a failing fsync).
+        return StorageError(
+            f"SQLite store unavailable: {error} while committing: the outcome is unknown "
+            "(what reached the write-ahead log before the disk failed is recovered the "
+            "next time the store is opened)"
+        )
     if isinstance(error, sqlite3.OperationalError | InterfaceError):  # (a connection failed)
         return StorageError(f"SQLite store unavailable: {error}")
     if isinstance(error, sqlite3.Error):
         return StorageError(f"SQLite error: {error}")
     return error
+
+
+def _is_io_error(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's I/O error (SQLITE_IOERR, any of its extended codes)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return (
+        isinstance(error, sqlite3.Error)
+        and code is not None
+        and code & 0xFF == sqlite3.SQLITE_IOERR
+    )
 
 
 @contextmanager
@@ -866,6 +945,55 @@ def _end_held(conn: sqlite3.Connection) -> BaseException | None:
             conn.rollback()
         return _translate(error)
     return None
+
+
+class OpenedFile:
+    """The database file a datastore opened, so that a file deleted, moved or replaced
+    under a running service is noticed (found by review: SQLite in WAL mode notices
+    neither, and went on committing into the unlinked file; every store, rotation and
+    audited read made after an ``rm keyledger.db`` or ``rm keyledger.db-wal`` was gone
+    once the process ended, while other processes opened a new, empty store)."""
+
+    def __init__(self, path: str, identity: tuple[int, int]) -> None:
+        self.path = path
+        self.log = path + "-wal"
+        self.identity = identity
+
+    @classmethod
+    def at(cls, db_name: str) -> OpenedFile | None:
+        """The file ``db_name`` names now; None for a memory database (a URI), or a path
+        that does not exist (SQLite reports that when it opens it)."""
+        if db_name.startswith("file:") or db_name == ":memory:":
+            return None
+        path = os.path.abspath(db_name)
+        try:
+            found = os.stat(path)
+        except OSError:
+            return None
+        return cls(path, (found.st_dev, found.st_ino))
+
+    def in_place(self) -> bool:
+        """Whether the path still names the file opened (about a microsecond)."""
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) == self.identity
+
+    def has_log(self) -> bool:
+        """Whether the write-ahead log is there. Asked with a connection open: SQLite
+        deletes the log only when the last connection to the database closes."""
+        return os.access(self.log, os.F_OK)  # (no stat result to build: half the cost)
+
+    def gone(self) -> str:
+        """Why calls are refused while the file is not in place."""
+        return (
+            f"the SQLite database {self.path} (or its write-ahead log, {self.log}) was "
+            "deleted, moved or replaced while this service had it open: what it wrote "
+            "from then on would be lost; put the file back, or close this service and "
+            "open a new one (restoring the store from a backup if the file is lost); "
+            "never delete, move or replace the files of a store in use"
+        )
 
 
 def _create_private(db_name: str) -> None:

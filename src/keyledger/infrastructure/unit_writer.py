@@ -51,6 +51,10 @@ class KeyledgerRecorder(Protocol):
     def shred(self) -> None:
         """Purge deleted key material from the database files (WAL, free pages)."""
 
+    def backup(self, target: str) -> None:
+        """Copy the whole store, one consistent snapshot, into the new file ``target``
+        (SQLite; ``StorageError`` on PostgreSQL, whose tools back it up)."""
+
     def wait_for_events(self, seconds: float) -> None:
         """Block until new events may exist (NOTIFY on PostgreSQL) or ``seconds`` passed."""
 

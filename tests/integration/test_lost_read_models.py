@@ -1,0 +1,89 @@
+"""A read-model table lost (a bad migration, a partial restore) and created anew.
+
+Before, the next service that opened the store (or `keyledger db init`, which `db check`
+prescribes) created it empty and the store called itself healthy: listings answered "no
+secrets", the audit model claimed to be current with nothing of the past, and later
+updates never brought catalog rows back (found by review). Now the table comes back with
+what the stream says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from test_rebuild import answers, varied_scenario
+
+from conftest import shared_store_url
+from keyledger import SecretService, tenant
+from keyledger.cli import main
+from keyledger.infrastructure.settings import KeyledgerSettings
+
+MakeService = Callable[..., SecretService]
+LOST = [
+    ("kl_audit",),
+    ("kl_catalog",),
+    ("kl_keys",),
+    ("kl_tracking",),
+    ("kl_catalog", "kl_keys", "kl_audit", "kl_tracking"),
+]
+
+
+def drop(service: SecretService, tables: tuple[str, ...]) -> None:
+    with service._ledger.store.projecting() as cur:
+        for table in tables:
+            cur.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("tables", LOST, ids=["+".join(t) for t in LOST])
+def test_a_service_opening_the_store_restores_a_lost_read_model(
+    make_service: MakeService, tables: tuple[str, ...]
+) -> None:
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    operator = make_service(settings=KeyledgerSettings(create_tables=False))
+    drop(operator, tables)
+
+    reopened = make_service()  # creates the missing tables, as every service does
+
+    assert answers(reopened) == before
+    assert reopened.check_read_models().consistent
+    with reopened._ledger.reading() as cur:  # the mark of a lost catalog is gone
+        cur.execute("SELECT name FROM kl_tracking ORDER BY name")
+        assert [row[0] for row in cur.fetchall()] == ["audit"]
+    with tenant("acme"):  # and the store goes on from there
+        reopened.store("db", "p4")
+        assert reopened.retrieve("db").access_count == 4
+
+
+@pytest.mark.parametrize("tables", [("kl_catalog",), ("kl_audit",)], ids=["catalog", "audit"])
+def test_db_init_restores_a_lost_read_model(
+    make_service: MakeService,
+    backend: str,
+    tmp_path: Any,
+    master_key: str,
+    tables: tuple[str, ...],
+) -> None:
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    drop(service, tables)
+    url = shared_store_url(backend, tmp_path)
+
+    result = CliRunner().invoke(
+        main, ["--database", url, "db", "init"], env={"KEYLEDGER_MASTER_KEY": master_key}
+    )
+
+    assert result.exit_code == 0, result.stderr
+    assert answers(service) == before
+
+
+def test_a_new_store_is_not_rebuilt(make_service: MakeService) -> None:
+    """No event yet: empty read models are right, and nothing is marked."""
+    service = make_service()
+    with service._ledger.reading() as cur:
+        cur.execute("SELECT name FROM kl_tracking ORDER BY name")
+        assert [row[0] for row in cur.fetchall()] == ["audit"]
