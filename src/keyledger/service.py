@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import weakref
 from collections.abc import Callable, Collection, Iterable
@@ -82,11 +83,14 @@ class SecretService(AuditInvestigation):
         self._secrets = SecretCommands(ledger)
         self._keys = KeyCommands(ledger, self._queries)
         self._lifecycle = KeyLifecycle(ledger, self._queries)
-        # A service never closed is closed when it is collected, or at interpreter exit
-        # (atexit runs finalizers while threads still run). Left to eventsourcing's
-        # Application.__del__ at finalization, closing a PostgreSQL pool joins worker
-        # threads frozen by then: on Python 3.13, about 5 s per thread at every exit.
-        self._finalizer = weakref.finalize(self, ledger.close)
+        # A store never closed is closed at interpreter exit, by atexit, while threads
+        # still run. Left to eventsourcing's Application.__del__ at finalization, closing
+        # a PostgreSQL pool joins worker threads frozen by then: on Python 3.13, about 5 s
+        # per thread at every exit. Only at exit: the ledger, not this service, is what
+        # an audit export's generator or a copy of the service holds, and closing it when
+        # the service was collected failed them (found by review).
+        self._close_at_exit = _closer(ledger)
+        atexit.register(self._close_at_exit)
 
     @classmethod
     def create(
@@ -130,9 +134,8 @@ class SecretService(AuditInvestigation):
 
     def close(self) -> None:
         """Release the store's connections."""
-        # The finalizer closes the ledger once; a second close() (or the finalizer
-        # after this one) does nothing.
-        self._finalizer()
+        atexit.unregister(self._close_at_exit)
+        self._ledger.close()
 
     # -- scope --------------------------------------------------------------------------
 
@@ -455,11 +458,15 @@ class SecretService(AuditInvestigation):
         user_id: str | None = None,
         ip_address: str | None = None,
         user_agent: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> CleanupResult:
         """Destroy retired (and compromised) versions retired (or compromised) N+ days ago,
-        across tenants, unless a live secret still uses them."""
+        across tenants, unless a live secret still uses them. ``progress(1)`` after each
+        version considered."""
         days = check_days("older_than_days", older_than_days)
-        return self._lifecycle.cleanup_retired(days, make_actor(user_id, ip_address, user_agent))
+        check_callback("progress", progress)
+        actor = make_actor(user_id, ip_address, user_agent)
+        return self._lifecycle.cleanup_retired(days, actor, progress)
 
     def erase_tenant(
         self,
@@ -488,9 +495,14 @@ class SecretService(AuditInvestigation):
         check_callback("progress", progress)
         return self._lifecycle.rewrap(make_actor(user_id, ip_address, user_agent), progress)
 
-    def count_key_material(self) -> int:
-        """How many usable key versions have material (for progress bars)."""
-        return len(self._queries.usable_key_material())
+    def count_key_material(self, *, to_rewrap: bool = False) -> int:
+        """How many usable key versions have material (for progress bars); with
+        ``to_rewrap``, only those not yet wrapped by the current master key."""
+        rows = self._queries.usable_key_material()
+        if not to_rewrap:
+            return len(rows)
+        current = self.master_key_id()
+        return sum(row.amk_id != current for row in rows)
 
     def master_key_id(self) -> str:
         """The id (a fingerprint, not the key) of the current master key, which new key
@@ -808,3 +820,16 @@ def _read_model_names(names: Collection[str] | None) -> builtins.list[str] | Non
     except ValueError as error:
         raise InvalidInput(str(error)) from None
     return chosen
+
+
+def _closer(ledger: Ledger) -> Callable[[], None]:
+    """What closes ``ledger`` at exit if it is still there (a weak reference: a service
+    and ledger collected meanwhile are not kept alive for it)."""
+    reference = weakref.ref(ledger)
+
+    def close() -> None:
+        alive = reference()
+        if alive is not None and not alive.closed:
+            alive.close()
+
+    return close

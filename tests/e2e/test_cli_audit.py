@@ -259,6 +259,13 @@ def test_a_log_cut_at_its_limit_says_so_and_where_the_older_entries_start() -> N
     assert rest.stderr == ""  # the whole rest: no note
     assert ok("audit", "log", "acme", "--limit", "6").stderr == ""
     assert "More entries match" in ok("audit", "log", "acme", "--csv", "--limit", "1").stderr
+    # With --offset the named position is for a query without it (kept, it skips some).
+    offset = ok("--json", "audit", "log", "acme", "--offset", "1", "--limit", "2")
+    assert json.loads(offset.stdout) == entries[1:3]
+    assert f"--before-position {entries[2]['position']} (without --offset)" in offset.stderr
+    # A tenant the store never heard of is refused whatever the paging.
+    assert run("audit", "log", "acmee", "--offset", "1").exit_code == 1
+    assert run("audit", "log", "acmee", "--before-position", "99").exit_code == 1
 
 
 def test_log_all_tenants_lists_both_tenants_with_a_tenant_column() -> None:

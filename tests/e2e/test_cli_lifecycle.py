@@ -817,14 +817,11 @@ def test_a_repair_that_deletes_nothing_asks_nothing() -> None:
     assert get("acme", "a") == "1"
 
 
-def test_repairing_a_tenant_with_nothing_stored_is_an_empty_repair() -> None:
-    empty = ok("drift", "repair", "never-stored")
-    assert empty.stdout == (
-        "Tenant 'never-stored': 0 error(s), 0 warning(s), 0 info.\n"
-        "The repair would delete nothing.\n"
-        "Repaired tenant 'never-stored': deleted nothing.\n"
-        "No issues remain.\n"
-    )
+def test_repairing_a_tenant_the_store_never_heard_of_is_an_error() -> None:
+    """It "repaired" a mistyped tenant: deleted nothing, no issues remain, exit 0."""
+    refused = fails("drift", "repair", "never-stored", "--yes")
+    assert refused.stderr.startswith("Error: no tenant 'never-stored' in this store")
+    assert as_json("audit", "log", "--all-tenants") == []  # no repair recorded
 
 
 def test_a_repair_without_a_master_key_deletes_nothing_and_exits_1(
@@ -1145,8 +1142,8 @@ def test_rewrap_asks_first_naming_the_versions_and_the_new_master_key(
 
     assert refused.exit_code == 1
     assert refused.stderr.startswith(
-        f"Re-wrap the 2 key version(s) of every tenant under master key {old_amk} "
-        "(KEYLEDGER_MASTER_KEY)? Their copies under other master keys are then shredded"
+        f"Re-wrap 2 key version(s) of every tenant under the current master key, id "
+        f"{old_amk}? Their copies under other master keys are then shredded"
     )
     assert {k["amk_id"] for k in as_json("keys", "list", "--all-tenants")} == {new_amk}
     unanswered = run("master-key", "rewrap", stdin="")
@@ -1169,3 +1166,20 @@ def test_db_backup_copies_the_store_into_a_new_file(database: Path, tmp_path: Pa
     assert restored.stdout.strip() == "one"
     again = fails("db", "backup", str(target))
     assert again.stderr == f"Error: {target} exists: back up into a new file\n"
+
+
+def test_an_interrupted_cleanup_says_how_many_versions_it_went_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for tenant_id in ("acme", "globex", "initech"):
+        put(tenant_id, "s", "v")
+        ok("keys", "rotate", tenant_id)
+        ok("keys", "reencrypt", tenant_id)
+    with monkeypatch.context() as patched:
+        interrupt_after(patched, "cleanup_retired_keys", 2)
+        stopped = run("keys", "cleanup-retired", "--older-than-days", "0", "--yes")
+
+    assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
+    assert "the cleanup is partly done (2 key versions done)" in stopped.stderr
+    finished = as_json("keys", "cleanup-retired", "--older-than-days", "0", "--yes")
+    assert (finished["destroyed"], finished["skipped"]) == (1, 0)

@@ -72,6 +72,23 @@ def test_a_backup_never_writes_over_a_file(service: SecretService, tmp_path: Pat
     assert target.read_bytes() == b"precious"
 
 
+def test_a_backup_never_goes_into_the_stores_own_files(
+    make_service: MakeService, backend: str
+) -> None:
+    """SQLite deletes a -journal beside the store when it next opens it (found by
+    review)."""
+    if backend != "sqlite":
+        pytest.skip("the SQLite file's companions")
+    service = make_service()
+    service.store_for_tenant("acme", "s", "v")
+    database = str(service._ledger.env.get("SQLITE_DBNAME"))
+
+    with pytest.raises(StorageError, match="one of the store's own files"):
+        service.backup(database + "-journal")
+
+    assert not Path(database + "-journal").exists()
+
+
 WRITER = textwrap.dedent(
     """
     import sys

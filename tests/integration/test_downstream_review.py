@@ -5,6 +5,7 @@ misspelled keyword, subclasses under a type checker, and unusual but valid-looki
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import gc
 import json
@@ -52,8 +53,8 @@ _EXIT_WITHOUT_CLOSE = textwrap.dedent(
         print("closed before finalization:", all(ledger.closed for ledger in ledgers)
               and all(pool.closed for pool in pools), flush=True)
 
-    # Registered before keyledger makes any weakref.finalize, whose exit hook atexit then
-    # runs first (last in, first out): this sees what that hook left.
+    # Registered before keyledger registers its own exit hook, which atexit then runs
+    # first (last in, first out): this sees what that hook left.
     atexit.register(report)
 
     from keyledger import SecretService
@@ -102,10 +103,8 @@ def _open_descriptors(directory: Path) -> int:
 def test_a_service_never_closed_releases_its_store_once_collected(
     tmp_path: Path, master_key: str
 ) -> None:
-    """Even while something else still references the store (here, this test)."""
     service = SecretService.create(f"sqlite:///{tmp_path}/k.db", master_key=master_key)
     service.store_for_tenant("acme", "api", "v")
-    ledger = service._ledger
     assert _open_descriptors(tmp_path) > 0
     collected = weakref.ref(service)
 
@@ -113,8 +112,25 @@ def test_a_service_never_closed_releases_its_store_once_collected(
     gc.collect()
 
     assert collected() is None
-    assert ledger.closed
     assert _open_descriptors(tmp_path) == 0
+
+
+def test_what_outlives_a_collected_service_keeps_working(tmp_path: Path, master_key: str) -> None:
+    """An audit export's generator holds the store, not the service, and so does a copy
+    of the service: closing the store when the service was collected failed both, with
+    an error saying that close() was called (found by review)."""
+    url = f"sqlite:///{tmp_path}/k.db"
+    service = SecretService.create(url, master_key=master_key)
+    service.store_for_tenant("acme", "api", "v")
+    records = SecretService.create(url, master_key=master_key).export_audit(tenant_id="acme")
+    duplicate = copy.copy(service)
+
+    del service
+    gc.collect()
+
+    assert [record["action"] for record in records] == ["create_key", "create"]
+    assert duplicate.retrieve_for_tenant("acme", "api").value == "v"
+    duplicate.close()
 
 
 def test_closing_a_service_twice_is_harmless(master_key: str) -> None:
@@ -257,6 +273,32 @@ def test_a_misspelled_setting_keyword_is_refused_by_name() -> None:
         KeyledgerSettings(max_value_byte=16, create_table=False, lock_timeout_seconds=5)
 
     assert str(raised.value) == "unknown KeyledgerSettings keyword(s): create_table, max_value_byte"
+
+
+def test_setting_keywords_match_whatever_their_case_and_subclasses_may_widen_them() -> None:
+    """The check refused keywords pydantic-settings accepts (found by review): names in
+    another case, a field's own name where the model populates by name, any keyword where
+    it allows extras."""
+    from pydantic_settings import SettingsConfigDict
+
+    assert KeyledgerSettings(MAX_VALUE_BYTES=5).max_value_bytes == 5
+    fallback = KeyledgerSettings(smrt_secret_master_key="lower").smrt_master_key
+    assert fallback is not None
+    assert fallback.get_secret_value() == "lower"
+
+    class ByName(KeyledgerSettings):
+        model_config = SettingsConfigDict(populate_by_name=True)
+
+    named = ByName(smrt_master_key="by name").smrt_master_key
+    assert named is not None
+    assert named.get_secret_value() == "by name"
+
+    class Extras(KeyledgerSettings):
+        model_config = SettingsConfigDict(extra="allow")
+
+    assert Extras(team="payments").max_value_bytes == 65536
+    with pytest.raises(InvalidInput, match="max_value_byte"):
+        ByName(max_value_byte=1)
 
 
 def test_setting_keywords_and_the_environment_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,3 +87,27 @@ def test_a_new_store_is_not_rebuilt(make_service: MakeService) -> None:
     with service._ledger.reading() as cur:
         cur.execute("SELECT name FROM kl_tracking ORDER BY name")
         assert [row[0] for row in cur.fetchall()] == ["audit"]
+
+
+def test_a_rebuild_left_unfinished_is_reported_until_it_is_done(
+    make_service: MakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its process killed during the rebuild, production services (which do not create
+    tables) served the empty catalog and `db check` called the store healthy (found by
+    review)."""
+    service = make_service()
+    varied_scenario(service)
+    before = answers(service)
+    with service._ledger.store.projecting() as cur:  # as a killed rebuild leaves it
+        cur.execute("DELETE FROM kl_catalog")
+        cur.execute("INSERT INTO kl_tracking (name, position) VALUES ('catalog_lost', 1)")
+
+    production = make_service(settings=KeyledgerSettings(create_tables=False))
+
+    assert "not yet rebuilt from the stream" in caplog.text
+    status = production.check_schema()
+    assert not status.present
+    assert any(item.startswith("kl_catalog and kl_keys contents") for item in status.missing)
+    production.init_schema()  # what `keyledger db init` does
+    assert production.check_schema().present
+    assert answers(production) == before

@@ -213,6 +213,40 @@ def test_an_erasure_whose_shred_is_incomplete_still_reports_what_it_destroyed(
     assert erased.stderr.count("\n") == 1
 
 
+def test_a_repair_whose_shred_is_incomplete_still_reports_what_it_deleted(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, master_key: str, backend: str
+) -> None:
+    """As for an erasure: the repair deleted an unrecoverable secret and destroyed its
+    key version, then said nothing of it (found by review)."""
+    if backend != "sqlite":
+        pytest.skip("a SQLite reader holds the old snapshot")
+    monkeypatch.setattr(unit_writer, "SHRED_PATIENCE_SECONDS", 0.2)
+    service = make_service()
+    service.store_for_tenant("acme", "a", "v")
+    service.rotate_key_for_tenant("acme")
+    service.store_for_tenant("acme", "b", "w")
+    database = str(service._ledger.env.get("SQLITE_DBNAME"))
+    with sqlite3.connect(database) as raw:  # version 1's material lost (a bad restore)
+        raw.execute(
+            "UPDATE kl_key_material SET wrapped = zeroblob(60) "
+            "WHERE tenant_id = 'acme' AND version = 1"
+        )
+    service.close()
+    reader = sqlite3.connect(database)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
+    env = {"KEYLEDGER_DATABASE_URL": f"sqlite:///{database}", "KEYLEDGER_MASTER_KEY": master_key}
+
+    repaired = CliRunner().invoke(main, ["--json", "drift", "repair", "acme", "--yes"], env=env)
+
+    reader.rollback()
+    reader.close()
+    assert repaired.exit_code == 1
+    result = json.loads(repaired.stdout)
+    assert (result["secret_names"], result["key_versions"]) == (["a"], [1])
+    assert repaired.stderr.startswith("Error: the SQLite write-ahead log, which may still hold")
+
+
 # -- PostgreSQL roles (docs/postgresql.md) ------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,61 @@ def test_a_deleted_write_ahead_log_refuses_writes(store: tuple[SecretService, Pa
         service.store_for_tenant("acme", "new", "v")
     with pytest.raises(StorageError, match=GONE):
         service.retrieve_for_tenant("acme", "db")
+
+
+def test_a_store_opened_through_a_symlink_works(tmp_path: Path, master_key: str) -> None:
+    """SQLite puts the -wal beside the file the link names: looking for it beside the
+    link refused every write (found by review)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    real = tmp_path / "real" / "kl.db"
+    SecretService.create(f"sqlite:///{real}", master_key=master_key).close()
+    link = tmp_path / "links" / "kl.db"
+    link.symlink_to(real)
+    service = SecretService.create(f"sqlite:///{link}", master_key=master_key)
+    try:
+        service.store_for_tenant("acme", "db", "v1")
+        assert service.retrieve_for_tenant("acme", "db").value == "v1"
+    finally:
+        service.close()
+
+
+def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(
+    tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections opened after a chdir (a new thread's writer) opened another, empty
+    file (found by review)."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    service = SecretService.create("sqlite:///kl.db", master_key=master_key)
+    try:
+        service.store_for_tenant("acme", "db", "v1")
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        done: list[str] = []
+        thread = threading.Thread(  # a new thread: a new writer connection
+            target=lambda: done.append(service.retrieve_for_tenant("acme", "db").value)
+        )
+        thread.start()
+        thread.join()
+        assert done == ["v1"]
+        assert not (tmp_path / "elsewhere" / "kl.db").exists()
+    finally:
+        service.close()
+
+
+def test_a_deleted_shared_memory_file_refuses_writes(store: tuple[SecretService, Path]) -> None:
+    """Another process opening the store then makes a new one, and the two no longer see
+    each other's locks: the file was corrupted (found by review)."""
+    service, path = store
+    Path(str(path) + "-shm").unlink()
+
+    with pytest.raises(StorageError, match=GONE):
+        service.store_for_tenant("acme", "new", "v")
+
+
+def test_maintenance_writes_are_refused_too(store: tuple[SecretService, Path]) -> None:
+    service, path = store
+    Path(str(path) + "-wal").unlink()
+
+    with pytest.raises(StorageError, match=GONE):
+        service.rebuild_read_models()

@@ -236,6 +236,12 @@ class Ledger(Application[UUID]):
         self._seal_stop_logged: tuple[int | None, str | None] = (None, None)
         if strtobool(self.env.get("CREATE_TABLE") or "y"):  # (it may create tables)
             self.restore_lost_read_models()
+        elif self._catalog_lost():  # (without the right to make the rebuild's tables)
+            logger.error(
+                "the catalog and key inventory were created anew and not yet rebuilt from "
+                "the stream: listings are incomplete until `keyledger db init` (or "
+                "`keyledger projections rebuild catalog`) runs"
+            )
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """The library's environment without the process environment merged in: the
@@ -703,8 +709,8 @@ class Ledger(Application[UUID]):
         It runs after the deletion committed, so a store failure here (a lock timeout
         behind a long transaction, a dropped connection) is ``ShredIncomplete``, never a
         ``StorageError``, which would say that nothing was written."""
-        pending = self._shreds_pending()
         try:
+            pending = self._shreds_pending()  # (a failure here comes after the commit too)
             self.store.shred()
             if pending:  # what this shred covered (later deletions stay counted)
                 with self.store.projecting() as cur:

@@ -142,7 +142,9 @@ class KeyLifecycle:
 
     # -- cleanup ------------------------------------------------------------------------
 
-    def cleanup_retired(self, older_than_days: int, actor: Actor) -> CleanupResult:
+    def cleanup_retired(
+        self, older_than_days: int, actor: Actor, progress: Progress | None = None
+    ) -> CleanupResult:
         """Destroy retired versions retired at or before now - N days, unless still in use,
         and compromised versions likewise: a compromised version's material, wrapped by a
         master key that may leak later, is what decrypts the values the stream keeps
@@ -164,6 +166,8 @@ class KeyLifecycle:
                     tenant_id=tenant_id, version=version, outcome=outcome, reason=reason
                 )
             )
+            if progress is not None:
+                progress(1)
         destroyed = sum(o.outcome == "destroyed" for o in outcomes)
         if destroyed:
             self.ledger.forget_data_keys()

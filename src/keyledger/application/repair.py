@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from keyledger.application.drift import DELETE_KEY, DELETE_MATERIAL, DELETE_SECRET, diagnose
 from keyledger.application.ledger import Conflict, Ledger
-from keyledger.application.lifecycle import KeyLifecycle
+from keyledger.application.lifecycle import KeyLifecycle, shred_reporting
 from keyledger.application.read_models import catch_up_audit, rebuild_read_models
 from keyledger.application.secrets import actor_dict
 from keyledger.context import Actor
@@ -105,18 +105,20 @@ def repair(
         )
     deleted, destroyed = _record(ledger, tenant_id, before, secrets, versions, live, actor)
     removed = _fix_without_deleting(ledger, lifecycle, reencrypt, tenant_id, before, actor)
-    # Once, after every step: an incomplete shred stops none of them.
-    if versions or removed or ledger.shred_pending():
-        ledger.shred()
     # What this run did (another repair at once may have done part of the plan).
     result |= {"secret_names": deleted, "key_versions": destroyed}
-    return RepairResult(
+    repaired = RepairResult(
         dry_run=False,
         remaining_issues=diagnose(ledger, tenant_id).issues,
         deleted_secrets=len(deleted),
         deleted_tenant_encryption_keys=len(destroyed),
         **result,
     )
+    # Once, after every step: an incomplete shred stops none of them, and carries what
+    # they did (the CLI reports it before the error).
+    if versions or removed or ledger.shred_pending():
+        shred_reporting(ledger, repaired)
+    return repaired
 
 
 def _record(

@@ -8,6 +8,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
+from keyledger.infrastructure.lost_tables import CATALOG_LOST
 from keyledger.infrastructure.pg_functions import (
     FUNCTIONS,
     GENERIC_PLANS_SETTING,
@@ -38,6 +39,12 @@ class SchemaStatus(BaseModel):
     @property
     def ok(self) -> bool:
         return self.present and self.append_only_enforced is not False
+
+
+CATALOG_REBUILD_PENDING = (
+    "kl_catalog and kl_keys contents (created anew in a store that has events; their "
+    "rebuild from the stream has not finished)"
+)
 
 
 def check_schema(ledger: Ledger) -> SchemaStatus:
@@ -75,6 +82,13 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
             if postgres and store.events_table_name not in missing
             else (False if postgres else None)
         )
+        if "kl_tracking" not in missing:
+            # A catalog created anew whose rebuild has not finished (lost_tables): its
+            # services would answer "no secrets" (found by review).
+            cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
+            mark = cur.fetchone()
+            if mark is not None and mark[0]:
+                missing.append(CATALOG_REBUILD_PENDING)
         warnings = _open_schema_warnings(cur) if postgres else []
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",

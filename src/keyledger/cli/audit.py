@@ -35,6 +35,7 @@ from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
 from keyledger.investigation import EXPORT_FIELDS
 from keyledger.models import AUDIT_ACTIONS, AuditEntry, AuditResult
+from keyledger.validation import MAX_COUNT
 
 AUDIT_HEADERS = ("POSITION", "TIME", "ACTION", "RESULT", "SECRET", "KEY", "USER", "IP", "DETAILS")
 # The export schema's fields that an audit entry has (the rest name the stored event).
@@ -132,19 +133,20 @@ def log(
             user_id=user_id,
             since=since,
             until=until,
-            limit=limit + 1 if limit else 0,  # one more: are there older entries?
+            limit=limit + 1 if 0 < limit < MAX_COUNT else limit,  # one more: any older?
             offset=offset,
             before_position=before_position,
         )
-    if not entries and tenant_id is not None and not offset and before_position is None:
+    if not entries and tenant_id is not None:
         cli.refuse_unknown_tenant(tenant_id)  # (nothing found: a mistyped tenant?)
     if limit and len(entries) > limit:
         # A page cut at --limit used to look like the whole answer, and it is the oldest
         # entries, the start of an incident, that it leaves out (found by review).
         entries = entries[:limit]
+        without = " (without --offset)" if offset else ""  # (with it, it would skip some)
         click.echo(
-            f"More entries match: --before-position {entries[-1].position} shows the next, "
-            "older page.",
+            f"More entries match: --before-position {entries[-1].position}{without} shows "
+            "the next, older page.",
             err=True,
         )
     if csv_output:

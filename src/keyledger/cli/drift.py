@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import click
 
 from keyledger.cli.confirm import confirm as ask
-from keyledger.cli.errors import KeyledgerSubgroup
+from keyledger.cli.errors import KeyledgerSubgroup, despite_shred
 from keyledger.cli.render import emit_json, emit_table, json_option, shell_word, text, to_data
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.context import super_admin
@@ -184,6 +184,7 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
     Exits 1 when errors remain after the repair.
     """
     service = cli.service
+    cli.refuse_unknown_tenant(tenant_id)  # (a mistyped tenant "repaired": found by review)
     plan = service.repair_tenant_secret_key_drift(tenant_id, dry_run=True, **cli.actor)
     if dry_run:
         if cli.json_output:
@@ -201,13 +202,17 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
         )
     # What was shown and confirmed bounds what is deleted: the repair diagnoses again,
     # and refuses if the tenant changed meanwhile so that it would delete more.
-    result = service.repair_tenant_secret_key_drift(
-        tenant_id, confirm_delete_unrecoverable_data=confirm, confirmed_plan=plan, **cli.actor
+    result, incomplete = despite_shred(
+        lambda: service.repair_tenant_secret_key_drift(
+            tenant_id, confirm_delete_unrecoverable_data=confirm, confirmed_plan=plan, **cli.actor
+        )
     )
     if cli.json_output:
         emit_json(to_data(result))
     else:
         emit_repair(result)
+    if incomplete is not None:
+        raise incomplete
     remaining = errors_in(result.remaining_issues)
     if remaining:
         raise click.ClickException(

@@ -31,12 +31,12 @@ def resumable(what: str, unit: str) -> Iterator[Callable[[int], None]]:
     try:
         yield done
     except KeyboardInterrupt:
-        so_far = f" ({count[0]} {unit} done)" if count[0] else ""
-        click.echo(
-            f"\nInterrupted: {what} is partly done{so_far}. What it did is committed; "
-            "run the same command again to finish it.",
-            err=True,
-        )
+        if count[0]:
+            said = f"{what} is partly done ({count[0]} {unit} done). What it did is committed"
+        else:  # (waiting for a lock, say: "partly done" would claim too much)
+            said = f"{what} stopped before any step was reported done. A step it finished"
+            said += " is committed"
+        click.echo(f"\nInterrupted: {said}; run the same command again to finish it.", err=True)
         raise click.exceptions.Exit(INTERRUPTED) from None
 
 

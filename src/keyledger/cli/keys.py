@@ -260,9 +260,9 @@ def cleanup_retired(cli: CliContext, older_than_days: int, yes: bool) -> None:
         "skipped.",
         yes=yes,
     )
-    with resumable("the cleanup", "key versions"):
+    with resumable("the cleanup", "key versions") as done:
         result, incomplete = despite_shred(
-            lambda: cli.service.cleanup_retired_keys(older_than_days, **cli.actor)
+            lambda: cli.service.cleanup_retired_keys(older_than_days, **cli.actor, progress=done)
         )
     if cli.json_output:
         emit_json(to_data(result))

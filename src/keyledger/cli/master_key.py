@@ -67,8 +67,8 @@ def rewrap(cli: CliContext, yes: bool) -> None:
     # the new key and the old copies are shredded, a new key kept nowhere else loses
     # every secret.
     confirm(
-        f"Re-wrap the {cli.service.count_key_material()} key version(s) of every tenant "
-        f"under master key {cli.service.master_key_id()} (KEYLEDGER_MASTER_KEY)? Their "
+        f"Re-wrap {cli.service.count_key_material(to_rewrap=True)} key version(s) of every "
+        f"tenant under the current master key, id {cli.service.master_key_id()}? Their "
         "copies under other master keys are then shredded: keep the new key safe first.",
         yes=yes,
     )

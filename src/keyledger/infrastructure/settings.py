@@ -74,7 +74,7 @@ class KeyledgerSettings(BaseSettings):
             # ``extra="ignore"`` must stay for the environment, which may hold unrelated
             # KEYLEDGER_ variables; but it would also drop a misspelled keyword silently
             # (``max_value_byte=16`` kept the default).
-            unknown = _unknown_keywords(type(self), values)
+            values, unknown = _canonical_keywords(type(self), values)
             if unknown:
                 raise InvalidInput(f"unknown KeyledgerSettings keyword(s): {', '.join(unknown)}")
             problem: InvalidInput | None = None
@@ -91,18 +91,40 @@ class KeyledgerSettings(BaseSettings):
         raise TypeError("keyledger settings hold secrets and cannot be pickled")
 
 
-def _unknown_keywords(settings: type[BaseSettings], values: dict[str, Any]) -> list[str]:
-    """The keywords of ``values`` that name no setting of ``settings``, sorted. A setting
-    is named by its validation aliases, or by its field name when it has none (given a
-    field with an alias, pydantic ignores its name too). Names beginning with "_" are
-    pydantic-settings' own options (``_env_file``, ``_secrets_dir``...)."""
-    names: set[str] = set()
+def _canonical_keywords(
+    settings: type[BaseSettings], values: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with each keyword as the setting declares it, and the keywords that name
+    no setting (sorted). A setting is named by its validation aliases, or by its field
+    name when it has none or the model populates by name (given a field with an alias,
+    pydantic otherwise ignores its name). Unless the model is case-sensitive, names match
+    whatever their case, as pydantic-settings 2.16 matches them (2.2 ignored other cases
+    silently: passing the declared name makes the two alike). Names beginning with "_"
+    are pydantic-settings' own options (``_env_file``, ``_secrets_dir``...); a subclass
+    with ``extra="allow"`` takes any keyword."""
+    config = settings.model_config
+    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
+    folded = not config.get("case_sensitive", False)
+    declared: dict[str, str] = {}
     for name, field in settings.model_fields.items():
         alias = field.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias or name]
         # (An AliasPath reads a key of the input, its first, and looks inside it.)
-        names.update(str(c.path[0] if isinstance(c, AliasPath) else c) for c in choices)
-    return sorted(key for key in values if key not in names and not key.startswith("_"))
+        names = [str(c.path[0] if isinstance(c, AliasPath) else c) for c in choices]
+        if by_name:
+            names.append(name)
+        declared.update({(n.lower() if folded else n): n for n in names})
+    canonical: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in values.items():
+        known = declared.get(key.lower() if folded else key)
+        if key.startswith("_") or (known is None and config.get("extra") == "allow"):
+            canonical[key] = value
+        elif known is None:
+            unknown.append(key)
+        else:
+            canonical[known] = value
+    return canonical, sorted(unknown)
 
 
 def invalid_configuration(error: ValidationError) -> InvalidInput:

@@ -171,6 +171,10 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # The calls using a connection now (see ``enter``): sqlite3 crashes the process
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
+        # A file path, resolved once: connections opened later (a new thread's writer,
+        # after a chdir) must open the same file, and SQLite puts the -wal and -shm
+        # files beside the file a symlink names (both found by review).
+        db_name = _resolved(db_name)
         _create_private(db_name)
         self.file = OpenedFile.at(db_name)
         self.pool = _new_pool(db_name, lock_timeout)
@@ -204,6 +208,12 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
             self._wait_for_the_fork()
         if self.file is not None and not self.file.in_place():
             self.leave()
+            raise StorageError(self.file.gone())
+
+    def check_log(self) -> None:
+        """With a connection of this datastore open: ``StorageError`` when the file's
+        write-ahead log or shared-memory file was deleted (see ``OpenedFile``)."""
+        if self.file is not None and not self.file.has_log():
             raise StorageError(self.file.gone())
 
     def _wait_for_the_fork(self) -> None:
@@ -593,8 +603,7 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                     conn = datastore.thread_writer().raw
                 except InterfaceError as error:
                     raise _translate(error) from None
-                if datastore.file is not None and not datastore.file.has_log():
-                    raise StorageError(datastore.file.gone())
+                datastore.check_log()
                 cur = conn.cursor()
                 try:
                     try:
@@ -732,8 +741,7 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                 conn = datastore.thread_writer().raw
             except InterfaceError as error:  # this thread's first writer could not be opened
                 raise _translate(error) from None
-            if datastore.file is not None and not datastore.file.has_log():
-                raise StorageError(datastore.file.gone())
+            datastore.check_log()
             cur = conn.cursor()
             committing = False
             try:
@@ -825,6 +833,10 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
         written over: it holds every wrapped key and every ciphertext."""
         if os.path.lexists(target):
             raise StorageError(f"{target} exists: back up into a new file")
+        own = self._datastore.file
+        if own is not None and os.path.realpath(target).startswith(own.path + "-"):
+            # (a -journal, -wal or -shm of the store itself: SQLite deletes or replays it)
+            raise StorageError(f"{target} is one of the store's own files: choose another")
         try:
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as error:
@@ -839,10 +851,11 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
                 finally:
                     copy.close()
         except BaseException as error:
-            with suppress(OSError):
-                os.unlink(target)  # (no half copy left looking like a store)
+            for leftover in (target, target + "-journal"):  # (no half copy left behind)
+                with suppress(OSError):
+                    os.unlink(leftover)
             if isinstance(error, sqlite3.Error | InterfaceError):
-                raise _translate(error) from None
+                raise StorageError(f"the backup into {target} failed: {error}") from None
             raise
 
     @staticmethod
@@ -876,6 +889,7 @@ class KeyledgerSQLiteRecorder(HoldsWrites, _CreatesTablesUnderWriteLock, SQLiteA
     def writing(self) -> Iterator[SQLiteCursor]:
         try:
             with self._datastore.writer() as conn:
+                self._datastore.check_log()  # (maintenance writes too: found by review)
                 curs = conn.cursor()
                 try:
                     curs.execute("BEGIN IMMEDIATE")
@@ -943,7 +957,7 @@ def _end_held(conn: sqlite3.Connection) -> BaseException | None:
     except sqlite3.Error as error:
         with suppress(sqlite3.Error):
             conn.rollback()
-        return _translate(error)
+        return _translate(error, committing=True)  # (a flush that failed: see _translate)
     return None
 
 
@@ -957,6 +971,7 @@ class OpenedFile:
     def __init__(self, path: str, identity: tuple[int, int]) -> None:
         self.path = path
         self.log = path + "-wal"
+        self.shared_memory = path + "-shm"  # (SQLite's record of locks and of the log)
         self.identity = identity
 
     @classmethod
@@ -965,12 +980,11 @@ class OpenedFile:
         that does not exist (SQLite reports that when it opens it)."""
         if db_name.startswith("file:") or db_name == ":memory:":
             return None
-        path = os.path.abspath(db_name)
         try:
-            found = os.stat(path)
+            found = os.stat(db_name)
         except OSError:
             return None
-        return cls(path, (found.st_dev, found.st_ino))
+        return cls(db_name, (found.st_dev, found.st_ino))
 
     def in_place(self) -> bool:
         """Whether the path still names the file opened (about a microsecond)."""
@@ -981,9 +995,13 @@ class OpenedFile:
         return (found.st_dev, found.st_ino) == self.identity
 
     def has_log(self) -> bool:
-        """Whether the write-ahead log is there. Asked with a connection open: SQLite
-        deletes the log only when the last connection to the database closes."""
-        return os.access(self.log, os.F_OK)  # (no stat result to build: half the cost)
+        """Whether the write-ahead log and the shared-memory file are there. Asked with a
+        connection open: SQLite deletes them only when the last connection to the
+        database closes. (A -shm deleted under running processes corrupted the file
+        once another process made a new one: found by review. Deleted and made again
+        by another process before this one asks, they are not noticed.)"""
+        exists = os.F_OK  # (access builds no stat result: half the cost of a stat)
+        return os.access(self.log, exists) and os.access(self.shared_memory, exists)
 
     def gone(self) -> str:
         """Why calls are refused while the file is not in place."""
@@ -994,6 +1012,14 @@ class OpenedFile:
             "open a new one (restoring the store from a backup if the file is lost); "
             "never delete, move or replace the files of a store in use"
         )
+
+
+def _resolved(db_name: str) -> str:
+    """A file path made absolute with its symlinks and ``..`` resolved; a URI or a memory
+    database as it is."""
+    if db_name.startswith("file:") or db_name == ":memory:":
+        return db_name
+    return os.path.realpath(db_name)
 
 
 def _create_private(db_name: str) -> None:
