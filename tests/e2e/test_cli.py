@@ -750,6 +750,7 @@ def test_the_installed_keyledger_script_does_put_get_list_and_audit(tmp_path: Pa
         ("secrets", "list", "acme"),
         ("secrets", "get", "acme", "s"),
         ("keys", "due"),
+        ("keys", "rotate", "--due"),  # (it never makes a tenant's first key: found by review)
         ("audit", "log", "acme"),
         ("drift", "diagnose", "--all-tenants"),
         ("master-key", "rewrap"),

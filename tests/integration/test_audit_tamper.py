@@ -935,3 +935,28 @@ def test_a_failed_read_audited_under_a_wrong_master_key_can_be_accepted_into_a_s
     accepted = keyed.seal_audit(accept_untagged=[failed.position])
     assert accepted.stopped_at is None
     assert keyed.verify_audit(anchor=keyed.audit_checkpoints()).intact
+
+
+def test_a_state_rewritten_as_text_that_is_not_utf8_is_named_as_modified(
+    tmp_path: Path,
+) -> None:
+    """SQLite handed it back as str and failed to decode it: `audit verify` stopped with
+    a read error and named no position (found by review)."""
+    path = tmp_path / "k.db"
+    master_key = secrets.token_hex(32)
+    with _open(f"sqlite:///{path}", master_key) as service:
+        for name in ("a", "b", "c"):
+            service.store_for_tenant("acme", name, "v")
+        service.seal_audit()
+        with service._ledger.store.writing() as cur:
+            cur.execute("SELECT MAX(rowid) FROM stored_events WHERE rowid <= 3")
+            (position,) = cur.fetchone()
+            cur.execute(  # text now, and not UTF-8
+                "UPDATE stored_events SET state = CAST(state || x'ff00' AS TEXT) WHERE rowid = ?",
+                (position,),
+            )
+
+        report = service.verify_audit()
+
+    assert not report.intact
+    assert "modified" in {finding.kind for finding in _at(report, position)}

@@ -580,3 +580,28 @@ def test_no_reason_given_for_a_bad_setting_quotes_what_was_given(
     for bad, message in refusals:
         assert bad not in message, message
         assert message.startswith(f"invalid configuration: {variable} ("), message
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_key_file_others_may_read_is_warned_about_without_its_path_or_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: int,
+    warned: bool,
+) -> None:
+    """`master-key generate > FILE` under the usual umask made it 0644, and keyledger
+    took it without a word (found by review). A warning, not a refusal: a mounted secret
+    may be readable only inside its container."""
+    key = secrets.token_hex(32)
+    path = tmp_path / "master.key"
+    path.write_text(key + "\n")
+    path.chmod(mode)
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY_FILE", str(path))
+
+    service = SecretService.create("memory:")
+    service.close()
+
+    assert ("may be read by users other than its owner" in caplog.text) is warned
+    assert str(path) not in caplog.text
+    assert key not in caplog.text

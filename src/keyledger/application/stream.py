@@ -103,6 +103,19 @@ def _columns(ledger: Ledger) -> tuple[str, str]:
     return ledger.store.events_table_name, ledger.store.position_column
 
 
+def _row_columns(ledger: Ledger, position: str) -> str:
+    """The columns of a ``Row``; on SQLite a state that is not a BLOB as NULL, which
+    makes the row malformed (reported as modified). SQLite hands a state rewritten as
+    TEXT back as str, and one that is not UTF-8 made the whole read fail, so `audit
+    verify` stopped without naming the position (found by review)."""
+    state = (
+        "CASE WHEN typeof(state) = 'blob' THEN state END"
+        if ledger.store.dialect == "sqlite"
+        else "state"
+    )
+    return f"{position}, originator_id, originator_version, topic, {state}"
+
+
 def events_key_intact(ledger: Ledger) -> bool:
     """Whether the events table keeps its primary key (see ``has_events_key``)."""
     with ledger.reading() as cur:
@@ -187,7 +200,7 @@ def rows_after(
         where += " AND originator_id BETWEEN :low AND :high"
         params["low"], params["high"] = ledger.store.id_param(low), ledger.store.id_param(high)
     statement = (
-        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        f"SELECT {_row_columns(ledger, position)} FROM {table} "
         f"WHERE {where} ORDER BY {position} LIMIT :limit"
     )
     while True:
@@ -222,7 +235,7 @@ def tenant_pages_by_aggregate(
     if upto is not None:
         where += f" AND {position} <= :upto"
         params["upto"] = upto
-    select = f"SELECT {position}, originator_id, originator_version, topic, state FROM {table}"
+    select = f"SELECT {_row_columns(ledger, position)} FROM {table}"
     order = "ORDER BY originator_id, originator_version LIMIT :limit"
     statement = f"{select} WHERE {where} {order}"
     after = f"{select} WHERE {where} AND (originator_id, originator_version) > (:id, :version)"
@@ -261,7 +274,7 @@ def tenant_rows(ledger: Ledger, tenant_id: str, *, upto: int | None = None) -> l
     table, position = _columns(ledger)
     low, high = tenant_id_range(tenant_id)
     statement = (
-        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        f"SELECT {_row_columns(ledger, position)} FROM {table} "
         "WHERE originator_id BETWEEN :low AND :high"
     )
     params: dict[str, Any] = {
@@ -283,7 +296,7 @@ def newest_seal_row(ledger: Ledger) -> Row | None:
     table, position = _columns(ledger)
     with ledger.reading() as cur:
         cur.execute(
-            f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+            f"SELECT {_row_columns(ledger, position)} FROM {table} "
             "WHERE originator_id = :chain ORDER BY originator_version DESC LIMIT 1",
             {"chain": ledger.store.id_param(SEAL_CHAIN_ID)},
         )
@@ -296,7 +309,7 @@ def iter_seal_rows(ledger: Ledger, *, page_size: int = 50) -> Iterator[Row]:
     tens of kilobytes each: memory stays bounded on any chain length)."""
     table, position = _columns(ledger)
     statement = (
-        f"SELECT {position}, originator_id, originator_version, topic, state FROM {table} "
+        f"SELECT {_row_columns(ledger, position)} FROM {table} "
         "WHERE originator_id = :chain AND originator_version > :after "
         "ORDER BY originator_version LIMIT :limit"
     )
@@ -324,7 +337,7 @@ def row_at_or_before(ledger: Ledger, position: int) -> Row | None:
     table, column = _columns(ledger)
     with ledger.reading() as cur:
         cur.execute(
-            f"SELECT {column}, originator_id, originator_version, topic, state FROM {table} "
+            f"SELECT {_row_columns(ledger, column)} FROM {table} "
             f"WHERE {column} <= :position ORDER BY {column} DESC LIMIT 1",
             {"position": position},
         )

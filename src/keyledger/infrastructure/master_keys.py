@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -41,7 +44,22 @@ def _current_key_text(
     return None, ""
 
 
+logger = logging.getLogger(__name__)
 KEY_FILE_MAX_BYTES = 4096  # a key is 64 hex characters, a line ending and maybe a BOM
+
+
+def _warn_if_others_may_read(mode: int) -> None:
+    """A key file that its group or other users may read is warned about, not refused: a
+    mounted secret (Kubernetes mounts them 0644 by default) may be readable only inside
+    its container. `master-key generate > FILE` under the usual umask makes such a file
+    (found by review: the runbook did); the warning names no path."""
+    if stat.S_ISREG(mode) and mode & 0o077:
+        logger.warning(
+            "KEYLEDGER_MASTER_KEY_FILE may be read by users other than its owner (mode "
+            "%o): anyone who reads it and a copy of the store reads every secret; "
+            "`chmod 600` it",
+            stat.S_IMODE(mode),
+        )
 
 
 def _key_file_text(settings: KeyledgerSettings) -> str:
@@ -60,6 +78,7 @@ def _key_file_text(settings: KeyledgerSettings) -> str:
     try:
         with Path(settings.master_key_file).open("rb") as file:  # (a device or a pipe may be
             raw = file.read(KEY_FILE_MAX_BYTES + 1)  # endless: read no more than a key
+            _warn_if_others_may_read(os.fstat(file.fileno()).st_mode)
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raw = b""

@@ -937,7 +937,7 @@ class KeyledgerPostgresRecorder(HoldsWrites, _PostgresSchemaMixin, PostgresAppli
     def backup(target: str) -> None:
         raise StorageError(
             "a PostgreSQL store is backed up with PostgreSQL's tools (pg_dump, or base "
-            "backups with WAL archiving): see docs/postgresql.md"
+            "backups with WAL archiving): see docs/operations.md, section 6"
         )
 
     def shred(self) -> None:
