@@ -286,6 +286,9 @@ def test_compromise_refusals_are_one_error_line() -> None:
     nobody = fails("keys", "compromise", "nobody", "1", "--reason", "r", "--yes")
     assert nobody.stderr == "Error: tenant 'nobody' has no keys\n"
     assert keys("acme") == [(1, "active", 1)]
+    # A mistyped tenant is refused before the confirmation asks (found by review).
+    unasked = fails("keys", "compromise", "nobody", "1", "--reason", "r")
+    assert unasked.stderr == "Error: tenant 'nobody' has no keys\n"
 
 
 def test_a_compromise_without_a_reason_is_refused_before_asking() -> None:

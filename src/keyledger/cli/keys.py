@@ -207,6 +207,8 @@ def compromise(cli: CliContext, tenant_id: str, version: int, reason: str, yes: 
     """
     if not (check_optional_text("reason", reason) or "").strip():  # (checked before it asks)
         raise InvalidInput("a compromise needs a reason")
+    if not cli.service.list_keys(tenant_id):  # (a mistyped tenant: nothing to confirm)
+        raise click.ClickException(f"tenant {tenant_id!r} has no keys")
     confirm(
         f"Mark key version {version} of tenant {tenant_id!r} as compromised? "
         "Secrets under it cannot be read until they are stored afresh.",
