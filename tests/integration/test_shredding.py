@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID, MakeService, own_schema
@@ -186,6 +186,23 @@ def test_a_sqlite_checkpoint_that_fails_makes_the_shred_incomplete_not_a_raw_err
     assert not service._ledger.shred_pending()
 
 
+def cli_behind_an_old_snapshot(database: str, master_key: str, *args: str) -> Result:
+    """The CLI's ``args`` on the SQLite store ``database`` while another connection holds
+    an old snapshot of it (so a shred cannot finish)."""
+    reader = sqlite3.connect(database)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
+        env = {
+            "KEYLEDGER_DATABASE_URL": f"sqlite:///{database}",
+            "KEYLEDGER_MASTER_KEY": master_key,
+        }
+        return CliRunner().invoke(main, list(args), env=env)
+    finally:
+        reader.rollback()
+        reader.close()
+
+
 def test_an_erasure_whose_shred_is_incomplete_still_reports_what_it_destroyed(
     make_service: MakeService, monkeypatch: pytest.MonkeyPatch, master_key: str, backend: str
 ) -> None:
@@ -198,15 +215,11 @@ def test_an_erasure_whose_shred_is_incomplete_still_reports_what_it_destroyed(
     service.store_for_tenant("doomed", "s", "v")
     service.rotate_key_for_tenant("doomed")
     database = str(service._ledger.env.get("SQLITE_DBNAME"))
-    reader = sqlite3.connect(database)
-    reader.execute("BEGIN")
-    reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
-    env = {"KEYLEDGER_DATABASE_URL": f"sqlite:///{database}", "KEYLEDGER_MASTER_KEY": master_key}
 
-    erased = CliRunner().invoke(main, ["--json", "tenants", "erase", "doomed", "--yes"], env=env)
+    erased = cli_behind_an_old_snapshot(
+        database, master_key, "--json", "tenants", "erase", "doomed", "--yes"
+    )
 
-    reader.rollback()
-    reader.close()
     assert erased.exit_code == 1
     assert json.loads(erased.stdout) == {"tenant_id": "doomed", "destroyed_key_versions": [1, 2]}
     assert erased.stderr.startswith("Error: the SQLite write-ahead log, which may still hold")
@@ -232,15 +245,11 @@ def test_a_repair_whose_shred_is_incomplete_still_reports_what_it_deleted(
             "WHERE tenant_id = 'acme' AND version = 1"
         )
     service.close()
-    reader = sqlite3.connect(database)
-    reader.execute("BEGIN")
-    reader.execute("SELECT COUNT(*) FROM kl_key_material").fetchone()
-    env = {"KEYLEDGER_DATABASE_URL": f"sqlite:///{database}", "KEYLEDGER_MASTER_KEY": master_key}
 
-    repaired = CliRunner().invoke(main, ["--json", "drift", "repair", "acme", "--yes"], env=env)
+    repaired = cli_behind_an_old_snapshot(
+        database, master_key, "--json", "drift", "repair", "acme", "--yes"
+    )
 
-    reader.rollback()
-    reader.close()
     assert repaired.exit_code == 1
     result = json.loads(repaired.stdout)
     assert (result["secret_names"], result["key_versions"]) == (["a"], [1])

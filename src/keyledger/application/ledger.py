@@ -74,7 +74,7 @@ from keyledger.infrastructure.event_tags import (
     TaggingMapper,
     UnverifiedSnapshot,
 )
-from keyledger.infrastructure.lost_tables import CATALOG_LOST
+from keyledger.infrastructure.lost_tables import catalog_lost
 from keyledger.infrastructure.read_events import PendingRead, ReadEncoder
 from keyledger.infrastructure.transcodings import BytesAsBase64, ReusedEncoderTranscoder
 from keyledger.infrastructure.unit_writer import (
@@ -833,11 +833,9 @@ class Ledger(Application[UUID]):
     def _catalog_lost(self) -> bool:
         try:
             with self.reading() as cur:
-                cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
-                row = cur.fetchone()
+                return catalog_lost(cur)
         except (StorageError, PersistenceError):  # no kl_tracking: a store opened without
             return False  # creating tables, whose queries say what is missing
-        return row is not None and bool(row[0])
 
     def wait_for_events(self, seconds: float) -> None:
         """Block until new events may have been appended, or ``seconds`` passed."""

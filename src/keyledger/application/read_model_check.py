@@ -128,17 +128,31 @@ def _in_one_snapshot(
             if len(items) < PAGE_SIZE:
                 break
         position = tracked_position(cur, "kl_tracking" + suffix)
-        comparisons = [
-            _compare(cur, "sqlite", table, suffix, position, None)
-            for table in _LOCKED_TABLES
-            if table in tables
-        ]
+        comparisons = _catalog_comparisons(cur, "sqlite", tables, suffix, position)
         if "kl_audit" in tables:
             reached = tracked_position(cur)
+            beyond = _rows_beyond(cur, reached)
             bound = min(position, reached)
-            audit = _compare(cur, "sqlite", "kl_audit", suffix, bound, bound)
-            comparisons.append(_with_rows_beyond(audit, _rows_beyond(cur, reached)))
+            comparisons.append(_audit_comparison(cur, "sqlite", suffix, bound, beyond))
     return replayed, comparisons
+
+
+def _catalog_comparisons(
+    cur: Any, dialect: str, tables: frozenset[str], suffix: str, position: int
+) -> list[Compared]:
+    """The catalog and the key inventory against their copies at ``position``."""
+    return [
+        _compare(cur, dialect, table, suffix, position, None)
+        for table in _LOCKED_TABLES
+        if table in tables
+    ]
+
+
+def _audit_comparison(
+    cur: Any, dialect: str, suffix: str, bound: int, beyond: tuple[int, list[ReadModelDifference]]
+) -> Compared:
+    """The audit model against its copy up to ``bound``, with the rows ``beyond`` it."""
+    return _with_rows_beyond(_compare(cur, dialect, "kl_audit", suffix, bound, bound), beyond)
 
 
 def _rows_beyond(cur: Any, reached: int) -> tuple[int, list[ReadModelDifference]]:
@@ -196,11 +210,7 @@ def _replay_and_compare(
                         raise TooFarBehind  # reset meanwhile: replay without the lock
                     tail += len(items)
                 position = tracked_position(cur, "kl_tracking" + suffix)
-                comparisons = [
-                    _compare(cur, store.dialect, table, suffix, position, None)
-                    for table in _LOCKED_TABLES
-                    if table in tables
-                ]
+                comparisons = _catalog_comparisons(cur, store.dialect, tables, suffix, position)
                 reached = tracked_position(cur) if audit else 0
                 beyond = _rows_beyond(cur, reached) if audit else (0, [])
         except TooFarBehind:
@@ -211,10 +221,9 @@ def _replay_and_compare(
     if progress and tail:
         progress(tail)
     if audit:  # positions up to ``reached`` are final in both: no lock needed
-        bound = min(position, reached)
         with store.reading() as cur:
-            audit_compared = _compare(cur, store.dialect, "kl_audit", suffix, bound, bound)
-        comparisons.append(_with_rows_beyond(audit_compared, beyond))
+            audited = _audit_comparison(cur, store.dialect, suffix, min(position, reached), beyond)
+        comparisons.append(audited)
     return replayed, comparisons
 
 

@@ -8,7 +8,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from keyledger.application.ledger import Ledger
-from keyledger.infrastructure.lost_tables import CATALOG_LOST
+from keyledger.infrastructure.lost_tables import catalog_lost
 from keyledger.infrastructure.pg_functions import (
     FUNCTIONS,
     GENERIC_PLANS_SETTING,
@@ -82,13 +82,10 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
             if postgres and store.events_table_name not in missing
             else (False if postgres else None)
         )
-        if "kl_tracking" not in missing:
-            # A catalog created anew whose rebuild has not finished (lost_tables): its
-            # services would answer "no secrets" (found by review).
-            cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
-            mark = cur.fetchone()
-            if mark is not None and mark[0]:
-                missing.append(CATALOG_REBUILD_PENDING)
+        # A catalog created anew whose rebuild has not finished (lost_tables): its
+        # services would answer "no secrets" (found by review).
+        if "kl_tracking" not in missing and catalog_lost(cur):
+            missing.append(CATALOG_REBUILD_PENDING)
         warnings = _open_schema_warnings(cur) if postgres else []
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",

@@ -49,3 +49,10 @@ def settle_recreated(run: Run, present: Collection[str], events_table: str) -> N
             "ON CONFLICT (name) DO UPDATE SET position = 1",
             (CATALOG_LOST,),
         )
+
+
+def catalog_lost(cur: Any) -> bool:
+    """Whether kl_tracking holds the mark of a catalog created anew and not yet rebuilt."""
+    cur.execute("SELECT position FROM kl_tracking WHERE name = ?", (CATALOG_LOST,))
+    row = cur.fetchone()
+    return row is not None and bool(row[0])

@@ -978,7 +978,7 @@ class OpenedFile:
     def at(cls, db_name: str) -> OpenedFile | None:
         """The file ``db_name`` names now; None for a memory database (a URI), or a path
         that does not exist (SQLite reports that when it opens it)."""
-        if db_name.startswith("file:") or db_name == ":memory:":
+        if not _is_file_path(db_name):
             return None
         try:
             found = os.stat(db_name)
@@ -1014,12 +1014,15 @@ class OpenedFile:
         )
 
 
+def _is_file_path(db_name: str) -> bool:
+    """Whether ``db_name`` is a file's path, not a URI or a memory database."""
+    return not db_name.startswith("file:") and db_name != ":memory:"
+
+
 def _resolved(db_name: str) -> str:
     """A file path made absolute with its symlinks and ``..`` resolved; a URI or a memory
     database as it is."""
-    if db_name.startswith("file:") or db_name == ":memory:":
-        return db_name
-    return os.path.realpath(db_name)
+    return os.path.realpath(db_name) if _is_file_path(db_name) else db_name
 
 
 def _create_private(db_name: str) -> None:
@@ -1027,7 +1030,7 @@ def _create_private(db_name: str) -> None:
     what the umask takes away); SQLite gives the WAL and shared-memory files it creates
     beside it the same mode. An existing file, or a URI (a memory database), is left as
     it is; a file that cannot be created is reported by SQLite when it opens it."""
-    if db_name.startswith("file:") or db_name == ":memory:":
+    if not _is_file_path(db_name):
         return
     try:
         os.close(os.open(db_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
