@@ -109,6 +109,11 @@ class SecretInfo(_Frozen):
         # itself: inside another validator's (``TypeAdapter(list[SecretInfo])``, a
         # FastAPI ``response_model``) the errors would quote a secret's dump, value and
         # all (as an extra input, or in the dict a missing field is reported with).
+        if isinstance(data, Secret) and not issubclass(cls, Secret):
+            # A retrieved secret given where its listing is wanted (a ``SecretInfo``
+            # field, ``SecretInfo.model_validate(secret)``): pydantic would keep the
+            # ``Secret`` itself, whose dump holds the value. Its listing fields, without it.
+            data = {name: data.__dict__[name] for name in SecretInfo.model_fields}
         try:
             return handler(data)
         except ValidationError as error:

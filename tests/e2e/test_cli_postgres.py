@@ -174,6 +174,7 @@ def test_db_init_creates_everything_is_safe_to_run_twice_and_check_then_passes(
         "Store:               postgresql (events table keyledger_events)\n"
         "Missing:             nothing\n"
         "Append-only trigger: installed\n"
+        "Key material:        present for every key version\n"
     )
     assert check.stderr == ""
     assert as_json("db", "check") == {
@@ -183,6 +184,7 @@ def test_db_init_creates_everything_is_safe_to_run_twice_and_check_then_passes(
         "missing": [],
         "append_only_enforced": True,
         "warnings": [],
+        "keys_without_material": 0,
         "ok": True,
     }
 

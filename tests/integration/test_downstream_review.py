@@ -224,6 +224,35 @@ def test_narrowing_a_secret_to_secret_info_never_quotes_its_value(
         assert not quoted, f"{how}: the error quotes the value"  # (a bool: pytest shows it)
 
 
+def test_a_secret_narrowed_to_its_listing_loses_its_value(service: SecretService) -> None:
+    """pydantic keeps an instance of a subclass as it is: ``SecretInfo.model_validate``
+    of a ``Secret`` (the way to say "its listing, without the value") gave the Secret
+    back, and its dump, the JSON a handler returns, held the value."""
+    with tenant("acme"):
+        service.store("api", VALUE)
+        secret = service.retrieve("api")
+        listed = service.list()[0]
+    narrowed = {
+        "model_validate": SecretInfo.model_validate(secret),
+        "TypeAdapter(list)": TypeAdapter(list[SecretInfo]).validate_python([secret])[0],
+        "TenantState field": TenantState(
+            tenant_id="acme",
+            as_of=None,
+            as_of_position=None,
+            position=1,
+            events_applied=1,
+            secrets=[secret],
+            keys=[],
+        ).secrets[0],
+    }
+    for how, info in narrowed.items():
+        assert type(info) is SecretInfo, how
+        assert info == listed, how
+        dumped = info.model_dump_json() + repr(info.model_dump())
+        assert VALUE not in dumped, f"{how}: the value is still there"  # (a bool)
+    assert Secret.model_validate(secret) is secret  # (a Secret stays a Secret)
+
+
 def test_a_result_models_own_validation_errors_show_no_input_at_all(
     service: SecretService,
 ) -> None:

@@ -111,3 +111,63 @@ def test_a_rebuild_left_unfinished_is_reported_until_it_is_done(
     production.init_schema()  # what `keyledger db init` does
     assert production.check_schema().present
     assert answers(production) == before
+
+
+# -- the key material: not a read model, nothing replays it ------------------------------
+
+
+def test_lost_key_material_is_reported_loudly_and_db_check_says_restore_it(
+    make_service: MakeService,
+    backend: str,
+    tmp_path: Any,
+    master_key: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kl_key_material dropped by a partial restore was created anew, empty, by the next
+    service; `db check` then called the store healthy (it only looked for the table) and,
+    before that, prescribed `db init`, which creates it empty: every secret undecryptable
+    and nothing said so but a per-tenant drift diagnosis, whose repair deletes them."""
+    service = make_service()
+    varied_scenario(service)
+    drop(service, ("kl_key_material",))
+    url = shared_store_url(backend, tmp_path)
+    env = {"KEYLEDGER_MASTER_KEY": master_key}
+
+    before = CliRunner().invoke(main, ["--database", url, "db", "check"], env=env)
+    assert before.exit_code == 1
+    assert "restore kl_key_material from a backup" in before.stderr
+    assert "db init`" not in before.stderr  # (it would create the table empty)
+
+    reopened = make_service()  # creates it anew, as every service does
+    assert "kl_key_material was missing" in caplog.text
+    status = reopened.check_schema()
+    live_versions = sum(
+        key.status != "destroyed"
+        for tenant_id in ("acme", "globex")
+        for key in reopened.list_keys(tenant_id)
+    )
+    assert status.present
+    assert not status.ok
+    assert status.keys_without_material == live_versions > 0
+
+    after = CliRunner().invoke(main, ["--database", url, "db", "check"], env=env)
+    assert after.exit_code == 1
+    assert f"MISSING for {live_versions} key version(s)" in after.stdout
+    assert "restore kl_key_material from a backup" in after.stderr
+    again = CliRunner().invoke(main, ["--database", url, "db", "init"], env=env)
+    assert again.exit_code == 1
+    assert "restore kl_key_material" in again.stderr
+
+
+def test_db_check_says_every_key_version_has_its_material(
+    make_service: MakeService, backend: str, tmp_path: Any, master_key: str
+) -> None:
+    service = make_service()
+    varied_scenario(service)
+    assert service.check_schema().keys_without_material == 0
+    url = shared_store_url(backend, tmp_path)
+    result = CliRunner().invoke(
+        main, ["--database", url, "db", "check"], env={"KEYLEDGER_MASTER_KEY": master_key}
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "Key material:        present for every key version" in result.stdout

@@ -28,6 +28,13 @@ REENCRYPT = "reencrypt"
 DELETE_MATERIAL = "delete-orphaned-key-material"
 REBUILD = "rebuild-read-models"
 CATCH_UP = "catch-up-read-models"
+# A key version the stream created and never destroyed, with no row of kl_key_material:
+# the table (or rows of it) lost, which only a backup gives back; a destructive repair
+# would make the loss final.
+MATERIAL_MISSING = (
+    "its key material is missing (no row in kl_key_material: restore it from a backup, "
+    "docs/operations.md section 6, before any repair)"
+)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ class Diagnosis:
         key = self.keys[version]
         rows = [m for m in self.material if m.version == version and m.key_id == key.key_id]
         if not rows:
-            return Probe(False, "its key material is missing")
+            return Probe(False, MATERIAL_MISSING)
         row = rows[0]
         amk = self.ledger.master_keys.get(row.amk_id)
         if amk is None:
@@ -381,7 +388,7 @@ class Diagnosis:
             probe = self.probe(key.version)
             if probe.usable:
                 continue
-            missing = probe.reason == "its key material is missing"
+            missing = probe.reason == MATERIAL_MISSING
             self.add(
                 "tenant_encryption_key_material_missing"
                 if missing

@@ -35,10 +35,18 @@ class SchemaStatus(BaseModel):
     # What is in place but unsafe (PostgreSQL: a schema other roles may create objects
     # in); ``ok`` does not depend on it.
     warnings: list[str] = []
+    # Key versions the key inventory lists as not destroyed that have no key material:
+    # the table kl_key_material (or rows of it) lost, by a partial restore or a bad
+    # migration; nothing under them can be decrypted until a backup gives them back.
+    keys_without_material: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.present and self.append_only_enforced is not False
+        return (
+            self.present
+            and self.append_only_enforced is not False
+            and not self.keys_without_material
+        )
 
 
 CATALOG_REBUILD_PENDING = (
@@ -87,6 +95,11 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
         if "kl_tracking" not in missing and catalog_lost(cur):
             missing.append(CATALOG_REBUILD_PENDING)
         warnings = _open_schema_warnings(cur) if postgres else []
+        lost_material = (
+            0
+            if {"kl_keys", CATALOG_REBUILD_PENDING} & set(missing)
+            else _keys_without_material(cur, table_lost="kl_key_material" in missing)
+        )
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",
         events_table=store.events_table_name,
@@ -94,7 +107,21 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
         missing=missing,
         append_only_enforced=append_only,
         warnings=warnings,
+        keys_without_material=lost_material,
     )
+
+
+def _keys_without_material(cur: Any, *, table_lost: bool) -> int:
+    """Key versions never destroyed whose material has no row (all of them when the
+    table itself is missing: ``db init`` would only create it empty)."""
+    query = "SELECT COUNT(*) FROM kl_keys AS k WHERE k.status <> 'destroyed'"
+    if not table_lost:
+        query += (
+            " AND NOT EXISTS (SELECT 1 FROM kl_key_material AS m WHERE m.tenant_id = "
+            "k.tenant_id AND m.version = k.version AND m.key_id = k.key_id)"
+        )
+    cur.execute(query)
+    return int(cur.fetchone()[0])
 
 
 def _open_schema_warnings(cur: Any) -> list[str]:

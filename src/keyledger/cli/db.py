@@ -13,7 +13,11 @@ from typing import Any
 
 import click
 
-from keyledger.application.schema_check import EVENTS_KEY_MISSING, SchemaStatus
+from keyledger.application.schema_check import (
+    CATALOG_REBUILD_PENDING,
+    EVENTS_KEY_MISSING,
+    SchemaStatus,
+)
 from keyledger.cli.errors import KeyledgerSubgroup
 from keyledger.cli.render import emit_json, json_option, to_data
 from keyledger.cli.root import CliContext, pass_cli
@@ -73,12 +77,28 @@ def emit_status(status: SchemaStatus) -> None:
         ("Store", f"{status.store} (events table {status.events_table})"),
         ("Missing", ", ".join(status.missing) or "nothing"),
         ("Append-only trigger", _trigger_text(status)),
+        ("Key material", _material_text(status)),
     )
     width = max(len(label) for label, _ in lines) + 1
     for label, value in lines:
         click.echo(f"{label + ':':<{width}} {value}")
     for warning in status.warnings:
         click.echo(f"Warning: {warning}", err=True)
+
+
+def _material_text(status: SchemaStatus) -> str:
+    if status.keys_without_material:
+        return f"MISSING for {status.keys_without_material} key version(s)"
+    unchecked = {"kl_keys", CATALOG_REBUILD_PENDING} & set(status.missing)
+    return "not checked (no key inventory)" if unchecked else "present for every key version"
+
+
+MATERIAL_RESTORE = (
+    "key material is missing for {count} key version(s) that were never destroyed "
+    "(kl_key_material lost rows, or was created anew): nothing under them can be "
+    "decrypted; restore kl_key_material from a backup (docs/operations.md section 6) "
+    "before any drift repair, which would delete those secrets for good"
+)
 
 
 def _not_ready(status: SchemaStatus) -> str:
@@ -124,6 +144,8 @@ def init(cli: CliContext) -> None:
         if installed_trigger:
             click.echo(f"Installed the append-only trigger on {after.events_table}.")
         emit_status(after)
+    if after.keys_without_material:
+        raise click.ClickException(MATERIAL_RESTORE.format(count=after.keys_without_material))
     if not after.ok:
         raise click.ClickException(
             f"{_not_ready(after)} after init (existing tables are never altered)"
@@ -156,6 +178,8 @@ def check(cli: CliContext) -> None:
     else:
         emit_status(status)
     if not status.ok:
+        if status.keys_without_material:  # (db init would create the table empty)
+            raise click.ClickException(MATERIAL_RESTORE.format(count=status.keys_without_material))
         if any(item.endswith(EVENTS_KEY_MISSING) for item in status.missing):
             raise click.ClickException(  # (db init cannot give a table its key back)
                 f"{_not_ready(status)}; the events table was altered outside keyledger: "

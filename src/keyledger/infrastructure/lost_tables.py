@@ -17,10 +17,13 @@ leaves word of what was lost, in the transaction that creates them:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
 from keyledger.projections.schema import READ_MODEL_TABLES
+
+logger = logging.getLogger(__name__)
 
 CATALOG_LOST = "catalog_lost"
 AUDIT = "audit"  # (the audit model's row of kl_tracking: projections.audit)
@@ -30,7 +33,8 @@ Run = Callable[[str, tuple[Any, ...]], list[Any]]  # (statement with ? marks, pa
 
 def settle_recreated(run: Run, present: Collection[str], events_table: str) -> None:
     """After the schema statements ran: ``present`` names the tables there before."""
-    lost = {table for table in (*READ_MODEL_TABLES, "kl_tracking") if table not in present}
+    tables = (*READ_MODEL_TABLES, "kl_tracking", "kl_key_material")
+    lost = {table for table in tables if table not in present}
     if not lost or events_table not in present:
         return  # nothing lost, or a new store
     if not run(f"SELECT 1 FROM {events_table} LIMIT 1", ()):
@@ -42,6 +46,14 @@ def settle_recreated(run: Run, present: Collection[str], events_table: str) -> N
             "UPDATE kl_tracking SET position = (SELECT COALESCE(MAX(position), 0) "
             "FROM kl_audit) WHERE name = ?",
             (AUDIT,),
+        )
+    if "kl_key_material" in lost:
+        # Not a read model: the wrapped keys themselves, which no replay gives back.
+        logger.error(
+            "the table kl_key_material was missing from a store that has events, and was "
+            "created anew, empty: every key version created before it is unusable, and "
+            "every secret under one undecryptable, until its rows are restored from a "
+            "backup (docs/operations.md section 6); `keyledger db check` counts them"
         )
     if lost & {"kl_catalog", "kl_keys"}:
         run(
