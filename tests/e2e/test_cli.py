@@ -597,6 +597,29 @@ def test_projections_status_shows_every_read_model_at_the_head() -> None:
     assert all(line.split()[1:] == ["2", "2", "0"] for line in lines[1:])
 
 
+def test_projections_status_fails_for_a_read_model_beyond_the_stream(tmp_path: Path) -> None:
+    """Events deleted under the audit model (or a stream restored from an older copy):
+    status said BEHIND 0, and the events that take those positions next never reach it."""
+    for name in ("a", "b", "c"):  # events 1 (the tenant's key) to 4
+        ok("secrets", "put", "acme", name, stdin="v")
+    ok("audit", "log", "acme")  # the audit model catches up to 4
+    with sqlite3.connect(tmp_path / "cli.db") as db:
+        db.execute("DELETE FROM stored_events WHERE rowid > 2")
+
+    result = run("projections", "status")
+
+    assert result.exit_code == 1
+    assert [line.split()[1:] for line in result.stdout.splitlines()[1:]] == [
+        ["2", "2", "0"],
+        ["2", "2", "0"],
+        ["4", "2", "0"],
+    ]
+    assert result.stderr.startswith(
+        "Error: read model audit at 4 is beyond the stream's newest event at 2"
+    )
+    assert run("--json", "projections", "status").exit_code == 1
+
+
 def test_commands_that_need_no_store_never_open_one() -> None:
     unreachable = "sqlite:////nonexistent-keyledger-dir/x.db"
     assert ok("--database", unreachable, "master-key", "generate").stdout.strip()

@@ -147,6 +147,15 @@ def status(cli: CliContext) -> None:
     else:
         rows = [(name, str(p), str(h), str(lag[name])) for name, (p, h) in positions.items()]
         emit_table(("READ MODEL", "POSITION", "HEAD", "BEHIND"), rows)
+    ahead = [f"{name} at {p}" for name, (p, h) in positions.items() if p > h]
+    if ahead:  # (its catch-up refuses too; events appended meanwhile would hide it)
+        head = max(h for _, h in positions.values())
+        raise click.ClickException(
+            f"read model {', '.join(ahead)} is beyond the stream's newest event at {head} "
+            "(events were deleted, or the stream restored from an older copy than the "
+            "read models): the events that take those positions next would never reach "
+            "it; run `keyledger audit verify`, then `keyledger projections rebuild`"
+        )
 
 
 @contextmanager
