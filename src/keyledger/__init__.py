@@ -1,5 +1,13 @@
 """keyledger: per-tenant secrets with envelope encryption on an event-sourced audit stream."""
 
+import os as _os
+
+if not hasattr(_os, "register_at_fork"):  # (its modules register fork hooks at import)
+    raise ImportError(
+        "keyledger needs a POSIX system (Linux, macOS): it keeps its database connections "
+        "safe across fork() with os.register_at_fork, which this platform lacks"
+    )
+
 from keyledger._version import __version__
 from keyledger.application.lifecycle import RewrapResult
 from keyledger.application.schema_check import SchemaStatus
