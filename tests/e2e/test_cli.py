@@ -620,6 +620,24 @@ def test_projections_status_fails_for_a_read_model_beyond_the_stream(tmp_path: P
     assert run("--json", "projections", "status").exit_code == 1
 
 
+def test_an_error_quoting_planted_text_never_sends_its_escape_sequences(tmp_path: Path) -> None:
+    """A state planted as text that is not UTF-8: the driver's message quoted it, and
+    its escape sequences (a window title, a cleared screen, a fake verdict in colour)
+    went to the terminal inside ``Error: ...`` (found by review)."""
+    ok("secrets", "put", "acme", "a", stdin="v")
+    payload = b"\x1b]0;PWNED\x07\x1b[2J\x1b[31mFAKE: verified\x1b[0m\xff"
+    with sqlite3.connect(tmp_path / "cli.db") as db:
+        db.execute("UPDATE stored_events SET state = CAST(? AS TEXT) WHERE rowid = 2", (payload,))
+
+    result = run("secrets", "get", "acme", "a")
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert "\x1b" not in result.stderr
+    assert "\x07" not in result.stderr
+    assert "\\u001b]0;PWNED" in result.stderr  # shown, escaped
+
+
 def test_commands_that_need_no_store_never_open_one() -> None:
     unreachable = "sqlite:////nonexistent-keyledger-dir/x.db"
     assert ok("--database", unreachable, "master-key", "generate").stdout.strip()

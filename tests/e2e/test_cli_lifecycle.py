@@ -24,6 +24,7 @@ from psycopg import sql
 from conftest import POSTGRES_URL, cli_environment, own_schema
 from keyledger import SecretService
 from keyledger.cli import main
+from keyledger.infrastructure.crypto import MasterKey
 
 MASTER_KEY = "3c9e1f7a2b5d4e60" * 4
 NEW_MASTER_KEY = "9f8e7d6c5b4a3921" * 4
@@ -951,6 +952,34 @@ def material_rows(schema: str, tenant_id: str) -> list[int]:
             (tenant_id,),
         ).fetchall()
     return [row[0] for row in rows]
+
+
+def test_a_repair_that_rewraps_says_so_and_asks_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: mid-rotation, `drift repair` re-wrapped the tenant's keys under
+    the new master key and shredded the old copies (processes with the old key alone
+    then failed) while its dry run said "would delete nothing", its result "deleted
+    nothing", and it asked nothing, where `master-key rewrap` asks."""
+    put("acme", "a", "one")
+    ok("keys", "rotate", "acme")
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", NEW_MASTER_KEY)
+    monkeypatch.setenv("KEYLEDGER_PREVIOUS_MASTER_KEYS", MASTER_KEY)
+    plan = ok("drift", "repair", "acme", "--dry-run").stdout
+
+    assert "The repair would delete nothing.\n" in plan
+    assert "It would also re-wrap the tenant's key versions wrapped by a previous" in plan
+    assert "It would also re-encrypt 1 secret(s) on retired key versions" in plan
+    declined = run("drift", "repair", "acme", stdin="n\n")
+    assert declined.exit_code == 1
+    assert "Re-wrap the key versions of tenant 'acme' under master key " in declined.stderr
+    assert {k["amk_id"] for k in as_json("keys", "list", "acme")} == {amk_of(MASTER_KEY)}
+
+    done = ok("drift", "repair", "acme", "--yes").stdout
+    assert "Also: re-wrap the tenant's key versions" in done
+    assert {k["amk_id"] for k in as_json("keys", "list", "acme")} == {amk_of(NEW_MASTER_KEY)}
+
+
+def amk_of(hex_key: str) -> str:
+    return MasterKey(bytes.fromhex(hex_key)).amk_id
 
 
 @pytest.mark.postgres

@@ -349,7 +349,8 @@ UNREADABLE_ROWS = {
     "key-created-at-bytes": ("UPDATE kl_keys SET created_at = X'00'", "due"),
     "audit-time-text": ("UPDATE kl_audit SET timestamp = 'x'", "logs"),
     "tracked-position-text": ("UPDATE kl_tracking SET position = 'x'", "logs"),
-    "catalog-version-text": ("UPDATE kl_catalog SET key_version = 'x'", "drift"),
+    # (a diagnosis confirms a catalog row that marks its secret unrecoverable against the
+    # secret's events: an unreadable one is reported, see the next test)
 }
 
 
@@ -382,6 +383,26 @@ def test_a_read_model_row_edited_to_an_unreadable_value_is_a_storage_error(
     with super_admin():
         calls[query]()
     assert service.store_for_tenant("t1", "s1", "again").version == 2
+
+
+def test_a_catalog_key_version_edited_to_text_is_reported_as_drift_of_the_read_model(
+    tampered: tuple[Path, Tamper], make_service: MakeService
+) -> None:
+    """The diagnosis confirms the row against the secret's events, which contradict it:
+    a read model to rebuild, not a secret to delete (and not an error that stops the
+    diagnosis of the rest)."""
+    _, run = tampered
+    run("UPDATE kl_catalog SET key_version = 'x'")
+    service = make_service()
+
+    report = service.diagnose_tenant_secret_key_drift("t1")
+
+    assert [i.code for i in report.issues if i.severity == "error"] == [
+        "read_model_inconsistent_with_stream"
+    ]
+    assert not any(i.repair_action == "delete-unrecoverable-secret" for i in report.issues)
+    service.rebuild_read_models()
+    assert service.diagnose_tenant_secret_key_drift("t1").ok
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,30 @@ def rotating(make_service: MakeService, new_key: str, old_key: str) -> SecretSer
     )
 
 
+def test_the_runbooks_two_rollouts_keep_processes_not_yet_redeployed_working(
+    make_service: MakeService, master_key: str, new_key: str
+) -> None:
+    """docs/operations.md, runbook 2, step 2. Deployed in one step, the first key version
+    a redeployed process made (a rotation) broke the processes still on the old key alone
+    (found by review); after the first rollout (new key as a previous key only) they keep
+    storing and reading whatever the redeployed ones wrap under it."""
+    make_service().store_for_tenant(ACME, "a", "v1")
+    one_step_behind = make_service()  # the old key only
+    first_rollout = make_service(
+        master_key=master_key, settings=KeyledgerSettings(previous_master_keys=new_key)
+    )
+    redeployed = rotating(make_service, new_key, master_key)
+
+    redeployed.rotate_key_for_tenant(ACME)  # version 2, wrapped under the new key
+    redeployed.store_for_tenant(ACME, "b", "v2")
+
+    with pytest.raises(MasterKeyUnavailable):
+        one_step_behind.store_for_tenant(ACME, "a", "v3")
+    first_rollout.store_for_tenant(ACME, "a", "v3")
+    assert first_rollout.retrieve_for_tenant(ACME, "b").value == "v2"
+    assert redeployed.retrieve_for_tenant(ACME, "a").value == "v3"
+
+
 def test_a_master_key_rotation_rewraps_every_tenant_so_the_old_key_can_be_dropped(
     make_service: MakeService, master_key: str, new_key: str
 ) -> None:
@@ -438,6 +462,35 @@ def test_reencrypting_under_a_wrong_master_key_raises_once_and_moves_nothing(
     assert (failed.action, failed.result, failed.secret_name) == ("update", "failure", None)
     assert [s.key_version for s in service.list_for_tenant(ACME)] == [1, 1, 1]
     assert service.reencrypt_all_for_tenant(ACME) == ReencryptResult(success=3, failed=0)
+
+
+def test_a_store_under_an_unconfigured_master_key_is_master_key_unavailable_as_a_rotation_is(
+    make_service: MakeService,
+) -> None:
+    """Found by review: a process deployed without the master key that wraps the active
+    version got MasterKeyUnavailable from a rotation or a re-encryption, but
+    DecryptionFailed (nothing was being decrypted) from a store, the commonest call: an
+    application alerting on MasterKeyUnavailable missed every failing store."""
+    service = make_service()
+    service.store_for_tenant(ACME, "a", "v")
+    wrong = make_service(master_key=secrets.token_hex(32))
+
+    for call in (
+        lambda: wrong.store_for_tenant(ACME, "a", "v2"),
+        lambda: wrong.store_for_tenant(ACME, "new", "v"),
+        lambda: wrong.rotate_key_for_tenant(ACME),
+    ):
+        with pytest.raises(MasterKeyUnavailable, match="which is not configured"):
+            call()
+
+    failed = audit(service, ACME)[-3:]
+    assert [(e.action, e.result) for e in failed] == [
+        ("update", "failure"),
+        ("create", "failure"),
+        ("rotate_key", "failure"),
+    ]
+    assert {e.details.get("error") for e in failed} == {"MasterKeyUnavailable"}
+    assert service.retrieve_for_tenant(ACME, "a").value == "v"
 
 
 def test_compromising_the_active_version_without_a_master_key_fails_changes_no_key_and_is_audited(

@@ -20,6 +20,7 @@ from keyledger import (
     DecryptionFailed,
     InvalidInput,
     KeyledgerError,
+    MasterKeyUnavailable,
     SecretDisabled,
     SecretExpired,
     SecretNotFound,
@@ -286,7 +287,7 @@ def test_no_value_or_key_appears_in_logs_or_error_messages(
         service.delete("api")
     with SecretService.create(url, master_key=wrong_amk) as service, tenant("tenant-logs"):
         expect(DecryptionFailed, lambda: service.retrieve("binary"))
-        expect(DecryptionFailed, lambda: service.store("binary", values["binary"]))
+        expect(MasterKeyUnavailable, lambda: service.store("binary", values["binary"]))
 
     assert len(errors) == 7
     forbidden: dict[str, str] = {}

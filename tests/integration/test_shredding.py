@@ -26,7 +26,13 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from conftest import POSTGRES_URL, RUN_ID, MakeService, own_schema
-from keyledger import DecryptionFailed, SecretService, ShredIncomplete, StorageError
+from keyledger import (
+    DecryptionFailed,
+    SecretService,
+    ShredIncomplete,
+    StorageError,
+    super_admin,
+)
 from keyledger.cli import main
 from keyledger.infrastructure import postgres_store, unit_writer
 from keyledger.infrastructure.pg_vacuum_report import REPORTING_ROUTINE, ServerNotice
@@ -286,6 +292,10 @@ def _grant_documented_privileges(schema: str, role: str, *, own_key_material: bo
         for statement in (
             "GRANT USAGE ON SCHEMA {s} TO {r}",
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+            # events: INSERT without choosing the position
+            "REVOKE INSERT ON {s}.keyledger_events FROM {r}",
+            "GRANT INSERT (originator_id, originator_version, topic, state) "
+            "ON {s}.keyledger_events TO {r}",
             "GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
             "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO {r}",
             # tables the owner makes later (a rebuild's) come with the same grants
@@ -307,6 +317,39 @@ def _app_service(
     return SecretService.create(
         _as_role(url, role), master_key=master_key, settings=KeyledgerSettings(create_tables=False)
     )
+
+
+@pytest.mark.postgres
+def test_the_documented_application_role_works_but_cannot_choose_a_position(
+    app_role: str, master_key: str
+) -> None:
+    """Its writes take the sequence's positions (every keyledger path names the four
+    other columns); a row of its own at a chosen position would hide later events from
+    the audit queries (docs/postgresql.md)."""
+    with own_schema("roles") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        app = _app_service(url, schema, app_role, master_key, True)
+        try:
+            app.store_for_tenant("acme", "s", "v1")
+            app.store_for_tenant("acme", "s", "v2")
+            app.rotate_key_for_tenant("acme")
+            assert app.reencrypt_all_for_tenant("acme").failed == 0
+            assert app.retrieve_for_tenant("acme", "s").value == "v2"
+            with super_admin():
+                assert len(app.get_audit_logs(tenant_id="acme")) >= 5
+        finally:
+            app.close()
+        with (
+            psycopg.connect(_as_role(POSTGRES_URL, app_role), autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.keyledger_events (notification_id, originator_id, "
+                    "originator_version, topic, state) "
+                    "VALUES (1000000, gen_random_uuid(), 1, 'x', 'x')"
+                ).format(sql.Identifier(schema))
+            )
 
 
 @pytest.mark.postgres

@@ -3,7 +3,9 @@
 A diagnosis reads one tenant's key inventory, key material and live secrets from the read
 models, unwraps each relevant key version once to test it (the data key is dropped at
 once), and reports every way the secrets and keys have drifted apart. It never decrypts a
-secret value. Without a master key, it marks nothing destructive.
+secret value. Without a master key, it marks nothing destructive. Nothing is marked for
+deletion on a read model's word alone: the key inventory is compared with the keyring,
+and each secret the catalog makes look unrecoverable with its aggregate.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from keyledger.application.ledger import Ledger
 from keyledger.application.read_models import audit_lag, audit_position
 from keyledger.application.row_errors import read_model_errors
+from keyledger.domain.envelope import envelope_key_version
 from keyledger.domain.ids import keyring_id
 from keyledger.errors import DecryptionFailed
 from keyledger.infrastructure.crypto import DataKey, stored_wrapped
@@ -35,6 +38,16 @@ MATERIAL_MISSING = (
     "its key material is missing (no row in kl_key_material: restore it from a backup, "
     "docs/operations.md section 6, before any repair)"
 )
+# A live secret as the catalog has it: (name, key version, the key version its envelope's
+# header names (None: not a valid envelope), value version).
+SecretRow = tuple[str, int, int | None, int]
+# What a secret's findings mark for deletion (repair action DELETE_SECRET).
+ENVELOPE_INVALID = "secret_envelope_invalid"
+KEY_MISSING = "secret_envelope_missing_tenant_encryption_key"
+UNWRAP_FAILED = "secret_envelope_unwrap_failed"
+UNRECOVERABLE = (ENVELOPE_INVALID, KEY_MISSING, UNWRAP_FAILED)
+CATALOG_COLUMNS = ("key_version", "envelope_version", "version")
+NAMES_SHOWN = 10  # secrets named in the message of a catalog inconsistency (details: all)
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,7 @@ class Diagnosis:
                 "WHERE tenant_id=? AND deleted=0 ORDER BY name",
                 (self.tenant_id,),
             )
-            # (name, key version, envelope's key version, value version)
-            self.secrets = [
+            self.secrets: list[SecretRow] = [
                 (row[0], row[1], row[2], row[3])
                 for row in cur.fetchall()
                 if self.names is None or row[0] in self.names
@@ -319,46 +331,149 @@ class Diagnosis:
         )
 
     def _check_secrets(self) -> None:
-        for name, key_version, envelope_version, value_version in self.secrets:
+        """Each live secret against the key version it names. A catalog row that marks
+        its secret unrecoverable is confirmed against the secret's aggregate first, and
+        the secret judged as the stream has it (found by review: one edited catalog
+        column, envelope_version set to NULL or key_version to a version that does not
+        exist, had a repair delete a healthy secret). Only those rows cost an aggregate
+        load: a healthy tenant's diagnosis stays one read of the catalog."""
+        checked: list[SecretRow] = []
+        contradicted: dict[str, list[str]] = {}
+        for row in self.secrets:
+            finding = self._secret_finding(row)
+            if finding in UNRECOVERABLE:
+                confirmed = self._confirm(row, contradicted)
+                if confirmed is None:
+                    continue
+                if confirmed != row:
+                    row, finding = confirmed, self._secret_finding(confirmed)
+            checked.append(row)
+            self._report_secret(row, finding)
+        if contradicted:
+            self._on_catalog_contradicted(contradicted)
+        self.secrets = checked  # (the live secrets the stream has, for the summary)
+
+    def _secret_finding(self, row: SecretRow) -> str | None:
+        """The code of what is wrong with the secret of ``row`` (None: nothing)."""
+        _, key_version, envelope_version, _ = row
+        key = self.keys.get(key_version)
+        if envelope_version is None or envelope_version != key_version:
+            return ENVELOPE_INVALID
+        if key is None or key.status == "destroyed":
+            return KEY_MISSING
+        if key.status == "compromised":
+            return "secret_on_compromised_key"
+        if not self.probe(key_version).usable:
+            return UNWRAP_FAILED
+        if key.status == "retired":
+            return "secret_on_retired_key"
+        return None
+
+    def _confirm(self, row: SecretRow, contradicted: dict[str, list[str]]) -> SecretRow | None:
+        """``row``, which marks its secret unrecoverable, as the secret's aggregate has
+        it (None: the stream leaves nothing about it to judge now).
+
+        A row that disagrees with the aggregate is read again. When it now agrees, the
+        secret was written (stored afresh, re-encrypted, deleted) after the snapshot the
+        diagnosis reads: no drift, and the next diagnosis sees it as it is. When it
+        still disagrees, the catalog contradicts the stream: the columns that differ go
+        into ``contradicted`` (reported as ``read_model_inconsistent_with_stream``, so
+        that a repair rebuilds the read models before it plans anything), and the
+        secret is judged by its aggregate, so that what a dry run plans to delete is what
+        the repair deletes on the rebuilt catalog. A key version the snapshot's keyring
+        does not reach yet was created after it: the secret was written since, as above.
+        """
+        name = row[0]
+        stream = self._stream_row(name)
+        if stream == row:
+            return row
+        if self._catalog_row(name) == stream:
+            return None
+        if stream is None:
+            contradicted[name] = ["deleted"]
+            return None
+        pairs = zip(CATALOG_COLUMNS, row[1:], stream[1:], strict=True)
+        contradicted[name] = [column for column, ours, theirs in pairs if ours != theirs]
+        if stream[1] not in self.keys and stream[1] > max(self.keys, default=0):
+            return None
+        return stream
+
+    def _stream_row(self, name: str) -> SecretRow | None:
+        """The catalog row the secret's aggregate makes (None: no live secret)."""
+        secret = self.ledger.secret(self.tenant_id, name, fresh=True)
+        if secret is None or secret.deleted:
+            return None
+        version = envelope_key_version(secret.envelope)
+        return (name, secret.key_version, version, secret.value_version)
+
+    def _catalog_row(self, name: str) -> SecretRow | None:
+        """The secret's live catalog row as it is now (None: none)."""
+        with self.ledger.reading() as cur:
+            cur.execute(
+                "SELECT name, key_version, envelope_version, version FROM kl_catalog "
+                "WHERE tenant_id=? AND name=? AND deleted=0",
+                (self.tenant_id, name),
+            )
+            found = cur.fetchone()
+        return None if found is None else (found[0], found[1], found[2], found[3])
+
+    def _on_catalog_contradicted(self, contradicted: dict[str, list[str]]) -> None:
+        names = sorted(contradicted)
+        shown = ", ".join(repr(name) for name in names[:NAMES_SHOWN])
+        more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+        self.add(
+            "read_model_inconsistent_with_stream",
+            "error",
+            REBUILD,
+            f"the catalog read model disagrees with the event stream for secret(s) "
+            f"{shown}{more}: rebuild the read models before trusting this diagnosis",
+            read_model="catalog",
+            secret_names=names,
+            columns={name: contradicted[name] for name in names},
+        )
+
+    def _report_secret(self, row: SecretRow, finding: str | None) -> None:
+        name, key_version, _, value_version = row
+        if finding == ENVELOPE_INVALID:
+            self.add(
+                ENVELOPE_INVALID,
+                "error",
+                DELETE_SECRET,
+                f"the envelope of secret {name!r} cannot be parsed",
+                secret_name=name,
+                key_version=key_version,
+                value_version=value_version,
+            )
+        elif finding == KEY_MISSING:
             key = self.keys.get(key_version)
-            if envelope_version is None or envelope_version != key_version:
-                self.add(
-                    "secret_envelope_invalid",
-                    "error",
-                    DELETE_SECRET,
-                    f"the envelope of secret {name!r} cannot be parsed",
-                    secret_name=name,
-                    key_version=key_version,
-                    value_version=value_version,
-                )
-            elif key is None or key.status == "destroyed":
-                self.add(
-                    "secret_envelope_missing_tenant_encryption_key",
-                    "error",
-                    DELETE_SECRET,
-                    f"secret {name!r} names key version {key_version}, which "
-                    + ("does not exist" if key is None else "was destroyed"),
-                    secret_name=name,
-                    key_version=key_version,
-                    value_version=value_version,
-                )
-            elif key.status == "compromised":
-                self._on_compromised(name, key_version)
-            elif not (probe := self.probe(key_version)).usable:
-                self.add(
-                    "secret_envelope_unwrap_failed",
-                    "error",
-                    DELETE_SECRET,
-                    f"secret {name!r} is under key version {key_version}, which cannot be "
-                    f"unwrapped: {probe.reason}",
-                    secret_name=name,
-                    key_version=key_version,
-                    value_version=value_version,
-                    amk_id=probe.amk_id,
-                    unknown_master_key=probe.unknown_amk,
-                )
-            elif key.status == "retired":
-                self._on_retired(name, key_version)
+            self.add(
+                KEY_MISSING,
+                "error",
+                DELETE_SECRET,
+                f"secret {name!r} names key version {key_version}, which "
+                + ("does not exist" if key is None else "was destroyed"),
+                secret_name=name,
+                key_version=key_version,
+                value_version=value_version,
+            )
+        elif finding == "secret_on_compromised_key":
+            self._on_compromised(name, key_version)
+        elif finding == UNWRAP_FAILED:
+            probe = self.probe(key_version)
+            self.add(
+                UNWRAP_FAILED,
+                "error",
+                DELETE_SECRET,
+                f"secret {name!r} is under key version {key_version}, which cannot be "
+                f"unwrapped: {probe.reason}",
+                secret_name=name,
+                key_version=key_version,
+                value_version=value_version,
+                amk_id=probe.amk_id,
+                unknown_master_key=probe.unknown_amk,
+            )
+        elif finding == "secret_on_retired_key":
+            self._on_retired(name, key_version)
 
     def _check_material(self) -> None:
         for row in self.material:

@@ -154,6 +154,27 @@ def _secret_weight(secret: Secret) -> int:
 # the library's decoding and version errors (``EventSourcingError``, ``TopicError``), and
 # the domain's ``apply`` methods meeting events they cannot follow (a topic swapped for
 # another aggregate's event, a version the keyring never had).
+def _check_identity(aggregate_id: UUID, aggregate: Any) -> None:
+    """``AuditTampered`` unless a secret's tenant and name (a keyring's tenant) derive
+    the id it was loaded by. Events copied into the store under another aggregate's id
+    (by anyone who can insert rows) replayed as that aggregate with the tenant and name
+    they carried, and a retrieve of ``evil/loot`` decrypted globex's secret with
+    globex's key (found by review): the envelope's AAD binds the tenant and name the
+    events carry, not the id they were found under."""
+    if isinstance(aggregate, Secret):
+        expected = secret_id(aggregate.tenant_id, aggregate.name)
+    elif isinstance(aggregate, TenantKeyring):
+        expected = keyring_id(aggregate.tenant_id)
+    else:
+        return
+    if expected != aggregate_id:
+        raise AuditTampered(
+            f"the stored events of aggregate {aggregate_id} belong to another "
+            f"{'secret' if isinstance(aggregate, Secret) else 'keyring'}: events were "
+            "copied or forged in the store; run `keyledger audit verify`"
+        )
+
+
 UNREPLAYABLE = (
     UnverifiedSnapshot,  # (a snapshot in the event stream itself: a forged row)
     EventSourcingError,
@@ -303,12 +324,13 @@ class Ledger(Application[UUID]):
         """The aggregate from the store (at ``version``, if given); None if not found."""
         try:
             try:
-                return self.repository.get(aggregate_id, version=version)
+                aggregate: Any = self.repository.get(aggregate_id, version=version)
             except UnverifiedSnapshot:  # (see TaggingMapper._vouch_for_snapshot)
                 aggregate = self._from_events(aggregate_id, version)
                 if version is None:
                     self._renew_snapshot(aggregate)
-                return aggregate
+            _check_identity(aggregate_id, aggregate)
+            return aggregate
         except AggregateNotFoundError:
             return None
         except (ConnectionPoolClosedError, PersistenceError) as error:

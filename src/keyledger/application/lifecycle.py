@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from keyledger.application.keys import refuse_an_unknown_master_key
 from keyledger.application.ledger import Ledger
 from keyledger.application.queries import Queries
+from keyledger.application.row_errors import read_model_errors
 from keyledger.application.secrets import actor_dict, record_failure, unavailable
 from keyledger.application.stream import secret_ids_in_stream
 from keyledger.context import Actor
@@ -159,7 +160,7 @@ class KeyLifecycle:
         )
         outcomes: list[CleanupKeyOutcome] = []
         users_by_tenant: dict[str, Counter[int]] = {}
-        for tenant_id, version in self.queries.retired_keys(cutoff):
+        for tenant_id, version in self._retired_keys(cutoff):
             outcome, reason = self._destroy_retired(tenant_id, version, who, users_by_tenant)
             outcomes.append(
                 CleanupKeyOutcome(
@@ -177,6 +178,19 @@ class KeyLifecycle:
         if destroyed or self.ledger.shred_pending():  # (pending: a run stopped before it)
             shred_reporting(self.ledger, result)  # ShredIncomplete names `keyledger db shred`
         return result
+
+    @read_model_errors
+    def _retired_keys(self, cutoff: int | None) -> list[tuple[str, int]]:
+        """The versions the key inventory lists as retired (or compromised) by ``cutoff``,
+        every row checked before any version is destroyed. A version edited to text in
+        kl_keys failed the cleanup with a pydantic traceback (its outcome could not be
+        built), after destroying whatever versions were listed before it (found by
+        review): now it fails first, as ``StorageError`` naming the rebuild that repairs it."""
+        rows = self.queries.retired_keys(cutoff)
+        for tenant_id, version in rows:
+            if type(tenant_id) is not str or type(version) is not int:
+                raise TypeError("a key inventory row of another type")
+        return rows
 
     def _destroy_retired(
         self, tenant_id: str, version: int, who: ActorDict, users_by_tenant: dict[str, Counter[int]]

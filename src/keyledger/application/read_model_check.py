@@ -20,9 +20,12 @@ position with its rows): any is reported as unexpected.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from contextlib import suppress
+import sqlite3
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
+
+from eventsourcing.persistence import IntegrityError
 
 from keyledger.application.read_models import (
     PAGE_SIZE,
@@ -40,6 +43,7 @@ from keyledger.application.read_models import (
     table_lost,
     tracked_position,
 )
+from keyledger.application.row_errors import read_model_errors
 from keyledger.errors import StorageError
 from keyledger.models import (
     DifferenceKind,
@@ -48,6 +52,7 @@ from keyledger.models import (
     ReadModelTable,
     TableComparison,
 )
+from keyledger.projections.projector import REPEATED_ROWS
 from keyledger.projections.schema import READ_MODEL_COLUMNS, read_model_table_statements
 
 if TYPE_CHECKING:
@@ -74,7 +79,10 @@ def check_read_models(
     with store.projecting() as cur:
         create_copies(cur, store.dialect, tables, suffix, indexed=False)
     try:
-        replayed, comparisons = _replay_and_compare(ledger, tables, suffix, replay_page, progress)
+        with _no_repeated_rows():
+            replayed, comparisons = _replay_and_compare(
+                ledger, tables, suffix, replay_page, progress
+            )
     except StorageError:
         if table_lost(ledger, "kl_tracking" + suffix):
             raise StorageError(
@@ -89,6 +97,18 @@ def check_read_models(
 
 
 Compared = tuple[TableComparison, list[ReadModelDifference]]
+
+
+@contextmanager
+def _no_repeated_rows() -> Iterator[None]:
+    """A replay into the copies that breaks their keys as ``StorageError`` saying why.
+    The projections name the position of every copied event they can tell (see
+    ``projections/catalog.py``); one they cannot still failed the check with an
+    ``IntegrityError`` traceback, or the driver's message (found by review)."""
+    try:
+        yield
+    except (IntegrityError, sqlite3.IntegrityError):
+        raise StorageError(REPEATED_ROWS) from None
 
 
 def _report(models: list[str], replayed: int, comparisons: list[Compared]) -> ReadModelCheck:
@@ -121,12 +141,13 @@ def _in_one_snapshot(
     with ledger.store.reading() as cur:
         for statement in read_model_table_statements("sqlite", suffix):
             cur.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
-        while items := replay_page(cur):
-            replayed += len(items)
-            if progress:
-                progress(len(items))
-            if len(items) < PAGE_SIZE:
-                break
+        with _no_repeated_rows():  # (inside: reading() reports the driver's message)
+            while items := replay_page(cur):
+                replayed += len(items)
+                if progress:
+                    progress(len(items))
+                if len(items) < PAGE_SIZE:
+                    break
         position = tracked_position(cur, "kl_tracking" + suffix)
         comparisons = _catalog_comparisons(cur, "sqlite", tables, suffix, position)
         if "kl_audit" in tables:
@@ -155,6 +176,7 @@ def _audit_comparison(
     return _with_rows_beyond(_compare(cur, dialect, "kl_audit", suffix, bound, bound), beyond)
 
 
+@read_model_errors
 def _rows_beyond(cur: Any, reached: int) -> tuple[int, list[ReadModelDifference]]:
     """Audit rows after the position the audit model reached: it advances that position
     with its rows, in one transaction, so none can be there (a row forged beyond the
@@ -293,6 +315,7 @@ def _compare(
     return comparison, differences
 
 
+@read_model_errors
 def _difference(
     table: ReadModelTable,
     kind: DifferenceKind,
@@ -300,7 +323,9 @@ def _difference(
     columns: tuple[str, ...],
     row: tuple[Any, ...],
 ) -> ReadModelDifference:
-    """A difference named by its key; an altered row's differing columns (not values)."""
+    """A difference named by its key; an altered row's differing columns (not values).
+    A live row's key edited to another type (a key version that is text) is
+    ``StorageError``: it was a pydantic traceback (found by review)."""
     named = dict(zip(keys, row, strict=False))
     differing: list[str] = []
     if kind == "altered":

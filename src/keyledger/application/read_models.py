@@ -27,11 +27,12 @@ from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from keyledger.application.row_errors import read_model_errors
 from keyledger.application.stream import undecodable
-from keyledger.errors import StorageError
+from keyledger.errors import AuditTampered, StorageError
 from keyledger.infrastructure.lost_tables import CATALOG_LOST
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
 from keyledger.projections.catalog import CatalogProjector
+from keyledger.projections.projector import REPEATED_ROWS
 from keyledger.projections.schema import (
     INDEX_NAMES,
     REBUILT_TABLES,
@@ -152,8 +153,32 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
     with ledger.reading() as cur:
         reached = tracked_position(cur)
         cur.execute(f"SELECT MAX({position}) FROM {table}")
-        head = cur.fetchone()[0] or 0
-    return reached, int(head)
+        head = int(cur.fetchone()[0] or 0)
+        if ledger.store.dialect == "postgres":
+            _check_head_was_assigned(cur, table, head)
+    return reached, head
+
+
+def _check_head_was_assigned(cur: Any, table: str, head: int) -> None:
+    """(PostgreSQL) ``AuditTampered`` when the newest position is beyond what the
+    sequence ever handed out: a row inserted with a position of its own choosing (any
+    role with INSERT on the events table can). The audit model caught up to it, and
+    every event appended after it, numbered below it by the sequence, never reached the
+    audit queries, the trail or a resumed export (found by review). Refusing keeps them
+    from answering without those events; docs/postgresql.md grants the application
+    INSERT on the other columns only."""
+    cur.execute(
+        "SELECT pg_sequence_last_value(pg_get_serial_sequence(?, 'notification_id'))",
+        (table,),
+    )
+    assigned = int(cur.fetchone()[0] or 0)
+    if head > assigned:
+        raise AuditTampered(
+            f"the event at position {head} has a position the store never assigned (its "
+            f"sequence is at {assigned}): a row was inserted with a chosen position, and "
+            "events appended after it would be missing from the audit queries; run "
+            "`keyledger audit verify`, and see docs/postgresql.md (roles)"
+        )
 
 
 @read_model_errors
@@ -344,6 +369,8 @@ def rebuild_read_models(
         create_copies(cur, store.dialect, tables, suffix, indexed=True)
     try:
         replayed = _replay_and_switch(ledger, tables, suffix, replay_page, progress)
+    except IntegrityError:  # (the events table lost its key: an event stored twice)
+        raise StorageError(REPEATED_ROWS) from None
     except StorageError:
         if table_lost(ledger, tracking_copy):
             raise StorageError(

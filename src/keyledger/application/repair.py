@@ -4,7 +4,10 @@ Destructive work (deleting unrecoverable secrets, destroying unusable key versio
 transaction with the ``repair`` event, so a repair killed midway has either done all of
 it or none; non-destructive fixes (re-wrap, re-encrypt, catch up, delete orphaned
 material) run after. Read models that disagree with the stream are rebuilt first, so
-deletions are only ever planned on consistent ones.
+deletions are only ever planned on consistent ones; the diagnosis confirms each secret it
+marks unrecoverable against the secret's aggregate (a catalog row that disagrees makes the
+read models inconsistent), and the deletion checks the aggregate again, so no secret is
+deleted on a read model's word alone.
 A missing master key never leads to anything being deleted: its diagnosis marks nothing
 destructive.
 """
@@ -24,11 +27,15 @@ from keyledger.errors import ConfirmationRequired
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.models import DriftIssue, RepairResult
 
+# A secret to delete as the diagnosis found it: (its value version, its key version).
+Found = tuple[int | None, int | None]
 
-def _plan(issues: list[DriftIssue]) -> tuple[dict[str, int | None], list[int]]:
-    """(each secret to delete: the value version found unrecoverable; versions to destroy)."""
+
+def _plan(issues: list[DriftIssue]) -> tuple[dict[str, Found], list[int]]:
+    """(each secret to delete: the value and key versions found unrecoverable; versions to
+    destroy)."""
     secrets = {
-        i.secret_name: i.details.get("value_version")
+        i.secret_name: (i.details.get("value_version"), i.key_version)
         for i in sorted(issues, key=lambda i: i.secret_name or "")
         if i.repair_action == DELETE_SECRET and i.secret_name
     }
@@ -125,7 +132,7 @@ def _record(
     ledger: Ledger,
     tenant_id: str,
     issues: list[DriftIssue],
-    secrets: dict[str, int | None],
+    secrets: dict[str, Found],
     versions: list[int],
     live: int,
     actor: Actor,
@@ -135,10 +142,12 @@ def _record(
     (on healthy retired versions), a fresh active version, so that they are re-encrypted
     onto it at once and the tenant is left without drift. Returns the names deleted.
 
-    A secret is deleted only while its value is the one the diagnosis found unrecoverable
-    (same value version): a value stored afresh since, as the drift error tells clients
-    to do, is kept. The secrets and the keyring are written with the versions they were
-    loaded at, so a change in between makes the attempt start again on fresh state.
+    A secret is deleted only while its aggregate holds what the diagnosis found
+    unrecoverable (same value version, same key version): a value stored afresh since, as
+    the drift error tells clients to do, is kept, and so is one re-encrypted since (its
+    value was readable after all); the aggregate, not the catalog, decides. The secrets
+    and the keyring are written with the versions they were loaded at, so a change in
+    between makes the attempt start again on fresh state.
     Returns the names deleted and the versions destroyed by this run: a version another
     repair destroyed meanwhile is neither destroyed nor recorded again (found by review:
     two repairs at once each recorded and reported it)."""
@@ -157,17 +166,18 @@ def _record(
         for version in destroyed:
             changed.destroy(version, "drift repair: unusable", who)
         deleted: list[Secret] = []
-        for name, value_version in secrets.items():
+        for name, (value_version, key_version) in secrets.items():
             secret = ledger.secret(tenant_id, name, fresh=n > 0)
             skip = (
                 secret is None
                 or secret.deleted
                 or (value_version is not None and secret.value_version != value_version)
+                or (key_version is not None and secret.key_version != key_version)
             )
             if skip and n == 0:  # decided on a cached copy, which may be stale (another
                 raise Conflict  # process stored or re-created it): look again
             if skip:
-                continue  # gone, or stored afresh since the diagnosis: not unrecoverable
+                continue  # gone, or written since the diagnosis: not unrecoverable
             assert secret is not None
             doomed = ledger.for_update(secret)
             doomed.delete(who)

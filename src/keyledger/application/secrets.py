@@ -166,6 +166,16 @@ class SecretCommands:
             again = self.ledger.keyring(tenant_id, fresh=True)
             if again is None or again.version != keyring.version:
                 raise Conflict from None
+            master_keys = self.ledger.master_keys
+            if master_keys.current is not None and not master_keys.knows(active.amk_id):
+                # What rotate and re-encrypt raise for it: an application alerting on
+                # MasterKeyUnavailable ("a key not deployed") saw DecryptionFailed from
+                # the commonest call of a misdeployment (found by review).
+                raise MasterKeyUnavailable(
+                    f"the active key version {active.version} of tenant {tenant_id!r} is "
+                    f"wrapped by master key {active.amk_id}, which is not configured; add "
+                    "it to KEYLEDGER_PREVIOUS_MASTER_KEYS"
+                ) from None
             raise
 
     def _store_once(

@@ -1,7 +1,8 @@
 """``keyledger drift``: diagnose how tenants' secrets and keys drifted apart, and repair it.
 
 A diagnosis never decrypts a value. A repair deletes only what is unrecoverable, and only
-after a confirmation (or --yes); a repair that deletes nothing needs none.
+after a confirmation (or --yes); so does one that re-wraps keys under the current master
+key (it shreds the old copies). Any other repair needs none.
 """
 
 from __future__ import annotations
@@ -157,8 +158,47 @@ def deletes(plan: RepairResult) -> bool:
     return bool(plan.would_delete_secrets or plan.would_delete_tenant_encryption_keys)
 
 
-def emit_plan(plan: RepairResult) -> None:
-    """The dry run: the issues found and what the repair would delete."""
+REWRAP_CODE = "active_tenant_encryption_key_amk_mismatch"
+
+
+def rewraps(plan: RepairResult) -> bool:
+    """True when the repair re-wraps key versions under the current master key."""
+    return any(issue.code == REWRAP_CODE for issue in plan.issues_before)
+
+
+def other_steps(plan: RepairResult, master_key_id: str | None) -> list[str]:
+    """The repair's steps that change keys or secrets without deleting any, in words.
+    The plan and the result said only what was deleted: a repair that re-wrapped the
+    tenant's keys and shredded the copies under the previous master key (after which a
+    process that knows only that key cannot use them) said "deleted nothing" (found by
+    review)."""
+    codes = {issue.code for issue in plan.issues_before}
+    steps = []
+    if REWRAP_CODE in codes:
+        steps.append(
+            "re-wrap the tenant's key versions wrapped by a previous master key under the "
+            f"current one{f' ({master_key_id})' if master_key_id else ''}, and shred the "
+            "old copies: processes that know only the previous master key can no longer "
+            "use them"
+        )
+    stray = sorted(
+        {
+            issue.key_version
+            for issue in plan.issues_before
+            if issue.repair_action == "delete-orphaned-key-material"
+            and issue.key_version is not None
+        }
+    )
+    if stray:
+        steps.append(f"delete stray key material of version(s) {', '.join(map(str, stray))}")
+    retired = sum(issue.code == "secret_on_retired_key" for issue in plan.issues_before)
+    if retired:
+        steps.append(f"re-encrypt {retired} secret(s) on retired key versions onto the active one")
+    return steps  # (and catching up the audit model, which changes no fact)
+
+
+def emit_plan(plan: RepairResult, master_key_id: str | None = None) -> None:
+    """The dry run: the issues found, what the repair would delete, and its other steps."""
     if plan.issues_before:
         emit_table(ISSUE_HEADERS, [issue_row(issue) for issue in plan.issues_before])
     click.echo(f"Tenant {plan.tenant_id!r}: {counts(plan.issues_before)}.")
@@ -166,6 +206,8 @@ def emit_plan(plan: RepairResult) -> None:
         click.echo(f"The repair would delete {deletion_plan(plan)}.")
     else:
         click.echo("The repair would delete nothing.")
+    for step in other_steps(plan, master_key_id):
+        click.echo(f"It would also {step}.")
 
 
 @drift_group.command("repair")
@@ -175,29 +217,37 @@ def emit_plan(plan: RepairResult) -> None:
 @json_option
 @pass_cli
 def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
-    """Repair the drift of TENANT; asks before deleting anything (unless --yes).
+    """Repair the drift of TENANT; asks before deleting or re-wrapping (unless --yes).
 
     Shows the plan first. Deletes only secrets whose values are unrecoverable and key
-    versions that cannot be used; a repair that deletes nothing asks nothing. Every repair
-    is audited. Before confirming a deletion because of a master key, check the diagnosis:
-    adding a missing master key to KEYLEDGER_PREVIOUS_MASTER_KEYS recovers every value.
+    versions that cannot be used; a repair that neither deletes nor re-wraps keys asks
+    nothing. Every repair is audited. Before confirming a deletion because of a master
+    key, check the diagnosis: adding a missing master key to
+    KEYLEDGER_PREVIOUS_MASTER_KEYS recovers every value.
     Exits 1 when errors remain after the repair.
     """
     service = cli.service
     cli.refuse_unknown_tenant(tenant_id)  # (a mistyped tenant "repaired": found by review)
     plan = service.repair_tenant_secret_key_drift(tenant_id, dry_run=True, **cli.actor)
+    master_key_id = service.master_key_id() if rewraps(plan) else None
     if dry_run:
         if cli.json_output:
             emit_json(to_data(plan))
         else:
-            emit_plan(plan)
+            emit_plan(plan, master_key_id)
         return
     if not cli.json_output:
-        emit_plan(plan)
+        emit_plan(plan, master_key_id)
     confirm = deletes(plan)
     if confirm:
         ask(
             f"Delete {deletion_plan(plan)} of tenant {tenant_id!r}? This cannot be undone.",
+            yes=yes,
+        )
+    elif rewraps(plan):  # (as `master-key rewrap` asks: the shred cannot be undone)
+        ask(
+            f"Re-wrap the key versions of tenant {tenant_id!r} under master key "
+            f"{master_key_id} and shred the copies under the previous one?",
             yes=yes,
         )
     # What was shown and confirmed bounds what is deleted: the repair diagnoses again,
@@ -211,6 +261,8 @@ def repair(cli: CliContext, tenant_id: str, dry_run: bool, yes: bool) -> None:
         emit_json(to_data(result))
     else:
         emit_repair(result)
+        for step in other_steps(plan, master_key_id):
+            click.echo(f"Also: {step} (done).")
     if incomplete is not None:
         raise incomplete
     remaining = errors_in(result.remaining_issues)

@@ -25,8 +25,10 @@ def library_errors() -> Iterator[None]:
     try:
         yield
     except KeyledgerError as error:
+        from keyledger.cli.render import terminal_safe  # (render imports the CLI's root)
+
         # The library's messages name tenants, secrets and key versions, never values or keys.
-        raise click.ClickException(str(error) or type(error).__name__) from None
+        raise click.ClickException(terminal_safe(str(error) or type(error).__name__)) from None
 
 
 def despite_shred(call: Callable[[], T]) -> tuple[T, ShredIncomplete | None]:

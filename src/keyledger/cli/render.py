@@ -103,6 +103,16 @@ def _plain(char: str) -> bool:
     return char.isprintable() and _SHOWN_AS_NOTHING.match(char) is None
 
 
+def terminal_safe(message: str) -> str:
+    """A message for a terminal: every character that is not printable (an escape
+    sequence's ESC, a BEL; newlines kept) as its escape. Messages can quote text from
+    the store that no validation saw: a driver's message quoted a state planted as text,
+    and its escape sequence reached the terminal as ``Error: ...`` (found by review)."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() or c == "\n" else _escaped(c) for c in message)
+
+
 def shell_word(value: str) -> str:
     """``value`` as one word of a command line to copy: quoted, and with what
     ``shown`` escapes in bash's ``$'...'`` form, so the hint shows what it runs."""

@@ -9,9 +9,10 @@ annotations turns all of that into one error at decoding, which every reader of 
 reports as tampering (``AuditTampered``), and ``audit verify`` locates.
 
 A class's checks are built once, from its dataclass fields and type hints: ``str``, ``bytes``,
-``bool``, ``datetime``, ``UUID`` by type; ``int`` also by range (what SQLite and PostgreSQL
-store as BIGINT); unions, ``dict[K, V]``, ``list[T]``, ``tuple[T, ...]`` and ``Literal`` by
-their parts. A type variable or ``Any`` accepts anything.
+``bool``, ``UUID`` by type; ``int`` also by range (what SQLite and PostgreSQL store as
+BIGINT); ``datetime`` also by its offset (see ``is_instant``); unions, ``dict[K, V]``,
+``list[T]``, ``tuple[T, ...]`` and ``Literal`` by their parts. A type variable or ``Any``
+accepts anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 Check = Callable[[object], bool]
@@ -37,6 +39,29 @@ def _anything(value: object) -> bool:
 
 def is_int64(value: object) -> bool:
     return type(value) is int and INT64_MIN <= value <= INT64_MAX  # (a bool is no int here)
+
+
+def is_instant(value: object) -> bool:
+    """Whether ``value`` is an aware datetime that converts to UTC: one the read models
+    can hold as microseconds since the epoch (every UTC datetime, years 1 to 9999, fits
+    a BIGINT), and one the domain can compare with the clock.
+
+    Every event keyledger writes carries one in UTC. A stored time edited to a naive one
+    failed ``secrets get`` and the projections with a ``TypeError`` (naive against aware),
+    and one whose offset takes it out of the years 1 to 9999 (0001-01-01T00:00:00+14:00)
+    was projected into a row no audit query could read back, "run projections rebuild"
+    answering every query after a rebuild that succeeded (found by review)."""
+    if not isinstance(value, datetime):
+        return False
+    if value.tzinfo is UTC:  # (the common case: what keyledger writes decodes to it)
+        return True
+    try:
+        if value.utcoffset() is None:  # naive
+            return False
+        value.astimezone(UTC)
+    except (OverflowError, ValueError, TypeError):  # beyond the years 1 to 9999 in UTC
+        return False
+    return True
 
 
 def _is_bool(value: object) -> bool:
@@ -80,6 +105,8 @@ def checker(hint: Any) -> Check:
         return is_int64
     if hint is bool:
         return _is_bool
+    if hint is datetime:
+        return is_instant
     if origin is typing.Union or origin is types.UnionType:
         return _any_of([checker(arg) for arg in args])
     if origin is typing.Literal:
@@ -101,7 +128,8 @@ def checker(hint: Any) -> Check:
 
 def exact_types(hint: Any) -> frozenset[type]:
     """Types whose values satisfy ``hint`` without a closer look: the fast path of
-    ``check_shape`` (an ``int`` always gets one, for its range)."""
+    ``check_shape`` (an ``int`` always gets one, for its range; a ``datetime`` for its
+    offset)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is type(None) or hint is None:
         return frozenset({type(None)})
@@ -109,7 +137,7 @@ def exact_types(hint: Any) -> frozenset[type]:
         return frozenset().union(*(exact_types(arg) for arg in args))
     if origin is dict and all(arg is Any for arg in args):
         return frozenset({dict})
-    if isinstance(hint, type) and hint is not int and origin is None:
+    if isinstance(hint, type) and hint not in (int, datetime) and origin is None:
         return frozenset({hint})
     return frozenset()
 
@@ -144,7 +172,11 @@ def check_shape(event: object) -> None:
         if value is _MISSING:
             raise EventShapeError(f"{type(event).__name__} has no {name!r}")
         if not check(value):
-            raise EventShapeError(
-                f"{type(event).__name__}.{name} holds a {type(value).__name__}, "
-                "not what the class declares"
-            )
+            raise EventShapeError(f"{type(event).__name__}.{name} {_unlike(value)}")
+
+
+def _unlike(value: object) -> str:
+    """How ``value`` departs from its declared type (its type, never the value itself)."""
+    if isinstance(value, datetime) and not is_instant(value):
+        return "holds a datetime that is no UTC instant (naive, or beyond the years 1 to 9999)"
+    return f"holds a {type(value).__name__}, not what the class declares"

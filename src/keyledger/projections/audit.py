@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from keyledger._json import compact_encoder
 from keyledger.projections.audit_mapping import audit_facts
-from keyledger.projections.projector import Cursor
-from keyledger.projections.timeutil import to_micros
+from keyledger.projections.projector import UNTIMED, Cursor, tampered
+from keyledger.projections.timeutil import instant_micros
 
 AUDIT_TRACKING_NAME = "audit"
 
@@ -42,10 +42,13 @@ class AuditProjector:
         facts = audit_facts(event)
         if facts is None:
             return None
+        at = instant_micros(event.timestamp)  # type: ignore[attr-defined]
+        if at is None:  # (a row of it would fail every audit query: see instant_micros)
+            raise tampered(position, UNTIMED)
         actor = facts.actor
         return (
             position,
-            to_micros(event.timestamp),  # type: ignore[attr-defined]
+            at,
             facts.tenant_id,
             facts.secret_name,
             facts.action,

@@ -12,10 +12,11 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.envelope import envelope_key_version
+from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
-from keyledger.projections.projector import Cursor, Outcome
-from keyledger.projections.timeutil import optional_micros, to_micros
+from keyledger.projections.projector import UNTIMED, Cursor, Outcome, tampered
+from keyledger.projections.timeutil import instant_micros, optional_micros, to_micros
 
 _CATALOG_UPSERT_FIELDS = (
     "disabled=?, expired=?, deleted=0, category=?, description=?, metadata=?, version=?, "
@@ -114,14 +115,18 @@ class CatalogProjector:
                 reads.clear()
                 counted.clear()
 
-        for _, event in items:
+        for position, event in items:
             if isinstance(event, (AuditRecord.SecretRead, ReadView)):
-                reads.append(
-                    ReadFacts(event.tenant_id, event.secret_name, to_micros(event.timestamp))
-                )
+                at = instant_micros(event.timestamp)
+                if at is None:  # (see instant_micros)
+                    raise tampered(position, UNTIMED)
+                reads.append(ReadFacts(event.tenant_id, event.secret_name, at))
                 counted.add((event.tenant_id, event.secret_name))
                 continue
+            _check_identity(position, event)
             if type(event) is Secret.SecretCreated:
+                if (event.tenant_id, event.name) in creating:
+                    raise tampered(position, "creates a secret created before")
                 created.append(event)  # a secret is created once: each is a different row
                 creating.add((event.tenant_id, event.name))
                 continue
@@ -136,6 +141,7 @@ class CatalogProjector:
                     flush(only_created=True)
             else:
                 flush()
+                _check_new_key(cur, position, event)
             handler(cur, event, _UNWANTED)
         flush()
 
@@ -388,6 +394,45 @@ _PG_CREATED_INSERT = (
     "name, category, description, metadata, key_version, envelope_version, expires_at, "
     "created, updated)"
 )
+
+
+def _check_identity(position: int, event: object) -> None:
+    """``AuditTampered`` unless a replayed secret's or keyring's event is stored under
+    the id its tenant (and name) derive, a creation as the aggregate's first version.
+
+    The stored state names the tenant and the secret the projections write; the id and
+    the version are the row's own columns. An event copied under another aggregate's id
+    (a state swapped for another secret's, a tenant planted with copies of another's
+    events: anyone who can insert rows can) made a rebuild fail on the read models' keys
+    with an ``IntegrityError`` traceback, and a check with the driver's message (found
+    by review). Checked in replays only: an event being written was made from its id."""
+    if isinstance(event, Secret.SecretCreated | Secret.Event):
+        expected, kind = secret_id(event.tenant_id, event.name), "secret"
+    elif isinstance(event, TenantKeyring.TenantKeyCreated | TenantKeyring.Event):
+        expected, kind = keyring_id(event.tenant_id), "keyring"
+    else:
+        return
+    if event.originator_id != expected:
+        raise tampered(position, f"names another {kind} than the one it is stored under")
+    if isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated) and (
+        event.originator_version != 1
+    ):
+        raise tampered(position, f"creates its {kind} at version {event.originator_version}")
+
+
+def _check_new_key(cur: Cursor, position: int, event: object) -> None:
+    """``AuditTampered`` when a replayed event adds a key version its tenant has already
+    (a rotation copied to a later version of the same keyring: its id is right). Key
+    events are few, so the one lookup each costs a replay nothing to speak of."""
+    if type(event) is TenantKeyring.TenantKeyCreated:
+        version = 1
+    elif type(event) is TenantKeyring.KeyRotated:
+        version = event.version
+    else:
+        return
+    cur.execute("SELECT 1 FROM kl_keys WHERE tenant_id=? AND version=?", (event.tenant_id, version))
+    if cur.fetchone() is not None:
+        raise tampered(position, f"adds key version {version}, which its tenant has already")
 
 
 def _named(statement: str, placeholders: Sequence[str]) -> str:
