@@ -177,7 +177,9 @@ def _check_head_was_assigned(cur: Any, table: str, head: int) -> None:
             f"the event at position {head} has a position the store never assigned (its "
             f"sequence is at {assigned}): a row was inserted with a chosen position, and "
             "events appended after it would be missing from the audit queries; run "
-            "`keyledger audit verify`, and see docs/postgresql.md (roles)"
+            "`keyledger audit verify`, and see docs/postgresql.md (roles). (A restore or "
+            "a logical replica that did not carry the sequence over leaves it behind too: "
+            "docs/postgresql.md, Checking)"
         )
 
 
