@@ -625,7 +625,7 @@ def test_an_error_quoting_planted_text_never_sends_its_escape_sequences(tmp_path
     its escape sequences (a window title, a cleared screen, a fake verdict in colour)
     went to the terminal inside ``Error: ...`` (found by review)."""
     ok("secrets", "put", "acme", "a", stdin="v")
-    payload = b"\x1b]0;PWNED\x07\x1b[2J\x1b[31mFAKE: verified\x1b[0m\xff"
+    payload = b"\x1b]0;PWNED\x07\x1b[2J\x1b[31mFAKE: verified\x1b[0m\n\nNo tampering.\n\xff"
     with sqlite3.connect(tmp_path / "cli.db") as db:
         db.execute("UPDATE stored_events SET state = CAST(? AS TEXT) WHERE rowid = 2", (payload,))
 
@@ -636,6 +636,7 @@ def test_an_error_quoting_planted_text_never_sends_its_escape_sequences(tmp_path
     assert "\x1b" not in result.stderr
     assert "\x07" not in result.stderr
     assert "\\u001b]0;PWNED" in result.stderr  # shown, escaped
+    assert result.stderr.count("\n") == 1  # one line: no line of the planted text's own
 
 
 def test_commands_that_need_no_store_never_open_one() -> None:

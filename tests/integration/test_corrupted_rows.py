@@ -435,3 +435,20 @@ def test_audit_verify_reports_retyped_copies_once_the_primary_key_is_gone(
     findings = {(f.position, f.kind) for f in service.verify_audit().findings}
 
     assert {(0, "key_dropped"), (at, "modified"), (copy_at, "modified")} <= findings
+
+
+def test_an_export_reads_the_stream_whatever_the_read_models_hold(
+    tampered: tuple[Path, Tamper], make_service: MakeService
+) -> None:
+    """An export is evidence: 0.21.0's check of the stream's positions read the audit
+    model's tracked position first, and an edited kl_tracking stopped every export
+    (found by review)."""
+    _, run = tampered
+    run("UPDATE kl_tracking SET position = 'x'")
+    service = make_service()
+
+    with super_admin():
+        records = list(service.export_audit())
+
+    assert records
+    assert {record["tenant_id"] for record in records} == {"t1"}

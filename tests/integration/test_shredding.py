@@ -353,6 +353,56 @@ def test_the_documented_application_role_works_but_cannot_choose_a_position(
 
 
 @pytest.mark.postgres
+def test_a_repair_that_must_rebuild_says_so_to_a_role_that_may_not(
+    app_role: str, master_key: str
+) -> None:
+    """A repair rebuilds read models that disagree with the stream before it plans; the
+    application role may not (a rebuild makes tables), and it said only "permission
+    denied for schema ..." (found by review)."""
+    with own_schema("roles") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        app = _app_service(url, schema, app_role, master_key, True)
+        try:
+            app.store_for_tenant("acme", "s", "v")
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("UPDATE {}.kl_catalog SET envelope_version = NULL").format(
+                        sql.Identifier(schema)
+                    )
+                )
+            with pytest.raises(StorageError, match="as the tables' owner, then the repair"):
+                app.repair_tenant_secret_key_drift("acme", confirm_delete_unrecoverable_data=True)
+            assert app.retrieve_for_tenant("acme", "s").value == "v"
+        finally:
+            app.close()
+
+
+@pytest.mark.postgres
+def test_db_check_by_a_role_that_may_not_read_the_key_material_says_not_checked(
+    app_role: str, master_key: str
+) -> None:
+    """The documented roles give kl_key_material to the application: the owner's later
+    `db init` and `db check` failed with "permission denied" when the check began to
+    count key versions without material (found by review)."""
+    with own_schema("roles") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        app = _app_service(url, schema, app_role, master_key, False)
+        app.store_for_tenant("acme", "s", "v")
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("REVOKE SELECT ON {}.kl_key_material FROM {}").format(
+                    sql.Identifier(schema), sql.Identifier(app_role)
+                )
+            )
+        try:
+            status = app.check_schema()
+        finally:
+            app.close()
+        assert status.keys_without_material is None
+        assert status.ok
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("own_key_material", [False, True], ids=["grants-only", "owns-material"])
 def test_an_application_role_shreds_only_if_it_owns_the_key_material_table(
     app_role: str, master_key: str, own_key_material: bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +71,20 @@ def test_json_written_in_pages_is_the_json_of_the_whole_list(
     paged = capsys.readouterr().out
     emit_json([item for page in pages for item in page])
     assert paged == capsys.readouterr().out
+
+
+def test_keyledger_warnings_of_a_cli_process_are_escaped_onto_one_line() -> None:
+    """A warning (an audit catch-up deferred) quoted a driver's message that quoted text
+    planted in the store: Python's last-resort handler sent its escape sequences to the
+    terminal (found by review). The CLI, whose logging nobody configures, escapes them."""
+    script = (
+        "import logging\n"
+        "from keyledger.cli.errors import _log_safely\n"
+        "_log_safely()\n"
+        "logging.getLogger('keyledger.application.ledger').warning("
+        "'deferred: %s', '\\x1b]0;PWNED\\x07\\nNo tampering found.')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stderr == "deferred: \\u001b]0;PWNED\\u0007\\u000aNo tampering found.\n"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
-from keyledger.application.read_models import audit_position
+from keyledger.application.read_models import check_positions_assigned
 from keyledger.application.stream import decoded, rows_after
 from keyledger.projections.audit_mapping import audit_facts
 
@@ -59,8 +59,9 @@ def audit_records(
     (``since`` inclusive, ``until`` exclusive, on event time). ``progress(position)`` is
     called after each page with the last stream position the page covered."""
     # (PostgreSQL: refuses a stream holding a position its sequence never assigned, under
-    # which a resumed export would miss every event appended since: see read_models.)
-    audit_position(ledger)
+    # which a resumed export would miss every event appended since: see read_models. It
+    # reads no read model: an export is evidence, and must not depend on one.)
+    check_positions_assigned(ledger)
     for page in rows_after(ledger, after_position, tenant_id=tenant_id):
         for row in page:
             event: Any = decoded(ledger, row)

@@ -159,6 +159,17 @@ def audit_position(ledger: Ledger) -> tuple[int, int]:
     return reached, head
 
 
+def check_positions_assigned(ledger: Ledger) -> None:
+    """(PostgreSQL; nothing elsewhere) ``_check_head_was_assigned`` on its own: for the
+    readers of the stream itself (an export), which must not depend on a read model."""
+    if ledger.store.dialect != "postgres":
+        return
+    table, position = ledger.store.events_table_name, ledger.store.position_column
+    with ledger.reading() as cur:
+        cur.execute(f"SELECT MAX({position}) FROM {table}")
+        _check_head_was_assigned(cur, table, int(cur.fetchone()[0] or 0))
+
+
 def _check_head_was_assigned(cur: Any, table: str, head: int) -> None:
     """(PostgreSQL) ``AuditTampered`` when the newest position is beyond what the
     sequence ever handed out: a row inserted with a position of its own choosing (any

@@ -23,7 +23,7 @@ from keyledger.application.read_models import catch_up_audit, rebuild_read_model
 from keyledger.application.secrets import actor_dict
 from keyledger.context import Actor
 from keyledger.domain.secret import Secret
-from keyledger.errors import ConfirmationRequired
+from keyledger.errors import ConfirmationRequired, StorageError
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.models import DriftIssue, RepairResult
 
@@ -65,7 +65,17 @@ def repair(
     report = diagnose(ledger, tenant_id)
     if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in report.issues):
         # Plan deletions only on read models that agree with the stream.
-        rebuild_read_models(ledger)
+        try:
+            rebuild_read_models(ledger)
+        except StorageError as error:
+            if "permission denied" not in str(error):
+                raise
+            raise StorageError(  # (it said only "permission denied for schema ...")
+                "the read models disagree with the stream, and the repair rebuilds them "
+                "before it plans anything, which this role may not do (a rebuild makes "
+                "tables): run `keyledger projections rebuild` as the tables' owner, then "
+                f"the repair again ({error})"
+            ) from None
         report = diagnose(ledger, tenant_id)
     before = report.issues
     live = int(report.summary["active_secret_count"])

@@ -89,8 +89,8 @@ def state_as_of(
                 if at is not None and (event.timestamp > at or row.originator_id in stopped):
                     stopped.add(row.originator_id)  # (its later versions cannot apply alone)
                     continue
+                _check_identity(event, row.originator_id)
                 if getattr(event, "tenant_id", tenant_id) != tenant_id:
-                    _check_other_tenants(event, row.originator_id)
                     continue  # another tenant whose 48-bit prefix collides with this one's
                 applied += 1
                 if row.position > last_position:
@@ -137,11 +137,13 @@ def state_as_of(
     )
 
 
-def _check_other_tenants(event: Any, originator_id: UUID) -> None:
-    """An event naming another tenant is that tenant's (their 48-bit id prefixes
-    collide) only if its aggregate's id is the one that tenant's would have: a secret's
-    or keyring's event whose tenant was edited is not skipped as someone else's (its
-    aggregate would replay without it) but ``ValueError``, reported as tampering."""
+def _check_identity(event: Any, originator_id: UUID) -> None:
+    """``ValueError`` (reported as tampering) unless a secret's or keyring's event
+    carries the tenant and name its aggregate's id derives from. An event naming another
+    tenant is that tenant's (their 48-bit id prefixes collide) only if so: one whose
+    tenant was edited is not skipped as someone else's (its aggregate would replay
+    without it). And events copied under another secret's id replayed as a second secret
+    of the copied name (found by review; a retrieve refuses them: ``Ledger._get``)."""
     if isinstance(event, Secret.Event | Secret.SecretCreated):
         expected = secret_id(event.tenant_id, event.name)
     elif isinstance(event, TenantKeyring.Event | TenantKeyring.TenantKeyCreated):

@@ -38,7 +38,9 @@ class SchemaStatus(BaseModel):
     # Key versions the key inventory lists as not destroyed that have no key material:
     # the table kl_key_material (or rows of it) lost, by a partial restore or a bad
     # migration; nothing under them can be decrypted until a backup gives them back.
-    keys_without_material: int = 0
+    # None: not counted (the checking role may not read kl_key_material: PostgreSQL's
+    # documented roles give that table to the application role).
+    keys_without_material: int | None = 0
 
     @property
     def ok(self) -> bool:
@@ -98,7 +100,9 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
         lost_material = (
             0
             if {"kl_keys", CATALOG_REBUILD_PENDING} & set(missing)
-            else _keys_without_material(cur, table_lost="kl_key_material" in missing)
+            else _keys_without_material(
+                cur, table_lost="kl_key_material" in missing, postgres=postgres
+            )
         )
     return SchemaStatus(
         store="postgresql" if postgres else "sqlite",
@@ -111,9 +115,15 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
     )
 
 
-def _keys_without_material(cur: Any, *, table_lost: bool) -> int:
+def _keys_without_material(cur: Any, *, table_lost: bool, postgres: bool) -> int | None:
     """Key versions never destroyed whose material has no row (all of them when the
-    table itself is missing: ``db init`` would only create it empty)."""
+    table itself is missing: ``db init`` would only create it empty); None when this role
+    may not read the table (found by review: the owner's `db init` and `db check`
+    failed with "permission denied" once kl_key_material was the application's)."""
+    if postgres and not table_lost:
+        cur.execute("SELECT has_table_privilege('kl_key_material', 'SELECT')")
+        if not cur.fetchone()[0]:
+            return None
     query = "SELECT COUNT(*) FROM kl_keys AS k WHERE k.status <> 'destroyed'"
     if not table_lost:
         query += (

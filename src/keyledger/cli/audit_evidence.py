@@ -21,6 +21,7 @@ from keyledger.cli.render import (
     emit_json,
     emit_table,
     json_option,
+    terminal_safe,
     text,
     to_data,
 )
@@ -87,7 +88,7 @@ def seal(cli: CliContext, accept_untagged: tuple[int, ...]) -> None:
     if result.anchor_error is not None:  # sealed, but the anchor is behind
         problems.append(result.anchor_error)
     if problems:
-        click.echo(f"Error: {'; '.join(problems)}", err=True)
+        click.echo(f"Error: {terminal_safe('; '.join(problems))}", err=True)
         click.get_current_context().exit(1)
 
 

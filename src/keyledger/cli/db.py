@@ -87,6 +87,8 @@ def emit_status(status: SchemaStatus) -> None:
 
 
 def _material_text(status: SchemaStatus) -> str:
+    if status.keys_without_material is None:
+        return "not checked (this role may not read kl_key_material)"
     if status.keys_without_material:
         return f"MISSING for {status.keys_without_material} key version(s)"
     unchecked = {"kl_keys", CATALOG_REBUILD_PENDING} & set(status.missing)

@@ -6,6 +6,7 @@ own ``UsageError`` and exit with status 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -84,6 +85,7 @@ class KeyledgerGroup(click.Group):
         interpreter's exit, Python prints its own warning instead. (A closed pipe, as
         of ``| head``, is click's: it exits 1 quietly.)"""
         code: Any = 0
+        _log_safely()
         try:
             super().main(*args, **kwargs)
         except SystemExit as exit_:
@@ -97,6 +99,32 @@ class KeyledgerGroup(click.Group):
         if kwargs.get("standalone_mode", True):
             sys.exit(code)
         return code
+
+
+class _SafeStderrHandler(logging.Handler):
+    """What Python's last-resort handler does (each message on stderr as it is, from
+    warnings up), with every character that is not printable escaped: a warning can quote
+    a driver's message that quotes text planted in the store (found by review: an audit
+    catch-up's warning carried an escape sequence to the terminal)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from keyledger.cli.render import terminal_safe  # (render imports the CLI's root)
+
+        try:
+            sys.stderr.write(terminal_safe(self.format(record)) + "\n")
+        except Exception:  # (as every handler: a failing log line never fails the call)
+            self.handleError(record)
+
+
+def _log_safely() -> None:
+    """In a CLI process whose logging nobody configured (whose warnings would go to the
+    last-resort handler), keyledger's warnings go through ``_SafeStderrHandler``."""
+    logger = logging.getLogger("keyledger")
+    if logging.getLogger().handlers or any(
+        isinstance(handler, _SafeStderrHandler) for handler in logger.handlers
+    ):
+        return
+    logger.addHandler(_SafeStderrHandler(logging.WARNING))
 
 
 def _unwritable(error: OSError) -> int:

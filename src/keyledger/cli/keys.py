@@ -20,6 +20,7 @@ from keyledger.cli.render import (
     is_terminal,
     json_option,
     shell_word,
+    terminal_safe,
     text,
     timestamp,
     to_data,
@@ -90,7 +91,7 @@ def rotate_due(cli: CliContext) -> None:
                 info = service.rotate_due_key(due, **cli.actor)
             except KeyledgerError as error:  # its failure is audited; the next tenant's turn
                 failed.append({"tenant_id": due.tenant_id, "error": str(error)})
-                click.echo(f"Error: {error}", err=True)
+                click.echo(f"Error: {terminal_safe(str(error))}", err=True)
                 continue
             done(1)
             if info is not None:  # (None: another run rotated it first)

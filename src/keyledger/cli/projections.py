@@ -15,7 +15,14 @@ import click
 from keyledger.application.read_models import READ_MODELS as READ_MODEL_SOURCES
 from keyledger.application.read_models import rebuilt_together
 from keyledger.cli.errors import KeyledgerSubgroup
-from keyledger.cli.render import emit_json, emit_table, is_terminal, json_option, to_data
+from keyledger.cli.render import (
+    emit_json,
+    emit_table,
+    is_terminal,
+    json_option,
+    terminal_safe,
+    to_data,
+)
 from keyledger.cli.root import CliContext, pass_cli
 from keyledger.errors import StorageError
 from keyledger.models import ReadModelCheck, ReadModelDifference, TableComparison
@@ -225,7 +232,8 @@ def run(cli: CliContext, idle_seconds: float, once: bool, seal: bool) -> None:
             click.echo(f"Applied {count} events ({total} since start).", err=True)
 
         def retrying(error: StorageError, seconds: float) -> None:
-            click.echo(f"Warning: {error}; trying again in {seconds:g} s.", err=True)
+            reason = terminal_safe(str(error))
+            click.echo(f"Warning: {reason}; trying again in {seconds:g} s.", err=True)
 
         with stop_on_signals() as stop:
             applied = service.follow_read_models(

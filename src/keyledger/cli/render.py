@@ -104,13 +104,14 @@ def _plain(char: str) -> bool:
 
 
 def terminal_safe(message: str) -> str:
-    """A message for a terminal: every character that is not printable (an escape
-    sequence's ESC, a BEL; newlines kept) as its escape. Messages can quote text from
+    """A message for a terminal, on one line: every character that is not printable (an
+    escape sequence's ESC, a BEL, a newline) as its escape. Messages can quote text from
     the store that no validation saw: a driver's message quoted a state planted as text,
-    and its escape sequence reached the terminal as ``Error: ...`` (found by review)."""
+    and its escape sequence reached the terminal as ``Error: ...``, or a newline in it
+    began a line of its own, a fake verdict (both found by review)."""
     if message.isprintable():
         return message
-    return "".join(c if c.isprintable() or c == "\n" else _escaped(c) for c in message)
+    return "".join(c if c.isprintable() else _escaped(c) for c in message)
 
 
 def shell_word(value: str) -> str:
