@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -223,3 +225,33 @@ def make_service(backend: str, tmp_path: Path, master_key: str) -> Iterator[Make
 def service(make_service: MakeService) -> SecretService:
     """A service with the test's master key on a fresh store of each backend."""
     return make_service()
+
+
+def run_around(
+    service: SecretService, statement: str, params: tuple[Any, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """One statement (``?`` placeholders) on the service's database through a connection
+    of its own, around keyledger, as an operator's hand edit or query would run; its
+    rows, if any."""
+    env = service._ledger.env
+    schema = env.get("POSTGRES_SCHEMA")
+    if schema:
+        with psycopg.connect(
+            host=env.get("POSTGRES_HOST"),
+            port=env.get("POSTGRES_PORT"),
+            user=env.get("POSTGRES_USER"),
+            password=env.get("POSTGRES_PASSWORD") or None,
+            dbname=env.get("POSTGRES_DBNAME"),
+            options=f"-c search_path={schema}",
+            autocommit=True,
+            connect_timeout=5,
+        ) as conn:
+            cursor = conn.execute(statement.replace("?", "%s"), params)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+    name = str(env.get("SQLITE_DBNAME"))
+    db = sqlite3.connect(name, uri=name.startswith("file:"), timeout=30, isolation_level=None)
+    try:
+        rows = db.execute(statement, params)
+        return [tuple(row) for row in rows.fetchall()] if rows.description else []
+    finally:
+        db.close()

@@ -11,14 +11,13 @@ again. A secret the stream itself shows unrecoverable is still deleted.
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
 
+from conftest import run_around
 from keyledger import DriftReport, SecretService, super_admin
 from keyledger.infrastructure.settings import KeyledgerSettings
 
@@ -33,30 +32,8 @@ UNCACHED = KeyledgerSettings(key_cache_seconds=0)
 
 
 def execute(service: SecretService, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """One statement (``?`` placeholders) on the service's database, around keyledger, as
-    an operator's hand edit would run; its rows, if any."""
-    env = service._ledger.env
-    schema = env.get("POSTGRES_SCHEMA")
-    if schema:
-        with psycopg.connect(
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT"),
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD") or None,
-            dbname=env.get("POSTGRES_DBNAME"),
-            options=f"-c search_path={schema}",
-            autocommit=True,
-            connect_timeout=5,
-        ) as conn:
-            cursor = conn.execute(statement.replace("?", "%s"), params)
-            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
-    name = str(env.get("SQLITE_DBNAME"))
-    db = sqlite3.connect(name, uri=name.startswith("file:"), timeout=30, isolation_level=None)
-    try:
-        rows = db.execute(statement, params)
-        return [tuple(row) for row in rows.fetchall()] if rows.description else []
-    finally:
-        db.close()
+    """One statement on the service's database, as an operator's hand edit would run."""
+    return run_around(service, statement, params)
 
 
 def catalog_row(service: SecretService, name: str) -> tuple[Any, ...]:

@@ -11,17 +11,16 @@ wrapped keys.
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import psycopg
 import pytest
 from eventsourcing.persistence import StoredEvent
 
+from conftest import run_around
 from keyledger import (
     ConfirmationRequired,
     DecryptionFailed,
@@ -49,6 +48,7 @@ class Database:
     """The service's database read around keyledger (``?`` placeholders)."""
 
     def __init__(self, service: SecretService) -> None:
+        self.service = service
         self.env = service._ledger.env
         self.schema = self.env.get("POSTGRES_SCHEMA")
         self.events_table = service._ledger.store.events_table_name
@@ -57,24 +57,7 @@ class Database:
         self.snapshots_table = snapshots.recorder.events_table_name  # type: ignore[attr-defined]
 
     def rows(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        env = self.env
-        if self.schema:
-            with psycopg.connect(
-                host=env.get("POSTGRES_HOST"),
-                port=env.get("POSTGRES_PORT"),
-                user=env.get("POSTGRES_USER"),
-                password=env.get("POSTGRES_PASSWORD") or None,
-                dbname=env.get("POSTGRES_DBNAME"),
-                options=f"-c search_path={self.schema}",
-                connect_timeout=5,
-            ) as conn:
-                return [tuple(r) for r in conn.execute(statement.replace("?", "%s"), params)]
-        name = str(env.get("SQLITE_DBNAME"))
-        conn = sqlite3.connect(name, uri=name.startswith("file:"), timeout=30)
-        try:
-            return [tuple(r) for r in conn.execute(statement, params).fetchall()]
-        finally:
-            conn.close()
+        return run_around(self.service, statement, params)
 
     def material(self, tenant_id: str | None = None) -> list[tuple[str, int, str, bytes]]:
         """(tenant, version, amk_id, wrapped) of every key-material row (of one tenant)."""

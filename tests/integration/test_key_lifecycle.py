@@ -13,9 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
 
+from conftest import run_around
 from keyledger import (
     CleanupResult,
     DecryptionFailed,
@@ -48,32 +48,11 @@ def amk_id(hex_key: str) -> str:
 
 def material_versions(service: SecretService, tenant_id: str) -> list[int]:
     """Versions that have key material in the database, read around keyledger."""
-    env = service._ledger.env
-    schema = env.get("POSTGRES_SCHEMA")
-    if schema:
-        with psycopg.connect(
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT"),
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD") or None,
-            dbname=env.get("POSTGRES_DBNAME"),
-            options=f"-c search_path={schema}",
-            connect_timeout=5,
-        ) as conn:
-            rows: list[Any] = conn.execute(
-                "SELECT version FROM kl_key_material WHERE tenant_id=%s ORDER BY version",
-                (tenant_id,),
-            ).fetchall()
-    else:
-        name = str(env.get("SQLITE_DBNAME"))
-        conn = sqlite3.connect(name, uri=name.startswith("file:"), timeout=30)
-        try:
-            rows = conn.execute(
-                "SELECT version FROM kl_key_material WHERE tenant_id=? ORDER BY version",
-                (tenant_id,),
-            ).fetchall()
-        finally:
-            conn.close()
+    rows = run_around(
+        service,
+        "SELECT version FROM kl_key_material WHERE tenant_id=? ORDER BY version",
+        (tenant_id,),
+    )
     return [row[0] for row in rows]
 
 
