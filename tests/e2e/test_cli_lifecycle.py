@@ -1113,6 +1113,33 @@ def test_an_interrupted_rewrap_says_it_is_partly_done_exits_130_and_a_rerun_fini
     assert (finished["rewrapped"], finished["already_current"], finished["failed"]) == (2, 1, 0)
 
 
+def test_an_interrupted_rotation_of_due_keys_has_listed_what_it_rotated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The list of rotations was printed at the end only: stopped by Ctrl-C, the run
+    said how many tenants it had rotated, not which."""
+    for tenant_id in ("acme", "globex", "initech"):
+        put(tenant_id, "s", "v")
+    monkeypatch.setenv("KEYLEDGER_KEY_MAX_AGE_DAYS", "0.000000001")
+    real = SecretService.rotate_due_key
+    calls = [0]
+
+    def second_interrupted(self: SecretService, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SecretService, "rotate_due_key", second_interrupted)
+        stopped = run("keys", "rotate", "--due")
+
+    assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
+    assert stopped.stdout.startswith("Key version 2 is now active for tenant 'acme' (version 1")
+    assert len(stopped.stdout.splitlines()) == 1
+    assert "the rotation of due keys is partly done (1 tenants done)" in stopped.stderr
+
+
 # -- a mistyped tenant or secret is an error, not an "all clean" -------------------------
 
 

@@ -96,16 +96,16 @@ def rotate_due(cli: CliContext) -> None:
             done(1)
             if info is not None:  # (None: another run rotated it first)
                 rotated.append((due, info))
+                if not cli.json_output:  # as it happens: a run stopped by Ctrl-C has
+                    click.echo(  # listed what it rotated (it listed nothing)
+                        f"Key version {info.version} is now active for tenant "
+                        f"{info.tenant_id!r} (version {due.version} was "
+                        f"{', '.join(due.reasons)})."
+                    )
     if cli.json_output:  # (the failures too: a script reads them here, not on stderr)
         emit_json({"rotated": [to_data(info) for _, info in rotated], "failed": failed})
-    else:
-        if not rotated and not failed:
-            click.echo("No key version is due for rotation.")
-        for due, info in rotated:
-            click.echo(
-                f"Key version {info.version} is now active for tenant {info.tenant_id!r} "
-                f"(version {due.version} was {', '.join(due.reasons)})."
-            )
+    elif not rotated and not failed:
+        click.echo("No key version is due for rotation.")
     if failed:
         raise click.exceptions.Exit(1)
 
