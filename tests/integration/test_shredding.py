@@ -353,6 +353,37 @@ def test_the_documented_application_role_works_but_cannot_choose_a_position(
 
 
 @pytest.mark.postgres
+def test_db_check_warns_while_the_application_role_may_choose_a_position(
+    app_role: str, master_key: str
+) -> None:
+    """docs/postgresql.md before 0.21.0 granted INSERT on every column of the events
+    table: after an upgrade nothing said the new column grant was not in force (found by
+    review)."""
+    with own_schema("roles") as schema:
+        url = f"{POSTGRES_URL}?schema={schema}"
+        app = _app_service(url, schema, app_role, master_key, True)
+        app.close()
+        owner = SecretService.create(url, master_key=master_key)
+        try:
+            assert not any("position" in w for w in owner.check_schema().warnings)
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(  # the grant of 0.20.0's docs
+                    sql.SQL("GRANT INSERT ON {}.keyledger_events TO {}").format(
+                        sql.Identifier(schema), sql.Identifier(app_role)
+                    )
+                )
+            warnings = owner.check_schema().warnings
+        finally:
+            owner.close()
+        assert [w for w in warnings if "choose an event's position" in w] == [
+            f"roles other than its owner may choose an event's position ({app_role}: "
+            "INSERT on keyledger_events.notification_id): one such row stops the audit "
+            "queries; grant INSERT on the other four columns only (docs/postgresql.md, "
+            "roles)"
+        ]
+
+
+@pytest.mark.postgres
 def test_a_repair_that_must_rebuild_says_so_to_a_role_that_may_not(
     app_role: str, master_key: str
 ) -> None:

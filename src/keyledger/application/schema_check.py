@@ -96,7 +96,9 @@ def check_schema(ledger: Ledger) -> SchemaStatus:
         # services would answer "no secrets" (found by review).
         if "kl_tracking" not in missing and catalog_lost(cur):
             missing.append(CATALOG_REBUILD_PENDING)
-        warnings = _open_schema_warnings(cur) if postgres else []
+        warnings = (
+            [*_open_schema_warnings(cur), *_position_warnings(cur, events)] if postgres else []
+        )
         lost_material = (
             0
             if {"kl_keys", CATALOG_REBUILD_PENDING} & set(missing)
@@ -157,6 +159,33 @@ def _open_schema_warnings(cur: Any) -> list[str]:
         "one could shadow a function keyledger uses and run code with its rights; "
         f"revoke that (REVOKE CREATE ON SCHEMA {row[0]} FROM ...) or give keyledger a "
         "schema of its own (docs/postgresql.md, roles)"
+    ]
+
+
+def _position_warnings(cur: Any, events: str) -> list[str]:
+    """A warning when roles other than the events table's owner may choose an event's
+    position (INSERT on its position column: docs/postgresql.md before 0.21.0 granted it
+    with the rest): one row at a chosen position stops the audit queries for good
+    (``read_models._check_head_was_assigned``). Found by review: after an upgrade,
+    nothing said the new grant was not in force. (The information schema shows the
+    grants of the roles the checking role is, or owns the table of.)"""
+    cur.execute(
+        "SELECT pg_catalog.string_agg(DISTINCT p.grantee, ', ') "
+        "FROM information_schema.column_privileges AS p "
+        "JOIN pg_catalog.pg_tables AS t "
+        "ON t.schemaname = p.table_schema AND t.tablename = p.table_name "
+        "WHERE p.table_schema = pg_catalog.current_schema() AND p.table_name = ? "
+        "AND p.column_name = 'notification_id' AND p.privilege_type = 'INSERT' "
+        "AND p.grantee <> t.tableowner",
+        (events,),
+    )
+    row = cur.fetchone()
+    if row is None or not row[0]:
+        return []
+    return [
+        f"roles other than its owner may choose an event's position ({row[0]}: INSERT "
+        f"on {events}.notification_id): one such row stops the audit queries; grant "
+        "INSERT on the other four columns only (docs/postgresql.md, roles)"
     ]
 
 
