@@ -5,7 +5,8 @@ from __future__ import annotations
 import atexit
 import builtins
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Literal, Self
@@ -726,7 +727,9 @@ class SecretService(AuditInvestigation):
         events replayed. ``names``: some of "catalog", "audit", "keys" (None: every one);
         the catalog and the keys are always rebuilt together (one projector writes both)."""
         check_callback("progress", progress)
-        return rebuild_read_models(self._ledger, progress, _read_model_names(names))
+        chosen = _read_model_names(names)
+        with _owner_needed("a rebuild"):
+            return rebuild_read_models(self._ledger, progress, chosen)
 
     def check_read_models(
         self,
@@ -739,7 +742,9 @@ class SecretService(AuditInvestigation):
         ``consistent`` is False when a row is missing, unexpected or altered (edited
         outside keyledger, say): ``rebuild_read_models`` then restores them."""
         check_callback("progress", progress)
-        return check_read_models(self._ledger, progress, _read_model_names(names))
+        chosen = _read_model_names(names)
+        with _owner_needed("a check"):
+            return check_read_models(self._ledger, progress, chosen)
 
     def init_schema(self) -> SchemaStatus:
         """Create every table, index and trigger the store needs (idempotent)."""
@@ -804,6 +809,23 @@ class SecretService(AuditInvestigation):
         """Per read model: how many events it has still to apply (positions can have gaps,
         so this is not head minus position). Inline models are always current."""
         return {"catalog": 0, "keys": 0, "audit": audit_lag(self._ledger)}
+
+
+@contextmanager
+def _owner_needed(what: str) -> Iterator[None]:
+    """A refusal of the database to let this role make tables, with what to do: a
+    rebuild or a check replays into tables of its own, which the documented application
+    role of PostgreSQL may not make (it said only "permission denied for schema ...")."""
+    try:
+        yield
+    except StorageError as error:
+        if "permission denied" not in str(error):
+            raise
+        raise StorageError(
+            f"{what} of the read models replays the stream into new tables, which this "
+            "role may not make: run it as the tables' owner (docs/postgresql.md, roles) "
+            f"({error})"
+        ) from None
 
 
 def _read_model_names(names: Collection[str] | None) -> builtins.list[str] | None:
