@@ -5,8 +5,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Literal, Self
@@ -22,6 +21,7 @@ from keyledger.application.read_models import (
     audit_position,
     catch_up_audit,
     follow,
+    owner_needed,
     rebuild_read_models,
     rebuilt_together,
 )
@@ -728,7 +728,7 @@ class SecretService(AuditInvestigation):
         the catalog and the keys are always rebuilt together (one projector writes both)."""
         check_callback("progress", progress)
         chosen = _read_model_names(names)
-        with _owner_needed("a rebuild"):
+        with owner_needed("a rebuild of the read models"):
             return rebuild_read_models(self._ledger, progress, chosen)
 
     def check_read_models(
@@ -743,7 +743,7 @@ class SecretService(AuditInvestigation):
         outside keyledger, say): ``rebuild_read_models`` then restores them."""
         check_callback("progress", progress)
         chosen = _read_model_names(names)
-        with _owner_needed("a check"):
+        with owner_needed("a check of the read models"):
             return check_read_models(self._ledger, progress, chosen)
 
     def init_schema(self) -> SchemaStatus:
@@ -809,23 +809,6 @@ class SecretService(AuditInvestigation):
         """Per read model: how many events it has still to apply (positions can have gaps,
         so this is not head minus position). Inline models are always current."""
         return {"catalog": 0, "keys": 0, "audit": audit_lag(self._ledger)}
-
-
-@contextmanager
-def _owner_needed(what: str) -> Iterator[None]:
-    """A refusal of the database to let this role make tables, with what to do: a
-    rebuild or a check replays into tables of its own, which the documented application
-    role of PostgreSQL may not make (it said only "permission denied for schema ...")."""
-    try:
-        yield
-    except StorageError as error:
-        if "permission denied" not in str(error):
-            raise
-        raise StorageError(
-            f"{what} of the read models replays the stream into new tables, which this "
-            "role may not make: run it as the tables' owner (docs/postgresql.md, roles) "
-            f"({error})"
-        ) from None
 
 
 def _read_model_names(names: Collection[str] | None) -> builtins.list[str] | None:

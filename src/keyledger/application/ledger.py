@@ -48,6 +48,7 @@ from keyledger.application.caches import (
 )
 from keyledger.application.group_commit import GroupCommitter
 from keyledger.application.read_models import catch_up_audit
+from keyledger.domain.identity import derived_id
 from keyledger.domain.ids import keyring_id, secret_id
 from keyledger.domain.instant import one_instant
 from keyledger.domain.keyring import KeyVersion, TenantKeyring
@@ -161,17 +162,12 @@ def _check_identity(aggregate_id: UUID, aggregate: Any) -> None:
     they carried, and a retrieve of ``evil/loot`` decrypted globex's secret with
     globex's key (found by review): the envelope's AAD binds the tenant and name the
     events carry, not the id they were found under."""
-    if isinstance(aggregate, Secret):
-        expected = secret_id(aggregate.tenant_id, aggregate.name)
-    elif isinstance(aggregate, TenantKeyring):
-        expected = keyring_id(aggregate.tenant_id)
-    else:
-        return
-    if expected != aggregate_id:
+    derived = derived_id(aggregate)
+    if derived is not None and derived[0] != aggregate_id:
         raise AuditTampered(
             f"the stored events of aggregate {aggregate_id} belong to another "
-            f"{'secret' if isinstance(aggregate, Secret) else 'keyring'}: events were "
-            "copied or forged in the store; run `keyledger audit verify`"
+            f"{derived[1]}: events were copied or forged in the store; run "
+            "`keyledger audit verify`"
         )
 
 

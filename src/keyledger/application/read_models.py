@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -149,25 +150,43 @@ def tracked_position(cur: Any, table: str = "kl_tracking") -> int:
 @read_model_errors
 def audit_position(ledger: Ledger) -> tuple[int, int]:
     """(position the audit model reached, position of the stream head)."""
-    table, position = ledger.store.events_table_name, ledger.store.position_column
     with ledger.reading() as cur:
-        reached = tracked_position(cur)
-        cur.execute(f"SELECT MAX({position}) FROM {table}")
-        head = int(cur.fetchone()[0] or 0)
-        if ledger.store.dialect == "postgres":
-            _check_head_was_assigned(cur, table, head)
-    return reached, head
+        return tracked_position(cur), _checked_head(ledger, cur)
 
 
 def check_positions_assigned(ledger: Ledger) -> None:
     """(PostgreSQL; nothing elsewhere) ``_check_head_was_assigned`` on its own: for the
     readers of the stream itself (an export), which must not depend on a read model."""
-    if ledger.store.dialect != "postgres":
-        return
+    if ledger.store.dialect == "postgres":
+        with ledger.reading() as cur:
+            _checked_head(ledger, cur)
+
+
+def _checked_head(ledger: Ledger, cur: Any) -> int:
+    """The stream's newest position (0: none); on PostgreSQL, one the sequence assigned."""
     table, position = ledger.store.events_table_name, ledger.store.position_column
-    with ledger.reading() as cur:
-        cur.execute(f"SELECT MAX({position}) FROM {table}")
-        _check_head_was_assigned(cur, table, int(cur.fetchone()[0] or 0))
+    cur.execute(f"SELECT MAX({position}) FROM {table}")
+    head = int(cur.fetchone()[0] or 0)
+    if ledger.store.dialect == "postgres":
+        _check_head_was_assigned(cur, table, head)
+    return head
+
+
+@contextmanager
+def owner_needed(what: str, then: str = "") -> Iterator[None]:
+    """A refusal of the database to let this role make tables, with what to do: a
+    rebuild or a check replays into tables of its own, which the documented application
+    role of PostgreSQL may not make (it said only "permission denied for schema ...").
+    ``what`` makes them; ``then``: what to run after the owner's rebuild."""
+    try:
+        yield
+    except StorageError as error:
+        if "permission denied" not in str(error):
+            raise
+        raise StorageError(
+            f"{what} replays the stream into new tables, which this role may not make: "
+            f"run it as the tables' owner{then} (docs/postgresql.md, roles) ({error})"
+        ) from None
 
 
 def _check_head_was_assigned(cur: Any, table: str, head: int) -> None:

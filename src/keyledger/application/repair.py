@@ -19,11 +19,15 @@ from collections.abc import Callable
 from keyledger.application.drift import DELETE_KEY, DELETE_MATERIAL, DELETE_SECRET, diagnose
 from keyledger.application.ledger import Conflict, Ledger
 from keyledger.application.lifecycle import KeyLifecycle, shred_reporting
-from keyledger.application.read_models import catch_up_audit, rebuild_read_models
+from keyledger.application.read_models import (
+    catch_up_audit,
+    owner_needed,
+    rebuild_read_models,
+)
 from keyledger.application.secrets import actor_dict
 from keyledger.context import Actor
 from keyledger.domain.secret import Secret
-from keyledger.errors import ConfirmationRequired, StorageError
+from keyledger.errors import ConfirmationRequired
 from keyledger.infrastructure.write_unit import WriteUnit
 from keyledger.models import DriftIssue, RepairResult
 
@@ -65,17 +69,12 @@ def repair(
     report = diagnose(ledger, tenant_id)
     if not dry_run and any(i.code == "read_model_inconsistent_with_stream" for i in report.issues):
         # Plan deletions only on read models that agree with the stream.
-        try:
+        with owner_needed(
+            "the read models disagree with the stream, and the repair's rebuild of them "
+            "(`keyledger projections rebuild`)",
+            then=", then the repair again",
+        ):
             rebuild_read_models(ledger)
-        except StorageError as error:
-            if "permission denied" not in str(error):
-                raise
-            raise StorageError(  # (it said only "permission denied for schema ...")
-                "the read models disagree with the stream, and the repair rebuilds them "
-                "before it plans anything, which this role may not do (a rebuild makes "
-                "tables): run `keyledger projections rebuild` as the tables' owner, then "
-                f"the repair again ({error})"
-            ) from None
         report = diagnose(ledger, tenant_id)
     before = report.issues
     live = int(report.summary["active_secret_count"])

@@ -29,7 +29,7 @@ from keyledger.application.stream import (
     tenant_pages_by_aggregate,
 )
 from keyledger.domain.access import AuditRecord
-from keyledger.domain.ids import keyring_id, secret_id
+from keyledger.domain.identity import derived_id
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret, effective_status
 from keyledger.errors import AuditTampered
@@ -144,13 +144,8 @@ def _check_identity(event: Any, originator_id: UUID) -> None:
     tenant was edited is not skipped as someone else's (its aggregate would replay
     without it). And events copied under another secret's id replayed as a second secret
     of the copied name (found by review; a retrieve refuses them: ``Ledger._get``)."""
-    if isinstance(event, Secret.Event | Secret.SecretCreated):
-        expected = secret_id(event.tenant_id, event.name)
-    elif isinstance(event, TenantKeyring.Event | TenantKeyring.TenantKeyCreated):
-        expected = keyring_id(event.tenant_id)
-    else:
-        return  # (a read record's id is its tenant's prefix and random bits)
-    if expected != originator_id:
+    derived = derived_id(event)  # (None for a read record: its id is random)
+    if derived is not None and derived[0] != originator_id:
         raise ValueError("an event names a tenant its aggregate does not belong to")
 
 

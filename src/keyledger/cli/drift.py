@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import click
 
+from keyledger.application.drift import DELETE_MATERIAL
 from keyledger.cli.confirm import confirm as ask
 from keyledger.cli.errors import KeyledgerSubgroup, despite_shred
 from keyledger.cli.render import emit_json, emit_table, json_option, shell_word, text, to_data
@@ -185,8 +186,7 @@ def other_steps(plan: RepairResult, master_key_id: str | None) -> list[str]:
         {
             issue.key_version
             for issue in plan.issues_before
-            if issue.repair_action == "delete-orphaned-key-material"
-            and issue.key_version is not None
+            if issue.repair_action == DELETE_MATERIAL and issue.key_version is not None
         }
     )
     if stray:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 from keyledger.domain.access import AuditRecord, ReadView
 from keyledger.domain.envelope import envelope_key_version
-from keyledger.domain.ids import keyring_id, secret_id
+from keyledger.domain.identity import derived_id
 from keyledger.domain.keyring import TenantKeyring
 from keyledger.domain.secret import Secret
 from keyledger.projections.projector import UNTIMED, Cursor, Outcome, tampered
@@ -396,7 +396,7 @@ _PG_CREATED_INSERT = (
 )
 
 
-def _check_identity(position: int, event: object) -> None:
+def _check_identity(position: int, event: Any) -> None:
     """``AuditTampered`` unless a replayed secret's or keyring's event is stored under
     the id its tenant (and name) derive, a creation as the aggregate's first version.
 
@@ -406,12 +406,10 @@ def _check_identity(position: int, event: object) -> None:
     events: anyone who can insert rows can) made a rebuild fail on the read models' keys
     with an ``IntegrityError`` traceback, and a check with the driver's message (found
     by review). Checked in replays only: an event being written was made from its id."""
-    if isinstance(event, Secret.SecretCreated | Secret.Event):
-        expected, kind = secret_id(event.tenant_id, event.name), "secret"
-    elif isinstance(event, TenantKeyring.TenantKeyCreated | TenantKeyring.Event):
-        expected, kind = keyring_id(event.tenant_id), "keyring"
-    else:
+    derived = derived_id(event)
+    if derived is None:
         return
+    expected, kind = derived
     if event.originator_id != expected:
         raise tampered(position, f"names another {kind} than the one it is stored under")
     if isinstance(event, Secret.SecretCreated | TenantKeyring.TenantKeyCreated) and (
