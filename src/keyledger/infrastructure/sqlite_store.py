@@ -168,6 +168,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         # the forking thread until the fork is done.
         self._forking = False
         self._fork_lock = threading.Lock()
+        self._connections_closed = False  # (by close(), or by its last call's leave())
         # The calls using a connection now (see ``enter``): sqlite3 crashes the process
         # when a connection is closed under a statement another thread is running.
         self._start_afresh()
@@ -177,6 +178,8 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         db_name = _resolved(db_name)
         _create_private(db_name)
         self.file = OpenedFile.at(db_name)
+        if self.file is not None and self.file.identity in _INHERITED_FILES:
+            raise StorageError(forked_file(db_name))
         self.pool = _new_pool(db_name, lock_timeout)
         self.single_row_tracking = True
         self.originator_id_type: Literal["uuid", "text"] = "uuid"
@@ -329,9 +332,13 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._close_connections()
 
     def _close_connections(self) -> None:
-        self._close_writers()
-        if hasattr(self, "pool"):  # (none when the file could not be created)
-            super().close()
+        # Under the fork lock: a fork waits for a close in progress (whose connections,
+        # half closed, would leave a child SQLite's record of them; see _before_fork).
+        with self._fork_lock:
+            self._close_writers()
+            if hasattr(self, "pool"):  # (none when the file could not be created)
+                super().close()
+            self._connections_closed = True
 
     # -- fork() ------------------------------------------------------------------------
 
@@ -351,9 +358,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
 
     def _refuse_in_child(self) -> None:
         """In a child forked with this datastore's connections open: refuse every call
-        (and never close them: that could roll back or checkpoint the parent's work)."""
-        self._refusal = FORKED_OPEN
-        self._closed = True
+        (and never close them: that could roll back or checkpoint the parent's work).
+        One its parent had closed says so still."""
+        if not self._closed:
+            self._refusal = FORKED_OPEN
+            self._closed = True
 
 
 def _new_pool(db_name: str, lock_timeout: int | None) -> KeyledgerSQLiteConnectionPool:
@@ -365,9 +374,27 @@ def _new_pool(db_name: str, lock_timeout: int | None) -> KeyledgerSQLiteConnecti
 FORKED_OPEN = (
     f"this service's SQLite connections were open when the process forked (another "
     f"thread's call did not end within {CLOSE_WAIT:g} s, or the fork came from inside a "
-    f"keyledger call), and SQLite forbids a child to use them: open a new SecretService "
-    f"in the child"
+    f"keyledger call), and SQLite forbids a child to use them, or that file: fork "
+    f"when no call is in progress (or before opening the service), or start the "
+    f"process with spawn"
 )
+
+
+def forked_file(path: str) -> str:
+    """Why a forked child may not open ``path``: see ``_INHERITED_FILES``."""
+    return (
+        f"this process was forked while its parent had connections to the SQLite "
+        f"database {path} open, and SQLite forbids a child to use that file: the record "
+        f"of the parent's locks it inherited would let the parent delete the log under "
+        f"the child's writes; fork when no call is in progress (or before opening the "
+        f"service), or start the process with spawn"
+    )
+
+
+# The files (device, inode) a forked child inherited open connections to: SQLite shares
+# one record of a file's locks among a process's connections, so a connection the child
+# opens beside the inherited ones would hold no real lock (see _before_fork).
+_INHERITED_FILES: set[tuple[int, int]] = set()
 
 
 class _Registry:
@@ -425,13 +452,17 @@ def _before_fork() -> None:
     deadline = time.monotonic() + CLOSE_WAIT
     fork = _FORK
     fork.held, fork.left_open = [], []
-    datastores = [d for d in _REGISTRY.all() if not d._closed and not d.pool.is_sqlite_memory_mode]
+    datastores = [d for d in _REGISTRY.all() if not d.pool.is_sqlite_memory_mode]
     for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
-        if datastore._fork_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not datastore._fork_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            fork.left_open.append(datastore)
+        elif datastore._closed:  # (a close in progress holds the lock: it has ended)
+            datastore._fork_lock.release()
+            if not datastore._connections_closed:  # left to calls still in progress
+                fork.left_open.append(datastore)
+        else:
             datastore._forking = True
             fork.held.append(datastore)
-        else:
-            fork.left_open.append(datastore)
     me = threading.get_ident()
     waiting: list[KeyledgerSQLiteDatastore] = []
     for datastore in fork.held:
@@ -462,6 +493,8 @@ def _after_fork_in_child() -> None:
         datastore._fork_lock = threading.Lock()
     for datastore in _FORK.left_open:
         datastore._refuse_in_child()
+        if datastore.file is not None:
+            _INHERITED_FILES.add(datastore.file.identity)
     _FORK.held, _FORK.left_open = [], []
 
 
@@ -477,15 +510,20 @@ def _thread_ended(
 ) -> None:
     """Close the writer of a thread that ended. Not in a forked child: the connections
     it inherited belong to the parent's threads (SQLite forbids using them in a child,
-    and closing one there could roll back or checkpoint into the parent's WAL)."""
+    and closing one there could roll back or checkpoint into the parent's WAL).
+
+    The close happens under ``lock``, which a fork's ``_close_writers`` takes too: a fork
+    landing in the middle of this close (sqlite3 lets other threads run while it closes)
+    left the child SQLite's bookkeeping of a connection that the parent then finished
+    closing, deleting the log under the child's first write (found as a CI failure)."""
     with lock:
         conn = writers.pop(key, None)
-    if conn is None:
-        return
-    if os.getpid() == pid:
-        conn.close()
-    else:  # kept, never closed: freeing it would close it (sqlite3 closes on dealloc)
-        _INHERITED.append(conn)
+        if conn is None:
+            return
+        if os.getpid() == pid:
+            conn.close()
+        else:  # kept, never closed: freeing it would close it (sqlite3 closes on dealloc)
+            _INHERITED.append(conn)
 
 
 _INHERITED: list[KeyledgerSQLiteConnection] = []  # a forked child's, from its parent
