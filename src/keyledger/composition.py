@@ -35,6 +35,7 @@ def build_ledger(
         anchor_file=settings.audit_anchor_file,
         group_commit_wait=settings.group_commit_wait_ms / 1000,
         cache_bytes=settings.cache_megabytes * 2**20,
+        require_tags=settings.require_event_tags,
     )
     if is_legacy_stream(ledger):
         ledger.close()

@@ -57,6 +57,7 @@ from keyledger.errors import (
     STORE_CLOSED,
     AuditTampered,
     DecryptionFailed,
+    InvalidInput,
     KeyledgerError,
     MasterKeyUnavailable,
     ShredIncomplete,
@@ -203,9 +204,16 @@ class Ledger(Application[UUID]):
         anchor_file: Path | None = None,
         group_commit_wait: float | None = None,
         cache_bytes: int = AGGREGATE_CACHE_BYTES,
+        require_tags: bool = False,
     ) -> None:
         self.anchor_file = anchor_file
         self.audit_keys = master_keys.audit_keyring(audit_key, previous_audit_keys or [])
+        if require_tags and self.audit_keys.empty:
+            raise InvalidInput(
+                "KEYLEDGER_REQUIRE_EVENT_TAGS needs an audit key to check tags with: set "
+                "KEYLEDGER_MASTER_KEY or KEYLEDGER_AUDIT_KEY"
+            )
+        self.require_tags = require_tags
         self.seal_every = seal_every
         self.closed = False  # set by close(): calls then fail with STORE_CLOSED
         try:
@@ -275,7 +283,9 @@ class Ledger(Application[UUID]):
     def construct_mapper(self) -> Mapper[UUID]:
         """The library's mapper, tagging every event with the audit key (event_tags)."""
         return TaggingMapper(
-            transcoder=self.construct_transcoder(), tag_key=self.audit_keys.current
+            transcoder=self.construct_transcoder(),
+            tag_key=self.audit_keys.current,
+            required=self.audit_keys if self.require_tags else None,
         )
 
     def construct_snapshot_store(self) -> EventStore[UUID]:

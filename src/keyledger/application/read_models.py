@@ -29,6 +29,8 @@ from eventsourcing.persistence import IntegrityError, StoredEvent
 from keyledger.application.row_errors import read_model_errors
 from keyledger.application.stream import undecodable
 from keyledger.errors import AuditTampered, StorageError
+from keyledger.infrastructure.audit_keys import AuditKeyring
+from keyledger.infrastructure.event_tags import TagRefused, require_tag
 from keyledger.infrastructure.lost_tables import CATALOG_LOST
 from keyledger.infrastructure.read_events import READ_TOPIC, decode_read
 from keyledger.projections.audit import AUDIT_TRACKING_NAME, AuditProjector
@@ -75,6 +77,8 @@ def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
     """(position, event) of rows of (position, originator_id, version, topic, state);
     ``AuditTampered`` naming the first row whose bytes do not decode."""
     to_domain_event = ledger.mapper.to_domain_event
+    if ledger.require_tags:  # KEYLEDGER_REQUIRE_EVENT_TAGS: reads too (decoded apart)
+        _require_tags(ledger.audit_keys, rows)
     try:  # one comprehension, inline: replays decode every event through here
         return [
             (
@@ -92,6 +96,17 @@ def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
             except Exception:
                 raise undecodable(int(row[0])) from None
         raise
+
+
+def _require_tags(keys: AuditKeyring, rows: list[Any]) -> None:
+    """``TagRefused``, naming its position, for the first row whose tag does not verify."""
+    for row in rows:
+        try:
+            require_tag(keys, StoredEvent(_uuid(row[1]), row[2], row[3], bytes(row[4])))
+        except TagRefused as refused:
+            raise refused.at(int(row[0])) from None
+        except Exception:  # columns that hold no event: as the decoding reports them
+            raise undecodable(int(row[0])) from None
 
 
 def _decode(to_domain_event: Any, row: Any) -> object:

@@ -19,6 +19,7 @@ from keyledger.domain.ids import SEAL_CHAIN_ID, tenant_id_range
 from keyledger.domain.secret import Secret
 from keyledger.errors import AuditTampered
 from keyledger.infrastructure.event_shapes import INT64_MAX
+from keyledger.infrastructure.event_tags import TagRefused
 from keyledger.projections.schema import has_events_key
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def decoded(ledger: Ledger, row: Row) -> Any:
         raise undecodable(row.position)
     try:
         return ledger.mapper.to_domain_event(row.stored())
+    except TagRefused as refused:  # (KEYLEDGER_REQUIRE_EVENT_TAGS)
+        raise refused.at(row.position) from None
     except Exception:  # whatever the library raises on bytes it cannot read
         raise undecodable(row.position) from None
 

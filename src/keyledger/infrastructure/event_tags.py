@@ -25,7 +25,8 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import TopicError, get_topic
 
-from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey
+from keyledger.errors import AuditTampered
+from keyledger.infrastructure.audit_keys import KEY_ID_BYTES, AuditKey, AuditKeyring
 from keyledger.infrastructure.event_shapes import check_shape
 
 TAG_BYTES = 16
@@ -68,11 +69,19 @@ def split_trailer(state: bytes) -> tuple[bytes, bytes | None, bytes | None]:
 
 class TaggingMapper(Mapper[Any]):
     """The library's mapper, with the tag trailer appended on the way in, stripped on the
-    way out (tags are checked by ``audit verify`` and ``audit seal``, not on every load)."""
+    way out. Tags are checked by ``audit verify`` and ``audit seal``; on every load too
+    when ``required`` (KEYLEDGER_REQUIRE_EVENT_TAGS) holds the keys to check them with."""
 
-    def __init__(self, *args: Any, tag_key: AuditKey | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        tag_key: AuditKey | None = None,
+        required: AuditKeyring | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.tag_key = tag_key
+        self.required = required
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
         """The library's ``Mapper.to_stored_event`` (keyledger configures no compressor
@@ -111,6 +120,8 @@ class TaggingMapper(Mapper[Any]):
         )
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        if self.required is not None:
+            require_tag(self.required, stored_event)
         event = self._decoded(stored_event)
         if isinstance(event, Snapshot):  # in the event stream: a forged row
             self._vouch_for_snapshot(stored_event)
@@ -153,6 +164,43 @@ class TaggingMapper(Mapper[Any]):
         )
         if not hmac.compare_digest(expected, tag):
             raise UnverifiedSnapshot(stored.originator_id)
+
+
+class TagRefused(AuditTampered):
+    """A stored event refused on load because its tag does not verify
+    (KEYLEDGER_REQUIRE_EVENT_TAGS); ``at`` names its stream position once known."""
+
+    def __init__(self, stored: StoredEvent, why: str) -> None:
+        self.event = f"the stored event {stored.originator_id} version {stored.originator_version}"
+        self.why = why
+        super().__init__(self._say(self.event))
+
+    def at(self, position: int) -> TagRefused:
+        """The same refusal, naming the event's stream position."""
+        refused = TagRefused.__new__(TagRefused)
+        refused.event, refused.why = f"the stored event at position {position}", self.why
+        AuditTampered.__init__(refused, refused._say(refused.event))
+        return refused
+
+    def _say(self, event: str) -> str:
+        return (
+            f"{event} {self.why}, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it: it was "
+            "written without the audit key, or altered; run `keyledger audit verify`"
+        )
+
+
+def require_tag(keys: AuditKeyring, stored: StoredEvent) -> None:
+    """``TagRefused`` unless ``stored`` carries a tag that verifies under one of ``keys``
+    (the current audit key, or a previous one a rotation left to verify with)."""
+    body, tag, key_id = split_trailer(stored.state)
+    if tag is None or key_id is None:
+        raise TagRefused(stored, "carries no tag")
+    key = keys.get(key_id)
+    if key is None:
+        raise TagRefused(stored, f"is tagged with audit key {key_id.hex()}, not one configured")
+    expected = event_tag(key, stored.originator_id, stored.originator_version, stored.topic, body)
+    if not hmac.compare_digest(expected, tag):
+        raise TagRefused(stored, "carries a tag that does not match its contents")
 
 
 SNAPSHOT_TOPIC = get_topic(Snapshot)

@@ -46,6 +46,10 @@ class KeyledgerSettings(BaseSettings):
     audit_key: SecretStr | None = None
     # Retired audit keys (comma-separated), kept so older tags and checkpoints verify.
     previous_audit_keys: SecretStr | None = None
+    # Refuse every stored event whose tag does not verify under an audit key this process
+    # holds (untagged, altered, or tagged with an unknown key) when it is loaded, instead
+    # of leaving it to ``audit verify`` (see event_tags.TaggingMapper).
+    require_event_tags: bool = False
     # Seal the audit stream automatically after this many appends per process (0: never).
     audit_seal_every: int = Field(default=10_000, ge=0)
     # Append every new checkpoint to this file (the anchor for ``audit verify --anchor``).
