@@ -258,6 +258,7 @@ service.store_for_tenant("acme", "before", "v0")
 main_thread = threading.get_ident()
 closing, closed = threading.Event(), threading.Event()
 real_close = sqlite_store.KeyledgerSQLiteConnection.close
+SLOW = 0.5  # seconds
 
 
 def slow_close(conn):
@@ -266,7 +267,7 @@ def slow_close(conn):
     elsewhere = threading.get_ident() != main_thread
     if elsewhere:
         closing.set()
-        time.sleep(0.5)
+        time.sleep(SLOW)
     real_close(conn)
     if elsewhere:
         closed.set()
@@ -358,3 +359,111 @@ def test_a_child_forked_while_another_thread_closes_the_service_can_open_its_own
 
     assert report["child"] == "c"
     assert report["names"] == ["before", "child"]
+
+
+FORKED_WITH_A_CALL_LEFT_OPEN_WHILE_A_THREAD_ENDS = (
+    SLOW_CLOSE_ELSEWHERE
+    + r"""
+import select, signal
+
+sqlite_store.CLOSE_WAIT = 1.0
+SLOW = 3.0  # the close outlasts the fork's wait
+finish = threading.Event()
+
+
+def end_later():
+    service.store_for_tenant("acme", "threaded", "t")  # this thread's writer...
+    finish.wait()  # ...closed, slowly, as the thread ends
+
+
+ending = threading.Thread(target=end_later)
+ending.start()
+time.sleep(0.2)
+holder = sqlite3.connect(URL.removeprefix("sqlite:///"), isolation_level=None)
+holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+waiting = threading.Thread(target=service.store_for_tenant, args=("acme", "waiting", "w"))
+waiting.start()  # a call in progress past the fork's wait: the service is left open
+time.sleep(0.2)
+finish.set()
+assert closing.wait(10)
+said_read, said_write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        with open_service():
+            said = "opened"
+    except Exception as error:
+        said = f"{type(error).__name__}: {error}"
+    os.write(said_write, said.encode())
+    os._exit(0)
+os.close(said_write)
+ready, _, _ = select.select([said_read], [], [], 20)
+child = os.read(said_read, 2000).decode() if ready else "no answer within 20 s"
+if not ready:
+    os.kill(pid, signal.SIGKILL)
+os.waitpid(pid, 0)
+holder.execute("COMMIT")
+waiting.join()
+ending.join()
+print(json.dumps({"child": child}))
+"""
+)
+
+
+def test_a_child_forked_while_a_call_is_left_open_and_a_thread_ends_answers(
+    tmp_path: Path, master_key: str
+) -> None:
+    """A fork that must leave a service open (a call outlasts its wait) while another
+    thread's writer is being closed: the child refuses the file, and does not hang on
+    the lock that close held when the process forked (found by review of the fix)."""
+    report = _run(FORKED_WITH_A_CALL_LEFT_OPEN_WHILE_A_THREAD_ENDS, tmp_path, master_key)
+
+    assert report["child"].startswith("StorageError: this process was forked while")
+
+
+COLLECTED_WHILE_A_THREAD_ENDS = (
+    PRELUDE
+    + r"""
+import gc
+from keyledger.infrastructure import sqlite_store
+
+real_close = sqlite_store.KeyledgerSQLiteConnection.close
+ending = []
+
+
+def close_with_a_collection(conn):
+    if ending and threading.get_ident() == ending[0]:
+        ending.clear()
+        gc.collect()  # (an automatic collection, which any allocation can start)
+    real_close(conn)
+
+
+sqlite_store.KeyledgerSQLiteConnection.close = close_with_a_collection
+
+
+def forgetful_caller():
+    service = open_service()  # never closed: the collector finalises it
+    service.store_for_tenant("acme", "db", "v1")  # this thread's writer
+    del service
+    ending.append(threading.get_ident())
+
+
+gc.disable()
+thread = threading.Thread(target=forgetful_caller, daemon=True)
+thread.start()
+thread.join(10)
+print(json.dumps({"thread_ended": not thread.is_alive()}))
+sys.stdout.flush()
+os._exit(0)
+"""
+)
+
+
+def test_a_collection_while_an_ending_thread_closes_its_writer_does_not_deadlock(
+    tmp_path: Path, master_key: str
+) -> None:
+    """The collector finalising an unclosed service inside the close of an ending
+    thread's writer took a lock that close held (found by review of the fork fix)."""
+    report = _run(COLLECTED_WHILE_A_THREAD_ENDS, tmp_path, master_key)
+
+    assert report["thread_ended"] is True

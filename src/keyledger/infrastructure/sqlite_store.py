@@ -305,6 +305,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
                 self._writers_lock,
                 id(holder),
                 os.getpid(),
+                self.file.identity if self.file is not None else None,
             ).atexit = False
         return holder.conn
 
@@ -332,9 +333,9 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._close_connections()
 
     def _close_connections(self) -> None:
-        # Under the fork lock: a fork waits for a close in progress (whose connections,
-        # half closed, would leave a child SQLite's record of them; see _before_fork).
-        with self._fork_lock:
+        # Counted: a fork waits for a close in progress, whose connections, half closed,
+        # would leave a child SQLite's record of them (see _before_fork and _Closes).
+        with _CLOSES.closing(self.file.identity if self.file is not None else None):
             self._close_writers()
             if hasattr(self, "pool"):  # (none when the file could not be created)
                 super().close()
@@ -420,14 +421,70 @@ def _in_a_call(ident: int, also_here: KeyledgerSQLiteDatastore | None = None) ->
     )
 
 
+class _Closes:
+    """The SQLite closes in progress in this process, by file, and the forks waiting for
+    them: a close that starts while a fork is being prepared waits until it is done,
+    unless it is the forking thread's own (a finaliser the collector runs there)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._files: dict[tuple[int, int] | None, int] = {}
+        self._forking: dict[int, int] = {}  # forking thread -> forks it is preparing
+
+    @contextmanager
+    def closing(self, identity: tuple[int, int] | None) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._changed:
+            while self._forking and me not in self._forking:
+                self._changed.wait()
+            self._files[identity] = self._files.get(identity, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                left = self._files[identity] - 1
+                if left:
+                    self._files[identity] = left
+                else:
+                    del self._files[identity]
+                self._changed.notify_all()
+
+    def fork_starts(self) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            self._forking[me] = self._forking.get(me, 0) + 1
+
+    def fork_ends(self) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            left = self._forking.get(me, 1) - 1
+            if left:
+                self._forking[me] = left
+            else:
+                self._forking.pop(me, None)
+            self._changed.notify_all()
+
+    def wait_until_none(self, deadline: float) -> set[tuple[int, int]]:
+        """Wait (until ``deadline``) for the closes in progress to end; the files of those
+        that have not."""
+        with self._changed:
+            while self._files and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, deadline - time.monotonic()))
+            return {identity for identity in self._files if identity is not None}
+
+
+_CLOSES = _Closes()
+
+
 class _Fork(threading.local):
     """What this thread's fork() holds, and what its child must refuse."""
 
     held: list[KeyledgerSQLiteDatastore]
     left_open: list[KeyledgerSQLiteDatastore]
+    closing: set[tuple[int, int]]  # files whose close did not end before the deadline
 
     def __init__(self) -> None:
-        self.held, self.left_open = [], []
+        self.held, self.left_open, self.closing = [], [], set()
 
 
 _FORK = _Fork()
@@ -451,18 +508,17 @@ def _before_fork() -> None:
     (``FORKED_OPEN``): losing a child's writes silently is what this prevents."""
     deadline = time.monotonic() + CLOSE_WAIT
     fork = _FORK
-    fork.held, fork.left_open = [], []
+    fork.held, fork.left_open, fork.closing = [], [], set()
+    _CLOSES.fork_starts()  # (closes that start from now on wait for the fork)
     datastores = [d for d in _REGISTRY.all() if not d.pool.is_sqlite_memory_mode]
     for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
-        if not datastore._fork_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            fork.left_open.append(datastore)
-        elif datastore._closed:  # (a close in progress holds the lock: it has ended)
-            datastore._fork_lock.release()
-            if not datastore._connections_closed:  # left to calls still in progress
-                fork.left_open.append(datastore)
-        else:
+        if datastore._closed:  # (looked at again once closes in progress have ended)
+            continue
+        if datastore._fork_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             datastore._forking = True
             fork.held.append(datastore)
+        else:
+            fork.left_open.append(datastore)
     me = threading.get_ident()
     waiting: list[KeyledgerSQLiteDatastore] = []
     for datastore in fork.held:
@@ -476,16 +532,27 @@ def _before_fork() -> None:
     for datastore in fork.held:
         if datastore not in fork.left_open:
             datastore._close_connections_for_fork()
+    # Closes in progress in other threads (an ending thread's writer, a close(), a
+    # service the garbage collector finalises) end first; a file still being closed
+    # at the deadline is refused in the child.
+    fork.closing = _CLOSES.wait_until_none(deadline)
+    for datastore in datastores:  # closed, its connections left to calls in progress
+        closed_open = datastore._closed and not datastore._connections_closed
+        if closed_open and datastore not in fork.held and datastore not in fork.left_open:
+            fork.left_open.append(datastore)
 
 
 def _after_fork_in_parent() -> None:
     for datastore in _FORK.held:
         datastore._forking = False
         datastore._fork_lock.release()
-    _FORK.held, _FORK.left_open = [], []
+    _FORK.held, _FORK.left_open, _FORK.closing = [], [], set()
+    _CLOSES.fork_ends()
 
 
 def _after_fork_in_child() -> None:
+    global _CLOSES
+    _CLOSES = _Closes()  # (the closes in progress were the parent's threads')
     _REGISTRY.lock = threading.Lock()  # (another thread may have held it at the fork)
     for datastore in list(_REGISTRY.datastores):
         datastore._start_afresh()
@@ -495,7 +562,8 @@ def _after_fork_in_child() -> None:
         datastore._refuse_in_child()
         if datastore.file is not None:
             _INHERITED_FILES.add(datastore.file.identity)
-    _FORK.held, _FORK.left_open = [], []
+    _INHERITED_FILES.update(_FORK.closing)
+    _FORK.held, _FORK.left_open, _FORK.closing = [], [], set()
 
 
 os.register_at_fork(
@@ -506,24 +574,33 @@ os.register_at_fork(
 
 
 def _thread_ended(
-    writers: dict[int, KeyledgerSQLiteConnection], lock: threading.Lock, key: int, pid: int
+    writers: dict[int, KeyledgerSQLiteConnection],
+    lock: threading.Lock,
+    key: int,
+    pid: int,
+    identity: tuple[int, int] | None,
 ) -> None:
     """Close the writer of a thread that ended. Not in a forked child: the connections
     it inherited belong to the parent's threads (SQLite forbids using them in a child,
-    and closing one there could roll back or checkpoint into the parent's WAL).
+    and closing one there could roll back or checkpoint into the parent's WAL); nor
+    does the child take ``lock``, which the fork may have copied held.
 
-    The close happens under ``lock``, which a fork's ``_close_writers`` takes too: a fork
-    landing in the middle of this close (sqlite3 lets other threads run while it closes)
-    left the child SQLite's bookkeeping of a connection that the parent then finished
-    closing, deleting the log under the child's first write (found as a CI failure)."""
-    with lock:
+    The close is counted as one in progress (``_CLOSES``), which a fork waits for: a
+    fork landing in the middle of it (sqlite3 lets other threads run while it closes)
+    left the child SQLite's record of a connection that the parent then finished
+    closing, deleting the log under the child's first write (found as a CI failure).
+    It is not made under ``lock``: closing can run the garbage collector, whose
+    finalisers may close a datastore, which takes that lock (found by review)."""
+    if os.getpid() != pid:
         conn = writers.pop(key, None)
-        if conn is None:
-            return
-        if os.getpid() == pid:
+        if conn is not None:  # kept, never closed: freeing it would close it (sqlite3
+            _INHERITED.append(conn)  # closes on dealloc)
+        return
+    with _CLOSES.closing(identity):
+        with lock:
+            conn = writers.pop(key, None)
+        if conn is not None:
             conn.close()
-        else:  # kept, never closed: freeing it would close it (sqlite3 closes on dealloc)
-            _INHERITED.append(conn)
 
 
 _INHERITED: list[KeyledgerSQLiteConnection] = []  # a forked child's, from its parent
