@@ -147,3 +147,34 @@ def test_requiring_tags_without_an_audit_key_is_refused_before_the_store_is_open
 
     assert "KEYLEDGER_MASTER_KEY or KEYLEDGER_AUDIT_KEY" in str(refused.value)
     assert not path.exists()
+
+
+def test_after_a_master_key_rotation_verify_and_seal_find_what_they_find_without_it(
+    make_service: MakeService,
+) -> None:
+    """Checkpoints were decoded through the requiring check: one sealed under a master
+    key since dropped "did not decode" in a strict process, which reported tampering
+    (and stopped sealing) where a default one reports an unverifiable segment (found by
+    review). Loads of events tagged under the dropped key say it may have been retired."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    first = make_service(master_key=old)
+    first.store_for_tenant(ACME, "db", "v1")
+    with super_admin():
+        first.seal_audit()
+    rewrapping = KeyledgerSettings(previous_master_keys=old)
+    rotated = make_service(master_key=new, settings=rewrapping)
+    rotated.rewrap_master_key()
+    with super_admin():
+        rotated.seal_audit()
+
+    default = make_service(master_key=new)
+    strict = make_service(master_key=new, settings=REQUIRED)
+    expected = [(f.kind, f.position) for f in default.verify_audit().findings]
+    assert expected  # the segment sealed under the dropped key
+    assert [(f.kind, f.position) for f in strict.verify_audit().findings] == expected
+    strict.store_for_tenant("beta", "x", "y")
+    with super_admin():
+        assert strict.seal_audit().stopped_reason is None
+    with pytest.raises(AuditTampered) as refused:
+        strict.retrieve_for_tenant(ACME, "db")
+    assert "KEYLEDGER_PREVIOUS_MASTER_KEYS" in str(refused.value)

@@ -45,7 +45,7 @@ from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
 from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
 from keyledger.infrastructure.event_shapes import INT64_MAX
-from keyledger.infrastructure.event_tags import event_tag, split_trailer
+from keyledger.infrastructure.event_tags import TaggingMapper, event_tag, split_trailer
 from keyledger.models import Checkpoint, SealResult
 
 if TYPE_CHECKING:
@@ -140,9 +140,15 @@ _CHECKPOINT_FIELDS: dict[str, type] = {
 
 def decode_checkpoint(ledger: Ledger, row: Row) -> AuditSeal.Checkpoint | None:
     """The checkpoint stored in ``row``, or None when its bytes do not hold a well-formed
-    checkpoint (edited, truncated or retyped fields): callers report that as tampering."""
+    checkpoint (edited, truncated or retyped fields): callers report that as tampering.
+    Decoded without KEYLEDGER_REQUIRE_EVENT_TAGS's check: a checkpoint's tag and digest
+    are checked by the verification itself, which reports a checkpoint sealed under a
+    key no longer configured as ``unverifiable``, not as one that does not decode
+    (found by review)."""
+    mapper = ledger.mapper
+    decode = mapper.decode if isinstance(mapper, TaggingMapper) else mapper.to_domain_event
     try:
-        event = ledger.mapper.to_domain_event(row.stored())
+        event = decode(row.stored())
     except Exception:  # whatever the library raises on bytes it cannot read
         return None
     if not isinstance(event, AuditSeal.Checkpoint):

@@ -122,6 +122,11 @@ class TaggingMapper(Mapper[Any]):
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         if self.required is not None:
             require_tag(self.required, stored_event)
+        return self.decode(stored_event)
+
+    def decode(self, stored_event: StoredEvent) -> Any:
+        """``to_domain_event`` without the required tag's check, for callers that check
+        tags themselves (verification, sealing)."""
         event = self._decoded(stored_event)
         if isinstance(event, Snapshot):  # in the event stream: a forged row
             self._vouch_for_snapshot(stored_event)
@@ -184,8 +189,9 @@ class TagRefused(AuditTampered):
 
     def _say(self, event: str) -> str:
         return (
-            f"{event} {self.why}, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it: it was "
-            "written without the audit key, or altered; run `keyledger audit verify`"
+            f"{event} {self.why}, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it: unless a "
+            "key was retired, it was written without the audit key, or altered; run "
+            "`keyledger audit verify`"
         )
 
 
@@ -197,7 +203,12 @@ def require_tag(keys: AuditKeyring, stored: StoredEvent) -> None:
         raise TagRefused(stored, "carries no tag")
     key = keys.get(key_id)
     if key is None:
-        raise TagRefused(stored, f"is tagged with audit key {key_id.hex()}, not one configured")
+        raise TagRefused(
+            stored,
+            f"is tagged with audit key {key_id.hex()}, not one configured (a retired master "
+            "key or audit key must stay in KEYLEDGER_PREVIOUS_MASTER_KEYS or "
+            "KEYLEDGER_PREVIOUS_AUDIT_KEYS while tags are required)",
+        )
     expected = event_tag(key, stored.originator_id, stored.originator_version, stored.topic, body)
     if not hmac.compare_digest(expected, tag):
         raise TagRefused(stored, "carries a tag that does not match its contents")
