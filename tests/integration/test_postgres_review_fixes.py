@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -114,6 +115,17 @@ def test_a_dropped_listen_connection_ends_the_wait_instead_of_failing(
     """The worker waits on one LISTEN connection: one terminated by an administrator (or
     a restart) ends the wait; the next catch-up runs on a fresh connection."""
     outcome: list[BaseException | None] = []
+    recorder: Any = service._ledger.recorder
+    ours: list[int] = []  # this service's sessions: another run's LISTEN is not ours to end
+    connection = recorder._connection
+
+    @contextmanager
+    def noting_sessions(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with connection(*args, **kwargs) as conn:
+            ours.append(conn.info.backend_pid)
+            yield conn
+
+    vars(recorder)["_connection"] = noting_sessions
 
     def wait() -> None:
         try:
@@ -128,7 +140,8 @@ def test_a_dropped_listen_connection_ends_the_wait_instead_of_failing(
         for _ in range(100):  # until the LISTEN is in place
             rows = admin.execute(
                 "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' "
-                "AND datname = current_database() AND pid <> pg_backend_pid()"
+                "AND datname = current_database() AND pid = ANY(%s)",
+                (list(ours),),
             ).fetchall()
             if rows:
                 break

@@ -266,8 +266,10 @@ def test_two_threads_taking_turns_share_their_transactions(
     monkeypatch.setattr(group_commit, "RETURN_GRACE", 0.2)  # short for the last batch alone
     writer = RecordingWriter(delay=0.002)
     committer = GroupCommitter(writer)
+    together = threading.Barrier(2)  # (a caller alone never waits: start them together)
 
     def caller(k: int) -> None:
+        together.wait(timeout=30)
         for i in range(30):
             with committer.arriving():
                 time.sleep(0.0005)  # validating, decrypting, encoding
@@ -282,7 +284,9 @@ def test_two_threads_taking_turns_share_their_transactions(
     assert sorted(item for batch in writer.batches for item in batch) == sorted(
         k * 100 + i for k in range(2) for i in range(30)
     )
-    assert len(writer.batches) <= 32  # 60 items: pairs, give or take the first and last
+    # 60 items: pairs, give or take the first and last, and a few alone where a loaded
+    # machine paused a caller (found flaky at 32); alternating alone, they made 60.
+    assert len(writer.batches) <= 40
 
 
 def _holding_writer(

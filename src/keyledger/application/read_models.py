@@ -584,11 +584,15 @@ def follow(
             applied += count
             if not count and seal_when_idle:
                 ledger.seal_automatically()
+            if not count:
+                wait(idle_seconds)
         except StorageError as error:
             # A connection the server ended mid-catch-up (an administrator's
             # pg_terminate_backend, a failover) is no reason to stop: the catch-up rolled
             # back, and the next one starts where the last commit left off. A database
             # that stays away ends the worker (found by review: one lost connection did).
+            # The idle wait too: a LISTEN that could get no connection ended the worker
+            # at once (found as a flaky test).
             failures += 1
             if failures > FOLLOW_RETRIES or ledger.closed:  # (closed: the end, not a loss)
                 raise
@@ -598,8 +602,6 @@ def follow(
             _pause(delay, stop)
             continue
         failures = 0
-        if not count:
-            wait(idle_seconds)
     return applied
 
 
