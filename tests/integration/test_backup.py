@@ -96,11 +96,13 @@ WRITER = textwrap.dedent(
     from keyledger import SecretService
 
     service = SecretService.create(sys.argv[1], master_key=sys.argv[2])
-    stop, n = Path(sys.argv[3]), 0
+    stop, started, n = Path(sys.argv[3]), Path(sys.argv[3] + ".started"), 0
     while not stop.exists():
         service.store_for_tenant("busy", f"s{n % 40}", f"v{n}")
         service.retrieve_for_tenant("busy", f"s{n % 40}")
         n += 1
+        if n == 5:
+            started.touch()
     service.close()
     print(n)
     """
@@ -121,7 +123,12 @@ def test_a_backup_taken_while_another_process_writes_is_consistent(
         [sys.executable, "-c", WRITER, url, master_key, str(stop)], stdout=subprocess.PIPE
     )
     try:
-        time.sleep(1.0)  # (the writer is under way)
+        started = tmp_path / "stop.started"
+        deadline = time.monotonic() + 60
+        while not started.exists():  # (the writer is under way: a loaded machine took 1.5 s)
+            assert writer.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         targets = [tmp_path / f"copy{i}.db" for i in range(3)]
         for target in targets:
             service.backup(str(target))
