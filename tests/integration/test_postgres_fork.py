@@ -49,7 +49,8 @@ SCENARIO = textwrap.dedent(
         with psycopg.connect(url.split("?")[0], autocommit=True) as conn:
             return {row[0] for row in conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")}
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND application_name = %s", (os.environ["PGAPPNAME"],))}
 
     def work(tag, errors):
         for i in range(60):
@@ -119,6 +120,8 @@ def run_scenario(mode: str) -> str:
             text=True,
             timeout=120,
             check=False,
+            # This run's sessions only: another test run on the server opens and closes its own.
+            env={**os.environ, "PGAPPNAME": schema},
         )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
