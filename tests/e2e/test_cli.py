@@ -229,6 +229,35 @@ def test_a_value_over_the_configured_limit_is_refused(monkeypatch: pytest.Monkey
     )
 
 
+def test_required_tags_refuse_an_event_written_without_the_audit_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KEYLEDGER_REQUIRE_EVENT_TAGS from the environment: `secrets get` refuses a secret
+    disabled by a process that held no key (its event untagged), and `audit verify`
+    still reports it."""
+    ok("secrets", "put", "acme", "db", stdin="v1")
+    monkeypatch.delenv("KEYLEDGER_MASTER_KEY")
+    ok("secrets", "disable", "acme", "db")  # a process without the master key
+    monkeypatch.setenv("KEYLEDGER_MASTER_KEY", MASTER_KEY)
+    monkeypatch.setenv("KEYLEDGER_REQUIRE_EVENT_TAGS", "true")
+
+    refused = run("secrets", "get", "acme", "db")
+
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("Error: the stored event ")
+    assert "carries no tag, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it" in refused.stderr
+    assert refused.stdout == ""
+    verify = run("audit", "verify")
+    assert verify.exit_code == 1
+    assert "untagged" in verify.stdout
+    monkeypatch.delenv("KEYLEDGER_MASTER_KEY")  # no audit key at all: refused at start-up
+    assert_error(
+        run("secrets", "list", "acme"),
+        "KEYLEDGER_REQUIRE_EVENT_TAGS needs an audit key to check tags with: set "
+        "KEYLEDGER_MASTER_KEY or KEYLEDGER_AUDIT_KEY",
+    )
+
+
 def test_get_of_an_unknown_secret_exits_1_with_one_error_line() -> None:
     assert_error(run("secrets", "get", "acme", "nope"), "no secret 'nope' in tenant 'acme'")
 
