@@ -352,17 +352,20 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self.pool = _new_pool(self.pool.db_name, self.pool.lock_timeout)
 
     def _close_writers(self) -> None:
+        # Closed outside the lock: a signal handler or a finaliser can close this
+        # datastore in the middle (found by review: a handler's close() deadlocked a fork).
         with self._writers_lock:
-            for conn in self._all_writers.values():
-                conn.close()
+            writers = list(self._all_writers.values())
             self._all_writers.clear()
+        for conn in writers:
+            conn.close()
 
-    def _refuse_in_child(self) -> None:
-        """In a child forked with this datastore's connections open: refuse every call
-        (and never close them: that could roll back or checkpoint the parent's work).
-        One its parent had closed says so still."""
+    def _refuse_in_child(self, reason: str) -> None:
+        """In a child forked with connections to this datastore's file open (its own, or
+        others'): refuse every call for ``reason`` (and never close them: that could roll
+        back or checkpoint the parent's work). One its parent had closed says so still."""
         if not self._closed:
-            self._refusal = FORKED_OPEN
+            self._refusal = reason
             self._closed = True
 
 
@@ -422,21 +425,23 @@ def _in_a_call(ident: int, also_here: KeyledgerSQLiteDatastore | None = None) ->
 
 
 class _Closes:
-    """The SQLite closes in progress in this process, by file, and the forks waiting for
-    them: a close that starts while a fork is being prepared waits until it is done,
-    unless it is the forking thread's own (a finaliser the collector runs there)."""
+    """The SQLite closes in progress in this process, by file. A fork waits (within its
+    bound) for them to end; a forked child refuses the files its copy of them names,
+    which are exactly those being closed at the instant of the fork.
+
+    Nothing here waits for a fork, and the lock is reentrant: the collector can run a
+    finaliser that closes a datastore wherever an allocation starts it, also while this
+    lock is held or while the thread holds another lock a fork needs (a first version,
+    in which a close started during a fork waited for it, deadlocked both ways: found by
+    review)."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._changed = threading.Condition(threading.RLock())
         self._files: dict[tuple[int, int] | None, int] = {}
-        self._forking: dict[int, int] = {}  # forking thread -> forks it is preparing
 
     @contextmanager
     def closing(self, identity: tuple[int, int] | None) -> Iterator[None]:
-        me = threading.get_ident()
         with self._changed:
-            while self._forking and me not in self._forking:
-                self._changed.wait()
             self._files[identity] = self._files.get(identity, 0) + 1
         try:
             yield
@@ -449,28 +454,16 @@ class _Closes:
                     del self._files[identity]
                 self._changed.notify_all()
 
-    def fork_starts(self) -> None:
-        me = threading.get_ident()
-        with self._changed:
-            self._forking[me] = self._forking.get(me, 0) + 1
-
-    def fork_ends(self) -> None:
-        me = threading.get_ident()
-        with self._changed:
-            left = self._forking.get(me, 1) - 1
-            if left:
-                self._forking[me] = left
-            else:
-                self._forking.pop(me, None)
-            self._changed.notify_all()
-
-    def wait_until_none(self, deadline: float) -> set[tuple[int, int]]:
-        """Wait (until ``deadline``) for the closes in progress to end; the files of those
-        that have not."""
+    def wait_until_none(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the closes in progress to end."""
         with self._changed:
             while self._files and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, deadline - time.monotonic()))
-            return {identity for identity in self._files if identity is not None}
+
+    def in_progress(self) -> set[tuple[int, int]]:
+        """The files being closed now (in a child: at the instant of the fork; read
+        without the lock, which the fork may have copied held)."""
+        return {identity for identity in list(self._files) if identity is not None}
 
 
 _CLOSES = _Closes()
@@ -481,10 +474,9 @@ class _Fork(threading.local):
 
     held: list[KeyledgerSQLiteDatastore]
     left_open: list[KeyledgerSQLiteDatastore]
-    closing: set[tuple[int, int]]  # files whose close did not end before the deadline
 
     def __init__(self) -> None:
-        self.held, self.left_open, self.closing = [], [], set()
+        self.held, self.left_open = [], []
 
 
 _FORK = _Fork()
@@ -508,8 +500,7 @@ def _before_fork() -> None:
     (``FORKED_OPEN``): losing a child's writes silently is what this prevents."""
     deadline = time.monotonic() + CLOSE_WAIT
     fork = _FORK
-    fork.held, fork.left_open, fork.closing = [], [], set()
-    _CLOSES.fork_starts()  # (closes that start from now on wait for the fork)
+    fork.held, fork.left_open = [], []
     datastores = [d for d in _REGISTRY.all() if not d.pool.is_sqlite_memory_mode]
     for datastore in sorted(datastores, key=id):  # (two forking threads: one order)
         if datastore._closed:  # (looked at again once closes in progress have ended)
@@ -534,8 +525,8 @@ def _before_fork() -> None:
             datastore._close_connections_for_fork()
     # Closes in progress in other threads (an ending thread's writer, a close(), a
     # service the garbage collector finalises) end first; a file still being closed
-    # at the deadline is refused in the child.
-    fork.closing = _CLOSES.wait_until_none(deadline)
+    # at the fork is refused in the child (_after_fork_in_child).
+    _CLOSES.wait_until_none(deadline)
     for datastore in datastores:  # closed, its connections left to calls in progress
         closed_open = datastore._closed and not datastore._connections_closed
         if closed_open and datastore not in fork.held and datastore not in fork.left_open:
@@ -546,24 +537,35 @@ def _after_fork_in_parent() -> None:
     for datastore in _FORK.held:
         datastore._forking = False
         datastore._fork_lock.release()
-    _FORK.held, _FORK.left_open, _FORK.closing = [], [], set()
-    _CLOSES.fork_ends()
+    _FORK.held, _FORK.left_open = [], []
 
 
 def _after_fork_in_child() -> None:
+    """Refuse, in this child, every file with a connection open or half closed at the
+    instant of the fork, as this process's copy of the parent's memory shows them: the
+    datastores the fork left open, those with a call in progress (a call nested in
+    another slips past the fork's wait: found by review), and the closes in progress.
+    Every datastore on such a file is refused, and so is a service opened on it later:
+    SQLite would share the inherited record of the parent's connections with theirs."""
     global _CLOSES
-    _CLOSES = _Closes()  # (the closes in progress were the parent's threads')
     _REGISTRY.lock = threading.Lock()  # (another thread may have held it at the fork)
-    for datastore in list(_REGISTRY.datastores):
+    datastores = list(_REGISTRY.datastores)
+    open_at_fork = [*_FORK.left_open, *(d for d in datastores if d._calls)]
+    _INHERITED_FILES.update(_CLOSES.in_progress())
+    _CLOSES = _Closes()  # (the closes in progress were the parent's threads')
+    for datastore in datastores:
         datastore._start_afresh()
         datastore._forking = False
         datastore._fork_lock = threading.Lock()
-    for datastore in _FORK.left_open:
-        datastore._refuse_in_child()
+    for datastore in open_at_fork:
+        datastore._refuse_in_child(FORKED_OPEN)
         if datastore.file is not None:
             _INHERITED_FILES.add(datastore.file.identity)
-    _INHERITED_FILES.update(_FORK.closing)
-    _FORK.held, _FORK.left_open, _FORK.closing = [], [], set()
+    for datastore in datastores:
+        file = datastore.file
+        if file is not None and file.identity in _INHERITED_FILES:
+            datastore._refuse_in_child(forked_file(file.path))
+    _FORK.held, _FORK.left_open = [], []
 
 
 os.register_at_fork(
@@ -585,10 +587,11 @@ def _thread_ended(
     and closing one there could roll back or checkpoint into the parent's WAL); nor
     does the child take ``lock``, which the fork may have copied held.
 
-    The close is counted as one in progress (``_CLOSES``), which a fork waits for: a
-    fork landing in the middle of it (sqlite3 lets other threads run while it closes)
-    left the child SQLite's record of a connection that the parent then finished
-    closing, deleting the log under the child's first write (found as a CI failure).
+    The close is counted as one in progress (``_CLOSES``), which a fork waits for and
+    a child refuses the file of: a fork landing in the middle of it (sqlite3 lets other
+    threads run while it closes) left the child SQLite's record of a connection that
+    the parent then finished closing, deleting the log under the child's first write
+    (found as a CI failure).
     It is not made under ``lock``: closing can run the garbage collector, whose
     finalisers may close a datastore, which takes that lock (found by review)."""
     if os.getpid() != pid:
