@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
-import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
 
+from conftest import run_around
 from keyledger import (
     ConfirmationRequired,
     DecryptionFailed,
@@ -52,35 +51,11 @@ class Database:
     """The service's database reached around keyledger, as an operator or a bad restore would."""
 
     def __init__(self, service: SecretService) -> None:
-        env = service._ledger.env
-        self.schema = env.get("POSTGRES_SCHEMA")
-        if self.schema:
-            self.connect: Callable[[], Any] = lambda: psycopg.connect(
-                host=env.get("POSTGRES_HOST"),
-                port=env.get("POSTGRES_PORT"),
-                user=env.get("POSTGRES_USER"),
-                password=env.get("POSTGRES_PASSWORD") or None,
-                dbname=env.get("POSTGRES_DBNAME"),
-                options=f"-c search_path={self.schema}",
-                autocommit=True,
-                connect_timeout=5,
-            )
-        else:
-            name = str(env.get("SQLITE_DBNAME"))
-            self.connect = lambda: sqlite3.connect(
-                name, uri=name.startswith("file:"), timeout=30, isolation_level=None
-            )
+        self.service = service
 
     def execute(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one statement (``?`` placeholders) and return its rows, if any."""
-        if self.schema:
-            statement = statement.replace("?", "%s")
-        conn = self.connect()
-        try:
-            cursor = conn.execute(statement, params)
-            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
-        finally:
-            conn.close()
+        return run_around(self.service, statement, params)
 
     def material(self, tenant_id: str) -> list[tuple[int, str, str, bytes]]:
         rows = self.execute(

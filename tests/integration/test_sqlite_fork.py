@@ -63,6 +63,20 @@ def in_child(work):
         return report
 
     return start_and_wait
+
+
+def outcome(work):
+    # What work() returned, or the error it raised, as "Type: message".
+    try:
+        return work()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def names_afterwards():
+    # acme's secret names, as a service opened afterwards sees them.
+    with open_service() as fresh:
+        return sorted(info.name for info in fresh.list_for_tenant("acme"))
 """
 
 PARENT_CLOSES = (
@@ -201,19 +215,16 @@ time.sleep(0.2)
 
 
 def serve():
-    said = []
-    try:
+    def store():
         service.store_for_tenant("acme", "child", "c")
-        said.append("stored")
-    except Exception as error:
-        said.append(f"{type(error).__name__}: {error}")
-    try:
+        return "stored"
+
+    def store_on_its_own():
         with open_service() as own:  # beside the record of the parent's connections
             own.store_for_tenant("acme", "child-own", "c")
-            said.append("stored on its own")
-    except Exception as error:
-        said.append(f"{type(error).__name__}: {error}")
-    return said
+        return "stored on its own"
+
+    return [outcome(store), outcome(store_on_its_own)]
 
 
 run = in_child(serve)
@@ -221,9 +232,7 @@ holder.execute("COMMIT")
 waiting.join()
 child = run()
 service.close()  # the parent is done: nothing the child did may be lost with it
-with open_service() as fresh:
-    names = sorted(info.name for info in fresh.list_for_tenant("acme"))
-print(json.dumps({"child": child, "names": names}))
+print(json.dumps({"child": child, "names": names_afterwards()}))
 """
 )
 
@@ -286,12 +295,9 @@ ending.start()
 assert closing.wait(10)
 
 
-def serve():
-    try:
-        service.store_for_tenant("acme", "child", "c")
-        return service.retrieve_for_tenant("acme", "child").value
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
+def serve():  # (in_child reports an error it raises)
+    service.store_for_tenant("acme", "child", "c")
+    return service.retrieve_for_tenant("acme", "child").value
 
 
 run = in_child(serve)  # forked while the ending thread closes its writer
@@ -299,9 +305,7 @@ assert closed.wait(10)
 ending.join()
 child = run()  # the child writes once the parent has finished that close
 service.close()
-with open_service() as fresh:
-    names = sorted(info.name for info in fresh.list_for_tenant("acme"))
-print(json.dumps({"child": child, "names": names}))
+print(json.dumps({"child": child, "names": names_afterwards()}))
 """
 )
 
@@ -328,22 +332,17 @@ closer.start()
 assert closing.wait(10)
 
 
-def serve():
+def serve():  # (in_child reports an error it raises)
     sqlite_store.KeyledgerSQLiteConnection.close = real_close
-    try:
-        with open_service() as own:  # the child opens a service of its own
-            own.store_for_tenant("acme", "child", "c")
-            return own.retrieve_for_tenant("acme", "child").value
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
+    with open_service() as own:  # the child opens a service of its own
+        own.store_for_tenant("acme", "child", "c")
+        return own.retrieve_for_tenant("acme", "child").value
 
 
 run = in_child(serve)  # forked while the other thread closes the service
 closer.join()
 child = run()  # the child writes once the parent has finished closing
-with open_service() as fresh:
-    names = sorted(info.name for info in fresh.list_for_tenant("acme"))
-print(json.dumps({"child": child, "names": names}))
+print(json.dumps({"child": child, "names": names_afterwards()}))
 """
 )
 
@@ -389,12 +388,12 @@ assert closing.wait(10)
 said_read, said_write = os.pipe()
 pid = os.fork()
 if pid == 0:
-    try:
+
+    def open_one():
         with open_service():
-            said = "opened"
-    except Exception as error:
-        said = f"{type(error).__name__}: {error}"
-    os.write(said_write, said.encode())
+            return "opened"
+
+    os.write(said_write, outcome(open_one).encode())
     os._exit(0)
 os.close(said_write)
 ready, _, _ = select.select([said_read], [], [], 20)
@@ -480,16 +479,15 @@ assert closing.wait(10)
 
 
 def serve():
-    said = []
-    inherited = lambda: service.retrieve_for_tenant("acme", "before")  # noqa: E731
-    opened = lambda: open_service().close()  # noqa: E731
-    for attempt in (inherited, opened):
-        try:
-            attempt()
-            said.append("served")
-        except Exception as error:
-            said.append(f"{type(error).__name__}: {error}")
-    return said
+    def inherited():
+        service.retrieve_for_tenant("acme", "before")
+        return "served"
+
+    def opened():
+        open_service().close()
+        return "served"
+
+    return [outcome(inherited), outcome(opened)]
 
 
 run = in_child(serve)  # forked while the ending thread's writer is still being closed
