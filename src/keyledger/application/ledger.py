@@ -281,12 +281,14 @@ class Ledger(Application[UUID]):
         return Environment(name, settings)
 
     def construct_mapper(self) -> Mapper[UUID]:
-        """The library's mapper, tagging every event with the audit key (event_tags)."""
-        return TaggingMapper(
+        """The library's mapper, tagging every event with the audit key (event_tags); also
+        kept as ``tagging_mapper``, typed, for its ``decode``."""
+        self.tagging_mapper = TaggingMapper(
             transcoder=self.construct_transcoder(),
             tag_key=self.audit_keys.current,
             required=self.audit_keys if self.require_tags else None,
         )
+        return self.tagging_mapper
 
     def construct_snapshot_store(self) -> EventStore[UUID]:
         """The library's snapshot store, its rows read by ``SnapshotMapper``: only a

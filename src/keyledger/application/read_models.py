@@ -76,9 +76,9 @@ def _page(ledger: Ledger, cur: Any, after: int) -> list[tuple[int, object]]:
 def _decoded(ledger: Ledger, rows: list[Any]) -> list[tuple[int, object]]:
     """(position, event) of rows of (position, originator_id, version, topic, state);
     ``AuditTampered`` naming the first row whose bytes do not decode."""
-    to_domain_event = ledger.mapper.to_domain_event
-    if ledger.require_tags:  # KEYLEDGER_REQUIRE_EVENT_TAGS: reads too (decoded apart)
+    if ledger.require_tags:  # KEYLEDGER_REQUIRE_EVENT_TAGS: every row's, checked once
         _require_tags(ledger.audit_keys, rows)
+    to_domain_event = ledger.tagging_mapper.decode  # (so not checked again here)
     try:  # one comprehension, inline: replays decode every event through here
         return [
             (
@@ -582,9 +582,9 @@ def follow(
         try:
             count = catch_up_audit(ledger, on_progress, stop)
             applied += count
-            if not count and seal_when_idle:
-                ledger.seal_automatically()
-            if not count:
+            if not count:  # idle: seal, then wait for new events
+                if seal_when_idle:
+                    ledger.seal_automatically()
                 wait(idle_seconds)
         except StorageError as error:
             # A connection the server ended mid-catch-up (an administrator's

@@ -45,7 +45,7 @@ from keyledger.domain.seal import AuditSeal, encode_positions
 from keyledger.errors import AuditTampered, MasterKeyUnavailable
 from keyledger.infrastructure.audit_keys import AuditKey, AuditKeyring
 from keyledger.infrastructure.event_shapes import INT64_MAX
-from keyledger.infrastructure.event_tags import TaggingMapper, event_tag, split_trailer
+from keyledger.infrastructure.event_tags import event_tag, split_trailer
 from keyledger.models import Checkpoint, SealResult
 
 if TYPE_CHECKING:
@@ -145,10 +145,8 @@ def decode_checkpoint(ledger: Ledger, row: Row) -> AuditSeal.Checkpoint | None:
     are checked by the verification itself, which reports a checkpoint sealed under a
     key no longer configured as ``unverifiable``, not as one that does not decode
     (found by review)."""
-    mapper = ledger.mapper
-    decode = mapper.decode if isinstance(mapper, TaggingMapper) else mapper.to_domain_event
     try:
-        event = decode(row.stored())
+        event = ledger.tagging_mapper.decode(row.stored())
     except Exception:  # whatever the library raises on bytes it cannot read
         return None
     if not isinstance(event, AuditSeal.Checkpoint):

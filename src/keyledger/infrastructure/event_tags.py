@@ -175,43 +175,37 @@ class TagRefused(AuditTampered):
     """A stored event refused on load because its tag does not verify
     (KEYLEDGER_REQUIRE_EVENT_TAGS); ``at`` names its stream position once known."""
 
-    def __init__(self, stored: StoredEvent, why: str) -> None:
-        self.event = f"the stored event {stored.originator_id} version {stored.originator_version}"
+    def __init__(self, event: str, why: str) -> None:
         self.why = why
-        super().__init__(self._say(self.event))
+        super().__init__(
+            f"{event} {why}, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it: unless a key was "
+            "retired, it was written without the audit key, or altered; run "
+            "`keyledger audit verify`"
+        )
 
     def at(self, position: int) -> TagRefused:
         """The same refusal, naming the event's stream position."""
-        refused = TagRefused.__new__(TagRefused)
-        refused.event, refused.why = f"the stored event at position {position}", self.why
-        AuditTampered.__init__(refused, refused._say(refused.event))
-        return refused
-
-    def _say(self, event: str) -> str:
-        return (
-            f"{event} {self.why}, and KEYLEDGER_REQUIRE_EVENT_TAGS refuses it: unless a "
-            "key was retired, it was written without the audit key, or altered; run "
-            "`keyledger audit verify`"
-        )
+        return TagRefused(f"the stored event at position {position}", self.why)
 
 
 def require_tag(keys: AuditKeyring, stored: StoredEvent) -> None:
     """``TagRefused`` unless ``stored`` carries a tag that verifies under one of ``keys``
     (the current audit key, or a previous one a rotation left to verify with)."""
+    event = f"the stored event {stored.originator_id} version {stored.originator_version}"
     body, tag, key_id = split_trailer(stored.state)
     if tag is None or key_id is None:
-        raise TagRefused(stored, "carries no tag")
+        raise TagRefused(event, "carries no tag")
     key = keys.get(key_id)
     if key is None:
         raise TagRefused(
-            stored,
+            event,
             f"is tagged with audit key {key_id.hex()}, not one configured (a retired master "
             "key or audit key must stay in KEYLEDGER_PREVIOUS_MASTER_KEYS or "
             "KEYLEDGER_PREVIOUS_AUDIT_KEYS while tags are required)",
         )
     expected = event_tag(key, stored.originator_id, stored.originator_version, stored.topic, body)
     if not hmac.compare_digest(expected, tag):
-        raise TagRefused(stored, "carries a tag that does not match its contents")
+        raise TagRefused(event, "carries a tag that does not match its contents")
 
 
 SNAPSHOT_TOPIC = get_topic(Snapshot)

@@ -178,7 +178,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         db_name = _resolved(db_name)
         _create_private(db_name)
         self.file = OpenedFile.at(db_name)
-        if self.file is not None and self.file.identity in _INHERITED_FILES:
+        if self.file_identity in _INHERITED_FILES:
             raise StorageError(forked_file(db_name))
         self.pool = _new_pool(db_name, lock_timeout)
         self.single_row_tracking = True
@@ -199,6 +199,11 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
         self._closing_lock = threading.Lock()
         self._idle = threading.Event()
         self._close_left_to_last_user = False
+
+    @property
+    def file_identity(self) -> tuple[int, int] | None:
+        """The (device, inode) of the file opened; None for a memory database."""
+        return self.file.identity if self.file is not None else None
 
     def enter(self) -> None:
         """A call starts using this datastore's connections (``StorageError`` once it is
@@ -305,7 +310,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
                 self._writers_lock,
                 id(holder),
                 os.getpid(),
-                self.file.identity if self.file is not None else None,
+                self.file_identity,
             ).atexit = False
         return holder.conn
 
@@ -335,7 +340,7 @@ class KeyledgerSQLiteDatastore(SQLiteDatastore):
     def _close_connections(self) -> None:
         # Counted: a fork waits for a close in progress, whose connections, half closed,
         # would leave a child SQLite's record of them (see _before_fork and _Closes).
-        with _CLOSES.closing(self.file.identity if self.file is not None else None):
+        with _CLOSES.closing(self.file_identity):
             self._close_writers()
             if hasattr(self, "pool"):  # (none when the file could not be created)
                 super().close()
@@ -562,9 +567,8 @@ def _after_fork_in_child() -> None:
         if datastore.file is not None:
             _INHERITED_FILES.add(datastore.file.identity)
     for datastore in datastores:
-        file = datastore.file
-        if file is not None and file.identity in _INHERITED_FILES:
-            datastore._refuse_in_child(forked_file(file.path))
+        if datastore.file is not None and datastore.file.identity in _INHERITED_FILES:
+            datastore._refuse_in_child(forked_file(datastore.file.path))
     _FORK.held, _FORK.left_open = [], []
 
 
@@ -591,9 +595,9 @@ def _thread_ended(
     a child refuses the file of: a fork landing in the middle of it (sqlite3 lets other
     threads run while it closes) left the child SQLite's record of a connection that
     the parent then finished closing, deleting the log under the child's first write
-    (found as a CI failure).
-    It is not made under ``lock``: closing can run the garbage collector, whose
-    finalisers may close a datastore, which takes that lock (found by review)."""
+    (found as a CI failure). It is not made under ``lock``: closing can run the garbage
+    collector, whose finalisers may close a datastore, which takes that lock (found by
+    review)."""
     if os.getpid() != pid:
         conn = writers.pop(key, None)
         if conn is not None:  # kept, never closed: freeing it would close it (sqlite3
